@@ -1,0 +1,62 @@
+# wmctl: every target that needs the Python environment depends on `install`, so on a fresh machine
+# `make demo` and `make test` each do all of the set-up themselves.
+SHELL := /bin/bash
+.SHELLFLAGS := -eu -o pipefail -c
+
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+WMCTL  := $(VENV)/bin/wmctl
+STAMP  := $(VENV)/.wmctl-installed
+
+DATASET ?= pusht-demo
+STORE   ?= tokens.zarr
+ENCODER ?=
+DEMO    ?= demo
+PYTEST_ARGS ?=
+
+.PHONY: install test test-fast lint demo data ingest encode train eval plan status bench clean-demo help
+
+help:
+	@echo "make install | test | test-fast | lint | demo | data | ingest DATASET=.. | encode DATASET=.. [STORE=..] | status | bench"
+
+# pip reuses its cache (~/.cache/pip or $$PIP_CACHE_DIR); the stamp re-installs when pyproject.toml changes.
+install: $(STAMP)
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --upgrade pip
+	$(PY) -m pip install -e ".[dev]"
+	touch $(STAMP)
+
+test: install
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+test-fast: install
+	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+
+lint: install
+	$(VENV)/bin/ruff check pipeline featurestore trainer planner tests
+
+# The whole pipeline, end to end, on the built-in pusht data (CPU, random-weight encoder: see README).
+demo: install
+	bash scripts/demo.sh $(DEMO)
+
+data: install
+	$(WMCTL) data pusht --out data/pusht-demo --episodes 40 --seed 0
+	$(WMCTL) data pusht --out data/pusht-free-demo --episodes 40 --seed 1 --action-free
+	$(WMCTL) data multicam --out data/multicam-demo --episodes 8 --seed 0
+
+ingest: install
+	$(WMCTL) ingest --dataset $(DATASET)
+
+encode: install
+	$(WMCTL) encode --dataset $(DATASET) --store $(STORE) $(if $(ENCODER),--encoder $(ENCODER),)
+
+status: install
+	$(WMCTL) status --store $(STORE)
+
+bench: install
+	$(WMCTL) bench decode
+
+clean-demo:
+	rm -rf $(DEMO)

@@ -1,0 +1,373 @@
+"""`wmctl ingest`: validate every episode of a LeRobot v3.0 dataset and write a Parquet manifest.
+
+One manifest row per episode: where its frames are (data file, per camera video file and time range),
+whether it has usable actions, a deterministic train/val split, and `status` ok/failed with the reason.
+Every later stage reads the manifest, never the raw metadata.
+
+Work unit: a block of `block_size` consecutive episodes, written atomically to `<out>.parts/`; a
+relaunch skips finished blocks; `--shard I/N` takes blocks b with b % N == I. Whoever finds all blocks
+done merges them into the manifest (the commit), under an exclusive lock.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import shutil
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipeline import __version__
+from pipeline.frames import PyAVFrameSource, VideoProber, VideoSpan
+from pipeline.lerobot_io import DataFileCache, DatasetMeta, check_dataset_root, open_meta, stack_column
+from pipeline.stage import (
+    ConfigMismatchError,
+    ShardSpec,
+    UserError,
+    atomic_write_bytes,
+    atomic_write_json,
+    config_differences,
+    owner_tag,
+    read_json,
+    tag_is_dead,
+    to_jsonable,
+)
+
+log = logging.getLogger(__name__)
+
+ACTION_KEY = "action"
+STATE_KEY = "observation.state"
+VIDEO_CHECKS = ("ends", "full", "none")
+MANIFEST_META_KEY = b"wmctl"
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class IngestConfig:
+    """source: dataset name (registry name, or the root's folder name). cameras: empty = all videos.
+    use_actions: False ingests as action-free even if an action feature exists. video_check: `ends`
+    decodes each episode's first and last frame per camera, `full` every frame, `none` only checks files.
+    """
+
+    source: str
+    root: Path
+    repo_id: str
+    out: Path
+    cameras: tuple[str, ...] = ()
+    use_actions: bool = True
+    val_fraction: float = 0.1
+    split_seed: int = 0
+    tolerance_s: float = 1e-4
+    video_check: str = "ends"
+    block_size: int = 256
+    shard: ShardSpec = ShardSpec()
+    force: bool = False
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.val_fraction < 1.0:
+            raise UserError(f"--val-fraction {self.val_fraction}: must be in [0, 1)")
+        if self.video_check not in VIDEO_CHECKS:
+            raise UserError(f"--video-check {self.video_check!r}: choose one of {VIDEO_CHECKS}")
+        if self.tolerance_s <= 0 or self.block_size < 1:
+            raise UserError("--tolerance-s must be > 0 and block_size >= 1")
+
+    def identity(self) -> dict[str, Any]:
+        """The fields that decide the manifest's content (not where it goes or how work is split)."""
+        keys = ("source", "repo_id", "cameras", "use_actions", "val_fraction", "split_seed", "tolerance_s",
+                "video_check")
+        d = {k: to_jsonable(getattr(self, k)) for k in keys}
+        d["root"] = str(Path(self.root).resolve())
+        return d
+
+
+@dataclasses.dataclass
+class IngestResult:
+    manifest: Path | None  # None when this shard finished its blocks but others are still running
+    n_ok: int
+    n_failed: int
+    failures: list[tuple[int, str]]
+    nothing_to_do: bool = False
+    blocks_done_here: int = 0
+    seconds: float = 0.0
+
+
+def split_of(source: str, episode: int, val_fraction: float, seed: int = 0) -> str:
+    """Deterministic split: a hash of (seed, source, episode) mapped to [0, 1)."""
+    h = hashlib.sha256(f"{seed}:{source}:{episode}".encode()).digest()
+    u = int.from_bytes(h[:8], "big") / 2**64
+    return "val" if u < val_fraction else "train"
+
+
+def _rel(meta: DatasetMeta, path: Path) -> str:
+    return str(Path(path).relative_to(meta.root))
+
+
+def _task_text(tasks: Any) -> str:
+    return "; ".join(map(str, tasks)) if isinstance(tasks, (list, tuple, np.ndarray)) else str(tasks)
+
+
+def _nonfinite(values: np.ndarray, what: str) -> str | None:
+    bad = ~np.isfinite(values)
+    if bad.any():
+        frames = np.nonzero(bad.any(axis=1))[0]
+        return f"{what} has {int(bad.sum())} non-finite values (first at frame {int(frames[0])})"
+    return None
+
+
+def validate_episode(
+    meta: DatasetMeta,
+    row: pd.Series,
+    cfg: IngestConfig,
+    cameras: list[str],
+    data: DataFileCache,
+    prober: VideoProber,
+    frames: PyAVFrameSource | None,
+) -> dict[str, Any]:
+    """One manifest row for episode `row`, with `status` failed and every problem found in `reason`."""
+    ep, length, fps = int(row["episode_index"]), int(row["length"]), meta.fps
+    problems: list[str] = []
+    has_actions = cfg.use_actions and ACTION_KEY in meta.features
+    out: dict[str, Any] = {
+        "source": cfg.source,
+        "repo_id": cfg.repo_id,
+        "root": str(Path(meta.root).resolve()),
+        "episode_index": ep,
+        "length": length,
+        "fps": fps,
+        "task": _task_text(row.get("tasks", "")),
+        "split": split_of(cfg.source, ep, cfg.val_fraction, cfg.split_seed),
+        "has_actions": has_actions,
+        "action_dim": meta.feature_dim(ACTION_KEY) or 0,
+        "state_dim": meta.feature_dim(STATE_KEY) or 0,
+        "camera_keys": list(cameras),
+        "video_files": [],
+        "from_ts": [],
+        "to_ts": [],
+        "data_file": "",
+    }
+    if length <= 0:
+        problems.append(f"length is {length}")
+    # low-dim data: frame count, frame order, timestamps, action/state shapes and finiteness
+    try:
+        path, rows = data.episode_rows(row)
+        out["data_file"] = _rel(meta, path)
+        if len(rows) != length:
+            problems.append(f"frame count mismatch: meta/episodes says length={length} but {out['data_file']} "
+                            f"has {len(rows)} rows for this episode")
+        elif len(rows):
+            fi = rows["frame_index"].to_numpy()
+            if not np.array_equal(fi, np.arange(length)):
+                problems.append(f"frame_index is not 0..{length - 1} in {out['data_file']}")
+            ts = rows["timestamp"].to_numpy(dtype=np.float64)
+            err = np.abs(ts - np.arange(length) / fps)
+            if err.max() > cfg.tolerance_s:
+                k = int(err.argmax())
+                problems.append(f"timestamp of frame {k} is {ts[k]:.6f}s, expected {k / fps:.6f}s "
+                                f"(1/fps steps, tolerance {cfg.tolerance_s}s)")
+            for key, expected in ((ACTION_KEY, out["action_dim"]), (STATE_KEY, out["state_dim"])):
+                if key not in rows or (key == ACTION_KEY and not has_actions):
+                    continue
+                values = stack_column(rows, key)
+                if values.shape[1] != expected:
+                    problems.append(f"{key} has {values.shape[1]} dims per frame, info.json says {expected}")
+                elif reason := _nonfinite(values, key):
+                    problems.append(reason)
+    except (FileNotFoundError, OSError, pa.ArrowException) as e:
+        problems.append(f"cannot read data rows: {e}")
+    # videos: file exists, per-episode time range matches length, first/last frame decode
+    for cam in cameras:
+        vpath = meta.video_path(row, cam)
+        from_ts = float(row[f"videos/{cam}/from_timestamp"])
+        to_ts = float(row[f"videos/{cam}/to_timestamp"])
+        out["video_files"].append(_rel(meta, vpath))
+        out["from_ts"].append(from_ts)
+        out["to_ts"].append(to_ts)
+        span = VideoSpan(vpath, from_ts, length, fps)
+        if not vpath.exists():
+            problems.append(f"{cam}: video file {out['video_files'][-1]} is missing")
+            continue
+        if round((to_ts - from_ts) * fps) != length:
+            problems.append(f"{cam}: video range {from_ts:.3f}-{to_ts:.3f}s holds {round((to_ts - from_ts) * fps)} "
+                            f"frames, episode length is {length}")
+            continue
+        if cfg.video_check == "ends" and (reason := prober.check(span)):
+            problems.append(f"{cam}: {reason}")
+        elif cfg.video_check == "full" and frames is not None:
+            try:
+                n = sum(1 for _ in frames.frames(span))
+                if n != length:
+                    problems.append(f"{cam}: decoded {n} frames, expected {length}")
+            except Exception as e:  # noqa: BLE001 - any decode failure is this episode's problem
+                problems.append(f"{cam}: {e}")
+    out["status"] = "failed" if problems else "ok"
+    out["reason"] = "; ".join(problems)
+    return out
+
+
+MANIFEST_SCHEMA = pa.schema([
+    ("source", pa.string()), ("repo_id", pa.string()), ("root", pa.string()),
+    ("episode_index", pa.int64()), ("length", pa.int64()), ("fps", pa.float64()), ("task", pa.string()),
+    ("split", pa.string()), ("has_actions", pa.bool_()), ("action_dim", pa.int64()), ("state_dim", pa.int64()),
+    ("camera_keys", pa.list_(pa.string())), ("video_files", pa.list_(pa.string())),
+    ("from_ts", pa.list_(pa.float64())), ("to_ts", pa.list_(pa.float64())), ("data_file", pa.string()),
+    ("status", pa.string()), ("reason", pa.string()),
+])
+
+
+def _table(rows: list[dict[str, Any]], meta: dict[str, Any] | None = None) -> pa.Table:
+    table = pa.Table.from_pylist(rows, schema=MANIFEST_SCHEMA)
+    if meta is not None:
+        table = table.replace_schema_metadata({MANIFEST_META_KEY: json.dumps(meta).encode()})
+    return table
+
+
+def _write_parquet(path: Path, table: pa.Table) -> None:
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink)
+    atomic_write_bytes(path, sink.getvalue().to_pybytes())
+
+
+def read_manifest(path: Path) -> tuple[pd.DataFrame, dict[str, Any]]:
+    """The manifest rows and its metadata (config, dataset info hash, counts)."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"manifest {path} does not exist; run `wmctl ingest` first")
+    table = pq.read_table(path)
+    meta = json.loads((table.schema.metadata or {}).get(MANIFEST_META_KEY, b"{}"))
+    if "config" not in meta:
+        raise UserError(f"{path} is not a wmctl manifest (no wmctl metadata); re-run `wmctl ingest`")
+    return table.to_pandas(), meta
+
+
+def _parts_dir(out: Path) -> Path:
+    return out.parent / f"{out.name}.parts"
+
+
+def _check_existing(cfg: IngestConfig, identity: dict[str, Any], info_sha: str) -> IngestResult | None:
+    """Return the 'nothing to do' result, refuse a changed config, or clear outputs under --force."""
+    out, parts = Path(cfg.out), _parts_dir(Path(cfg.out))
+    if cfg.force:
+        out.unlink(missing_ok=True)
+        shutil.rmtree(parts, ignore_errors=True)
+        return None
+    expected = {"config": identity, "info_sha256": info_sha}
+    if out.exists():
+        df, meta = read_manifest(out)
+        got = {"config": meta["config"], "info_sha256": meta.get("info_sha256")}
+        if got != expected:
+            raise ConfigMismatchError(f"manifest {out}", config_differences(got, expected),
+                                      "Re-run with --force to rebuild it, or write to another --out.")
+        failed = df[df.status != "ok"]
+        return IngestResult(out, int((df.status == "ok").sum()), len(failed),
+                            list(zip(failed.episode_index.astype(int), failed.reason)), nothing_to_do=True)
+    cfg_file = parts / "config.json"
+    if cfg_file.exists():
+        got = read_json(cfg_file)
+        if got != expected:
+            raise ConfigMismatchError(f"the unfinished ingest in {parts}", config_differences(got, expected),
+                                      "Re-run with --force to start over.")
+    else:
+        atomic_write_json(cfg_file, expected)
+    return None
+
+
+def _try_merge(cfg: IngestConfig, n_blocks: int, manifest_meta: dict[str, Any]) -> bool:
+    """Merge all block files into the manifest if every block is done. True when the manifest exists."""
+    out, parts = Path(cfg.out), _parts_dir(Path(cfg.out))
+    blocks = [parts / f"block-{b:06d}.parquet" for b in range(n_blocks)]
+    if not all(p.exists() for p in blocks):
+        return False
+    lock = parts / "merge.lock"
+    try:
+        fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        os.write(fd, owner_tag().encode())
+        os.close(fd)
+    except FileExistsError:
+        holder = lock.read_text() if lock.exists() else ""
+        if holder and tag_is_dead(holder):
+            lock.unlink(missing_ok=True)
+            return _try_merge(cfg, n_blocks, manifest_meta)
+        log.info("another process is merging %s", out)
+        return out.exists()
+    table = pa.concat_tables([pq.read_table(p) for p in blocks])
+    df = table.to_pandas()
+    manifest_meta["counts"] = {"ok": int((df.status == "ok").sum()), "failed": int((df.status != "ok").sum())}
+    _write_parquet(out, table.replace_schema_metadata({MANIFEST_META_KEY: json.dumps(manifest_meta).encode()}))
+    shutil.rmtree(parts, ignore_errors=True)
+    return True
+
+
+def run_ingest(cfg: IngestConfig, on_episode: Callable[[], None] | None = None) -> IngestResult:
+    """Validate the episodes of `cfg.root` (this shard's blocks) and write the manifest when complete."""
+    start = time.monotonic()
+    check_dataset_root(cfg.root)
+    meta = open_meta(cfg.root, cfg.repo_id)
+    available = meta.video_keys
+    cameras = list(cfg.cameras) or available
+    unknown = [c for c in cameras if c not in available]
+    if unknown:
+        raise UserError(f"{cfg.root}: unknown camera key(s) {unknown}; the dataset has {available}")
+    if not cameras:
+        raise UserError(f"{cfg.root}: the dataset has no video features; wmctl needs camera videos")
+    identity = dict(cfg.identity(), cameras=cameras)
+    done = _check_existing(cfg, identity, meta.info_sha256)
+    if done is not None:
+        return done
+
+    episodes = meta.episodes
+    n_blocks = max(1, -(-len(episodes) // cfg.block_size))
+    parts = _parts_dir(Path(cfg.out))
+    data = DataFileCache(meta, columns=[ACTION_KEY, STATE_KEY])
+    prober = VideoProber(tolerance_s=cfg.tolerance_s)
+    frames = PyAVFrameSource(tolerance_s=cfg.tolerance_s) if cfg.video_check == "full" else None
+    done_here = 0
+    try:
+        for b in range(n_blocks):
+            block_path = parts / f"block-{b:06d}.parquet"
+            if not cfg.shard.owns(b) or block_path.exists():
+                continue
+            rows = []
+            for _, row in episodes.iloc[b * cfg.block_size:(b + 1) * cfg.block_size].iterrows():
+                rows.append(validate_episode(meta, row, cfg, cameras, data, prober, frames))
+                if on_episode:
+                    on_episode()
+            _write_parquet(block_path, _table(rows))
+            done_here += 1
+    finally:
+        prober.close()
+        if frames is not None:
+            frames.close()
+
+    manifest_meta = {
+        "config": identity,
+        "info_sha256": meta.info_sha256,
+        "codebase_version": meta.version,
+        "fps": meta.fps,
+        "video_keys": available,
+        "features": {k: {"dtype": v.get("dtype"), "shape": list(v.get("shape", []))} for k, v in meta.features.items()},
+        "wmctl_version": __version__,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+    merged = _try_merge(cfg, n_blocks, manifest_meta)
+    if merged:
+        df, _ = read_manifest(cfg.out)
+    else:
+        df = pd.concat([pq.read_table(p).to_pandas() for p in sorted(parts.glob("block-*.parquet"))])
+    failed = df[df.status != "ok"]
+    return IngestResult(
+        manifest=Path(cfg.out) if merged else None,
+        n_ok=int((df.status == "ok").sum()),
+        n_failed=len(failed),
+        failures=list(zip(failed.episode_index.astype(int), failed.reason)),
+        blocks_done_here=done_here,
+        seconds=time.monotonic() - start,
+    )

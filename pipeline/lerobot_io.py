@@ -1,0 +1,181 @@
+"""Reading LeRobot v3.0 datasets: metadata through lerobot, low-dim columns through pyarrow.
+
+`open_meta` checks what lerobot would otherwise turn into a Hub download or an opaque traceback (a path
+that is not a dataset, a v2.x layout) and then loads the metadata with `LeRobotDatasetMetadata`, offline
+when the root is local.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from collections import OrderedDict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pyarrow.parquet as pq
+
+from pipeline.stage import UserError, file_sha256
+
+SUPPORTED_VERSION = "v3.0"
+CONVERT_CMD = (
+    "python -m lerobot.datasets.v30.convert_dataset_v21_to_v30 --repo-id={name} --root={parent} --push-to-hub=false"
+)
+
+
+def offline_env() -> None:
+    """Make any accidental Hub call fail fast instead of hanging (set before lerobot/HF are imported)."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+
+@dataclasses.dataclass
+class DatasetMeta:
+    """What ingest needs from a LeRobot v3.0 dataset's `meta/`."""
+
+    root: Path
+    repo_id: str
+    info: dict[str, Any]
+    info_sha256: str
+    episodes: pd.DataFrame  # one row per episode: lerobot's meta/episodes columns (stats dropped)
+    tasks: dict[int, str]
+
+    @property
+    def fps(self) -> float:
+        return float(self.info["fps"])
+
+    @property
+    def version(self) -> str:
+        return str(self.info.get("codebase_version"))
+
+    @property
+    def features(self) -> dict[str, dict]:
+        return self.info["features"]
+
+    @property
+    def video_keys(self) -> list[str]:
+        return [k for k, f in self.features.items() if f.get("dtype") == "video"]
+
+    def feature_dim(self, key: str) -> int | None:
+        if key not in self.features:
+            return None
+        return int(np.prod(self.features[key]["shape"]))
+
+    def video_path(self, row: pd.Series, key: str) -> Path:
+        rel = self.info["video_path"].format(
+            video_key=key,
+            chunk_index=int(row[f"videos/{key}/chunk_index"]),
+            file_index=int(row[f"videos/{key}/file_index"]),
+        )
+        return self.root / rel
+
+    def data_path(self, chunk_index: int, file_index: int) -> Path:
+        return self.root / self.info["data_path"].format(chunk_index=chunk_index, file_index=file_index)
+
+
+def check_dataset_root(root: Path) -> dict[str, Any]:
+    """Raise a UserError naming the fix unless `root` is a LeRobot v3.0 dataset. Returns info.json."""
+    root = Path(root)
+    if not root.exists():
+        raise UserError(f"{root}: no such directory (give the dataset root, the folder holding meta/ and data/)")
+    info_path = root / "meta" / "info.json"
+    if not info_path.is_file():
+        nested = sorted(p.parent.parent for p in root.glob("*/meta/info.json"))[:3]
+        hint = f" Did you mean {', '.join(map(str, nested))}?" if nested else ""
+        raise UserError(
+            f"{root} is not a LeRobot dataset: {info_path} is missing "
+            f"(a dataset root holds meta/info.json, data/ and videos/).{hint}"
+        )
+    try:
+        info = json.loads(info_path.read_text())
+    except json.JSONDecodeError as e:
+        raise UserError(f"{info_path}: not valid JSON ({e}); the dataset metadata is damaged") from None
+    version = str(info.get("codebase_version", "unknown"))
+    if version.startswith("v2"):
+        raise UserError(
+            f"{root} is a LeRobot {version} dataset; wmctl reads v3.0. Convert it once (the original is kept "
+            f"as {root.name}_old): " + CONVERT_CMD.format(name=root.name, parent=root.parent.resolve())
+        )
+    if version != SUPPORTED_VERSION:
+        raise UserError(f"{root}: LeRobot codebase_version {version!r} is not supported (wmctl reads v3.0)")
+    for rel in ("meta/tasks.parquet",):
+        if not (root / rel).is_file():
+            raise UserError(f"{root}: {rel} is missing; the dataset is incomplete (re-download or re-convert it)")
+    if not any((root / "meta" / "episodes").glob("*/*.parquet")):
+        raise UserError(f"{root}: meta/episodes/*/*.parquet is missing; the dataset is incomplete")
+    return info
+
+
+def open_meta(root: Path, repo_id: str) -> DatasetMeta:
+    root = Path(root)
+    check_dataset_root(root)
+    offline_env()
+    from lerobot.datasets.lerobot_dataset import LeRobotDatasetMetadata
+
+    meta = LeRobotDatasetMetadata(repo_id, root=root)
+    episodes = meta.episodes.to_pandas().sort_values("episode_index").reset_index(drop=True)
+    tasks_df = meta.tasks
+    if "task" in tasks_df.columns:
+        tasks = dict(zip(tasks_df["task_index"].astype(int), tasks_df["task"]))
+    else:
+        tasks = {int(i): str(t) for t, i in zip(tasks_df.index, tasks_df["task_index"])}
+    return DatasetMeta(
+        root=root,
+        repo_id=repo_id,
+        info=meta.info,
+        info_sha256=file_sha256(root / "meta" / "info.json"),
+        episodes=episodes,
+        tasks=tasks,
+    )
+
+
+class DataFileCache:
+    """Reads per-episode low-dim columns from the data parquet files, keeping the last few files open.
+
+    Rows are selected by `episode_index`, not trusted by file index alone: datasets converted with
+    lerobot <= 0.4.4 can point a boundary episode at the previous data file, so the next file is tried.
+    """
+
+    def __init__(self, meta: DatasetMeta, columns: list[str], max_files: int = 2):
+        self.meta, self.columns, self.max_files = meta, columns, max_files
+        self._tables: OrderedDict[Path, pd.DataFrame] = OrderedDict()
+
+    def _load(self, path: Path) -> pd.DataFrame:
+        if path in self._tables:
+            self._tables.move_to_end(path)
+            return self._tables[path]
+        schema = pq.read_schema(path)
+        cols = [c for c in ["episode_index", "frame_index", "timestamp", *self.columns] if c in schema.names]
+        table = pq.read_table(path, columns=cols).to_pandas()
+        self._tables[path] = table
+        while len(self._tables) > self.max_files:
+            self._tables.popitem(last=False)
+        return table
+
+    def episode_rows(self, row: pd.Series) -> tuple[Path, pd.DataFrame]:
+        ep = int(row["episode_index"])
+        chunk, file = int(row["data/chunk_index"]), int(row["data/file_index"])
+        candidates = [(chunk, file), (chunk, file + 1), (chunk + 1, 0)]
+        first = self.meta.data_path(chunk, file)
+        for c, f in candidates:
+            path = self.meta.data_path(c, f)
+            if not path.exists():
+                if (c, f) == (chunk, file):
+                    raise FileNotFoundError(f"data file {path} is missing")
+                continue
+            table = self._load(path)
+            rows = table[table["episode_index"] == ep]
+            if len(rows):
+                return path, rows.sort_values("frame_index") if "frame_index" in rows else rows
+        return first, self._load(first).iloc[0:0]
+
+
+def stack_column(rows: pd.DataFrame, key: str) -> np.ndarray:
+    """A fixed-size-list (or scalar) parquet column as a float array [frames, dim]."""
+    values = rows[key].to_numpy()
+    if len(values) and isinstance(values[0], (list, tuple, np.ndarray)):
+        return np.stack([np.asarray(v, dtype=np.float64) for v in values])
+    return values.astype(np.float64)[:, None]

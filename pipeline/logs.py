@@ -1,0 +1,98 @@
+"""Logging and progress, configured once at the CLI/executor layer.
+
+On a terminal: rich log lines and rich progress bars. In batch jobs (no TTY, e.g. SLURM): plain
+timestamped lines, and progress as a plain line every `every_s` seconds.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from collections.abc import Callable
+from contextlib import contextmanager
+from typing import Any
+
+_CONFIGURED = False
+
+
+def is_interactive() -> bool:
+    return sys.stderr.isatty()
+
+
+def setup_logging(verbose: bool = False) -> None:
+    global _CONFIGURED
+    level = logging.DEBUG if verbose else logging.INFO
+    root = logging.getLogger()
+    if _CONFIGURED:
+        root.setLevel(level)
+        return
+    if is_interactive():
+        from rich.logging import RichHandler
+
+        handler: logging.Handler = RichHandler(show_path=False, rich_tracebacks=False, markup=False)
+        handler.setFormatter(logging.Formatter("%(message)s", datefmt="%H:%M:%S"))
+    else:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root.addHandler(handler)
+    root.setLevel(level)
+    for noisy in ("distributed", "urllib3", "httpx", "matplotlib", "PIL", "numcodecs", "fsspec"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    _CONFIGURED = True
+
+
+ProgressFn = Callable[..., None]
+
+
+@contextmanager
+def progress(description: str, total: int | None, unit: str = "frames", every_s: float = 30.0):
+    """Yields `advance(n=1, **fields)`. Rich bar with rate and ETA on a TTY; plain lines otherwise."""
+    if is_interactive():
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+            TimeRemainingColumn,
+        )
+
+        columns = [
+            TextColumn("[bold]{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[rate]}"),
+            TimeElapsedColumn(),
+            TimeRemainingColumn(),
+        ]
+        with Progress(*columns, transient=False) as bar:
+            task = bar.add_task(description, total=total, rate="")
+            start = time.monotonic()
+            done = 0
+
+            def advance(n: int = 1, **fields: Any) -> None:
+                nonlocal done
+                done += n
+                rate = done / max(time.monotonic() - start, 1e-9)
+                bar.update(task, advance=n, rate=f"{rate:.1f} {unit}/s", **fields)
+
+            yield advance
+        return
+
+    log = logging.getLogger("wmctl.progress")
+    start = last = time.monotonic()
+    done = 0
+
+    def advance_plain(n: int = 1, **fields: Any) -> None:
+        nonlocal done, last
+        done += n
+        now = time.monotonic()
+        if now - last >= every_s or (total is not None and done >= total):
+            rate = done / max(now - start, 1e-9)
+            eta = f", eta {(total - done) / rate:.0f}s" if total and rate > 0 else ""
+            extra = "".join(f", {k}={v}" for k, v in fields.items())
+            log.info("%s: %d/%s %s (%.1f %s/s%s%s)", description, done, total or "?", unit, rate, unit, eta, extra)
+            last = now
+
+    yield advance_plain

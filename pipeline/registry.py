@@ -1,0 +1,91 @@
+"""Dataset registry: one small TOML file per named dataset.
+
+Files are looked up, first match wins, in the directories of `$WMCTL_REGISTRY` (colon-separated), then
+`./registry/`, then the built-in `pipeline/registry/`. A user adds a dataset by adding a file
+`<name>.toml` to any of them; `make encode DATASET=<name>` resolves through here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+from pathlib import Path
+
+from pipeline.stage import UserError
+
+BUILTIN_DIR = Path(__file__).parent / "registry"
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class DatasetSpec:
+    """One registered dataset.
+
+    name: registry name (the file stem). repo_id: Hugging Face repo id (also the lerobot id of a local
+    root). root: local dataset directory; empty means `$HF_LEROBOT_HOME/<repo_id>`. cameras: camera keys
+    to use (empty: all video features). use_actions: False treats the set as action-free even when it has
+    an `action` feature. mix_weight: share of this source in the training mix. val_fraction: share of
+    episodes held out (deterministic by hash).
+    """
+
+    name: str
+    repo_id: str
+    root: str = ""
+    cameras: tuple[str, ...] = ()
+    use_actions: bool = True
+    mix_weight: float = 1.0
+    val_fraction: float = 0.1
+    description: str = ""
+    path: str = ""  # the file it came from
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.val_fraction < 1.0:
+            raise UserError(f"{self.path}: val_fraction must be in [0, 1), got {self.val_fraction}")
+        if self.mix_weight < 0:
+            raise UserError(f"{self.path}: mix_weight must be >= 0, got {self.mix_weight}")
+
+    def resolved_root(self) -> Path:
+        if self.root:
+            return Path(os.path.expandvars(os.path.expanduser(self.root)))
+        from lerobot.utils.constants import HF_LEROBOT_HOME
+
+        return Path(HF_LEROBOT_HOME) / self.repo_id
+
+
+def search_dirs() -> list[Path]:
+    dirs = [Path(p) for p in os.environ.get("WMCTL_REGISTRY", "").split(":") if p]
+    return [*dirs, Path("registry"), BUILTIN_DIR]
+
+
+def available() -> dict[str, Path]:
+    found: dict[str, Path] = {}
+    for d in reversed(search_dirs()):  # earlier dirs override later ones
+        if d.is_dir():
+            for f in sorted(d.glob("*.toml")):
+                found[f.stem] = f
+    return dict(sorted(found.items()))
+
+
+def load_spec(path: Path) -> DatasetSpec:
+    try:
+        raw = tomllib.loads(Path(path).read_text())
+    except tomllib.TOMLDecodeError as e:
+        raise UserError(f"{path}: not valid TOML ({e})") from None
+    fields = {f.name for f in dataclasses.fields(DatasetSpec)} - {"name", "path"}
+    unknown = sorted(set(raw) - fields)
+    if unknown:
+        raise UserError(f"{path}: unknown key(s) {unknown}; allowed: {sorted(fields)}")
+    if "repo_id" not in raw:
+        raise UserError(f"{path}: missing `repo_id` (a Hugging Face id, or any id for a local root)")
+    raw["cameras"] = tuple(raw.get("cameras", ()))
+    return DatasetSpec(name=Path(path).stem, path=str(path), **raw)
+
+
+def resolve(name: str) -> DatasetSpec:
+    files = available()
+    if name not in files:
+        raise UserError(
+            f"unknown dataset {name!r}; registered: {', '.join(files) or 'none'}. "
+            f"Add {name}.toml to ./registry/ or a directory in $WMCTL_REGISTRY."
+        )
+    return load_spec(files[name])

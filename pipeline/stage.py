@@ -1,0 +1,156 @@
+"""Stage plumbing shared by every `run_<stage>`: shard specs, atomic writes, config fingerprints.
+
+Contract (see README "Stages"): a stage reads only committed output of the stage before it, writes so
+that a crash leaves the old state or the new one (temp path + `os.replace`, or a marker written last),
+is idempotent (same config: nothing to do; changed config: refused unless forced) and can be split
+over independent processes with `--shard I/N`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import socket
+import tempfile
+import uuid
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+
+class UserError(Exception):
+    """A problem the user must fix (bad path, bad config, incompatible store). Printed as one line."""
+
+
+class ConfigMismatchError(UserError):
+    """An output exists that was made with a different config."""
+
+    def __init__(self, what: str, differences: list[str], hint: str):
+        self.differences = differences
+        super().__init__(f"{what} was made with a different config ({'; '.join(differences)}). {hint}")
+
+
+@dataclasses.dataclass(frozen=True)
+class ShardSpec:
+    """`I/N`: this process does the work units whose index is congruent to I modulo N."""
+
+    index: int = 0
+    count: int = 1
+
+    def __post_init__(self) -> None:
+        if self.count < 1 or not 0 <= self.index < self.count:
+            raise UserError(f"--shard {self.index}/{self.count}: need 0 <= I < N (e.g. --shard 0/4)")
+
+    @classmethod
+    def parse(cls, text: str | None) -> ShardSpec:
+        if not text:
+            return cls()
+        try:
+            i, n = (int(x) for x in text.split("/"))
+        except ValueError:
+            hint = "e.g. --shard 3/16 (SLURM: --shard $SLURM_ARRAY_TASK_ID/N)"
+            raise UserError(f"--shard {text!r}: expected I/N, {hint}") from None
+        return cls(i, n)
+
+    def owns(self, unit_index: int) -> bool:
+        return unit_index % self.count == self.index
+
+    def __str__(self) -> str:
+        return f"{self.index}/{self.count}"
+
+
+def to_jsonable(obj: Any) -> Any:
+    """Dataclasses, paths and tuples to plain JSON types (for configs saved beside outputs)."""
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return {f.name: to_jsonable(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, Mapping):
+        return {str(k): to_jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [to_jsonable(v) for v in obj]
+    if isinstance(obj, Path):
+        return str(obj)
+    if isinstance(obj, float) and obj != obj:  # NaN is not JSON
+        return None
+    return obj
+
+
+def fingerprint(obj: Any) -> str:
+    """sha256 of the canonical JSON of `obj` (16 hex chars are plenty for a config id)."""
+    blob = json.dumps(to_jsonable(obj), sort_keys=True, separators=(",", ":")).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def config_differences(old: Mapping[str, Any], new: Mapping[str, Any], prefix: str = "") -> list[str]:
+    """Human-readable `field: old -> new` lines for every leaf that differs (nested dicts flattened)."""
+    out: list[str] = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key, "<absent>"), new.get(key, "<absent>")
+        name = f"{prefix}{key}"
+        if isinstance(a, Mapping) and isinstance(b, Mapping):
+            out.extend(config_differences(a, b, prefix=f"{name}."))
+        elif to_jsonable(a) != to_jsonable(b):
+            out.append(f"{name}: {_short(a)} -> {_short(b)}")
+    return out
+
+
+def _short(v: Any, limit: int = 60) -> str:
+    text = json.dumps(to_jsonable(v)) if not isinstance(v, str) else repr(v)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write `data` to `path` so that readers see the old file or the new one, never a torn one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_json(path: Path, obj: Any) -> None:
+    atomic_write_bytes(path, (json.dumps(to_jsonable(obj), indent=2, sort_keys=True) + "\n").encode())
+
+
+def read_json(path: Path) -> Any:
+    with open(path) as f:
+        return json.load(f)
+
+
+def file_sha256(path: Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def owner_tag() -> str:
+    """`host.pid.random`: names a staging path so that a relaunch can tell its own debris from a live writer's."""
+    return f"{socket.gethostname()}.{os.getpid()}.{uuid.uuid4().hex[:8]}"
+
+
+def tag_is_dead(tag: str) -> bool:
+    """True when a staging tag from `owner_tag()` names a process on this host that no longer runs."""
+    try:
+        host, pid_text, _ = tag.rsplit(".", 2)
+        pid = int(pid_text)
+    except ValueError:
+        return False
+    if host != socket.gethostname():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False

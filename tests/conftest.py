@@ -1,0 +1,66 @@
+"""Shared fixtures: small real LeRobot v3.0 datasets written by lerobot itself, once per session."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import pytest
+
+# Never reach for the Hub from tests; keep HF caches out of the user's home.
+_HF_TMP = Path(tempfile.mkdtemp(prefix="wmctl-hf-"))
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["HF_DATASETS_OFFLINE"] = "1"
+os.environ.setdefault("HF_HOME", str(_HF_TMP / "hf"))
+os.environ.setdefault("HF_LEROBOT_HOME", str(_HF_TMP / "lerobot"))
+os.environ.setdefault("HF_DATASETS_CACHE", str(_HF_TMP / "datasets"))
+os.environ.setdefault("SVT_LOG", "1")  # SVT-AV1: errors only
+
+
+def pytest_sessionfinish(session, exitstatus):
+    shutil.rmtree(_HF_TMP, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def pusht_root(tmp_path_factory) -> Path:
+    from pipeline.demodata.pusht import PushtDataConfig, run_data_pusht
+
+    out = tmp_path_factory.mktemp("data") / "pusht"
+    run_data_pusht(PushtDataConfig(out=out, episodes=6, frames_per_episode=24, seed=0, repo_id="local/pusht"))
+    return out
+
+
+@pytest.fixture(scope="session")
+def pusht_free_root(tmp_path_factory) -> Path:
+    from pipeline.demodata.pusht import PushtDataConfig, run_data_pusht
+
+    out = tmp_path_factory.mktemp("data") / "pusht-free"
+    run_data_pusht(PushtDataConfig(out=out, episodes=6, frames_per_episode=24, seed=1, action_free=True,
+                                   repo_id="local/pusht-free"))
+    return out
+
+
+@pytest.fixture(scope="session")
+def multicam_root(tmp_path_factory) -> Path:
+    """5 episodes, 3 cameras; limits small enough that files hold 1-3 episodes across 2 chunk folders."""
+    from pipeline.demodata.multicam import MulticamDataConfig, run_data_multicam
+
+    out = tmp_path_factory.mktemp("data") / "multicam"
+    run_data_multicam(MulticamDataConfig(out=out, episodes=5, min_frames=14, max_frames=24, seed=0,
+                                         data_files_size_in_mb=0.008, video_files_size_in_mb=0.05,
+                                         chunks_size=2, repo_id="local/multicam"))
+    return out
+
+
+@pytest.fixture
+def copy_dataset(tmp_path):
+    """copy_dataset(src) -> a private copy under tmp_path (for tests that damage a dataset)."""
+
+    def _copy(src: Path, name: str = "ds") -> Path:
+        dst = tmp_path / name
+        shutil.copytree(src, dst)
+        return dst
+
+    return _copy

@@ -1,0 +1,45 @@
+"""Dataset registry: built-in files resolve; a user adds a dataset by adding a TOML file."""
+
+from __future__ import annotations
+
+import pytest
+from typer.testing import CliRunner
+
+from pipeline.cli import app
+from pipeline.registry import available, resolve
+from pipeline.stage import UserError
+
+
+def test_builtin_datasets_resolve():
+    names = set(available())
+    assert {"droid", "pusht-demo", "pusht-free-demo", "multicam-demo"} <= names
+    droid = resolve("droid")
+    assert droid.repo_id == "lerobot/droid_1.0.1" and not droid.use_actions and len(droid.cameras) == 3
+    assert str(droid.resolved_root()).endswith("lerobot/droid_1.0.1")
+    assert resolve("pusht-demo").use_actions
+
+
+def test_user_file_adds_a_dataset_and_is_ingestable(tmp_path, monkeypatch, pusht_root):
+    reg = tmp_path / "reg"
+    reg.mkdir()
+    (reg / "my-arm.toml").write_text(
+        f'repo_id = "me/my_arm"\nroot = "{pusht_root}"\nuse_actions = true\nval_fraction = 0.5\n'
+    )
+    monkeypatch.setenv("WMCTL_REGISTRY", str(reg))
+    spec = resolve("my-arm")
+    assert spec.root == str(pusht_root) and spec.val_fraction == 0.5
+    out = tmp_path / "m.parquet"
+    r = CliRunner().invoke(app, ["ingest", "--dataset", "my-arm", "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    assert out.exists()
+
+
+def test_bad_registry_files_are_named(tmp_path, monkeypatch):
+    reg = tmp_path / "reg"
+    reg.mkdir()
+    (reg / "typo.toml").write_text('repo_id = "x"\nuse_action = true\n')
+    monkeypatch.setenv("WMCTL_REGISTRY", str(reg))
+    with pytest.raises(UserError, match=r"typo.toml: unknown key\(s\) \['use_action'\]"):
+        resolve("typo")
+    with pytest.raises(UserError, match="unknown dataset 'nope'"):
+        resolve("nope")
