@@ -28,6 +28,8 @@ app = typer.Typer(
 data_app = typer.Typer(help="Write the built-in LeRobot v3.0 datasets (with lerobot's own writer).",
                        no_args_is_help=True)
 app.add_typer(data_app, name="data")
+encoder_app = typer.Typer(help="Encoder utilities.", no_args_is_help=True)
+app.add_typer(encoder_app, name="encoder")
 bench_app = typer.Typer(help="Benchmarks (not tests): side-by-side ratios plus absolute numbers and the machine.",
                         no_args_is_help=True)
 app.add_typer(bench_app, name="bench")
@@ -187,6 +189,113 @@ def datasets() -> None:
     Console().print(table)
 
 
+# -------------------------------------------------------------------------------------------- encode
+def _image_size(text: str) -> tuple[int, int]:
+    try:
+        h, _, w = text.lower().partition("x")
+        return int(h), int(w or h)
+    except ValueError:
+        raise UserError(f"--image-size {text!r}: expected N or HxW, e.g. 224 or 224x400") from None
+
+
+@app.command()
+def encode(
+    dataset: Annotated[str | None, typer.Option(help="Registered dataset (uses manifests/<name>.parquet).")] = None,
+    manifest: Annotated[Path | None, typer.Option(help="Manifest from `wmctl ingest` (instead of --dataset).")] = None,
+    store: Annotated[Path, typer.Option(help="Token store (Zarr v3 directory).")] = Path("tokens.zarr"),
+    encoder: Annotated[str, typer.Option(help="Encoder: local save_pretrained dir or HF id (cache).")] = "",
+    cameras: Annotated[str | None, typer.Option(help="Comma-separated subset of the manifest's cameras.")] = None,
+    image_size: Annotated[str, typer.Option(help="N or HxW, multiples of the patch size.")] = "224",
+    resize: Annotated[str, typer.Option(help="crop (keep aspect, center crop) | squash.")] = "crop",
+    dtype: Annotated[str, typer.Option(help="float16 | int8 (per-token scale).")] = "float16",
+    batch_size: Annotated[int, typer.Option(help="Frames per encoder batch.")] = 32,
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N.")] = "auto",
+    threads: Annotated[int, typer.Option(help="torch threads (0: default).")] = 0,
+    augment_views: Annotated[int, typer.Option(help="Extra augmented views per episode.")] = 0,
+    augment_strength: Annotated[float, typer.Option(help="Colour jitter / crop strength in [0, 1].")] = 0.5,
+    chunk_frames: Annotated[int, typer.Option(help="Frames per Zarr chunk (read unit).")] = 4,
+    shard_frames: Annotated[int, typer.Option(help="Frames per Zarr shard (write unit).")] = 256,
+    episodes_per_segment: Annotated[int, typer.Option(help="Episode indices per segment block.")] = 16,
+    shard: Annotated[str | None, typer.Option(help="I/N: this process takes segments with (block+view) % N == I.")]
+    = None,
+    dask: Annotated[str | None, typer.Option(help="'local' (a LocalCluster) or a scheduler address.")] = None,
+    dask_workers: Annotated[int, typer.Option(help="Workers of --dask local.")] = 2,
+    retry_failed: Annotated[bool, typer.Option(help="Try episodes recorded as failed again.")] = False,
+    force: Annotated[bool, typer.Option(help="Rebuild a store/source made with another config.")] = False,
+) -> None:
+    """Encode every camera frame of a manifest with a frozen DINOv3 into the token store."""
+    from featurestore.encode import EncodeConfig, run_encode
+    from featurestore.encoders import DEFAULT_ENCODER, Preprocess
+    from featurestore.store import StoreLayout
+
+    try:
+        if bool(dataset) == bool(manifest):
+            raise UserError("give exactly one of --dataset NAME or --manifest PATH")
+        if dataset:
+            manifest = Path("manifests") / f"{dataset}.parquet"
+            if not manifest.exists():
+                raise UserError(f"{manifest} does not exist: run `wmctl ingest --dataset {dataset}` first")
+        h, w = _image_size(image_size)
+        cfg = EncodeConfig(
+            manifest=manifest, store=store, encoder=encoder or DEFAULT_ENCODER, cameras=_split_list(cameras),
+            preprocess=Preprocess(height=h, width=w, resize=resize),
+            layout=StoreLayout(dtype=dtype, chunk_frames=chunk_frames, shard_frames=shard_frames,
+                               episodes_per_segment=episodes_per_segment),
+            batch_size=batch_size, device=device, threads=threads, augment_views=augment_views,
+            augment_strength=augment_strength, shard=ShardSpec.parse(shard), dask=dask, dask_workers=dask_workers,
+            retry_failed=retry_failed, force=force,
+        )
+        with progress(f"encode {manifest.stem}", total=None, unit="frames") as advance:
+            result = run_encode(cfg, on_frames=advance, on_plan=advance.set_total)
+    except UserError as e:
+        fail(str(e))
+    for source, ep, view, reason in result.failures:
+        typer.secho(f"error: {source} episode {ep} (view {view}): {reason}", fg=typer.colors.RED, err=True)
+    if result.nothing_to_do:
+        typer.echo(f"nothing to do: every episode of {manifest} is in {store} (shard {cfg.shard})")
+    else:
+        rate = result.frames / max(result.seconds, 1e-9)
+        typer.echo(f"{store}: committed {result.segments_committed} segment(s), {result.frames} frames "
+                   f"in {result.seconds:.1f}s ({rate:.1f} frames/s); `wmctl status --store {store}`")
+    if result.failures:
+        typer.echo("failed episodes are recorded in the store; fix them and re-run with --retry-failed", err=True)
+        raise typer.Exit(1)
+
+
+@app.command()
+def status(store: Annotated[Path, typer.Option(help="Token store.")] = Path("tokens.zarr")) -> None:
+    """Per source: episodes committed / failed / pending, frames, bytes on disk, encoder identity."""
+    from rich.console import Console
+
+    from featurestore.status import status_table, store_status
+
+    try:
+        info = store_status(store)
+    except UserError as e:
+        fail(str(e))
+    Console().print(status_table(info))
+
+
+@encoder_app.command("init-random")
+def encoder_init_random(
+    out: Annotated[Path, typer.Option(help="Directory to save_pretrained into.")] = Path("models/dinov3-random-tiny"),
+    preset: Annotated[str, typer.Option(help="tiny (dim 32, 2 layers) | vitb16 (ViT-B/16 shapes).")] = "tiny",
+    seed: Annotated[int, typer.Option(help="Init seed.")] = 0,
+) -> None:
+    """Save a randomly initialised DINOv3 (for tests and demos without pretrained weights)."""
+    from featurestore.encoders import init_random_dinov3
+
+    try:
+        if (out / "config.json").exists():
+            typer.echo(f"nothing to do: {out} exists")
+            return
+        init_random_dinov3(out, preset=preset, seed=seed)
+    except UserError as e:
+        fail(str(e))
+    typer.secho(f"wrote {out}: a DINOv3 with RANDOM weights (preset {preset}); tokens from it are not DINO "
+                "features", fg=typer.colors.YELLOW)
+
+
 # --------------------------------------------------------------------------------------------- bench
 def _print_bench(title: str, result: dict) -> None:
     import json
@@ -216,6 +325,34 @@ def bench_decode_cmd(
     except UserError as e:
         fail(str(e))
     _print_bench(f"decode: {name}", result)
+
+
+@bench_app.command("encode")
+def bench_encode_cmd(
+    dataset: Annotated[str | None, typer.Option(help="Registered dataset (manifests/<name>.parquet).")] = None,
+    manifest: Annotated[Path | None, typer.Option(help="Manifest (instead of --dataset).")] = None,
+    encoder: Annotated[str, typer.Option(help="Encoder dir or id.")] = "",
+    image_size: Annotated[str, typer.Option(help="N or HxW.")] = "224",
+    batch_size: Annotated[int, typer.Option(help="Frames per batch.")] = 32,
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda.")] = "auto",
+    episodes: Annotated[int | None, typer.Option(help="Only the first N ok episodes.")] = None,
+) -> None:
+    """Decode-only, encoder-only, write-only and pipelined frames/s on the same frames; bytes per frame."""
+    from featurestore.bench import bench_encode
+    from featurestore.encode import EncodeConfig
+    from featurestore.encoders import DEFAULT_ENCODER, Preprocess
+
+    try:
+        if bool(dataset) == bool(manifest):
+            raise UserError("give exactly one of --dataset NAME or --manifest PATH")
+        manifest = manifest or Path("manifests") / f"{dataset}.parquet"
+        h, w = _image_size(image_size)
+        cfg = EncodeConfig(manifest=manifest, store=Path("unused"), encoder=encoder or DEFAULT_ENCODER,
+                           preprocess=Preprocess(height=h, width=w), batch_size=batch_size, device=device)
+        result = bench_encode(cfg, max_episodes=episodes)
+    except UserError as e:
+        fail(str(e))
+    _print_bench(f"encode: {manifest}", result)
 
 
 def run() -> None:  # pragma: no cover - console entry for `python -m pipeline.cli`

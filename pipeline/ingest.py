@@ -158,7 +158,7 @@ def validate_episode(
         problems.append(f"length is {length}")
     # low-dim data: frame count, frame order, timestamps, action/state shapes and finiteness
     try:
-        path, rows = data.episode_rows(row)
+        path, rows = data.episode_rows(meta, row)
         out["data_file"] = _rel(meta, path)
         if len(rows) != length:
             problems.append(f"frame count mismatch: meta/episodes says length={length} but {out['data_file']} "
@@ -326,7 +326,7 @@ def run_ingest(cfg: IngestConfig, on_episode: Callable[[], None] | None = None) 
     episodes = meta.episodes
     n_blocks = max(1, -(-len(episodes) // cfg.block_size))
     parts = _parts_dir(Path(cfg.out))
-    data = DataFileCache(meta, columns=[ACTION_KEY, STATE_KEY])
+    data = DataFileCache(columns=[ACTION_KEY, STATE_KEY])
     prober = VideoProber(tolerance_s=cfg.tolerance_s)
     frames = PyAVFrameSource(tolerance_s=cfg.tolerance_s) if cfg.video_check == "full" else None
     done_here = 0

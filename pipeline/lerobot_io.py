@@ -133,14 +133,10 @@ def open_meta(root: Path, repo_id: str) -> DatasetMeta:
 
 
 class DataFileCache:
-    """Reads per-episode low-dim columns from the data parquet files, keeping the last few files open.
+    """Per-episode low-dim columns from LeRobot data parquet files, keeping the last few files loaded."""
 
-    Rows are selected by `episode_index`, not trusted by file index alone: datasets converted with
-    lerobot <= 0.4.4 can point a boundary episode at the previous data file, so the next file is tried.
-    """
-
-    def __init__(self, meta: DatasetMeta, columns: list[str], max_files: int = 2):
-        self.meta, self.columns, self.max_files = meta, columns, max_files
+    def __init__(self, columns: list[str], max_files: int = 2):
+        self.columns, self.max_files = columns, max_files
         self._tables: OrderedDict[Path, pd.DataFrame] = OrderedDict()
 
     def _load(self, path: Path) -> pd.DataFrame:
@@ -155,22 +151,25 @@ class DataFileCache:
             self._tables.popitem(last=False)
         return table
 
-    def episode_rows(self, row: pd.Series) -> tuple[Path, pd.DataFrame]:
+    def rows_in_file(self, path: Path, episode: int) -> pd.DataFrame:
+        """The rows of `episode` in data file `path`, ordered by frame_index (empty if none)."""
+        table = self._load(Path(path))
+        rows = table[table["episode_index"] == episode]
+        return rows.sort_values("frame_index") if "frame_index" in rows else rows
+
+    def episode_rows(self, meta: DatasetMeta, row: pd.Series) -> tuple[Path, pd.DataFrame]:
+        """Find an episode's rows from its meta/episodes row. Datasets converted with lerobot <= 0.4.4 can
+        point a boundary episode at the previous data file, so the next file is tried too."""
         ep = int(row["episode_index"])
         chunk, file = int(row["data/chunk_index"]), int(row["data/file_index"])
-        candidates = [(chunk, file), (chunk, file + 1), (chunk + 1, 0)]
-        first = self.meta.data_path(chunk, file)
-        for c, f in candidates:
-            path = self.meta.data_path(c, f)
-            if not path.exists():
-                if (c, f) == (chunk, file):
-                    raise FileNotFoundError(f"data file {path} is missing")
-                continue
-            table = self._load(path)
-            rows = table[table["episode_index"] == ep]
-            if len(rows):
-                return path, rows.sort_values("frame_index") if "frame_index" in rows else rows
-        return first, self._load(first).iloc[0:0]
+        first = meta.data_path(chunk, file)
+        if not first.exists():
+            raise FileNotFoundError(f"data file {first} is missing")
+        for c, f in [(chunk, file), (chunk, file + 1), (chunk + 1, 0)]:
+            path = meta.data_path(c, f)
+            if path.exists() and len(rows := self.rows_in_file(path, ep)):
+                return path, rows
+        return first, self.rows_in_file(first, ep)
 
 
 def stack_column(rows: pd.DataFrame, key: str) -> np.ndarray:

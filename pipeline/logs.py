@@ -77,6 +77,7 @@ def progress(description: str, total: int | None, unit: str = "frames", every_s:
                 rate = done / max(time.monotonic() - start, 1e-9)
                 bar.update(task, advance=n, rate=f"{rate:.1f} {unit}/s", **fields)
 
+            advance.set_total = lambda n: bar.update(task, total=n)  # type: ignore[attr-defined]
             yield advance
         return
 
@@ -95,4 +96,9 @@ def progress(description: str, total: int | None, unit: str = "frames", every_s:
             log.info("%s: %d/%s %s (%.1f %s/s%s%s)", description, done, total or "?", unit, rate, unit, eta, extra)
             last = now
 
+    def set_total(n: int) -> None:
+        nonlocal total
+        total = n
+
+    advance_plain.set_total = set_total  # type: ignore[attr-defined]
     yield advance_plain

@@ -64,3 +64,33 @@ def copy_dataset(tmp_path):
         return dst
 
     return _copy
+
+
+@pytest.fixture(scope="session")
+def tiny_encoder(tmp_path_factory) -> Path:
+    """A tiny DINOv3 with random weights, saved with save_pretrained (dim 32, 2 layers, 4 registers)."""
+    from featurestore.encoders import init_random_dinov3
+
+    return init_random_dinov3(tmp_path_factory.mktemp("enc") / "dinov3-tiny", preset="tiny", seed=0)
+
+
+def _ingest(root: Path, out: Path, **kw) -> Path:
+    from pipeline.ingest import IngestConfig, run_ingest
+
+    run_ingest(IngestConfig(source=root.name, root=root, repo_id=f"local/{root.name}", out=out, **kw))
+    return out
+
+
+@pytest.fixture(scope="session")
+def multicam_manifest(multicam_root, tmp_path_factory) -> Path:
+    return _ingest(multicam_root, tmp_path_factory.mktemp("manifests") / "multicam.parquet", val_fraction=0.4)
+
+
+@pytest.fixture(scope="session")
+def pusht_manifest(pusht_root, tmp_path_factory) -> Path:
+    return _ingest(pusht_root, tmp_path_factory.mktemp("manifests") / "pusht.parquet", val_fraction=0.34)
+
+
+@pytest.fixture(scope="session")
+def pusht_free_manifest(pusht_free_root, tmp_path_factory) -> Path:
+    return _ingest(pusht_free_root, tmp_path_factory.mktemp("manifests") / "pusht-free.parquet", val_fraction=0.34)

@@ -1,0 +1,430 @@
+"""`wmctl encode`: every camera frame of a manifest through a frozen encoder into the token store.
+
+Work unit: a segment = the pending episodes of one block of `episodes_per_segment` consecutive episode
+indices (and one augmentation view). The plan is a pure function of the manifest and of what the store
+has committed or recorded as failed, so independent processes agree on it without talking: `--shard I/N`
+takes segments whose (block + view) % N == I, a Dask cluster maps the same unit, and a relaunch skips
+committed segments. Appending episodes later yields new segments; committed ones are never rewritten.
+
+Inside a segment the work is pipelined: one decode thread per camera (sequential PyAV), encoder batches
+on the main thread, and a writer thread that writes each array shard once, whole.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import logging
+import os
+import queue
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import torch
+
+from featurestore.augment import ClipAugment
+from featurestore.encoders import DEFAULT_ENCODER, HFDinoEncoder, Preprocess
+from featurestore.store import StoreLayout, TokenStore
+from pipeline.frames import FrameDecodeError, PyAVFrameSource, VideoSpan
+from pipeline.lerobot_io import DataFileCache, stack_column
+from pipeline.stage import ShardSpec, UserError, file_sha256
+
+log = logging.getLogger(__name__)
+
+ACTION_KEY, STATE_KEY = "action", "observation.state"
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class EncodeConfig:
+    manifest: Path
+    store: Path
+    encoder: str = DEFAULT_ENCODER
+    cameras: tuple[str, ...] = ()  # subset of the manifest's cameras, in this order (default: all)
+    preprocess: Preprocess = Preprocess()
+    layout: StoreLayout = StoreLayout()
+    batch_size: int = 32  # frames per encoder batch (x cameras images)
+    device: str = "auto"
+    threads: int = 0  # torch intra-op threads (0: leave torch's default)
+    augment_views: int = 0  # extra augmented views per episode (view 0 is the original)
+    augment_strength: float = 0.5
+    augment_seed: int = 0
+    shard: ShardSpec = ShardSpec()
+    dask: str | None = None  # None, "local" or a scheduler address
+    dask_workers: int = 2
+    retry_failed: bool = False
+    force: bool = False
+    tolerance_s: float = 1e-4
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1 or self.augment_views < 0:
+            raise UserError("--batch-size must be >= 1 and --augment-views >= 0")
+        if self.force and (self.shard.count > 1):
+            raise UserError("--force deletes what other shards write: run it once without --shard, then launch shards")
+
+    def resolved_device(self) -> str:
+        if self.device == "auto":
+            return "cuda" if torch.cuda.is_available() else "cpu"
+        return self.device
+
+
+@dataclasses.dataclass(frozen=True)
+class SegmentPlan:
+    source: str
+    view: int
+    block: int
+    episodes: tuple[dict[str, Any], ...]  # manifest rows (plain dicts)
+
+    @property
+    def seg_id(self) -> str:
+        eps = ",".join(str(e["episode_index"]) for e in self.episodes)
+        return f"v{self.view}-b{self.block:06d}-{hashlib.sha256(eps.encode()).hexdigest()[:8]}"
+
+    @property
+    def frames(self) -> int:
+        return sum(int(e["length"]) for e in self.episodes)
+
+    def without(self, episode: int) -> SegmentPlan:
+        return dataclasses.replace(self, episodes=tuple(e for e in self.episodes if e["episode_index"] != episode))
+
+
+@dataclasses.dataclass
+class EncodeResult:
+    segments_committed: int = 0
+    frames: int = 0
+    failures: list[tuple[str, int, int, str]] = dataclasses.field(default_factory=list)  # source, ep, view, why
+    nothing_to_do: bool = False
+    pending_segments: int = 0
+    seconds: float = 0.0
+
+
+class EpisodeFailed(Exception):
+    def __init__(self, episode: int, reason: str):
+        self.episode, self.reason = episode, reason
+        super().__init__(f"episode {episode}: {reason}")
+
+
+# --------------------------------------------------------------------------------------------- planning
+def _plain(row: pd.Series) -> dict[str, Any]:
+    d = row.to_dict()
+    return {k: (v.tolist() if isinstance(v, np.ndarray) else v) for k, v in d.items()}
+
+
+def plan_segments(manifest: pd.DataFrame, store: TokenStore, source: str, layout: StoreLayout,
+                  views: int) -> list[SegmentPlan]:
+    """Segments still to encode: per view, the ok episodes not committed and not failed, by block."""
+    done = {(e["episode_index"], seg["view"]) for seg in store.committed_segments(source).values()
+            for e in seg["episodes"]}
+    failed = {(f["episode_index"], f["view"]) for f in store.failed(source).values()}
+    ok = manifest[manifest.status == "ok"].sort_values("episode_index")
+    plans = []
+    for view in range(views):
+        pending = [_plain(r) for _, r in ok.iterrows()
+                   if (int(r.episode_index), view) not in done | failed]
+        blocks: dict[int, list[dict]] = {}
+        for e in pending:
+            blocks.setdefault(int(e["episode_index"]) // layout.episodes_per_segment, []).append(e)
+        plans += [SegmentPlan(source, view, b, tuple(eps)) for b, eps in sorted(blocks.items())]
+    return plans
+
+
+# ----------------------------------------------------------------------------------------- one segment
+@dataclasses.dataclass
+class SourceInfo:
+    """What the encode of one source needs besides the plan."""
+
+    name: str
+    root: Path
+    fps: float
+    cameras: list[str]
+    camera_index: list[int]  # positions of `cameras` in the manifest rows' camera_keys
+    action_dim: int
+    state_dim: int
+
+
+def _decode_camera(src: SourceInfo, plan: SegmentPlan, cam: int, out: queue.Queue, stop: threading.Event,
+                   tolerance_s: float) -> None:
+    """Thread body: frames of one camera for every episode of the plan, in order, into `out`."""
+    lower_thread_priority()
+    frames = PyAVFrameSource(tolerance_s=tolerance_s)
+    k = src.camera_index[cam]
+    try:
+        for e in plan.episodes:
+            span = VideoSpan(src.root / e["video_files"][k], float(e["from_ts"][k]), int(e["length"]), src.fps)
+            try:
+                for img in frames.frames(span):
+                    if stop.is_set():
+                        return
+                    out.put(img)
+            except FrameDecodeError as err:
+                out.put(EpisodeFailed(int(e["episode_index"]), f"{src.cameras[cam]}: {err}"))
+                return
+    except BaseException as err:  # noqa: BLE001 - handed to the consumer, which re-raises
+        out.put(err)
+    finally:
+        frames.close()
+
+
+def _lowdim(src: SourceInfo, plan: SegmentPlan, data: DataFileCache) -> dict[str, np.ndarray]:
+    parts: dict[str, list[np.ndarray]] = {k: [] for k in ("action", "action_valid", "state", "timestamp",
+                                                        "episode_index", "frame_index")}
+    for e in plan.episodes:
+        ep, n = int(e["episode_index"]), int(e["length"])
+        try:
+            rows = data.rows_in_file(src.root / e["data_file"], ep)
+        except (OSError, pa.ArrowException) as err:
+            raise EpisodeFailed(ep, f"cannot read {e['data_file']}: {err}") from None
+        if len(rows) != n:
+            raise EpisodeFailed(ep, f"{e['data_file']} has {len(rows)} rows, manifest says {n}; re-run ingest")
+        has = bool(e["has_actions"]) and ACTION_KEY in rows
+        parts["action"].append(stack_column(rows, ACTION_KEY) if has else np.full((n, src.action_dim), np.nan))
+        parts["action_valid"].append(np.full(n, has))
+        parts["state"].append(stack_column(rows, STATE_KEY) if STATE_KEY in rows
+                              else np.full((n, src.state_dim), np.nan))
+        parts["timestamp"].append(rows["timestamp"].to_numpy(np.float64))
+        parts["episode_index"].append(np.full(n, ep))
+        parts["frame_index"].append(np.arange(n))
+    return {k: np.concatenate(v) for k, v in parts.items()}
+
+
+def lower_thread_priority(nice: int = 10) -> None:
+    """Make the calling helper thread yield the cores to the encoder when both want them.
+
+    On a CPU the encoder's OpenMP threads stall badly when a decode or write thread preempts one of them;
+    at a lower priority the helpers run in the encoder's idle gaps and catch up whenever it waits for them.
+    """
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), nice)
+    except (AttributeError, OSError):  # not Linux, or not permitted: run at normal priority
+        pass
+
+
+def _writer_loop(writer, q: queue.Queue, errors: list) -> None:
+    lower_thread_priority()
+    while (item := q.get()) is not None:
+        try:
+            writer.add(*item)
+        except BaseException as e:  # noqa: BLE001 - reported to the main thread
+            errors.append(e)
+            return
+
+
+def encode_one(store: TokenStore, encoder: HFDinoEncoder, src: SourceInfo, plan: SegmentPlan,
+               cfg: EncodeConfig, on_frames: Callable[[int], None] | None = None) -> bool:
+    """Encode and commit one segment. Raises EpisodeFailed for a bad episode (nothing committed)."""
+    C, P, D = len(src.cameras), encoder.grid[0] * encoder.grid[1], encoder.embed_dim
+    lowdim = _lowdim(src, plan, DataFileCache(columns=[ACTION_KEY, STATE_KEY]))
+    writer = store.begin_segment(src.name, plan.seg_id, frames=plan.frames, cameras=C, tokens=P, dim=D,
+                                 action_dim=src.action_dim, state_dim=src.state_dim)
+    stop = threading.Event()
+    queues = [queue.Queue(maxsize=2 * cfg.batch_size) for _ in range(C)]
+    decoders = [threading.Thread(target=_decode_camera, args=(src, plan, c, queues[c], stop, cfg.tolerance_s),
+                                 daemon=True, name=f"decode-{c}") for c in range(C)]
+    write_q: queue.Queue = queue.Queue(maxsize=4)
+    write_errors: list = []
+    write_thread = threading.Thread(target=_writer_loop, args=(writer, write_q, write_errors), daemon=True)
+    augments = {int(e["episode_index"]): ClipAugment.sample(
+        seed=cfg.augment_seed, source=src.name, episode=int(e["episode_index"]), view=plan.view,
+        strength=cfg.augment_strength) for e in plan.episodes} if plan.view > 0 else {}
+    for t in (*decoders, write_thread):
+        t.start()
+    committed = False
+    try:
+        episode_of_frame = np.repeat([int(e["episode_index"]) for e in plan.episodes],
+                                     [int(e["length"]) for e in plan.episodes])
+        for start in range(0, plan.frames, cfg.batch_size):
+            n = min(cfg.batch_size, plan.frames - start)
+            imgs = [[_take(queues[c]) for _ in range(n)] for c in range(C)]  # [C][B] of [H, W, 3]
+            eps = episode_of_frame[start:start + n]
+            patch_CBPD, cls_CBD = _encode_batch(encoder, imgs, eps, augments)
+            if write_errors:
+                raise write_errors[0]
+            write_q.put((start, patch_CBPD.transpose(0, 1).numpy().astype(np.float16),
+                         cls_CBD.transpose(0, 1).numpy().astype(np.float16)))
+            if on_frames:
+                on_frames(n)
+        write_q.put(None)
+        write_thread.join()
+        if write_errors:
+            raise write_errors[0]
+        attrs = {
+            "source": src.name, "segment_id": plan.seg_id, "view": plan.view, "block": plan.block,
+            "frames": plan.frames, "cameras": src.cameras,
+            "episodes": _episode_table(plan, augments),
+            "committed_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        }
+        committed = writer.commit(attrs=attrs, **lowdim)
+    finally:
+        stop.set()
+        if write_thread.is_alive():
+            write_q.put(None)
+            write_thread.join()
+        for q in queues:  # unblock decoders waiting on a full queue
+            while not q.empty():
+                q.get_nowait()
+        for t in decoders:
+            t.join(timeout=10)
+        if not committed:
+            writer.abort()
+    return committed
+
+
+def _take(q: queue.Queue) -> np.ndarray:
+    item = q.get()
+    if isinstance(item, BaseException):
+        raise item
+    return item
+
+
+def _encode_batch(encoder: HFDinoEncoder, imgs: list[list[np.ndarray]], eps: np.ndarray,
+                  augments: dict[int, ClipAugment]) -> tuple[torch.Tensor, torch.Tensor]:
+    """imgs [C][B] uint8 frames -> patch [C, B, P, D], cls [C, B, D] (float32)."""
+    pixels = []
+    for cam_imgs in imgs:  # uint8 to the device first: resizing there keeps the CPU free for decoding
+        frames_BHWC = torch.from_numpy(np.stack(cam_imgs)).to(encoder.device, non_blocking=True)
+        if augments:  # one parameter set per episode: preprocess each episode's run of frames separately
+            runs = np.flatnonzero(np.diff(eps)) + 1
+            chunks = np.split(np.arange(len(eps)), runs)
+            pixels.append(torch.cat([encoder.preprocess(frames_BHWC[idx], augments[int(eps[idx[0]])])
+                                     for idx in chunks]))
+        else:
+            pixels.append(encoder.preprocess(frames_BHWC))
+    C, B = len(imgs), len(imgs[0])
+    out = encoder.forward_preprocessed(torch.cat(pixels))  # [C*B, ...]
+    return out["patch"].view(C, B, *out["patch"].shape[1:]), out["cls"].view(C, B, -1)
+
+
+def _episode_table(plan: SegmentPlan, augments: dict[int, ClipAugment]) -> list[dict[str, Any]]:
+    table, start = [], 0
+    for e in plan.episodes:
+        ep = int(e["episode_index"])
+        table.append({
+            "episode_index": ep, "view": plan.view, "start": start, "length": int(e["length"]),
+            "split": e["split"], "has_actions": bool(e["has_actions"]), "task": e["task"],
+            "augment": augments[ep].to_dict() if ep in augments else None,
+        })
+        start += int(e["length"])
+    return table
+
+
+def encode_segment(store: TokenStore, encoder: HFDinoEncoder, src: SourceInfo, plan: SegmentPlan,
+                   cfg: EncodeConfig, on_frames: Callable[[int], None] | None = None) -> dict[str, Any]:
+    """Encode a segment, recording bad episodes as failed and redoing the segment without them."""
+    failures = []
+    while plan.episodes:
+        try:
+            committed = encode_one(store, encoder, src, plan, cfg, on_frames)
+            return {"segment": plan.seg_id, "committed": committed, "frames": plan.frames, "failures": failures}
+        except EpisodeFailed as e:
+            log.warning("%s episode %d (view %d) failed, re-doing its segment without it: %s",
+                        src.name, e.episode, plan.view, e.reason)
+            store.record_failure(src.name, e.episode, plan.view, e.reason)
+            failures.append((src.name, e.episode, plan.view, e.reason))
+            plan = plan.without(e.episode)
+    return {"segment": None, "committed": False, "frames": 0, "failures": failures}
+
+
+# --------------------------------------------------------------------------------------------- the stage
+def source_info(manifest: pd.DataFrame, meta: dict[str, Any], cameras: tuple[str, ...]) -> SourceInfo:
+    sources = manifest.source.unique()
+    if len(sources) != 1:
+        raise UserError(f"a manifest must hold one source, this one has {list(sources)}")
+    ok = manifest[manifest.status == "ok"]
+    if ok.empty:
+        raise UserError("the manifest has no ok episodes; fix the failed ones and re-run ingest")
+    keys = list(ok.iloc[0].camera_keys)
+    chosen = list(cameras) or keys
+    missing = [c for c in chosen if c not in keys]
+    if missing:
+        raise UserError(f"--cameras {missing} are not in the manifest (it has {keys}); re-run ingest with them")
+    return SourceInfo(
+        name=str(sources[0]), root=Path(ok.iloc[0].root), fps=float(meta["fps"]), cameras=chosen,
+        camera_index=[keys.index(c) for c in chosen], action_dim=int(ok.action_dim.max()),
+        state_dim=int(ok.state_dim.max()),
+    )
+
+
+def _provenance(cfg: EncodeConfig, src: SourceInfo, manifest_meta: dict[str, Any], manifest_sha: str,
+                has_actions: bool) -> dict[str, Any]:
+    return {
+        "source": src.name, "repo_id": manifest_meta["config"]["repo_id"], "root": str(src.root),
+        "codebase_version": manifest_meta.get("codebase_version"), "fps": src.fps,
+        "info_sha256": manifest_meta.get("info_sha256"), "cameras": src.cameras,
+        "action_dim": src.action_dim, "state_dim": src.state_dim, "has_actions": has_actions,
+        "manifest": str(Path(cfg.manifest).resolve()), "manifest_sha256": manifest_sha,
+        "augment": {"views": cfg.augment_views, "strength": cfg.augment_strength, "seed": cfg.augment_seed},
+    }
+
+
+FIXED_SOURCE_KEYS = ("repo_id", "root", "fps", "cameras", "augment", "action_dim", "state_dim")
+
+
+def prepare(cfg: EncodeConfig) -> tuple[TokenStore, HFDinoEncoder, SourceInfo, list[SegmentPlan]]:
+    """Load manifest and encoder, open/create the store, and plan this shard's segments."""
+    import shutil
+
+    from pipeline.ingest import read_manifest
+
+    manifest, mmeta = read_manifest(cfg.manifest)
+    src = source_info(manifest, mmeta, cfg.cameras)
+    info = src.root / "meta" / "info.json"
+    if not info.is_file() or file_sha256(info) != mmeta.get("info_sha256"):
+        raise UserError(f"{src.root} changed since {cfg.manifest} was written (meta/info.json differs or is gone): "
+                        "re-run `wmctl ingest --force` for it first")
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    encoder = HFDinoEncoder(cfg.encoder, preprocess=cfg.preprocess, device=cfg.resolved_device())
+    try:
+        store = TokenStore.create_or_open(cfg.store, encoder.identity(), cfg.layout)
+    except UserError:
+        if not cfg.force:
+            raise
+        log.warning("--force: deleting %s (made with another encoder or layout)", cfg.store)
+        shutil.rmtree(cfg.store)
+        store = TokenStore.create_or_open(cfg.store, encoder.identity(), cfg.layout)
+    prov = _provenance(cfg, src, mmeta, file_sha256(cfg.manifest), bool(manifest.has_actions.any()))
+    try:
+        store.ensure_source(src.name, prov, fixed_keys=FIXED_SOURCE_KEYS)
+    except UserError:
+        if not cfg.force:
+            raise
+        log.warning("--force: deleting source %s from %s", src.name, cfg.store)
+        shutil.rmtree(store.source_dir(src.name))
+        store.ensure_source(src.name, prov, fixed_keys=FIXED_SOURCE_KEYS)
+    if (n := store.clean_stale_staging(src.name)):
+        log.info("removed %d stale staging segment(s) of dead writers", n)
+    if cfg.retry_failed:
+        store.clear_failures(src.name)
+    plans = plan_segments(manifest, store, src.name, cfg.layout, 1 + cfg.augment_views)
+    mine = [p for p in plans if cfg.shard.owns(p.block + p.view)]
+    return store, encoder, src, mine
+
+
+def run_encode(cfg: EncodeConfig, on_frames: Callable[[int], None] | None = None,
+               on_plan: Callable[[int], None] | None = None) -> EncodeResult:
+    """Encode this shard's pending segments (locally or over Dask). Idempotent and resumable."""
+    t0 = time.monotonic()
+    store, encoder, src, plans = prepare(cfg)
+    result = EncodeResult(pending_segments=len(plans))
+    if on_plan:
+        on_plan(sum(p.frames for p in plans))
+    if not plans:
+        result.nothing_to_do = True
+        return result
+    if cfg.dask:
+        from featurestore.dask_exec import run_on_dask
+
+        outcomes: Iterator[dict[str, Any]] = run_on_dask(cfg, plans, on_frames)
+    else:
+        outcomes = (encode_segment(store, encoder, src, p, cfg, on_frames) for p in plans)
+    for out in outcomes:
+        result.segments_committed += int(out["committed"])
+        result.frames += out["frames"] if out["committed"] else 0
+        result.failures += [tuple(f) for f in out["failures"]]
+    result.seconds = time.monotonic() - t0
+    return result

@@ -1,0 +1,238 @@
+"""Frozen image encoders through transformers: DINOv3 (`DINOv3ViTModel`) and DINOv2 (`Dinov2Model`,
+`Dinov2WithRegistersModel`), loaded from a local directory or the Hugging Face cache, never with
+`trust_remote_code`.
+
+Per frame the encoder returns the CLS token, the register tokens (DINOv3 ViT-B/16 has 4; they are *not*
+patches) and the patch tokens on the grid (224x224 -> 14x14x768). Its identity (model id, sha256 of the
+weights, architecture config, preprocessing) is what the token store records and compares.
+
+Legend: B = images, H/W = pixels, P = patch tokens (gh*gw), R = register tokens, D = encoder width.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Protocol, runtime_checkable
+
+import torch
+import torch.nn.functional as F
+
+from pipeline.stage import UserError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_ENCODER = "facebook/dinov3-vitb16-pretrain-lvd1689m"
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+RANDOM_MARKER = "wmctl_random_weights.json"  # written by `wmctl encoder init-random`
+SUPPORTED_TYPES = ("dinov3_vit", "dinov2", "dinov2_with_registers")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Preprocess:
+    """DINO preprocessing: resize, (center crop), scale to [0, 1], normalise with mean/std.
+
+    resize: `crop` resizes the shorter side to cover (height, width) and center-crops (aspect kept, the
+    sides of wide frames are cut); `squash` resizes to (height, width) directly (the HF processor's
+    choice: full field of view, aspect changed). height/width must be multiples of the patch size;
+    a non-square size keeps more of a wide camera (e.g. 224x400 -> 14x25 patches).
+    """
+
+    height: int = 224
+    width: int = 224
+    resize: str = "crop"
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+    interpolation: str = "bilinear"
+    antialias: bool = True
+
+    def __post_init__(self) -> None:
+        if self.resize not in ("crop", "squash"):
+            raise UserError(f"preprocessing resize={self.resize!r}: choose crop or squash")
+        if self.interpolation not in ("bilinear", "bicubic"):
+            raise UserError(f"preprocessing interpolation={self.interpolation!r}: choose bilinear or bicubic")
+
+    def __call__(self, frames_BHWC: torch.Tensor, augment: Callable[[torch.Tensor], torch.Tensor] | None = None
+                 ) -> torch.Tensor:
+        """uint8 [B, H, W, 3] -> normalised float32 [B, 3, height, width]; `augment` acts on [0, 1] pixels."""
+        x_BCHW = frames_BHWC.permute(0, 3, 1, 2).float().div_(255.0)
+        if augment is not None:
+            x_BCHW = augment(x_BCHW)
+        x_BCHW = resize_crop(x_BCHW, self.height, self.width, self.resize, self.interpolation, self.antialias)
+        mean = torch.tensor(self.mean, device=x_BCHW.device).view(1, 3, 1, 1)
+        std = torch.tensor(self.std, device=x_BCHW.device).view(1, 3, 1, 1)
+        return (x_BCHW - mean) / std
+
+
+def resize_crop(x_BCHW: torch.Tensor, height: int, width: int, mode: str = "crop",
+                interpolation: str = "bilinear", antialias: bool = True) -> torch.Tensor:
+    """Resize (and center-crop when mode == 'crop') a float batch to (height, width)."""
+    h, w = x_BCHW.shape[-2:]
+    if mode == "squash":
+        size = (height, width)
+    else:
+        scale = max(height / h, width / w)
+        size = (max(height, round(h * scale)), max(width, round(w * scale)))
+    if size != (h, w):
+        x_BCHW = F.interpolate(x_BCHW, size=size, mode=interpolation, antialias=antialias, align_corners=False)
+    top, left = (size[0] - height) // 2, (size[1] - width) // 2
+    return x_BCHW[..., top:top + height, left:left + width]
+
+
+@runtime_checkable
+class Encoder(Protocol):
+    """Frames -> tokens. `encode` takes uint8 [B, H, W, 3] and returns cls [B, D], registers [B, R, D],
+    patch [B, P, D] (float32, on CPU)."""
+
+    embed_dim: int
+    grid: tuple[int, int]
+
+    def identity(self) -> dict[str, Any]: ...
+
+    def encode(self, frames_BHWC: torch.Tensor) -> dict[str, torch.Tensor]: ...
+
+
+def weights_sha256(model: torch.nn.Module) -> str:
+    """sha256 over the state dict (sorted names, dtypes, shapes, bytes): independent of the file format."""
+    h = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        t = tensor.detach().cpu().contiguous()
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def _processor_settings(path: Path | None) -> dict[str, Any]:
+    """Mean/std/resample/size from the model's preprocessor_config.json, where it has one."""
+    if path is None or not (path / "preprocessor_config.json").is_file():
+        return {}
+    cfg = json.loads((path / "preprocessor_config.json").read_text())
+    out: dict[str, Any] = {}
+    if "image_mean" in cfg:
+        out["mean"] = tuple(float(x) for x in cfg["image_mean"])
+    if "image_std" in cfg:
+        out["std"] = tuple(float(x) for x in cfg["image_std"])
+    if cfg.get("resample") == 3:
+        out["interpolation"] = "bicubic"
+    return out
+
+
+def resolve_model_path(model: str) -> tuple[str, Path | None]:
+    """(model id to record, local directory or None for a Hub id to find in the HF cache)."""
+    p = Path(model).expanduser()
+    if p.exists():
+        if not (p / "config.json").is_file():
+            raise UserError(f"--encoder {model}: {p / 'config.json'} is missing (expected a save_pretrained folder)")
+        return str(p.resolve()), p
+    if model.count("/") != 1 or model.startswith((".", "/")):
+        raise UserError(f"--encoder {model}: no such directory, and not a Hugging Face model id")
+    return model, None
+
+
+class HFDinoEncoder:
+    """A frozen DINOv3/DINOv2 from transformers, in eval + inference mode; bf16 autocast on CUDA."""
+
+    def __init__(self, model: str = DEFAULT_ENCODER, *, preprocess: Preprocess | None = None,
+                 device: str = "cpu", autocast: bool = True):
+        from transformers import AutoConfig, AutoModel
+
+        self.model_id, local = resolve_model_path(model)
+        try:
+            config = AutoConfig.from_pretrained(local or model, trust_remote_code=False)
+            if config.model_type not in SUPPORTED_TYPES:
+                raise UserError(f"--encoder {model}: model_type {config.model_type!r} is not supported; "
+                                f"use a DINOv3 or DINOv2 checkpoint ({', '.join(SUPPORTED_TYPES)})")
+            self.model = AutoModel.from_pretrained(local or model, trust_remote_code=False)
+        except OSError as e:
+            raise UserError(
+                f"cannot load encoder {model!r}: {str(e).splitlines()[0]}. Pretrained weights are read from a local "
+                "directory or the Hugging Face cache (download once with `huggingface-cli download "
+                f"{DEFAULT_ENCODER}` on a machine with internet); for a test set-up use "
+                "`wmctl encoder init-random --out DIR`."
+            ) from None
+        if local is None:
+            from huggingface_hub import snapshot_download
+
+            try:
+                local = Path(snapshot_download(model, local_files_only=True))
+            except Exception:  # noqa: BLE001 - settings only, the weights are loaded
+                local = None
+        self.random_weights = bool(local and (local / RANDOM_MARKER).exists())
+        self.model.eval().requires_grad_(False).to(device)
+        self.device = torch.device(device)
+        self.autocast = autocast and self.device.type == "cuda"
+        cfg = self.model.config
+        self.model_type = cfg.model_type
+        self.patch_size = int(cfg.patch_size)
+        self.embed_dim = int(cfg.hidden_size)
+        self.num_registers = int(getattr(cfg, "num_register_tokens", 0) or 0)
+        base = Preprocess(**_processor_settings(local))
+        self.preprocess = preprocess or base
+        if self.preprocess.height % self.patch_size or self.preprocess.width % self.patch_size:
+            raise UserError(f"image size {self.preprocess.height}x{self.preprocess.width} is not a multiple of the "
+                            f"patch size {self.patch_size}")
+        self.grid = (self.preprocess.height // self.patch_size, self.preprocess.width // self.patch_size)
+        self._sha = weights_sha256(self.model)
+        if self.random_weights:
+            log.warning("encoder %s has RANDOM weights (made by `wmctl encoder init-random`): tokens are not "
+                        "DINO features; results only exercise the pipeline", self.model_id)
+
+    def identity(self) -> dict[str, Any]:
+        cfg = self.model.config.to_dict()
+        arch = {k: cfg.get(k) for k in ("model_type", "hidden_size", "num_hidden_layers", "num_attention_heads",
+                                         "intermediate_size", "patch_size", "num_register_tokens", "layer_norm_eps",
+                                         "use_gated_mlp", "rope_theta") if k in cfg}
+        return {
+            "model_id": self.model_id,
+            "weights_sha256": self._sha,
+            "random_weights": self.random_weights,
+            "architecture": arch,
+            "preprocess": dataclasses.asdict(self.preprocess),
+            "patch_size": self.patch_size,
+            "grid": list(self.grid),
+            "dim": self.embed_dim,
+            "num_register_tokens": self.num_registers,
+            "output": "last_hidden_state (final norm): [CLS | registers | patches]",
+        }
+
+    @torch.inference_mode()
+    def forward_preprocessed(self, pixels_B3HW: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Normalised pixels [B, 3, H, W] -> cls [B, D], registers [B, R, D], patch [B, P, D] (float32, CPU)."""
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.autocast):
+            hidden_BND = self.model(pixel_values=pixels_B3HW.to(self.device)).last_hidden_state
+        hidden_BND = hidden_BND.float().cpu()
+        r = self.num_registers
+        return {"cls": hidden_BND[:, 0], "registers": hidden_BND[:, 1:1 + r], "patch": hidden_BND[:, 1 + r:]}
+
+    def encode(self, frames_BHWC: torch.Tensor) -> dict[str, torch.Tensor]:
+        return self.forward_preprocessed(self.preprocess(frames_BHWC.to(self.device)))
+
+
+TINY_ARCH = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64)
+VITB16_ARCH = dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072,
+                   layerscale_value=1e-5)
+RANDOM_PRESETS = {"tiny": TINY_ARCH, "vitb16": VITB16_ARCH}
+
+
+def init_random_dinov3(out: Path, *, preset: str = "tiny", seed: int = 0, image_size: int = 224) -> Path:
+    """Save a randomly initialised DINOv3 (4 registers, patch 16) with save_pretrained, marked as random."""
+    from transformers import DINOv3ViTConfig, DINOv3ViTImageProcessorFast, DINOv3ViTModel
+
+    if preset not in RANDOM_PRESETS:
+        raise UserError(f"--preset {preset!r}: choose one of {sorted(RANDOM_PRESETS)}")
+    torch.manual_seed(seed)
+    config = DINOv3ViTConfig(patch_size=16, num_register_tokens=4, image_size=image_size, **RANDOM_PRESETS[preset])
+    model = DINOv3ViTModel(config).eval()
+    out = Path(out)
+    model.save_pretrained(out)
+    DINOv3ViTImageProcessorFast(size={"height": image_size, "width": image_size}).save_pretrained(out)
+    (out / RANDOM_MARKER).write_text(json.dumps({
+        "preset": preset, "seed": seed,
+        "note": "random weights for tests and demos; not DINOv3 features",
+    }, indent=2) + "\n")
+    return out

@@ -1,0 +1,317 @@
+"""The Zarr v3 token store: schema, segment writer, committed-segment listing.
+
+```
+tokens.zarr/                          root group; attrs["wmctl_token_store"]: schema, encoder identity, layout
+  sources/<source>/                   attrs["wmctl_source"]: provenance (repo id, root, fps, info.json hash, ...)
+    segments/<segment id>/            a COMMITTED group of whole episodes, written by one task
+      patch        [F, C, P, D]  float16 (or int8 + patch_scale [F, C, P] float16, per-token absmax / 127)
+      cls          [F, C, D]     float16
+      action       [F, A]        float32, NaN where there is no action (never zeros that look real)
+      action_valid [F]           bool
+      state        [F, S]        float32 (NaN when the dataset has no observation.state)
+      timestamp    [F]           float64 (seconds within the episode, from the dataset)
+      episode_index, frame_index [F]
+      attrs["wmctl_segment"]: the episode table (start, length, split, has_actions, task, view, ...)
+    staging/<segment id>.<host.pid.tag>/   in progress; readers ignore it; renamed into segments/ to commit
+    failed/<e{episode}-v{view}>/      a group whose attrs say why that episode could not be encoded
+```
+
+Why segments: a Zarr shard is rewritten whole, so two writers touching one shard lose data without an
+error (zarr-python #3682, #3514). A segment is written by exactly one task into a private staging group
+and committed with one directory rename; committed segments are never rewritten, and appending episodes
+adds segments. Within a segment each array shard (the write unit) is written once, whole.
+F = frames, C = cameras, P = patch tokens per camera, D = encoder width, A/S = action/state width.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import zarr
+from zarr.codecs import BloscCodec
+
+from pipeline.stage import ConfigMismatchError, UserError, config_differences, owner_tag, tag_is_dead
+
+log = logging.getLogger(__name__)
+
+SCHEMA_VERSION = 1
+STORE_KEY, SOURCE_KEY, SEGMENT_KEY, FAILED_KEY = "wmctl_token_store", "wmctl_source", "wmctl_segment", "wmctl_failed"
+DTYPES = ("float16", "int8")
+
+STORE_DESCRIPTION = (
+    "Frozen image-encoder tokens of LeRobot camera frames, written by wmctl. Each sources/<name>/segments/<id> "
+    "group holds whole episodes, frame-major: patch [frame, camera, token, dim] (float16, or int8 with "
+    "patch_scale [frame, camera, token]: value = int8 * scale), cls [frame, camera, dim], action [frame, dim] "
+    "(NaN where action_valid is false), state, timestamp, episode_index, frame_index; the episode table is in "
+    "the segment's attributes. Only segments/ holds committed data; staging/ is work in progress."
+)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class StoreLayout:
+    """How tokens are stored. chunk = the read unit (a few frames, >= ~1 MB for ViT-B); shard = the write unit."""
+
+    dtype: str = "float16"
+    chunk_frames: int = 4
+    shard_frames: int = 256
+    episodes_per_segment: int = 16
+    compression_level: int = 3
+
+    def __post_init__(self) -> None:
+        if self.dtype not in DTYPES:
+            raise UserError(f"--dtype {self.dtype!r}: choose one of {DTYPES}")
+        if self.chunk_frames < 1 or self.shard_frames % self.chunk_frames:
+            raise UserError(f"shard_frames ({self.shard_frames}) must be a multiple of chunk_frames "
+                            f"({self.chunk_frames})")
+        if self.episodes_per_segment < 1:
+            raise UserError("episodes_per_segment must be >= 1")
+
+
+def quantize_int8(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per-token symmetric int8: x [..., D] -> (q int8 [..., D], scale float16 [...]) with x ~ q * scale."""
+    scale = np.abs(x).max(axis=-1) / 127.0
+    scale = np.where(scale > 0, scale, 1.0).astype(np.float16)
+    q = np.clip(np.rint(x / scale[..., None].astype(np.float32)), -127, 127).astype(np.int8)
+    return q, scale
+
+
+def _compressor(level: int) -> BloscCodec:
+    return BloscCodec(cname="zstd", clevel=level, shuffle="shuffle")
+
+
+class TokenStore:
+    """A token store directory. Open with `create_or_open` (writers) or `open_existing` (readers)."""
+
+    def __init__(self, path: Path, attrs: dict[str, Any]):
+        self.path = Path(path)
+        self.attrs = attrs
+
+    # ------------------------------------------------------------------ opening
+    @classmethod
+    def open_existing(cls, path: Path) -> TokenStore:
+        path = Path(path)
+        if not (path / "zarr.json").is_file():
+            raise UserError(f"{path} is not a token store (no zarr.json); create it with `wmctl encode`")
+        root = zarr.open_group(path, mode="r")
+        attrs = root.attrs.get(STORE_KEY)
+        if attrs is None:
+            raise UserError(f"{path} is a Zarr group but not a wmctl token store (no {STORE_KEY} attribute)")
+        if attrs.get("schema_version") != SCHEMA_VERSION:
+            raise UserError(f"{path}: store schema {attrs.get('schema_version')} is not {SCHEMA_VERSION}; "
+                            "re-encode into a new store")
+        return cls(path, attrs)
+
+    @classmethod
+    def create_or_open(cls, path: Path, encoder: dict[str, Any], layout: StoreLayout) -> TokenStore:
+        """Open a store made with the same encoder identity and layout, or create it. Refuses others."""
+        path = Path(path)
+        wanted = {"encoder": encoder, "layout": dataclasses.asdict(layout)}
+        if (path / "zarr.json").is_file():
+            store = cls.open_existing(path)
+            have = {"encoder": store.attrs["encoder"], "layout": store.attrs["layout"]}
+            if have != json.loads(json.dumps(wanted)):
+                raise ConfigMismatchError(f"token store {path}", config_differences(have, wanted),
+                                          "Encode into another --store, or pass --force to delete and rebuild it.")
+            return store
+        attrs = {"schema_version": SCHEMA_VERSION, "description": STORE_DESCRIPTION, **wanted,
+                 "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+        # several shards may create the store at once: identical content, atomic per-key writes
+        zarr.open_group(path, mode="a", attributes={STORE_KEY: attrs})
+        zarr.open_group(path / "sources", mode="a")
+        return cls.open_existing(path)
+
+    @property
+    def encoder(self) -> dict[str, Any]:
+        return self.attrs["encoder"]
+
+    @property
+    def layout(self) -> StoreLayout:
+        return StoreLayout(**self.attrs["layout"])
+
+    # ------------------------------------------------------------------ sources
+    def source_dir(self, source: str) -> Path:
+        return self.path / "sources" / source
+
+    def sources(self) -> list[str]:
+        d = self.path / "sources"
+        return sorted(p.name for p in d.iterdir() if (p / "zarr.json").is_file()) if d.is_dir() else []
+
+    def source_attrs(self, source: str) -> dict[str, Any]:
+        return zarr.open_group(self.source_dir(source), mode="r").attrs.get(SOURCE_KEY, {})
+
+    def ensure_source(self, source: str, provenance: dict[str, Any], *, fixed_keys: tuple[str, ...]) -> None:
+        """Create the source group, or check that `fixed_keys` of its provenance did not change."""
+        d = self.source_dir(source)
+        if (d / "zarr.json").is_file():
+            have = self.source_attrs(source)
+            old = {k: have.get(k) for k in fixed_keys}
+            new = json.loads(json.dumps({k: provenance.get(k) for k in fixed_keys}))
+            if old != new:
+                raise ConfigMismatchError(f"source {source!r} in {self.path}", config_differences(old, new),
+                                          "Encode it under another source name or --store, or --force.")
+            if have == json.loads(json.dumps(provenance)):
+                return
+        zarr.open_group(d, mode="a", attributes={SOURCE_KEY: provenance})
+        for sub in ("segments", "staging", "failed"):
+            zarr.open_group(d / sub, mode="a")
+
+    # ------------------------------------------------------------------ segments
+    def committed_segments(self, source: str) -> dict[str, dict[str, Any]]:
+        """segment id -> its `wmctl_segment` attributes, for committed segments only."""
+        d = self.source_dir(source) / "segments"
+        out = {}
+        if d.is_dir():
+            for p in sorted(d.iterdir()):
+                meta = p / "zarr.json"
+                if meta.is_file():
+                    out[p.name] = json.loads(meta.read_text())["attributes"][SEGMENT_KEY]
+        return out
+
+    def failed(self, source: str) -> dict[str, dict[str, Any]]:
+        d = self.source_dir(source) / "failed"
+        out = {}
+        if d.is_dir():
+            for p in sorted(d.iterdir()):
+                if (p / "zarr.json").is_file():
+                    out[p.name] = json.loads((p / "zarr.json").read_text())["attributes"][FAILED_KEY]
+        return out
+
+    def record_failure(self, source: str, episode: int, view: int, reason: str) -> None:
+        zarr.open_group(self.source_dir(source) / "failed" / f"e{episode:07d}-v{view}", mode="w",
+                        attributes={FAILED_KEY: {"episode_index": episode, "view": view, "reason": reason,
+                                                 "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}})
+
+    def clear_failures(self, source: str) -> None:
+        shutil.rmtree(self.source_dir(source) / "failed", ignore_errors=True)
+        zarr.open_group(self.source_dir(source) / "failed", mode="a")
+
+    def clean_stale_staging(self, source: str) -> int:
+        """Remove staging groups of dead local writers and of segments already committed elsewhere."""
+        d = self.source_dir(source) / "staging"
+        committed = set(self.committed_segments(source))
+        n = 0
+        if d.is_dir():
+            for p in d.iterdir():
+                seg_id, _, tag = p.name.partition(".")
+                if seg_id in committed or tag_is_dead(tag):
+                    shutil.rmtree(p, ignore_errors=True)
+                    n += 1
+        return n
+
+    def begin_segment(self, source: str, seg_id: str, *, frames: int, cameras: int, tokens: int, dim: int,
+                      action_dim: int, state_dim: int) -> SegmentWriter:
+        return SegmentWriter(self, source, seg_id, frames=frames, cameras=cameras, tokens=tokens, dim=dim,
+                             action_dim=action_dim, state_dim=state_dim)
+
+    def disk_bytes(self, source: str | None = None) -> int:
+        base = self.source_dir(source) if source else self.path
+        return sum(f.stat().st_size for f in base.rglob("*") if f.is_file())
+
+
+class SegmentWriter:
+    """Writes one segment into a private staging group, one whole shard at a time, then commits it."""
+
+    def __init__(self, store: TokenStore, source: str, seg_id: str, *, frames: int, cameras: int, tokens: int,
+                 dim: int, action_dim: int, state_dim: int):
+        self.store, self.source, self.seg_id, self.frames = store, source, seg_id, frames
+        layout = store.layout
+        self.layout = layout
+        self.staging = store.source_dir(source) / "staging" / f"{seg_id}.{owner_tag()}"
+        self.final = store.source_dir(source) / "segments" / seg_id
+        g = zarr.open_group(self.staging, mode="w")
+        self.group = g
+        sf, cf = min(layout.shard_frames, _round_up(frames, layout.chunk_frames)), layout.chunk_frames
+        comp = [_compressor(layout.compression_level)]
+        tok_dtype = "int8" if layout.dtype == "int8" else "float16"
+        self.patch = g.create_array("patch", shape=(frames, cameras, tokens, dim), dtype=tok_dtype,
+                                    chunks=(cf, cameras, tokens, dim), shards=(sf, cameras, tokens, dim),
+                                    compressors=comp, fill_value=0 if tok_dtype == "int8" else np.nan,
+                                    dimension_names=("frame", "camera", "token", "dim"))
+        self.scale = None
+        if layout.dtype == "int8":
+            self.scale = g.create_array("patch_scale", shape=(frames, cameras, tokens), dtype="float16",
+                                        chunks=(cf, cameras, tokens), shards=(sf, cameras, tokens),
+                                        compressors=comp, fill_value=np.nan,
+                                        dimension_names=("frame", "camera", "token"))
+        self.cls = g.create_array("cls", shape=(frames, cameras, dim), dtype="float16",
+                                  chunks=(max(1, min(frames, 1024)), cameras, dim), compressors=comp,
+                                  fill_value=np.nan, dimension_names=("frame", "camera", "dim"))
+        self.shard_frames = sf
+        self._buf = np.empty((sf, cameras, tokens, dim), dtype=np.float16)
+        self._cls = np.full((frames, cameras, dim), np.nan, dtype=np.float16)
+        self._buf_start = 0
+        self._filled = 0
+        self.lowdim = {"action_dim": action_dim, "state_dim": state_dim}
+
+    def add(self, start: int, patch_BCPD: np.ndarray, cls_BCD: np.ndarray) -> None:
+        """Frames [start, start + B) of the segment, in order. Full shards are written as they complete."""
+        if start != self._buf_start + self._filled:
+            raise AssertionError(f"frames must arrive in order: got {start}, expected {self._buf_start + self._filled}")
+        self._cls[start:start + len(cls_BCD)] = cls_BCD
+        i = 0
+        while i < len(patch_BCPD):
+            n = min(len(patch_BCPD) - i, self.shard_frames - self._filled)
+            self._buf[self._filled:self._filled + n] = patch_BCPD[i:i + n]
+            self._filled += n
+            i += n
+            if self._filled == self.shard_frames or self._buf_start + self._filled == self.frames:
+                self._flush()
+
+    def _flush(self) -> None:
+        s0, n = self._buf_start, self._filled
+        block = self._buf[:n]
+        if self.scale is not None:
+            q, scale = quantize_int8(block.astype(np.float32))
+            self.patch[s0:s0 + n] = q
+            self.scale[s0:s0 + n] = scale
+        else:
+            self.patch[s0:s0 + n] = block
+        self._buf_start += n
+        self._filled = 0
+
+    def commit(self, *, action: np.ndarray, action_valid: np.ndarray, state: np.ndarray, timestamp: np.ndarray,
+               episode_index: np.ndarray, frame_index: np.ndarray, attrs: dict[str, Any]) -> bool:
+        """Write the low-dim arrays and the episode table, then rename into segments/. False if already there."""
+        if self._buf_start != self.frames:
+            raise AssertionError(f"segment {self.seg_id}: {self._buf_start}/{self.frames} frames written")
+        g, f = self.group, self.frames
+        self.cls[:] = self._cls
+        lowdim = {
+            "action": (action.astype(np.float32), np.nan, ("frame", "action_dim")),
+            "action_valid": (action_valid.astype(bool), False, ("frame",)),
+            "state": (state.astype(np.float32), np.nan, ("frame", "state_dim")),
+            "timestamp": (timestamp.astype(np.float64), np.nan, ("frame",)),
+            "episode_index": (episode_index.astype(np.int64), -1, ("frame",)),
+            "frame_index": (frame_index.astype(np.int32), -1, ("frame",)),
+        }
+        for name, (values, fill, dims) in lowdim.items():
+            assert len(values) == f, (name, values.shape, f)
+            arr = g.create_array(name, shape=values.shape, dtype=values.dtype,
+                                 chunks=tuple(max(1, s) for s in values.shape), fill_value=fill,
+                                 dimension_names=dims)
+            if values.size:
+                arr[...] = values
+        g.attrs[SEGMENT_KEY] = attrs
+        try:
+            os.rename(self.staging, self.final)
+        except OSError:
+            if self.final.exists():  # someone else committed the same segment first
+                self.abort()
+                return False
+            raise
+        return True
+
+    def abort(self) -> None:
+        shutil.rmtree(self.staging, ignore_errors=True)
+
+
+def _round_up(n: int, k: int) -> int:
+    return max(k, -(-n // k) * k)
