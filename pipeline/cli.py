@@ -296,6 +296,65 @@ def encoder_init_random(
                 "features", fg=typer.colors.YELLOW)
 
 
+# --------------------------------------------------------------------------------------------- train
+@app.command()
+def train(
+    store: Annotated[Path, typer.Option(help="Token store.")] = Path("tokens.zarr"),
+    preset: Annotated[str, typer.Option(help="tiny (tests) | small (CPU minutes) | base (GPU).")] = "small",
+    model: Annotated[str, typer.Option(help="shortcut | teacher-forced (the DINO-WM baseline).")] = "shortcut",
+    out: Annotated[Path | None, typer.Option(help="Run folder (default: a new one under runs/).")] = None,
+    resume: Annotated[bool, typer.Option(help="Continue --out from its newest complete checkpoint.")] = False,
+    init_from: Annotated[Path | None, typer.Option(help="Fine-tune from this run/checkpoint (EMA weights).")] = None,
+    steps: Annotated[int | None, typer.Option(help="Total optimizer steps.")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="Windows per rank per micro-step.")] = None,
+    lr: Annotated[float | None, typer.Option(help="Peak learning rate.")] = None,
+    device: Annotated[str | None, typer.Option(help="auto | cpu | cuda.")] = None,
+    sources: Annotated[str | None, typer.Option(help="Comma-separated store sources (default all).")] = None,
+    seed: Annotated[int | None, typer.Option(help="Seed.")] = None,
+    set_: Annotated[list[str] | None, typer.Option("--set", help="Override any config field: key=value or "
+                                                  "model.key=value (repeatable).")] = None,
+) -> None:
+    """Train the shortcut-forcing dynamics (or the teacher-forced baseline) on a token store."""
+    import dataclasses
+
+    from trainer.config import apply_overrides
+    from trainer.config import preset as get_preset
+    from trainer.loop import Preempted, run_train
+
+    try:
+        cfg = get_preset(preset)
+        kind = model.replace("-", "_")
+        changes = {"store": store, "out": out, "init_from": init_from,
+                   "model": dataclasses.replace(cfg.model, kind=kind)}
+        for key, value in (("steps", steps), ("batch_size", batch_size), ("lr", lr), ("device", device),
+                           ("seed", seed)):
+            if value is not None:
+                changes[key] = value
+        if sources:
+            changes["sources"] = _split_list(sources)
+        cfg = apply_overrides(dataclasses.replace(cfg, **changes), set_ or [])
+        with progress("train", total=cfg.steps, unit="steps", every_s=1e9) as advance:
+            last = {"step": 0}
+
+            def on_step(row: dict) -> None:
+                advance(row["step"] - last["step"], loss=f"{row['loss']:.4f}")
+                last["step"] = row["step"]
+                if row["step"] % cfg.log_every == 0 or "val_loss" in row:
+                    log.info("step %d  " + "  ".join(f"{k}={v:.4g}" for k, v in row.items()
+                                                     if k != "step" and isinstance(v, float)), row["step"])
+
+            result = run_train(cfg, resume=resume, on_step=on_step)
+    except Preempted as e:
+        typer.secho(str(e), fg=typer.colors.YELLOW, err=True)
+        raise typer.Exit(3) from None
+    except UserError as e:
+        fail(str(e))
+    final = result.metrics[-1] if result.metrics else {}
+    summary = ", ".join(f"{k} {final[k]:.4g}" for k in ("loss", "val_loss", "val_pred_mse", "val_copy_mse")
+                        if k in final)
+    typer.echo(f"run {result.run_dir}: step {result.step}, checkpoint {result.last_checkpoint}; {summary}")
+
+
 # --------------------------------------------------------------------------------------------- bench
 def _print_bench(title: str, result: dict) -> None:
     import json

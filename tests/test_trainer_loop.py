@@ -1,0 +1,254 @@
+"""Training loop: sampler, checkpoints, exact resume after SIGKILL, torchrun DDP, NaN stop, encoder checks."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from featurestore.encode import EncodeConfig, run_encode
+from featurestore.encoders import Preprocess, init_random_dinov3
+from featurestore.reader import TokenReader
+from featurestore.store import StoreLayout
+from pipeline.cli import app
+from pipeline.stage import ConfigMismatchError, UserError
+from trainer.checkpoint import complete_checkpoints, latest_checkpoint, load_state, load_weights
+from trainer.config import apply_overrides, tiny
+from trainer.data import StepBatches, WindowSampler, compute_stats, token_shape
+from trainer.loop import TrainingDiverged, run_train
+
+PRE = Preprocess(height=64, width=64)
+
+
+def _encode(manifest: Path, store: Path, encoder: Path) -> None:
+    run_encode(EncodeConfig(manifest=manifest, store=store, encoder=str(encoder), preprocess=PRE,
+                            layout=StoreLayout(episodes_per_segment=4), batch_size=16, threads=1))
+
+
+@pytest.fixture(scope="session")
+def pusht_store(tmp_path_factory, pusht_manifest, pusht_free_manifest, tiny_encoder) -> Path:
+    """Labelled + action-free pusht tokens (4x4 grid, width 32)."""
+    store = tmp_path_factory.mktemp("stores") / "pusht.zarr"
+    _encode(pusht_manifest, store, tiny_encoder)
+    _encode(pusht_free_manifest, store, tiny_encoder)
+    return store
+
+
+def _cfg(store: Path, out: Path, **kw):
+    return dataclasses.replace(tiny(), store=store, out=out, **kw)
+
+
+def _losses(run_dir: Path) -> dict[int, float]:
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in rows}
+
+
+def _cli(cfg, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "pipeline.cli", "train", "--store", str(cfg.store), "--preset", "tiny", "--out",
+            str(cfg.out), "--steps", str(cfg.steps), *extra]
+
+
+def test_tiny_training_writes_checkpoints_metrics_and_learns(pusht_store, tmp_path):
+    cfg = _cfg(pusht_store, tmp_path / "run", steps=40, ckpt_every=10, keep_last=2, labelled_fraction=0.5)
+    res = run_train(cfg)
+    assert res.step == 40 and (res.run_dir / "DONE").exists()
+    assert [p.name for p in complete_checkpoints(res.run_dir)] == ["step-00000030", "step-00000040"]
+    state = load_state(res.last_checkpoint)
+    assert state["config"]["steps"] == 40 and state["encoder"] == TokenReader(pusht_store).encoder
+    assert state["data_cursor"]["next_step"] == 41 and len(state["stats"]["token_mean"]) == 32
+    rows = res.metrics
+    assert {"loss", "loss_flow", "loss_boot", "lr", "grad_norm", "tokens_per_s", "data_wait"} <= set(rows[-1])
+    assert any("loss_labelled" in r for r in rows) and any("loss_action_free" in r for r in rows)
+    assert "val_loss" in rows[-1] and "val_copy_mse" in rows[-1]
+    first, last = np.mean([r["loss"] for r in rows[:5]]), np.mean([r["loss"] for r in rows[-5:]])
+    assert last < first
+    assert json.loads((res.run_dir / "config.json").read_text())["model"]["kind"] == "shortcut"
+
+
+def test_teacher_forced_baseline_trains_with_the_same_interface(pusht_store, tmp_path):
+    cfg = _cfg(pusht_store, tmp_path / "tf", steps=20, model=dataclasses.replace(tiny().model, kind="teacher_forced"))
+    res = run_train(cfg)
+    assert res.step == 20 and "val_pred_mse" in res.metrics[-1]
+    assert set(load_weights(res.last_checkpoint, "ema")) == set(load_weights(res.last_checkpoint, "model"))
+
+
+def test_sampler_is_stateless_and_ranks_split_the_global_batch(pusht_store):
+    cfg = _cfg(pusht_store, None, batch_size=3, labelled_fraction=0.5)
+    reader = TokenReader(pusht_store)
+    shape = token_shape(reader, cfg)
+    stats = compute_stats(reader, cfg, shape)
+    s = WindowSampler(reader, cfg)
+    assert s.global_batch(7, 6) == s.global_batch(7, 6) and s.global_batch(7, 6) != s.global_batch(8, 6)
+    eps = reader.episodes
+    for smp in s.global_batch(3, 50):
+        e = eps.iloc[smp.row]
+        assert e.split == "train" and smp.start + cfg.context_frames <= e.length
+        assert smp.labelled == bool(e.has_actions)
+    share = np.mean([smp.labelled for st in range(20) for smp in s.global_batch(st, 10)])
+    assert 0.35 < share < 0.65
+    one = StepBatches(reader, dataclasses.replace(cfg, batch_size=6), stats, shape, start_step=5, rank=0, world=1)
+    r0 = StepBatches(reader, cfg, stats, shape, start_step=5, rank=0, world=2)
+    r1 = StepBatches(reader, cfg, stats, shape, start_step=5, rank=1, world=2)
+    big, a, b = one.micro_batches(5)[0], r0.micro_batches(5)[0], r1.micro_batches(5)[0]
+    for key in ("z", "actions", "action_valid", "sample_ids"):
+        torch.testing.assert_close(big[key], torch.cat([a[key], b[key]]))
+
+
+def test_context_curriculum_changes_the_window_length(pusht_store, tmp_path):
+    cfg = _cfg(pusht_store, tmp_path / "cur", steps=12, context_schedule=((6, 6),), ckpt_every=100)
+    rows = run_train(cfg).metrics
+    assert [r["context"] for r in rows] == [4] * 5 + [6] * 7
+
+
+@pytest.mark.slow
+def test_sigkill_then_resume_continues_the_loss_curve_exactly(pusht_store, tmp_path):
+    steps = 30
+    ref = run_train(_cfg(pusht_store, tmp_path / "ref", steps=steps, ckpt_every=10))
+    killed = _cfg(pusht_store, tmp_path / "killed", steps=steps, ckpt_every=10)
+    proc = subprocess.Popen(_cli(killed), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    metrics = killed.out / "metrics.jsonl"
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline and proc.poll() is None:  # kill between the 2nd checkpoint and the end
+        if metrics.exists() and len(metrics.read_text().splitlines()) >= 24:
+            break
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    done = len(metrics.read_text().splitlines())
+    assert 20 <= done < steps, f"the kill must land between step 20 and {steps} (at {done})"
+    assert latest_checkpoint(killed.out).name == "step-00000020"
+    with pytest.raises(UserError, match="pass --resume"):
+        run_train(killed)
+    res = run_train(killed, resume=True)
+    assert res.step == steps
+    a, b = _losses(ref.run_dir), _losses(killed.out)
+    assert sorted(b) == list(range(1, steps + 1))  # lines after the checkpoint were replaced, none duplicated
+    for step in range(1, steps + 1):
+        assert b[step] == pytest.approx(a[step], rel=1e-6, abs=1e-7), step
+    for name, t in load_weights(ref.last_checkpoint, "model").items():
+        torch.testing.assert_close(load_weights(res.last_checkpoint, "model")[name], t, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_sigusr1_checkpoints_and_stops_cleanly(pusht_store, tmp_path):
+    cfg = _cfg(pusht_store, tmp_path / "pre", steps=500, ckpt_every=1000)
+    proc = subprocess.Popen(_cli(cfg), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics = cfg.out / "metrics.jsonl"
+    while proc.poll() is None and not (metrics.exists() and len(metrics.read_text().splitlines()) >= 3):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGUSR1)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 3, err
+    assert "continue with --resume" in err
+    ck = latest_checkpoint(cfg.out)
+    assert ck is not None and load_state(ck)["step"] == len(metrics.read_text().splitlines())
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes_match_one_process_with_double_batch(pusht_store, tmp_path):
+    single = _cfg(pusht_store, tmp_path / "single", steps=8, batch_size=4, ckpt_every=8, eval_every=1000)
+    run_train(single)
+    ddp_out = tmp_path / "ddp"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
+                        "29517", "-m", "pipeline.cli", "train", "--store", str(pusht_store), "--preset", "tiny",
+                        "--out", str(ddp_out), "--steps", "8", "--batch-size", "2", "--set", "ckpt_every=8",
+                        "--set", "eval_every=1000", "--device", "cpu"],
+                       capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    a, b = _losses(single.out), _losses(ddp_out)
+    assert sorted(b) == list(range(1, 9))
+    for step in a:
+        assert b[step] == pytest.approx(a[step], rel=1e-4, abs=1e-5), step
+    wa, wb = load_weights(latest_checkpoint(single.out), "model"), load_weights(latest_checkpoint(ddp_out), "model")
+    for name in wa:
+        torch.testing.assert_close(wb[name], wa[name], rtol=1e-3, atol=1e-4)
+
+
+def test_nan_loss_stops_before_the_optimizer_step_and_keeps_checkpoints(pusht_store, tmp_path, monkeypatch):
+    import trainer.loop as loop
+
+    cfg = _cfg(pusht_store, tmp_path / "nan", steps=20, ckpt_every=5)
+    real = loop.compute_loss
+
+    def poisoned(model, batch, cfg_, step, **kw):
+        loss, aux = real(model, batch, cfg_, step, **kw)
+        if step == 12:
+            loss = loss * float("nan")
+            aux = {**aux, "loss": aux["loss"] * float("nan")}
+        return loss, aux
+
+    monkeypatch.setattr(loop, "compute_loss", poisoned)
+    with pytest.raises(TrainingDiverged, match="non-finite loss at step 12"):
+        run_train(cfg)
+    ck = latest_checkpoint(cfg.out)
+    assert ck.name == "step-00000010"
+    weights = load_weights(ck, "model")
+    assert all(torch.isfinite(t).all() for t in weights.values())
+    monkeypatch.setattr(loop, "compute_loss", real)
+    res = run_train(cfg, resume=True)  # the last good checkpoint continues
+    assert res.step == 20
+
+
+def test_store_with_another_encoder_is_refused(pusht_store, pusht_manifest, tmp_path):
+    run = run_train(_cfg(pusht_store, tmp_path / "r", steps=5, ckpt_every=5))
+    other_enc = init_random_dinov3(tmp_path / "enc2", preset="tiny", seed=7)
+    other = tmp_path / "other.zarr"
+    _encode(pusht_manifest, other, other_enc)
+    with pytest.raises(ConfigMismatchError, match="weights_sha256"):
+        run_train(_cfg(other, tmp_path / "r", steps=10), resume=True)
+    with pytest.raises(ConfigMismatchError, match="weights_sha256"):
+        run_train(_cfg(other, tmp_path / "ft", steps=5, init_from=run.run_dir))
+
+
+def test_init_from_starts_at_the_ema_weights_with_a_lower_lr(pusht_store, tmp_path, monkeypatch):
+    base = run_train(_cfg(pusht_store, tmp_path / "base", steps=10, ckpt_every=10))
+    import trainer.loop as loop
+
+    seen = {}
+    real_step = loop.train_step
+
+    def spy(tr, micro, step):
+        if step == 1:
+            seen["weights"] = {k: v.clone() for k, v in tr.core.state_dict().items()}
+        row = real_step(tr, micro, step)
+        seen.setdefault("lr", row["lr"])
+        return row
+
+    monkeypatch.setattr(loop, "train_step", spy)
+    cfg = _cfg(pusht_store, tmp_path / "ft", steps=3, init_from=base.run_dir, finetune_lr_scale=0.1, warmup_steps=1)
+    run_train(cfg)
+    for k, v in load_weights(base.last_checkpoint, "ema").items():
+        torch.testing.assert_close(seen["weights"][k], v)
+    assert seen["lr"] == pytest.approx(cfg.lr_at(0) * 0.1)
+
+
+def test_overrides_parse_types_and_refuse_typos():
+    cfg = apply_overrides(tiny(), ["steps=7", "lr=3e-4", "model.softcap=none", "model.merge_2x2=true",
+                                   "context_schedule=((10, 8),)", "out=runs/x"])
+    assert cfg.steps == 7 and cfg.lr == 3e-4 and cfg.model.softcap is None and cfg.model.merge_2x2
+    assert cfg.context_schedule == ((10, 8),) and cfg.out == Path("runs/x")
+    with pytest.raises(UserError, match="unknown field"):
+        apply_overrides(tiny(), ["step=7"])
+    with pytest.raises(UserError, match="model.kmax: unknown field"):
+        apply_overrides(tiny(), ["model.kmax=8"])
+
+
+def test_train_cli(pusht_store, tmp_path):
+    out = tmp_path / "cli"
+    r = CliRunner().invoke(app, ["train", "--store", str(pusht_store), "--preset", "tiny", "--out", str(out),
+                                 "--steps", "3", "--set", "eval_every=3"])
+    assert r.exit_code == 0, r.output
+    assert "val_loss" in r.output and latest_checkpoint(out).name == "step-00000003"
+    again = CliRunner().invoke(app, ["train", "--store", str(pusht_store), "--preset", "tiny", "--out", str(out)])
+    assert again.exit_code == 2 and "--resume" in again.output

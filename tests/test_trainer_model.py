@@ -1,0 +1,218 @@
+"""World-model units against naive references: causality, GQA, RoPE, soft-capping, the shortcut loss,
+the null action, and the KV-cached rollout."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import pytest
+import torch
+
+from trainer.config import ModelConfig, tiny
+from trainer.losses import TauSampling, sample_tau_d, shortcut_forcing_loss, teacher_forcing_loss
+from trainer.model.baseline import TeacherForcedPredictor
+from trainer.model.common import Attention, apply_rope, rope_angles
+from trainer.model.dynamics import ShortcutDynamics, TokenShape, merge_2x2, unmerge_2x2
+from trainer.sampling import rollout_cached, rollout_uncached
+
+SHAPE = TokenShape(cameras=2, grid=(4, 4), enc_dim=8, action_dim=3)
+
+
+def _model(kind: str = "shortcut", **kw) -> torch.nn.Module:
+    torch.manual_seed(0)
+    cfg = dataclasses.replace(tiny().model, kind=kind, **kw)
+    m = ShortcutDynamics(cfg, SHAPE) if kind == "shortcut" else TeacherForcedPredictor(cfg, SHAPE)
+    return m.eval()
+
+
+def _inputs(B=2, T=5, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    z = torch.randn(B, T, SHAPE.tokens, SHAPE.enc_dim, generator=g)
+    tau = torch.rand(B, T, generator=g)
+    d = torch.full((B, T), 0.25)
+    a = torch.randn(B, T, SHAPE.action_dim, generator=g)
+    v = torch.ones(B, T, dtype=torch.bool)
+    return z, tau, d, a, v
+
+
+@pytest.mark.parametrize("kind", ["shortcut", "teacher_forced"])
+def test_perturbing_a_later_frame_leaves_earlier_outputs_unchanged(kind):
+    m = _model(kind, merge_2x2=True)
+    z, tau, d, a, v = _inputs()
+    run = (lambda z_, a_: m(z_, tau, d, a_, v)) if kind == "shortcut" else (lambda z_, a_: m(z_, a_, v))
+    base = run(z, a)
+    for t in range(z.shape[1] - 1):
+        z2, a2 = z.clone(), a.clone()
+        z2[:, t + 1:] += torch.randn_like(z2[:, t + 1:])
+        a2[:, t + 1:] += 1.0
+        out = run(z2, a2)
+        torch.testing.assert_close(out[:, : t + 1], base[:, : t + 1], rtol=0, atol=1e-5)
+        assert (out[:, t + 1] - base[:, t + 1]).abs().max() > 1e-3  # and the perturbed frame does change
+
+
+def _naive_attention(x, attn: Attention, repeat_kv: int):
+    """Textbook multi-head attention with the module's weights (QK-norm, no RoPE, no mask)."""
+    B, L, D = x.shape
+    H, E = attn.heads, attn.head_dim
+    q = attn.q_norm(attn.q(x).view(B, L, H, E))
+    k, v = attn.kv(x).view(B, L, 2, attn.kv_heads, E).unbind(2)
+    k = attn.k_norm(k)
+    k, v = k.repeat_interleave(repeat_kv, dim=2), v.repeat_interleave(repeat_kv, dim=2)
+    out = torch.empty(B, L, H, E)
+    for h in range(H):
+        s = torch.einsum("ble,bme->blm", q[:, :, h], k[:, :, h]) / math.sqrt(E)
+        out[:, :, h] = torch.softmax(s, -1) @ v[:, :, h]
+    return attn.out(out.reshape(B, L, H * E))
+
+
+@pytest.mark.parametrize("kv_heads", [4, 2, 1])
+def test_gqa_matches_naive_attention_and_equals_mha_when_kv_heads_equal_heads(kv_heads):
+    torch.manual_seed(0)
+    attn = Attention(32, heads=4, kv_heads=kv_heads)
+    x = torch.randn(2, 7, 32)
+    torch.testing.assert_close(attn(x), _naive_attention(x, attn, 4 // kv_heads), rtol=1e-5, atol=1e-5)
+    if kv_heads == 2:  # GQA == MHA whose k/v heads are the shared heads repeated
+        mha = Attention(32, heads=4, kv_heads=4)
+        mha.load_state_dict({**attn.state_dict(), "kv.weight": _repeat_kv_weight(attn.kv.weight, 2, 2, 8)})
+        torch.testing.assert_close(mha(x), attn(x), rtol=1e-5, atol=1e-5)
+
+
+def _repeat_kv_weight(w, kv_heads, rep, E):
+    k, v = w.view(2, kv_heads, E, -1).unbind(0)
+    return torch.cat([k.repeat_interleave(rep, 0), v.repeat_interleave(rep, 0)]).reshape(-1, w.shape[-1])
+
+
+def test_softcap_path_equals_sdpa_when_the_cap_is_far():
+    torch.manual_seed(0)
+    a = Attention(32, 4, 2, softcap=None)
+    b = Attention(32, 4, 2, softcap=1e6)
+    b.load_state_dict(a.state_dict())
+    x = torch.randn(2, 6, 32)
+    torch.testing.assert_close(a(x, causal=True), b(x, causal=True), rtol=1e-5, atol=1e-5)
+    c = Attention(32, 4, 2, softcap=0.5)  # a tight cap does change the result
+    c.load_state_dict(a.state_dict())
+    assert (c(x) - a(x)).abs().max() > 1e-3
+
+
+def test_rope_scores_depend_only_on_relative_position():
+    g = torch.Generator().manual_seed(0)
+    q, k = torch.randn(1, 1, 1, 16, generator=g), torch.randn(1, 1, 1, 16, generator=g)
+
+    def score(pq, pk):
+        aq = rope_angles(torch.tensor([pq]), 16, 10_000.0)
+        ak = rope_angles(torch.tensor([pk]), 16, 10_000.0)
+        return (apply_rope(q, aq) * apply_rope(k, ak)).sum().item()
+
+    for shift in (1, 7, 100):
+        assert score(3 + shift, 9 + shift) == pytest.approx(score(3, 9), rel=1e-4, abs=1e-5)
+    assert score(3, 9) != pytest.approx(score(3, 4), rel=1e-3)
+    rot = apply_rope(q, rope_angles(torch.tensor([5]), 16, 10_000.0))
+    assert rot.norm().item() == pytest.approx(q.norm().item(), rel=1e-5)  # a rotation
+
+
+def test_merge_2x2_roundtrips_and_groups_neighbours():
+    z = torch.randn(2, 3, SHAPE.tokens, SHAPE.enc_dim)
+    m = merge_2x2(z, SHAPE)
+    assert m.shape == (2, 3, SHAPE.tokens // 4, 4 * SHAPE.enc_dim)
+    torch.testing.assert_close(unmerge_2x2(m, SHAPE), z)
+    grid = z[0, 0, :16].view(4, 4, SHAPE.enc_dim)  # camera 0
+    torch.testing.assert_close(m[0, 0, 0], torch.cat([grid[0, 0], grid[0, 1], grid[1, 0], grid[1, 1]]))
+
+
+def test_shortcut_loss_matches_a_hand_computation():
+    """f(z, tau, d) = a z + b tau + c d: every term of Eq. 7 written out by hand for 2 frames."""
+    a, b, c = 0.7, 0.3, -0.2
+
+    def f(z, tau, d):
+        return a * z + b * tau[:, :, None, None] + c * d[:, :, None, None]
+
+    z1 = torch.tensor([[[[1.0, -2.0]], [[0.5, 0.0]]]])  # [B=1, T=2, N=1, Z=2]
+    z0 = torch.tensor([[[[0.2, 0.4]], [[-1.0, 1.0]]]])
+    tau = torch.tensor([[0.25, 0.5]])
+    d = torch.tensor([[0.5, 0.125]])  # frame 0 bootstraps (d > 1/8), frame 1 is the flow term
+    loss, aux = shortcut_forcing_loss(f, z1, z0, tau, d, k_max=8)
+    # frame 1: flow term in x-space
+    zt1 = (1 - 0.5) * z0[0, 1, 0] + 0.5 * z1[0, 1, 0]
+    flow = ((a * zt1 + b * 0.5 + c * 0.125 - z1[0, 1, 0]) ** 2).mean()
+    # frame 0: two half steps of d/2 = 0.25
+    zt0 = 0.75 * z0[0, 0, 0] + 0.25 * z1[0, 0, 0]
+    b1 = (a * zt0 + b * 0.25 + c * 0.25 - zt0) / 0.75
+    zmid = zt0 + b1 * 0.25
+    b2 = (a * zmid + b * 0.5 + c * 0.25 - zmid) / 0.5
+    v_pred = (a * zt0 + b * 0.25 + c * 0.5 - zt0) / 0.75
+    boot = 0.75**2 * ((v_pred - (b1 + b2) / 2) ** 2).mean()
+    expected = ((0.9 * 0.25 + 0.1) * boot + (0.9 * 0.5 + 0.1) * flow) / 2
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-6)
+    assert aux["loss_flow"].item() == pytest.approx(flow.item(), rel=1e-6)
+    assert aux["loss_boot"].item() == pytest.approx(boot.item(), rel=1e-6)
+
+
+def test_bootstrap_targets_carry_no_gradient():
+    w = torch.nn.Parameter(torch.tensor(0.5))
+    calls = []
+
+    def f(z, tau, d):
+        calls.append(torch.is_grad_enabled())
+        return w * z
+
+    z1 = torch.randn(1, 2, 1, 2)
+    loss, _ = shortcut_forcing_loss(f, z1, torch.randn_like(z1), torch.tensor([[0.0, 0.5]]),
+                                    torch.tensor([[1.0, 0.5]]), k_max=4)
+    loss.backward()
+    assert calls == [True, False, False] and w.grad is not None
+
+
+def test_teacher_forcing_loss_is_next_frame_mse():
+    z = torch.randn(2, 4, 3, 5)
+    loss, _ = teacher_forcing_loss(lambda x: x, z)  # predicting "same as before" = copy-last
+    assert loss.item() == pytest.approx((z[:, :-1] - z[:, 1:]).pow(2).mean().item(), rel=1e-6)
+
+
+def test_tau_d_sampling_is_on_the_dyadic_grid():
+    spec = TauSampling(k_max=16, bootstrap_fraction=1.0)
+    g = torch.Generator().manual_seed(0)
+    taus, ds = zip(*(sample_tau_d(spec, 64, g) for _ in range(50)))
+    tau, d = torch.cat(taus), torch.cat(ds)
+    assert set(d.unique().tolist()) == {1.0, 0.5, 0.25, 0.125, 0.0625}
+    assert torch.all(tau <= 1 - d + 1e-6) and torch.allclose(tau / d, torch.round(tau / d), atol=1e-5)
+    flow = sample_tau_d(TauSampling(k_max=16, flow_only=True), 64, g)[1]
+    assert torch.all(flow == 1 / 16)
+    rows = [sample_tau_d(TauSampling(k_max=16, bootstrap_fraction=0.25), 8, g)[1] for _ in range(400)]
+    share = sum(bool((r > 1 / 16).any()) for r in rows) / 400
+    assert 0.15 < share < 0.3
+
+
+def test_null_action_path():
+    m = _model()
+    z, tau, d, a, v = _inputs()
+    null = torch.zeros_like(v)
+    out_null = m(z, tau, d, a, null)
+    torch.testing.assert_close(out_null, m(z, tau, d, a * 5 - 3, null))  # actions are ignored when invalid
+    torch.testing.assert_close(out_null, m(z, tau, d, None, None))  # = no actions at all
+    assert (m(z, tau, d, a, v) - out_null).abs().max() > 1e-4  # valid actions do condition
+    out_null.pow(2).mean().backward()
+    assert m.null_action.grad is not None and m.null_action.grad.abs().sum() > 0
+    # nothing reaches the action MLP from action-free clips (it stays in the graph, so DDP sees every parameter)
+    assert m.action_mlp[0].weight.grad.abs().sum() == 0
+
+
+def test_kv_cached_rollout_equals_uncached():
+    m = _model()
+    z, _, _, a, v = _inputs(B=2, T=7)
+    v[:, 5] = False  # one null action in the middle
+    for k in (1, 4):
+        kw = dict(horizon=4, k=k, ctx_noise=0.1, window=7)
+        cached = rollout_cached(m, z[:, :3], a, v, generator=torch.Generator().manual_seed(3), **kw)
+        ref = rollout_uncached(m, z[:, :3], a, v, generator=torch.Generator().manual_seed(3), **kw)
+        assert cached.shape == (2, 4, SHAPE.tokens, SHAPE.enc_dim)
+        torch.testing.assert_close(cached, ref, rtol=1e-4, atol=1e-4)
+
+
+def test_model_config_is_validated():
+    from pipeline.stage import UserError
+
+    with pytest.raises(UserError, match="power of two"):
+        ModelConfig(k_max=12)
+    with pytest.raises(UserError, match="divide"):
+        ModelConfig(dim=30, heads=4)

@@ -1,0 +1,91 @@
+"""Checkpoints: safetensors for the model and its EMA, plus optimizer state, config and provenance.
+
+A checkpoint is a folder `checkpoints/step-XXXXXXXX/` written under a temporary name, with `COMPLETE`
+written last, then renamed into place: a crash leaves the previous checkpoints intact and never a
+half-written "latest". `--resume` takes the newest folder that has `COMPLETE`; the last `keep_last` are kept.
+Nothing is pickled: tensors go through safetensors (or `torch.load(weights_only=True)` for the optimizer's
+tensor dict) and everything else through JSON.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from pipeline.stage import UserError, atomic_write_json, owner_tag
+
+COMPLETE = "COMPLETE"
+
+
+def _state_dict_cpu(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: v.detach().to("cpu").contiguous() for k, v in sd.items()}
+
+
+def save_checkpoint(run_dir: Path, step: int, *, model: dict[str, torch.Tensor], ema: dict[str, torch.Tensor],
+                    optimizer: dict[str, Any], state: dict[str, Any], keep_last: int) -> Path:
+    ckdir = Path(run_dir) / "checkpoints"
+    ckdir.mkdir(parents=True, exist_ok=True)
+    final = ckdir / f"step-{step:08d}"
+    tmp = ckdir / f".step-{step:08d}.{owner_tag()}"
+    tmp.mkdir()
+    try:
+        save_file(_state_dict_cpu(model), tmp / "model.safetensors")
+        save_file(_state_dict_cpu(ema), tmp / "ema.safetensors")
+        torch.save({"optimizer": optimizer, "torch_rng": torch.get_rng_state()}, tmp / "optim.pt")
+        atomic_write_json(tmp / "state.json", {**state, "step": step})
+        (tmp / COMPLETE).write_text("ok\n")
+        fd = os.open(tmp, os.O_RDONLY)
+        os.fsync(fd)
+        os.close(fd)
+        if final.exists():  # re-saving a step after a resume: replace the old copy
+            shutil.rmtree(final)
+        tmp.rename(final)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    for old in complete_checkpoints(run_dir)[:-keep_last]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def complete_checkpoints(run_dir: Path) -> list[Path]:
+    ckdir = Path(run_dir) / "checkpoints"
+    if not ckdir.is_dir():
+        return []
+    return sorted(p for p in ckdir.glob("step-*") if (p / COMPLETE).exists())
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    found = complete_checkpoints(run_dir)
+    return found[-1] if found else None
+
+
+def resolve_checkpoint(path: Path) -> Path:
+    """A checkpoint folder, or a run folder (its newest complete checkpoint)."""
+    path = Path(path)
+    if (path / COMPLETE).exists():
+        return path
+    found = latest_checkpoint(path)
+    if found is None:
+        raise UserError(f"{path} holds no complete checkpoint (a run folder has checkpoints/step-*/COMPLETE)")
+    return found
+
+
+def load_state(ckpt: Path) -> dict[str, Any]:
+    return json.loads((Path(ckpt) / "state.json").read_text())
+
+
+def load_weights(ckpt: Path, which: str = "ema") -> dict[str, torch.Tensor]:
+    if which not in ("ema", "model"):
+        raise ValueError(which)
+    return load_file(Path(ckpt) / f"{which}.safetensors")
+
+
+def load_optimizer(ckpt: Path) -> dict[str, Any]:
+    return torch.load(Path(ckpt) / "optim.pt", weights_only=True)

@@ -1,0 +1,252 @@
+"""Training configs and named presets (`tiny`, `small`, `base`). Frozen, keyword-only, validated here.
+
+A run saves its full config beside its checkpoints; `wmctl train --set key=value` changes single fields
+(an unknown key is an error, never a silently ignored typo).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import types
+import typing
+from pathlib import Path
+from typing import Any
+
+from pipeline.stage import UserError
+
+MODEL_KINDS = ("shortcut", "teacher_forced")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ModelConfig:
+    """Architecture. `kind`: the shortcut-forcing dynamics or the DINO-WM-style teacher-forced baseline."""
+
+    kind: str = "shortcut"
+    dim: int = 128
+    depth: int = 4
+    heads: int = 4
+    kv_heads: int = 2
+    mlp_ratio: float = 4.0
+    registers: int = 4
+    time_every: int = 4  # causal time attention in every N-th layer (always in the last one)
+    softcap: float | None = 50.0  # attention logit soft-capping; None uses SDPA's fused kernels
+    qk_norm: bool = True
+    # z1_hat = c_skip(tau) z_tau + c_out(tau) F(c_in(tau) z_tau): EDM-style preconditioning, still x-prediction
+    precondition: bool = True
+    merge_2x2: bool = False  # merge 2x2 neighbouring patch tokens into one (4x fewer tokens)
+    rope_theta_space: float = 100.0
+    rope_theta_time: float = 10_000.0
+    k_max: int = 64  # finest shortcut step is 1/k_max
+    max_frames: int = 256  # teacher-forced baseline: learned frame embeddings
+
+    def __post_init__(self) -> None:
+        if self.kind not in MODEL_KINDS:
+            raise UserError(f"model kind {self.kind!r}: choose one of {MODEL_KINDS}")
+        if self.dim % self.heads or self.heads % self.kv_heads:
+            raise UserError(f"model dim {self.dim} must divide by heads {self.heads}, "
+                            f"heads by kv_heads {self.kv_heads}")
+        if (self.dim // self.heads) % 4:
+            raise UserError(f"head dim {self.dim // self.heads} must be a multiple of 4 (2-D RoPE)")
+        if self.k_max < 1 or self.k_max & (self.k_max - 1):
+            raise UserError(f"k_max {self.k_max} must be a power of two")
+        if self.time_every < 1:
+            raise UserError("time_every must be >= 1")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class TrainConfig:
+    store: Path = Path("tokens.zarr")
+    out: Path | None = None  # None: a new folder under runs/
+    model: ModelConfig = ModelConfig()
+    sources: tuple[str, ...] = ()  # store sources to train on (default all)
+    # data
+    context_frames: int = 16
+    frameskip: int = 1
+    context_schedule: tuple[tuple[int, int], ...] = ()  # ((step, frames), ...): curriculum on context length
+    labelled_fraction: float = 0.05  # labelled : action-free windows = 1 : 19
+    action_dropout: float = 0.0  # share of labelled windows given the null action anyway
+    include_augmented: bool = True
+    stats_frames: int = 2048  # frames sampled for the token normalisation statistics
+    num_workers: int = 0
+    # shortcut forcing
+    tau_sampling: str = "uniform"  # uniform on the step grid (Dreamer 4) | logit_normal
+    tau_mean: float = 0.0
+    tau_std: float = 1.0
+    tau_power: float = 1.0  # tau <- tau ** power before snapping (> 1: more noise)
+    tau_max_schedule: tuple[tuple[int, float], ...] = ()  # ((step, max signal level), ...): curriculum on tau
+    bootstrap_start: int = 0  # steps of flow-only training before the bootstrap term
+    bootstrap_fraction: float = 0.25  # share of windows trained with per-frame step sizes (1.0: Dreamer 4)
+    # optimisation
+    steps: int = 1000
+    batch_size: int = 8  # per rank, per micro-step
+    grad_accum: int = 1
+    lr: float = 1e-4
+    betas: tuple[float, float] = (0.9, 0.95)
+    weight_decay: float = 0.1
+    warmup_steps: int = 100
+    min_lr_ratio: float = 0.1
+    grad_clip: float = 1.0
+    ema_decay: float = 0.999
+    precision: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on CPU) | bf16 | fp32
+    compile: bool = False
+    seed: int = 0
+    device: str = "auto"
+    # bookkeeping
+    log_every: int = 10
+    eval_every: int = 100
+    val_windows: int = 32
+    ckpt_every: int = 200
+    keep_last: int = 3
+    init_from: Path | None = None  # fine-tune: start from this run/checkpoint (EMA weights)
+    finetune_lr_scale: float = 0.3
+
+    def __post_init__(self) -> None:
+        if self.context_frames < 2:
+            raise UserError("context_frames must be >= 2")
+        if not 0.0 <= self.labelled_fraction <= 1.0 or not 0.0 <= self.action_dropout <= 1.0:
+            raise UserError("labelled_fraction and action_dropout must be in [0, 1]")
+        if not 0.0 <= self.bootstrap_fraction <= 1.0:
+            raise UserError("bootstrap_fraction must be in [0, 1]")
+        if self.tau_sampling not in ("uniform", "logit_normal"):
+            raise UserError(f"tau_sampling {self.tau_sampling!r}: choose uniform or logit_normal")
+        if self.precision not in ("auto", "bf16", "fp32"):
+            raise UserError(f"precision {self.precision!r}: choose auto, bf16 or fp32")
+        if self.steps < 1 or self.batch_size < 1 or self.grad_accum < 1 or self.frameskip < 1:
+            raise UserError("steps, batch_size, grad_accum and frameskip must be >= 1")
+        if self.keep_last < 1 or self.ckpt_every < 1:
+            raise UserError("keep_last and ckpt_every must be >= 1")
+        for step, frames in self.context_schedule:
+            if frames < 2 or step < 0:
+                raise UserError(f"context_schedule entry ({step}, {frames}): need step >= 0 and frames >= 2")
+
+    def context_at(self, step: int) -> int:
+        """Context length at `step` (the last schedule entry whose step has been reached)."""
+        frames = self.context_frames
+        for s, f in sorted(self.context_schedule):
+            if step >= s:
+                frames = f
+        return frames
+
+    def max_context(self) -> int:
+        return max([self.context_frames, *(f for _, f in self.context_schedule)])
+
+    def tau_max_at(self, step: int) -> float:
+        tau = 1.0
+        for s, t in sorted(self.tau_max_schedule):
+            if step >= s:
+                tau = t
+        return tau
+
+    def lr_at(self, step: int) -> float:
+        """Linear warmup, then cosine decay to min_lr_ratio * lr (pure function of the step)."""
+        if step < self.warmup_steps:
+            return self.lr * (step + 1) / self.warmup_steps
+        progress = min(1.0, (step - self.warmup_steps) / max(1, self.steps - self.warmup_steps))
+        return self.lr * (self.min_lr_ratio + (1 - self.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+# ------------------------------------------------------------------------------------------- presets
+def tiny() -> TrainConfig:
+    """Tests: seconds on a CPU."""
+    return TrainConfig(
+        model=ModelConfig(dim=32, depth=2, heads=4, kv_heads=2, registers=2, time_every=2, k_max=8),
+        context_frames=4, steps=20, batch_size=4, warmup_steps=5, lr=1e-3, log_every=5, eval_every=10,
+        val_windows=8, ckpt_every=10, stats_frames=256, ema_decay=0.9,
+    )
+
+
+def small() -> TrainConfig:
+    """CPU demo: minutes on two cores; learns the pusht dynamics on tiny-encoder tokens."""
+    return TrainConfig(
+        model=ModelConfig(dim=128, depth=4, heads=4, kv_heads=2, registers=4, time_every=2, k_max=16,
+                          merge_2x2=True),
+        context_frames=8, steps=1500, batch_size=16, warmup_steps=100, lr=1e-3, weight_decay=0.05,
+        labelled_fraction=0.5, log_every=25, eval_every=250, val_windows=64, ckpt_every=250, ema_decay=0.99,
+        num_workers=1,
+    )
+
+
+def base() -> TrainConfig:
+    """The GPU config of the design: dim 768, 24 layers, 16 heads, 8 registers, 64 then 160 context frames."""
+    return TrainConfig(
+        model=ModelConfig(dim=768, depth=24, heads=16, kv_heads=4, registers=8, time_every=4, k_max=64,
+                          merge_2x2=True, softcap=None),
+        context_frames=64, context_schedule=((60_000, 160),), steps=100_000, batch_size=8, lr=1e-4,
+        warmup_steps=2000, bootstrap_start=5000, precision="auto", log_every=50, eval_every=2000,
+        val_windows=128, ckpt_every=2000, keep_last=3, num_workers=4, ema_decay=0.9999,
+    )
+
+
+PRESETS = {"tiny": tiny, "small": small, "base": base}
+
+
+def preset(name: str) -> TrainConfig:
+    if name not in PRESETS:
+        raise UserError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
+    return PRESETS[name]()
+
+
+# ----------------------------------------------------------------------------------------- overrides
+def _coerce(value: str, annotation: Any) -> Any:
+    """Parse a --set value for a field annotated `annotation` (strings from the command line)."""
+    if isinstance(annotation, str):
+        annotation = eval(annotation, {"Path": Path, "Any": Any, "tuple": tuple})  # noqa: S307 - our own annotations
+    origin = typing.get_origin(annotation)
+    args = typing.get_args(annotation)
+    if origin in (typing.Union, types.UnionType):
+        if value.lower() in ("none", "null", ""):
+            if type(None) in args:
+                return None
+        return _coerce(value, next(a for a in args if a is not type(None)))
+    if annotation is bool:
+        if value.lower() in ("1", "true", "yes", "on"):
+            return True
+        if value.lower() in ("0", "false", "no", "off"):
+            return False
+        raise ValueError(f"not a boolean: {value!r}")
+    if annotation in (int, float, str):
+        return annotation(value)
+    if annotation is Path:
+        return Path(value)
+    if origin is tuple:
+        import ast
+
+        parsed = ast.literal_eval(value)
+        return tuple(tuple(x) if isinstance(x, list) else x for x in parsed)
+    raise ValueError(f"cannot parse a value for {annotation}")
+
+
+def apply_overrides(cfg: TrainConfig, overrides: list[str]) -> TrainConfig:
+    """`key=value` or `model.key=value` pairs -> a new config; unknown keys are errors."""
+    changes: dict[str, Any] = {}
+    model_changes: dict[str, Any] = {}
+    fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
+    model_fields = {f.name: f for f in dataclasses.fields(ModelConfig)}
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise UserError(f"--set {item!r}: expected key=value")
+        target, table, name = (model_changes, model_fields, key[6:]) if key.startswith("model.") else \
+            (changes, fields, key)
+        if name not in table or name == "model":
+            raise UserError(f"--set {key}: unknown field; known: {', '.join(sorted(table))}")
+        try:
+            target[name] = _coerce(value, table[name].type)
+        except (ValueError, SyntaxError) as e:
+            raise UserError(f"--set {key}={value}: {e}") from None
+    if model_changes:
+        changes["model"] = dataclasses.replace(cfg.model, **model_changes)
+    return dataclasses.replace(cfg, **changes)
+
+
+def config_from_dict(d: dict[str, Any]) -> TrainConfig:
+    """Inverse of `to_jsonable(cfg)` (for configs saved in runs and checkpoints)."""
+    d = dict(d)
+    model = ModelConfig(**d.pop("model"))
+    for key in ("store", "out", "init_from"):
+        if d.get(key) is not None:
+            d[key] = Path(d[key])
+    for key in ("sources", "betas", "context_schedule", "tau_max_schedule"):
+        d[key] = tuple(tuple(x) if isinstance(x, list) else x for x in d.get(key, ()))
+    return TrainConfig(model=model, **d)

@@ -1,0 +1,234 @@
+"""Training data from the token store: normalisation statistics, a stateless window sampler, batches.
+
+The sampler is a pure function of (seed, step): the global batch of step s is drawn from
+`np.random.default_rng([seed, s])` and rank r takes samples [r*B, (r+1)*B). Resuming at step s therefore
+continues exactly, any number of DataLoader workers give the same batches, and 2 ranks x B equal one
+process x 2B. Labelled windows (with actions) and action-free windows (null action) are mixed per batch
+at `labelled_fraction`. Legend: B = batch, T = frames, N = tokens per frame (cameras x grid), Z = width.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+
+from featurestore.reader import TokenReader, Window
+from pipeline.stage import UserError
+from trainer.config import TrainConfig
+from trainer.model.dynamics import TokenShape
+
+log = logging.getLogger(__name__)
+
+# batch keys
+Z, ACTIONS, VALID, LABELLED, SAMPLE_IDS, STEP = "z", "actions", "action_valid", "labelled", "sample_ids", "step"
+
+
+@dataclasses.dataclass
+class Stats:
+    """Per-channel normalisation: tokens (over all cameras and positions) and raw actions."""
+
+    token_mean: np.ndarray  # [Z]
+    token_std: np.ndarray  # [Z]
+    action_mean: np.ndarray  # [A_raw]
+    action_std: np.ndarray  # [A_raw]
+
+    def to_dict(self) -> dict[str, list[float]]:
+        return {k: np.asarray(v, dtype=np.float64).tolist() for k, v in dataclasses.asdict(self).items()}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, list[float]]) -> Stats:
+        return cls(**{k: np.asarray(v, dtype=np.float32) for k, v in d.items()})
+
+
+def select_episodes(reader: TokenReader, cfg: TrainConfig, split: str) -> pd.DataFrame:
+    eps = reader.episodes
+    if cfg.sources:
+        eps = eps[eps.source.isin(cfg.sources)]
+    eps = eps[eps.split == split]
+    if split != "train" or not cfg.include_augmented:
+        eps = eps[eps.view == 0]
+    return eps
+
+
+def token_shape(reader: TokenReader, cfg: TrainConfig) -> TokenShape:
+    """Cameras, grid, width and action width, checked to agree across the training sources."""
+    enc = reader.encoder
+    sources = sorted(set(select_episodes(reader, cfg, "train").source))
+    if not sources:
+        raise UserError(f"{reader.path} has no committed train-split episodes for sources {cfg.sources or 'all'}")
+    cams = {s: len(reader.source_attrs(s)["cameras"]) for s in sources}
+    if len(set(cams.values())) != 1:
+        raise UserError(f"training sources have different camera counts {cams}; choose the same number of "
+                        "cameras per dataset (registry `cameras`) or train on some sources with --sources")
+    adims = {reader.source_attrs(s)["action_dim"] for s in sources if reader.source_attrs(s)["has_actions"]}
+    if len(adims) > 1:
+        raise UserError(f"labelled sources have different action widths {sorted(adims)}; train them apart")
+    a = adims.pop() if adims else 0
+    return TokenShape(cameras=next(iter(cams.values())), grid=tuple(enc["grid"]), enc_dim=int(enc["dim"]),
+                      action_dim=a * cfg.frameskip)
+
+
+def compute_stats(reader: TokenReader, cfg: TrainConfig, shape: TokenShape) -> Stats:
+    """Token mean/std from up to `stats_frames` random train frames; action mean/std from all labelled train frames."""
+    eps = select_episodes(reader, cfg, "train")
+    rng = np.random.default_rng([cfg.seed, 7])
+    per_ep = max(1, cfg.stats_frames // max(1, len(eps)))
+    s1 = np.zeros(shape.enc_dim)
+    s2 = np.zeros(shape.enc_dim)
+    n = 0
+    for row in rng.permutation(eps.index.to_numpy()):
+        e = reader.episodes.loc[row]
+        k = min(per_ep, int(e.length))
+        for start in np.sort(rng.choice(int(e.length), size=k, replace=False)):
+            p = reader.read(Window(int(row), int(start), 1), ("patch",))["patch"].reshape(-1, shape.enc_dim)
+            s1 += p.sum(0)
+            s2 += (p.astype(np.float64) ** 2).sum(0)
+            n += len(p)
+        if n >= cfg.stats_frames * shape.tokens:
+            break
+    mean = s1 / n
+    std = np.sqrt(np.maximum(s2 / n - mean**2, 1e-12))
+    a_raw = shape.action_dim // cfg.frameskip
+    acts = [reader.episode(int(r), ("action", "action_valid")) for r in eps[eps.has_actions].index]
+    valid = [x["action"][x["action_valid"]] for x in acts]
+    if a_raw and valid and sum(len(v) for v in valid):
+        allv = np.concatenate(valid)
+        a_mean, a_std = allv.mean(0), np.maximum(allv.std(0), 1e-6)
+    else:
+        a_mean, a_std = np.zeros(a_raw), np.ones(a_raw)
+    return Stats(mean.astype(np.float32), std.astype(np.float32), a_mean.astype(np.float32),
+                 a_std.astype(np.float32))
+
+
+@dataclasses.dataclass(frozen=True)
+class Sample:
+    row: int  # TokenReader.episodes row
+    start: int
+    labelled: bool  # actions are fed (False: the null action)
+    sample_id: int  # global sample index: seeds the noise of this sample
+
+
+class WindowSampler:
+    """The global batch of every step, as a pure function of (seed, step)."""
+
+    def __init__(self, reader: TokenReader, cfg: TrainConfig, split: str = "train"):
+        self.cfg = cfg
+        eps = select_episodes(reader, cfg, split)
+        self.pools = {True: eps[eps.has_actions], False: eps[~eps.has_actions]}
+        if eps.empty:
+            raise UserError(f"no {split} episodes in {reader.path}")
+        if cfg.labelled_fraction > 0 and self.pools[True].empty:
+            log.warning("no labelled episodes: every window gets the null action")
+        if cfg.labelled_fraction < 1 and self.pools[False].empty:
+            log.warning("no action-free episodes: windows are labelled (null action only via action_dropout)")
+
+    def span(self, T: int) -> int:
+        return (T - 1) * self.cfg.frameskip + 1
+
+    def global_batch(self, step: int, size: int, T: int | None = None) -> list[Sample]:
+        T = T or self.cfg.context_at(step)
+        span = self.span(T)
+        rng = np.random.default_rng([self.cfg.seed, step])
+        want_labelled = rng.random(size) < self.cfg.labelled_fraction
+        dropout = rng.random(size) < self.cfg.action_dropout
+        u = rng.random(size)
+        eligible = {lab: self._eligible(pool, span) for lab, pool in self.pools.items()}
+        if eligible[True].empty and eligible[False].empty:
+            raise UserError(f"no episode has the {span} frames a window of {T} frames (frameskip "
+                            f"{self.cfg.frameskip}) needs; lower context_frames")
+        cums = {lab: np.cumsum((ok.length - span + 1).to_numpy()) for lab, ok in eligible.items()}
+        out = []
+        for i in range(size):
+            lab = bool(want_labelled[i]) if len(eligible[bool(want_labelled[i])]) else not want_labelled[i]
+            ok, cum = eligible[lab], cums[lab]
+            k = int(u[i] * cum[-1])
+            j = int(np.searchsorted(cum, k, side="right"))
+            start = k - (int(cum[j - 1]) if j else 0)
+            out.append(Sample(int(ok.index[j]), start, bool(ok.iloc[j].has_actions and not dropout[i]),
+                              step * size + i))
+        return out
+
+    @staticmethod
+    def _eligible(pool: pd.DataFrame, span: int) -> pd.DataFrame:
+        return pool[pool.length >= span]
+
+
+def load_sample(reader: TokenReader, s: Sample, T: int, frameskip: int, stats: Stats, shape: TokenShape
+                ) -> dict[str, np.ndarray]:
+    """One window: normalised tokens [T, N, Z]; normalised actions [T, A] where actions[t] led into frame t
+    (the frameskip raw actions between frames t-1 and t, concatenated); valid [T] (frame 0 never)."""
+    span = (T - 1) * frameskip + 1
+    toks = reader.read(Window(s.row, s.start, T, frameskip), ("patch",))["patch"]
+    z = (toks.reshape(T, -1, shape.enc_dim) - stats.token_mean) / stats.token_std
+    a_raw = shape.action_dim // frameskip
+    actions = np.zeros((T, shape.action_dim), dtype=np.float32)
+    valid = np.zeros(T, dtype=bool)
+    if s.labelled and a_raw:
+        w = reader.read(Window(s.row, s.start, span), ("action", "action_valid"))
+        a = (w["action"] - stats.action_mean) / stats.action_std  # [span, A_raw]
+        for t in range(1, T):
+            lo, hi = (t - 1) * frameskip, t * frameskip
+            actions[t] = a[lo:hi].reshape(-1)
+            valid[t] = bool(w["action_valid"][lo:hi].all())
+    return {Z: z.astype(np.float32), ACTIONS: np.nan_to_num(actions), VALID: valid}
+
+
+def collate(reader: TokenReader, samples: list[Sample], T: int, cfg: TrainConfig, stats: Stats,
+            shape: TokenShape) -> dict[str, Any]:
+    items = [load_sample(reader, s, T, cfg.frameskip, stats, shape) for s in samples]
+    batch = {k: torch.from_numpy(np.stack([it[k] for it in items])) for k in (Z, ACTIONS, VALID)}
+    batch[LABELLED] = torch.tensor([s.labelled for s in samples])
+    batch[SAMPLE_IDS] = torch.tensor([s.sample_id for s in samples], dtype=torch.long)
+    return batch
+
+
+class StepBatches(torch.utils.data.IterableDataset):
+    """Yields this rank's batch for steps start, start+1, ... (DataLoader workers take every W-th step,
+    and the loader interleaves them back in order)."""
+
+    def __init__(self, reader: TokenReader, cfg: TrainConfig, stats: Stats, shape: TokenShape, *, start_step: int,
+                 rank: int, world: int):
+        self.reader, self.cfg, self.stats, self.shape = reader, cfg, stats, shape
+        self.start_step, self.rank, self.world = start_step, rank, world
+        self.sampler = WindowSampler(reader, cfg)
+
+    def micro_batches(self, step: int) -> list[dict[str, Any]]:
+        cfg = self.cfg
+        B, acc = cfg.batch_size, cfg.grad_accum
+        T = cfg.context_at(step)
+        allb = self.sampler.global_batch(step, B * acc * self.world, T)
+        out = []
+        for m in range(acc):  # micro-batch m of every rank: a contiguous block of the global batch
+            base = (m * self.world + self.rank) * B
+            b = collate(self.reader, allb[base:base + B], T, cfg, self.stats, self.shape)
+            b[STEP] = step
+            out.append(b)
+        return out
+
+    def __iter__(self):
+        info = torch.utils.data.get_worker_info()
+        wid, nw = (info.id, info.num_workers) if info else (0, 1)
+        step = self.start_step + wid
+        while True:
+            yield self.micro_batches(step)
+            step += nw
+
+
+def noise_like(shape_NZ: tuple[int, ...], T: int, sample_ids: torch.Tensor, seed: int,
+               tau_spec, ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-sample noise [B, T, N, Z] and (tau, d) [B, T], each from a generator seeded by the sample id."""
+    from trainer.losses import sample_tau_d
+
+    zs, taus, ds = [], [], []
+    for sid in sample_ids.tolist():
+        g = torch.Generator().manual_seed(seed * 1_000_003 + int(sid))
+        tau, d = sample_tau_d(tau_spec, T, g)
+        taus.append(tau)
+        ds.append(d)
+        zs.append(torch.randn((T, *shape_NZ), generator=g))
+    return torch.stack(zs), torch.stack(taus), torch.stack(ds)

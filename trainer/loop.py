@@ -1,0 +1,449 @@
+"""`run_train(cfg)`: the training loop, fit for preemptible cluster jobs.
+
+AdamW with warmup + cosine, gradient clipping, gradient accumulation, EMA weights, bf16 autocast on CUDA,
+optional torch.compile; JSONL metrics (TensorBoard too when installed) with labelled and action-free
+losses apart; DDP under torchrun (gloo on CPU, nccl on GPU). SIGUSR1/SIGTERM or a `PREEMPT` file in the run
+folder end the step, write a checkpoint and stop cleanly; a non-finite loss stops the run before the
+optimizer step, so no checkpoint is ever written from a diverged state.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import logging
+import math
+import os
+import signal
+import time
+from collections.abc import Callable
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+from featurestore.reader import TokenReader
+from pipeline.stage import (
+    ConfigMismatchError,
+    UserError,
+    atomic_write_bytes,
+    atomic_write_json,
+    config_differences,
+    to_jsonable,
+)
+from trainer.checkpoint import (
+    latest_checkpoint,
+    load_optimizer,
+    load_state,
+    load_weights,
+    resolve_checkpoint,
+    save_checkpoint,
+)
+from trainer.config import TrainConfig, config_from_dict
+from trainer.data import (
+    LABELLED,
+    SAMPLE_IDS,
+    STEP,
+    Stats,
+    StepBatches,
+    WindowSampler,
+    collate,
+    compute_stats,
+    token_shape,
+)
+from trainer.model.dynamics import TokenShape
+from trainer.models import build_model, compute_loss, predict_last_frame
+
+log = logging.getLogger(__name__)
+
+# config fields that may change when resuming: bookkeeping, not what is learned. The store may move (e.g. staged to
+# node-local disk); its encoder identity is checked instead of its path.
+RESUMABLE_CHANGES = {"steps", "log_every", "eval_every", "ckpt_every", "keep_last", "num_workers", "val_windows",
+                     "out", "device", "compile", "store"}
+
+
+class TrainingDiverged(UserError):
+    pass
+
+
+class Preempted(Exception):
+    def __init__(self, step: int, ckpt: Path):
+        self.step, self.ckpt = step, ckpt
+        super().__init__(f"stopped at step {step} on request; checkpoint {ckpt}; continue with --resume")
+
+
+@dataclasses.dataclass
+class TrainResult:
+    run_dir: Path
+    step: int
+    last_checkpoint: Path | None
+    metrics: list[dict[str, Any]]
+
+
+@dataclasses.dataclass
+class Dist:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed(device: str) -> Dist:
+    if "RANK" not in os.environ or int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        return Dist()
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
+    return Dist(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def resolve_device(cfg: TrainConfig, d: Dist) -> torch.device:
+    if cfg.device == "auto":
+        return torch.device(f"cuda:{d.local_rank}") if torch.cuda.is_available() else torch.device("cpu")
+    return torch.device(cfg.device)
+
+
+def new_run_dir(kind: str) -> Path:
+    base = Path("runs")
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    path = base / f"{stamp}-{kind}"
+    i = 1
+    while path.exists():
+        path = base / f"{stamp}-{kind}-{i}"
+        i += 1
+    return path
+
+
+def _broadcast(obj: Any, d: Dist) -> Any:
+    if d.world == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def _all_reduce(t: torch.Tensor, d: Dist, op=None) -> torch.Tensor:
+    if d.world > 1:
+        dist.all_reduce(t, op=op or dist.ReduceOp.SUM)
+    return t
+
+
+class StopFlag:
+    """Set by SIGUSR1/SIGTERM (SLURM preemption, torchrun stop) or a PREEMPT file in the run folder."""
+
+    def __init__(self, run_dir: Path):
+        self.run_dir, self.signalled = run_dir, False
+        self._old = {}
+        for sig in (signal.SIGUSR1, signal.SIGTERM):
+            try:
+                self._old[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread (e.g. inside a test runner thread)
+                pass
+
+    def _handle(self, signum, frame) -> None:
+        log.warning("received signal %d: finishing the step, then checkpoint and stop", signum)
+        self.signalled = True
+
+    def requested(self) -> bool:
+        return self.signalled or (self.run_dir / "PREEMPT").exists()
+
+    def restore(self) -> None:
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        (decay if p.ndim >= 2 and "embed" not in name else no_decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def _check_resume_config(saved: dict[str, Any], cfg: TrainConfig) -> None:
+    now = to_jsonable(cfg)
+    diffs = [d for d in config_differences(saved, now) if d.split(":")[0].split(".")[0] not in RESUMABLE_CHANGES]
+    if diffs:
+        raise ConfigMismatchError("the run being resumed", diffs, "Resume with the same config, or start a new --out.")
+
+
+def _check_encoder(reader: TokenReader, encoder: dict[str, Any], what: str) -> None:
+    if encoder != reader.encoder:
+        raise ConfigMismatchError(f"{what}'s encoder", config_differences(encoder, reader.encoder),
+                                  f"train on a store made with the same encoder as {what}")
+
+
+@dataclasses.dataclass
+class Trainer:
+    """The state the loop updates (model, EMA, optimizer) and how it writes it."""
+
+    cfg: TrainConfig
+    run_dir: Path
+    shape: TokenShape
+    stats: Stats
+    model: nn.Module  # what the step calls: possibly DDP- and/or compile-wrapped
+    core: nn.Module  # the bare module (its parameters, its state dict)
+    ema: nn.Module
+    optimizer: torch.optim.Optimizer
+    device: torch.device
+    d: Dist
+    encoder: dict[str, Any]
+    lr_scale: float = 1.0
+
+    def state(self, step: int) -> dict[str, Any]:
+        return {"config": to_jsonable(self.cfg), "encoder": self.encoder, "store": str(self.cfg.store),
+                "token_shape": dataclasses.asdict(self.shape), "stats": self.stats.to_dict(),
+                "data_cursor": {"next_step": step + 1, "world_size": self.d.world, "batch_size": self.cfg.batch_size,
+                                "grad_accum": self.cfg.grad_accum}, "lr_scale": self.lr_scale}
+
+    def save(self, step: int) -> Path:
+        return save_checkpoint(self.run_dir, step, model=self.core.state_dict(), ema=self.ema.state_dict(),
+                               optimizer=self.optimizer.state_dict(), state=self.state(step),
+                               keep_last=self.cfg.keep_last)
+
+
+def _autocast(cfg: TrainConfig, device: torch.device):
+    use_bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
+    return torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16 else nullcontext()
+
+
+def setup(cfg: TrainConfig, *, resume: bool, d: Dist) -> tuple[Trainer, int, TokenReader]:
+    """Build (or restore) everything the loop needs. Returns the trainer, the last finished step, the reader."""
+    device = resolve_device(cfg, d)
+    reader = TokenReader(cfg.store)
+    run_dir = cfg.out
+    if run_dir is None:
+        if resume:
+            raise UserError("--resume needs --out RUN (the run folder to continue)")
+        run_dir = _broadcast(new_run_dir(cfg.model.kind) if d.main else None, d)
+    run_dir = Path(run_dir)
+    ckpt = latest_checkpoint(run_dir) if run_dir.exists() else None
+    if ckpt is not None and not resume:
+        raise UserError(f"{run_dir} already has checkpoints (newest {ckpt.name}); pass --resume to continue it, "
+                        "or choose another --out")
+    if resume and ckpt is None:
+        log.info("--resume: %s has no complete checkpoint yet; starting from scratch", run_dir)
+    torch.manual_seed(cfg.seed)
+    lr_scale, start_step = 1.0, 0
+    if ckpt is not None:
+        state = load_state(ckpt)
+        _check_resume_config(state["config"], cfg)
+        _check_encoder(reader, state["encoder"], f"checkpoint {ckpt}")
+        shape, stats = TokenShape(**{**state["token_shape"], "grid": tuple(state["token_shape"]["grid"])}), \
+            Stats.from_dict(state["stats"])
+        lr_scale, start_step = state.get("lr_scale", 1.0), int(state["step"])
+    else:
+        shape = token_shape(reader, cfg)
+        stats = _broadcast(compute_stats(reader, cfg, shape) if d.main else None, d)
+    model = build_model(cfg.model, shape).to(device)
+    if cfg.init_from is not None and ckpt is None:
+        src = resolve_checkpoint(cfg.init_from)
+        st = load_state(src)
+        _check_encoder(reader, st["encoder"], f"--init-from {src}")
+        model.load_state_dict(load_weights(src, "ema"))
+        stats, lr_scale = Stats.from_dict(st["stats"]), cfg.finetune_lr_scale
+        log.info("fine-tuning from %s (EMA weights) at %.2g x lr", src, lr_scale)
+    ema = copy.deepcopy(model).requires_grad_(False)
+    optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr * lr_scale, betas=cfg.betas,
+                                  fused=False)
+    if ckpt is not None:
+        model.load_state_dict(load_weights(ckpt, "model"))
+        ema.load_state_dict(load_weights(ckpt, "ema"))
+        optimizer.load_state_dict(load_optimizer(ckpt)["optimizer"])
+        log.info("resuming %s from %s (step %d)", run_dir, ckpt.name, start_step)
+    wrapped: nn.Module = model
+    if d.world > 1:
+        ids = [device.index] if device.type == "cuda" else None
+        wrapped = nn.parallel.DistributedDataParallel(model, device_ids=ids)
+    if cfg.compile:
+        wrapped = torch.compile(wrapped)
+    trainer = Trainer(cfg, run_dir, shape, stats, wrapped, model, ema, optimizer, device, d, reader.encoder, lr_scale)
+    return trainer, start_step, reader
+
+
+def _loader(reader: TokenReader, tr: Trainer, start: int):
+    ds = StepBatches(reader, tr.cfg, tr.stats, tr.shape, start_step=start, rank=tr.d.rank, world=tr.d.world)
+    if tr.cfg.num_workers == 0:
+        return iter(ds)
+    return iter(torch.utils.data.DataLoader(ds, batch_size=None, num_workers=tr.cfg.num_workers,
+                                            multiprocessing_context="forkserver", persistent_workers=True,
+                                            prefetch_factor=4))
+
+
+def _to(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) and k not in (SAMPLE_IDS,) else v
+            for k, v in batch.items()}
+
+
+class Metrics:
+    """metrics.jsonl (rank 0), TensorBoard when installed; on resume lines after the checkpoint are dropped."""
+
+    def __init__(self, run_dir: Path, start_step: int, enabled: bool):
+        self.path, self.enabled, self.rows = run_dir / "metrics.jsonl", enabled, []
+        self.tb = None
+        if not enabled:
+            return
+        if self.path.exists():
+            lines = self.path.read_text().splitlines()
+            kept = [line for line in lines if line and json.loads(line)["step"] <= start_step]
+            atomic_write_bytes(self.path, ("\n".join(kept) + ("\n" if kept else "")).encode())
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(str(run_dir / "tensorboard"))
+        except ImportError:
+            log.debug("tensorboard is not installed: metrics go to %s only", self.path)
+
+    def write(self, row: dict[str, Any]) -> None:
+        self.rows.append(row)
+        if not self.enabled:
+            return
+        with open(self.path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        if self.tb is not None:
+            for k, v in row.items():
+                if k != "step" and isinstance(v, (int, float)):
+                    self.tb.add_scalar(k, v, row["step"])
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+
+
+@torch.no_grad()
+def validate(tr: Trainer, reader: TokenReader, step: int) -> dict[str, float]:
+    """Val loss (training objective, fixed windows and noise) and EMA one-step prediction vs copy-last."""
+    cfg = tr.cfg
+    try:
+        sampler = WindowSampler(reader, dataclasses.replace(cfg, seed=cfg.seed + 10_007), split="val")
+    except UserError:
+        return {}
+    T = cfg.context_frames
+    samples = sampler.global_batch(0, cfg.val_windows, T)
+    core = tr.core
+    out = {"val_loss": 0.0, "val_pred_mse": 0.0, "val_copy_mse": 0.0}
+    n = 0
+    core.eval()
+    for i in range(0, len(samples), cfg.batch_size):
+        chunk = samples[i:i + cfg.batch_size]
+        batch = _to(collate(reader, chunk, T, cfg, tr.stats, tr.shape), tr.device)
+        with _autocast(cfg, tr.device):
+            loss, _ = compute_loss(core, batch, cfg, step)
+            pred = predict_last_frame(tr.ema, batch, cfg, generator=torch.Generator().manual_seed(cfg.seed + i))
+        z = batch["z"].float()
+        out["val_loss"] += float(loss) * len(chunk)
+        out["val_pred_mse"] += float((pred.float() - z[:, -1]).pow(2).mean()) * len(chunk)
+        out["val_copy_mse"] += float((z[:, -2] - z[:, -1]).pow(2).mean()) * len(chunk)
+        n += len(chunk)
+    core.train()
+    return {k: v / n for k, v in out.items()}
+
+
+def train_step(tr: Trainer, micro_batches: list[dict[str, Any]], step: int) -> dict[str, float]:
+    """One optimizer step over `grad_accum` micro-batches. Raises TrainingDiverged before stepping on NaN/inf."""
+    cfg, d = tr.cfg, tr.d
+    lr = cfg.lr_at(step - 1) * tr.lr_scale
+    for g in tr.optimizer.param_groups:
+        g["lr"] = lr
+    core = tr.core
+    sums = torch.zeros(6, dtype=torch.float64)  # loss, flow, boot, labelled sum, labelled n, free sum
+    n_free = 0.0
+    for m, batch in enumerate(micro_batches):
+        batch = _to(batch, tr.device)
+        sync = m == len(micro_batches) - 1 or d.world == 1
+        ctx = tr.model.no_sync() if (not sync and hasattr(tr.model, "no_sync")) else nullcontext()
+        with ctx, _autocast(cfg, tr.device):
+            loss, aux = compute_loss(tr.model, batch, cfg, step, core=core)
+            (loss / len(micro_batches)).backward()
+        per, lab = aux["per_sample"].float().cpu(), batch[LABELLED].cpu()
+        sums += torch.tensor([float(aux["loss"]), float(aux.get("loss_flow", aux["loss"])),
+                              float(aux.get("loss_boot", 0.0)), float(per[lab].sum()), float(lab.sum()),
+                              float(per[~lab].sum())], dtype=torch.float64)
+        n_free += float((~lab).sum())
+    finite = torch.tensor([1.0 if math.isfinite(float(sums[0])) else 0.0])
+    _all_reduce(finite, d, dist.ReduceOp.MIN if d.world > 1 else None)
+    if finite.item() < 1:
+        raise TrainingDiverged(
+            f"non-finite loss at step {step} (loss terms {sums[:3].tolist()}); the optimizer did not step and no "
+            "checkpoint was written. Lower the learning rate (--set lr=...), check the store's tokens, then "
+            "--resume from the last good checkpoint")
+    grad_norm = torch.nn.utils.clip_grad_norm_(core.parameters(), cfg.grad_clip)
+    tr.optimizer.step()
+    tr.optimizer.zero_grad(set_to_none=True)
+    with torch.no_grad():
+        decay = min(cfg.ema_decay, (1 + step) / (10 + step))
+        for pe, pm in zip(tr.ema.parameters(), core.parameters()):
+            pe.lerp_(pm.detach(), 1 - decay)
+    stats = torch.cat([sums, torch.tensor([n_free], dtype=torch.float64)])
+    _all_reduce(stats, d)
+    k = len(micro_batches) * d.world
+    row = {"step": step, "loss": stats[0].item() / k, "loss_flow": stats[1].item() / k,
+           "loss_boot": stats[2].item() / k, "lr": lr, "grad_norm": float(grad_norm)}
+    if stats[4] > 0:
+        row["loss_labelled"] = stats[3].item() / stats[4].item()
+    if stats[6] > 0:
+        row["loss_action_free"] = stats[5].item() / stats[6].item()
+    return row
+
+
+def run_train(cfg: TrainConfig, *, resume: bool = False,
+              on_step: Callable[[dict[str, Any]], None] | None = None) -> TrainResult:
+    """Train (or continue) a run. Raises Preempted after a requested stop (checkpoint written)."""
+    d = init_distributed(cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+    tr, start, reader = setup(cfg, resume=resume, d=d)
+    if d.main:
+        tr.run_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(tr.run_dir / "config.json", cfg)
+        atomic_write_json(tr.run_dir / "store.json", {"store": str(Path(cfg.store).resolve()), "encoder": tr.encoder})
+        (tr.run_dir / "PREEMPT").unlink(missing_ok=True)
+    if d.world > 1:
+        dist.barrier()
+    metrics = Metrics(tr.run_dir, start, d.main)
+    stop = StopFlag(tr.run_dir)
+    batches = _loader(reader, tr, start + 1)
+    last_ckpt = latest_checkpoint(tr.run_dir)
+    step = start
+    tokens_per_step = cfg.batch_size * cfg.grad_accum * d.world * tr.shape.tokens
+    try:
+        while step < cfg.steps:
+            step += 1
+            t0 = time.perf_counter()
+            micro = next(batches)
+            assert micro[0][STEP] == step, (micro[0][STEP], step)
+            t_data = time.perf_counter() - t0
+            T = micro[0]["z"].shape[1]
+            row = train_step(tr, micro, step)
+            if tr.device.type == "cuda":
+                torch.cuda.synchronize()
+            dt = time.perf_counter() - t0
+            row.update(step_time=dt, data_wait=t_data, tokens_per_s=tokens_per_step * T / dt, context=T)
+            if step % cfg.eval_every == 0 or step == cfg.steps:
+                if d.main:
+                    row.update(validate(tr, reader, step))
+            metrics.write(row)
+            if on_step:
+                on_step(row)
+            want_stop = torch.tensor([1.0 if stop.requested() else 0.0])
+            _all_reduce(want_stop, d, dist.ReduceOp.MAX if d.world > 1 else None)
+            if step % cfg.ckpt_every == 0 or step == cfg.steps or want_stop.item() > 0:
+                if d.main:
+                    last_ckpt = tr.save(step)
+                if d.world > 1:
+                    dist.barrier()
+            if want_stop.item() > 0 and step < cfg.steps:
+                raise Preempted(step, last_ckpt)
+        if d.main:
+            atomic_write_json(tr.run_dir / "DONE", {"step": step, "checkpoint": str(last_ckpt)})
+    finally:
+        stop.restore()
+        metrics.close()
+    return TrainResult(tr.run_dir, step, last_ckpt, metrics.rows)
+
+
+def load_run_config(run_dir: Path) -> TrainConfig:
+    return config_from_dict(json.loads((Path(run_dir) / "config.json").read_text()))

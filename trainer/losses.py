@@ -1,0 +1,112 @@
+"""Losses as pure functions: Dreamer 4 shortcut forcing (Eq. 7) and DINO-WM teacher forcing.
+
+Conventions: tau is the signal level (0 = pure noise, 1 = clean), z_tau = (1 - tau) z0 + tau z1, the
+network predicts the clean latents (x-prediction); d is the step size, a power of two 1/2**j with
+1/k_max the finest. Legend: B = batch, T = frames, N = tokens, Z = token width.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable
+
+import torch
+
+DenoiseFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]  # (z_tau, tau, d) -> z1_hat
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class TauSampling:
+    """How per-frame (tau, d) are drawn. Dreamer 4 Eq. 4: d ~ 1/U({1, 2, 4, ..., k_max}), tau uniform on the
+    grid {0, d, ..., 1 - d}. `logit_normal` draws u ~ sigmoid(N(mean, std)) instead of uniform, `power` warps
+    u -> u**power, `tau_max` caps the signal level (a curriculum), `flow_only` uses only d = 1/k_max.
+    `bootstrap_fraction`: share of samples whose frames draw d from Eq. 4; the others train the flow term
+    only (d = 1/k_max). 1.0 is Dreamer 4's per-frame sampling; the shortcut-model recipe uses 0.25."""
+
+    k_max: int
+    distribution: str = "uniform"
+    mean: float = 0.0
+    std: float = 1.0
+    power: float = 1.0
+    tau_max: float = 1.0
+    flow_only: bool = False
+    bootstrap_fraction: float = 1.0
+
+
+def sample_tau_d(spec: TauSampling, T: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """(tau [T], d [T]) for one sample, on the dyadic grid."""
+    levels = int(math.log2(spec.k_max))
+    shortcut_row = bool(torch.rand((), generator=generator) < spec.bootstrap_fraction)
+    if spec.flow_only or not shortcut_row:
+        j = torch.full((T,), levels)
+    else:
+        j = torch.randint(0, levels + 1, (T,), generator=generator)
+    d = torch.pow(2.0, -j.double())
+    if spec.distribution == "uniform":
+        u = torch.rand(T, generator=generator, dtype=torch.float64)
+    else:
+        u = torch.sigmoid(spec.mean + spec.std * torch.randn(T, generator=generator, dtype=torch.float64))
+    u = u.pow(spec.power) * spec.tau_max
+    tau = torch.minimum(torch.floor(u / d) * d, 1.0 - d)
+    return tau.float(), d.float()
+
+
+def _bt(x_BT: torch.Tensor) -> torch.Tensor:
+    return x_BT[:, :, None, None]
+
+
+def shortcut_forcing_loss(f: DenoiseFn, z1_BTNZ: torch.Tensor, z0_BTNZ: torch.Tensor, tau_BT: torch.Tensor,
+                          d_BT: torch.Tensor, *, k_max: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Dreamer 4 shortcut forcing, Eq. 7, per frame:
+
+    flow (d = 1/k_max):  ||z1_hat - z1||^2
+    bootstrap (d > 1/k_max), from two stop-gradient half steps of the same network:
+        b' = (f(z_tau, tau, d/2) - z_tau) / (1 - tau),       z' = z_tau + b' d/2
+        b'' = (f(z', tau + d/2, d/2) - z') / (1 - tau - d/2)
+        (1 - tau)^2 ||(z1_hat - z_tau) / (1 - tau) - sg((b' + b'') / 2)||^2
+    each weighted by the ramp w(tau) = 0.9 tau + 0.1 and averaged over frames and samples.
+
+    f: (z_tau [B,T,N,Z], tau [B,T], d [B,T]) -> z1_hat; conditioning (actions) is bound inside f.
+    Returns (loss, aux): aux holds detached terms and `per_sample` [B] (for labelled / action-free logging).
+    """
+    d_min = 1.0 / k_max
+    z_tau = (1 - _bt(tau_BT)) * z0_BTNZ + _bt(tau_BT) * z1_BTNZ
+    pred = f(z_tau, tau_BT, d_BT)
+    flow_BT = (pred - z1_BTNZ).pow(2).mean(dim=(2, 3))
+    boot_BT_mask = d_BT > d_min * 1.5
+    per_frame = flow_BT
+    boot_BT = torch.zeros_like(flow_BT)
+    if bool(boot_BT_mask.any()):
+        with torch.no_grad():
+            half = torch.where(boot_BT_mask, d_BT / 2, d_BT)  # other frames keep their own (tau, d) as context
+            p1 = f(z_tau, tau_BT, half)
+            b1 = (p1 - z_tau) / (1 - _bt(tau_BT))
+            z_mid = torch.where(_bt(boot_BT_mask), z_tau + b1 * _bt(half), z_tau)
+            tau_mid = torch.where(boot_BT_mask, tau_BT + half, tau_BT)
+            p2 = f(z_mid, tau_mid, half)
+            b2 = (p2 - z_mid) / (1 - _bt(tau_mid))
+            v_target = (b1 + b2) / 2
+        v_pred = (pred - z_tau) / (1 - _bt(tau_BT))
+        boot_BT = (1 - tau_BT).pow(2) * (v_pred - v_target).pow(2).mean(dim=(2, 3))
+        per_frame = torch.where(boot_BT_mask, boot_BT, flow_BT)
+    weighted_BT = (0.9 * tau_BT + 0.1) * per_frame
+    loss = weighted_BT.mean()
+    flow_mask = ~boot_BT_mask
+    aux = {
+        "loss": loss.detach(),
+        "loss_flow": (flow_BT * flow_mask).sum().detach() / flow_mask.sum().clamp(min=1),
+        "loss_boot": (boot_BT * boot_BT_mask).sum().detach() / boot_BT_mask.sum().clamp(min=1),
+        "boot_fraction": boot_BT_mask.float().mean().detach(),
+        "per_sample": weighted_BT.mean(dim=1).detach(),
+    }
+    return loss, aux
+
+
+def teacher_forcing_loss(g: Callable[[torch.Tensor], torch.Tensor], z_BTNZ: torch.Tensor
+                         ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """DINO-WM: frames 0..T-2 (and the actions after them, bound inside g) predict frames 1..T-1; MSE."""
+    pred = g(z_BTNZ[:, :-1])
+    per_frame = (pred - z_BTNZ[:, 1:]).pow(2).mean(dim=(2, 3))  # [B, T-1]
+    loss = per_frame.mean()
+    return loss, {"loss": loss.detach(), "per_sample": per_frame.mean(dim=1).detach()}

@@ -1,0 +1,1 @@
+"""Architecture-only modules (no training infrastructure)."""

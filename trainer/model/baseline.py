@@ -1,0 +1,80 @@
+"""DINO-WM-style teacher-forced predictor (architecture only): the baseline the shortcut model must beat.
+
+Each frame's tokens, plus a token for the action taken after it, predict the next frame. Attention is
+full over the tokens of all frames <= t (a block-causal mask over the flattened sequence, as in
+DINO-WM), with 2-D RoPE inside a frame and learned frame embeddings. Deterministic, trained with MSE.
+
+Legend: B = batch, T = frames, N = encoder tokens per frame, Q = model tokens per frame, S = Q + 1, D = width.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+from einops import rearrange
+
+from trainer.config import ModelConfig
+from trainer.model.common import Attention, RMSNorm, SwiGLU, rope_2d_angles
+from trainer.model.dynamics import TokenShape, merge_2x2, space_positions, unmerge_2x2
+
+
+class FullBlock(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.norm_attn, self.norm_mlp = RMSNorm(cfg.dim), RMSNorm(cfg.dim)
+        self.attn = Attention(cfg.dim, cfg.heads, cfg.kv_heads, qk_norm=cfg.qk_norm, softcap=cfg.softcap)
+        self.mlp = SwiGLU(cfg.dim, cfg.mlp_ratio)
+
+    def forward(self, x_BLD: torch.Tensor, angles: torch.Tensor, mask_LL: torch.Tensor) -> torch.Tensor:
+        x_BLD = x_BLD + self.attn(self.norm_attn(x_BLD), angles=angles, mask_LM=mask_LL)
+        return x_BLD + self.mlp(self.norm_mlp(x_BLD))
+
+
+class TeacherForcedPredictor(nn.Module):
+    """pred[t] = g(frames <= t, actions <= t) approximates the latents of frame t + 1."""
+
+    def __init__(self, cfg: ModelConfig, shape: TokenShape):
+        super().__init__()
+        if cfg.merge_2x2 and (shape.grid[0] % 2 or shape.grid[1] % 2):
+            raise ValueError(f"merge_2x2 needs an even token grid, the store has {shape.grid}")
+        self.cfg, self.shape = cfg, shape
+        merged_dim = shape.enc_dim * (4 if cfg.merge_2x2 else 1)
+        self.q_tokens = shape.tokens // (4 if cfg.merge_2x2 else 1)
+        D = cfg.dim
+        self.proj_in = nn.Linear(merged_dim, D)
+        self.camera = nn.Parameter(torch.zeros(shape.cameras, 1, D))
+        self.frame = nn.Embedding(cfg.max_frames, D)
+        self.null_action = nn.Parameter(torch.randn(D) * 0.02)
+        self.action_mlp = nn.Sequential(nn.Linear(max(1, shape.action_dim), D), nn.SiLU(), nn.Linear(D, D))
+        self.blocks = nn.ModuleList(FullBlock(cfg) for _ in range(cfg.depth))
+        self.norm_out = RMSNorm(D)
+        self.proj_out = nn.Linear(D, merged_dim)
+        rows, cols = space_positions(shape, cfg.merge_2x2, registers=0)
+        angles = rope_2d_angles(rows[:-1], cols[:-1], D // cfg.heads, cfg.rope_theta_space)  # latents + action
+        self.register_buffer("space_angles", angles, persistent=False)  # [S, E/2]
+
+    def forward(self, z_BTND: torch.Tensor, next_actions_BTA: torch.Tensor | None = None,
+                next_valid_BT: torch.Tensor | None = None) -> torch.Tensor:
+        """Clean latents z [B, T, N, Z] and the action taken after each frame -> next-frame latents [B, T, N, Z]."""
+        B, T = z_BTND.shape[:2]
+        if T > self.cfg.max_frames:
+            raise ValueError(f"{T} frames exceed max_frames={self.cfg.max_frames}")
+        if self.cfg.merge_2x2:
+            z_BTND = merge_2x2(z_BTND, self.shape)
+        per_cam = self.q_tokens // self.shape.cameras
+        x = self.proj_in(z_BTND) + self.camera.expand(-1, per_cam, -1).reshape(-1, self.cfg.dim)
+        act = self.null_action.expand(B, T, -1)
+        if next_actions_BTA is not None and next_valid_BT is not None and self.shape.action_dim:
+            act = act + self.action_mlp(torch.nan_to_num(next_actions_BTA)) * next_valid_BT[..., None].to(x.dtype)
+        x = torch.cat([x, act[:, :, None]], dim=2)  # [B, T, S, D]
+        x = x + self.frame(torch.arange(T, device=x.device))[None, :, None]
+        S = x.shape[2]
+        frame_of = torch.arange(T, device=x.device).repeat_interleave(S)
+        mask = frame_of[:, None] >= frame_of[None, :]  # [T*S, T*S]: frames <= t
+        angles = self.space_angles.repeat(T, 1)
+        h = rearrange(x, "b t s d -> b (t s) d")
+        for block in self.blocks:
+            h = block(h, angles, mask)
+        h = rearrange(h, "b (t s) d -> b t s d", t=T)[:, :, : self.q_tokens]
+        out = self.proj_out(self.norm_out(h))
+        return unmerge_2x2(out, self.shape) if self.cfg.merge_2x2 else out

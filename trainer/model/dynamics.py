@@ -1,0 +1,182 @@
+"""Dreamer-4-style block-causal shortcut dynamics over frozen encoder tokens (architecture only).
+
+Per frame the sequence is `[registers | latent tokens | shortcut token (tau, d) | action token]`. Every
+layer attends within a frame (space, 2-D RoPE over the patch grid); every `time_every`-th layer also
+attends causally across frames at the same slot (time, 1-D RoPE), by rearranging (B, T, S) -> (B*S, T),
+so frame t only ever sees frames <= t. The network predicts the clean latents (x-prediction).
+
+Legend: B = batch, T = frames, N = encoder tokens per frame (cameras x grid), Q = model tokens per frame
+(N, or N/4 with the 2x2 merge), S = R + Q + 2 tokens per frame, D = model width, Z = encoder width, A = action.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import torch
+import torch.nn as nn
+from einops import rearrange
+
+from trainer.config import ModelConfig
+from trainer.model.common import Attention, RMSNorm, SwiGLU, rope_2d_angles, rope_angles
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenShape:
+    """What the store gives per frame: cameras x (grid_h x grid_w) tokens of width enc_dim; actions."""
+
+    cameras: int
+    grid: tuple[int, int]
+    enc_dim: int
+    action_dim: int
+
+    @property
+    def tokens(self) -> int:
+        return self.cameras * self.grid[0] * self.grid[1]
+
+
+def merge_2x2(z_BTND: torch.Tensor, shape: TokenShape) -> torch.Tensor:
+    """[B, T, C*gh*gw, Z] -> [B, T, C*(gh/2)*(gw/2), 4Z]: each 2x2 block of patches becomes one token."""
+    gh, gw = shape.grid
+    return rearrange(z_BTND, "b t (c h i w j) z -> b t (c h w) (i j z)", c=shape.cameras, h=gh // 2, i=2,
+                     w=gw // 2, j=2)
+
+
+def unmerge_2x2(z_BTQM: torch.Tensor, shape: TokenShape) -> torch.Tensor:
+    gh, gw = shape.grid
+    return rearrange(z_BTQM, "b t (c h w) (i j z) -> b t (c h i w j) z", c=shape.cameras, h=gh // 2, w=gw // 2,
+                     i=2, j=2)
+
+
+def space_positions(shape: TokenShape, merged: bool, registers: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(row, col) per token of a frame: special tokens at (0, 0), patches at 1.. on their camera's grid."""
+    gh, gw = (shape.grid[0] // 2, shape.grid[1] // 2) if merged else shape.grid
+    rows = torch.arange(gh).repeat_interleave(gw).repeat(shape.cameras) + 1
+    cols = torch.arange(gw).repeat(gh).repeat(shape.cameras) + 1
+    zeros_r, zeros_2 = torch.zeros(registers, dtype=torch.long), torch.zeros(2, dtype=torch.long)
+    return torch.cat([zeros_r, rows, zeros_2]), torch.cat([zeros_r, cols, zeros_2])
+
+
+class Block(nn.Module):
+    """Space attention (within a frame) on every layer, optional causal time attention, SwiGLU MLP."""
+
+    def __init__(self, cfg: ModelConfig, time: bool):
+        super().__init__()
+        kw = dict(qk_norm=cfg.qk_norm, softcap=cfg.softcap)
+        self.norm_space = RMSNorm(cfg.dim)
+        self.space = Attention(cfg.dim, cfg.heads, cfg.kv_heads, **kw)
+        self.time = Attention(cfg.dim, cfg.heads, cfg.kv_heads, **kw) if time else None
+        self.norm_time = RMSNorm(cfg.dim) if time else None
+        self.norm_mlp = RMSNorm(cfg.dim)
+        self.mlp = SwiGLU(cfg.dim, cfg.mlp_ratio)
+
+    def forward(self, x_BTSD: torch.Tensor, space_angles: torch.Tensor, time_angles: torch.Tensor,
+                time_kv=None) -> torch.Tensor:
+        B, T, S, D = x_BTSD.shape
+        h = self.space(self.norm_space(x_BTSD).reshape(B * T, S, D), angles=space_angles)
+        x_BTSD = x_BTSD + h.view(B, T, S, D)
+        if self.time is not None:
+            h = rearrange(self.norm_time(x_BTSD), "b t s d -> (b s) t d")
+            kv = time_kv(self.time, h) if time_kv is not None else None  # KV cache hook (rollouts)
+            h = self.time(h, angles=time_angles, causal=True, kv=kv)
+            x_BTSD = x_BTSD + rearrange(h, "(b s) t d -> b t s d", b=B)
+        return x_BTSD + self.mlp(self.norm_mlp(x_BTSD))
+
+
+def sinusoidal(x_B: torch.Tensor, dim: int, scale: float = 1000.0) -> torch.Tensor:
+    half = dim // 2
+    freqs = torch.exp(-math.log(10_000.0) * torch.arange(half, device=x_B.device, dtype=torch.float32) / half)
+    args = scale * x_B.float()[..., None] * freqs
+    return torch.cat([args.sin(), args.cos()], dim=-1)
+
+
+def preconditioning(tau_BT: torch.Tensor, enabled: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(c_in, c_skip, c_out) [B, T, 1, 1] for z_tau = tau z1 + (1 - tau) z0 with unit-variance z1 and z0.
+
+    c_skip z_tau is the linear least-squares estimate of z1, c_out the standard deviation it leaves, c_in
+    gives the network unit-variance input (EDM's preconditioning written for this interpolation). The model
+    still predicts z1; near-clean inputs no longer have to be reproduced through the whole network.
+    """
+    tau = tau_BT[:, :, None, None]
+    if not enabled:
+        one = torch.ones_like(tau)
+        return one, torch.zeros_like(tau), one
+    var = tau.pow(2) + (1 - tau).pow(2)
+    return var.rsqrt(), tau / var, (1 - tau) * var.rsqrt()
+
+
+class ShortcutDynamics(nn.Module):
+    """f(z_tau, tau, d, actions) -> predicted clean latents, frame-causally."""
+
+    def __init__(self, cfg: ModelConfig, shape: TokenShape):
+        super().__init__()
+        if cfg.merge_2x2 and (shape.grid[0] % 2 or shape.grid[1] % 2):
+            raise ValueError(f"merge_2x2 needs an even token grid, the store has {shape.grid}")
+        self.cfg, self.shape = cfg, shape
+        merged_dim = shape.enc_dim * (4 if cfg.merge_2x2 else 1)
+        self.q_tokens = shape.tokens // (4 if cfg.merge_2x2 else 1)
+        per_cam = self.q_tokens // shape.cameras
+        D = cfg.dim
+        self.proj_in = nn.Linear(merged_dim, D)
+        self.camera = nn.Parameter(torch.zeros(shape.cameras, 1, D))
+        self.registers = nn.Parameter(torch.randn(cfg.registers, D) * 0.02)
+        self.tau_mlp = nn.Sequential(nn.Linear(D, D), nn.SiLU(), nn.Linear(D, D))
+        self.step_embed = nn.Embedding(int(math.log2(cfg.k_max)) + 1, D)  # index j: d = 2**-j
+        self.null_action = nn.Parameter(torch.randn(D) * 0.02)
+        self.action_mlp = nn.Sequential(nn.Linear(max(1, shape.action_dim), D), nn.SiLU(), nn.Linear(D, D))
+        n = cfg.depth
+        self.blocks = nn.ModuleList(Block(cfg, time=(i + 1) % cfg.time_every == 0 or i == n - 1) for i in range(n))
+        self.norm_out = RMSNorm(D)
+        self.proj_out = nn.Linear(D, merged_dim)
+        rows, cols = space_positions(shape, cfg.merge_2x2, cfg.registers)
+        self.register_buffer("space_angles", rope_2d_angles(rows, cols, D // cfg.heads, cfg.rope_theta_space),
+                             persistent=False)
+        self._per_cam = per_cam
+
+    # -- token construction -------------------------------------------------------------------------------
+    def embed_latents(self, z_BTND: torch.Tensor) -> torch.Tensor:
+        if self.cfg.merge_2x2:
+            z_BTND = merge_2x2(z_BTND, self.shape)
+        x = self.proj_in(z_BTND)  # [B, T, Q, D]
+        cam = self.camera.expand(-1, self._per_cam, -1).reshape(-1, self.cfg.dim)  # [Q, D]
+        return x + cam
+
+    def shortcut_token(self, tau_BT: torch.Tensor, d_BT: torch.Tensor) -> torch.Tensor:
+        j = torch.round(-torch.log2(d_BT)).long().clamp(0, self.step_embed.num_embeddings - 1)
+        return self.tau_mlp(sinusoidal(tau_BT, self.cfg.dim)) + self.step_embed(j)  # [B, T, D]
+
+    def action_token(self, actions_BTA: torch.Tensor | None, valid_BT: torch.Tensor | None,
+                     B: int, T: int) -> torch.Tensor:
+        """Learned null embedding, plus an MLP of the action where one is given and valid."""
+        tok = self.null_action.expand(B, T, -1)
+        if actions_BTA is None or valid_BT is None or self.shape.action_dim == 0:
+            return tok
+        a = torch.nan_to_num(actions_BTA, nan=0.0)
+        return tok + self.action_mlp(a) * valid_BT[..., None].to(a.dtype)
+
+    def tokens(self, z_BTND, tau_BT, d_BT, actions_BTA=None, valid_BT=None) -> torch.Tensor:
+        B, T = z_BTND.shape[:2]
+        parts = [self.registers.expand(B, T, -1, -1), self.embed_latents(z_BTND),
+                 self.shortcut_token(tau_BT, d_BT)[:, :, None],
+                 self.action_token(actions_BTA, valid_BT, B, T)[:, :, None]]
+        return torch.cat(parts, dim=2)  # [B, T, S, D]
+
+    def readout(self, x_BTSD: torch.Tensor) -> torch.Tensor:
+        r = self.cfg.registers
+        out = self.proj_out(self.norm_out(x_BTSD[:, :, r:r + self.q_tokens]))
+        return unmerge_2x2(out, self.shape) if self.cfg.merge_2x2 else out
+
+    def time_angles(self, T: int, offset: int = 0, device=None) -> torch.Tensor:
+        pos = torch.arange(offset, offset + T, device=device)
+        return rope_angles(pos, self.cfg.dim // self.cfg.heads, self.cfg.rope_theta_time)
+
+    def forward(self, z_BTND: torch.Tensor, tau_BT: torch.Tensor, d_BT: torch.Tensor,
+                actions_BTA: torch.Tensor | None = None, valid_BT: torch.Tensor | None = None) -> torch.Tensor:
+        """Noisy latents z [B, T, N, Z] at signal levels tau [B, T] with step sizes d [B, T] -> clean [B, T, N, Z]."""
+        c_in, c_skip, c_out = preconditioning(tau_BT, self.cfg.precondition)
+        x = self.tokens(z_BTND * c_in, tau_BT, d_BT, actions_BTA, valid_BT)
+        t_angles = self.time_angles(x.shape[1], device=x.device)
+        for block in self.blocks:
+            x = block(x, self.space_angles, t_angles)
+        return c_skip * z_BTND + c_out * self.readout(x)

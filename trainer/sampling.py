@@ -1,0 +1,145 @@
+"""Autoregressive generation: K shortcut steps per frame, context re-noised to tau_ctx, KV cache in time.
+
+For each new frame: start from noise, take K steps of size 1/K (x-prediction: v = (z1_hat - x) / (1 - tau),
+x <- x + v / K), then commit it. Context frames are seen slightly noised, z_ctx = (1 - ctx_noise) z + ctx_noise
+eps with eps drawn once per frame (signal level 1 - ctx_noise, Dreamer 4 uses 0.1 noise).
+
+`rollout_uncached` recomputes the whole window for every step; `rollout_cached` keeps the keys/values of the
+time-attention layers for committed frames, so each step costs one frame (plus one pass per frame to
+cache its context version). Both attend to the last `window` frames; within the window they are equal
+(tested). Legend: B = batch, T = frames, H = horizon, N = tokens, Z = width, A = action.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from trainer.model.baseline import TeacherForcedPredictor
+from trainer.model.dynamics import ShortcutDynamics, preconditioning
+
+
+class TimeKVCache:
+    """Keys/values of each time-attention layer for the last `window - 1` committed frames."""
+
+    def __init__(self, window: int):
+        self.window = window
+        self.k: dict[int, torch.Tensor] = {}
+        self.v: dict[int, torch.Tensor] = {}
+
+    def hook(self, layer: int, angles: torch.Tensor, commit: bool):
+        def time_kv(attn, h_LTD: torch.Tensor):
+            k_new, v_new = attn.project_kv(h_LTD, angles)  # [B*S, G, T_new, E]
+            if layer in self.k:
+                k, v = torch.cat([self.k[layer], k_new], dim=2), torch.cat([self.v[layer], v_new], dim=2)
+            else:
+                k, v = k_new, v_new
+            if commit:
+                keep = self.window - 1
+                self.k[layer], self.v[layer] = k[:, :, -keep:], v[:, :, -keep:]
+            return k, v
+
+        return time_kv
+
+
+def _frame_forward(model: ShortcutDynamics, z_B1NZ, tau_B1, d_B1, act_B1A, valid_B1, cache: TimeKVCache, pos: int,
+                   commit: bool) -> torch.Tensor:
+    c_in, c_skip, c_out = preconditioning(tau_B1, model.cfg.precondition)
+    x = model.tokens(z_B1NZ * c_in, tau_B1, d_B1, act_B1A, valid_B1)
+    angles = model.time_angles(1, offset=pos, device=x.device)
+    for i, block in enumerate(model.blocks):
+        x = block(x, model.space_angles, angles, time_kv=cache.hook(i, angles, commit) if block.time else None)
+    return c_skip * z_B1NZ + c_out * model.readout(x)
+
+
+def _prepare(context_BTNZ, actions_BTA, valid_BT, horizon):
+    B, Tc = context_BTNZ.shape[:2]
+    if actions_BTA is None:
+        actions_BTA = torch.zeros(B, Tc + horizon, 0, device=context_BTNZ.device)
+        valid_BT = torch.zeros(B, Tc + horizon, dtype=torch.bool, device=context_BTNZ.device)
+    if actions_BTA.shape[1] != Tc + horizon or valid_BT.shape[1] != Tc + horizon:
+        raise ValueError(f"actions must cover context + horizon = {Tc + horizon} frames, got {actions_BTA.shape[1]}")
+    return actions_BTA, valid_BT
+
+
+def _noise(shape, generator, device, dtype):
+    return torch.randn(shape, generator=generator, device="cpu", dtype=torch.float32).to(device=device, dtype=dtype)
+
+
+@torch.no_grad()
+def rollout_cached(model: ShortcutDynamics, context_BTNZ: torch.Tensor, actions_BTA: torch.Tensor | None,
+                   valid_BT: torch.Tensor | None, *, horizon: int, k: int = 4, ctx_noise: float = 0.1,
+                   window: int, generator: torch.Generator) -> torch.Tensor:
+    """Generate `horizon` frames after the clean context [B, Tc, N, Z]. actions[:, t] leads into frame t
+    (covering context + horizon); valid=False means the null action. Returns [B, H, N, Z]."""
+    if k < 1 or k & (k - 1) or k > model.cfg.k_max:
+        raise ValueError(f"k={k} must be a power of two <= k_max={model.cfg.k_max}")
+    actions_BTA, valid_BT = _prepare(context_BTNZ, actions_BTA, valid_BT, horizon)
+    B, Tc, N, Zd = context_BTNZ.shape
+    dev, dt = context_BTNZ.device, context_BTNZ.dtype
+    cache = TimeKVCache(window)
+    full = lambda v: torch.full((B, 1), v, device=dev, dtype=dt)  # noqa: E731
+    d_min = 1.0 / model.cfg.k_max
+    # committed context: each frame re-noised once, its time keys/values cached
+    for t in range(Tc):
+        zc = (1 - ctx_noise) * context_BTNZ[:, t:t + 1] + ctx_noise * _noise((B, 1, N, Zd), generator, dev, dt)
+        _frame_forward(model, zc, full(1 - ctx_noise), full(d_min), actions_BTA[:, t:t + 1], valid_BT[:, t:t + 1],
+                       cache, t, commit=True)
+    out = []
+    for h in range(horizon):
+        t = Tc + h
+        x = _noise((B, 1, N, Zd), generator, dev, dt)
+        a, v = actions_BTA[:, t:t + 1], valid_BT[:, t:t + 1]
+        for s in range(k):
+            tau = s / k
+            pred = _frame_forward(model, x, full(tau), full(1.0 / k), a, v, cache, t, commit=False)
+            x = x + (pred - x) / (1 - tau) / k
+        out.append(x)
+        zc = (1 - ctx_noise) * x + ctx_noise * _noise((B, 1, N, Zd), generator, dev, dt)
+        _frame_forward(model, zc, full(1 - ctx_noise), full(d_min), a, v, cache, t, commit=True)
+    return torch.cat(out, dim=1)
+
+
+@torch.no_grad()
+def rollout_uncached(model: ShortcutDynamics, context_BTNZ: torch.Tensor, actions_BTA: torch.Tensor | None,
+                     valid_BT: torch.Tensor | None, *, horizon: int, k: int = 4, ctx_noise: float = 0.1,
+                     window: int, generator: torch.Generator) -> torch.Tensor:
+    """The reference: the same generation, recomputing the last `window` frames at every step.
+    Draws noise in the same order as `rollout_cached`, so the two agree for the same generator."""
+    actions_BTA, valid_BT = _prepare(context_BTNZ, actions_BTA, valid_BT, horizon)
+    B, Tc, N, Zd = context_BTNZ.shape
+    dev, dt = context_BTNZ.device, context_BTNZ.dtype
+    d_min = 1.0 / model.cfg.k_max
+    ctx = [(1 - ctx_noise) * context_BTNZ[:, t:t + 1] + ctx_noise * _noise((B, 1, N, Zd), generator, dev, dt)
+           for t in range(Tc)]
+    out = []
+    for h in range(horizon):
+        t = Tc + h
+        lo = max(0, t - window + 1)
+        x = _noise((B, 1, N, Zd), generator, dev, dt)
+        n_ctx = t - lo
+        for s in range(k):
+            tau = s / k
+            z = torch.cat(ctx[lo:t] + [x], dim=1)
+            taus = torch.tensor([1 - ctx_noise] * n_ctx + [tau], device=dev, dtype=dt).expand(B, -1)
+            ds = torch.tensor([d_min] * n_ctx + [1.0 / k], device=dev, dtype=dt).expand(B, -1)
+            pred = model(z, taus, ds, actions_BTA[:, lo:t + 1], valid_BT[:, lo:t + 1])[:, -1:]
+            x = x + (pred - x) / (1 - tau) / k
+        out.append(x)
+        ctx.append((1 - ctx_noise) * x + ctx_noise * _noise((B, 1, N, Zd), generator, dev, dt))
+    return torch.cat(out, dim=1)
+
+
+@torch.no_grad()
+def rollout_teacher_forced(model: TeacherForcedPredictor, context_BTNZ: torch.Tensor, actions_BTA, valid_BT, *,
+                           horizon: int, window: int) -> torch.Tensor:
+    """Feed predictions back: frame t+1 = g(last `window` frames, the actions after them)."""
+    actions_BTA, valid_BT = _prepare(context_BTNZ, actions_BTA, valid_BT, horizon)
+    seq = [context_BTNZ[:, t:t + 1] for t in range(context_BTNZ.shape[1])]
+    Tc = len(seq)
+    for h in range(horizon):
+        t = Tc + h  # frame to predict; inputs are frames lo..t-1 with the actions leading out of them
+        lo = max(0, t - window)
+        z = torch.cat(seq[lo:t], dim=1)
+        pred = model(z, actions_BTA[:, lo + 1:t + 1], valid_BT[:, lo + 1:t + 1])[:, -1:]
+        seq.append(pred)
+    return torch.cat(seq[Tc:], dim=1)
