@@ -27,21 +27,10 @@ from trainer.config import apply_overrides, tiny
 from trainer.data import StepBatches, WindowSampler, compute_stats, token_shape
 from trainer.loop import TrainingDiverged, run_train
 
-PRE = Preprocess(height=64, width=64)
-
 
 def _encode(manifest: Path, store: Path, encoder: Path) -> None:
-    run_encode(EncodeConfig(manifest=manifest, store=store, encoder=str(encoder), preprocess=PRE,
-                            layout=StoreLayout(episodes_per_segment=4), batch_size=16, threads=1))
-
-
-@pytest.fixture(scope="session")
-def pusht_store(tmp_path_factory, pusht_manifest, pusht_free_manifest, tiny_encoder) -> Path:
-    """Labelled + action-free pusht tokens (4x4 grid, width 32)."""
-    store = tmp_path_factory.mktemp("stores") / "pusht.zarr"
-    _encode(pusht_manifest, store, tiny_encoder)
-    _encode(pusht_free_manifest, store, tiny_encoder)
-    return store
+    run_encode(EncodeConfig(manifest=manifest, store=store, encoder=str(encoder), preprocess=Preprocess(height=64,
+                            width=64), layout=StoreLayout(episodes_per_segment=4), batch_size=16, threads=1))
 
 
 def _cfg(store: Path, out: Path, **kw):

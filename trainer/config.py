@@ -34,6 +34,7 @@ class ModelConfig:
     qk_norm: bool = True
     # z1_hat = c_skip(tau) z_tau + c_out(tau) F(c_in(tau) z_tau): EDM-style preconditioning, still x-prediction
     precondition: bool = True
+    temporal_prior: bool = True  # precondition around the previous frame's estimate (static tokens copy for free)
     merge_2x2: bool = False  # merge 2x2 neighbouring patch tokens into one (4x fewer tokens)
     rope_theta_space: float = 100.0
     rope_theta_time: float = 10_000.0
@@ -67,6 +68,7 @@ class TrainConfig:
     labelled_fraction: float = 0.05  # labelled : action-free windows = 1 : 19
     action_dropout: float = 0.0  # share of labelled windows given the null action anyway
     include_augmented: bool = True
+    action_mode: str = "absolute"  # absolute | relative_to_state (action - state[:A], e.g. pusht target - agent xy)
     stats_frames: int = 2048  # frames sampled for the token normalisation statistics
     num_workers: int = 0
     # shortcut forcing
@@ -77,6 +79,11 @@ class TrainConfig:
     tau_max_schedule: tuple[tuple[int, float], ...] = ()  # ((step, max signal level), ...): curriculum on tau
     bootstrap_start: int = 0  # steps of flow-only training before the bootstrap term
     bootstrap_fraction: float = 0.25  # share of windows trained with per-frame step sizes (1.0: Dreamer 4)
+    # diffusion_forcing (Dreamer 4: frames see noisy predecessors) | clean_context (every frame is trained in the
+    # generation regime: predecessors at the context level ctx_noise; 2x tokens per window)
+    context_mode: str = "diffusion_forcing"
+    clean_history_prob: float = 0.0  # diffusion forcing: share of windows with a nearly clean history before a cut
+    ctx_noise: float = 0.1  # context corruption at inference (Dreamer 4: 0.1), also the clean-history level
     # optimisation
     steps: int = 1000
     batch_size: int = 8  # per rank, per micro-step
@@ -106,8 +113,13 @@ class TrainConfig:
             raise UserError("context_frames must be >= 2")
         if not 0.0 <= self.labelled_fraction <= 1.0 or not 0.0 <= self.action_dropout <= 1.0:
             raise UserError("labelled_fraction and action_dropout must be in [0, 1]")
-        if not 0.0 <= self.bootstrap_fraction <= 1.0:
-            raise UserError("bootstrap_fraction must be in [0, 1]")
+        for name in ("bootstrap_fraction", "clean_history_prob", "ctx_noise"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise UserError(f"{name} must be in [0, 1]")
+        if self.context_mode not in ("diffusion_forcing", "clean_context"):
+            raise UserError(f"context_mode {self.context_mode!r}: choose diffusion_forcing or clean_context")
+        if self.action_mode not in ("absolute", "relative_to_state"):
+            raise UserError(f"action_mode {self.action_mode!r}: choose absolute or relative_to_state")
         if self.tau_sampling not in ("uniform", "logit_normal"):
             raise UserError(f"tau_sampling {self.tau_sampling!r}: choose uniform or logit_normal")
         if self.precision not in ("auto", "bf16", "fp32"):

@@ -36,6 +36,7 @@ class Stats:
     token_std: np.ndarray  # [Z]
     action_mean: np.ndarray  # [A_raw]
     action_std: np.ndarray  # [A_raw]
+    frame_delta_var: np.ndarray  # [1]: mean squared change of a normalised token between consecutive frames
 
     def to_dict(self) -> dict[str, list[float]]:
         return {k: np.asarray(v, dtype=np.float64).tolist() for k, v in dataclasses.asdict(self).items()}
@@ -73,36 +74,54 @@ def token_shape(reader: TokenReader, cfg: TrainConfig) -> TokenShape:
                       action_dim=a * cfg.frameskip)
 
 
+def raw_actions(w: dict[str, np.ndarray], mode: str) -> np.ndarray:
+    """A window's actions [T, A] in the training action space (`relative_to_state`: action - state[:, :A])."""
+    a = w["action"].astype(np.float32)
+    if mode == "relative_to_state":
+        k = min(a.shape[1], w["state"].shape[1])
+        a = a.copy()
+        a[:, :k] -= w["state"][:, :k]
+    return a
+
+
 def compute_stats(reader: TokenReader, cfg: TrainConfig, shape: TokenShape) -> Stats:
     """Token mean/std from up to `stats_frames` random train frames; action mean/std from all labelled train frames."""
     eps = select_episodes(reader, cfg, "train")
     rng = np.random.default_rng([cfg.seed, 7])
-    per_ep = max(1, cfg.stats_frames // max(1, len(eps)))
+    per_ep = max(1, cfg.stats_frames // (2 * max(1, len(eps))))
     s1 = np.zeros(shape.enc_dim)
     s2 = np.zeros(shape.enc_dim)
+    d2 = np.zeros(shape.enc_dim)  # consecutive-frame squared differences
     n = 0
     for row in rng.permutation(eps.index.to_numpy()):
         e = reader.episodes.loc[row]
-        k = min(per_ep, int(e.length))
-        for start in np.sort(rng.choice(int(e.length), size=k, replace=False)):
-            p = reader.read(Window(int(row), int(start), 1), ("patch",))["patch"].reshape(-1, shape.enc_dim)
-            s1 += p.sum(0)
-            s2 += (p.astype(np.float64) ** 2).sum(0)
-            n += len(p)
-        if n >= cfg.stats_frames * shape.tokens:
+        if int(e.length) < 2:
+            continue
+        k = min(per_ep, int(e.length) - 1)
+        for start in np.sort(rng.choice(int(e.length) - 1, size=k, replace=False)):
+            pair = reader.read(Window(int(row), int(start), 2), ("patch",))["patch"].astype(np.float64)
+            pair = pair.reshape(2, -1, shape.enc_dim)
+            s1 += pair.sum((0, 1))
+            s2 += (pair**2).sum((0, 1))
+            d2 += ((pair[1] - pair[0]) ** 2).sum(0)
+            n += pair.shape[1]
+        if 2 * n >= cfg.stats_frames * shape.tokens:
             break
-    mean = s1 / n
-    std = np.sqrt(np.maximum(s2 / n - mean**2, 1e-12))
+    if n == 0:
+        raise UserError(f"{reader.path}: no train episode has 2 frames; cannot compute statistics")
+    mean = s1 / (2 * n)
+    std = np.sqrt(np.maximum(s2 / (2 * n) - mean**2, 1e-12))
+    delta_var = float(np.mean(d2 / n / std**2))
     a_raw = shape.action_dim // cfg.frameskip
-    acts = [reader.episode(int(r), ("action", "action_valid")) for r in eps[eps.has_actions].index]
-    valid = [x["action"][x["action_valid"]] for x in acts]
+    acts = [reader.episode(int(r), ("action", "action_valid", "state")) for r in eps[eps.has_actions].index]
+    valid = [raw_actions(x, cfg.action_mode)[x["action_valid"]] for x in acts]
     if a_raw and valid and sum(len(v) for v in valid):
         allv = np.concatenate(valid)
         a_mean, a_std = allv.mean(0), np.maximum(allv.std(0), 1e-6)
     else:
         a_mean, a_std = np.zeros(a_raw), np.ones(a_raw)
     return Stats(mean.astype(np.float32), std.astype(np.float32), a_mean.astype(np.float32),
-                 a_std.astype(np.float32))
+                 a_std.astype(np.float32), np.array([delta_var], dtype=np.float32))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -158,10 +177,11 @@ class WindowSampler:
         return pool[pool.length >= span]
 
 
-def load_sample(reader: TokenReader, s: Sample, T: int, frameskip: int, stats: Stats, shape: TokenShape
+def load_sample(reader: TokenReader, s: Sample, T: int, cfg: TrainConfig, stats: Stats, shape: TokenShape
                 ) -> dict[str, np.ndarray]:
     """One window: normalised tokens [T, N, Z]; normalised actions [T, A] where actions[t] led into frame t
     (the frameskip raw actions between frames t-1 and t, concatenated); valid [T] (frame 0 never)."""
+    frameskip = cfg.frameskip
     span = (T - 1) * frameskip + 1
     toks = reader.read(Window(s.row, s.start, T, frameskip), ("patch",))["patch"]
     z = (toks.reshape(T, -1, shape.enc_dim) - stats.token_mean) / stats.token_std
@@ -169,8 +189,8 @@ def load_sample(reader: TokenReader, s: Sample, T: int, frameskip: int, stats: S
     actions = np.zeros((T, shape.action_dim), dtype=np.float32)
     valid = np.zeros(T, dtype=bool)
     if s.labelled and a_raw:
-        w = reader.read(Window(s.row, s.start, span), ("action", "action_valid"))
-        a = (w["action"] - stats.action_mean) / stats.action_std  # [span, A_raw]
+        w = reader.read(Window(s.row, s.start, span), ("action", "action_valid", "state"))
+        a = (raw_actions(w, cfg.action_mode) - stats.action_mean) / stats.action_std  # [span, A_raw]
         for t in range(1, T):
             lo, hi = (t - 1) * frameskip, t * frameskip
             actions[t] = a[lo:hi].reshape(-1)
@@ -180,7 +200,7 @@ def load_sample(reader: TokenReader, s: Sample, T: int, frameskip: int, stats: S
 
 def collate(reader: TokenReader, samples: list[Sample], T: int, cfg: TrainConfig, stats: Stats,
             shape: TokenShape) -> dict[str, Any]:
-    items = [load_sample(reader, s, T, cfg.frameskip, stats, shape) for s in samples]
+    items = [load_sample(reader, s, T, cfg, stats, shape) for s in samples]
     batch = {k: torch.from_numpy(np.stack([it[k] for it in items])) for k in (Z, ACTIONS, VALID)}
     batch[LABELLED] = torch.tensor([s.labelled for s in samples])
     batch[SAMPLE_IDS] = torch.tensor([s.sample_id for s in samples], dtype=torch.long)
@@ -219,16 +239,18 @@ class StepBatches(torch.utils.data.IterableDataset):
             step += nw
 
 
-def noise_like(shape_NZ: tuple[int, ...], T: int, sample_ids: torch.Tensor, seed: int,
-               tau_spec, ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per-sample noise [B, T, N, Z] and (tau, d) [B, T], each from a generator seeded by the sample id."""
+def noise_like(shape_NZ: tuple[int, ...], T: int, sample_ids: torch.Tensor, seed: int, tau_spec,
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-sample noise [B, T, N, Z], (tau, d) [B, T] and context noise [B, T, N, Z], each from a generator
+    seeded by the sample id (so a sample's noise does not depend on the batch it is in)."""
     from trainer.losses import sample_tau_d
 
-    zs, taus, ds = [], [], []
+    zs, taus, ds, cs = [], [], [], []
     for sid in sample_ids.tolist():
         g = torch.Generator().manual_seed(seed * 1_000_003 + int(sid))
         tau, d = sample_tau_d(tau_spec, T, g)
         taus.append(tau)
         ds.append(d)
         zs.append(torch.randn((T, *shape_NZ), generator=g))
-    return torch.stack(zs), torch.stack(taus), torch.stack(ds)
+        cs.append(torch.randn((T, *shape_NZ), generator=g))
+    return torch.stack(zs), torch.stack(taus), torch.stack(ds), torch.stack(cs)

@@ -241,6 +241,8 @@ def setup(cfg: TrainConfig, *, resume: bool, d: Dist) -> tuple[Trainer, int, Tok
         shape = token_shape(reader, cfg)
         stats = _broadcast(compute_stats(reader, cfg, shape) if d.main else None, d)
     model = build_model(cfg.model, shape).to(device)
+    if hasattr(model, "delta_var"):
+        model.delta_var.fill_(float(stats.frame_delta_var[0]))
     if cfg.init_from is not None and ckpt is None:
         src = resolve_checkpoint(cfg.init_from)
         st = load_state(src)

@@ -22,7 +22,9 @@ class TauSampling:
     grid {0, d, ..., 1 - d}. `logit_normal` draws u ~ sigmoid(N(mean, std)) instead of uniform, `power` warps
     u -> u**power, `tau_max` caps the signal level (a curriculum), `flow_only` uses only d = 1/k_max.
     `bootstrap_fraction`: share of samples whose frames draw d from Eq. 4; the others train the flow term
-    only (d = 1/k_max). 1.0 is Dreamer 4's per-frame sampling; the shortcut-model recipe uses 0.25."""
+    only (d = 1/k_max). 1.0 is Dreamer 4's per-frame sampling; the shortcut-model recipe uses 0.25.
+    `clean_history_prob`: share of samples trained in the regime generation runs in: the frames before a
+    cut are history at the inference context level, the last n ~ Geometric(1/2) keep their own (tau, d)."""
 
     k_max: int
     distribution: str = "uniform"
@@ -32,6 +34,8 @@ class TauSampling:
     tau_max: float = 1.0
     flow_only: bool = False
     bootstrap_fraction: float = 1.0
+    clean_history_prob: float = 0.0  # share of samples whose frames before a random cut sit at `history_tau`
+    history_tau: float = 0.9  # the signal level of context frames at inference (1 - ctx_noise)
 
 
 def sample_tau_d(spec: TauSampling, T: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
@@ -49,6 +53,14 @@ def sample_tau_d(spec: TauSampling, T: int, generator: torch.Generator) -> tuple
         u = torch.sigmoid(spec.mean + spec.std * torch.randn(T, generator=generator, dtype=torch.float64))
     u = u.pow(spec.power) * spec.tau_max
     tau = torch.minimum(torch.floor(u / d) * d, 1.0 - d)
+    if T > 1 and bool(torch.rand((), generator=generator) < spec.clean_history_prob):
+        # the noisy suffix is n ~ Geometric(1/2) frames long (one-step prediction half the time), at most T-1
+        n = 1
+        while n < T - 1 and bool(torch.rand((), generator=generator) < 0.5):
+            n += 1
+        cut = T - n  # frames < cut are the (nearly clean) history
+        tau[:cut] = spec.history_tau
+        d[:cut] = 1.0 / spec.k_max
     return tau.float(), d.float()
 
 

@@ -23,7 +23,8 @@ def build_model(cfg: ModelConfig, shape: TokenShape) -> nn.Module:
 def tau_spec(cfg: TrainConfig, step: int) -> TauSampling:
     return TauSampling(k_max=cfg.model.k_max, distribution=cfg.tau_sampling, mean=cfg.tau_mean, std=cfg.tau_std,
                        power=cfg.tau_power, tau_max=cfg.tau_max_at(step), flow_only=step < cfg.bootstrap_start,
-                       bootstrap_fraction=cfg.bootstrap_fraction)
+                       bootstrap_fraction=cfg.bootstrap_fraction, clean_history_prob=cfg.clean_history_prob,
+                       history_tau=1.0 - cfg.ctx_noise)
 
 
 def compute_loss(model: nn.Module, batch: dict[str, Any], cfg: TrainConfig, step: int, *,
@@ -35,12 +36,17 @@ def compute_loss(model: nn.Module, batch: dict[str, Any], cfg: TrainConfig, step
     if cfg.model.kind == "teacher_forced":
         return teacher_forcing_loss(lambda zz: model(zz, actions[:, 1:], valid[:, 1:]), z)
     B, T, N, Zd = z.shape
-    z0, tau, d = noise_like((N, Zd), T, batch["sample_ids"], cfg.seed, tau_spec(cfg, step))
+    z0, tau, d, eps = noise_like((N, Zd), T, batch["sample_ids"], cfg.seed, tau_spec(cfg, step))
     z0, tau, d = z0.to(z.device), tau.to(z.device), d.to(z.device)
+    ctx = None
+    if cfg.context_mode == "clean_context":  # the frames as generation sees its history
+        ctx = (1 - cfg.ctx_noise) * z + cfg.ctx_noise * eps.to(z.device)
 
     def f(z_tau, tau_, d_):
         net = model if torch.is_grad_enabled() else core
-        return net(z_tau, tau_, d_, actions, valid)
+        if ctx is None:
+            return net(z_tau, tau_, d_, actions, valid)
+        return net(z_tau, tau_, d_, actions, valid, ctx, 1.0 - cfg.ctx_noise)
 
     return shortcut_forcing_loss(f, z, z0, tau, d, k_max=cfg.model.k_max)
 
@@ -56,4 +62,5 @@ def predict_last_frame(model: nn.Module, batch: dict[str, Any], cfg: TrainConfig
     if cfg.model.kind == "teacher_forced":
         return rollout_teacher_forced(model, z[:, :-1], actions, valid, horizon=1, window=T - 1)[:, 0]
     g = generator or torch.Generator().manual_seed(cfg.seed)
-    return rollout_cached(model, z[:, :-1], actions, valid, horizon=1, k=k, window=T, generator=g)[:, 0]
+    return rollout_cached(model, z[:, :-1], actions, valid, horizon=1, k=k, window=T, ctx_noise=cfg.ctx_noise,
+                          generator=g)[:, 0]  # (no gradient: this function runs under torch.no_grad)

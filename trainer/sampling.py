@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 
 from trainer.model.baseline import TeacherForcedPredictor
-from trainer.model.dynamics import ShortcutDynamics, preconditioning
+from trainer.model.dynamics import ShortcutDynamics
 
 
 class TimeKVCache:
@@ -42,13 +42,10 @@ class TimeKVCache:
 
 
 def _frame_forward(model: ShortcutDynamics, z_B1NZ, tau_B1, d_B1, act_B1A, valid_B1, cache: TimeKVCache, pos: int,
-                   commit: bool) -> torch.Tensor:
-    c_in, c_skip, c_out = preconditioning(tau_B1, model.cfg.precondition)
-    x = model.tokens(z_B1NZ * c_in, tau_B1, d_B1, act_B1A, valid_B1)
-    angles = model.time_angles(1, offset=pos, device=x.device)
-    for i, block in enumerate(model.blocks):
-        x = block(x, model.space_angles, angles, time_kv=cache.hook(i, angles, commit) if block.time else None)
-    return c_skip * z_B1NZ + c_out * model.readout(x)
+                   commit: bool, prev) -> torch.Tensor:
+    angles = model.time_angles(1, offset=pos, device=z_B1NZ.device)
+    return model.denoise(z_B1NZ, tau_B1, d_B1, act_B1A, valid_B1, prev=prev, pos=pos,
+                         time_kv=lambda i: cache.hook(i, angles, commit))
 
 
 def _prepare(context_BTNZ, actions_BTA, valid_BT, horizon):
@@ -61,16 +58,20 @@ def _prepare(context_BTNZ, actions_BTA, valid_BT, horizon):
     return actions_BTA, valid_BT
 
 
-def _noise(shape, generator, device, dtype):
-    return torch.randn(shape, generator=generator, device="cpu", dtype=torch.float32).to(device=device, dtype=dtype)
+def _noise(shape, generator, device, dtype, shared: bool = False):
+    """Gaussian noise; `shared` draws one sample and repeats it over the batch (common random numbers: every
+    candidate action sequence of a planner meets the same noise, so their costs differ by the actions only)."""
+    draw = (1, *shape[1:]) if shared else shape
+    n = torch.randn(draw, generator=generator, device="cpu", dtype=torch.float32).to(device=device, dtype=dtype)
+    return n.expand(shape) if shared else n
 
 
-@torch.no_grad()
 def rollout_cached(model: ShortcutDynamics, context_BTNZ: torch.Tensor, actions_BTA: torch.Tensor | None,
                    valid_BT: torch.Tensor | None, *, horizon: int, k: int = 4, ctx_noise: float = 0.1,
-                   window: int, generator: torch.Generator) -> torch.Tensor:
+                   window: int, generator: torch.Generator, shared_noise: bool = False) -> torch.Tensor:
     """Generate `horizon` frames after the clean context [B, Tc, N, Z]. actions[:, t] leads into frame t
-    (covering context + horizon); valid=False means the null action. Returns [B, H, N, Z]."""
+    (covering context + horizon); valid=False means the null action. Returns [B, H, N, Z]. Differentiable
+    (callers that need no gradient wrap it in torch.no_grad())."""
     if k < 1 or k & (k - 1) or k > model.cfg.k_max:
         raise ValueError(f"k={k} must be a power of two <= k_max={model.cfg.k_max}")
     actions_BTA, valid_BT = _prepare(context_BTNZ, actions_BTA, valid_BT, horizon)
@@ -79,43 +80,46 @@ def rollout_cached(model: ShortcutDynamics, context_BTNZ: torch.Tensor, actions_
     cache = TimeKVCache(window)
     full = lambda v: torch.full((B, 1), v, device=dev, dtype=dt)  # noqa: E731
     d_min = 1.0 / model.cfg.k_max
+    prev = None  # (z, tau) of the last committed frame: the temporal prior of the next one
     # committed context: each frame re-noised once, its time keys/values cached
     for t in range(Tc):
-        zc = (1 - ctx_noise) * context_BTNZ[:, t:t + 1] + ctx_noise * _noise((B, 1, N, Zd), generator, dev, dt)
+        eps = _noise((B, 1, N, Zd), generator, dev, dt, shared_noise)
+        zc = (1 - ctx_noise) * context_BTNZ[:, t:t + 1] + ctx_noise * eps
         _frame_forward(model, zc, full(1 - ctx_noise), full(d_min), actions_BTA[:, t:t + 1], valid_BT[:, t:t + 1],
-                       cache, t, commit=True)
+                       cache, t, True, prev)
+        prev = (zc, full(1 - ctx_noise))
     out = []
     for h in range(horizon):
         t = Tc + h
-        x = _noise((B, 1, N, Zd), generator, dev, dt)
+        x = _noise((B, 1, N, Zd), generator, dev, dt, shared_noise)
         a, v = actions_BTA[:, t:t + 1], valid_BT[:, t:t + 1]
         for s in range(k):
             tau = s / k
-            pred = _frame_forward(model, x, full(tau), full(1.0 / k), a, v, cache, t, commit=False)
+            pred = _frame_forward(model, x, full(tau), full(1.0 / k), a, v, cache, t, False, prev)
             x = x + (pred - x) / (1 - tau) / k
         out.append(x)
-        zc = (1 - ctx_noise) * x + ctx_noise * _noise((B, 1, N, Zd), generator, dev, dt)
-        _frame_forward(model, zc, full(1 - ctx_noise), full(d_min), a, v, cache, t, commit=True)
+        zc = (1 - ctx_noise) * x + ctx_noise * _noise((B, 1, N, Zd), generator, dev, dt, shared_noise)
+        _frame_forward(model, zc, full(1 - ctx_noise), full(d_min), a, v, cache, t, True, prev)
+        prev = (zc, full(1 - ctx_noise))
     return torch.cat(out, dim=1)
 
 
-@torch.no_grad()
 def rollout_uncached(model: ShortcutDynamics, context_BTNZ: torch.Tensor, actions_BTA: torch.Tensor | None,
                      valid_BT: torch.Tensor | None, *, horizon: int, k: int = 4, ctx_noise: float = 0.1,
-                     window: int, generator: torch.Generator) -> torch.Tensor:
+                     window: int, generator: torch.Generator, shared_noise: bool = False) -> torch.Tensor:
     """The reference: the same generation, recomputing the last `window` frames at every step.
     Draws noise in the same order as `rollout_cached`, so the two agree for the same generator."""
     actions_BTA, valid_BT = _prepare(context_BTNZ, actions_BTA, valid_BT, horizon)
     B, Tc, N, Zd = context_BTNZ.shape
     dev, dt = context_BTNZ.device, context_BTNZ.dtype
     d_min = 1.0 / model.cfg.k_max
-    ctx = [(1 - ctx_noise) * context_BTNZ[:, t:t + 1] + ctx_noise * _noise((B, 1, N, Zd), generator, dev, dt)
-           for t in range(Tc)]
+    ctx = [(1 - ctx_noise) * context_BTNZ[:, t:t + 1]
+           + ctx_noise * _noise((B, 1, N, Zd), generator, dev, dt, shared_noise) for t in range(Tc)]
     out = []
     for h in range(horizon):
         t = Tc + h
         lo = max(0, t - window + 1)
-        x = _noise((B, 1, N, Zd), generator, dev, dt)
+        x = _noise((B, 1, N, Zd), generator, dev, dt, shared_noise)
         n_ctx = t - lo
         for s in range(k):
             tau = s / k
@@ -125,11 +129,10 @@ def rollout_uncached(model: ShortcutDynamics, context_BTNZ: torch.Tensor, action
             pred = model(z, taus, ds, actions_BTA[:, lo:t + 1], valid_BT[:, lo:t + 1])[:, -1:]
             x = x + (pred - x) / (1 - tau) / k
         out.append(x)
-        ctx.append((1 - ctx_noise) * x + ctx_noise * _noise((B, 1, N, Zd), generator, dev, dt))
+        ctx.append((1 - ctx_noise) * x + ctx_noise * _noise((B, 1, N, Zd), generator, dev, dt, shared_noise))
     return torch.cat(out, dim=1)
 
 
-@torch.no_grad()
 def rollout_teacher_forced(model: TeacherForcedPredictor, context_BTNZ: torch.Tensor, actions_BTA, valid_BT, *,
                            horizon: int, window: int) -> torch.Tensor:
     """Feed predictions back: frame t+1 = g(last `window` frames, the actions after them)."""

@@ -44,10 +44,16 @@ class PushtDataConfig:
 
 
 class ScriptedPusher:
-    """Heuristic pusher: approach a contact point behind the block, push through it, re-plan."""
+    """Heuristic pusher: approach a contact point behind the block, push through it, re-plan.
 
-    def __init__(self, rng: np.random.Generator, max_step: float = 30.0, noise: float = 3.0):
+    A share of steps (`explore`) jitters the target by up to `jitter` px: a world model learns what actions do
+    only if they are not predictable from the frames before them, so the data must vary them step to step.
+    """
+
+    def __init__(self, rng: np.random.Generator, max_step: float = 30.0, noise: float = 3.0, explore: float = 0.3,
+                 jitter: float = 35.0):
         self.rng, self.max_step, self.noise = rng, max_step, noise
+        self.explore, self.jitter = explore, jitter
         self.direction = np.array([1.0, 0.0])
         self.push_left = 0
 
@@ -84,6 +90,8 @@ class ScriptedPusher:
         if norm > self.max_step:
             step *= self.max_step / norm
         target = agent_xy + step + self.rng.normal(0.0, self.noise, size=2)
+        if self.rng.random() < self.explore:
+            target += self.rng.uniform(-self.jitter, self.jitter, size=2)
         return np.clip(target, 0.0, 512.0)
 
 

@@ -72,14 +72,14 @@ class Block(nn.Module):
         self.mlp = SwiGLU(cfg.dim, cfg.mlp_ratio)
 
     def forward(self, x_BTSD: torch.Tensor, space_angles: torch.Tensor, time_angles: torch.Tensor,
-                time_kv=None) -> torch.Tensor:
+                time_kv=None, time_mask: torch.Tensor | None = None) -> torch.Tensor:
         B, T, S, D = x_BTSD.shape
         h = self.space(self.norm_space(x_BTSD).reshape(B * T, S, D), angles=space_angles)
         x_BTSD = x_BTSD + h.view(B, T, S, D)
         if self.time is not None:
             h = rearrange(self.norm_time(x_BTSD), "b t s d -> (b s) t d")
             kv = time_kv(self.time, h) if time_kv is not None else None  # KV cache hook (rollouts)
-            h = self.time(h, angles=time_angles, causal=True, kv=kv)
+            h = self.time(h, angles=time_angles, causal=time_mask is None, mask_LM=time_mask, kv=kv)
             x_BTSD = x_BTSD + rearrange(h, "(b s) t d -> b t s d", b=B)
         return x_BTSD + self.mlp(self.norm_mlp(x_BTSD))
 
@@ -91,19 +91,39 @@ def sinusoidal(x_B: torch.Tensor, dim: int, scale: float = 1000.0) -> torch.Tens
     return torch.cat([args.sin(), args.cos()], dim=-1)
 
 
-def preconditioning(tau_BT: torch.Tensor, enabled: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(c_in, c_skip, c_out) [B, T, 1, 1] for z_tau = tau z1 + (1 - tau) z0 with unit-variance z1 and z0.
+def temporal_prior(z_BTNZ: torch.Tensor, tau_BT: torch.Tensor, delta_var: float, prev_z_B1NZ=None, prev_tau_B1=None
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Prior mean and residual variance of each frame's clean latents from the frame before it.
 
-    c_skip z_tau is the linear least-squares estimate of z1, c_out the standard deviation it leaves, c_in
-    gives the network unit-variance input (EDM's preconditioning written for this interpolation). The model
-    still predicts z1; near-clean inputs no longer have to be reproduced through the whole network.
+    mu_t = tau' / (tau'^2 + (1 - tau')^2) * z_{t-1} is the linear least-squares estimate of frame t-1 from its
+    own noisy input (signal level tau'); the residual z1_t - mu_t has variance delta_var (how much a frame
+    changes, from the data) plus that estimate's error, capped at 1 (the unit data variance). Frame 0 (or a
+    previous frame of pure noise) gets mu = 0 and variance 1. `prev_*` give frame t-1 when z holds one frame.
+    Returns mu [B, T, N, Z] and residual variance [B, T, 1, 1]; mu_t depends on frame t-1 only (causal).
+    """
+    if prev_z_B1NZ is None:
+        prev_z = torch.cat([torch.zeros_like(z_BTNZ[:, :1]), z_BTNZ[:, :-1]], dim=1)
+        prev_tau = torch.cat([torch.zeros_like(tau_BT[:, :1]), tau_BT[:, :-1]], dim=1)
+    else:
+        prev_z, prev_tau = prev_z_B1NZ, prev_tau_B1
+    t = prev_tau[:, :, None, None]
+    v = t.pow(2) + (1 - t).pow(2)
+    mu = (t / v) * prev_z
+    r_var = torch.clamp(delta_var + (1 - t).pow(2) / v, max=1.0)
+    return mu, r_var
+
+
+def preconditioning(tau_BT: torch.Tensor, r_var: torch.Tensor | float = 1.0
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(c_in, c_skip, c_out) [B, T, 1, 1] for z_tau = tau z1 + (1 - tau) z0, z1 = mu + r, Var(r) = r_var.
+
+    c_skip (z_tau - tau mu) is the linear least-squares estimate of r, c_out the standard deviation it
+    leaves, c_in gives the network unit-variance input: EDM's preconditioning written for this interpolation
+    and a prior mean. The model still predicts z1 = mu + c_skip (z_tau - tau mu) + c_out F.
     """
     tau = tau_BT[:, :, None, None]
-    if not enabled:
-        one = torch.ones_like(tau)
-        return one, torch.zeros_like(tau), one
-    var = tau.pow(2) + (1 - tau).pow(2)
-    return var.rsqrt(), tau / var, (1 - tau) * var.rsqrt()
+    var = tau.pow(2) * r_var + (1 - tau).pow(2)
+    return var.rsqrt(), tau * r_var / var, (1 - tau) * torch.as_tensor(r_var).sqrt() * var.rsqrt()
 
 
 class ShortcutDynamics(nn.Module):
@@ -119,6 +139,8 @@ class ShortcutDynamics(nn.Module):
         per_cam = self.q_tokens // shape.cameras
         D = cfg.dim
         self.proj_in = nn.Linear(merged_dim, D)
+        self.residual_in = nn.Linear(merged_dim, D, bias=False)  # the frame's change from its temporal prior
+        self.prior_in = nn.Linear(merged_dim, D, bias=False)  # the temporal prior itself
         self.camera = nn.Parameter(torch.zeros(shape.cameras, 1, D))
         self.registers = nn.Parameter(torch.randn(cfg.registers, D) * 0.02)
         self.tau_mlp = nn.Sequential(nn.Linear(D, D), nn.SiLU(), nn.Linear(D, D))
@@ -133,6 +155,8 @@ class ShortcutDynamics(nn.Module):
         self.register_buffer("space_angles", rope_2d_angles(rows, cols, D // cfg.heads, cfg.rope_theta_space),
                              persistent=False)
         self._per_cam = per_cam
+        # variance of a frame-to-frame change in normalised tokens; set from the data by the trainer, saved
+        self.register_buffer("delta_var", torch.tensor(0.5))
 
     # -- token construction -------------------------------------------------------------------------------
     def embed_latents(self, z_BTND: torch.Tensor) -> torch.Tensor:
@@ -155,9 +179,14 @@ class ShortcutDynamics(nn.Module):
         a = torch.nan_to_num(actions_BTA, nan=0.0)
         return tok + self.action_mlp(a) * valid_BT[..., None].to(a.dtype)
 
-    def tokens(self, z_BTND, tau_BT, d_BT, actions_BTA=None, valid_BT=None) -> torch.Tensor:
+    def tokens(self, z_BTND, tau_BT, d_BT, actions_BTA=None, valid_BT=None, residual_BTND=None,
+               prior_BTND=None) -> torch.Tensor:
         B, T = z_BTND.shape[:2]
-        parts = [self.registers.expand(B, T, -1, -1), self.embed_latents(z_BTND),
+        latents = self.embed_latents(z_BTND)
+        for extra, proj in ((residual_BTND, self.residual_in), (prior_BTND, self.prior_in)):
+            if extra is not None:
+                latents = latents + proj(merge_2x2(extra, self.shape) if self.cfg.merge_2x2 else extra)
+        parts = [self.registers.expand(B, T, -1, -1), latents,
                  self.shortcut_token(tau_BT, d_BT)[:, :, None],
                  self.action_token(actions_BTA, valid_BT, B, T)[:, :, None]]
         return torch.cat(parts, dim=2)  # [B, T, S, D]
@@ -172,11 +201,64 @@ class ShortcutDynamics(nn.Module):
         return rope_angles(pos, self.cfg.dim // self.cfg.heads, self.cfg.rope_theta_time)
 
     def forward(self, z_BTND: torch.Tensor, tau_BT: torch.Tensor, d_BT: torch.Tensor,
-                actions_BTA: torch.Tensor | None = None, valid_BT: torch.Tensor | None = None) -> torch.Tensor:
-        """Noisy latents z [B, T, N, Z] at signal levels tau [B, T] with step sizes d [B, T] -> clean [B, T, N, Z]."""
-        c_in, c_skip, c_out = preconditioning(tau_BT, self.cfg.precondition)
-        x = self.tokens(z_BTND * c_in, tau_BT, d_BT, actions_BTA, valid_BT)
-        t_angles = self.time_angles(x.shape[1], device=x.device)
+                actions_BTA: torch.Tensor | None = None, valid_BT: torch.Tensor | None = None,
+                context_BTND: torch.Tensor | None = None, context_tau: float = 0.9) -> torch.Tensor:
+        """Noisy latents z [B, T, N, Z] at signal levels tau [B, T] with step sizes d [B, T] -> clean [B, T, N, Z].
+
+        Diffusion forcing (no `context`): frame t attends to the noisy frames <= t. Clean context: the same
+        frames, seen as context at signal level `context_tau`, are processed alongside, and noisy frame t
+        attends in time to the context frames < t and to itself, which is exactly the generation regime.
+        """
+        if context_BTND is None:
+            return self.denoise(z_BTND, tau_BT, d_BT, actions_BTA, valid_BT)
+        B, T = z_BTND.shape[:2]
+        ctx_tau = torch.full_like(tau_BT, context_tau)
+        d_min = torch.full_like(d_BT, 1.0 / self.cfg.k_max)
+        xc, _ = self._embed(context_BTND, ctx_tau, d_min, actions_BTA, valid_BT, None)
+        prev = (torch.cat([torch.zeros_like(context_BTND[:, :1]), context_BTND[:, :-1]], dim=1),
+                torch.cat([torch.zeros_like(ctx_tau[:, :1]), ctx_tau[:, :-1]], dim=1))
+        xn, finish = self._embed(z_BTND, tau_BT, d_BT, actions_BTA, valid_BT, prev)
+        x = torch.cat([xc, xn], dim=1)  # [B, 2T, S, D]: context copies, then noisy copies
+        t = torch.arange(T, device=x.device)
+        q, k = torch.cat([t, t]), torch.cat([t, t])
+        q_ctx, k_ctx = torch.arange(2 * T, device=x.device) < T, torch.arange(2 * T, device=x.device) < T
+        mask = (q_ctx[:, None] & k_ctx[None, :] & (k[None, :] <= q[:, None])) | \
+            (~q_ctx[:, None] & k_ctx[None, :] & (k[None, :] < q[:, None])) | torch.eye(2 * T, dtype=torch.bool,
+                                                                                 device=x.device)
+        angles = rope_angles(q, self.cfg.dim // self.cfg.heads, self.cfg.rope_theta_time)
         for block in self.blocks:
-            x = block(x, self.space_angles, t_angles)
-        return c_skip * z_BTND + c_out * self.readout(x)
+            x = block(x, self.space_angles, angles, time_mask=mask if block.time else None)
+        return finish(self.readout(x[:, T:]))
+
+    def _embed(self, z_BTND, tau_BT, d_BT, actions_BTA, valid_BT, prev):
+        """Tokens of (noisy) frames and the function that turns the network's readout into z1_hat."""
+        residual = prior = None
+        if not self.cfg.precondition:
+            mu, c_in, c_skip, c_out = 0.0, 1.0, 0.0, 1.0
+        else:
+            c_in = preconditioning(tau_BT)[0]  # the network sees each noisy frame itself, at unit variance
+            if self.cfg.temporal_prior:
+                mu, r_var = temporal_prior(z_BTND, tau_BT, float(self.delta_var), *(prev or (None, None)))
+                c_res, c_skip, c_out = preconditioning(tau_BT, r_var)
+                residual = (z_BTND - tau_BT[:, :, None, None] * mu) * c_res  # ... its change from the prior
+                prior = mu  # ... and the previous frame's estimate, in place (as a next-frame predictor has it)
+            else:
+                mu = torch.zeros_like(z_BTND)
+                _, c_skip, c_out = preconditioning(tau_BT)
+        x = self.tokens(z_BTND * c_in, tau_BT, d_BT, actions_BTA, valid_BT, residual, prior)
+
+        def finish(readout_BTNZ: torch.Tensor) -> torch.Tensor:
+            # around the prior: mu + least-squares estimate of the residual from this frame + what is left
+            return mu + c_skip * (z_BTND - tau_BT[:, :, None, None] * mu) + c_out * readout_BTNZ
+
+        return x, finish
+
+    def denoise(self, z_BTND, tau_BT, d_BT, actions_BTA=None, valid_BT=None, *, prev=None, pos: int = 0,
+                time_kv=None) -> torch.Tensor:
+        """Frames attending causally to each other, from time position `pos`; `prev` = (z, tau) of the frame
+        before (rollouts with a KV cache process one frame at a time), `time_kv(layer)` gives cached keys."""
+        x, finish = self._embed(z_BTND, tau_BT, d_BT, actions_BTA, valid_BT, prev)
+        t_angles = self.time_angles(x.shape[1], offset=pos, device=x.device)
+        for i, block in enumerate(self.blocks):
+            x = block(x, self.space_angles, t_angles, time_kv=time_kv(i) if time_kv and block.time else None)
+        return finish(self.readout(x))
