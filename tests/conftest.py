@@ -94,3 +94,32 @@ def pusht_manifest(pusht_root, tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def pusht_free_manifest(pusht_free_root, tmp_path_factory) -> Path:
     return _ingest(pusht_free_root, tmp_path_factory.mktemp("manifests") / "pusht-free.parquet", val_fraction=0.34)
+
+
+@pytest.fixture(scope="session")
+def pusht_store(tmp_path_factory, pusht_manifest, pusht_free_manifest, tiny_encoder) -> Path:
+    """Labelled + action-free pusht tokens (64x64 frames: a 4x4 grid of width-32 tokens)."""
+    from featurestore.encode import EncodeConfig, run_encode
+    from featurestore.encoders import Preprocess
+    from featurestore.store import StoreLayout
+
+    store = tmp_path_factory.mktemp("stores") / "pusht.zarr"
+    for manifest in (pusht_manifest, pusht_free_manifest):
+        run_encode(EncodeConfig(manifest=manifest, store=store, encoder=str(tiny_encoder),
+                                preprocess=Preprocess(height=64, width=64), layout=StoreLayout(episodes_per_segment=4),
+                                batch_size=16, threads=1))
+    return store
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory, pusht_store) -> Path:
+    """A tiny shortcut model trained for a few steps on pusht_store (labelled + action-free)."""
+    import dataclasses
+
+    from trainer.config import tiny
+    from trainer.loop import run_train
+
+    out = tmp_path_factory.mktemp("runs") / "tiny"
+    run_train(dataclasses.replace(tiny(), store=pusht_store, out=out, steps=30, labelled_fraction=0.5,
+                                  action_mode="relative_to_state", context_frames=6))
+    return out
