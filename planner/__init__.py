@@ -1,0 +1,1 @@
+"""Goal-conditioned planning in latent space: CEM, gradient descent, MPC, simulator evaluation."""

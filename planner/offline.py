@@ -1,0 +1,123 @@
+"""`wmctl plan offline`: plan from frame t to the encoded frame t+H on labelled val episodes.
+
+For each (episode, t): plan H frames of actions towards the goal latents, and report the latent distance the
+model predicts for the plan, for the ground-truth actions and for random actions in the same bounds, and
+the error of the planned actions against the ground truth (in units of the training actions' std).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import statistics
+import time
+from typing import Any
+
+import numpy as np
+import torch
+
+from featurestore.reader import TokenReader, Window
+from pipeline.stage import UserError
+from planner.cem import CEMConfig, cem_plan
+from planner.core import ActionSpec, WorldModel, latent_cost
+from planner.gd import GDConfig, gd_plan
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class OfflineConfig:
+    goal_offset: int = 5  # H: frames from the start to the goal
+    context: int = 2  # frames of history given to the model (the last is frame t)
+    starts_per_episode: int = 2
+    episodes: int | None = None
+    planner: str = "cem"  # cem | gd
+    cem: CEMConfig = CEMConfig()
+    gd: GDConfig = GDConfig()
+    smoothness: float = 0.0
+    random_samples: int = 64
+    k: int = 4
+    seed: int = 0
+    split: str = "val"
+
+
+def spec_for(wm: WorldModel, max_delta_fraction: float | None = 0.5) -> ActionSpec:
+    """Bounds from the model's training actions; per-step changes limited to a fraction of the range."""
+    lo, hi = wm.action_bounds()
+    md = tuple(float(x) for x in (hi - lo) * max_delta_fraction) if max_delta_fraction else None
+    return ActionSpec(tuple(float(x) for x in lo), tuple(float(x) for x in hi), md)
+
+
+def model_actions(wm: WorldModel, raw_SA: np.ndarray, states_SS: np.ndarray) -> np.ndarray:
+    """Raw per-step actions [steps, A] (dataset units) -> per-frame actions in the model's space [frames, A*fs]."""
+    a = raw_SA.astype(np.float64).copy()
+    if wm.action_mode == "relative_to_state":
+        k = min(a.shape[1], states_SS.shape[1])
+        a[:, :k] -= states_SS[:, :k]
+    fs = wm.frameskip
+    return a.reshape(len(a) // fs, fs * a.shape[1])
+
+
+def run_plan_offline(wm: WorldModel, reader: TokenReader, cfg: OfflineConfig) -> dict[str, Any]:
+    if wm.frame_action_dim == 0:
+        raise UserError("this model was trained without actions; planning needs an action-conditioned model")
+    fs, H = wm.frameskip, cfg.goal_offset
+    ctx = max(1, min(cfg.context, wm.window - H))
+    eps = reader.episodes
+    eps = eps[(eps.split == cfg.split) & (eps.view == 0) & eps.has_actions]
+    need = (ctx - 1 + H) * fs + 1
+    eps = eps[eps.length >= need]
+    if eps.empty:
+        raise UserError(f"no labelled {cfg.split} episode has the {need} frames that {ctx} context frames and a "
+                        f"goal {H} frames ahead need (frameskip {fs}); lower --goal-offset")
+    if cfg.episodes:
+        eps = eps.iloc[: cfg.episodes]
+    spec = spec_for(wm)
+    rng = np.random.default_rng(cfg.seed)
+    rows, latencies = [], []
+    for row, e in eps.iterrows():
+        for s0 in np.sort(rng.choice(int(e.length) - need + 1, size=min(cfg.starts_per_episode,
+                                                                        int(e.length) - need + 1), replace=False)):
+            w = reader.read(Window(int(row), int(s0), ctx + H, fs), ("patch",))
+            raw = reader.read(Window(int(row), int(s0), need), ("action", "state"))
+            z = wm.normalize(w["patch"])  # [ctx+H, N, Z]
+            acts = torch.as_tensor(model_actions(wm, raw["action"][: need - 1], raw["state"][: need - 1]),
+                                   dtype=torch.float32)  # [(ctx-1+H), A] actions between frames
+            ctx_actions = torch.cat([torch.zeros(1, acts.shape[1]), acts[: ctx - 1]])  # leading into ctx frames
+            gt = acts[ctx - 1:]  # [H, A] the actions from frame t to t+H
+            goal = z[-1]
+            cost = latent_cost(goal, smoothness=cfg.smoothness)
+            seed = int(rng.integers(2**31))
+
+            def rollout(a_SHA, grad=False, z=z, ctx_actions=ctx_actions, seed=seed):
+                return wm.plan_rollout(z[:ctx], a_SHA, grad=grad, context_actions_TA=ctx_actions, k=cfg.k, seed=seed)
+
+            g = torch.Generator().manual_seed(seed)
+            t0 = time.perf_counter()
+            if cfg.planner == "cem":
+                res = cem_plan(rollout, cost, spec, dataclasses.replace(cfg.cem, horizon=H), generator=g)
+            else:
+                res = gd_plan(lambda a: rollout(a, grad=True), cost, spec, dataclasses.replace(cfg.gd, horizon=H),
+                              generator=g)
+            latencies.append(time.perf_counter() - t0)
+            lo, hi, _ = spec.tensors()
+            rand = lo + (hi - lo) * torch.rand((cfg.random_samples, H, spec.dim), generator=g)
+            with torch.no_grad():
+                d_plan = float(cost(rollout(res.actions[None]), res.actions[None])[0])
+                d_gt = float(cost(rollout(gt[None]), gt[None])[0])
+                d_rand = cost(rollout(rand), rand).tolist()
+            std = (hi - lo) / 5.0  # the bounds are mean +- 2.5 std
+            rows.append({
+                "episode": int(e.episode_index), "start": int(s0), "plan": d_plan, "ground_truth": d_gt,
+                "random_mean": statistics.fmean(d_rand), "random_best": min(d_rand),
+                "action_error": float((((res.actions - gt) / std) ** 2).mean()),
+                "random_action_error": float((((rand - gt) / std) ** 2).mean()),
+            })
+    def mean(key):
+        return statistics.fmean(r[key] for r in rows)
+
+    return {
+        "planner": cfg.planner, "goal_offset": H, "context": ctx, "problems": len(rows),
+        "latent_distance": {k: mean(k) for k in ("plan", "ground_truth", "random_mean", "random_best")},
+        "plan_closer_than_random": statistics.fmean(r["plan"] < r["random_mean"] for r in rows),
+        "action_error_vs_ground_truth": {"plan": mean("action_error"), "random": mean("random_action_error")},
+        "latency_s": {"p50": float(np.percentile(latencies, 50)), "p95": float(np.percentile(latencies, 95))},
+        "rows": rows,
+    }
