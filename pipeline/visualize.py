@@ -1,0 +1,165 @@
+"""`wmctl visualize`: side by side, the ground truth, the decoded true latents and the decoded rollouts
+(with the episode's actions and with the null action), with frame numbers, as .png, .gif or .mp4.
+
+The decoder only looks: predictions are made under no_grad and decoded afterwards.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+import av
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+
+from featurestore.decoder import episode_frames, load_decoder, newest_decoder, normalize_tokens, preprocess_geometry
+from featurestore.encoders import Preprocess
+from featurestore.reader import TokenReader, Window
+from pipeline.stage import UserError
+
+FORMATS = (".png", ".gif", ".mp4")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class VisualizeConfig:
+    run: Path
+    out: Path
+    store: Path | None = None
+    decoder: Path | None = None
+    episode: int | None = None  # episode_index in the decoder's source (default: the first val episode)
+    start: int = 0
+    horizon: int = 10
+    context: int | None = None
+    k: int = 4
+    seed: int = 0
+    scale: int = 2
+
+    def __post_init__(self) -> None:
+        if Path(self.out).suffix not in FORMATS:
+            raise UserError(f"--out {self.out}: the file must end in one of {FORMATS}")
+
+
+def _label(img: np.ndarray, text: str) -> np.ndarray:
+    im = Image.fromarray(img)
+    ImageDraw.Draw(im).text((2, 1), text, fill=(255, 0, 0))
+    return np.asarray(im)
+
+
+def _to_uint8(x_3HW: torch.Tensor, scale: int) -> np.ndarray:
+    img = (x_3HW.clamp(0, 1).permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+    return img.repeat(scale, 0).repeat(scale, 1)
+
+
+def write_video(frames: list[np.ndarray], path: Path, fps: int) -> None:
+    """H.264 (or MPEG-4 where no H.264 encoder exists) mp4 of RGB frames, with PyAV."""
+    h, w = frames[0].shape[:2]
+    frames = [f[: h - h % 2, : w - w % 2] for f in frames]
+    for codec in ("libx264", "h264", "libopenh264", "mpeg4"):
+        try:
+            with av.open(str(path), "w") as container:
+                stream = container.add_stream(codec, rate=fps)
+                stream.width, stream.height, stream.pix_fmt = frames[0].shape[1], frames[0].shape[0], "yuv420p"
+                for f in frames:
+                    for packet in stream.encode(av.VideoFrame.from_ndarray(f, format="rgb24")):
+                        container.mux(packet)
+                for packet in stream.encode():
+                    container.mux(packet)
+            return
+        except (av.error.FFmpegError, ValueError):
+            Path(path).unlink(missing_ok=True)
+    raise UserError("no usable video encoder in this PyAV build; write a .gif or .png instead")
+
+
+def run_visualize(cfg: VisualizeConfig) -> dict[str, Any]:
+    from trainer.api import LoadedWorldModel, run_store
+
+    wm = LoadedWorldModel.load(cfg.run)
+    reader = TokenReader(cfg.store or run_store(wm.checkpoint))
+    decoder, meta = load_decoder(cfg.decoder or newest_decoder())
+    if meta["encoder"] != reader.encoder or wm.encoder != reader.encoder:
+        raise UserError("the run, the decoder and the store must share one encoder identity")
+    eps = reader.episodes
+    eps = eps[(eps.source == meta["source"]) & (eps.view == 0)]
+    if cfg.episode is not None:
+        eps = eps[eps.episode_index == cfg.episode]
+        if eps.empty:
+            raise UserError(f"episode {cfg.episode} of {meta['source']} is not in {reader.path}")
+    else:
+        eps = eps.sort_values(["split", "has_actions"], ascending=[False, False])  # val first, labelled first
+    row = int(eps.index[0])
+    e = reader.episodes.iloc[row]
+    fs = wm.cfg.frameskip
+    ctx = cfg.context or max(1, wm.window // 2)
+    horizon = min(cfg.horizon, (int(e.length) - 1 - cfg.start) // fs - ctx + 1)
+    if horizon < 1:
+        raise UserError(f"episode {e.episode_index} ({e.length} frames) is too short for {ctx} context frames from "
+                        f"frame {cfg.start}")
+    T = ctx + horizon
+    cam = meta["camera"]
+    P = meta["grid"][0] * meta["grid"][1]
+    raw = reader.read(Window(row, cfg.start, T, fs), ("patch",))["patch"]  # [T, C, P, Z]
+    pre = Preprocess(**{k: tuple(v) if isinstance(v, list) else v for k, v in reader.encoder["preprocess"].items()})
+    truth = preprocess_geometry(episode_frames(reader, row, cam)[cfg.start::fs][:T], pre)
+    rows = {"ground truth": truth, "decoded true latents": decoder(normalize_tokens(raw[:, cam], meta))}
+    z = wm.normalize(raw)[None]  # [1, T, N, Z]
+    variants = [("prediction, null action", False)]
+    if e.has_actions and wm.shape.action_dim:
+        span = (T - 1) * fs + 1
+        lo = reader.read(Window(row, cfg.start, span), ("action", "state"))
+        steps = wm.action_inputs(np.nan_to_num(lo["action"][: span - 1]), lo["state"][: span - 1])[None]
+        variants.insert(0, ("prediction, with actions", True))
+    for name, use in variants:
+        if use:
+            acts = wm.frame_actions(steps)
+            valid = torch.ones(acts.shape[:2], dtype=torch.bool)
+            valid[:, 0] = False
+        else:
+            acts = torch.zeros(1, T, wm.shape.action_dim)
+            valid = torch.zeros(1, T, dtype=torch.bool)
+        pred = wm.rollout(z[:, :ctx], acts, horizon=horizon, valid_BT=valid, k=cfg.k,
+                          generator=torch.Generator().manual_seed(cfg.seed))
+        pred_raw = wm.denormalize(pred)[0, :, cam * P:(cam + 1) * P].cpu()
+        with torch.no_grad():
+            rows[name] = torch.cat([rows["decoded true latents"][:ctx], decoder(normalize_tokens(pred_raw, meta))])
+    return _write(rows, ctx, cfg, frame0=cfg.start, fs=fs, fps=max(2, int(round(10 / fs))))
+
+
+def _write(rows: dict[str, torch.Tensor], ctx: int, cfg: VisualizeConfig, *, frame0: int, fs: int, fps: int
+           ) -> dict[str, Any]:
+    names = list(rows)
+    T = len(rows[names[0]])
+    tiles = {n: [_to_uint8(rows[n][t], cfg.scale) for t in range(T)] for n in names}
+    h, w = tiles[names[0]][0].shape[:2]
+    out = Path(cfg.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+
+    def tag(t: int) -> str:
+        return f"f{frame0 + t * fs}{' ctx' if t < ctx else ''}"
+
+    if out.suffix == ".png":
+        canvas = np.full((len(names) * (h + 14) + 2, T * (w + 2) + 150, 3), 255, dtype=np.uint8)
+        img = Image.fromarray(canvas)
+        draw = ImageDraw.Draw(img)
+        for r, n in enumerate(names):
+            draw.text((4, r * (h + 14) + 14 + h // 2), n, fill=(0, 0, 0))
+            for t in range(T):
+                x, y = 150 + t * (w + 2), r * (h + 14) + 14
+                img.paste(Image.fromarray(tiles[n][t]), (x, y))
+                if r == 0:
+                    draw.text((x + 2, y - 12), tag(t), fill=(0, 0, 0))
+        img.save(out)
+    else:
+        frames = []
+        for t in range(T):
+            panels = [_label(tiles[n][t], f"{n[:24]} {tag(t)}") for n in names]
+            frames.append(np.concatenate([np.pad(p, ((0, 0), (0, 2), (0, 0)), constant_values=255) for p in panels],
+                                         axis=1))
+        if out.suffix == ".gif":
+            Image.fromarray(frames[0]).save(out, save_all=True, append_images=[Image.fromarray(f) for f in frames[1:]],
+                                            duration=int(1000 / fps), loop=0)
+        else:
+            write_video(frames, out, fps)
+    return {"out": str(out), "rows": names, "frames": T, "context": ctx}
