@@ -30,6 +30,11 @@ data_app = typer.Typer(help="Write the built-in LeRobot v3.0 datasets (with lero
 app.add_typer(data_app, name="data")
 encoder_app = typer.Typer(help="Encoder utilities.", no_args_is_help=True)
 app.add_typer(encoder_app, name="encoder")
+decoder_app = typer.Typer(help="The visualisation decoder (tokens -> pixels; for looking only).",
+                          no_args_is_help=True)
+app.add_typer(decoder_app, name="decoder")
+plan_app = typer.Typer(help="Goal-conditioned MPC in latent space (CEM or gradient).", no_args_is_help=True)
+app.add_typer(plan_app, name="plan")
 bench_app = typer.Typer(help="Benchmarks (not tests): side-by-side ratios plus absolute numbers and the machine.",
                         no_args_is_help=True)
 app.add_typer(bench_app, name="bench")
@@ -353,6 +358,236 @@ def train(
     summary = ", ".join(f"{k} {final[k]:.4g}" for k in ("loss", "val_loss", "val_pred_mse", "val_copy_mse")
                         if k in final)
     typer.echo(f"run {result.run_dir}: step {result.step}, checkpoint {result.last_checkpoint}; {summary}")
+
+
+# ---------------------------------------------------------------------------------------------- eval
+def _int_list(text: str | None) -> tuple[int, ...]:
+    try:
+        return tuple(int(x) for x in _split_list(text))
+    except ValueError:
+        raise UserError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def _resolve_run(run: Path | None, ckpt: Path | None) -> Path:
+    from trainer.api import newest_run
+
+    if run and ckpt:
+        raise UserError("give --run or --ckpt, not both")
+    return ckpt or run or newest_run()
+
+
+@app.command("eval")
+def eval_(
+    run: Annotated[Path | None, typer.Option(help="Run folder (default: the newest under runs/).")] = None,
+    ckpt: Annotated[Path | None, typer.Option(help="A checkpoint folder (instead of --run).")] = None,
+    store: Annotated[Path | None, typer.Option(help="Token store (default: the one the run was trained on).")] = None,
+    horizons: Annotated[str, typer.Option(help="Comma-separated horizons in frames.")] = "1,5,10,20",
+    split: Annotated[str, typer.Option(help="Episodes to evaluate on.")] = "val",
+    episodes: Annotated[int | None, typer.Option(help="At most N episodes per condition.")] = None,
+    context: Annotated[int | None, typer.Option(help="Context frames (default: half the model's window).")] = None,
+    k: Annotated[int, typer.Option(help="Shortcut sampling steps per frame.")] = 4,
+    ema: Annotated[bool, typer.Option("--ema/--raw", help="EMA or raw weights.")] = True,
+    baseline: Annotated[list[Path] | None, typer.Option(help="Other run/checkpoint to compare (repeatable).")] = None,
+    seed: Annotated[int, typer.Option(help="Seed of noise and probe.")] = 0,
+    out: Annotated[Path | None, typer.Option(help="Output folder (default <run>/eval).")] = None,
+    device: Annotated[str, typer.Option(help="cpu | cuda.")] = "cpu",
+) -> None:
+    """Latent prediction error at horizons vs copy-last and baselines; error vs K; a state probe."""
+    from trainer.eval import EvalConfig, run_eval
+
+    try:
+        cfg = EvalConfig(ckpt=_resolve_run(run, ckpt), store=store, horizons=_int_list(horizons), split=split,
+                         episodes=episodes, context=context, k=k, weights="ema" if ema else "model",
+                         baselines=tuple(baseline or ()), seed=seed, out=out, device=device)
+        result = run_eval(cfg)
+    except UserError as e:
+        fail(str(e))
+    from rich.console import Console
+
+    from trainer.eval_report import eval_tables
+
+    console = Console()
+    for table in eval_tables(result):
+        console.print(table)
+    typer.echo(f"wrote {result['out']}/eval.json" + "".join(f", {p}" for p in result.get("plots", [])))
+
+
+# ----------------------------------------------------------------------------------- decoder, visualize
+@decoder_app.command("train")
+def decoder_train(
+    store: Annotated[Path, typer.Option(help="Token store.")] = Path("tokens.zarr"),
+    source: Annotated[str | None, typer.Option(help="Store source (default: the first).")] = None,
+    camera: Annotated[int, typer.Option(help="Camera index within the source.")] = 0,
+    out: Annotated[Path | None, typer.Option(help="Output folder (default runs/<time>-decoder).")] = None,
+    steps: Annotated[int, typer.Option(help="Optimizer steps.")] = 1500,
+    max_frames: Annotated[int, typer.Option(help="Train frames to decode and hold in memory.")] = 4000,
+    device: Annotated[str, typer.Option(help="cpu | cuda.")] = "cpu",
+) -> None:
+    """Train a decoder from frozen store tokens to the original frames (L2); report val PSNR vs the mean image."""
+    from featurestore.decoder import DecoderConfig, run_decoder_train
+
+    try:
+        res = run_decoder_train(DecoderConfig(store=store, source=source, camera=camera, out=out, steps=steps,
+                                              max_frames=max_frames, device=device))
+    except UserError as e:
+        fail(str(e))
+    typer.echo(f"decoder {res['out']}: val PSNR {res['val_psnr']:.2f} dB vs mean-image baseline "
+               f"{res['mean_image_psnr']:.2f} dB ({res['train_frames']} train / {res['val_frames']} val frames of "
+               f"{res['source']}:{res['camera_key']}, {res['seconds']:.0f}s)")
+
+
+@app.command()
+def visualize(
+    run: Annotated[Path | None, typer.Option(help="Run folder (default: newest under runs/).")] = None,
+    store: Annotated[Path | None, typer.Option(help="Token store (default: the run's).")] = None,
+    decoder: Annotated[Path | None, typer.Option(help="Decoder folder (default: newest under runs/).")] = None,
+    episode: Annotated[int | None, typer.Option(help="Episode index (default: the first val episode).")] = None,
+    start: Annotated[int, typer.Option(help="First frame.")] = 0,
+    horizon: Annotated[int, typer.Option(help="Frames to roll out.")] = 10,
+    out: Annotated[Path, typer.Option(help="Output file: .png (grid), .gif or .mp4.")] = Path("rollout.png"),
+    k: Annotated[int, typer.Option(help="Shortcut steps per frame.")] = 4,
+) -> None:
+    """Ground truth | decoded true latents | decoded rollouts with and without actions, frame numbered."""
+    from pipeline.visualize import VisualizeConfig, run_visualize
+
+    try:
+        res = run_visualize(VisualizeConfig(run=_resolve_run(run, None), out=out, store=store, decoder=decoder,
+                                            episode=episode, start=start, horizon=horizon, k=k))
+    except UserError as e:
+        fail(str(e))
+    typer.echo(f"wrote {res['out']} ({res['frames']} frames: {', '.join(res['rows'])})")
+
+
+# ---------------------------------------------------------------------------------------------- plan
+def _load_model(run: Path | None, ckpt: Path | None, device: str):
+    from trainer.api import LoadedWorldModel
+
+    return LoadedWorldModel.load(_resolve_run(run, ckpt), device=device)
+
+
+def _plan_configs(planner: str, samples: int, elites: int, iterations: int, horizon: int):
+    from planner.cem import CEMConfig
+    from planner.gd import GDConfig
+
+    if planner not in ("cem", "gd"):
+        raise UserError(f"--planner {planner!r}: choose cem or gd")
+    return (CEMConfig(horizon=horizon, samples=samples, elites=elites, iterations=iterations),
+            GDConfig(horizon=horizon, restarts=max(1, samples // 16), iterations=iterations * 4))
+
+
+@plan_app.command("offline")
+def plan_offline(
+    run: Annotated[Path | None, typer.Option(help="Run folder (default: newest under runs/).")] = None,
+    ckpt: Annotated[Path | None, typer.Option(help="Checkpoint folder.")] = None,
+    store: Annotated[Path | None, typer.Option(help="Token store (default: the run's).")] = None,
+    goal_offset: Annotated[int, typer.Option(help="Goal H frames after the start.")] = 5,
+    planner: Annotated[str, typer.Option(help="cem | gd.")] = "cem",
+    samples: Annotated[int, typer.Option(help="CEM samples per iteration.")] = 64,
+    elites: Annotated[int, typer.Option(help="CEM elites.")] = 8,
+    iterations: Annotated[int, typer.Option(help="CEM iterations (GD: 4x).")] = 5,
+    episodes: Annotated[int | None, typer.Option(help="At most N val episodes.")] = None,
+    seed: Annotated[int, typer.Option(help="Seed.")] = 0,
+    device: Annotated[str, typer.Option(help="cpu | cuda.")] = "cpu",
+) -> None:
+    """Plan from frame t to the encoded frame t+H on labelled val episodes; compare with GT and random actions."""
+    import json
+
+    from featurestore.reader import TokenReader
+    from planner.offline import OfflineConfig, run_plan_offline
+    from trainer.api import run_store
+
+    try:
+        wm = _load_model(run, ckpt, device)
+        reader = TokenReader(store or run_store(wm.checkpoint))
+        if reader.encoder != wm.encoder:
+            raise UserError(f"{reader.path} was made with another encoder than {wm.name}")
+        cem, gd = _plan_configs(planner, samples, elites, iterations, goal_offset)
+        res = run_plan_offline(wm, reader, OfflineConfig(goal_offset=goal_offset, planner=planner, cem=cem, gd=gd,
+                                                         episodes=episodes, seed=seed))
+    except UserError as e:
+        fail(str(e))
+    out = wm.checkpoint.parent.parent / "plan"
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"offline_{planner}.json").write_text(json.dumps(res, indent=2))
+    d = res["latent_distance"]
+    typer.echo(f"{res['problems']} problems, goal {goal_offset} frames ahead, {planner}: latent distance to goal "
+               f"plan {d['plan']:.4f} | ground-truth actions {d['ground_truth']:.4f} | random {d['random_mean']:.4f} "
+               f"(best of {64}: {d['random_best']:.4f}); plan closer than random in "
+               f"{100 * res['plan_closer_than_random']:.0f}%; action error vs GT (std units) plan "
+               f"{res['action_error_vs_ground_truth']['plan']:.3f} "
+               f"random {res['action_error_vs_ground_truth']['random']:.3f}; "
+               f"latency p50 {res['latency_s']['p50'] * 1000:.0f} ms. Wrote {out}/offline_{planner}.json")
+
+
+@plan_app.command("sim")
+def plan_sim(
+    run: Annotated[Path | None, typer.Option(help="Run folder (default: newest under runs/).")] = None,
+    ckpt: Annotated[Path | None, typer.Option(help="Checkpoint folder.")] = None,
+    env: Annotated[str, typer.Option(help="Simulator (pusht).")] = "pusht",
+    episodes: Annotated[int, typer.Option(help="Trials.")] = 10,
+    goal_offset: Annotated[int, typer.Option(help="Env steps replayed to make the goal.")] = 15,
+    max_steps: Annotated[int, typer.Option(help="MPC env steps per trial.")] = 30,
+    horizon: Annotated[int, typer.Option(help="Planning horizon (frames).")] = 5,
+    execute: Annotated[int, typer.Option(help="Frames executed per plan.")] = 2,
+    planner: Annotated[str, typer.Option(help="cem | gd.")] = "cem",
+    samples: Annotated[int, typer.Option(help="CEM samples.")] = 64,
+    elites: Annotated[int, typer.Option(help="CEM elites.")] = 8,
+    iterations: Annotated[int, typer.Option(help="CEM iterations.")] = 5,
+    shift: Annotated[str, typer.Option(help="none | lighting | background.")] = "none",
+    seed: Annotated[int, typer.Option(help="Seed.")] = 0,
+    device: Annotated[str, typer.Option(help="cpu | cuda.")] = "cpu",
+) -> None:
+    """Closed-loop MPC in gym-pusht towards goals from held-out episodes; random-action baseline alongside."""
+    import json
+
+    from featurestore.encoders import HFDinoEncoder, Preprocess
+    from featurestore.reader import TokenReader
+    from pipeline.ingest import read_manifest
+    from planner.sim_pusht import SimConfig, run_plan_sim
+    from trainer.api import run_store
+
+    try:
+        if env != "pusht":
+            raise UserError(f"--env {env!r}: only pusht is wired up")
+        wm = _load_model(run, ckpt, device)
+        reader = TokenReader(run_store(wm.checkpoint))
+        labelled = [s for s in reader.store.sources() if reader.source_attrs(s).get("has_actions")]
+        if not labelled:
+            raise UserError(f"{reader.path} has no labelled source to take start states and goals from")
+        rows, mmeta = read_manifest(Path(reader.source_attrs(labelled[0])["manifest"]))
+        size = int(mmeta["features"][reader.source_attrs(labelled[0])["cameras"][0]]["shape"][0])
+        enc = HFDinoEncoder(wm.encoder["model_id"], preprocess=Preprocess(**{
+            k: tuple(v) if isinstance(v, list) else v for k, v in wm.encoder["preprocess"].items()}), device=device)
+        if enc.identity()["weights_sha256"] != wm.encoder["weights_sha256"]:
+            raise UserError(f"the encoder at {wm.encoder['model_id']} is not the one {wm.name} was trained on")
+
+        def encode_frame(img):
+            return wm.normalize(enc.encode(torch_from(img))["patch"])[0]
+
+        out = wm.checkpoint.parent.parent / "plan" / f"sim_{planner}_{shift}"
+        cem, gd = _plan_configs(planner, samples, elites, iterations, horizon)
+        cfg = SimConfig(trials=episodes, goal_offset=goal_offset, max_steps=max_steps, horizon=horizon,
+                        execute=execute, planner=planner, cem=cem, gd=gd, shift=shift, seed=seed, out=out)
+        res = run_plan_sim(wm, encode_frame, rows, size, cfg)
+    except UserError as e:
+        fail(str(e))
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "sim.json").write_text(json.dumps(res, indent=2))
+    for policy in ("model", "random"):
+        r = res[policy]
+        lat = f", plan latency p50 {r['latency_s']['p50'] * 1000:.0f} ms p95 {r['latency_s']['p95'] * 1000:.0f} ms" \
+            if r["latency_s"] else ""
+        typer.echo(f"{policy:>6}: success {100 * r['success_rate']:.0f}% of {res['trials']}, final distance "
+                   f"{r['final_pos_dist']:.1f} px (start {r['start_pos_dist']:.1f}), angle {r['final_angle_dist']:.2f} "
+                   f"rad, action smoothness {r['smoothness']:.2f}{lat}")
+    typer.echo(f"wrote {out}/sim.json" + "".join(f", {p}" for p in res.get("strips", [])))
+
+
+def torch_from(img):
+    import numpy as np
+    import torch
+
+    return torch.from_numpy(np.ascontiguousarray(img))[None]
 
 
 # --------------------------------------------------------------------------------------------- bench
