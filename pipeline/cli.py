@@ -562,7 +562,7 @@ def plan_sim(
             raise UserError(f"the encoder at {wm.encoder['model_id']} is not the one {wm.name} was trained on")
 
         def encode_frame(img):
-            return wm.normalize(enc.encode(torch_from(img))["patch"])[0]
+            return wm.normalize(enc.encode(torch_from(img))["patch"][0])  # [P, Z] -> [N, Z]
 
         out = wm.checkpoint.parent.parent / "plan" / f"sim_{planner}_{shift}"
         cem, gd = _plan_configs(planner, samples, elites, iterations, horizon)
@@ -647,6 +647,83 @@ def bench_encode_cmd(
     except UserError as e:
         fail(str(e))
     _print_bench(f"encode: {manifest}", result)
+
+
+def _grid(text: str) -> tuple[int, int]:
+    h, _, w = text.lower().partition("x")
+    return int(h), int(w or h)
+
+
+@bench_app.command("rollout")
+def bench_rollout_cmd(
+    preset: Annotated[str, typer.Option(help="Model preset (freshly initialised: timing only).")] = "small",
+    horizon: Annotated[int, typer.Option(help="Frames to generate.")] = 20,
+    batch: Annotated[int, typer.Option(help="Rollouts in one batch.")] = 8,
+    k: Annotated[int, typer.Option(help="Shortcut steps per frame.")] = 4,
+    grid: Annotated[str, typer.Option(help="Token grid per frame, HxW (16x16 = ViT-B/16 at 256 px).")] = "6x6",
+    enc_dim: Annotated[int, typer.Option(help="Token width (768 for ViT-B).")] = 32,
+    window: Annotated[int | None, typer.Option(help="Time-attention window (default context + horizon).")] = None,
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda.")] = "auto",
+) -> None:
+    """KV-cached vs uncached rollout of the same model and noise: time, speedup and their max difference."""
+    from trainer.bench import bench_rollout
+
+    try:
+        result = bench_rollout(preset_name=preset, horizon=horizon, batch=batch, k=k, grid=_grid(grid),
+                               enc_dim=enc_dim, window=window, device=device)
+    except UserError as e:
+        fail(str(e))
+    _print_bench(f"rollout: {preset}, horizon {horizon}", result)
+
+
+@bench_app.command("plan")
+def bench_plan_cmd(
+    presets: Annotated[str, typer.Option(help="Comma-separated model presets.")] = "tiny,small,base",
+    samples: Annotated[int, typer.Option(help="CEM samples.")] = 64,
+    iterations: Annotated[int, typer.Option(help="CEM iterations.")] = 5,
+    horizon: Annotated[int, typer.Option(help="Planning horizon (frames).")] = 5,
+    grid: Annotated[str, typer.Option(help="Token grid per frame, HxW.")] = "6x6",
+    enc_dim: Annotated[int, typer.Option(help="Token width.")] = 32,
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda.")] = "auto",
+) -> None:
+    """Milliseconds per MPC step (one CEM optimisation) and model evaluations per step, per preset."""
+    import json
+
+    from rich.console import Console
+    from rich.table import Table
+
+    from trainer.bench import bench_plan
+
+    try:
+        result = bench_plan(presets=_split_list(presets), samples=samples, iterations=iterations, horizon=horizon,
+                            grid=_grid(grid), enc_dim=enc_dim, device=device)
+    except UserError as e:
+        fail(str(e))
+    table = Table(title=f"plan: CEM {samples}x{iterations}, horizon {horizon}, {result['device']} ({result['cpu']})")
+    for col in ("preset", "params (M)", "ms / MPC step", "model evals / step"):
+        table.add_column(col)
+    for r in result["rows"]:
+        table.add_row(r["preset"], f"{r['params_M']:.2f}", f"{r['ms_per_mpc_step']:.0f}",
+                      str(r["model_evals_per_step"]))
+    Console().print(table)
+    typer.echo(json.dumps(result))
+
+
+@bench_app.command("train")
+def bench_train_cmd(
+    store: Annotated[Path, typer.Option(help="Token store.")] = Path("tokens.zarr"),
+    preset: Annotated[str, typer.Option(help="Model preset.")] = "small",
+    steps: Annotated[int, typer.Option(help="Steps to time (the first 5 are warm-up).")] = 30,
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda.")] = "auto",
+) -> None:
+    """Step time, tokens/s, data-wait share (and MFU on a known GPU) of real training steps on a store."""
+    from trainer.bench import bench_train
+
+    try:
+        result = bench_train(store=store, preset_name=preset, steps=steps, device=device)
+    except UserError as e:
+        fail(str(e))
+    _print_bench(f"train: {preset} on {store}", result)
 
 
 def run() -> None:  # pragma: no cover - console entry for `python -m pipeline.cli`

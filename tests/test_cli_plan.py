@@ -1,0 +1,58 @@
+"""`wmctl plan offline|sim` on a tiny trained run (real store, real gym-pusht), and the rollout/plan benchmarks."""
+
+from __future__ import annotations
+
+import json
+import math
+
+from typer.testing import CliRunner
+
+from pipeline.cli import app
+
+FAST_CEM = ["--samples", "8", "--elites", "2", "--iterations", "2"]
+
+
+def test_plan_offline_cli(tiny_run):
+    r = CliRunner().invoke(app, ["plan", "offline", "--run", str(tiny_run), "--goal-offset", "2", "--episodes", "1",
+                                 *FAST_CEM])
+    assert r.exit_code == 0, r.output
+    res = json.loads((tiny_run / "plan" / "offline_cem.json").read_text())
+    assert res["problems"] >= 1
+    dist = res["latent_distance"]
+    for key in ("plan", "ground_truth", "random_mean", "random_best"):
+        assert math.isfinite(dist[key]) and dist[key] >= 0
+    assert dist["random_best"] <= dist["random_mean"]
+    assert 0.0 <= res["plan_closer_than_random"] <= 1.0 and res["latency_s"]["p50"] > 0
+    r = CliRunner().invoke(app, ["plan", "offline", "--run", str(tiny_run), "--goal-offset", "500"])
+    assert r.exit_code == 2 and "lower --goal-offset" in r.output
+
+
+def test_plan_sim_cli_closes_the_loop_in_gym_pusht(tiny_run):
+    r = CliRunner().invoke(app, ["plan", "sim", "--run", str(tiny_run), "--episodes", "1", "--goal-offset", "4",
+                                 "--max-steps", "4", "--horizon", "2", "--execute", "1", *FAST_CEM])
+    assert r.exit_code == 0, r.output
+    res = json.loads((tiny_run / "plan" / "sim_cem_none" / "sim.json").read_text())
+    for policy in ("model", "random"):
+        p = res[policy]
+        assert 0.0 <= p["success_rate"] <= 1.0 and p["final_pos_dist"] >= 0
+    assert res["model"]["latency_s"]["p50"] > 0
+    assert res["trials"] == 1
+    r = CliRunner().invoke(app, ["plan", "sim", "--run", str(tiny_run), "--env", "aloha"])
+    assert r.exit_code == 2 and "pusht" in r.output
+
+
+def test_bench_rollout_cached_equals_uncached_and_reports_a_speedup():
+    r = CliRunner().invoke(app, ["bench", "rollout", "--preset", "tiny", "--horizon", "3", "--batch", "1"])
+    assert r.exit_code == 0, r.output
+    res = json.loads(r.output.strip().splitlines()[-1])
+    assert res["max_abs_diff"] < 1e-3  # nothing evicted from the cache: both compute the same rollout
+    assert res["cached_s"] > 0 and res["uncached_s"] > 0 and res["speedup"] == res["uncached_s"] / res["cached_s"]
+
+
+def test_bench_plan_reports_each_preset():
+    r = CliRunner().invoke(app, ["bench", "plan", "--presets", "tiny", "--samples", "4", "--iterations", "1",
+                                 "--horizon", "2"])
+    assert r.exit_code == 0, r.output
+    res = json.loads(r.output.strip().splitlines()[-1])
+    (row,) = res["rows"]
+    assert row["preset"] == "tiny" and row["ms_per_mpc_step"] > 0 and row["model_evals_per_step"] == 4 * 1 * 2 * 5
