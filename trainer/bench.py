@@ -149,7 +149,7 @@ def bench_plan(*, presets: tuple[str, ...] = ("tiny", "small", "base"), samples:
 
 def _train_flops_per_token(model: torch.nn.Module) -> float:
     """6 x parameters per token (forward + backward), the usual dense estimate (attention not counted)."""
-    return 6.0 * sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return 6.0 * sum(p.numel() for p in model.parameters())
 
 
 def bench_train(*, store: Path, preset_name: str = "small", steps: int = 30, out: Path | None = None,
