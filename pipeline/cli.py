@@ -390,6 +390,8 @@ def eval_(
     baseline: Annotated[list[Path] | None, typer.Option(help="Other run/checkpoint to compare (repeatable).")] = None,
     seed: Annotated[int, typer.Option(help="Seed of noise and probe.")] = 0,
     out: Annotated[Path | None, typer.Option(help="Output folder (default <run>/eval).")] = None,
+    decoder: Annotated[Path | None, typer.Option(help="Visualisation decoder: also write rollout PNG grids.")] = None,
+    rollouts: Annotated[int, typer.Option(help="Rollout grids to write with --decoder.")] = 3,
     device: Annotated[str, typer.Option(help="cpu | cuda.")] = "cpu",
 ) -> None:
     """Latent prediction error at horizons vs copy-last and baselines; error vs K; a state probe."""
@@ -398,7 +400,8 @@ def eval_(
     try:
         cfg = EvalConfig(ckpt=_resolve_run(run, ckpt), store=store, horizons=_int_list(horizons), split=split,
                          episodes=episodes, context=context, k=k, weights="ema" if ema else "model",
-                         baselines=tuple(baseline or ()), seed=seed, out=out, device=device)
+                         baselines=tuple(baseline or ()), seed=seed, out=out, decoder=decoder,
+                         rollouts=rollouts, device=device)
         result = run_eval(cfg)
     except UserError as e:
         fail(str(e))
@@ -409,7 +412,8 @@ def eval_(
     console = Console()
     for table in eval_tables(result):
         console.print(table)
-    typer.echo(f"wrote {result['out']}/eval.json" + "".join(f", {p}" for p in result.get("plots", [])))
+    typer.echo(f"wrote {result['out']}/eval.json" + "".join(f", {p}" for p in result.get("plots", [])
+                                                            + result.get("rollouts", [])))
 
 
 # ----------------------------------------------------------------------------------- decoder, visualize

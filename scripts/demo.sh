@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # `make demo`: the whole pipeline end to end on the built-in pusht data, on CPU (about 15 minutes on 2 cores).
 #   data -> ingest -> encode (random-weight DINOv3 stand-in) -> train (shortcut + teacher-forced baseline)
-#   -> eval -> plan offline -> plan sim -> decoder -> rollout video + PNG grid.
+#   -> decoder -> eval (with rollout grids) -> plan offline -> plan sim -> rollout video + PNG grid.
 # Every stage is idempotent: re-running skips what is done (`make clean-demo` starts over).
 set -euo pipefail
 DEMO=${1:-demo}
@@ -40,18 +40,19 @@ for spec in "shortcut:shortcut" "teacher-forced:teacher-forced"; do
     --out "$DEMO/runs/$name" $resume
 done
 
-stage "5/9 eval: latent error at horizons 1, 5, 10, 20 against copy-last and the baseline"
-$WMCTL eval --run "$DEMO/runs/shortcut" --baseline "$DEMO/runs/teacher-forced" --horizons 1,5,10,20 --episodes 8
-
-stage "6/9 plan offline: CEM towards encoded goal frames of val episodes"
-$WMCTL plan offline --run "$DEMO/runs/shortcut" --goal-offset 5 --episodes 8
-
-stage "7/9 plan sim: closed-loop MPC in gym-pusht against a random-action baseline"
-$WMCTL plan sim --run "$DEMO/runs/shortcut" --episodes 6 --max-steps 20
-
-stage "8/9 decoder: frozen tokens -> pixels (for looking only)"
+stage "5/9 decoder: frozen tokens -> pixels (for looking only)"
 [ -f "$DEMO/runs/decoder/decoder.json" ] || \
   $WMCTL decoder train --store "$DEMO/tokens.zarr" --source pusht-demo --out "$DEMO/runs/decoder" --steps 1500
+
+stage "6/9 eval: latent error at horizons 1, 5, 10, 20 against copy-last and the baseline"
+$WMCTL eval --run "$DEMO/runs/shortcut" --baseline "$DEMO/runs/teacher-forced" --horizons 1,5,10,20 --episodes 8 \
+  --decoder "$DEMO/runs/decoder"
+
+stage "7/9 plan offline: CEM towards encoded goal frames of val episodes"
+$WMCTL plan offline --run "$DEMO/runs/shortcut" --goal-offset 5 --episodes 8
+
+stage "8/9 plan sim: closed-loop MPC in gym-pusht against a random-action baseline"
+$WMCTL plan sim --run "$DEMO/runs/shortcut" --episodes 6 --max-steps 20
 
 stage "9/9 visualize: ground truth | decoded truth | rollout with actions | rollout with the null action"
 $WMCTL visualize --run "$DEMO/runs/shortcut" --decoder "$DEMO/runs/decoder" --horizon 20 --out "$DEMO/rollout.mp4"
@@ -59,6 +60,6 @@ $WMCTL visualize --run "$DEMO/runs/shortcut" --decoder "$DEMO/runs/decoder" --ho
 
 echo
 echo "demo done in $((SECONDS - t0)) s. Tokens come from a RANDOM-weight encoder: numbers exercise the pipeline only."
-echo "  eval table + plots : $DEMO/runs/shortcut/eval/"
+echo "  eval table + plots : $DEMO/runs/shortcut/eval/ (eval.json, error plots, rollout grids)"
 echo "  rollout video      : $DEMO/rollout.mp4"
 echo "  rollout PNG grid   : $DEMO/rollout.png"

@@ -49,6 +49,8 @@ class EvalConfig:
     device: str = "cpu"
     out: Path | None = None  # default: <run>/eval
     plots: bool = True
+    decoder: Path | None = None  # a visualisation decoder: also write `rollouts` side-by-side PNG grids
+    rollouts: int = 3
 
     def __post_init__(self) -> None:
         if not self.horizons or min(self.horizons) < 1:
@@ -256,9 +258,30 @@ def run_eval(cfg: EvalConfig) -> dict[str, Any]:
         from trainer.eval_plots import plot_eval
 
         result["plots"] = plot_eval(result, out)
-        atomic_write_json(out / "eval.json", result)
+    if cfg.decoder is not None:
+        result["rollouts"] = _rollout_grids(cfg, store, out, min(H, 20))
+    atomic_write_json(out / "eval.json", result)
     result["out"] = str(out)
     return result
+
+
+def _rollout_grids(cfg: EvalConfig, store: Path, out: Path, horizon: int) -> list[str]:
+    """PNG grids (truth | decoded truth | with actions | null action) of the first `cfg.rollouts` episodes of
+    the evaluated split in the decoder's source, labelled episodes first."""
+    from featurestore.decoder import load_decoder
+    from pipeline.visualize import VisualizeConfig, run_visualize
+
+    _, meta = load_decoder(cfg.decoder)
+    eps = TokenReader(store).episodes
+    eps = eps[(eps.source == meta["source"]) & (eps.split == cfg.split) & (eps.view == 0)]
+    eps = eps.sort_values(["has_actions", "episode_index"], ascending=[False, True])
+    paths = []
+    for e in eps.episode_index.iloc[: cfg.rollouts]:
+        path = out / f"rollout_{meta['source']}_ep{int(e)}.png"
+        run_visualize(VisualizeConfig(run=cfg.ckpt, out=path, store=store, decoder=cfg.decoder, episode=int(e),
+                                      horizon=horizon, context=cfg.context, k=cfg.k, seed=cfg.seed))
+        paths.append(str(path))
+    return paths
 
 
 def _probe(reader, wm, cfg, wins, preds, ctx) -> dict[str, Any] | None:
