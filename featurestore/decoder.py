@@ -26,7 +26,8 @@ from safetensors.torch import load_file, save_file
 
 from featurestore.encoders import Preprocess, resize_crop
 from featurestore.reader import TokenReader
-from pipeline.frames import PyAVFrameSource, VideoSpan
+from pipeline.frames import PyAVFrameSource
+from pipeline.ingest import camera_span, read_manifest
 from pipeline.stage import UserError, atomic_write_json
 
 log = logging.getLogger(__name__)
@@ -97,8 +98,6 @@ class EpisodeFrames:
         self.reader, self._manifests, self._src = reader, {}, PyAVFrameSource()
 
     def _manifest(self, source: str):
-        from pipeline.ingest import read_manifest
-
         if source not in self._manifests:
             self._manifests[source] = read_manifest(Path(self.reader.source_attrs(source)["manifest"]))
         return self._manifests[source]
@@ -114,8 +113,7 @@ class EpisodeFrames:
                             f"{e.source}, or re-encode the store from the current manifest)")
         m = m.iloc[0]
         k = list(m.camera_keys).index(attrs["cameras"][camera])
-        span = VideoSpan(Path(m.root) / m.video_files[k], float(m.from_ts[k]), int(m.length), float(meta["fps"]))
-        return self._src.read_episode(span)
+        return self._src.read_episode(camera_span(Path(m.root), m, k, meta["fps"]))
 
     def close(self) -> None:
         self._src.close()

@@ -31,7 +31,8 @@ import torch
 from featurestore.augment import ClipAugment
 from featurestore.encoders import DEFAULT_ENCODER, HFDinoEncoder, Preprocess
 from featurestore.store import StoreLayout, TokenStore
-from pipeline.frames import FrameDecodeError, PyAVFrameSource, VideoSpan
+from pipeline.frames import FrameDecodeError, PyAVFrameSource
+from pipeline.ingest import camera_span
 from pipeline.lerobot_io import DataFileCache, stack_column
 from pipeline.stage import ShardSpec, UserError, file_sha256
 
@@ -155,7 +156,7 @@ def _decode_camera(src: SourceInfo, plan: SegmentPlan, cam: int, out: queue.Queu
     k = src.camera_index[cam]
     try:
         for e in plan.episodes:
-            span = VideoSpan(src.root / e["video_files"][k], float(e["from_ts"][k]), int(e["length"]), src.fps)
+            span = camera_span(src.root, e, k, src.fps)
             try:
                 for img in frames.frames(span):
                     if stop.is_set():

@@ -236,6 +236,11 @@ def _write_parquet(path: Path, table: pa.Table) -> None:
     atomic_write_bytes(path, sink.getvalue().to_pybytes())
 
 
+def camera_span(root: Path, row: Any, k: int, fps: float) -> VideoSpan:
+    """The video span of camera k (index into the row's camera_keys) of one manifest row."""
+    return VideoSpan(Path(root) / row["video_files"][k], float(row["from_ts"][k]), int(row["length"]), float(fps))
+
+
 def read_manifest(path: Path) -> tuple[pd.DataFrame, dict[str, Any]]:
     """The manifest rows and its metadata (config, dataset info hash, counts)."""
     path = Path(path)
