@@ -60,6 +60,10 @@ status: install
 bench: install
 	$(WMCTL) bench decode
 	$(WMCTL) bench encode --dataset $(DATASET) $(if $(ENCODER),--encoder $(ENCODER),)
+	$(WMCTL) bench rollout --preset small --horizon 20
+	$(WMCTL) bench plan --presets tiny,small
+	if [ -d $(STORE) ]; then $(WMCTL) bench train --store $(STORE) --preset small; \
+	else echo "bench train: no token store at $(STORE) (make encode first, or STORE=...)"; fi
 
 clean-demo:
 	rm -rf $(DEMO)
