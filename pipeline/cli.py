@@ -45,6 +45,15 @@ def fail(message: str, code: int = 2) -> None:
     raise typer.Exit(code)
 
 
+def console():
+    """A rich console; in batch logs (not a terminal: SLURM, CI) wide enough that tables keep their columns."""
+    from rich.console import Console
+
+    import os
+
+    return Console() if sys.stdout.isatty() or "COLUMNS" in os.environ else Console(width=160)
+
+
 def _split_list(text: str | None) -> tuple[str, ...]:
     return tuple(x.strip() for x in text.split(",") if x.strip()) if text else ()
 
@@ -177,7 +186,6 @@ def _ingest_summary(cfg, result) -> None:
 @app.command()
 def datasets() -> None:
     """List the registered datasets (one TOML file each; add yours to ./registry/)."""
-    from rich.console import Console
     from rich.table import Table
 
     from pipeline.registry import available, load_spec
@@ -191,7 +199,7 @@ def datasets() -> None:
             continue
         table.add_row(name, s.repo_id, str(s.resolved_root()), str(len(s.cameras) or "all"),
                       "yes" if s.use_actions else "no", f"{s.mix_weight:g}", str(path))
-    Console().print(table)
+    console().print(table)
 
 
 # -------------------------------------------------------------------------------------------- encode
@@ -270,7 +278,6 @@ def encode(
 @app.command()
 def status(store: Annotated[Path, typer.Option(help="Token store.")] = Path("tokens.zarr")) -> None:
     """Per source: episodes committed / failed / pending, frames, bytes on disk, encoder identity."""
-    from rich.console import Console
 
     from featurestore.status import status_table, store_status
 
@@ -278,7 +285,7 @@ def status(store: Annotated[Path, typer.Option(help="Token store.")] = Path("tok
         info = store_status(store)
     except UserError as e:
         fail(str(e))
-    Console().print(status_table(info))
+    console().print(status_table(info))
 
 
 @encoder_app.command("init-random")
@@ -405,13 +412,12 @@ def eval_(
         result = run_eval(cfg)
     except UserError as e:
         fail(str(e))
-    from rich.console import Console
 
     from trainer.eval_report import eval_tables
 
-    console = Console()
+    con = console()
     for table in eval_tables(result):
-        console.print(table)
+        con.print(table)
     typer.echo(f"wrote {result['out']}/eval.json" + "".join(f", {p}" for p in result.get("plots", [])
                                                             + result.get("rollouts", [])))
 
@@ -598,13 +604,12 @@ def torch_from(img):
 def _print_bench(title: str, result: dict) -> None:
     import json
 
-    from rich.console import Console
     from rich.table import Table
 
     table = Table(title=title, show_header=False)
     for k, v in result.items():
         table.add_row(k, f"{v:.3g}" if isinstance(v, float) else str(v))
-    Console().print(table)
+    console().print(table)
     typer.echo(json.dumps(result))
 
 
@@ -693,7 +698,6 @@ def bench_plan_cmd(
     """Milliseconds per MPC step (one CEM optimisation) and model evaluations per step, per preset."""
     import json
 
-    from rich.console import Console
     from rich.table import Table
 
     from trainer.bench import bench_plan
@@ -709,7 +713,7 @@ def bench_plan_cmd(
     for r in result["rows"]:
         table.add_row(r["preset"], f"{r['params_M']:.2f}", f"{r['ms_per_mpc_step']:.0f}",
                       str(r["model_evals_per_step"]))
-    Console().print(table)
+    console().print(table)
     typer.echo(json.dumps(result))
 
 
