@@ -47,9 +47,9 @@ def fail(message: str, code: int = 2) -> None:
 
 def console():
     """A rich console; in batch logs (not a terminal: SLURM, CI) wide enough that tables keep their columns."""
-    from rich.console import Console
-
     import os
+
+    from rich.console import Console
 
     return Console() if sys.stdout.isatty() or "COLUMNS" in os.environ else Console(width=160)
 
@@ -721,7 +721,7 @@ def bench_plan_cmd(
 def bench_train_cmd(
     store: Annotated[Path, typer.Option(help="Token store.")] = Path("tokens.zarr"),
     preset: Annotated[str, typer.Option(help="Model preset.")] = "small",
-    steps: Annotated[int, typer.Option(help="Steps to time (the first 5 are warm-up).")] = 30,
+    steps: Annotated[int, typer.Option(help="Steps to run; up to 5 warm-up steps are not timed (5+ stay).")] = 30,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda.")] = "auto",
 ) -> None:
     """Step time, tokens/s, data-wait share (and MFU on a known GPU) of real training steps on a store."""

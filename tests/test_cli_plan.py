@@ -56,3 +56,15 @@ def test_bench_plan_reports_each_preset():
     res = json.loads(r.output.strip().splitlines()[-1])
     (row,) = res["rows"]
     assert row["preset"] == "tiny" and row["ms_per_mpc_step"] > 0 and row["model_evals_per_step"] == 4 * 1 * 2 * 5
+
+
+def test_bench_train_times_real_steps_on_a_store(pusht_store):
+    r = CliRunner().invoke(app, ["bench", "train", "--store", str(pusht_store), "--preset", "tiny", "--steps", "8",
+                                 "--device", "cpu"])
+    assert r.exit_code == 0, r.output
+    res = json.loads(r.output.strip().splitlines()[-1])
+    assert res["steps_timed"] == 5  # 8 steps: 3 warm-up steps dropped, at least 5 kept
+    assert res["step_s"] > 0 and res["tokens_per_s"] > 0 and 0.0 <= res["data_wait_share"] < 1.0
+    assert res["params_M"] > 0 and res["achieved_tflops"] > 0
+    r = CliRunner().invoke(app, ["bench", "train", "--store", str(pusht_store.parent / "missing.zarr")])
+    assert r.exit_code == 2 and "wmctl encode" in r.output

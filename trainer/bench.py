@@ -169,7 +169,7 @@ def bench_train(*, store: Path, preset_name: str = "small", steps: int = 30, out
                               ckpt_every=10**9, device=device, **(overrides or {}))
     rows: list[dict[str, Any]] = []
     res = run_train(cfg, on_step=rows.append)
-    skip = min(5, max(0, len(rows) - 5))  # the first steps pay for worker start and allocator warm-up
+    skip = min(5, max(0, len(rows) - 5))  # up to 5 warm-up steps (worker start, allocator), keeping >= 5 timed
     body = rows[skip:]
     step_s = statistics.median(r["step_time"] for r in body)
     wait = sum(r["data_wait"] for r in body) / sum(r["step_time"] for r in body)
