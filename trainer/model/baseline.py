@@ -15,7 +15,7 @@ from einops import rearrange
 
 from trainer.config import ModelConfig
 from trainer.model.common import Attention, RMSNorm, SwiGLU, rope_2d_angles
-from trainer.model.dynamics import TokenShape, merge_2x2, space_positions, unmerge_2x2
+from trainer.model.dynamics import TokenShape, merge_2x2, space_positions, token_geometry, unmerge_2x2
 
 
 class FullBlock(nn.Module):
@@ -35,11 +35,8 @@ class TeacherForcedPredictor(nn.Module):
 
     def __init__(self, cfg: ModelConfig, shape: TokenShape):
         super().__init__()
-        if cfg.merge_2x2 and (shape.grid[0] % 2 or shape.grid[1] % 2):
-            raise ValueError(f"merge_2x2 needs an even token grid, the store has {shape.grid}")
         self.cfg, self.shape = cfg, shape
-        merged_dim = shape.enc_dim * (4 if cfg.merge_2x2 else 1)
-        self.q_tokens = shape.tokens // (4 if cfg.merge_2x2 else 1)
+        merged_dim, self.q_tokens = token_geometry(cfg, shape)
         D = cfg.dim
         self.proj_in = nn.Linear(merged_dim, D)
         self.camera = nn.Parameter(torch.zeros(shape.cameras, 1, D))

@@ -126,16 +126,21 @@ def preconditioning(tau_BT: torch.Tensor, r_var: torch.Tensor | float = 1.0
     return var.rsqrt(), tau * r_var / var, (1 - tau) * torch.as_tensor(r_var).sqrt() * var.rsqrt()
 
 
+def token_geometry(cfg: ModelConfig, shape: TokenShape) -> tuple[int, int]:
+    """(width of one model input token, model tokens per frame) after the optional 2x2 merge."""
+    if cfg.merge_2x2 and (shape.grid[0] % 2 or shape.grid[1] % 2):
+        raise ValueError(f"merge_2x2 needs an even token grid, the store has {shape.grid}")
+    f = 4 if cfg.merge_2x2 else 1
+    return shape.enc_dim * f, shape.tokens // f
+
+
 class ShortcutDynamics(nn.Module):
     """f(z_tau, tau, d, actions) -> predicted clean latents, frame-causally."""
 
     def __init__(self, cfg: ModelConfig, shape: TokenShape):
         super().__init__()
-        if cfg.merge_2x2 and (shape.grid[0] % 2 or shape.grid[1] % 2):
-            raise ValueError(f"merge_2x2 needs an even token grid, the store has {shape.grid}")
         self.cfg, self.shape = cfg, shape
-        merged_dim = shape.enc_dim * (4 if cfg.merge_2x2 else 1)
-        self.q_tokens = shape.tokens // (4 if cfg.merge_2x2 else 1)
+        merged_dim, self.q_tokens = token_geometry(cfg, shape)
         per_cam = self.q_tokens // shape.cameras
         D = cfg.dim
         self.proj_in = nn.Linear(merged_dim, D)
