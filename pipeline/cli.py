@@ -203,12 +203,13 @@ def datasets() -> None:
 
 
 # -------------------------------------------------------------------------------------------- encode
-def _image_size(text: str) -> tuple[int, int]:
+def _hxw(text: str, option: str = "--image-size", example: str = "224 or 224x400") -> tuple[int, int]:
+    """'N' or 'HxW' -> (H, W); a clear error naming the option otherwise."""
     try:
         h, _, w = text.lower().partition("x")
         return int(h), int(w or h)
     except ValueError:
-        raise UserError(f"--image-size {text!r}: expected N or HxW, e.g. 224 or 224x400") from None
+        raise UserError(f"{option} {text!r}: expected N or HxW, e.g. {example}") from None
 
 
 @app.command()
@@ -248,7 +249,7 @@ def encode(
             manifest = Path("manifests") / f"{dataset}.parquet"
             if not manifest.exists():
                 raise UserError(f"{manifest} does not exist: run `wmctl ingest --dataset {dataset}` first")
-        h, w = _image_size(image_size)
+        h, w = _hxw(image_size)
         cfg = EncodeConfig(
             manifest=manifest, store=store, encoder=encoder or DEFAULT_ENCODER, cameras=_split_list(cameras),
             preprocess=Preprocess(height=h, width=w, resize=resize),
@@ -649,18 +650,13 @@ def bench_encode_cmd(
         if bool(dataset) == bool(manifest):
             raise UserError("give exactly one of --dataset NAME or --manifest PATH")
         manifest = manifest or Path("manifests") / f"{dataset}.parquet"
-        h, w = _image_size(image_size)
+        h, w = _hxw(image_size)
         cfg = EncodeConfig(manifest=manifest, store=Path("unused"), encoder=encoder or DEFAULT_ENCODER,
                            preprocess=Preprocess(height=h, width=w), batch_size=batch_size, device=device)
         result = bench_encode(cfg, max_episodes=episodes)
     except UserError as e:
         fail(str(e))
     _print_bench(f"encode: {manifest}", result)
-
-
-def _grid(text: str) -> tuple[int, int]:
-    h, _, w = text.lower().partition("x")
-    return int(h), int(w or h)
 
 
 @bench_app.command("rollout")
@@ -678,8 +674,9 @@ def bench_rollout_cmd(
     from trainer.bench import bench_rollout
 
     try:
-        result = bench_rollout(preset_name=preset, horizon=horizon, batch=batch, k=k, grid=_grid(grid),
-                               enc_dim=enc_dim, window=window, device=device)
+        result = bench_rollout(preset_name=preset, horizon=horizon, batch=batch, k=k,
+                               grid=_hxw(grid, "--grid", "6x6 or 16x16"), enc_dim=enc_dim, window=window,
+                               device=device)
     except UserError as e:
         fail(str(e))
     _print_bench(f"rollout: {preset}, horizon {horizon}", result)
@@ -704,7 +701,7 @@ def bench_plan_cmd(
 
     try:
         result = bench_plan(presets=_split_list(presets), samples=samples, iterations=iterations, horizon=horizon,
-                            grid=_grid(grid), enc_dim=enc_dim, device=device)
+                            grid=_hxw(grid, "--grid", "6x6 or 16x16"), enc_dim=enc_dim, device=device)
     except UserError as e:
         fail(str(e))
     table = Table(title=f"plan: CEM {samples}x{iterations}, horizon {horizon}, {result['device']} ({result['cpu']})")

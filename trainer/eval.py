@@ -259,26 +259,26 @@ def run_eval(cfg: EvalConfig) -> dict[str, Any]:
 
         result["plots"] = plot_eval(result, out)
     if cfg.decoder is not None:
-        result["rollouts"] = _rollout_grids(cfg, store, out, min(H, 20))
+        result["rollouts"] = _rollout_grids(cfg, reader, out, min(H, 20))
     atomic_write_json(out / "eval.json", result)
     result["out"] = str(out)
     return result
 
 
-def _rollout_grids(cfg: EvalConfig, store: Path, out: Path, horizon: int) -> list[str]:
+def _rollout_grids(cfg: EvalConfig, reader: TokenReader, out: Path, horizon: int) -> list[str]:
     """PNG grids (truth | decoded truth | with actions | null action) of the first `cfg.rollouts` episodes of
     the evaluated split in the decoder's source, labelled episodes first."""
     from featurestore.decoder import load_decoder
     from pipeline.visualize import VisualizeConfig, run_visualize
 
     _, meta = load_decoder(cfg.decoder)
-    eps = TokenReader(store).episodes
+    eps = reader.episodes
     eps = eps[(eps.source == meta["source"]) & (eps.split == cfg.split) & (eps.view == 0)]
     eps = eps.sort_values(["has_actions", "episode_index"], ascending=[False, True])
     paths = []
     for e in eps.episode_index.iloc[: cfg.rollouts]:
         path = out / f"rollout_{meta['source']}_ep{int(e)}.png"
-        run_visualize(VisualizeConfig(run=cfg.ckpt, out=path, store=store, decoder=cfg.decoder, episode=int(e),
+        run_visualize(VisualizeConfig(run=cfg.ckpt, out=path, store=reader.path, decoder=cfg.decoder, episode=int(e),
                                       horizon=horizon, context=cfg.context, k=cfg.k, seed=cfg.seed))
         paths.append(str(path))
     return paths
