@@ -497,6 +497,8 @@ def plan_offline(
     elites: Annotated[int, typer.Option(help="CEM elites.")] = 8,
     iterations: Annotated[int, typer.Option(help="CEM iterations (GD: 4x).")] = 5,
     episodes: Annotated[int | None, typer.Option(help="At most N val episodes.")] = None,
+    state_weight: Annotated[float, typer.Option(help="Weight of the state distance (models with proprio).")] = 1.0,
+    k: Annotated[int, typer.Option(help="Shortcut steps per frame in the planner's rollouts.")] = 4,
     seed: Annotated[int, typer.Option(help="Seed.")] = 0,
     device: Annotated[str, typer.Option(help="cpu | cuda.")] = "cpu",
 ) -> None:
@@ -514,7 +516,7 @@ def plan_offline(
             raise UserError(f"{reader.path} was made with another encoder than {wm.name}")
         cem, gd = _plan_configs(planner, samples, elites, iterations, goal_offset)
         res = run_plan_offline(wm, reader, OfflineConfig(goal_offset=goal_offset, planner=planner, cem=cem, gd=gd,
-                                                         episodes=episodes, seed=seed))
+                                                         episodes=episodes, seed=seed, state_weight=state_weight, k=k))
     except UserError as e:
         fail(str(e))
     out = wm.checkpoint.parent.parent / "plan"
@@ -545,6 +547,8 @@ def plan_sim(
     elites: Annotated[int, typer.Option(help="CEM elites.")] = 8,
     iterations: Annotated[int, typer.Option(help="CEM iterations.")] = 5,
     shift: Annotated[str, typer.Option(help="none | lighting | background.")] = "none",
+    state_weight: Annotated[float, typer.Option(help="Weight of the state distance (models with proprio).")] = 1.0,
+    k: Annotated[int, typer.Option(help="Shortcut steps per frame in the planner's rollouts.")] = 4,
     seed: Annotated[int, typer.Option(help="Seed.")] = 0,
     device: Annotated[str, typer.Option(help="cpu | cuda.")] = "cpu",
 ) -> None:
@@ -572,13 +576,14 @@ def plan_sim(
         if enc.identity()["weights_sha256"] != wm.encoder["weights_sha256"]:
             raise UserError(f"the encoder at {wm.encoder['model_id']} is not the one {wm.name} was trained on")
 
-        def encode_frame(img):
-            return wm.normalize(enc.encode(torch_from(img))["patch"][0])  # [P, Z] -> [N, Z]
+        def encode_frame(img, state):
+            return wm.normalize(enc.encode(torch_from(img))["patch"][0], state)  # [P, Z] (+ state) -> [N, Z]
 
         out = wm.checkpoint.parent.parent / "plan" / f"sim_{planner}_{shift}"
         cem, gd = _plan_configs(planner, samples, elites, iterations, horizon)
         cfg = SimConfig(trials=episodes, goal_offset=goal_offset, max_steps=max_steps, horizon=horizon,
-                        execute=execute, planner=planner, cem=cem, gd=gd, shift=shift, seed=seed, out=out)
+                        execute=execute, planner=planner, cem=cem, gd=gd, shift=shift, seed=seed, out=out,
+                        state_weight=state_weight, k=k)
         res = run_plan_sim(wm, encode_frame, rows, size, cfg)
     except UserError as e:
         fail(str(e))

@@ -100,11 +100,12 @@ def run_visualize(cfg: VisualizeConfig) -> dict[str, Any]:
     T = ctx + horizon
     cam = meta["camera"]
     P = meta["grid"][0] * meta["grid"][1]
-    raw = reader.read(Window(row, cfg.start, T, fs), ("patch",))["patch"]  # [T, C, P, Z]
+    win = reader.read(Window(row, cfg.start, T, fs), ("patch", "state"))
+    raw = win["patch"]  # [T, C, P, Z]
     pre = Preprocess(**{k: tuple(v) if isinstance(v, list) else v for k, v in reader.encoder["preprocess"].items()})
     truth = preprocess_geometry(episode_frames(reader, row, cam)[cfg.start::fs][:T], pre)
     rows = {"ground truth": truth, "decoded true latents": decoder(normalize_tokens(raw[:, cam], meta))}
-    z = wm.normalize(raw)[None]  # [1, T, N, Z]
+    z = wm.normalize(raw, win["state"])[None]  # [1, T, N, Z]
     variants = [("prediction, null action", False)]
     if e.has_actions and wm.shape.action_dim:
         span = (T - 1) * fs + 1

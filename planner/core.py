@@ -34,7 +34,10 @@ class WorldModel(Protocol):
     @property
     def action_mode(self) -> str: ...
 
-    def normalize(self, tokens) -> torch.Tensor: ...
+    @property
+    def state_dim(self) -> int: ...  # > 0: the last latent token carries the state (proprioception)
+
+    def normalize(self, tokens, state=None) -> torch.Tensor: ...
 
     def action_bounds(self) -> tuple: ...
 
@@ -93,15 +96,24 @@ def project(actions_SHA: torch.Tensor, spec: ActionSpec, previous_A: torch.Tenso
 
 
 def latent_cost(goal_NZ: torch.Tensor, *, metric: str = "mse", frame_weights: torch.Tensor | None = None,
-                smoothness: float = 0.0) -> CostFn:
+                smoothness: float = 0.0, state_dim: int = 0, state_weight: float = 1.0) -> CostFn:
     """Distance of predicted latents to the goal: the last frame (or `frame_weights` [H] over frames), MSE or
-    L1 over tokens, plus `smoothness` x mean squared change between consecutive actions."""
+    L1 over tokens, plus `smoothness` x mean squared change between consecutive actions. With `state_dim`
+    (proprioception: the last token's first `state_dim` channels are the state), the distance is the patches'
+    mean plus `state_weight` x the state's mean (DINO-WM's visual + alpha x proprio objective)."""
     if metric not in ("mse", "l1"):
         raise ValueError(f"metric {metric!r}: mse or l1")
 
+    def dist(d: torch.Tensor) -> torch.Tensor:
+        return d.pow(2) if metric == "mse" else d.abs()
+
     def cost(latents_SHNZ: torch.Tensor, actions_SHA: torch.Tensor) -> torch.Tensor:
         diff = latents_SHNZ - goal_NZ
-        per_frame_SH = (diff.pow(2) if metric == "mse" else diff.abs()).mean(dim=(2, 3))
+        if state_dim:
+            per_frame_SH = dist(diff[:, :, :-1]).mean(dim=(2, 3)) + \
+                state_weight * dist(diff[:, :, -1, :state_dim]).mean(-1)
+        else:
+            per_frame_SH = dist(diff).mean(dim=(2, 3))
         if frame_weights is None:
             c = per_frame_SH[:, -1]
         else:

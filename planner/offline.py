@@ -32,6 +32,7 @@ class OfflineConfig:
     cem: CEMConfig = CEMConfig()
     gd: GDConfig = GDConfig()
     smoothness: float = 0.0
+    state_weight: float = 1.0  # with proprioception: weight of the state's distance to the goal state
     random_samples: int = 64
     k: int = 4
     seed: int = 0
@@ -75,15 +76,15 @@ def run_plan_offline(wm: WorldModel, reader: TokenReader, cfg: OfflineConfig) ->
     for row, e in eps.iterrows():
         for s0 in np.sort(rng.choice(int(e.length) - need + 1, size=min(cfg.starts_per_episode,
                                                                         int(e.length) - need + 1), replace=False)):
-            w = reader.read(Window(int(row), int(s0), ctx + H, fs), ("patch",))
+            w = reader.read(Window(int(row), int(s0), ctx + H, fs), ("patch", "state"))
             raw = reader.read(Window(int(row), int(s0), need), ("action", "state"))
-            z = wm.normalize(w["patch"])  # [ctx+H, N, Z]
+            z = wm.normalize(w["patch"], w["state"])  # [ctx+H, N, Z]
             acts = torch.as_tensor(model_actions(wm, raw["action"][: need - 1], raw["state"][: need - 1]),
                                    dtype=torch.float32)  # [(ctx-1+H), A] actions between frames
             ctx_actions = torch.cat([torch.zeros(1, acts.shape[1]), acts[: ctx - 1]])  # leading into ctx frames
             gt = acts[ctx - 1:]  # [H, A] the actions from frame t to t+H
             goal = z[-1]
-            cost = latent_cost(goal, smoothness=cfg.smoothness)
+            cost = latent_cost(goal, smoothness=cfg.smoothness, state_dim=wm.state_dim, state_weight=cfg.state_weight)
             seed = int(rng.integers(2**31))
 
             def rollout(a_SHA, grad=False, z=z, ctx_actions=ctx_actions, seed=seed):

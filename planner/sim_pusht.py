@@ -44,6 +44,7 @@ class SimConfig:
     cem: CEMConfig = CEMConfig()
     gd: GDConfig = GDConfig()
     max_delta_fraction: float = 0.5  # per-step change limit as a share of the action range (the safety guard)
+    state_weight: float = 1.0  # with proprioception: weight of the state's distance to the goal state
     k: int = 4
     shift: str = "none"
     seed: int = 0
@@ -142,9 +143,11 @@ def to_env_action(a_model: np.ndarray, agent_xy: np.ndarray, mode: str) -> np.nd
     return a_model[:2] + agent_xy if mode == "relative_to_state" else a_model[:2]
 
 
-def run_trial(sim: PushtSim, wm: WorldModel, encode: Callable[[np.ndarray], torch.Tensor], trial: Trial,
+def run_trial(sim: PushtSim, wm: WorldModel, encode: Callable[[np.ndarray, np.ndarray], torch.Tensor], trial: Trial,
               cfg: SimConfig, spec: ActionSpec, policy: str, rng: np.random.Generator) -> dict[str, Any]:
-    """One MPC (or random) episode. Returns the outcome, the latencies and the frames."""
+    """One MPC (or random) episode. Returns the outcome, the latencies and the frames.
+    `encode(image, agent_xy)` gives the model's latents of an observation (agent_xy is pusht's
+    `observation.state`, used by models with proprioception)."""
     sim.reset(trial.env_state)
     for a in trial.actions:
         goal_img = sim.step(a)
@@ -152,13 +155,13 @@ def run_trial(sim: PushtSim, wm: WorldModel, encode: Callable[[np.ndarray], torc
     goal_state = sim.state()
     img = apply_shift(sim.reset(trial.env_state), cfg.shift)
     start_state = sim.state()
-    goal = encode(goal_img)  # [N, Z]
-    history = [encode(img)]
+    goal = encode(goal_img, goal_state[:2])  # [N, Z]; the proprio state is the agent's position
+    history = [encode(img, start_state[:2])]
     executed: list[np.ndarray] = []  # model-space actions that led into each history frame after the first
     frames, latencies, plan_mean = [img], [], None
     fs = wm.frameskip
     lo, hi = np.array(spec.low), np.array(spec.high)
-    cost = latent_cost(goal)
+    cost = latent_cost(goal, state_dim=wm.state_dim, state_weight=cfg.state_weight)
     for _ in range(cfg.max_steps // fs // cfg.execute + 1):
         if len(executed) * fs >= cfg.max_steps:
             break
@@ -191,19 +194,22 @@ def run_trial(sim: PushtSim, wm: WorldModel, encode: Callable[[np.ndarray], torc
                 img = apply_shift(sim.step(to_env_action(a[2 * j:2 * j + 2], sim.state()[:2], wm.action_mode)),
                                   cfg.shift)
             executed.append(np.asarray(a, dtype=np.float64))
-            history.append(encode(img))
+            history.append(encode(img, sim.state()[:2]))
             frames.append(img)
             if len(executed) * fs >= cfg.max_steps:
                 break
     ok, pos, ang = success(goal_state, sim.state())
     _, pos0, _ = success(goal_state, start_state)
     steps = np.diff(np.stack(executed), axis=0) if len(executed) > 1 else np.zeros((1, spec.dim))
+    final = sim.state()
     return {"success": ok, "final_pos_dist": pos, "final_angle_dist": ang, "start_pos_dist": pos0,
+            "final_agent_dist": float(np.linalg.norm(goal_state[:2] - final[:2])),
+            "final_block_dist": float(np.linalg.norm(goal_state[2:4] - final[2:4])),
             "smoothness": float(np.linalg.norm(steps, axis=1).mean()), "latencies": latencies,
             "frames": frames, "goal": goal_img}
 
 
-def run_plan_sim(wm: WorldModel, encode_frame: Callable[[np.ndarray], torch.Tensor], root_rows, size: int,
+def run_plan_sim(wm: WorldModel, encode_frame: Callable[[np.ndarray, np.ndarray], torch.Tensor], root_rows, size: int,
                  cfg: SimConfig) -> dict[str, Any]:
     if wm.frame_action_dim == 0:
         raise UserError("this model was trained without actions; the sim needs an action-conditioned model")
@@ -219,8 +225,9 @@ def run_plan_sim(wm: WorldModel, encode_frame: Callable[[np.ndarray], torch.Tens
             results = []
             for i, tr in enumerate(trials):
                 r = run_trial(sim, wm, encode_frame, tr, cfg, spec, policy, rng)
-                log.info("%s trial %d/%d: success=%s final position distance %.1f px (start %.1f)", policy, i + 1,
-                         len(trials), r["success"], r["final_pos_dist"], r["start_pos_dist"])
+                log.info("%s trial %d/%d: success=%s final position distance %.1f px (start %.1f; agent %.1f, "
+                         "block %.1f)", policy, i + 1, len(trials), r["success"], r["final_pos_dist"],
+                         r["start_pos_dist"], r["final_agent_dist"], r["final_block_dist"])
                 if policy == "model" and i < cfg.save_strips:
                     strips.append((tr, r))
                 results.append(r)
@@ -229,6 +236,8 @@ def run_plan_sim(wm: WorldModel, encode_frame: Callable[[np.ndarray], torch.Tens
                 "success_rate": float(np.mean([r["success"] for r in results])),
                 "final_pos_dist": float(np.mean([r["final_pos_dist"] for r in results])),
                 "final_angle_dist": float(np.mean([r["final_angle_dist"] for r in results])),
+                "final_agent_dist": float(np.mean([r["final_agent_dist"] for r in results])),
+                "final_block_dist": float(np.mean([r["final_block_dist"] for r in results])),
                 "start_pos_dist": float(np.mean([r["start_pos_dist"] for r in results])),
                 "smoothness": float(np.mean([r["smoothness"] for r in results])),
                 "latency_s": {"p50": float(np.percentile(lat, 50)), "p95": float(np.percentile(lat, 95))} if lat

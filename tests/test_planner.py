@@ -86,3 +86,16 @@ def test_cost_variants():
     assert latent_cost(goal, metric="l1")(lat, acts).item() == pytest.approx(1.0)
     assert latent_cost(goal, frame_weights=torch.tensor([1.0, 1.0]))(lat, acts).item() == pytest.approx(1.5)
     assert latent_cost(goal, smoothness=2.0)(lat, acts).item() == pytest.approx(4.0)
+
+
+def test_latent_cost_with_a_state_token_weighs_patches_and_state_apart():
+    g = torch.Generator().manual_seed(0)
+    goal = torch.randn(5, 8, generator=g)  # 4 patch tokens + the state token (2 channels, padded with zeros)
+    goal[-1, 2:] = 0
+    lat = torch.randn(3, 2, 5, 8, generator=g)
+    lat[..., -1, 2:] = 0
+    acts = torch.zeros(3, 2, 1)
+    d = lat[:, -1] - goal
+    want = d[:, :-1].pow(2).mean((1, 2)) + 3.0 * d[:, -1, :2].pow(2).mean(-1)
+    torch.testing.assert_close(latent_cost(goal, state_dim=2, state_weight=3.0)(lat, acts), want)
+    torch.testing.assert_close(latent_cost(goal)(lat, acts), d.pow(2).mean((1, 2)))  # no state: plain MSE

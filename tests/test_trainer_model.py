@@ -13,7 +13,15 @@ from trainer.config import ModelConfig, tiny
 from trainer.losses import TauSampling, sample_tau_d, shortcut_forcing_loss, teacher_forcing_loss
 from trainer.model.baseline import TeacherForcedPredictor
 from trainer.model.common import Attention, apply_rope, rope_angles
-from trainer.model.dynamics import ShortcutDynamics, TokenShape, merge_2x2, unmerge_2x2
+from trainer.model.dynamics import (
+    ShortcutDynamics,
+    TokenShape,
+    frame_error,
+    merge_2x2,
+    pack_state,
+    split_state,
+    unmerge_2x2,
+)
 from trainer.sampling import rollout_cached, rollout_uncached
 
 SHAPE = TokenShape(cameras=2, grid=(4, 4), enc_dim=8, action_dim=3)
@@ -216,3 +224,61 @@ def test_model_config_is_validated():
         ModelConfig(k_max=12)
     with pytest.raises(UserError, match="divide"):
         ModelConfig(dim=30, heads=4)
+
+
+PSHAPE = TokenShape(cameras=2, grid=(4, 4), enc_dim=8, action_dim=3, state_dim=2)
+
+
+def _proprio_model(kind: str, **kw) -> torch.nn.Module:
+    torch.manual_seed(0)
+    cfg = dataclasses.replace(tiny().model, kind=kind, **kw)
+    m = ShortcutDynamics(cfg, PSHAPE) if kind == "shortcut" else TeacherForcedPredictor(cfg, PSHAPE)
+    return m.eval()
+
+
+@pytest.mark.parametrize("kind", ["shortcut", "teacher_forced"])
+def test_proprio_state_token_is_predicted_causally_and_its_padding_stays_zero(kind):
+    m = _proprio_model(kind, merge_2x2=True)
+    g = torch.Generator().manual_seed(4)
+    B, T = 2, 5
+    z = pack_state(torch.randn(B, T, PSHAPE.tokens, 8, generator=g), torch.randn(B, T, 2, generator=g), PSHAPE)
+    z[..., -1, 2:] = torch.randn(B, T, 6, generator=g)  # noise in the padding (as a noised latent has) is ignored
+    tau, d = torch.rand(B, T, generator=g), torch.full((B, T), 0.25)
+    a, v = torch.randn(B, T, 3, generator=g), torch.ones(B, T, dtype=torch.bool)
+    run = (lambda z_: m(z_, tau, d, a, v)) if kind == "shortcut" else (lambda z_: m(z_, a, v))
+    out = run(z)
+    assert out.shape == (B, T, PSHAPE.latent_tokens, 8)
+    assert out[..., -1, 2:].abs().max() == 0  # the state token's padding is exactly zero
+    z2 = z.clone()
+    z2[..., -1, 2:] = 0.0
+    torch.testing.assert_close(run(z2), out)  # ... and never read
+    z3 = z.clone()
+    z3[:, 3:, -1, :2] += 1.0  # a later state changes nothing before it, and does change the state after it
+    out3 = run(z3)
+    torch.testing.assert_close(out3[:, :3], out[:, :3], rtol=0, atol=1e-5)
+    assert (out3[:, 3, -1, :2] - out[:, 3, -1, :2]).abs().max() > 1e-4
+    assert (out3[:, 3, :-1] - out[:, 3, :-1]).abs().max() > 1e-4  # the patches see the state
+
+
+def test_proprio_cached_rollout_equals_uncached_and_generates_the_state():
+    m = _proprio_model("shortcut")
+    g = torch.Generator().manual_seed(5)
+    z = pack_state(torch.randn(2, 7, PSHAPE.tokens, 8, generator=g), torch.randn(2, 7, 2, generator=g), PSHAPE)
+    a, v = torch.randn(2, 7, 3, generator=g), torch.ones(2, 7, dtype=torch.bool)
+    kw = dict(horizon=4, k=4, ctx_noise=0.1, window=7)
+    cached = rollout_cached(m, z[:, :3], a, v, generator=torch.Generator().manual_seed(3), **kw)
+    ref = rollout_uncached(m, z[:, :3], a, v, generator=torch.Generator().manual_seed(3), **kw)
+    torch.testing.assert_close(cached, ref, rtol=1e-4, atol=1e-4)
+    assert cached[..., -1, 2:].abs().max() == 0 and cached[..., -1, :2].abs().min() > 0
+
+
+def test_frame_error_weighs_the_state_against_the_patches():
+    g = torch.Generator().manual_seed(6)
+    patches, state = torch.randn(2, 3, PSHAPE.tokens, 8, generator=g), torch.randn(2, 3, 2, generator=g)
+    diff = pack_state(patches, state, PSHAPE)
+    want = patches.pow(2).mean((2, 3)) + 0.5 * state.pow(2).mean(-1)
+    torch.testing.assert_close(frame_error(diff, PSHAPE, 0.5), want)
+    torch.testing.assert_close(frame_error(patches, SHAPE), patches.pow(2).mean((2, 3)))  # no state: plain MSE
+    p, s = split_state(diff, PSHAPE)
+    torch.testing.assert_close(p, patches)
+    torch.testing.assert_close(s, state)

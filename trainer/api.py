@@ -21,7 +21,7 @@ from pipeline.stage import UserError
 from trainer.checkpoint import load_state, load_weights, resolve_checkpoint
 from trainer.config import TrainConfig, config_from_dict
 from trainer.data import Stats
-from trainer.model.dynamics import TokenShape
+from trainer.model.dynamics import TokenShape, pack_state, split_state
 from trainer.models import build_model
 from trainer.sampling import rollout_cached, rollout_teacher_forced, rollout_uncached
 
@@ -91,18 +91,41 @@ class LoadedWorldModel:
         return f"{self.checkpoint.parent.parent.name}/{self.checkpoint.name}"
 
     # ------------------------------------------------------------------ conversions
-    def normalize(self, tokens: np.ndarray | torch.Tensor) -> torch.Tensor:
-        """Store patch tokens [..., C, P, Z] or [..., N, Z] -> normalised latents [..., N, Z] (float32)."""
+    @property
+    def state_dim(self) -> int:
+        """Width of the state the model takes and predicts (proprioception); 0 for none."""
+        return self.shape.state_dim
+
+    def normalize(self, tokens: np.ndarray | torch.Tensor, state: np.ndarray | torch.Tensor | None = None
+                  ) -> torch.Tensor:
+        """Store patch tokens [..., C, P, Z] or [..., P, Z] (+ raw states [..., S] for a model with
+        proprioception) -> normalised latents [..., N, Z] (float32), the state as the last token."""
         t = torch.as_tensor(np.asarray(tokens), dtype=torch.float32)
         if t.shape[-3:-1] == (self.shape.cameras, self.shape.grid[0] * self.shape.grid[1]):
             t = t.flatten(-3, -2)
         mean, std = torch.from_numpy(self.stats.token_mean), torch.from_numpy(self.stats.token_std)
-        return ((t - mean) / std).to(self.device)
+        z = (t - mean) / std
+        if self.shape.state_dim:
+            if state is None:
+                raise ValueError(f"{self.name} predicts the state (proprio): pass the states with the tokens")
+            s = torch.as_tensor(np.asarray(state), dtype=torch.float32)[..., : self.shape.state_dim]
+            s = (s - torch.from_numpy(self.stats.state_mean)) / torch.from_numpy(self.stats.state_std)
+            z = pack_state(z, s, self.shape)
+        return z.to(self.device)
 
     def denormalize(self, z: torch.Tensor) -> torch.Tensor:
+        """Normalised latents [..., N, Z] -> raw patch tokens [..., P, Z] (the state token dropped)."""
+        z = split_state(z, self.shape)[0]
         mean = torch.from_numpy(self.stats.token_mean).to(z.device)
         std = torch.from_numpy(self.stats.token_std).to(z.device)
         return z * std + mean
+
+    def state_of(self, z: torch.Tensor) -> torch.Tensor | None:
+        """Raw states [..., S] predicted in normalised latents [..., N, Z] (None without proprioception)."""
+        s = split_state(z, self.shape)[1]
+        if s is None:
+            return None
+        return s * torch.from_numpy(self.stats.state_std).to(s) + torch.from_numpy(self.stats.state_mean).to(s)
 
     def action_inputs(self, raw_TA: np.ndarray | torch.Tensor, state_TS: np.ndarray | torch.Tensor | None = None
                       ) -> torch.Tensor:
@@ -139,7 +162,8 @@ class LoadedWorldModel:
         """The planner's view: one context [Tc, N, Z] (normalised), S candidate sequences of H per-frame
         actions [S, H, A*frameskip] in the model's raw action space (after its action_mode transform), and
         optionally the actions that led into the context frames [Tc, A*frameskip]. All candidates meet the
-        same sampling noise. Returns normalised latents [S, H, N, Z]; differentiable when `grad`."""
+        same sampling noise. Returns normalised latents [S, H, N, Z] (with proprioception the last token is
+        the predicted state); differentiable when `grad`."""
         S, H, _ = actions_SHA.shape
         Tc = context_TNZ.shape[0]
         mean = torch.from_numpy(np.tile(self.stats.action_mean, self.cfg.frameskip)).to(actions_SHA)

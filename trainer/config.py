@@ -69,6 +69,10 @@ class TrainConfig:
     action_dropout: float = 0.0  # share of labelled windows given the null action anyway
     include_augmented: bool = True
     action_mode: str = "absolute"  # absolute | relative_to_state (action - state[:A], e.g. pusht target - agent xy)
+    # proprioception (DINO-WM): the normalised state is one more latent token, fed and predicted with the
+    # patches; `state_weight` weighs its squared error against the patches' in the loss (and planners' cost)
+    proprio: bool = False
+    state_weight: float = 1.0
     stats_frames: int = 2048  # frames sampled for the token normalisation statistics
     num_workers: int = 0
     # shortcut forcing
@@ -124,6 +128,8 @@ class TrainConfig:
             raise UserError(f"tau_sampling {self.tau_sampling!r}: choose uniform or logit_normal")
         if self.precision not in ("auto", "bf16", "fp32"):
             raise UserError(f"precision {self.precision!r}: choose auto, bf16 or fp32")
+        if self.state_weight < 0:
+            raise UserError("state_weight must be >= 0")
         if self.steps < 1 or self.batch_size < 1 or self.grad_accum < 1 or self.frameskip < 1:
             raise UserError("steps, batch_size, grad_accum and frameskip must be >= 1")
         if self.keep_last < 1 or self.ckpt_every < 1:
@@ -172,13 +178,15 @@ def small() -> TrainConfig:
     """CPU demo: minutes on two cores on the built-in pusht tokens (96 px, 6x6 grid merged to 3x3).
 
     clean_context and state-relative actions: on pusht these learned motion where Dreamer 4's diffusion forcing
-    with absolute targets only learned to copy the last frame (see README, "World model").
+    with absolute targets only learned to copy the last frame; proprioception gives the agent's position, which
+    the patches of a 96-px frame barely resolve (see README, "World model").
     """
     return TrainConfig(
         model=ModelConfig(dim=128, depth=4, heads=4, kv_heads=2, registers=4, time_every=2, k_max=16,
                           merge_2x2=True),
         context_frames=8, frameskip=2, steps=600, batch_size=16, warmup_steps=50, lr=1e-3, weight_decay=0.05,
-        labelled_fraction=0.5, context_mode="clean_context", action_mode="relative_to_state", log_every=25,
+        labelled_fraction=0.5, context_mode="clean_context", action_mode="relative_to_state", proprio=True,
+        log_every=25,
         eval_every=200, val_windows=64, ckpt_every=200, ema_decay=0.99, num_workers=1,
     )
 

@@ -36,7 +36,11 @@ class Stats:
     token_std: np.ndarray  # [Z]
     action_mean: np.ndarray  # [A_raw]
     action_std: np.ndarray  # [A_raw]
-    frame_delta_var: np.ndarray  # [1]: mean squared change of a normalised token between consecutive frames
+    frame_delta_var: np.ndarray  # [1]: mean squared change of a normalised token from one model frame to the next
+    # (frameskip store frames apart); with proprioception [2]: the patches', then the normalised state's
+    # [S] (proprio): the state's mean, and its scale (its std shrunk so that it changes per frame like a patch)
+    state_mean: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(0, np.float32))
+    state_std: np.ndarray = dataclasses.field(default_factory=lambda: np.ones(0, np.float32))
 
     def to_dict(self) -> dict[str, list[float]]:
         return {k: np.asarray(v, dtype=np.float64).tolist() for k, v in dataclasses.asdict(self).items()}
@@ -70,8 +74,15 @@ def token_shape(reader: TokenReader, cfg: TrainConfig) -> TokenShape:
     if len(adims) > 1:
         raise UserError(f"labelled sources have different action widths {sorted(adims)}; train them apart")
     a = adims.pop() if adims else 0
+    s = 0
+    if cfg.proprio:
+        sdims = {src: int(reader.source_attrs(src)["state_dim"]) for src in sources}
+        if len(set(sdims.values())) != 1 or not min(sdims.values()):
+            raise UserError(f"proprio needs one state width > 0 in every training source, the store has {sdims}; "
+                            "train with --set proprio=false or on some sources with --sources")
+        s = next(iter(sdims.values()))
     return TokenShape(cameras=next(iter(cams.values())), grid=tuple(enc["grid"]), enc_dim=int(enc["dim"]),
-                      action_dim=a * cfg.frameskip)
+                      action_dim=a * cfg.frameskip, state_dim=s)
 
 
 def raw_actions(w: dict[str, np.ndarray], mode: str) -> np.ndarray:
@@ -85,21 +96,23 @@ def raw_actions(w: dict[str, np.ndarray], mode: str) -> np.ndarray:
 
 
 def compute_stats(reader: TokenReader, cfg: TrainConfig, shape: TokenShape) -> Stats:
-    """Token mean/std from up to `stats_frames` random train frames; action mean/std from all labelled train frames."""
+    """Token mean/std from up to `stats_frames` random train frames (in pairs one model frame apart, for the
+    frame-to-frame change); action and state mean/std from all labelled / all train frames."""
     eps = select_episodes(reader, cfg, "train")
     rng = np.random.default_rng([cfg.seed, 7])
     per_ep = max(1, cfg.stats_frames // (2 * max(1, len(eps))))
     s1 = np.zeros(shape.enc_dim)
     s2 = np.zeros(shape.enc_dim)
-    d2 = np.zeros(shape.enc_dim)  # consecutive-frame squared differences
+    d2 = np.zeros(shape.enc_dim)  # squared differences of frames one model step (frameskip) apart
     n = 0
+    fs = cfg.frameskip
     for row in rng.permutation(eps.index.to_numpy()):
         e = reader.episodes.loc[row]
-        if int(e.length) < 2:
+        if int(e.length) <= fs:
             continue
-        k = min(per_ep, int(e.length) - 1)
-        for start in np.sort(rng.choice(int(e.length) - 1, size=k, replace=False)):
-            pair = reader.read(Window(int(row), int(start), 2), ("patch",))["patch"].astype(np.float64)
+        k = min(per_ep, int(e.length) - fs)
+        for start in np.sort(rng.choice(int(e.length) - fs, size=k, replace=False)):
+            pair = reader.read(Window(int(row), int(start), 2, fs), ("patch",))["patch"].astype(np.float64)
             pair = pair.reshape(2, -1, shape.enc_dim)
             s1 += pair.sum((0, 1))
             s2 += (pair**2).sum((0, 1))
@@ -108,7 +121,7 @@ def compute_stats(reader: TokenReader, cfg: TrainConfig, shape: TokenShape) -> S
         if 2 * n >= cfg.stats_frames * shape.tokens:
             break
     if n == 0:
-        raise UserError(f"{reader.path}: no train episode has 2 frames; cannot compute statistics")
+        raise UserError(f"{reader.path}: no train episode has {fs + 1} frames; cannot compute statistics")
     mean = s1 / (2 * n)
     std = np.sqrt(np.maximum(s2 / (2 * n) - mean**2, 1e-12))
     delta_var = float(np.mean(d2 / n / std**2))
@@ -120,8 +133,26 @@ def compute_stats(reader: TokenReader, cfg: TrainConfig, shape: TokenShape) -> S
         a_mean, a_std = allv.mean(0), np.maximum(allv.std(0), 1e-6)
     else:
         a_mean, a_std = np.zeros(a_raw), np.ones(a_raw)
+    s_mean, s_std, deltas = np.zeros(0), np.ones(0), [delta_var]
+    if shape.state_dim:
+        per = [reader.episode(int(r), ("state",))["state"][:, : shape.state_dim].astype(np.float64)
+               for r in eps.index]
+        states = np.concatenate(per)
+        states = states[np.isfinite(states).all(1)]
+        if not len(states):
+            raise UserError(f"{reader.path}: the train episodes have no finite states; train with --set proprio=false")
+        s_mean, s_std = states.mean(0), np.maximum(states.std(0), 1e-6)
+        # Scale the state so that it changes from frame to frame as much as a patch token does: a robot's state
+        # moves a few % of its range per frame, and at unit variance the context noise (ctx_noise) would bury
+        # that motion; at this scale the noise is as small against the state's motion as against the patches'.
+        steps = np.concatenate([((x[fs:] - x[:-fs]) / s_std) ** 2 for x in per if len(x) > fs])
+        dv = float(np.nanmean(steps))
+        if np.isfinite(dv) and dv > 0:
+            s_std = s_std * np.sqrt(dv / max(delta_var, 1e-6))
+        deltas.append(min(delta_var, 1.0))
     return Stats(mean.astype(np.float32), std.astype(np.float32), a_mean.astype(np.float32),
-                 a_std.astype(np.float32), np.array([delta_var], dtype=np.float32))
+                 a_std.astype(np.float32), np.array(deltas, dtype=np.float32), s_mean.astype(np.float32),
+                 s_std.astype(np.float32))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -177,24 +208,36 @@ class WindowSampler:
         return pool[pool.length >= span]
 
 
+def latents(patch: np.ndarray, state: np.ndarray | None, stats: Stats, shape: TokenShape) -> np.ndarray:
+    """Store patches [T, C, P, Z] (+ states [T, S]) -> normalised model latents [T, N(+1), Z]
+    (the state token with proprioception; a missing (NaN) state reads as the mean state)."""
+    z = (patch.reshape(len(patch), -1, shape.enc_dim) - stats.token_mean) / stats.token_std
+    if not shape.state_dim:
+        return z.astype(np.float32)
+    tok = np.zeros((len(z), 1, shape.enc_dim), dtype=np.float32)
+    tok[:, 0, : shape.state_dim] = np.nan_to_num((state[:, : shape.state_dim] - stats.state_mean) / stats.state_std)
+    return np.concatenate([z.astype(np.float32), tok], axis=1)
+
+
 def load_sample(reader: TokenReader, s: Sample, T: int, cfg: TrainConfig, stats: Stats, shape: TokenShape
                 ) -> dict[str, np.ndarray]:
-    """One window: normalised tokens [T, N, Z]; normalised actions [T, A] where actions[t] led into frame t
-    (the frameskip raw actions between frames t-1 and t, concatenated); valid [T] (frame 0 never)."""
+    """One window: normalised latents [T, N, Z] (patches, + the state token with proprioception); normalised
+    actions [T, A] where actions[t] led into frame t (the frameskip raw actions between frames t-1 and t,
+    concatenated); valid [T] (frame 0 never)."""
     frameskip = cfg.frameskip
     span = (T - 1) * frameskip + 1
-    toks = reader.read(Window(s.row, s.start, T, frameskip), ("patch",))["patch"]
-    z = (toks.reshape(T, -1, shape.enc_dim) - stats.token_mean) / stats.token_std
+    w = reader.read(Window(s.row, s.start, T, frameskip), ("patch", "state") if shape.state_dim else ("patch",))
+    z = latents(w["patch"], w.get("state"), stats, shape)
     a_raw = shape.action_dim // frameskip
     actions = np.zeros((T, shape.action_dim), dtype=np.float32)
     valid = np.zeros(T, dtype=bool)
     if s.labelled and a_raw:
-        w = reader.read(Window(s.row, s.start, span), ("action", "action_valid", "state"))
-        a = (raw_actions(w, cfg.action_mode) - stats.action_mean) / stats.action_std  # [span, A_raw]
+        lo = reader.read(Window(s.row, s.start, span), ("action", "action_valid", "state"))
+        a = (raw_actions(lo, cfg.action_mode) - stats.action_mean) / stats.action_std  # [span, A_raw]
         for t in range(1, T):
-            lo, hi = (t - 1) * frameskip, t * frameskip
-            actions[t] = a[lo:hi].reshape(-1)
-            valid[t] = bool(w["action_valid"][lo:hi].all())
+            a0, a1 = (t - 1) * frameskip, t * frameskip
+            actions[t] = a[a0:a1].reshape(-1)
+            valid[t] = bool(lo["action_valid"][a0:a1].all())
     return {Z: z.astype(np.float32), ACTIONS: np.nan_to_num(actions), VALID: valid}
 
 

@@ -116,7 +116,7 @@ def predict(wm: LoadedWorldModel, win: Windows, ctx: int, horizon: int, *, use_a
     outs = []
     for i in range(0, len(win.tokens), batch_size):
         sl = slice(i, i + batch_size)
-        z = wm.normalize(win.tokens[sl, :ctx])
+        z = wm.normalize(win.tokens[sl, :ctx], win.frame_states[sl, :ctx])
         B = z.shape[0]
         if use_actions:
             steps = wm.action_inputs(np.nan_to_num(win.actions[sl]), win.states[sl])

@@ -55,7 +55,7 @@ from trainer.data import (
     compute_stats,
     token_shape,
 )
-from trainer.model.dynamics import TokenShape
+from trainer.model.dynamics import TokenShape, split_state
 from trainer.models import build_model, compute_loss, predict_last_frame
 
 log = logging.getLogger(__name__)
@@ -243,6 +243,8 @@ def setup(cfg: TrainConfig, *, resume: bool, d: Dist) -> tuple[Trainer, int, Tok
     model = build_model(cfg.model, shape).to(device)
     if hasattr(model, "delta_var"):
         model.delta_var.fill_(float(stats.frame_delta_var[0]))
+        if shape.state_dim:
+            model.state_delta_var.fill_(float(stats.frame_delta_var[1]))
     if cfg.init_from is not None and ckpt is None:
         src = resolve_checkpoint(cfg.init_from)
         st = load_state(src)
@@ -319,7 +321,8 @@ class Metrics:
 
 @torch.no_grad()
 def validate(tr: Trainer, reader: TokenReader, step: int) -> dict[str, float]:
-    """Val loss (training objective, fixed windows and noise) and EMA one-step prediction vs copy-last."""
+    """Val loss (training objective, fixed windows and noise) and EMA one-step prediction vs copy-last
+    (patch tokens; with proprioception also the state)."""
     cfg = tr.cfg
     try:
         sampler = WindowSampler(reader, dataclasses.replace(cfg, seed=cfg.seed + 10_007), split="val")
@@ -337,10 +340,15 @@ def validate(tr: Trainer, reader: TokenReader, step: int) -> dict[str, float]:
         with _autocast(cfg, tr.device):
             loss, _ = compute_loss(core, batch, cfg, step)
             pred = predict_last_frame(tr.ema, batch, cfg, generator=torch.Generator().manual_seed(cfg.seed + i))
-        z = batch["z"].float()
+        z, pred = split_state(batch["z"].float(), tr.shape), split_state(pred.float(), tr.shape)
         out["val_loss"] += float(loss) * len(chunk)
-        out["val_pred_mse"] += float((pred.float() - z[:, -1]).pow(2).mean()) * len(chunk)
-        out["val_copy_mse"] += float((z[:, -2] - z[:, -1]).pow(2).mean()) * len(chunk)
+        out["val_pred_mse"] += float((pred[0] - z[0][:, -1]).pow(2).mean()) * len(chunk)
+        out["val_copy_mse"] += float((z[0][:, -2] - z[0][:, -1]).pow(2).mean()) * len(chunk)
+        if tr.shape.state_dim:  # normalised state: predicted vs copied from the frame before
+            out["val_state_pred_mse"] = out.get("val_state_pred_mse", 0.0) + \
+                float((pred[1] - z[1][:, -1]).pow(2).mean()) * len(chunk)
+            out["val_state_copy_mse"] = out.get("val_state_copy_mse", 0.0) + \
+                float((z[1][:, -2] - z[1][:, -1]).pow(2).mean()) * len(chunk)
         n += len(chunk)
     core.train()
     return {k: v / n for k, v in out.items()}

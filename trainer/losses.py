@@ -14,6 +14,11 @@ from collections.abc import Callable
 import torch
 
 DenoiseFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]  # (z_tau, tau, d) -> z1_hat
+FrameError = Callable[[torch.Tensor], torch.Tensor]  # difference [B, T, N, Z] -> squared error per frame [B, T]
+
+
+def mean_squared(diff_BTNZ: torch.Tensor) -> torch.Tensor:
+    return diff_BTNZ.pow(2).mean(dim=(2, 3))
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -69,7 +74,8 @@ def _bt(x_BT: torch.Tensor) -> torch.Tensor:
 
 
 def shortcut_forcing_loss(f: DenoiseFn, z1_BTNZ: torch.Tensor, z0_BTNZ: torch.Tensor, tau_BT: torch.Tensor,
-                          d_BT: torch.Tensor, *, k_max: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+                          d_BT: torch.Tensor, *, k_max: int, err: FrameError = mean_squared
+                          ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Dreamer 4 shortcut forcing, Eq. 7, per frame:
 
     flow (d = 1/k_max):  ||z1_hat - z1||^2
@@ -80,12 +86,14 @@ def shortcut_forcing_loss(f: DenoiseFn, z1_BTNZ: torch.Tensor, z0_BTNZ: torch.Te
     each weighted by the ramp w(tau) = 0.9 tau + 0.1 and averaged over frames and samples.
 
     f: (z_tau [B,T,N,Z], tau [B,T], d [B,T]) -> z1_hat; conditioning (actions) is bound inside f.
+    err: the squared error per frame (default: mean over tokens and channels; with proprioception, the
+    patches' mean plus the weighted state error, `trainer.model.dynamics.frame_error`).
     Returns (loss, aux): aux holds detached terms and `per_sample` [B] (for labelled / action-free logging).
     """
     d_min = 1.0 / k_max
     z_tau = (1 - _bt(tau_BT)) * z0_BTNZ + _bt(tau_BT) * z1_BTNZ
     pred = f(z_tau, tau_BT, d_BT)
-    flow_BT = (pred - z1_BTNZ).pow(2).mean(dim=(2, 3))
+    flow_BT = err(pred - z1_BTNZ)
     boot_BT_mask = d_BT > d_min * 1.5
     per_frame = flow_BT
     boot_BT = torch.zeros_like(flow_BT)
@@ -100,7 +108,7 @@ def shortcut_forcing_loss(f: DenoiseFn, z1_BTNZ: torch.Tensor, z0_BTNZ: torch.Te
             b2 = (p2 - z_mid) / (1 - _bt(tau_mid))
             v_target = (b1 + b2) / 2
         v_pred = (pred - z_tau) / (1 - _bt(tau_BT))
-        boot_BT = (1 - tau_BT).pow(2) * (v_pred - v_target).pow(2).mean(dim=(2, 3))
+        boot_BT = (1 - tau_BT).pow(2) * err(v_pred - v_target)
         per_frame = torch.where(boot_BT_mask, boot_BT, flow_BT)
     weighted_BT = (0.9 * tau_BT + 0.1) * per_frame
     loss = weighted_BT.mean()
@@ -115,10 +123,10 @@ def shortcut_forcing_loss(f: DenoiseFn, z1_BTNZ: torch.Tensor, z0_BTNZ: torch.Te
     return loss, aux
 
 
-def teacher_forcing_loss(g: Callable[[torch.Tensor], torch.Tensor], z_BTNZ: torch.Tensor
-                         ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+def teacher_forcing_loss(g: Callable[[torch.Tensor], torch.Tensor], z_BTNZ: torch.Tensor, *,
+                         err: FrameError = mean_squared) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """DINO-WM: frames 0..T-2 (and the actions after them, bound inside g) predict frames 1..T-1; MSE."""
     pred = g(z_BTNZ[:, :-1])
-    per_frame = (pred - z_BTNZ[:, 1:]).pow(2).mean(dim=(2, 3))  # [B, T-1]
+    per_frame = err(pred - z_BTNZ[:, 1:])  # [B, T-1]
     loss = per_frame.mean()
     return loss, {"loss": loss.detach(), "per_sample": per_frame.mean(dim=1).detach()}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import torch
@@ -11,7 +12,7 @@ from trainer.config import ModelConfig, TrainConfig
 from trainer.data import ACTIONS, VALID, Z, noise_like
 from trainer.losses import TauSampling, shortcut_forcing_loss, teacher_forcing_loss
 from trainer.model.baseline import TeacherForcedPredictor
-from trainer.model.dynamics import ShortcutDynamics, TokenShape
+from trainer.model.dynamics import ShortcutDynamics, TokenShape, frame_error
 
 
 def build_model(cfg: ModelConfig, shape: TokenShape) -> nn.Module:
@@ -33,8 +34,10 @@ def compute_loss(model: nn.Module, batch: dict[str, Any], cfg: TrainConfig, step
     stop-gradient bootstrap passes (they need no gradient synchronisation)."""
     core = core or model
     z, actions, valid = batch[Z], batch[ACTIONS], batch[VALID]
+    shape = core.shape
+    err = functools.partial(frame_error, shape=shape, state_weight=cfg.state_weight)
     if cfg.model.kind == "teacher_forced":
-        return teacher_forcing_loss(lambda zz: model(zz, actions[:, 1:], valid[:, 1:]), z)
+        return teacher_forcing_loss(lambda zz: model(zz, actions[:, 1:], valid[:, 1:]), z, err=err)
     B, T, N, Zd = z.shape
     z0, tau, d, eps = noise_like((N, Zd), T, batch["sample_ids"], cfg.seed, tau_spec(cfg, step))
     z0, tau, d = z0.to(z.device), tau.to(z.device), d.to(z.device)
@@ -48,7 +51,7 @@ def compute_loss(model: nn.Module, batch: dict[str, Any], cfg: TrainConfig, step
             return net(z_tau, tau_, d_, actions, valid)
         return net(z_tau, tau_, d_, actions, valid, ctx, 1.0 - cfg.ctx_noise)
 
-    return shortcut_forcing_loss(f, z, z0, tau, d, k_max=cfg.model.k_max)
+    return shortcut_forcing_loss(f, z, z0, tau, d, k_max=cfg.model.k_max, err=err)
 
 
 @torch.no_grad()

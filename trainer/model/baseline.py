@@ -4,7 +4,8 @@ Each frame's tokens, plus a token for the action taken after it, predict the nex
 full over the tokens of all frames <= t (a block-causal mask over the flattened sequence, as in
 DINO-WM), with 2-D RoPE inside a frame and learned frame embeddings. Deterministic, trained with MSE.
 
-Legend: B = batch, T = frames, N = encoder tokens per frame, Q = model tokens per frame, S = Q + 1, D = width.
+Legend: B = batch, T = frames, N = latent tokens per frame (patches, + the state token with proprioception),
+Q = model tokens per frame for them, S = Q + 1, D = width.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from einops import rearrange
 
 from trainer.config import ModelConfig
 from trainer.model.common import Attention, RMSNorm, SwiGLU, rope_2d_angles
-from trainer.model.dynamics import TokenShape, merge_2x2, space_positions, token_geometry, unmerge_2x2
+from trainer.model.dynamics import LatentIO, TokenShape, space_positions
 
 
 class FullBlock(nn.Module):
@@ -36,18 +37,16 @@ class TeacherForcedPredictor(nn.Module):
     def __init__(self, cfg: ModelConfig, shape: TokenShape):
         super().__init__()
         self.cfg, self.shape = cfg, shape
-        merged_dim, self.q_tokens = token_geometry(cfg, shape)
         D = cfg.dim
-        self.proj_in = nn.Linear(merged_dim, D)
-        self.camera = nn.Parameter(torch.zeros(shape.cameras, 1, D))
+        self.io = LatentIO(cfg, shape)
         self.frame = nn.Embedding(cfg.max_frames, D)
         self.null_action = nn.Parameter(torch.randn(D) * 0.02)
         self.action_mlp = nn.Sequential(nn.Linear(max(1, shape.action_dim), D), nn.SiLU(), nn.Linear(D, D))
         self.blocks = nn.ModuleList(FullBlock(cfg) for _ in range(cfg.depth))
         self.norm_out = RMSNorm(D)
-        self.proj_out = nn.Linear(D, merged_dim)
-        rows, cols = space_positions(shape, cfg.merge_2x2, registers=0)
-        angles = rope_2d_angles(rows[:-1], cols[:-1], D // cfg.heads, cfg.rope_theta_space)  # latents + action
+        trailing = self.io.tokens - self.io.q_tokens + 1  # (state), action
+        rows, cols = space_positions(shape, cfg.merge_2x2, registers=0, trailing=trailing)
+        angles = rope_2d_angles(rows, cols, D // cfg.heads, cfg.rope_theta_space)
         self.register_buffer("space_angles", angles, persistent=False)  # [S, E/2]
 
     def forward(self, z_BTND: torch.Tensor, next_actions_BTA: torch.Tensor | None = None,
@@ -56,10 +55,7 @@ class TeacherForcedPredictor(nn.Module):
         B, T = z_BTND.shape[:2]
         if T > self.cfg.max_frames:
             raise ValueError(f"{T} frames exceed max_frames={self.cfg.max_frames}")
-        if self.cfg.merge_2x2:
-            z_BTND = merge_2x2(z_BTND, self.shape)
-        per_cam = self.q_tokens // self.shape.cameras
-        x = self.proj_in(z_BTND) + self.camera.expand(-1, per_cam, -1).reshape(-1, self.cfg.dim)
+        x = self.io.embed(z_BTND)
         act = self.null_action.expand(B, T, -1)
         if next_actions_BTA is not None and next_valid_BT is not None and self.shape.action_dim:
             act = act + self.action_mlp(torch.nan_to_num(next_actions_BTA)) * next_valid_BT[..., None].to(x.dtype)
@@ -72,6 +68,5 @@ class TeacherForcedPredictor(nn.Module):
         h = rearrange(x, "b t s d -> b (t s) d")
         for block in self.blocks:
             h = block(h, angles, mask)
-        h = rearrange(h, "b (t s) d -> b t s d", t=T)[:, :, : self.q_tokens]
-        out = self.proj_out(self.norm_out(h))
-        return unmerge_2x2(out, self.shape) if self.cfg.merge_2x2 else out
+        h = rearrange(h, "b (t s) d -> b t s d", t=T)[:, :, : self.io.tokens]
+        return self.io.readout(self.norm_out(h))

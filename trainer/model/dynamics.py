@@ -1,12 +1,16 @@
 """Dreamer-4-style block-causal shortcut dynamics over frozen encoder tokens (architecture only).
 
-Per frame the sequence is `[registers | latent tokens | shortcut token (tau, d) | action token]`. Every
+Per frame the sequence is `[registers | latent tokens | (state token) | shortcut token (tau, d) | action token]`.
+With proprioception on (`TokenShape.state_dim > 0`, as DINO-WM), the normalised robot state travels as one
+more latent token (its first S channels; the rest are zero), is noised and generated with the patches and
+predicted like them, so a rollout predicts the state too and a planner can put a cost on it. Every
 layer attends within a frame (space, 2-D RoPE over the patch grid); every `time_every`-th layer also
 attends causally across frames at the same slot (time, 1-D RoPE), by rearranging (B, T, S) -> (B*S, T),
 so frame t only ever sees frames <= t. The network predicts the clean latents (x-prediction).
 
-Legend: B = batch, T = frames, N = encoder tokens per frame (cameras x grid), Q = model tokens per frame
-(N, or N/4 with the 2x2 merge), S = R + Q + 2 tokens per frame, D = model width, Z = encoder width, A = action.
+Legend: B = batch, T = frames, N = latent tokens per frame (cameras x grid, + 1 state token with
+proprioception), Q = model tokens for them (the patches / 4 with the 2x2 merge), S = R + Q + 2 tokens per frame,
+D = model width, Z = encoder width, A = action.
 """
 
 from __future__ import annotations
@@ -30,10 +34,47 @@ class TokenShape:
     grid: tuple[int, int]
     enc_dim: int
     action_dim: int
+    state_dim: int = 0  # > 0: the normalised state is one more latent token (proprioception)
+
+    def __post_init__(self) -> None:
+        if self.state_dim > self.enc_dim:
+            raise ValueError(f"state width {self.state_dim} exceeds the token width {self.enc_dim}")
 
     @property
     def tokens(self) -> int:
+        """Encoder (patch) tokens per frame."""
         return self.cameras * self.grid[0] * self.grid[1]
+
+    @property
+    def latent_tokens(self) -> int:
+        """Tokens per frame of the model's latents: the patches, plus the state token with proprioception."""
+        return self.tokens + (1 if self.state_dim else 0)
+
+
+def pack_state(patches_NZ: torch.Tensor, state_S: torch.Tensor | None, shape: TokenShape) -> torch.Tensor:
+    """Patch latents [..., N, Z] and normalised states [..., S] -> model latents [..., N(+1), Z]."""
+    if not shape.state_dim:
+        return patches_NZ
+    if state_S is None:
+        raise ValueError("this model predicts the state (proprioception): pass the states with the tokens")
+    pad = patches_NZ.new_zeros((*state_S.shape[:-1], shape.enc_dim))
+    pad[..., : shape.state_dim] = state_S.to(pad)
+    return torch.cat([patches_NZ, pad[..., None, :]], dim=-2)
+
+
+def split_state(z_NZ: torch.Tensor, shape: TokenShape) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Model latents [..., N(+1), Z] -> (patch latents [..., N, Z], normalised states [..., S] or None)."""
+    if not shape.state_dim:
+        return z_NZ, None
+    return z_NZ[..., :-1, :], z_NZ[..., -1, : shape.state_dim]
+
+
+def frame_error(diff_BTNZ: torch.Tensor, shape: TokenShape, state_weight: float = 1.0) -> torch.Tensor:
+    """Squared error per frame [B, T]: mean over the patch tokens, plus `state_weight` x the mean over the
+    state's channels (DINO-WM weights the two alike); the zero padding of the state token counts nowhere."""
+    patches, state = split_state(diff_BTNZ, shape)
+    err = patches.pow(2).mean(dim=(-2, -1))
+    return err if state is None else err + state_weight * state.pow(2).mean(-1)
 
 
 def merge_2x2(z_BTND: torch.Tensor, shape: TokenShape) -> torch.Tensor:
@@ -49,13 +90,15 @@ def unmerge_2x2(z_BTQM: torch.Tensor, shape: TokenShape) -> torch.Tensor:
                      i=2, j=2)
 
 
-def space_positions(shape: TokenShape, merged: bool, registers: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(row, col) per token of a frame: special tokens at (0, 0), patches at 1.. on their camera's grid."""
+def space_positions(shape: TokenShape, merged: bool, registers: int, trailing: int
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(row, col) per token of a frame `[registers | patches | trailing special tokens]`: special tokens at
+    (0, 0), patches at 1.. on their camera's grid."""
     gh, gw = (shape.grid[0] // 2, shape.grid[1] // 2) if merged else shape.grid
     rows = torch.arange(gh).repeat_interleave(gw).repeat(shape.cameras) + 1
     cols = torch.arange(gw).repeat(gh).repeat(shape.cameras) + 1
-    zeros_r, zeros_2 = torch.zeros(registers, dtype=torch.long), torch.zeros(2, dtype=torch.long)
-    return torch.cat([zeros_r, rows, zeros_2]), torch.cat([zeros_r, cols, zeros_2])
+    zeros_r, zeros_t = torch.zeros(registers, dtype=torch.long), torch.zeros(trailing, dtype=torch.long)
+    return torch.cat([zeros_r, rows, zeros_t]), torch.cat([zeros_r, cols, zeros_t])
 
 
 class Block(nn.Module):
@@ -91,7 +134,8 @@ def sinusoidal(x_B: torch.Tensor, dim: int, scale: float = 1000.0) -> torch.Tens
     return torch.cat([args.sin(), args.cos()], dim=-1)
 
 
-def temporal_prior(z_BTNZ: torch.Tensor, tau_BT: torch.Tensor, delta_var: float, prev_z_B1NZ=None, prev_tau_B1=None
+def temporal_prior(z_BTNZ: torch.Tensor, tau_BT: torch.Tensor, delta_var: float | torch.Tensor, prev_z_B1NZ=None,
+                   prev_tau_B1=None
                    ) -> tuple[torch.Tensor, torch.Tensor]:
     """Prior mean and residual variance of each frame's clean latents from the frame before it.
 
@@ -99,7 +143,8 @@ def temporal_prior(z_BTNZ: torch.Tensor, tau_BT: torch.Tensor, delta_var: float,
     own noisy input (signal level tau'); the residual z1_t - mu_t has variance delta_var (how much a frame
     changes, from the data) plus that estimate's error, capped at 1 (the unit data variance). Frame 0 (or a
     previous frame of pure noise) gets mu = 0 and variance 1. `prev_*` give frame t-1 when z holds one frame.
-    Returns mu [B, T, N, Z] and residual variance [B, T, 1, 1]; mu_t depends on frame t-1 only (causal).
+    `delta_var` is a float or per token [N, 1] (the state token of proprioception changes at its own rate).
+    Returns mu [B, T, N, Z] and residual variance [B, T, 1 or N, 1]; mu_t depends on frame t-1 only (causal).
     """
     if prev_z_B1NZ is None:
         prev_z = torch.cat([torch.zeros_like(z_BTNZ[:, :1]), z_BTNZ[:, :-1]], dim=1)
@@ -134,19 +179,74 @@ def token_geometry(cfg: ModelConfig, shape: TokenShape) -> tuple[int, int]:
     return shape.enc_dim * f, shape.tokens // f
 
 
+class LatentIO(nn.Module):
+    """Model latents [B, T, N(+1), Z] <-> model tokens [B, T, Q(+1), D], shared by both world models:
+    the optional 2x2 merge and camera embedding for patches, a linear map for the state token."""
+
+    def __init__(self, cfg: ModelConfig, shape: TokenShape, extra_inputs: int = 0):
+        super().__init__()
+        self.cfg, self.shape = cfg, shape
+        merged_dim, self.q_tokens = token_geometry(cfg, shape)
+        D, S = cfg.dim, shape.state_dim
+        self.proj_in = nn.Linear(merged_dim, D)
+        self.camera = nn.Parameter(torch.zeros(shape.cameras, 1, D))
+        # further latent-shaped inputs (the shortcut model's residual and prior), bias-free
+        self.extra = nn.ModuleList(nn.Linear(merged_dim, D, bias=False) for _ in range(extra_inputs))
+        self.proj_out = nn.Linear(D, merged_dim)
+        if S:
+            self.state_in = nn.Linear(S, D)
+            self.state_extra = nn.ModuleList(nn.Linear(S, D, bias=False) for _ in range(extra_inputs))
+            self.state_out = nn.Linear(D, S)
+            mask = torch.ones(shape.latent_tokens, shape.enc_dim)
+            mask[-1, S:] = 0.0
+            self.register_buffer("latent_mask", mask, persistent=False)  # the state token's padding stays 0
+
+    @property
+    def tokens(self) -> int:
+        """Model tokens per frame for the latents (Q patches, plus the state token)."""
+        return self.q_tokens + (1 if self.shape.state_dim else 0)
+
+    def _patches(self, z_BTNZ: torch.Tensor) -> torch.Tensor:
+        return merge_2x2(z_BTNZ, self.shape) if self.cfg.merge_2x2 else z_BTNZ
+
+    def embed(self, z_BTNZ: torch.Tensor, *extras: torch.Tensor | None) -> torch.Tensor:
+        patches, state = split_state(z_BTNZ, self.shape)
+        per_cam = self.q_tokens // self.shape.cameras
+        x = self.proj_in(self._patches(patches)) + self.camera.expand(-1, per_cam, -1).reshape(-1, self.cfg.dim)
+        for e, proj in zip(extras, self.extra):
+            if e is not None:
+                x = x + proj(self._patches(split_state(e, self.shape)[0]))
+        if state is None:
+            return x
+        s = self.state_in(state)
+        for e, proj in zip(extras, self.state_extra):
+            if e is not None:
+                s = s + proj(split_state(e, self.shape)[1])
+        return torch.cat([x, s[:, :, None]], dim=2)
+
+    def readout(self, h_BTQD: torch.Tensor) -> torch.Tensor:
+        """Normalised hidden states of the latent tokens [B, T, Q(+1), D] -> latents [B, T, N(+1), Z]."""
+        out = self.proj_out(h_BTQD[:, :, : self.q_tokens])
+        if self.cfg.merge_2x2:
+            out = unmerge_2x2(out, self.shape)
+        if not self.shape.state_dim:
+            return out
+        return pack_state(out, self.state_out(h_BTQD[:, :, self.q_tokens]), self.shape)
+
+    def mask(self, z_BTNZ: torch.Tensor) -> torch.Tensor:
+        """Zero the state token's padding channels (no-op without proprioception)."""
+        return z_BTNZ * self.latent_mask if self.shape.state_dim else z_BTNZ
+
+
 class ShortcutDynamics(nn.Module):
     """f(z_tau, tau, d, actions) -> predicted clean latents, frame-causally."""
 
     def __init__(self, cfg: ModelConfig, shape: TokenShape):
         super().__init__()
         self.cfg, self.shape = cfg, shape
-        merged_dim, self.q_tokens = token_geometry(cfg, shape)
-        per_cam = self.q_tokens // shape.cameras
         D = cfg.dim
-        self.proj_in = nn.Linear(merged_dim, D)
-        self.residual_in = nn.Linear(merged_dim, D, bias=False)  # the frame's change from its temporal prior
-        self.prior_in = nn.Linear(merged_dim, D, bias=False)  # the temporal prior itself
-        self.camera = nn.Parameter(torch.zeros(shape.cameras, 1, D))
+        self.io = LatentIO(cfg, shape, extra_inputs=2)  # extras: the frame's change from its temporal prior,
+        # and the temporal prior itself
         self.registers = nn.Parameter(torch.randn(cfg.registers, D) * 0.02)
         self.tau_mlp = nn.Sequential(nn.Linear(D, D), nn.SiLU(), nn.Linear(D, D))
         self.step_embed = nn.Embedding(int(math.log2(cfg.k_max)) + 1, D)  # index j: d = 2**-j
@@ -155,22 +255,16 @@ class ShortcutDynamics(nn.Module):
         n = cfg.depth
         self.blocks = nn.ModuleList(Block(cfg, time=(i + 1) % cfg.time_every == 0 or i == n - 1) for i in range(n))
         self.norm_out = RMSNorm(D)
-        self.proj_out = nn.Linear(D, merged_dim)
-        rows, cols = space_positions(shape, cfg.merge_2x2, cfg.registers)
+        trailing = self.io.tokens - self.io.q_tokens + 2  # (state), shortcut, action
+        rows, cols = space_positions(shape, cfg.merge_2x2, cfg.registers, trailing=trailing)
         self.register_buffer("space_angles", rope_2d_angles(rows, cols, D // cfg.heads, cfg.rope_theta_space),
                              persistent=False)
-        self._per_cam = per_cam
         # variance of a frame-to-frame change in normalised tokens; set from the data by the trainer, saved
         self.register_buffer("delta_var", torch.tensor(0.5))
+        if shape.state_dim:  # ... and of the normalised state (a robot moves little per frame: a tighter prior)
+            self.register_buffer("state_delta_var", torch.tensor(0.5))
 
     # -- token construction -------------------------------------------------------------------------------
-    def embed_latents(self, z_BTND: torch.Tensor) -> torch.Tensor:
-        if self.cfg.merge_2x2:
-            z_BTND = merge_2x2(z_BTND, self.shape)
-        x = self.proj_in(z_BTND)  # [B, T, Q, D]
-        cam = self.camera.expand(-1, self._per_cam, -1).reshape(-1, self.cfg.dim)  # [Q, D]
-        return x + cam
-
     def shortcut_token(self, tau_BT: torch.Tensor, d_BT: torch.Tensor) -> torch.Tensor:
         j = torch.round(-torch.log2(d_BT)).long().clamp(0, self.step_embed.num_embeddings - 1)
         return self.tau_mlp(sinusoidal(tau_BT, self.cfg.dim)) + self.step_embed(j)  # [B, T, D]
@@ -187,19 +281,14 @@ class ShortcutDynamics(nn.Module):
     def tokens(self, z_BTND, tau_BT, d_BT, actions_BTA=None, valid_BT=None, residual_BTND=None,
                prior_BTND=None) -> torch.Tensor:
         B, T = z_BTND.shape[:2]
-        latents = self.embed_latents(z_BTND)
-        for extra, proj in ((residual_BTND, self.residual_in), (prior_BTND, self.prior_in)):
-            if extra is not None:
-                latents = latents + proj(merge_2x2(extra, self.shape) if self.cfg.merge_2x2 else extra)
-        parts = [self.registers.expand(B, T, -1, -1), latents,
+        parts = [self.registers.expand(B, T, -1, -1), self.io.embed(z_BTND, residual_BTND, prior_BTND),
                  self.shortcut_token(tau_BT, d_BT)[:, :, None],
                  self.action_token(actions_BTA, valid_BT, B, T)[:, :, None]]
         return torch.cat(parts, dim=2)  # [B, T, S, D]
 
     def readout(self, x_BTSD: torch.Tensor) -> torch.Tensor:
         r = self.cfg.registers
-        out = self.proj_out(self.norm_out(x_BTSD[:, :, r:r + self.q_tokens]))
-        return unmerge_2x2(out, self.shape) if self.cfg.merge_2x2 else out
+        return self.io.readout(self.norm_out(x_BTSD[:, :, r:r + self.io.tokens]))
 
     def time_angles(self, T: int, offset: int = 0, device=None) -> torch.Tensor:
         pos = torch.arange(offset, offset + T, device=device)
@@ -235,6 +324,14 @@ class ShortcutDynamics(nn.Module):
             x = block(x, self.space_angles, angles, time_mask=mask if block.time else None)
         return finish(self.readout(x[:, T:]))
 
+    def _delta_var(self) -> float | torch.Tensor:
+        """Frame-to-frame change variance: a float, or per latent token [N, 1] with proprioception."""
+        if not self.shape.state_dim:
+            return float(self.delta_var)
+        dv = self.delta_var.expand(self.shape.latent_tokens, 1).clone()
+        dv[-1] = self.state_delta_var
+        return dv
+
     def _embed(self, z_BTND, tau_BT, d_BT, actions_BTA, valid_BT, prev):
         """Tokens of (noisy) frames and the function that turns the network's readout into z1_hat."""
         residual = prior = None
@@ -243,7 +340,7 @@ class ShortcutDynamics(nn.Module):
         else:
             c_in = preconditioning(tau_BT)[0]  # the network sees each noisy frame itself, at unit variance
             if self.cfg.temporal_prior:
-                mu, r_var = temporal_prior(z_BTND, tau_BT, float(self.delta_var), *(prev or (None, None)))
+                mu, r_var = temporal_prior(z_BTND, tau_BT, self._delta_var(), *(prev or (None, None)))
                 c_res, c_skip, c_out = preconditioning(tau_BT, r_var)
                 residual = (z_BTND - tau_BT[:, :, None, None] * mu) * c_res  # ... its change from the prior
                 prior = mu  # ... and the previous frame's estimate, in place (as a next-frame predictor has it)
@@ -254,7 +351,7 @@ class ShortcutDynamics(nn.Module):
 
         def finish(readout_BTNZ: torch.Tensor) -> torch.Tensor:
             # around the prior: mu + least-squares estimate of the residual from this frame + what is left
-            return mu + c_skip * (z_BTND - tau_BT[:, :, None, None] * mu) + c_out * readout_BTNZ
+            return self.io.mask(mu + c_skip * (z_BTND - tau_BT[:, :, None, None] * mu) + c_out * readout_BTNZ)
 
         return x, finish
 
