@@ -271,6 +271,12 @@ def test_proprio_run_learns_the_state_and_plans_with_it(pusht_store, tmp_path):
     acts = torch.as_tensor(np.stack([lo, hi]), dtype=torch.float32)[:, None].expand(2, 3, -1)
     pred = wm.plan_rollout(z, acts, k=1)
     assert pred.shape == (2, 3, 17, 32)
+    # eval runs on it: patch errors per horizon, and the probe reads the patches only, never the state token
+    from trainer.eval import EvalConfig, run_eval
+
+    ev = run_eval(EvalConfig(ckpt=res.run_dir, horizons=(1, 3), windows_per_episode=2, out=tmp_path / "ev",
+                             plots=False, k_sweep=(1,)))
+    assert ev["probe"] is not None and json.dumps(ev)
     end_lo, end_hi = wm.state_of(pred[0, -1]), wm.state_of(pred[1, -1])
     assert (end_hi - end_lo).min() > 0.5, (end_lo, end_hi)  # px: each coordinate follows its action (tiny model:
     # ~1 px after 200 steps; the small preset on the demo store: ~100 px between the bounds over 3 frames)

@@ -146,7 +146,8 @@ def errors(ref: LoadedWorldModel, pred_raw: np.ndarray, true_raw: np.ndarray, ho
 
 
 def _probe_features(wm: LoadedWorldModel, raw_WNZ: np.ndarray, proj: np.ndarray | None) -> np.ndarray:
-    z = wm.normalize(raw_WNZ).cpu().numpy().reshape(len(raw_WNZ), -1)
+    # patch tokens only: the probe asks what the visual latents know of the state (never the state token)
+    z = ((np.asarray(raw_WNZ, dtype=np.float32) - wm.stats.token_mean) / wm.stats.token_std).reshape(len(raw_WNZ), -1)
     return z @ proj if proj is not None else z
 
 
