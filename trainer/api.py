@@ -20,8 +20,8 @@ import torch
 from pipeline.stage import UserError
 from trainer.checkpoint import load_state, load_weights, resolve_checkpoint
 from trainer.config import TrainConfig, config_from_dict
-from trainer.data import Stats
-from trainer.model.dynamics import TokenShape, pack_state, split_state
+from trainer.data import Stats, latents
+from trainer.model.dynamics import TokenShape, split_state
 from trainer.models import build_model
 from trainer.sampling import rollout_cached, rollout_teacher_forced, rollout_uncached
 
@@ -100,18 +100,11 @@ class LoadedWorldModel:
                   ) -> torch.Tensor:
         """Store patch tokens [..., C, P, Z] or [..., P, Z] (+ raw states [..., S] for a model with
         proprioception) -> normalised latents [..., N, Z] (float32), the state as the last token."""
-        t = torch.as_tensor(np.asarray(tokens), dtype=torch.float32)
-        if t.shape[-3:-1] == (self.shape.cameras, self.shape.grid[0] * self.shape.grid[1]):
-            t = t.flatten(-3, -2)
-        mean, std = torch.from_numpy(self.stats.token_mean), torch.from_numpy(self.stats.token_std)
-        z = (t - mean) / std
-        if self.shape.state_dim:
-            if state is None:
-                raise ValueError(f"{self.name} predicts the state (proprio): pass the states with the tokens")
-            s = torch.as_tensor(np.asarray(state), dtype=torch.float32)[..., : self.shape.state_dim]
-            s = (s - torch.from_numpy(self.stats.state_mean)) / torch.from_numpy(self.stats.state_std)
-            z = pack_state(z, s, self.shape)
-        return z.to(self.device)
+        try:
+            z = latents(np.asarray(tokens), None if state is None else np.asarray(state), self.stats, self.shape)
+        except ValueError as e:
+            raise ValueError(f"{self.name}: {e}") from None
+        return torch.from_numpy(z).to(self.device)
 
     def denormalize(self, z: torch.Tensor) -> torch.Tensor:
         """Normalised latents [..., N, Z] -> raw patch tokens [..., P, Z] (the state token dropped)."""

@@ -20,7 +20,7 @@ import torch
 from featurestore.reader import TokenReader, Window
 from pipeline.stage import UserError
 from trainer.config import TrainConfig
-from trainer.model.dynamics import TokenShape
+from trainer.model.dynamics import TokenShape, pack_state
 
 log = logging.getLogger(__name__)
 
@@ -208,15 +208,25 @@ class WindowSampler:
         return pool[pool.length >= span]
 
 
+def normalize_patches(patch: np.ndarray, stats: Stats, shape: TokenShape) -> np.ndarray:
+    """Store patch tokens [..., C, P, Z] or [..., N, Z] -> normalised patch latents [..., N, Z] (float32)."""
+    p = np.asarray(patch, dtype=np.float32)
+    if p.shape[-3:-1] == (shape.cameras, shape.grid[0] * shape.grid[1]):
+        p = p.reshape(*p.shape[:-3], -1, p.shape[-1])
+    return ((p - stats.token_mean) / stats.token_std).astype(np.float32)
+
+
 def latents(patch: np.ndarray, state: np.ndarray | None, stats: Stats, shape: TokenShape) -> np.ndarray:
-    """Store patches [T, C, P, Z] (+ states [T, S]) -> normalised model latents [T, N(+1), Z]
+    """Store patches [..., C, P, Z] (+ raw states [..., S]) -> normalised model latents [..., N(+1), Z]
     (the state token with proprioception; a missing (NaN) state reads as the mean state)."""
-    z = (patch.reshape(len(patch), -1, shape.enc_dim) - stats.token_mean) / stats.token_std
+    z = normalize_patches(patch, stats, shape)
     if not shape.state_dim:
-        return z.astype(np.float32)
-    tok = np.zeros((len(z), 1, shape.enc_dim), dtype=np.float32)
-    tok[:, 0, : shape.state_dim] = np.nan_to_num((state[:, : shape.state_dim] - stats.state_mean) / stats.state_std)
-    return np.concatenate([z.astype(np.float32), tok], axis=1)
+        return z
+    if state is None:
+        raise ValueError("this model predicts the state (proprio): pass the states with the tokens")
+    s = np.nan_to_num((np.asarray(state, dtype=np.float32)[..., : shape.state_dim] - stats.state_mean)
+                      / stats.state_std)
+    return pack_state(torch.from_numpy(z), torch.from_numpy(s.astype(np.float32)), shape).numpy()
 
 
 def load_sample(reader: TokenReader, s: Sample, T: int, cfg: TrainConfig, stats: Stats, shape: TokenShape

@@ -23,7 +23,7 @@ import torch
 from featurestore.reader import TokenReader, Window
 from pipeline.stage import ConfigMismatchError, UserError, atomic_write_json, config_differences
 from trainer.api import LoadedWorldModel
-from trainer.data import select_episodes
+from trainer.data import normalize_patches, select_episodes
 
 log = logging.getLogger(__name__)
 
@@ -147,7 +147,7 @@ def errors(ref: LoadedWorldModel, pred_raw: np.ndarray, true_raw: np.ndarray, ho
 
 def _probe_features(wm: LoadedWorldModel, raw_WNZ: np.ndarray, proj: np.ndarray | None) -> np.ndarray:
     # patch tokens only: the probe asks what the visual latents know of the state (never the state token)
-    z = ((np.asarray(raw_WNZ, dtype=np.float32) - wm.stats.token_mean) / wm.stats.token_std).reshape(len(raw_WNZ), -1)
+    z = normalize_patches(raw_WNZ, wm.stats, wm.shape).reshape(len(raw_WNZ), -1)
     return z @ proj if proj is not None else z
 
 
