@@ -549,6 +549,8 @@ def plan_sim(
     shift: Annotated[str, typer.Option(help="none | lighting | background.")] = "none",
     state_weight: Annotated[float, typer.Option(help="Weight of the state distance (models with proprio).")] = 1.0,
     k: Annotated[int, typer.Option(help="Shortcut steps per frame in the planner's rollouts.")] = 4,
+    cost_frames: Annotated[str, typer.Option(help="all: goal distance averaged over the planned frames; last: "
+                                             "the last frame only.")] = "all",
     seed: Annotated[int, typer.Option(help="Seed.")] = 0,
     device: Annotated[str, typer.Option(help="cpu | cuda.")] = "cpu",
 ) -> None:
@@ -583,7 +585,7 @@ def plan_sim(
         cem, gd = _plan_configs(planner, samples, elites, iterations, horizon)
         cfg = SimConfig(trials=episodes, goal_offset=goal_offset, max_steps=max_steps, horizon=horizon,
                         execute=execute, planner=planner, cem=cem, gd=gd, shift=shift, seed=seed, out=out,
-                        state_weight=state_weight, k=k)
+                        state_weight=state_weight, k=k, cost_frames=cost_frames)
         res = run_plan_sim(wm, encode_frame, rows, size, cfg)
     except UserError as e:
         fail(str(e))
@@ -593,7 +595,8 @@ def plan_sim(
         r = res[policy]
         lat = f", plan latency p50 {r['latency_s']['p50'] * 1000:.0f} ms p95 {r['latency_s']['p95'] * 1000:.0f} ms" \
             if r["latency_s"] else ""
-        typer.echo(f"{policy:>6}: success {100 * r['success_rate']:.0f}% of {res['trials']}, final distance "
+        reached = f" (in {r['steps_to_success']:.0f} env steps on average)" if r["steps_to_success"] else ""
+        typer.echo(f"{policy:>6}: success {100 * r['success_rate']:.0f}% of {res['trials']}{reached}, final distance "
                    f"{r['final_pos_dist']:.1f} px (start {r['start_pos_dist']:.1f}), angle {r['final_angle_dist']:.2f} "
                    f"rad, action smoothness {r['smoothness']:.2f}{lat}")
     typer.echo(f"wrote {out}/sim.json" + "".join(f", {p}" for p in res.get("strips", [])))
