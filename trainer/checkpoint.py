@@ -84,7 +84,11 @@ def load_state(ckpt: Path) -> dict[str, Any]:
 def load_weights(ckpt: Path, which: str = "ema") -> dict[str, torch.Tensor]:
     if which not in ("ema", "model"):
         raise ValueError(which)
-    return load_file(Path(ckpt) / f"{which}.safetensors")
+    sd = load_file(Path(ckpt) / f"{which}.safetensors")
+    # Checkpoints of proprio runs before 2026-11-21 carry the state token's prior variance apart; it always
+    # equalled `delta_var` (the state is scaled to change per frame like a patch), so it is dropped.
+    sd.pop("state_delta_var", None)
+    return sd
 
 
 def load_optimizer(ckpt: Path) -> dict[str, Any]:

@@ -37,7 +37,7 @@ class Stats:
     action_mean: np.ndarray  # [A_raw]
     action_std: np.ndarray  # [A_raw]
     frame_delta_var: np.ndarray  # [1]: mean squared change of a normalised token from one model frame to the next
-    # (frameskip store frames apart); with proprioception [2]: the patches', then the normalised state's
+    # (frameskip store frames apart); the normalised state is scaled to change as much
     # [S] (proprio): the state's mean, and its scale (its std shrunk so that it changes per frame like a patch)
     state_mean: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(0, np.float32))
     state_std: np.ndarray = dataclasses.field(default_factory=lambda: np.ones(0, np.float32))
@@ -133,7 +133,7 @@ def compute_stats(reader: TokenReader, cfg: TrainConfig, shape: TokenShape) -> S
         a_mean, a_std = allv.mean(0), np.maximum(allv.std(0), 1e-6)
     else:
         a_mean, a_std = np.zeros(a_raw), np.ones(a_raw)
-    s_mean, s_std, deltas = np.zeros(0), np.ones(0), [delta_var]
+    s_mean, s_std = np.zeros(0), np.ones(0)
     if shape.state_dim:
         per = [reader.episode(int(r), ("state",))["state"][:, : shape.state_dim].astype(np.float64)
                for r in eps.index]
@@ -149,9 +149,8 @@ def compute_stats(reader: TokenReader, cfg: TrainConfig, shape: TokenShape) -> S
         dv = float(np.nanmean(steps))
         if np.isfinite(dv) and dv > 0:
             s_std = s_std * np.sqrt(dv / max(delta_var, 1e-6))
-        deltas.append(min(delta_var, 1.0))
     return Stats(mean.astype(np.float32), std.astype(np.float32), a_mean.astype(np.float32),
-                 a_std.astype(np.float32), np.array(deltas, dtype=np.float32), s_mean.astype(np.float32),
+                 a_std.astype(np.float32), np.array([delta_var], dtype=np.float32), s_mean.astype(np.float32),
                  s_std.astype(np.float32))
 
 

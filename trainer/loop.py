@@ -243,8 +243,6 @@ def setup(cfg: TrainConfig, *, resume: bool, d: Dist) -> tuple[Trainer, int, Tok
     model = build_model(cfg.model, shape).to(device)
     if hasattr(model, "delta_var"):
         model.delta_var.fill_(float(stats.frame_delta_var[0]))
-        if shape.state_dim:
-            model.state_delta_var.fill_(float(stats.frame_delta_var[1]))
     if cfg.init_from is not None and ckpt is None:
         src = resolve_checkpoint(cfg.init_from)
         st = load_state(src)

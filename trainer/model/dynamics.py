@@ -143,8 +143,7 @@ def temporal_prior(z_BTNZ: torch.Tensor, tau_BT: torch.Tensor, delta_var: float 
     own noisy input (signal level tau'); the residual z1_t - mu_t has variance delta_var (how much a frame
     changes, from the data) plus that estimate's error, capped at 1 (the unit data variance). Frame 0 (or a
     previous frame of pure noise) gets mu = 0 and variance 1. `prev_*` give frame t-1 when z holds one frame.
-    `delta_var` is a float or per token [N, 1] (the state token of proprioception changes at its own rate).
-    Returns mu [B, T, N, Z] and residual variance [B, T, 1 or N, 1]; mu_t depends on frame t-1 only (causal).
+    Returns mu [B, T, N, Z] and residual variance [B, T, 1, 1]; mu_t depends on frame t-1 only (causal).
     """
     if prev_z_B1NZ is None:
         prev_z = torch.cat([torch.zeros_like(z_BTNZ[:, :1]), z_BTNZ[:, :-1]], dim=1)
@@ -259,10 +258,9 @@ class ShortcutDynamics(nn.Module):
         rows, cols = space_positions(shape, cfg.merge_2x2, cfg.registers, trailing=trailing)
         self.register_buffer("space_angles", rope_2d_angles(rows, cols, D // cfg.heads, cfg.rope_theta_space),
                              persistent=False)
-        # variance of a frame-to-frame change in normalised tokens; set from the data by the trainer, saved
+        # variance of a frame-to-frame change in normalised tokens (the state token included: it is scaled to
+        # change like a patch); set from the data by the trainer, saved
         self.register_buffer("delta_var", torch.tensor(0.5))
-        if shape.state_dim:  # ... and of the normalised state (a robot moves little per frame: a tighter prior)
-            self.register_buffer("state_delta_var", torch.tensor(0.5))
 
     # -- token construction -------------------------------------------------------------------------------
     def shortcut_token(self, tau_BT: torch.Tensor, d_BT: torch.Tensor) -> torch.Tensor:
@@ -324,14 +322,6 @@ class ShortcutDynamics(nn.Module):
             x = block(x, self.space_angles, angles, time_mask=mask if block.time else None)
         return finish(self.readout(x[:, T:]))
 
-    def _delta_var(self) -> float | torch.Tensor:
-        """Frame-to-frame change variance: a float, or per latent token [N, 1] with proprioception."""
-        if not self.shape.state_dim:
-            return float(self.delta_var)
-        dv = self.delta_var.expand(self.shape.latent_tokens, 1).clone()
-        dv[-1] = self.state_delta_var
-        return dv
-
     def _embed(self, z_BTND, tau_BT, d_BT, actions_BTA, valid_BT, prev):
         """Tokens of (noisy) frames and the function that turns the network's readout into z1_hat."""
         residual = prior = None
@@ -340,7 +330,7 @@ class ShortcutDynamics(nn.Module):
         else:
             c_in = preconditioning(tau_BT)[0]  # the network sees each noisy frame itself, at unit variance
             if self.cfg.temporal_prior:
-                mu, r_var = temporal_prior(z_BTND, tau_BT, self._delta_var(), *(prev or (None, None)))
+                mu, r_var = temporal_prior(z_BTND, tau_BT, self.delta_var, *(prev or (None, None)))
                 c_res, c_skip, c_out = preconditioning(tau_BT, r_var)
                 residual = (z_BTND - tau_BT[:, :, None, None] * mu) * c_res  # ... its change from the prior
                 prior = mu  # ... and the previous frame's estimate, in place (as a next-frame predictor has it)
