@@ -470,10 +470,10 @@ def visualize(
 
 
 # ---------------------------------------------------------------------------------------------- plan
-def _load_model(run: Path | None, ckpt: Path | None, device: str):
+def _load_model(run: Path | None, ckpt: Path | None, device: str, compile: bool = False):
     from trainer.api import LoadedWorldModel
 
-    return LoadedWorldModel.load(_resolve_run(run, ckpt), device=device)
+    return LoadedWorldModel.load(_resolve_run(run, ckpt), device=device, compile=compile)
 
 
 def _plan_configs(planner: str, samples: int, elites: int, iterations: int, horizon: int):
@@ -501,6 +501,8 @@ def plan_offline(
     k: Annotated[int, typer.Option(help="Shortcut steps per frame in the planner's rollouts.")] = 4,
     seed: Annotated[int, typer.Option(help="Seed.")] = 0,
     device: Annotated[str, typer.Option(help="cpu | cuda.")] = "cpu",
+    compile: Annotated[bool, typer.Option("--compile", help="torch.compile the model's rollouts (the first "
+                                          "plan compiles: tens of seconds on CPU).")] = False,
 ) -> None:
     """Plan from frame t to the encoded frame t+H on labelled val episodes; compare with GT and random actions."""
     import json
@@ -510,7 +512,7 @@ def plan_offline(
     from trainer.api import run_store
 
     try:
-        wm = _load_model(run, ckpt, device)
+        wm = _load_model(run, ckpt, device, compile)
         reader = TokenReader(store or run_store(wm.checkpoint))
         if reader.encoder != wm.encoder:
             raise UserError(f"{reader.path} was made with another encoder than {wm.name}")
@@ -553,6 +555,8 @@ def plan_sim(
                                              "the last frame only.")] = "all",
     seed: Annotated[int, typer.Option(help="Seed.")] = 0,
     device: Annotated[str, typer.Option(help="cpu | cuda.")] = "cpu",
+    compile: Annotated[bool, typer.Option("--compile", help="torch.compile the model's rollouts (the first "
+                                          "plan compiles: tens of seconds on CPU).")] = False,
 ) -> None:
     """Closed-loop MPC in gym-pusht towards goals from held-out episodes; random-action baseline alongside."""
     import json
@@ -566,7 +570,7 @@ def plan_sim(
     try:
         if env != "pusht":
             raise UserError(f"--env {env!r}: only pusht is wired up")
-        wm = _load_model(run, ckpt, device)
+        wm = _load_model(run, ckpt, device, compile)
         reader = TokenReader(run_store(wm.checkpoint))
         labelled = [s for s in reader.store.sources() if reader.source_attrs(s).get("has_actions")]
         if not labelled:
@@ -699,6 +703,7 @@ def bench_plan_cmd(
     grid: Annotated[str, typer.Option(help="Token grid per frame, HxW.")] = "6x6",
     enc_dim: Annotated[int, typer.Option(help="Token width.")] = 32,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda.")] = "auto",
+    compile: Annotated[bool, typer.Option("--compile", help="Also time it torch.compiled, side by side.")] = False,
 ) -> None:
     """Milliseconds per MPC step (one CEM optimisation) and model evaluations per step, per preset."""
     import json
@@ -709,15 +714,19 @@ def bench_plan_cmd(
 
     try:
         result = bench_plan(presets=_split_list(presets), samples=samples, iterations=iterations, horizon=horizon,
-                            grid=_hxw(grid, "--grid", "6x6 or 16x16"), enc_dim=enc_dim, device=device)
+                            grid=_hxw(grid, "--grid", "6x6 or 16x16"), enc_dim=enc_dim, device=device,
+                            compile=compile)
     except UserError as e:
         fail(str(e))
     table = Table(title=f"plan: CEM {samples}x{iterations}, horizon {horizon}, {result['device']} ({result['cpu']})")
-    for col in ("preset", "params (M)", "ms / MPC step", "model evals / step"):
+    cols = ["preset", "params (M)", "ms / MPC step", "model evals / step"]
+    for col in cols + (["compiled ms / step", "speedup", "compile s"] if compile else []):
         table.add_column(col)
     for r in result["rows"]:
-        table.add_row(r["preset"], f"{r['params_M']:.2f}", f"{r['ms_per_mpc_step']:.0f}",
-                      str(r["model_evals_per_step"]))
+        cells = [r["preset"], f"{r['params_M']:.2f}", f"{r['ms_per_mpc_step']:.0f}", str(r["model_evals_per_step"])]
+        if compile:
+            cells += [f"{r['ms_per_mpc_step_compiled']:.0f}", f"{r['compile_speedup']:.2f}x", f"{r['compile_s']:.0f}"]
+        table.add_row(*cells)
     console().print(table)
     typer.echo(json.dumps(result))
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 
+import pytest
 from typer.testing import CliRunner
 
 from pipeline.cli import app
@@ -68,3 +69,22 @@ def test_bench_train_times_real_steps_on_a_store(pusht_store):
     assert res["params_M"] > 0 and res["achieved_tflops"] > 0
     r = CliRunner().invoke(app, ["bench", "train", "--store", str(pusht_store.parent / "missing.zarr")])
     assert r.exit_code == 2 and "wmctl encode" in r.output
+
+
+@pytest.mark.slow
+def test_compiled_rollouts_plan_like_eager_ones(tiny_run):
+    """`plan --compile`: the torch.compiled model (dynamic shapes, KV cache growing per frame) gives the
+    planner the same latents as the eager one."""
+    import torch
+
+    from trainer.api import LoadedWorldModel
+
+    eager, compiled = LoadedWorldModel.load(tiny_run), LoadedWorldModel.load(tiny_run, compile=True)
+    lo, hi = (torch.as_tensor(b, dtype=torch.float32) for b in eager.action_bounds())
+    g = torch.Generator().manual_seed(0)
+    ctx = torch.randn(2, eager.shape.latent_tokens, eager.shape.enc_dim, generator=g)
+    acts = lo + (hi - lo) * torch.rand(8, 3, len(lo), generator=g)
+    for _ in range(2):  # the second call runs the compiled code without compiling
+        want = eager.plan_rollout(ctx, acts, seed=1)
+        got = compiled.plan_rollout(ctx, acts, seed=1)
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)

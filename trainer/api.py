@@ -23,7 +23,7 @@ from trainer.config import TrainConfig, config_from_dict
 from trainer.data import Stats, latents
 from trainer.model.dynamics import TokenShape, split_state
 from trainer.models import build_model
-from trainer.sampling import rollout_cached, rollout_teacher_forced, rollout_uncached
+from trainer.sampling import compile_for_rollouts, rollout_cached, rollout_teacher_forced, rollout_uncached
 
 
 def newest_run(runs_dir: Path = Path("runs")) -> Path:
@@ -48,7 +48,10 @@ class LoadedWorldModel:
     device: torch.device
 
     @classmethod
-    def load(cls, path: Path, *, weights: str = "ema", device: str = "cpu") -> LoadedWorldModel:
+    def load(cls, path: Path, *, weights: str = "ema", device: str = "cpu", compile: bool = False
+             ) -> LoadedWorldModel:
+        """A checkpoint (or a run: its newest) for inference; `compile`: torch.compile the rollouts' network
+        call (`trainer.sampling.compile_for_rollouts`; pays off over many planning steps)."""
         ckpt = resolve_checkpoint(path)
         state = load_state(ckpt)
         cfg = config_from_dict(state["config"])
@@ -56,7 +59,10 @@ class LoadedWorldModel:
         model = build_model(cfg.model, shape)
         model.load_state_dict(load_weights(ckpt, weights))
         dev = torch.device(device)
-        return cls(model.to(dev).eval().requires_grad_(False), cfg, shape, Stats.from_dict(state["stats"]),
+        model = model.to(dev).eval().requires_grad_(False)
+        if compile:
+            compile_for_rollouts(model)
+        return cls(model, cfg, shape, Stats.from_dict(state["stats"]),
                    state["encoder"], Path(state["store"]), ckpt, dev)
 
     # ------------------------------------------------------------------ properties

@@ -20,7 +20,7 @@ import torch
 from pipeline.stage import UserError
 from trainer.config import preset
 from trainer.model.dynamics import ShortcutDynamics, TokenShape
-from trainer.sampling import rollout_cached, rollout_uncached
+from trainer.sampling import compile_for_rollouts, rollout_cached, rollout_uncached
 
 # dense bf16 peak of the GPUs this project is run on (for MFU); others report achieved FLOP/s only
 _PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12}
@@ -105,8 +105,10 @@ def bench_rollout(*, preset_name: str = "small", horizon: int = 20, context: int
 
 def bench_plan(*, presets: tuple[str, ...] = ("tiny", "small", "base"), samples: int = 64, iterations: int = 5,
                horizon: int = 5, context: int = 4, k: int = 4, grid: tuple[int, int] = (6, 6), enc_dim: int = 32,
-               action_dim: int = 2, repeats: int = 3, device: str = "auto") -> dict[str, Any]:
-    """Milliseconds per MPC step (one full CEM optimisation, all samples in one batched cached rollout)."""
+               action_dim: int = 2, repeats: int = 3, device: str = "auto", compile: bool = False) -> dict[str, Any]:
+    """Milliseconds per MPC step (one full CEM optimisation, all samples in one batched cached rollout).
+    `compile`: the same, then again after `compile_for_rollouts` in the same process (the first, compiling
+    step timed apart), with the largest difference between the eager and the compiled rollout."""
     from planner.cem import CEMConfig, cem_plan
     from planner.core import ActionSpec, latent_cost
 
@@ -140,9 +142,23 @@ def bench_plan(*, presets: tuple[str, ...] = ("tiny", "small", "base"), samples:
 
         times = _timed(step, repeats, dev)
         params = sum(p.numel() for p in model.parameters())
-        rows.append({"preset": name, "params_M": params / 1e6, "ms_per_mpc_step": 1000 * statistics.median(times),
-                     "model_evals_per_step": samples * iterations * horizon * (k + 1),
-                     "rollout_calls_per_step": calls["n"] // (repeats + 1)})
+        row = {"preset": name, "params_M": params / 1e6, "ms_per_mpc_step": 1000 * statistics.median(times),
+               "model_evals_per_step": samples * iterations * horizon * (k + 1),
+               "rollout_calls_per_step": calls["n"] // (repeats + 1)}
+        if compile:
+            probe = torch.rand(samples, horizon, A, device=dev, dtype=dtype) * 2 - 1
+            with torch.no_grad():
+                eager = rollout(probe)
+                compile_for_rollouts(model)
+                t0 = time.perf_counter()
+                compiled = rollout(probe)
+                _sync(dev)
+                row["compile_s"] = time.perf_counter() - t0
+            ctimes = _timed(step, repeats, dev)
+            row.update(ms_per_mpc_step_compiled=1000 * statistics.median(ctimes),
+                       compile_speedup=statistics.median(times) / statistics.median(ctimes),
+                       compiled_max_abs_diff=float((compiled - eager).abs().max()))
+        rows.append(row)
     return {"device": str(dev), **machine(), "samples": samples, "iterations": iterations, "horizon": horizon,
             "k": k, "tokens_per_frame": grid[0] * grid[1], "rows": rows}
 

@@ -66,6 +66,16 @@ def _noise(shape, generator, device, dtype, shared: bool = False):
     return n.expand(shape) if shared else n
 
 
+def compile_for_rollouts(model: ShortcutDynamics | TeacherForcedPredictor) -> None:
+    """torch.compile the per-frame network call the rollouts make (`denoise` of the shortcut model, `forward`
+    of the teacher-forced one), in place, with dynamic shapes: the KV cache grows by a frame per step and
+    the batch changes between planners. Default inductor mode on CPU and GPU alike: CUDA graphs
+    ("reduce-overhead") are not used, because the cached keys/values are outputs of one call kept for the
+    next, which a graph replay would overwrite. The first call of each shape compiles (tens of seconds on CPU)."""
+    name = "denoise" if isinstance(model, ShortcutDynamics) else "forward"
+    setattr(model, name, torch.compile(getattr(model, name), dynamic=True))
+
+
 def rollout_cached(model: ShortcutDynamics, context_BTNZ: torch.Tensor, actions_BTA: torch.Tensor | None,
                    valid_BT: torch.Tensor | None, *, horizon: int, k: int = 4, ctx_noise: float = 0.1,
                    window: int, generator: torch.Generator, shared_noise: bool = False) -> torch.Tensor:
