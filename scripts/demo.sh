@@ -51,8 +51,10 @@ $WMCTL eval --run "$DEMO/runs/shortcut" --baseline "$DEMO/runs/teacher-forced" -
 stage "7/9 plan offline: CEM towards encoded goal frames of val episodes"
 $WMCTL plan offline --run "$DEMO/runs/shortcut" --goal-offset 5 --episodes 8
 
-stage "8/9 plan sim: closed-loop MPC in gym-pusht against a random-action baseline"
-$WMCTL plan sim --run "$DEMO/runs/shortcut" --episodes 10 --max-steps 30
+stage "8/9 plan sim: closed-loop MPC in gym-pusht, shortcut model and teacher-forced baseline vs random actions"
+for name in shortcut teacher-forced; do
+  $WMCTL plan sim --run "$DEMO/runs/$name" --episodes 10 --max-steps 30
+done
 
 stage "9/9 visualize: ground truth | decoded truth | rollout with actions | rollout with the null action"
 $WMCTL visualize --run "$DEMO/runs/shortcut" --decoder "$DEMO/runs/decoder" --horizon 20 --out "$DEMO/rollout.mp4"

@@ -149,6 +149,7 @@ def bench_plan(*, presets: tuple[str, ...] = ("tiny", "small", "base"), samples:
             probe = torch.rand(samples, horizon, A, device=dev, dtype=dtype) * 2 - 1
             with torch.no_grad():
                 eager = rollout(probe)
+                torch._dynamo.reset()  # compiled code of the previous preset's model would count against the limit
                 compile_for_rollouts(model)
                 t0 = time.perf_counter()
                 compiled = rollout(probe)

@@ -35,7 +35,8 @@ class TimeKVCache:
                 k, v = k_new, v_new
             if commit:
                 keep = self.window - 1
-                self.k[layer], self.v[layer] = k[:, :, -keep:], v[:, :, -keep:]
+                # contiguous: one memory layout whatever the length (one compiled variant, see compile_for_rollouts)
+                self.k[layer], self.v[layer] = k[:, :, -keep:].contiguous(), v[:, :, -keep:].contiguous()
             return k, v
 
         return time_kv
@@ -44,6 +45,7 @@ class TimeKVCache:
 def _frame_forward(model: ShortcutDynamics, z_B1NZ, tau_B1, d_B1, act_B1A, valid_B1, cache: TimeKVCache, pos: int,
                    commit: bool, prev) -> torch.Tensor:
     angles = model.time_angles(1, offset=pos, device=z_B1NZ.device)
+    z_B1NZ = z_B1NZ.contiguous()  # broadcast contexts and shared noise come in expanded (one compiled variant)
     return model.denoise(z_B1NZ, tau_B1, d_B1, act_B1A, valid_B1, prev=prev, pos=pos,
                          time_kv=lambda i: cache.hook(i, angles, commit))
 
@@ -71,7 +73,14 @@ def compile_for_rollouts(model: ShortcutDynamics | TeacherForcedPredictor) -> No
     of the teacher-forced one), in place, with dynamic shapes: the KV cache grows by a frame per step and
     the batch changes between planners. Default inductor mode on CPU and GPU alike: CUDA graphs
     ("reduce-overhead") are not used, because the cached keys/values are outputs of one call kept for the
-    next, which a graph replay would overwrite. The first call of each shape compiles (tens of seconds on CPU)."""
+    next, which a graph replay would overwrite. The first call of each shape compiles (tens of seconds on CPU).
+    A cached rollout meets about 6 variants (the first frame has no temporal prior; committing or not; the
+    cache filling or full), twice with gradients (the gradient planner): the recompile limit is raised to
+    fit them, else dynamo falls back to eager after 8. Compiled code is cached per function, not per model:
+    call `torch._dynamo.reset()` before compiling a second model in one process."""
+    import torch._dynamo
+
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 32)
     name = "denoise" if isinstance(model, ShortcutDynamics) else "forward"
     setattr(model, name, torch.compile(getattr(model, name), dynamic=True))
 
