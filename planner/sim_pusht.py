@@ -171,7 +171,6 @@ def run_trial(sim: PushtSim, wm: WorldModel, encode: Callable[[np.ndarray, np.nd
     lo, hi = np.array(spec.low), np.array(spec.high)
     weights = torch.ones(cfg.horizon) if cfg.cost_frames == "all" else None
     cost = latent_cost(goal, state_dim=wm.state_dim, state_weight=cfg.state_weight, frame_weights=weights)
-    reached_at = None  # env steps taken when the goal was reached
     while len(executed) * fs < cfg.max_steps:
         if policy == "random":
             plan = lo + (hi - lo) * rng.random((cfg.execute, spec.dim))
@@ -207,13 +206,12 @@ def run_trial(sim: PushtSim, wm: WorldModel, encode: Callable[[np.ndarray, np.nd
             if len(executed) * fs >= cfg.max_steps:
                 break
         if success(goal_state, sim.state())[0]:
-            reached_at = len(executed) * fs
-            break
-    ok, pos, ang = success(goal_state, sim.state())
+            break  # the goal is reached: the trial ends
+    final = sim.state()
+    ok, pos, ang = success(goal_state, final)
     _, pos0, _ = success(goal_state, start_state)
     steps = np.diff(np.stack(executed), axis=0) if len(executed) > 1 else np.zeros((1, spec.dim))
-    final = sim.state()
-    return {"success": ok, "steps": len(executed) * fs, "reached_at": reached_at, "final_pos_dist": pos,
+    return {"success": ok, "steps": len(executed) * fs, "final_pos_dist": pos,
             "final_angle_dist": ang, "start_pos_dist": pos0,
             "final_agent_dist": float(np.linalg.norm(goal_state[:2] - final[:2])),
             "final_block_dist": float(np.linalg.norm(goal_state[2:4] - final[2:4])),
@@ -246,7 +244,7 @@ def run_plan_sim(wm: WorldModel, encode_frame: Callable[[np.ndarray, np.ndarray]
             lat = [x for r in results for x in r["latencies"]]
             out[policy] = {
                 "success_rate": float(np.mean([r["success"] for r in results])),
-                "steps_to_success": float(np.mean([r["reached_at"] for r in results if r["success"]]))
+                "steps_to_success": float(np.mean([r["steps"] for r in results if r["success"]]))
                 if any(r["success"] for r in results) else None,
                 "final_pos_dist": float(np.mean([r["final_pos_dist"] for r in results])),
                 "final_angle_dist": float(np.mean([r["final_angle_dist"] for r in results])),
