@@ -69,9 +69,9 @@ def psnr(mse: float) -> float:
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class DecoderConfig:
     store: Path
+    out: Path  # the decoder's folder (the CLI's default: a new runs/<time>-decoder)
     source: str | None = None  # default: the store's first source
     camera: int = 0  # index into the source's cameras
-    out: Path | None = None  # default: runs/<time>-decoder
     steps: int = 1500
     batch_size: int = 32
     lr: float = 2e-3
@@ -166,13 +166,6 @@ def load_decoder(path: Path) -> tuple[TokenDecoder, dict[str, Any]]:
     return dec.eval().requires_grad_(False), meta
 
 
-def newest_decoder(runs: Path = Path("runs")) -> Path:
-    found = sorted((p for p in Path(runs).glob("*") if (p / "decoder.json").is_file()), key=lambda p: p.stat().st_mtime)
-    if not found:
-        raise UserError(f"no decoder under {runs}/ (train one with `wmctl decoder train`, or pass --decoder)")
-    return found[-1]
-
-
 def normalize_tokens(raw: np.ndarray | torch.Tensor, meta: dict[str, Any]) -> torch.Tensor:
     t = torch.as_tensor(np.asarray(raw), dtype=torch.float32)
     return (t - torch.tensor(meta["token_mean"])) / torch.tensor(meta["token_std"])
@@ -183,7 +176,7 @@ def run_decoder_train(cfg: DecoderConfig) -> dict[str, Any]:
     reader = TokenReader(cfg.store)
     source = cfg.source or reader.store.sources()[0]
     enc = reader.encoder
-    pre = Preprocess(**{k: tuple(v) if isinstance(v, list) else v for k, v in enc["preprocess"].items()})
+    pre = Preprocess.from_dict(enc["preprocess"])
     rng = np.random.default_rng(cfg.seed)
     torch.manual_seed(cfg.seed)
     tr_tok, tr_img = load_pairs(reader, source, cfg.camera, "train", cfg.max_frames, pre, rng)
@@ -217,7 +210,6 @@ def run_decoder_train(cfg: DecoderConfig) -> dict[str, Any]:
     baseline_mse = float((va_img - mean_img).pow(2).mean())
     meta.update({"val_psnr": psnr(val_mse), "mean_image_psnr": psnr(baseline_mse), "train_frames": len(x_tr),
                  "val_frames": len(x_va), "seconds": time.monotonic() - t0})
-    out = cfg.out or Path("runs") / f"{time.strftime('%Y%m%d-%H%M%S')}-decoder"
-    save_decoder(out, dec.cpu(), meta)
-    meta["out"] = str(out)
+    save_decoder(cfg.out, dec.cpu(), meta)
+    meta["out"] = str(cfg.out)
     return meta

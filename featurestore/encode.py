@@ -29,12 +29,13 @@ import pyarrow as pa
 import torch
 
 from featurestore.augment import ClipAugment
+from featurestore.dask_exec import map_on_dask
 from featurestore.encoders import DEFAULT_ENCODER, HFDinoEncoder, Preprocess
 from featurestore.store import StoreLayout, TokenStore
 from pipeline.frames import FrameDecodeError, PyAVFrameSource
 from pipeline.ingest import camera_span
 from pipeline.lerobot_io import DataFileCache, stack_column
-from pipeline.stage import ShardSpec, UserError, file_sha256
+from pipeline.stage import ShardSpec, UserError, file_sha256, fingerprint
 
 log = logging.getLogger(__name__)
 
@@ -418,9 +419,8 @@ def run_encode(cfg: EncodeConfig, on_frames: Callable[[int], None] | None = None
         result.nothing_to_do = True
         return result
     if cfg.dask:
-        from featurestore.dask_exec import run_on_dask
-
-        outcomes: Iterator[dict[str, Any]] = run_on_dask(cfg, plans, on_frames)
+        outcomes: Iterator[dict[str, Any]] = _reporting(
+            map_on_dask(encode_task, plans, address=cfg.dask, workers=cfg.dask_workers, cfg=cfg), on_frames)
     else:
         outcomes = (encode_segment(store, encoder, src, p, cfg, on_frames) for p in plans)
     for out in outcomes:
@@ -429,3 +429,33 @@ def run_encode(cfg: EncodeConfig, on_frames: Callable[[int], None] | None = None
         result.failures += [tuple(f) for f in out["failures"]]
     result.seconds = time.monotonic() - t0
     return result
+
+
+# ------------------------------------------------------------------------------------------ on a Dask cluster
+_WORKER_STATE: dict[str, Any] = {}
+
+
+def _worker_state(cfg: EncodeConfig) -> tuple[TokenStore, HFDinoEncoder, SourceInfo]:
+    """Per worker process: the store, the encoder (loaded once) and the source, for this config."""
+    key = fingerprint(cfg)
+    if key not in _WORKER_STATE:
+        store, encoder, src, _ = prepare(cfg)
+        _WORKER_STATE.clear()
+        _WORKER_STATE[key] = (store, encoder, src)
+    return _WORKER_STATE[key]
+
+
+def encode_task(plan: SegmentPlan, cfg: EncodeConfig) -> dict[str, Any]:
+    """One segment on a Dask worker (idempotent: a segment committed meanwhile is skipped)."""
+    store, encoder, src = _worker_state(cfg)
+    if plan.seg_id in store.committed_segments(src.name):
+        return {"segment": plan.seg_id, "committed": False, "frames": 0, "failures": []}
+    return encode_segment(store, encoder, src, plan, cfg)
+
+
+def _reporting(outcomes: Iterator[dict[str, Any]], on_frames: Callable[[int], None] | None
+               ) -> Iterator[dict[str, Any]]:
+    for out in outcomes:
+        if on_frames:
+            on_frames(out["frames"])
+        yield out

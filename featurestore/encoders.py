@@ -22,7 +22,7 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 import torch.nn.functional as F
 
-from pipeline.stage import UserError
+from pipeline.stage import ConfigMismatchError, UserError, config_differences, to_jsonable
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +56,11 @@ class Preprocess:
             raise UserError(f"preprocessing resize={self.resize!r}: choose crop or squash")
         if self.interpolation not in ("bilinear", "bicubic"):
             raise UserError(f"preprocessing interpolation={self.interpolation!r}: choose bilinear or bicubic")
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Preprocess:
+        """From the `preprocess` entry of an encoder identity (JSON lists back to tuples)."""
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
 
     def __call__(self, frames_BHWC: torch.Tensor, augment: Callable[[torch.Tensor], torch.Tensor] | None = None
                  ) -> torch.Tensor:
@@ -211,6 +216,22 @@ class HFDinoEncoder:
 
     def encode(self, frames_BHWC: torch.Tensor) -> dict[str, torch.Tensor]:
         return self.forward_preprocessed(self.preprocess(frames_BHWC.to(self.device)))
+
+
+def check_same_encoder(expected: dict[str, Any], found: dict[str, Any], *, what: str, fix: str) -> None:
+    """The one check that tokens, weights and a trained model share an encoder: `expected` is the identity `what`
+    (a run, a decoder, a store) was made with, `found` the one at hand. Refused naming every differing field."""
+    a, b = to_jsonable(expected), to_jsonable(found)
+    if a != b:
+        raise ConfigMismatchError(f"the encoder of {what}", config_differences(a, b), fix)
+
+
+def encoder_for(identity: dict[str, Any], device: str = "cpu") -> HFDinoEncoder:
+    """The encoder an identity names (its weights and preprocessing), checked to be that very encoder."""
+    enc = HFDinoEncoder(identity["model_id"], preprocess=Preprocess.from_dict(identity["preprocess"]), device=device)
+    check_same_encoder(identity, enc.identity(), what=identity["model_id"],
+                       fix="the weights at that path changed; use the encoder the run was trained on")
+    return enc
 
 
 TINY_ARCH = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64)

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import platform
 import time
 from pathlib import Path
 from typing import Any
@@ -12,20 +10,7 @@ import torch
 
 from pipeline.frames import PyAVFrameSource, VideoSpan
 from pipeline.lerobot_io import open_meta
-
-
-def machine_description() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    gpu = f", GPU {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else ", no GPU"
-    return f"{cpu}, {os.cpu_count()} cores, torch threads {torch.get_num_threads()}{gpu}"
+from pipeline.machine import machine_description
 
 
 def bench_decode(root: Path, repo_id: str, max_episodes: int | None = None) -> dict[str, Any]:

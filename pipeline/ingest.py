@@ -30,6 +30,7 @@ import pyarrow.parquet as pq
 from pipeline import __version__
 from pipeline.frames import PyAVFrameSource, VideoProber, VideoSpan
 from pipeline.lerobot_io import DataFileCache, DatasetMeta, check_dataset_root, open_meta, stack_column
+from pipeline.registry import SourceRef
 from pipeline.stage import (
     ConfigMismatchError,
     ShardSpec,
@@ -87,6 +88,31 @@ class IngestConfig:
         d = {k: to_jsonable(getattr(self, k)) for k in keys}
         d["root"] = str(Path(self.root).resolve())
         return d
+
+
+def manifest_path(dataset: str | None, manifest: Path | None) -> Path:
+    """`--dataset NAME` (its manifest under manifests/, which must exist) or `--manifest PATH`, exactly one."""
+    if bool(dataset) == bool(manifest):
+        raise UserError("give exactly one of --dataset NAME or --manifest PATH")
+    if manifest is not None:
+        return manifest
+    path = Path("manifests") / f"{dataset}.parquet"
+    if not path.exists():
+        raise UserError(f"{path} does not exist: run `wmctl ingest --dataset {dataset}` first")
+    return path
+
+
+def ingest_config(src: SourceRef, *, out: Path | None = None, cameras: tuple[str, ...] = (),
+                  no_actions: bool = False, val_fraction: float | None = None, **fields: Any) -> IngestConfig:
+    """The ingest config of a source: flags given win, then its registry entry, then the config's defaults."""
+    spec = src.spec
+    return IngestConfig(
+        source=src.name, root=src.root, repo_id=src.repo_id, out=out or Path("manifests") / f"{src.name}.parquet",
+        cameras=cameras or (spec.cameras if spec else ()),
+        use_actions=not no_actions and (spec.use_actions if spec else True),
+        val_fraction=val_fraction if val_fraction is not None else (spec.val_fraction if spec else
+                                                                    IngestConfig.val_fraction),
+        **fields)
 
 
 @dataclasses.dataclass

@@ -89,3 +89,25 @@ def resolve(name: str) -> DatasetSpec:
             f"Add {name}.toml to ./registry/ or a directory in $WMCTL_REGISTRY."
         )
     return load_spec(files[name])
+
+
+@dataclasses.dataclass(frozen=True)
+class SourceRef:
+    """A dataset named on the command line: its source name, root, repo id and registry entry (if any)."""
+
+    name: str
+    root: Path
+    repo_id: str
+    spec: DatasetSpec | None = None
+
+
+def resolve_source(dataset: str | None, root: Path | None, repo_id: str | None = None) -> SourceRef:
+    """`--dataset NAME` (through the registry) or `--root PATH` (a local LeRobot dataset), exactly one."""
+    if bool(dataset) == bool(root):
+        raise UserError("give exactly one of --dataset NAME (see `wmctl datasets`) or --root PATH")
+    if dataset:
+        spec = resolve(dataset)
+        return SourceRef(spec.name, spec.resolved_root(), repo_id or spec.repo_id, spec)
+    assert root is not None
+    name = root.resolve().name
+    return SourceRef(name, root, repo_id or f"local/{name}")

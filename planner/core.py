@@ -11,35 +11,49 @@ import dataclasses
 from collections.abc import Callable
 from typing import Protocol, runtime_checkable
 
+import numpy as np
 import torch
+
+
+class ActionSpace(Protocol):
+    """The world model's action conversions (`trainer.actions.ActionSpace` implements it): recorded dataset
+    actions -> the model's per-frame actions (`frameskip` steps concatenated, `frame_dim` wide), and a model
+    step back to what the environment executes. The planner searches in the per-frame model space."""
+
+    frameskip: int
+
+    @property
+    def frame_dim(self) -> int: ...
+
+    def bounds(self) -> tuple: ...  # (low, high) per frame dimension
+
+    def from_dataset(self, action_TA, state_TS): ...  # recorded [T, A] (+ states) -> model steps [T, A]
+
+    def per_frame(self, steps_TA): ...  # [frames x frameskip, A] -> [frames, frame_dim]
+
+    def frame_steps(self, frame_F) -> np.ndarray: ...  # [frame_dim] -> [frameskip, A]
+
+    def to_env(self, step_A, state_S) -> np.ndarray: ...  # a model step -> the environment's action
 
 
 @runtime_checkable
 class WorldModel(Protocol):
     """What planning needs from a trained world model (trainer.api.LoadedWorldModel implements it).
 
-    Actions are per frame, in the model's raw action space (e.g. pusht target minus agent position for a
-    model trained with relative actions), `frame_action_dim` wide (the env steps of one frame concatenated).
+    Actions are per frame, in the model's raw action space (`actions`: e.g. pusht target minus agent position
+    for a model trained with relative actions), `actions.frame_dim` wide (the env steps of one frame concatenated).
     """
 
     encoder: dict
     window: int  # frames the model attends to
 
     @property
-    def frame_action_dim(self) -> int: ...
-
-    @property
-    def frameskip(self) -> int: ...
-
-    @property
-    def action_mode(self) -> str: ...
+    def actions(self) -> ActionSpace: ...
 
     @property
     def state_dim(self) -> int: ...  # > 0: the last latent token carries the state (proprioception)
 
     def normalize(self, tokens, state=None) -> torch.Tensor: ...
-
-    def action_bounds(self) -> tuple: ...
 
     def plan_rollout(self, context_TNZ: torch.Tensor, actions_SHA: torch.Tensor, *, grad: bool = False,
                      context_actions_TA: torch.Tensor | None = None, k: int = 4, seed: int = 0) -> torch.Tensor: ...

@@ -8,13 +8,16 @@ the error of the planned actions against the ground truth (in units of the train
 from __future__ import annotations
 
 import dataclasses
+import json
 import statistics
 import time
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from featurestore.encoders import check_same_encoder
 from featurestore.reader import TokenReader, Window
 from pipeline.stage import UserError
 from planner.cem import CEMConfig, cem_plan
@@ -37,29 +40,32 @@ class OfflineConfig:
     k: int = 4
     seed: int = 0
     split: str = "val"
+    out: Path | None = None  # writes <out>/offline_<planner>.json when set
+
+
+def search_configs(planner: str, samples: int, elites: int, iterations: int, horizon: int
+                   ) -> tuple[CEMConfig, GDConfig]:
+    """The planners' settings from the command line's budget: CEM as given; GD with one restart per 16 samples
+    and 4x the iterations (a gradient step is cheaper than a CEM iteration)."""
+    if planner not in ("cem", "gd"):
+        raise UserError(f"--planner {planner!r}: choose cem or gd")
+    return (CEMConfig(horizon=horizon, samples=samples, elites=elites, iterations=iterations),
+            GDConfig(horizon=horizon, restarts=max(1, samples // 16), iterations=iterations * 4))
 
 
 def spec_for(wm: WorldModel, max_delta_fraction: float | None = 0.5) -> ActionSpec:
     """Bounds from the model's training actions; per-step changes limited to a fraction of the range."""
-    lo, hi = wm.action_bounds()
+    lo, hi = wm.actions.bounds()
     md = tuple(float(x) for x in (hi - lo) * max_delta_fraction) if max_delta_fraction else None
     return ActionSpec(tuple(float(x) for x in lo), tuple(float(x) for x in hi), md)
 
 
-def model_actions(wm: WorldModel, raw_SA: np.ndarray, states_SS: np.ndarray) -> np.ndarray:
-    """Raw per-step actions [steps, A] (dataset units) -> per-frame actions in the model's space [frames, A*fs]."""
-    a = raw_SA.astype(np.float64).copy()
-    if wm.action_mode == "relative_to_state":
-        k = min(a.shape[1], states_SS.shape[1])
-        a[:, :k] -= states_SS[:, :k]
-    fs = wm.frameskip
-    return a.reshape(len(a) // fs, fs * a.shape[1])
-
-
 def run_plan_offline(wm: WorldModel, reader: TokenReader, cfg: OfflineConfig) -> dict[str, Any]:
-    if wm.frame_action_dim == 0:
+    if wm.actions.frame_dim == 0:
         raise UserError("this model was trained without actions; planning needs an action-conditioned model")
-    fs, H = wm.frameskip, cfg.goal_offset
+    check_same_encoder(wm.encoder, reader.encoder, what="the model", fix=f"plan on a store made with the encoder "
+                       f"the model was trained on, not {reader.path}")
+    fs, H = wm.actions.frameskip, cfg.goal_offset
     ctx = max(1, min(cfg.context, wm.window - H))
     eps = reader.episodes
     eps = eps[(eps.split == cfg.split) & (eps.view == 0) & eps.has_actions]
@@ -79,8 +85,8 @@ def run_plan_offline(wm: WorldModel, reader: TokenReader, cfg: OfflineConfig) ->
             w = reader.read(Window(int(row), int(s0), ctx + H, fs), ("patch", "state"))
             raw = reader.read(Window(int(row), int(s0), need), ("action", "state"))
             z = wm.normalize(w["patch"], w["state"])  # [ctx+H, N, Z]
-            acts = torch.as_tensor(model_actions(wm, raw["action"][: need - 1], raw["state"][: need - 1]),
-                                   dtype=torch.float32)  # [(ctx-1+H), A] actions between frames
+            steps = wm.actions.from_dataset(raw["action"][: need - 1].astype(np.float64), raw["state"][: need - 1])
+            acts = torch.as_tensor(wm.actions.per_frame(steps), dtype=torch.float32)  # [(ctx-1+H), A] between frames
             ctx_actions = torch.cat([torch.zeros(1, acts.shape[1]), acts[: ctx - 1]])  # leading into ctx frames
             gt = acts[ctx - 1:]  # [H, A] the actions from frame t to t+H
             goal = z[-1]
@@ -111,14 +117,21 @@ def run_plan_offline(wm: WorldModel, reader: TokenReader, cfg: OfflineConfig) ->
                 "action_error": float((((res.actions - gt) / std) ** 2).mean()),
                 "random_action_error": float((((rand - gt) / std) ** 2).mean()),
             })
+
     def mean(key):
         return statistics.fmean(r[key] for r in rows)
 
-    return {
+    result = {
         "planner": cfg.planner, "goal_offset": H, "context": ctx, "problems": len(rows),
+        "random_samples": cfg.random_samples,
         "latent_distance": {k: mean(k) for k in ("plan", "ground_truth", "random_mean", "random_best")},
         "plan_closer_than_random": statistics.fmean(r["plan"] < r["random_mean"] for r in rows),
         "action_error_vs_ground_truth": {"plan": mean("action_error"), "random": mean("random_action_error")},
         "latency_s": {"p50": float(np.percentile(latencies, 50)), "p95": float(np.percentile(latencies, 95))},
         "rows": rows,
     }
+    if cfg.out is not None:
+        cfg.out.mkdir(parents=True, exist_ok=True)
+        (cfg.out / f"offline_{cfg.planner}.json").write_text(json.dumps(result, indent=2))
+        result["out"] = str(cfg.out / f"offline_{cfg.planner}.json")
+    return result

@@ -80,7 +80,7 @@ def test_compiled_rollouts_plan_like_eager_ones(tiny_run):
     from trainer.api import LoadedWorldModel
 
     eager, compiled = LoadedWorldModel.load(tiny_run), LoadedWorldModel.load(tiny_run, compile=True)
-    lo, hi = (torch.as_tensor(b, dtype=torch.float32) for b in eager.action_bounds())
+    lo, hi = (torch.as_tensor(b, dtype=torch.float32) for b in eager.actions.bounds())
     g = torch.Generator().manual_seed(0)
     ctx = torch.randn(2, eager.shape.latent_tokens, eager.shape.enc_dim, generator=g)
     acts = lo + (hi - lo) * torch.rand(8, 3, len(lo), generator=g)

@@ -8,9 +8,10 @@ import torch
 from PIL import Image
 
 from featurestore.decoder import DecoderConfig, TokenDecoder, decoder_loss, load_decoder, run_decoder_train
-from pipeline.visualize import VisualizeConfig, run_visualize
 from trainer.config import tiny
-from trainer.model.dynamics import ShortcutDynamics, TokenShape
+from trainer.model.dynamics import ShortcutDynamics
+from trainer.tokens import TokenShape
+from trainer.visualize import VisualizeConfig, run_visualize
 
 
 def test_dynamics_parameters_get_no_gradient_from_the_decoder_loss():

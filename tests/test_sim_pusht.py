@@ -8,7 +8,9 @@ import torch
 
 from planner.cem import CEMConfig
 from planner.offline import spec_for
-from planner.sim_pusht import PushtSim, SimConfig, Trial, run_trial
+from planner.sim import SimConfig, Trial, run_trial
+from planner.sims.pusht import PushtSim
+from trainer.actions import ActionSpace
 
 SCALE = 100.0  # px per latent unit
 
@@ -19,13 +21,12 @@ class AgentModel:
 
     encoder: dict = {}
     window = 4
-    frame_action_dim, frameskip, action_mode, state_dim = 4, 2, "relative_to_state", 2
+    state_dim = 2
+    actions = ActionSpace("relative_to_state", 2, np.zeros(2), np.full(2, 24.0))  # bounds: +-60 px per step
+    frameskip = actions.frameskip
 
     def normalize(self, tokens, state=None):
         raise NotImplementedError
-
-    def action_bounds(self):
-        return np.full(4, -60.0), np.full(4, 60.0)
 
     def plan_rollout(self, context_TNZ, actions_SHA, *, grad=False, context_actions_TA=None, k=4, seed=0):
         S, H, _ = actions_SHA.shape

@@ -267,7 +267,7 @@ def test_proprio_run_learns_the_state_and_plans_with_it(pusht_store, tmp_path):
     torch.testing.assert_close(wm.state_of(z), torch.as_tensor(w["state"][:2]), rtol=1e-4, atol=1e-3)
     torch.testing.assert_close(wm.denormalize(z), torch.as_tensor(w["patch"][:2]).flatten(1, 2), rtol=1e-4,
                                atol=1e-4)
-    lo, hi = wm.action_bounds()
+    lo, hi = wm.actions.bounds()
     acts = torch.as_tensor(np.stack([lo, hi]), dtype=torch.float32)[:, None].expand(2, 3, -1)
     pred = wm.plan_rollout(z, acts, k=1)
     assert pred.shape == (2, 3, 17, 32)

@@ -13,16 +13,9 @@ from trainer.config import ModelConfig, tiny
 from trainer.losses import TauSampling, sample_tau_d, shortcut_forcing_loss, teacher_forcing_loss
 from trainer.model.baseline import TeacherForcedPredictor
 from trainer.model.common import Attention, apply_rope, rope_angles
-from trainer.model.dynamics import (
-    ShortcutDynamics,
-    TokenShape,
-    frame_error,
-    merge_2x2,
-    pack_state,
-    split_state,
-    unmerge_2x2,
-)
+from trainer.model.dynamics import ShortcutDynamics, merge_2x2, unmerge_2x2
 from trainer.sampling import rollout_cached, rollout_uncached
+from trainer.tokens import TokenShape, frame_error, pack_state, split_state
 
 SHAPE = TokenShape(cameras=2, grid=(4, 4), enc_dim=8, action_dim=3)
 

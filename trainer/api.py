@@ -10,30 +10,20 @@ Legend: B = batch, T = frames, H = horizon, N = tokens per frame, Z = token widt
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from pipeline.stage import UserError
-from trainer.checkpoint import load_state, load_weights, resolve_checkpoint
-from trainer.config import TrainConfig, config_from_dict
-from trainer.data import Stats, latents
-from trainer.model.dynamics import TokenShape, split_state
-from trainer.models import build_model
+from trainer.actions import ActionSpace
+from trainer.checkpoint import load_weights
+from trainer.config import TrainConfig, preset
+from trainer.data import Stats, action_space, latents
+from trainer.model import build_model
+from trainer.runs import RunState, run_dir_of
 from trainer.sampling import compile_for_rollouts, rollout_cached, rollout_teacher_forced, rollout_uncached
-
-
-def newest_run(runs_dir: Path = Path("runs")) -> Path:
-    """The most recently updated run folder that has a complete checkpoint."""
-    from trainer.checkpoint import latest_checkpoint
-
-    candidates = [p for p in Path(runs_dir).glob("*") if p.is_dir() and latest_checkpoint(p) is not None]
-    if not candidates:
-        raise UserError(f"no trained run under {runs_dir}/ (train one with `wmctl train`, or pass --run/--ckpt)")
-    return max(candidates, key=lambda p: latest_checkpoint(p).stat().st_mtime)
+from trainer.tokens import TokenShape, split_state
 
 
 @dataclasses.dataclass
@@ -52,18 +42,38 @@ class LoadedWorldModel:
              ) -> LoadedWorldModel:
         """A checkpoint (or a run: its newest) for inference; `compile`: torch.compile the rollouts' network
         call (`trainer.sampling.compile_for_rollouts`; pays off over many planning steps)."""
-        ckpt = resolve_checkpoint(path)
-        state = load_state(ckpt)
-        cfg = config_from_dict(state["config"])
-        shape = TokenShape(**{**state["token_shape"], "grid": tuple(state["token_shape"]["grid"])})
-        model = build_model(cfg.model, shape)
-        model.load_state_dict(load_weights(ckpt, weights))
+        run = RunState.read(path)
+        model = build_model(run.config.model, run.shape)
+        model.load_state_dict(load_weights(run.checkpoint, weights))
         dev = torch.device(device)
         model = model.to(dev).eval().requires_grad_(False)
+        wm = cls(model, run.config, run.shape, run.stats, run.encoder, run.store, run.checkpoint, dev)
         if compile:
-            compile_for_rollouts(model)
-        return cls(model, cfg, shape, Stats.from_dict(state["stats"]),
-                   state["encoder"], Path(state["store"]), ckpt, dev)
+            wm.compile()
+        return wm
+
+    @classmethod
+    def fresh(cls, preset_name: str, *, grid: tuple[int, int], enc_dim: int, action_dim: int, device: str = "cpu",
+              dtype: torch.dtype = torch.float32, seed: int = 0) -> LoadedWorldModel:
+        """A freshly initialised shortcut model of a preset on one camera's `grid` of `enc_dim`-wide tokens, with
+        unit statistics: for timing only (benchmarks), never for predictions."""
+        cfg = preset(preset_name)
+        shape = TokenShape(cameras=1, grid=grid, enc_dim=enc_dim, action_dim=action_dim * cfg.frameskip)
+        torch.manual_seed(seed)
+        dev = torch.device(device)
+        model = build_model(cfg.model, shape).to(dev, dtype).eval().requires_grad_(False)
+        stats = Stats(np.zeros(enc_dim, np.float32), np.ones(enc_dim, np.float32), np.zeros(action_dim, np.float32),
+                      np.ones(action_dim, np.float32), np.array([0.5], np.float32))
+        identity = {"model_id": "random-init", "grid": list(grid), "dim": enc_dim}
+        return cls(model, cfg, shape, stats, identity, Path(), Path(f"fresh/{preset_name}"), dev)
+
+    def compile(self) -> None:
+        """torch.compile the network call of the rollouts in place (`trainer.sampling.compile_for_rollouts`)."""
+        compile_for_rollouts(self.model)
+
+    @property
+    def params_M(self) -> float:
+        return sum(p.numel() for p in self.model.parameters()) / 1e6
 
     # ------------------------------------------------------------------ properties
     @property
@@ -76,25 +86,13 @@ class LoadedWorldModel:
         return self.cfg.max_context() - (1 if self.kind == "teacher_forced" else 0)
 
     @property
-    def frame_action_dim(self) -> int:
-        return self.shape.action_dim
-
-    @property
-    def frameskip(self) -> int:
-        return self.cfg.frameskip
-
-    @property
-    def action_mode(self) -> str:
-        return self.cfg.action_mode
-
-    @property
-    def action_dim(self) -> int:
-        """Raw action width per env step (the model consumes frameskip of them per frame)."""
-        return self.shape.action_dim // self.cfg.frameskip
+    def actions(self) -> ActionSpace:
+        """dataset <-> model <-> environment actions, with this run's statistics (the planner's view)."""
+        return action_space(self.cfg, self.stats)
 
     @property
     def name(self) -> str:
-        return f"{self.checkpoint.parent.parent.name}/{self.checkpoint.name}"
+        return f"{run_dir_of(self.checkpoint).name}/{self.checkpoint.name}"
 
     # ------------------------------------------------------------------ conversions
     @property
@@ -130,32 +128,16 @@ class LoadedWorldModel:
                       ) -> torch.Tensor:
         """Raw actions [..., steps, A] (+ states for `relative_to_state`) -> normalised [..., steps, A]."""
         a = torch.as_tensor(np.asarray(raw_TA), dtype=torch.float32)
-        if self.cfg.action_mode == "relative_to_state":
-            if state_TS is None:
-                raise ValueError("this model takes actions relative to the state: pass the states too")
-            s = torch.as_tensor(np.asarray(state_TS), dtype=torch.float32)
-            k = min(a.shape[-1], s.shape[-1])
-            a = torch.cat([a[..., :k] - s[..., :k], a[..., k:]], dim=-1)
-        mean, std = torch.from_numpy(self.stats.action_mean), torch.from_numpy(self.stats.action_std)
-        return ((a - mean) / std).to(self.device)
+        s = None if state_TS is None else torch.as_tensor(np.asarray(state_TS), dtype=torch.float32)
+        return self.actions.normalize_steps(self.actions.from_dataset(a, s)).to(self.device)
 
     def frame_actions(self, steps_BSA: torch.Tensor) -> torch.Tensor:
         """Normalised per-step actions [B, (T-1)*frameskip, A] -> per-frame inputs [B, T, A*frameskip]
         (frame t gets the frameskip steps that lead into it; frame 0 gets zeros, marked invalid)."""
-        fs = self.cfg.frameskip
-        B, S, A = steps_BSA.shape
-        if S % fs:
-            raise ValueError(f"{S} action steps is not a multiple of frameskip {fs}")
-        per_frame = steps_BSA.reshape(B, S // fs, fs * A)
-        return torch.cat([torch.zeros(B, 1, fs * A, device=steps_BSA.device), per_frame], dim=1)
+        per_frame = self.actions.per_frame(steps_BSA)
+        return torch.cat([torch.zeros_like(per_frame[:, :1]), per_frame], dim=1)
 
     # ------------------------------------------------------------------ the protocol
-    def action_bounds(self) -> tuple[np.ndarray, np.ndarray]:
-        """A box for planning in the model's per-frame action space: the training actions' mean +- 2.5 std."""
-        m = np.tile(self.stats.action_mean, self.cfg.frameskip).astype(np.float64)
-        s = np.tile(self.stats.action_std, self.cfg.frameskip).astype(np.float64)
-        return m - 2.5 * s, m + 2.5 * s
-
     def plan_rollout(self, context_TNZ: torch.Tensor, actions_SHA: torch.Tensor, *, grad: bool = False,
                      context_actions_TA: torch.Tensor | None = None, k: int = 4, seed: int = 0) -> torch.Tensor:
         """The planner's view: one context [Tc, N, Z] (normalised), S candidate sequences of H per-frame
@@ -165,13 +147,11 @@ class LoadedWorldModel:
         the predicted state); differentiable when `grad`."""
         S, H, _ = actions_SHA.shape
         Tc = context_TNZ.shape[0]
-        mean = torch.from_numpy(np.tile(self.stats.action_mean, self.cfg.frameskip)).to(actions_SHA)
-        std = torch.from_numpy(np.tile(self.stats.action_std, self.cfg.frameskip)).to(actions_SHA)
-        planned = (actions_SHA - mean) / std
+        planned = self.actions.normalize_frames(actions_SHA).to(context_TNZ.dtype)
         ctx_a = torch.zeros(S, Tc, planned.shape[-1], device=planned.device)
         ctx_v = torch.zeros(S, Tc, dtype=torch.bool, device=planned.device)
         if context_actions_TA is not None:
-            ctx_a = ((context_actions_TA.to(planned) - mean) / std).expand(S, -1, -1)
+            ctx_a = self.actions.normalize_frames(context_actions_TA.to(planned)).expand(S, -1, -1)
             ctx_v[:, 1:] = True
         acts = torch.cat([ctx_a, planned], dim=1)
         valid = torch.cat([ctx_v, torch.ones(S, H, dtype=torch.bool, device=planned.device)], dim=1)
@@ -203,12 +183,3 @@ class LoadedWorldModel:
         fn = rollout_cached if cached else rollout_uncached
         return fn(self.model, context_BTNZ, actions_BTA, valid_BT, horizon=horizon, k=k,
                   ctx_noise=self.cfg.ctx_noise, window=self.window, generator=g)
-
-
-def run_store(run_or_ckpt: Path) -> Path:
-    """The store a run was trained on (from its store.json, else its checkpoint state)."""
-    p = Path(run_or_ckpt)
-    run = p if (p / "store.json").exists() else p.parent.parent
-    if (run / "store.json").exists():
-        return Path(json.loads((run / "store.json").read_text())["store"])
-    return Path(load_state(resolve_checkpoint(p))["store"])

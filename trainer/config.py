@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.stage import UserError
+from trainer.actions import ACTION_MODES
 
 MODEL_KINDS = ("shortcut", "teacher_forced")
 
@@ -122,8 +123,8 @@ class TrainConfig:
                 raise UserError(f"{name} must be in [0, 1]")
         if self.context_mode not in ("diffusion_forcing", "clean_context"):
             raise UserError(f"context_mode {self.context_mode!r}: choose diffusion_forcing or clean_context")
-        if self.action_mode not in ("absolute", "relative_to_state"):
-            raise UserError(f"action_mode {self.action_mode!r}: choose absolute or relative_to_state")
+        if self.action_mode not in ACTION_MODES:
+            raise UserError(f"action_mode {self.action_mode!r}: choose one of {ACTION_MODES}")
         if self.tau_sampling not in ("uniform", "logit_normal"):
             raise UserError(f"tau_sampling {self.tau_sampling!r}: choose uniform or logit_normal")
         if self.precision not in ("auto", "bf16", "fp32"):
@@ -262,6 +263,16 @@ def apply_overrides(cfg: TrainConfig, overrides: list[str]) -> TrainConfig:
     if model_changes:
         changes["model"] = dataclasses.replace(cfg.model, **model_changes)
     return dataclasses.replace(cfg, **changes)
+
+
+def train_config(preset_name: str, *, kind: str = "shortcut", overrides: list[str] | tuple[str, ...] = (),
+                 **fields: Any) -> TrainConfig:
+    """A preset with what the command line gave: the model kind (`teacher-forced` or `teacher_forced`), `fields`
+    (a None or empty value keeps the preset's), then the `--set key=value` overrides."""
+    cfg = preset(preset_name)
+    changes = {k: v for k, v in fields.items() if v is not None and v != ()}
+    cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, kind=kind.replace("-", "_")), **changes)
+    return apply_overrides(cfg, list(overrides))
 
 
 def config_from_dict(d: dict[str, Any]) -> TrainConfig:

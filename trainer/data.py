@@ -19,8 +19,9 @@ import torch
 
 from featurestore.reader import TokenReader, Window
 from pipeline.stage import UserError
+from trainer.actions import ActionSpace
 from trainer.config import TrainConfig
-from trainer.model.dynamics import TokenShape, pack_state
+from trainer.tokens import TokenShape, pack_state
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +49,11 @@ class Stats:
     @classmethod
     def from_dict(cls, d: dict[str, list[float]]) -> Stats:
         return cls(**{k: np.asarray(v, dtype=np.float32) for k, v in d.items()})
+
+
+def action_space(cfg: TrainConfig, stats: Stats) -> ActionSpace:
+    """The run's action conversions (dataset <-> model <-> environment) with its statistics."""
+    return ActionSpace(cfg.action_mode, cfg.frameskip, stats.action_mean, stats.action_std)
 
 
 def select_episodes(reader: TokenReader, cfg: TrainConfig, split: str) -> pd.DataFrame:
@@ -85,16 +91,6 @@ def token_shape(reader: TokenReader, cfg: TrainConfig) -> TokenShape:
                       action_dim=a * cfg.frameskip, state_dim=s)
 
 
-def raw_actions(w: dict[str, np.ndarray], mode: str) -> np.ndarray:
-    """A window's actions [T, A] in the training action space (`relative_to_state`: action - state[:, :A])."""
-    a = w["action"].astype(np.float32)
-    if mode == "relative_to_state":
-        k = min(a.shape[1], w["state"].shape[1])
-        a = a.copy()
-        a[:, :k] -= w["state"][:, :k]
-    return a
-
-
 def compute_stats(reader: TokenReader, cfg: TrainConfig, shape: TokenShape) -> Stats:
     """Token mean/std from up to `stats_frames` random train frames (in pairs one model frame apart, for the
     frame-to-frame change); action and state mean/std from all labelled / all train frames."""
@@ -126,8 +122,9 @@ def compute_stats(reader: TokenReader, cfg: TrainConfig, shape: TokenShape) -> S
     std = np.sqrt(np.maximum(s2 / (2 * n) - mean**2, 1e-12))
     delta_var = float(np.mean(d2 / n / std**2))
     a_raw = shape.action_dim // cfg.frameskip
+    space = ActionSpace(cfg.action_mode, cfg.frameskip, np.zeros(a_raw), np.ones(a_raw))  # the transform only
     acts = [reader.episode(int(r), ("action", "action_valid", "state")) for r in eps[eps.has_actions].index]
-    valid = [raw_actions(x, cfg.action_mode)[x["action_valid"]] for x in acts]
+    valid = [space.from_dataset(x["action"].astype(np.float32), x["state"])[x["action_valid"]] for x in acts]
     if a_raw and valid and sum(len(v) for v in valid):
         allv = np.concatenate(valid)
         a_mean, a_std = allv.mean(0), np.maximum(allv.std(0), 1e-6)
@@ -242,7 +239,8 @@ def load_sample(reader: TokenReader, s: Sample, T: int, cfg: TrainConfig, stats:
     valid = np.zeros(T, dtype=bool)
     if s.labelled and a_raw:
         lo = reader.read(Window(s.row, s.start, span), ("action", "action_valid", "state"))
-        a = (raw_actions(lo, cfg.action_mode) - stats.action_mean) / stats.action_std  # [span, A_raw]
+        space = action_space(cfg, stats)
+        a = space.normalize_steps(space.from_dataset(lo["action"].astype(np.float32), lo["state"]))  # [span, A_raw]
         for t in range(1, T):
             a0, a1 = (t - 1) * frameskip, t * frameskip
             actions[t] = a[a0:a1].reshape(-1)
@@ -289,20 +287,3 @@ class StepBatches(torch.utils.data.IterableDataset):
         while True:
             yield self.micro_batches(step)
             step += nw
-
-
-def noise_like(shape_NZ: tuple[int, ...], T: int, sample_ids: torch.Tensor, seed: int, tau_spec,
-               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per-sample noise [B, T, N, Z], (tau, d) [B, T] and context noise [B, T, N, Z], each from a generator
-    seeded by the sample id (so a sample's noise does not depend on the batch it is in)."""
-    from trainer.losses import sample_tau_d
-
-    zs, taus, ds, cs = [], [], [], []
-    for sid in sample_ids.tolist():
-        g = torch.Generator().manual_seed(seed * 1_000_003 + int(sid))
-        tau, d = sample_tau_d(tau_spec, T, g)
-        taus.append(tau)
-        ds.append(d)
-        zs.append(torch.randn((T, *shape_NZ), generator=g))
-        cs.append(torch.randn((T, *shape_NZ), generator=g))
-    return torch.stack(zs), torch.stack(taus), torch.stack(ds), torch.stack(cs)

@@ -20,10 +20,12 @@ from typing import Any
 import numpy as np
 import torch
 
+from featurestore.encoders import check_same_encoder
 from featurestore.reader import TokenReader, Window
-from pipeline.stage import ConfigMismatchError, UserError, atomic_write_json, config_differences
+from pipeline.stage import UserError, atomic_write_json
 from trainer.api import LoadedWorldModel
 from trainer.data import normalize_patches, select_episodes
+from trainer.runs import eval_dir
 
 log = logging.getLogger(__name__)
 
@@ -70,10 +72,9 @@ class Windows:
     use_actions: bool
 
 
-def _check_encoder(reader: TokenReader, wm: LoadedWorldModel) -> None:
-    if wm.encoder != reader.encoder:
-        raise ConfigMismatchError(f"{wm.name}'s encoder", config_differences(wm.encoder, reader.encoder),
-                                  f"evaluate on a store made with the encoder {wm.name} was trained on")
+def _same_encoder(reader: TokenReader, wm: LoadedWorldModel) -> None:
+    check_same_encoder(wm.encoder, reader.encoder, what=wm.name,
+                       fix=f"evaluate on a store made with the encoder {wm.name} was trained on")
 
 
 def collect_windows(reader: TokenReader, wm: LoadedWorldModel, cfg: EvalConfig, ctx: int) -> dict[str, Windows]:
@@ -201,10 +202,10 @@ def run_eval(cfg: EvalConfig) -> dict[str, Any]:
     wm = LoadedWorldModel.load(cfg.ckpt, weights=cfg.weights, device=cfg.device)
     store = cfg.store or wm.store
     reader = TokenReader(store)
-    _check_encoder(reader, wm)
+    _same_encoder(reader, wm)
     baselines = [LoadedWorldModel.load(b, weights=cfg.weights, device=cfg.device) for b in cfg.baselines]
     for b in baselines:
-        _check_encoder(reader, b)
+        _same_encoder(reader, b)
         if b.cfg.frameskip != wm.cfg.frameskip:
             raise UserError(f"baseline {b.name} uses frameskip {b.cfg.frameskip}, the model {wm.cfg.frameskip}")
     ctx = cfg.context or max(1, wm.window // 2)
@@ -252,7 +253,7 @@ def run_eval(cfg: EvalConfig) -> dict[str, Any]:
     if cfg.probe:
         result["probe"] = _probe(reader, wm, cfg, wins, preds, ctx)
     result["seconds"] = time.monotonic() - t0
-    out = cfg.out or (wm.checkpoint.parent.parent / "eval")
+    out = cfg.out or eval_dir(wm.checkpoint)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out / "eval.json", result)
     if cfg.plots:
@@ -270,7 +271,7 @@ def _rollout_grids(cfg: EvalConfig, reader: TokenReader, out: Path, horizon: int
     """PNG grids (truth | decoded truth | with actions | null action) of the first `cfg.rollouts` episodes of
     the evaluated split in the decoder's source, labelled episodes first."""
     from featurestore.decoder import load_decoder
-    from pipeline.visualize import VisualizeConfig, run_visualize
+    from trainer.visualize import VisualizeConfig, run_visualize
 
     _, meta = load_decoder(cfg.decoder)
     eps = reader.episodes

@@ -26,6 +26,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+from featurestore.encoders import check_same_encoder
 from featurestore.reader import TokenReader
 from pipeline.stage import (
     ConfigMismatchError,
@@ -35,15 +36,8 @@ from pipeline.stage import (
     config_differences,
     to_jsonable,
 )
-from trainer.checkpoint import (
-    latest_checkpoint,
-    load_optimizer,
-    load_state,
-    load_weights,
-    resolve_checkpoint,
-    save_checkpoint,
-)
-from trainer.config import TrainConfig, config_from_dict
+from trainer.checkpoint import latest_checkpoint, load_optimizer, load_weights, save_checkpoint
+from trainer.config import TrainConfig
 from trainer.data import (
     LABELLED,
     SAMPLE_IDS,
@@ -55,8 +49,10 @@ from trainer.data import (
     compute_stats,
     token_shape,
 )
-from trainer.model.dynamics import TokenShape, split_state
-from trainer.models import build_model, compute_loss, predict_last_frame
+from trainer.model import build_model
+from trainer.objective import compute_loss, predict_last_frame
+from trainer.runs import RunState, new_run_dir
+from trainer.tokens import TokenShape, split_state
 
 log = logging.getLogger(__name__)
 
@@ -107,17 +103,6 @@ def resolve_device(cfg: TrainConfig, d: Dist) -> torch.device:
     if cfg.device == "auto":
         return torch.device(f"cuda:{d.local_rank}") if torch.cuda.is_available() else torch.device("cpu")
     return torch.device(cfg.device)
-
-
-def new_run_dir(kind: str) -> Path:
-    base = Path("runs")
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    path = base / f"{stamp}-{kind}"
-    i = 1
-    while path.exists():
-        path = base / f"{stamp}-{kind}-{i}"
-        i += 1
-    return path
 
 
 def _broadcast(obj: Any, d: Dist) -> Any:
@@ -172,12 +157,6 @@ def _check_resume_config(saved: dict[str, Any], cfg: TrainConfig) -> None:
         raise ConfigMismatchError("the run being resumed", diffs, "Resume with the same config, or start a new --out.")
 
 
-def _check_encoder(reader: TokenReader, encoder: dict[str, Any], what: str) -> None:
-    if encoder != reader.encoder:
-        raise ConfigMismatchError(f"{what}'s encoder", config_differences(encoder, reader.encoder),
-                                  f"train on a store made with the same encoder as {what}")
-
-
 @dataclasses.dataclass
 class Trainer:
     """The state the loop updates (model, EMA, optimizer) and how it writes it."""
@@ -196,7 +175,7 @@ class Trainer:
     lr_scale: float = 1.0
 
     def state(self, step: int) -> dict[str, Any]:
-        return {"config": to_jsonable(self.cfg), "encoder": self.encoder, "store": str(self.cfg.store),
+        return {"config": to_jsonable(self.cfg), "encoder": self.encoder, "store": str(Path(self.cfg.store).resolve()),
                 "token_shape": dataclasses.asdict(self.shape), "stats": self.stats.to_dict(),
                 "data_cursor": {"next_step": step + 1, "world_size": self.d.world, "batch_size": self.cfg.batch_size,
                                 "grad_accum": self.cfg.grad_accum}, "lr_scale": self.lr_scale}
@@ -231,12 +210,11 @@ def setup(cfg: TrainConfig, *, resume: bool, d: Dist) -> tuple[Trainer, int, Tok
     torch.manual_seed(cfg.seed)
     lr_scale, start_step = 1.0, 0
     if ckpt is not None:
-        state = load_state(ckpt)
-        _check_resume_config(state["config"], cfg)
-        _check_encoder(reader, state["encoder"], f"checkpoint {ckpt}")
-        shape, stats = TokenShape(**{**state["token_shape"], "grid": tuple(state["token_shape"]["grid"])}), \
-            Stats.from_dict(state["stats"])
-        lr_scale, start_step = state.get("lr_scale", 1.0), int(state["step"])
+        state = RunState.read(ckpt)
+        _check_resume_config(state.saved_config, cfg)
+        check_same_encoder(state.encoder, reader.encoder, what=f"checkpoint {ckpt}",
+                           fix="train on a store made with the encoder the checkpoint was trained on")
+        shape, stats, lr_scale, start_step = state.shape, state.stats, state.lr_scale, state.step
     else:
         shape = token_shape(reader, cfg)
         stats = _broadcast(compute_stats(reader, cfg, shape) if d.main else None, d)
@@ -244,12 +222,12 @@ def setup(cfg: TrainConfig, *, resume: bool, d: Dist) -> tuple[Trainer, int, Tok
     if hasattr(model, "delta_var"):
         model.delta_var.fill_(float(stats.frame_delta_var[0]))
     if cfg.init_from is not None and ckpt is None:
-        src = resolve_checkpoint(cfg.init_from)
-        st = load_state(src)
-        _check_encoder(reader, st["encoder"], f"--init-from {src}")
-        model.load_state_dict(load_weights(src, "ema"))
-        stats, lr_scale = Stats.from_dict(st["stats"]), cfg.finetune_lr_scale
-        log.info("fine-tuning from %s (EMA weights) at %.2g x lr", src, lr_scale)
+        src = RunState.read(cfg.init_from)
+        check_same_encoder(src.encoder, reader.encoder, what=f"--init-from {src.checkpoint}",
+                           fix="fine-tune on a store made with the encoder that run was trained on")
+        model.load_state_dict(load_weights(src.checkpoint, "ema"))
+        stats, lr_scale = src.stats, cfg.finetune_lr_scale
+        log.info("fine-tuning from %s (EMA weights) at %.2g x lr", src.checkpoint, lr_scale)
     ema = copy.deepcopy(model).requires_grad_(False)
     optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr * lr_scale, betas=cfg.betas,
                                   fused=False)
@@ -407,7 +385,6 @@ def run_train(cfg: TrainConfig, *, resume: bool = False,
     if d.main:
         tr.run_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_json(tr.run_dir / "config.json", cfg)
-        atomic_write_json(tr.run_dir / "store.json", {"store": str(Path(cfg.store).resolve()), "encoder": tr.encoder})
         (tr.run_dir / "PREEMPT").unlink(missing_ok=True)
     if d.world > 1:
         dist.barrier()
@@ -451,7 +428,3 @@ def run_train(cfg: TrainConfig, *, resume: bool = False,
         stop.restore()
         metrics.close()
     return TrainResult(tr.run_dir, step, last_ckpt, metrics.rows)
-
-
-def load_run_config(run_dir: Path) -> TrainConfig:
-    return config_from_dict(json.loads((Path(run_dir) / "config.json").read_text()))

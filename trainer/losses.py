@@ -87,7 +87,7 @@ def shortcut_forcing_loss(f: DenoiseFn, z1_BTNZ: torch.Tensor, z0_BTNZ: torch.Te
 
     f: (z_tau [B,T,N,Z], tau [B,T], d [B,T]) -> z1_hat; conditioning (actions) is bound inside f.
     err: the squared error per frame (default: mean over tokens and channels; with proprioception, the
-    patches' mean plus the weighted state error, `trainer.model.dynamics.frame_error`).
+    patches' mean plus the weighted state error, `trainer.tokens.frame_error`).
     Returns (loss, aux): aux holds detached terms and `per_sample` [B] (for labelled / action-free logging).
     """
     d_min = 1.0 / k_max

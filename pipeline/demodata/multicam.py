@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.demodata import Frame, WriterSettings, f32, vector_feature, video_feature, write_dataset
+from pipeline.stage import UserError
 
 CAMERAS = (
     "observation.images.exterior_1_left",
@@ -50,7 +51,7 @@ class MulticamDataConfig:
 
     def __post_init__(self) -> None:
         if self.episodes < 1 or not 8 <= self.min_frames <= self.max_frames:
-            raise ValueError("need --episodes >= 1 and 8 <= min_frames <= max_frames")
+            raise UserError("need --episodes >= 1 and 8 <= min_frames <= max_frames")
 
 
 @dataclasses.dataclass

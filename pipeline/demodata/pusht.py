@@ -19,11 +19,13 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.demodata import Frame, WriterSettings, f32, vector_feature, video_feature, write_dataset
+from pipeline.stage import UserError
+from planner.sims import ENV_STATE_KEY
+from planner.sims.pusht import env_state, make_env
 
 GOAL_XY = np.array([256.0, 256.0])
 TASK = "Push the T-shaped block onto the green T."
 IMAGE_KEY = "observation.image"
-ENV_STATE_KEY = "observation.environment_state"
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -38,9 +40,9 @@ class PushtDataConfig:
 
     def __post_init__(self) -> None:
         if self.episodes < 1 or self.frames_per_episode < 4:
-            raise ValueError("need --episodes >= 1 and --frames-per-episode >= 4")
+            raise UserError("need --episodes >= 1 and --frames-per-episode >= 4")
         if self.size < 64 or self.size % 2:
-            raise ValueError(f"--size {self.size}: AV1 needs an even size >= 64")
+            raise UserError(f"--size {self.size}: AV1 needs an even size >= 64")
 
 
 class ScriptedPusher:
@@ -93,25 +95,6 @@ class ScriptedPusher:
         if self.rng.random() < self.explore:
             target += self.rng.uniform(-self.jitter, self.jitter, size=2)
         return np.clip(target, 0.0, 512.0)
-
-
-def make_env(size: int = 96):
-    import gym_pusht  # noqa: F401  (registers gym_pusht/PushT-v0)
-    import gymnasium as gym
-
-    return gym.make(
-        "gym_pusht/PushT-v0",
-        obs_type="pixels_agent_pos",
-        render_mode="rgb_array",
-        observation_width=size,
-        observation_height=size,
-    )
-
-
-def env_state(env) -> np.ndarray:
-    """[agent x, agent y, block x, block y, block angle]: what `reset(options={"reset_to_state": ...})` takes."""
-    u = env.unwrapped
-    return np.array([*u.agent.position, *u.block.position, u.block.angle % (2 * math.pi)], dtype=np.float64)
 
 
 def features(cfg: PushtDataConfig) -> dict[str, dict]:

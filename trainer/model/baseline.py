@@ -16,7 +16,8 @@ from einops import rearrange
 
 from trainer.config import ModelConfig
 from trainer.model.common import Attention, RMSNorm, SwiGLU, rope_2d_angles
-from trainer.model.dynamics import LatentIO, TokenShape, space_positions
+from trainer.model.dynamics import LatentIO, space_positions
+from trainer.tokens import TokenShape
 
 
 class FullBlock(nn.Module):

@@ -1,11 +1,11 @@
-"""`wmctl plan sim --env pusht`: closed-loop MPC in gym-pusht with the world model (DINO-WM protocol).
+"""`wmctl plan sim`: closed-loop MPC in a simulator (`planner.sims`) with the world model (DINO-WM protocol).
 
 A trial starts from the simulator state of a held-out episode at frame t; the goal is the observation
 reached by replaying that episode's recorded actions for `goal_offset` steps from there. MPC then plans in
 latent space from the encoded observations, executes `execute` actions, and replans, for at most
-`max_steps` steps. Success (DINO-WM's rule and protocol): after an MPC step, agent and block positions are
-within 20 px of the goal state (norm over the four coordinates) and the block angle within pi/9; the trial
-ends there (the goal is reached). The same trials run with uniformly random actions, under the same rule.
+`max_steps` steps. Success is the simulator's rule (pusht: DINO-WM's, agent and block positions within 20 px of
+the goal state, norm over the four coordinates, and the block angle within pi/9), checked after every MPC step;
+the trial ends there (the goal is reached). The same trials run with uniformly random actions, under the same rule.
 The planner never sees the simulator: observations go through the frozen encoder, actions come out.
 
 The cost is the latent distance to the goal averaged over every planned frame (`cost_frames="all"`), not
@@ -16,8 +16,8 @@ executed part of each plan wanders and the agent is rarely at the goal when it i
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
-import math
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -26,11 +26,15 @@ from typing import Any
 import numpy as np
 import torch
 
+from featurestore.reader import TokenReader
+from pipeline.ingest import read_manifest
+from pipeline.lerobot_io import DataFileCache, stack_column
 from pipeline.stage import UserError
 from planner.cem import CEMConfig, cem_plan, warm_start
 from planner.core import ActionSpec, WorldModel, latent_cost
 from planner.gd import GDConfig, gd_plan
 from planner.offline import spec_for
+from planner.sims import ENV_STATE_KEY, SIMULATORS, Simulator, make_sim
 
 log = logging.getLogger(__name__)
 
@@ -53,25 +57,21 @@ class SimConfig:
     k: int = 4
     cost_frames: str = "all"  # "all": mean distance over the planned frames; "last": the last frame only
     shift: str = "none"
+    env: str = "pusht"
+    device: str = "cpu"
     seed: int = 0
     save_strips: int = 3
     out: Path | None = None
 
     def __post_init__(self) -> None:
+        if self.env not in SIMULATORS:
+            raise UserError(f"--env {self.env!r}: only {', '.join(SIMULATORS)} is wired up")
         if self.shift not in SHIFTS:
             raise UserError(f"--shift {self.shift!r}: choose one of {SHIFTS}")
         if self.planner not in ("cem", "gd"):
             raise UserError(f"--planner {self.planner!r}: choose cem or gd")
         if self.cost_frames not in ("all", "last"):
             raise UserError(f"--cost-frames {self.cost_frames!r}: choose all or last")
-
-
-def success(goal_state: np.ndarray, state: np.ndarray) -> tuple[bool, float, float]:
-    """DINO-WM's PushT rule: (success, position distance over agent+block xy, block angle distance)."""
-    pos = float(np.linalg.norm(goal_state[:4] - state[:4]))
-    ang = abs(float(goal_state[4] - state[4])) % (2 * math.pi)
-    ang = min(ang, 2 * math.pi - ang)
-    return pos < 20.0 and ang < math.pi / 9, pos, ang
 
 
 def apply_shift(img: np.ndarray, shift: str) -> np.ndarray:
@@ -97,14 +97,11 @@ class Trial:
 
 def load_trials(root: Path, manifest_rows, cfg: SimConfig) -> list[Trial]:
     """Start states and recorded actions of held-out episodes (their LeRobot data files)."""
-    from pipeline.demodata.pusht import ENV_STATE_KEY
-    from pipeline.lerobot_io import DataFileCache, stack_column
-
     data = DataFileCache(columns=[ENV_STATE_KEY, "action"])
     rng = np.random.default_rng(cfg.seed)
     rows = manifest_rows[(manifest_rows.split == "val") & manifest_rows.has_actions & (manifest_rows.status == "ok")]
     if rows.empty:
-        raise UserError("the labelled pusht source has no val episodes with actions; re-ingest with --val-fraction")
+        raise UserError("the labelled source has no val episodes with actions; re-ingest with --val-fraction")
     trials = []
     order = rng.permutation(len(rows))
     i = 0
@@ -113,7 +110,8 @@ def load_trials(root: Path, manifest_rows, cfg: SimConfig) -> list[Trial]:
         i += 1
         df = data.rows_in_file(Path(e.root) / e.data_file, int(e.episode_index))
         if ENV_STATE_KEY not in df:
-            raise UserError(f"{e.root} has no {ENV_STATE_KEY}: the sim needs pusht data from `wmctl data pusht`")
+            raise UserError(f"{e.root} has no {ENV_STATE_KEY}: the sim needs data recorded in the simulator "
+                            "(`wmctl data pusht`)")
         if len(df) <= cfg.goal_offset:
             continue
         t = int(rng.integers(0, len(df) - cfg.goal_offset))
@@ -124,50 +122,23 @@ def load_trials(root: Path, manifest_rows, cfg: SimConfig) -> list[Trial]:
     return trials
 
 
-class PushtSim:
-    """gym-pusht with reset-to-state, rendering at the dataset's image size."""
-
-    def __init__(self, size: int):
-        from pipeline.demodata.pusht import env_state, make_env
-
-        self.env, self._state = make_env(size), env_state
-
-    def reset(self, state: np.ndarray) -> np.ndarray:
-        obs, _ = self.env.reset(options={"reset_to_state": np.asarray(state, dtype=np.float64)})
-        return obs["pixels"]
-
-    def step(self, target_xy: np.ndarray) -> np.ndarray:
-        obs, *_ = self.env.step(np.clip(target_xy, 0.0, 512.0))
-        return obs["pixels"]
-
-    def state(self) -> np.ndarray:
-        return self._state(self.env)
-
-    def close(self) -> None:
-        self.env.close()
-
-
-def to_env_action(a_model: np.ndarray, agent_xy: np.ndarray, mode: str) -> np.ndarray:
-    return a_model[:2] + agent_xy if mode == "relative_to_state" else a_model[:2]
-
-
-def run_trial(sim: PushtSim, wm: WorldModel, encode: Callable[[np.ndarray, np.ndarray], torch.Tensor], trial: Trial,
+def run_trial(sim: Simulator, wm: WorldModel, encode: Callable[[np.ndarray, np.ndarray], torch.Tensor], trial: Trial,
               cfg: SimConfig, spec: ActionSpec, policy: str, rng: np.random.Generator) -> dict[str, Any]:
     """One MPC (or random) episode. Returns the outcome, the latencies and the frames.
-    `encode(image, agent_xy)` gives the model's latents of an observation (agent_xy is pusht's
-    `observation.state`, used by models with proprioception)."""
+    `encode(images [C, H, W, 3], robot_state)` gives the model's latents of an observation (the robot state is
+    the dataset's `observation.state`, used by models with proprioception)."""
     sim.reset(trial.env_state)
     for a in trial.actions:
         goal_img = sim.step(a)
     goal_img = apply_shift(goal_img, cfg.shift)
-    goal_state = sim.state()
+    goal_state, goal_robot = sim.state(), sim.robot_state()
     img = apply_shift(sim.reset(trial.env_state), cfg.shift)
     start_state = sim.state()
-    goal = encode(goal_img, goal_state[:2])  # [N, Z]; the proprio state is the agent's position
-    history = [encode(img, start_state[:2])]
+    goal = encode(goal_img, goal_robot)  # [N, Z]; with proprio the robot state is one more token
+    history = [encode(img, sim.robot_state())]
     executed: list[np.ndarray] = []  # model-space actions that led into each history frame after the first
     frames, latencies, plan_mean = [img], [], None
-    fs = wm.frameskip
+    fs = wm.actions.frameskip
     lo, hi = np.array(spec.low), np.array(spec.high)
     weights = torch.ones(cfg.horizon) if cfg.cost_frames == "all" else None
     cost = latent_cost(goal, state_dim=wm.state_dim, state_weight=cfg.state_weight, frame_weights=weights)
@@ -197,35 +168,60 @@ def run_trial(sim: PushtSim, wm: WorldModel, encode: Callable[[np.ndarray, np.nd
             latencies.append(time.perf_counter() - t0)
             plan_mean, plan = res.mean, res.actions[: cfg.execute].numpy()
         for a in plan:
-            for j in range(fs):
-                img = apply_shift(sim.step(to_env_action(a[2 * j:2 * j + 2], sim.state()[:2], wm.action_mode)),
-                                  cfg.shift)
+            for step in wm.actions.frame_steps(a):
+                img = apply_shift(sim.step(wm.actions.to_env(step, sim.robot_state())), cfg.shift)
             executed.append(np.asarray(a, dtype=np.float64))
-            history.append(encode(img, sim.state()[:2]))
+            history.append(encode(img, sim.robot_state()))
             frames.append(img)
             if len(executed) * fs >= cfg.max_steps:
                 break
-        if success(goal_state, sim.state())[0]:
+        if sim.success(goal_state, sim.state()):
             break  # the goal is reached: the trial ends
     final = sim.state()
-    ok, pos, ang = success(goal_state, final)
-    _, pos0, _ = success(goal_state, start_state)
     steps = np.diff(np.stack(executed), axis=0) if len(executed) > 1 else np.zeros((1, spec.dim))
-    return {"success": ok, "steps": len(executed) * fs, "final_pos_dist": pos,
-            "final_angle_dist": ang, "start_pos_dist": pos0,
-            "final_agent_dist": float(np.linalg.norm(goal_state[:2] - final[:2])),
-            "final_block_dist": float(np.linalg.norm(goal_state[2:4] - final[2:4])),
+    start = sim.distances(goal_state, start_state)
+    return {"success": sim.success(goal_state, final), "steps": len(executed) * fs,
+            **{f"final_{k}": v for k, v in sim.distances(goal_state, final).items()},
+            **{f"start_{k}": v for k, v in start.items()},
             "smoothness": float(np.linalg.norm(steps, axis=1).mean()), "latencies": latencies,
             "frames": frames, "goal": goal_img}
 
 
-def run_plan_sim(wm: WorldModel, encode_frame: Callable[[np.ndarray, np.ndarray], torch.Tensor], root_rows, size: int,
-                 cfg: SimConfig) -> dict[str, Any]:
-    if wm.frame_action_dim == 0:
+def observation_encoder(wm: WorldModel, device: str) -> Callable[[np.ndarray, np.ndarray], torch.Tensor]:
+    """`encode(images [C, H, W, 3], robot_state) -> latents [N, Z]` with the encoder the model was trained on."""
+    from featurestore.encoders import encoder_for
+
+    enc = encoder_for(wm.encoder, device)
+
+    def encode(images: np.ndarray, robot_state: np.ndarray) -> torch.Tensor:
+        patch = enc.encode(torch.from_numpy(np.ascontiguousarray(images)))["patch"]  # [C, P, Z]
+        return wm.normalize(patch[0] if len(patch) == 1 else patch, robot_state)
+
+    return encode
+
+
+def labelled_source(reader: TokenReader) -> tuple[Any, int]:
+    """The manifest rows of the store's first labelled source and its camera's image size (start states and goals
+    come from its held-out episodes)."""
+    labelled = [s for s in reader.store.sources() if reader.source_attrs(s).get("has_actions")]
+    if not labelled:
+        raise UserError(f"{reader.path} has no labelled source to take start states and goals from")
+    attrs = reader.source_attrs(labelled[0])
+    rows, meta = read_manifest(Path(attrs["manifest"]))
+    return rows, int(meta["features"][attrs["cameras"][0]]["shape"][0])
+
+
+def run_plan_sim(wm: WorldModel, cfg: SimConfig, *, store: Path,
+                 encode_frame: Callable[[np.ndarray, np.ndarray], torch.Tensor] | None = None) -> dict[str, Any]:
+    """Trials from the held-out episodes of the model's store, MPC and random actions on each; writes
+    `cfg.out`/sim.json (and PNG strips) when `cfg.out` is set."""
+    if wm.actions.frame_dim == 0:
         raise UserError("this model was trained without actions; the sim needs an action-conditioned model")
-    trials = load_trials(Path(root_rows.iloc[0].root), root_rows, cfg)
+    rows, size = labelled_source(TokenReader(store))
+    encode = encode_frame or observation_encoder(wm, cfg.device)
+    trials = load_trials(Path(rows.iloc[0].root), rows, cfg)
     spec = spec_for(wm, cfg.max_delta_fraction)
-    sim = PushtSim(size)
+    sim = make_sim(cfg.env, size)
     out: dict[str, Any] = {"config": {k: v for k, v in dataclasses.asdict(cfg).items() if k != "out"},
                            "trials": len(trials)}
     strips = []
@@ -234,32 +230,35 @@ def run_plan_sim(wm: WorldModel, encode_frame: Callable[[np.ndarray, np.ndarray]
             rng = np.random.default_rng(cfg.seed)
             results = []
             for i, tr in enumerate(trials):
-                r = run_trial(sim, wm, encode_frame, tr, cfg, spec, policy, rng)
-                log.info("%s trial %d/%d: success=%s final position distance %.1f px (start %.1f; agent %.1f, "
-                         "block %.1f)", policy, i + 1, len(trials), r["success"], r["final_pos_dist"],
-                         r["start_pos_dist"], r["final_agent_dist"], r["final_block_dist"])
+                r = run_trial(sim, wm, encode, tr, cfg, spec, policy, rng)
+                log.info("%s trial %d/%d: success=%s %s", policy, i + 1, len(trials), r["success"],
+                         ", ".join(f"{k} {v:.3g}" for k, v in r.items() if k.startswith(("final_", "start_"))))
                 if policy == "model" and i < cfg.save_strips:
                     strips.append((tr, r))
                 results.append(r)
-            lat = [x for r in results for x in r["latencies"]]
-            out[policy] = {
-                "success_rate": float(np.mean([r["success"] for r in results])),
-                "steps_to_success": float(np.mean([r["steps"] for r in results if r["success"]]))
-                if any(r["success"] for r in results) else None,
-                "final_pos_dist": float(np.mean([r["final_pos_dist"] for r in results])),
-                "final_angle_dist": float(np.mean([r["final_angle_dist"] for r in results])),
-                "final_agent_dist": float(np.mean([r["final_agent_dist"] for r in results])),
-                "final_block_dist": float(np.mean([r["final_block_dist"] for r in results])),
-                "start_pos_dist": float(np.mean([r["start_pos_dist"] for r in results])),
-                "smoothness": float(np.mean([r["smoothness"] for r in results])),
-                "latency_s": {"p50": float(np.percentile(lat, 50)), "p95": float(np.percentile(lat, 95))} if lat
-                else None,
-            }
+            out[policy] = summarize(results)
     finally:
         sim.close()
-    if cfg.out is not None and strips:
-        out["strips"] = save_strips(strips, cfg.out)
+    if cfg.out is not None:
+        if strips:
+            out["strips"] = save_strips(strips, cfg.out)
+        cfg.out.mkdir(parents=True, exist_ok=True)
+        (cfg.out / "sim.json").write_text(json.dumps(out, indent=2))
     return out
+
+
+def summarize(results: list[dict[str, Any]]) -> dict[str, Any]:
+    """Success rate, steps to success, the mean of every distance, smoothness and plan latency percentiles."""
+    lat = [x for r in results for x in r["latencies"]]
+    dists = [k for k in results[0] if k.startswith(("final_", "start_"))]
+    return {
+        "success_rate": float(np.mean([r["success"] for r in results])),
+        "steps_to_success": float(np.mean([r["steps"] for r in results if r["success"]]))
+        if any(r["success"] for r in results) else None,
+        **{k: float(np.mean([r[k] for r in results])) for k in dists},
+        "smoothness": float(np.mean([r["smoothness"] for r in results])),
+        "latency_s": {"p50": float(np.percentile(lat, 50)), "p95": float(np.percentile(lat, 95))} if lat else None,
+    }
 
 
 def save_strips(strips, out: Path) -> list[str]:
@@ -269,7 +268,7 @@ def save_strips(strips, out: Path) -> list[str]:
     out.mkdir(parents=True, exist_ok=True)
     files = []
     for tr, r in strips:
-        frames = r["frames"][::2][:12] + [r["goal"]]
+        frames = [np.concatenate(list(f), axis=0) for f in r["frames"][::2][:12] + [r["goal"]]]  # cameras stacked
         h, w = frames[0].shape[:2]
         canvas = np.full((h, (w + 2) * len(frames), 3), 255, dtype=np.uint8)
         for i, f in enumerate(frames):

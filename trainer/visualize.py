@@ -15,10 +15,12 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from featurestore.decoder import episode_frames, load_decoder, newest_decoder, normalize_tokens, preprocess_geometry
-from featurestore.encoders import Preprocess
+from featurestore.decoder import episode_frames, load_decoder, normalize_tokens, preprocess_geometry
+from featurestore.encoders import Preprocess, check_same_encoder
 from featurestore.reader import TokenReader, Window
 from pipeline.stage import UserError
+from trainer.api import LoadedWorldModel
+from trainer.runs import newest_decoder
 
 FORMATS = (".png", ".gif", ".mp4")
 
@@ -74,13 +76,13 @@ def write_video(frames: list[np.ndarray], path: Path, fps: int) -> None:
 
 
 def run_visualize(cfg: VisualizeConfig) -> dict[str, Any]:
-    from trainer.api import LoadedWorldModel, run_store
-
     wm = LoadedWorldModel.load(cfg.run)
-    reader = TokenReader(cfg.store or run_store(wm.checkpoint))
-    decoder, meta = load_decoder(cfg.decoder or newest_decoder())
-    if meta["encoder"] != reader.encoder or wm.encoder != reader.encoder:
-        raise UserError("the run, the decoder and the store must share one encoder identity")
+    reader = TokenReader(cfg.store or wm.store)
+    decoder_dir = cfg.decoder or newest_decoder()
+    decoder, meta = load_decoder(decoder_dir)
+    fix = "the run, the decoder and the store must share one encoder"
+    check_same_encoder(wm.encoder, reader.encoder, what=wm.name, fix=fix)
+    check_same_encoder(meta["encoder"], reader.encoder, what=f"decoder {decoder_dir}", fix=fix)
     eps = reader.episodes
     eps = eps[(eps.source == meta["source"]) & (eps.view == 0)]
     if cfg.episode is not None:
@@ -102,7 +104,7 @@ def run_visualize(cfg: VisualizeConfig) -> dict[str, Any]:
     P = meta["grid"][0] * meta["grid"][1]
     win = reader.read(Window(row, cfg.start, T, fs), ("patch", "state"))
     raw = win["patch"]  # [T, C, P, Z]
-    pre = Preprocess(**{k: tuple(v) if isinstance(v, list) else v for k, v in reader.encoder["preprocess"].items()})
+    pre = Preprocess.from_dict(reader.encoder["preprocess"])
     truth = preprocess_geometry(episode_frames(reader, row, cam)[cfg.start::fs][:T], pre)
     rows = {"ground truth": truth, "decoded true latents": decoder(normalize_tokens(raw[:, cam], meta))}
     z = wm.normalize(raw, win["state"])[None]  # [1, T, N, Z]

@@ -1,4 +1,4 @@
-"""Logging and progress, configured once at the CLI/executor layer.
+"""Logging and progress bars, configured once at the command line (library code only logs).
 
 On a terminal: rich log lines and rich progress bars. In batch jobs (no TTY, e.g. SLURM): plain
 timestamped lines, and progress as a plain line every `every_s` seconds.

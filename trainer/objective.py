@@ -1,4 +1,9 @@
-"""Model construction and the per-model training objective and one-step prediction (used by loop and eval)."""
+"""The training objective of each world model on a batch, and the in-loop one-step prediction.
+
+Shortcut model: per-sample noise and (tau, d) from generators seeded by the sample id (so a sample's noise does
+not depend on the batch it is in, and a resumed run continues exactly), then Dreamer 4's shortcut-forcing loss
+(`trainer.losses`). Teacher-forced baseline: next-frame MSE. Legend: B = batch, T = frames, N = tokens, Z = width.
+"""
 
 from __future__ import annotations
 
@@ -8,17 +13,11 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from trainer.config import ModelConfig, TrainConfig
-from trainer.data import ACTIONS, VALID, Z, noise_like
-from trainer.losses import TauSampling, shortcut_forcing_loss, teacher_forcing_loss
-from trainer.model.baseline import TeacherForcedPredictor
-from trainer.model.dynamics import ShortcutDynamics, TokenShape, frame_error
-
-
-def build_model(cfg: ModelConfig, shape: TokenShape) -> nn.Module:
-    if cfg.kind == "shortcut":
-        return ShortcutDynamics(cfg, shape)
-    return TeacherForcedPredictor(cfg, shape)
+from trainer.config import TrainConfig
+from trainer.data import ACTIONS, VALID, Z
+from trainer.losses import TauSampling, sample_tau_d, shortcut_forcing_loss, teacher_forcing_loss
+from trainer.sampling import rollout_cached, rollout_teacher_forced
+from trainer.tokens import frame_error
 
 
 def tau_spec(cfg: TrainConfig, step: int) -> TauSampling:
@@ -58,8 +57,6 @@ def compute_loss(model: nn.Module, batch: dict[str, Any], cfg: TrainConfig, step
 def predict_last_frame(model: nn.Module, batch: dict[str, Any], cfg: TrainConfig, *, k: int = 4,
                        generator: torch.Generator | None = None) -> torch.Tensor:
     """Predict frame T-1 of each window from frames 0..T-2 (and the actions) -> [B, N, Z]."""
-    from trainer.sampling import rollout_cached, rollout_teacher_forced
-
     z, actions, valid = batch[Z], batch[ACTIONS], batch[VALID]
     T = z.shape[1]
     if cfg.model.kind == "teacher_forced":
@@ -67,3 +64,18 @@ def predict_last_frame(model: nn.Module, batch: dict[str, Any], cfg: TrainConfig
     g = generator or torch.Generator().manual_seed(cfg.seed)
     return rollout_cached(model, z[:, :-1], actions, valid, horizon=1, k=k, window=T, ctx_noise=cfg.ctx_noise,
                           generator=g)[:, 0]  # (no gradient: this function runs under torch.no_grad)
+
+
+def noise_like(shape_NZ: tuple[int, ...], T: int, sample_ids: torch.Tensor, seed: int, tau_spec,
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-sample noise [B, T, N, Z], (tau, d) [B, T] and context noise [B, T, N, Z], each from a generator
+    seeded by the sample id (so a sample's noise does not depend on the batch it is in)."""
+    zs, taus, ds, cs = [], [], [], []
+    for sid in sample_ids.tolist():
+        g = torch.Generator().manual_seed(seed * 1_000_003 + int(sid))
+        tau, d = sample_tau_d(tau_spec, T, g)
+        taus.append(tau)
+        ds.append(d)
+        zs.append(torch.randn((T, *shape_NZ), generator=g))
+        cs.append(torch.randn((T, *shape_NZ), generator=g))
+    return torch.stack(zs), torch.stack(taus), torch.stack(ds), torch.stack(cs)

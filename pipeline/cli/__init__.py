@@ -1,0 +1,45 @@
+"""The `wmctl` command line, one module per command group; each command parses its options, builds the stage's
+config, calls `run_<stage>(cfg)` and prints. A `UserError` from any stage becomes one red line and exit code 2
+(`pipeline.cli.base.WmctlGroup`, the one place that does it).
+
+Exit codes: 0 done (or nothing to do); 1 finished but some episodes failed (they are listed, the rest is
+committed); 2 the user must act before anything can run (bad path, bad config, changed config); 3 training
+stopped on request (preemption) after writing a checkpoint.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Annotated
+
+import typer
+
+from pipeline.cli import bench, data, encode, evaluate, ingest, plan, train
+from pipeline.cli.base import new_app
+from pipeline.cli.progress import setup_logging
+
+app = new_app("Latent world models from LeRobot video: data -> ingest -> encode -> train -> eval -> plan.",
+              name="wmctl")
+app.add_typer(data.app, name="data")
+app.add_typer(encode.encoder_app, name="encoder")
+app.add_typer(evaluate.decoder_app, name="decoder")
+app.add_typer(plan.app, name="plan")
+app.add_typer(bench.app, name="bench")
+
+
+@app.callback()
+def main(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging.")] = False) -> None:
+    setup_logging(verbose)
+
+
+app.command()(ingest.ingest)
+app.command()(ingest.datasets)
+app.command()(encode.encode)
+app.command()(encode.status)
+app.command()(train.train)
+app.command("eval")(evaluate.eval_)
+app.command()(evaluate.visualize)
+
+
+def run() -> None:  # pragma: no cover - console entry for `python -m pipeline.cli`
+    sys.exit(app())

@@ -1,0 +1,57 @@
+"""`wmctl data pusht|multicam`: the built-in LeRobot v3.0 datasets, written with lerobot's own writer."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from pipeline.cli.base import new_app
+from pipeline.demodata.multicam import MulticamDataConfig, run_data_multicam
+from pipeline.demodata.pusht import PushtDataConfig, run_data_pusht
+
+app = new_app("Write the built-in LeRobot v3.0 datasets (with lerobot's own writer).")
+
+Out = Annotated[Path, typer.Option(help="Dataset root to write.")]
+ActionFree = Annotated[bool, typer.Option("--action-free", help="Write no action feature.")]
+Force = Annotated[bool, typer.Option(help="Overwrite an existing dataset.")]
+
+
+def _done(wrote: bool, out: Path, episodes: int, action_free: bool) -> None:
+    typer.echo(f"{'wrote' if wrote else 'nothing to do:'} {out} ({episodes} episodes"
+               f"{', action-free' if action_free else ''})")
+
+
+@app.command("pusht")
+def data_pusht(
+    out: Out = Path("data/pusht-demo"),
+    episodes: Annotated[int, typer.Option(help="Number of episodes.")] = PushtDataConfig.episodes,
+    seed: Annotated[int, typer.Option(help="Seed for starts and the scripted policy.")] = PushtDataConfig.seed,
+    frames_per_episode: Annotated[int, typer.Option(help="Frames per episode (10 fps).")]
+    = PushtDataConfig.frames_per_episode,
+    size: Annotated[int, typer.Option(help="Rendered image size (96 = gym-pusht native).")] = PushtDataConfig.size,
+    action_free: ActionFree = False,
+    force: Force = False,
+) -> None:
+    """gym-pusht rollouts of a scripted pusher (10 fps, agent-xy state, target-xy action)."""
+    cfg = PushtDataConfig(out=out, episodes=episodes, seed=seed, frames_per_episode=frames_per_episode, size=size,
+                          action_free=action_free, repo_id=f"local/{out.name}")
+    _done(run_data_pusht(cfg, force=force), out, episodes, action_free)
+
+
+@app.command("multicam")
+def data_multicam(
+    out: Out = Path("data/multicam-demo"),
+    episodes: Annotated[int, typer.Option(help="Number of episodes.")] = MulticamDataConfig.episodes,
+    seed: Annotated[int, typer.Option(help="Seed.")] = MulticamDataConfig.seed,
+    min_frames: Annotated[int, typer.Option(help="Shortest episode (frames at 15 fps).")]
+    = MulticamDataConfig.min_frames,
+    max_frames: Annotated[int, typer.Option(help="Longest episode.")] = MulticamDataConfig.max_frames,
+    action_free: ActionFree = False,
+    force: Force = False,
+) -> None:
+    """Synthetic DROID-shaped set: 3 cameras at 180x320, 15 fps, 8-D state/action, multi-file layout."""
+    cfg = MulticamDataConfig(out=out, episodes=episodes, seed=seed, min_frames=min_frames, max_frames=max_frames,
+                             action_free=action_free, repo_id=f"local/{out.name}")
+    _done(run_data_multicam(cfg, force=force), out, episodes, action_free)

@@ -1,0 +1,98 @@
+"""`wmctl encode`, `wmctl status` and `wmctl encoder init-random`: frames into the token store, and what it holds."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from featurestore.encode import EncodeConfig, EncodeResult, run_encode
+from featurestore.encoders import DEFAULT_ENCODER, Preprocess, init_random_dinov3
+from featurestore.status import status_table, store_status
+from featurestore.store import StoreLayout
+from pipeline.cli.base import console, hxw, new_app, split_list
+from pipeline.cli.progress import progress
+from pipeline.ingest import manifest_path
+from pipeline.stage import ShardSpec
+
+encoder_app = new_app("Encoder utilities.")
+
+Store = Annotated[Path, typer.Option(help="Token store.")]
+
+
+def encode(
+    dataset: Annotated[str | None, typer.Option(help="Registered dataset (uses manifests/<name>.parquet).")] = None,
+    manifest: Annotated[Path | None, typer.Option(help="Manifest from `wmctl ingest` (instead of --dataset).")] = None,
+    store: Annotated[Path, typer.Option(help="Token store (Zarr v3 directory).")] = Path("tokens.zarr"),
+    encoder: Annotated[str, typer.Option(help="Encoder: local save_pretrained dir or HF id (cache).")] = "",
+    cameras: Annotated[str | None, typer.Option(help="Comma-separated subset of the manifest's cameras.")] = None,
+    image_size: Annotated[str, typer.Option(help="N or HxW, multiples of the patch size.")] = str(Preprocess.height),
+    resize: Annotated[str, typer.Option(help="crop (keep aspect, center crop) | squash.")] = Preprocess.resize,
+    dtype: Annotated[str, typer.Option(help="float16 | int8 (per-token scale).")] = StoreLayout.dtype,
+    batch_size: Annotated[int, typer.Option(help="Frames per encoder batch.")] = EncodeConfig.batch_size,
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N.")] = EncodeConfig.device,
+    threads: Annotated[int, typer.Option(help="torch threads (0: default).")] = EncodeConfig.threads,
+    augment_views: Annotated[int, typer.Option(help="Extra augmented views per episode.")] = EncodeConfig.augment_views,
+    augment_strength: Annotated[float, typer.Option(help="Colour jitter / crop strength in [0, 1].")]
+    = EncodeConfig.augment_strength,
+    chunk_frames: Annotated[int, typer.Option(help="Frames per Zarr chunk (read unit).")] = StoreLayout.chunk_frames,
+    shard_frames: Annotated[int, typer.Option(help="Frames per Zarr shard (write unit).")] = StoreLayout.shard_frames,
+    episodes_per_segment: Annotated[int, typer.Option(help="Episode indices per segment block.")]
+    = StoreLayout.episodes_per_segment,
+    shard: Annotated[str | None, typer.Option(help="I/N: this process takes segments with (block+view) % N == I.")]
+    = None,
+    dask: Annotated[str | None, typer.Option(help="'local' (a LocalCluster) or a scheduler address.")] = None,
+    dask_workers: Annotated[int, typer.Option(help="Workers of --dask local.")] = EncodeConfig.dask_workers,
+    retry_failed: Annotated[bool, typer.Option(help="Try episodes recorded as failed again.")] = False,
+    force: Annotated[bool, typer.Option(help="Rebuild a store/source made with another config.")] = False,
+) -> None:
+    """Encode every camera frame of a manifest with a frozen DINOv3 into the token store."""
+    manifest = manifest_path(dataset, manifest)
+    h, w = hxw(image_size)
+    cfg = EncodeConfig(
+        manifest=manifest, store=store, encoder=encoder or DEFAULT_ENCODER, cameras=split_list(cameras),
+        preprocess=Preprocess(height=h, width=w, resize=resize),
+        layout=StoreLayout(dtype=dtype, chunk_frames=chunk_frames, shard_frames=shard_frames,
+                           episodes_per_segment=episodes_per_segment),
+        batch_size=batch_size, device=device, threads=threads, augment_views=augment_views,
+        augment_strength=augment_strength, shard=ShardSpec.parse(shard), dask=dask, dask_workers=dask_workers,
+        retry_failed=retry_failed, force=force,
+    )
+    with progress(f"encode {manifest.stem}", total=None, unit="frames") as advance:
+        result = run_encode(cfg, on_frames=advance, on_plan=advance.set_total)
+    _summary(cfg, result)
+
+
+def _summary(cfg: EncodeConfig, result: EncodeResult) -> None:
+    for source, ep, view, reason in result.failures:
+        typer.secho(f"error: {source} episode {ep} (view {view}): {reason}", fg=typer.colors.RED, err=True)
+    if result.nothing_to_do:
+        typer.echo(f"nothing to do: every episode of {cfg.manifest} is in {cfg.store} (shard {cfg.shard})")
+    else:
+        rate = result.frames / max(result.seconds, 1e-9)
+        typer.echo(f"{cfg.store}: committed {result.segments_committed} segment(s), {result.frames} frames "
+                   f"in {result.seconds:.1f}s ({rate:.1f} frames/s); `wmctl status --store {cfg.store}`")
+    if result.failures:
+        typer.echo("failed episodes are recorded in the store; fix them and re-run with --retry-failed", err=True)
+        raise typer.Exit(1)
+
+
+def status(store: Store = Path("tokens.zarr")) -> None:
+    """Per source: episodes committed / failed / pending, frames, bytes on disk, encoder identity."""
+    console().print(status_table(store_status(store)))
+
+
+@encoder_app.command("init-random")
+def encoder_init_random(
+    out: Annotated[Path, typer.Option(help="Directory to save_pretrained into.")] = Path("models/dinov3-random-tiny"),
+    preset: Annotated[str, typer.Option(help="tiny (dim 32, 2 layers) | vitb16 (ViT-B/16 shapes).")] = "tiny",
+    seed: Annotated[int, typer.Option(help="Init seed.")] = 0,
+) -> None:
+    """Save a randomly initialised DINOv3 (for tests and demos without pretrained weights)."""
+    if (out / "config.json").exists():
+        typer.echo(f"nothing to do: {out} exists")
+        return
+    init_random_dinov3(out, preset=preset, seed=seed)
+    typer.secho(f"wrote {out}: a DINOv3 with RANDOM weights (preset {preset}); tokens from it are not DINO "
+                "features", fg=typer.colors.YELLOW)

@@ -1,0 +1,109 @@
+"""`wmctl plan offline|sim`: goal-conditioned MPC in latent space, on held-out episodes and in a simulator."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from featurestore.reader import TokenReader
+from pipeline.cli.base import new_app
+from planner.cem import CEMConfig
+from planner.offline import OfflineConfig, run_plan_offline, search_configs
+from planner.sim import SimConfig, run_plan_sim
+from trainer.api import LoadedWorldModel
+from trainer.runs import plan_dir, resolve_run
+
+app = new_app("Goal-conditioned MPC in latent space (CEM or gradient).")
+
+Run = Annotated[Path | None, typer.Option(help="Run folder (default: newest under runs/).")]
+Ckpt = Annotated[Path | None, typer.Option(help="Checkpoint folder.")]
+Planner = Annotated[str, typer.Option(help="cem | gd.")]
+Elites = Annotated[int, typer.Option(help="CEM elites.")]
+StateWeight = Annotated[float, typer.Option(help="Weight of the state distance (models with proprio).")]
+K = Annotated[int, typer.Option(help="Shortcut steps per frame in the planner's rollouts.")]
+Seed = Annotated[int, typer.Option(help="Seed.")]
+Device = Annotated[str, typer.Option(help="cpu | cuda.")]
+Compile = Annotated[bool, typer.Option("--compile", help="torch.compile the model's rollouts (the first plan "
+                                       "compiles: tens of seconds on CPU).")]
+
+
+@app.command("offline")
+def plan_offline(
+    run: Run = None,
+    ckpt: Ckpt = None,
+    store: Annotated[Path | None, typer.Option(help="Token store (default: the run's).")] = None,
+    goal_offset: Annotated[int, typer.Option(help="Goal H frames after the start.")] = OfflineConfig.goal_offset,
+    planner: Planner = OfflineConfig.planner,
+    samples: Annotated[int, typer.Option(help="CEM samples per iteration.")] = CEMConfig.samples,
+    elites: Elites = CEMConfig.elites,
+    iterations: Annotated[int, typer.Option(help="CEM iterations (GD: 4x).")] = CEMConfig.iterations,
+    episodes: Annotated[int | None, typer.Option(help="At most N val episodes.")] = None,
+    state_weight: StateWeight = OfflineConfig.state_weight,
+    k: K = OfflineConfig.k,
+    seed: Seed = OfflineConfig.seed,
+    device: Device = "cpu",
+    compile: Compile = False,
+) -> None:
+    """Plan from frame t to the encoded frame t+H on labelled val episodes; compare with GT and random actions."""
+    wm = LoadedWorldModel.load(resolve_run(run, ckpt), device=device, compile=compile)
+    cem, gd = search_configs(planner, samples, elites, iterations, goal_offset)
+    cfg = OfflineConfig(goal_offset=goal_offset, planner=planner, cem=cem, gd=gd, episodes=episodes, seed=seed,
+                        state_weight=state_weight, k=k, out=plan_dir(wm.checkpoint))
+    res = run_plan_offline(wm, TokenReader(store or wm.store), cfg)
+    d = res["latent_distance"]
+    typer.echo(f"{res['problems']} problems, goal {goal_offset} frames ahead, {planner}: latent distance to goal "
+               f"plan {d['plan']:.4f} | ground-truth actions {d['ground_truth']:.4f} | random {d['random_mean']:.4f} "
+               f"(best of {res['random_samples']}: {d['random_best']:.4f}); plan closer than random in "
+               f"{100 * res['plan_closer_than_random']:.0f}%; action error vs GT (std units) plan "
+               f"{res['action_error_vs_ground_truth']['plan']:.3f} "
+               f"random {res['action_error_vs_ground_truth']['random']:.3f}; "
+               f"latency p50 {res['latency_s']['p50'] * 1000:.0f} ms. Wrote {res['out']}")
+
+
+@app.command("sim")
+def plan_sim(
+    run: Run = None,
+    ckpt: Ckpt = None,
+    env: Annotated[str, typer.Option(help="Simulator (pusht).")] = SimConfig.env,
+    episodes: Annotated[int, typer.Option(help="Trials.")] = SimConfig.trials,
+    goal_offset: Annotated[int, typer.Option(help="Env steps replayed to make the goal.")] = SimConfig.goal_offset,
+    max_steps: Annotated[int, typer.Option(help="MPC env steps per trial.")] = SimConfig.max_steps,
+    horizon: Annotated[int, typer.Option(help="Planning horizon (frames).")] = SimConfig.horizon,
+    execute: Annotated[int, typer.Option(help="Frames executed per plan.")] = SimConfig.execute,
+    planner: Planner = SimConfig.planner,
+    samples: Annotated[int, typer.Option(help="CEM samples.")] = CEMConfig.samples,
+    elites: Elites = CEMConfig.elites,
+    iterations: Annotated[int, typer.Option(help="CEM iterations.")] = CEMConfig.iterations,
+    shift: Annotated[str, typer.Option(help="none | lighting | background.")] = SimConfig.shift,
+    state_weight: StateWeight = SimConfig.state_weight,
+    k: K = SimConfig.k,
+    cost_frames: Annotated[str, typer.Option(help="all: goal distance averaged over the planned frames; last: "
+                                             "the last frame only.")] = SimConfig.cost_frames,
+    seed: Seed = SimConfig.seed,
+    device: Device = SimConfig.device,
+    compile: Compile = False,
+) -> None:
+    """Closed-loop MPC in gym-pusht towards goals from held-out episodes; random-action baseline alongside."""
+    cem, gd = search_configs(planner, samples, elites, iterations, horizon)
+    cfg = SimConfig(trials=episodes, goal_offset=goal_offset, max_steps=max_steps, horizon=horizon, execute=execute,
+                    planner=planner, cem=cem, gd=gd, shift=shift, seed=seed, state_weight=state_weight, k=k,
+                    cost_frames=cost_frames, env=env, device=device)
+    wm = LoadedWorldModel.load(resolve_run(run, ckpt), device=device, compile=compile)
+    out = plan_dir(wm.checkpoint) / f"sim_{planner}_{shift}"
+    res = run_plan_sim(wm, dataclasses.replace(cfg, out=out), store=wm.store)
+    _sim_summary(res, out)
+
+
+def _sim_summary(res: dict[str, Any], out: Path) -> None:
+    for policy in ("model", "random"):
+        r = res[policy]
+        lat = f", plan latency p50 {r['latency_s']['p50'] * 1000:.0f} ms p95 {r['latency_s']['p95'] * 1000:.0f} ms" \
+            if r["latency_s"] else ""
+        reached = f" (in {r['steps_to_success']:.0f} env steps on average)" if r["steps_to_success"] else ""
+        typer.echo(f"{policy:>6}: success {100 * r['success_rate']:.0f}% of {res['trials']}{reached}, final distance "
+                   f"{r['final_pos_dist']:.1f} px (start {r['start_pos_dist']:.1f}), angle {r['final_angle_dist']:.2f} "
+                   f"rad, action smoothness {r['smoothness']:.2f}{lat}")
+    typer.echo(f"wrote {out}/sim.json" + "".join(f", {p}" for p in res.get("strips", [])))

@@ -1,0 +1,65 @@
+"""`wmctl train`: the shortcut-forcing dynamics (or the teacher-forced baseline) on a token store."""
+
+from __future__ import annotations
+
+import logging
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from pipeline.cli.base import split_list
+from pipeline.cli.progress import progress
+from trainer.config import TrainConfig, train_config
+from trainer.loop import Preempted, run_train
+
+log = logging.getLogger("wmctl")
+
+
+def train(
+    store: Annotated[Path, typer.Option(help="Token store.")] = Path("tokens.zarr"),
+    preset: Annotated[str, typer.Option(help="tiny (tests) | small (CPU minutes) | base (GPU).")] = "small",
+    model: Annotated[str, typer.Option(help="shortcut | teacher-forced (the DINO-WM baseline).")] = "shortcut",
+    out: Annotated[Path | None, typer.Option(help="Run folder (default: a new one under runs/).")] = None,
+    resume: Annotated[bool, typer.Option(help="Continue --out from its newest complete checkpoint.")] = False,
+    init_from: Annotated[Path | None, typer.Option(help="Fine-tune from this run/checkpoint (EMA weights).")] = None,
+    steps: Annotated[int | None, typer.Option(help="Total optimizer steps.")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="Windows per rank per micro-step.")] = None,
+    lr: Annotated[float | None, typer.Option(help="Peak learning rate.")] = None,
+    device: Annotated[str | None, typer.Option(help="auto | cpu | cuda.")] = None,
+    sources: Annotated[str | None, typer.Option(help="Comma-separated store sources (default all).")] = None,
+    seed: Annotated[int | None, typer.Option(help="Seed.")] = None,
+    set_: Annotated[list[str] | None, typer.Option("--set", help="Override any config field: key=value or "
+                                                  "model.key=value (repeatable).")] = None,
+) -> None:
+    """Train the shortcut-forcing dynamics (or the teacher-forced baseline) on a token store."""
+    cfg = train_config(preset, kind=model, overrides=set_ or [], store=store, out=out, init_from=init_from,
+                       steps=steps, batch_size=batch_size, lr=lr, device=device, seed=seed,
+                       sources=split_list(sources))
+    try:
+        with _step_logger(cfg) as on_step:
+            result = run_train(cfg, resume=resume, on_step=on_step)
+    except Preempted as e:
+        typer.secho(str(e), fg=typer.colors.YELLOW, err=True)
+        raise typer.Exit(3) from None
+    final = result.metrics[-1] if result.metrics else {}
+    summary = ", ".join(f"{k} {final[k]:.4g}" for k in ("loss", "val_loss", "val_pred_mse", "val_copy_mse")
+                        if k in final)
+    typer.echo(f"run {result.run_dir}: step {result.step}, checkpoint {result.last_checkpoint}; {summary}")
+
+
+@contextmanager
+def _step_logger(cfg: TrainConfig):
+    """A progress bar of steps, and a log line every `log_every` steps and at validation."""
+    with progress("train", total=cfg.steps, unit="steps", every_s=1e9) as advance:
+        last = {"step": 0}
+
+        def on_step(row: dict) -> None:
+            advance(row["step"] - last["step"], loss=f"{row['loss']:.4f}")
+            last["step"] = row["step"]
+            if row["step"] % cfg.log_every == 0 or "val_loss" in row:
+                log.info("step %d  " + "  ".join(f"{k}={v:.4g}" for k, v in row.items()
+                                                 if k != "step" and isinstance(v, float)), row["step"])
+
+        yield on_step

@@ -1,0 +1,78 @@
+"""`wmctl bench plan`: milliseconds per MPC step (one whole CEM optimisation) of world models behind the planner's
+`WorldModel` protocol, eager and (optionally) compiled side by side in one process, with the machine named.
+
+The models come from the caller (the CLI builds freshly initialised ones per preset: timing does not depend on
+the weights). Legend: S = candidate action sequences, H = horizon frames, N = tokens per frame, Z = width.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import statistics
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from pipeline.machine import machine, synchronize, timed
+from planner.cem import CEMConfig, cem_plan
+from planner.core import ActionSpec, WorldModel, latent_cost
+
+
+@dataclasses.dataclass(frozen=True)
+class BenchCase:
+    name: str
+    wm: WorldModel
+    latent_shape: tuple[int, int]  # (N, Z) of one frame
+    params_M: float
+    dtype: torch.dtype = torch.float32
+
+
+def bench_plan(cases: list[BenchCase], *, samples: int = 64, iterations: int = 5, horizon: int = 5,
+               context: int = 4, k: int = 4, repeats: int = 3, device: torch.device | None = None,
+               compile_fn: Callable[[WorldModel], None] | None = None) -> dict[str, Any]:
+    """Per case: ms per MPC step with all samples in one batched cached rollout per CEM iteration. With
+    `compile_fn`, the same after compiling the model in place (the first, compiling step timed apart), and the
+    largest difference between the eager and the compiled rollout."""
+    device = device or torch.device("cpu")
+    rows = []
+    for case in cases:
+        wm, (N, Zd) = case.wm, case.latent_shape
+        A = wm.actions.frame_dim
+        ctx = torch.randn(context, N, Zd, device=device, dtype=case.dtype)
+        goal = torch.randn(N, Zd, device=device, dtype=case.dtype)
+        spec = ActionSpec(low=(-1.0,) * A, high=(1.0,) * A, max_delta=None)
+        calls = {"n": 0}
+
+        def rollout(cand_SHA, wm=wm, ctx=ctx, calls=calls):
+            calls["n"] += 1
+            return wm.plan_rollout(ctx, cand_SHA, k=k, seed=0).float()
+
+        cost = latent_cost(goal.float())
+        cfg = CEMConfig(horizon=horizon, samples=samples, elites=max(1, samples // 8), iterations=iterations)
+
+        def step(rollout=rollout, cost=cost, spec=spec, cfg=cfg):
+            cem_plan(rollout, cost, spec, cfg, generator=torch.Generator().manual_seed(0), device=device)
+
+        times = timed(step, repeats, device)
+        row = {"preset": case.name, "params_M": case.params_M, "ms_per_mpc_step": 1000 * statistics.median(times),
+               "model_evals_per_step": samples * iterations * horizon * (k + 1),
+               "rollout_calls_per_step": calls["n"] // (repeats + 1)}
+        if compile_fn is not None:
+            probe = torch.rand(samples, horizon, A, device=device) * 2 - 1
+            with torch.no_grad():
+                eager = rollout(probe)
+                torch._dynamo.reset()  # compiled code of the previous case's model would count against the limit
+                compile_fn(wm)
+                t0 = time.perf_counter()
+                compiled = rollout(probe)
+                synchronize(device)
+                row["compile_s"] = time.perf_counter() - t0
+            ctimes = timed(step, repeats, device)
+            row.update(ms_per_mpc_step_compiled=1000 * statistics.median(ctimes),
+                       compile_speedup=statistics.median(times) / statistics.median(ctimes),
+                       compiled_max_abs_diff=float((compiled - eager).abs().max()))
+        rows.append(row)
+    return {"device": str(device), **machine(), "samples": samples, "iterations": iterations, "horizon": horizon,
+            "k": k, "tokens_per_frame": cases[0].latent_shape[0] if cases else 0, "rows": rows}
