@@ -206,11 +206,13 @@ class HFDinoEncoder:
         }
 
     @torch.inference_mode()
-    def forward_preprocessed(self, pixels_B3HW: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Normalised pixels [B, 3, H, W] -> cls [B, D], registers [B, R, D], patch [B, P, D] (float32, CPU)."""
+    def forward_preprocessed(self, pixels_B3HW: torch.Tensor, dtype: torch.dtype = torch.float32
+                             ) -> dict[str, torch.Tensor]:
+        """Normalised pixels [B, 3, H, W] -> cls [B, D], registers [B, R, D], patch [B, P, D] on the CPU, in
+        `dtype` (converted on the device: float16, the store's dtype, halves the copy back from a GPU)."""
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.autocast):
             hidden_BND = self.model(pixel_values=pixels_B3HW.to(self.device)).last_hidden_state
-        hidden_BND = hidden_BND.float().cpu()
+        hidden_BND = hidden_BND.to(dtype).cpu()
         r = self.num_registers
         return {"cls": hidden_BND[:, 0], "registers": hidden_BND[:, 1:1 + r], "patch": hidden_BND[:, 1 + r:]}
 

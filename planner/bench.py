@@ -44,29 +44,33 @@ def bench_plan(cases: list[BenchCase], *, samples: int = 64, iterations: int = 5
         goal = torch.randn(N, Zd, device=device, dtype=case.dtype)
         spec = ActionSpec(low=(-1.0,) * A, high=(1.0,) * A, max_delta=None)
         calls = {"n": 0}
-
-        def rollout(cand_SHA, wm=wm, ctx=ctx, calls=calls):
-            calls["n"] += 1
-            return wm.plan_rollout(ctx, cand_SHA, k=k, seed=0).float()
-
         cost = latent_cost(goal.float())
         cfg = CEMConfig(horizon=horizon, samples=samples, elites=max(1, samples // 8), iterations=iterations)
 
-        def step(rollout=rollout, cost=cost, spec=spec, cfg=cfg):
-            cem_plan(rollout, cost, spec, cfg, generator=torch.Generator().manual_seed(0), device=device)
+        def step(wm=wm, ctx=ctx, calls=calls, cost=cost, spec=spec, cfg=cfg):
+            """One MPC step: commit the context, then the CEM optimisation."""
+            with torch.no_grad():
+                model_rollout = wm.planning_rollout(ctx, k=k, seed=0)
+
+            def rollout(cand_SHA):
+                calls["n"] += 1
+                return model_rollout(cand_SHA).float()
+
+            return cem_plan(rollout, cost, spec, cfg, generator=torch.Generator().manual_seed(0), device=device)
 
         times = timed(step, repeats, device)
         row = {"preset": case.name, "params_M": case.params_M, "ms_per_mpc_step": 1000 * statistics.median(times),
-               "model_evals_per_step": samples * iterations * horizon * (k + 1),
+               "model_evals_per_step": samples * iterations * horizon * k,
+               "model_passes_per_iteration": horizon * k, "context_passes_per_step": 1,
                "rollout_calls_per_step": calls["n"] // (repeats + 1)}
         if compile_fn is not None:
             probe = torch.rand(samples, horizon, A, device=device) * 2 - 1
             with torch.no_grad():
-                eager = rollout(probe)
+                eager = wm.planning_rollout(ctx, k=k, seed=0)(probe).float()
                 torch._dynamo.reset()  # compiled code of the previous case's model would count against the limit
                 compile_fn(wm)
                 t0 = time.perf_counter()
-                compiled = rollout(probe)
+                compiled = wm.planning_rollout(ctx, k=k, seed=0)(probe).float()
                 synchronize(device)
                 row["compile_s"] = time.perf_counter() - t0
             ctimes = timed(step, repeats, device)

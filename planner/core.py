@@ -55,8 +55,9 @@ class WorldModel(Protocol):
 
     def normalize(self, tokens, state=None) -> torch.Tensor: ...
 
-    def plan_rollout(self, context_TNZ: torch.Tensor, actions_SHA: torch.Tensor, *, grad: bool = False,
-                     context_actions_TA: torch.Tensor | None = None, k: int = 4, seed: int = 0) -> torch.Tensor: ...
+    def planning_rollout(self, context_TNZ: torch.Tensor, *, context_actions_TA: torch.Tensor | None = None,
+                         k: int = 4, seed: int = 0) -> Callable[..., torch.Tensor]: ...
+        # -> rollout(actions [S, H, A], grad=False) -> latents [S, H, N, Z]; the context is committed once
 
 
 RolloutFn = Callable[[torch.Tensor], torch.Tensor]  # actions [S, H, A] -> predicted latents [S, H, N, Z]

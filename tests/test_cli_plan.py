@@ -56,7 +56,8 @@ def test_bench_plan_reports_each_preset():
     assert r.exit_code == 0, r.output
     res = json.loads(r.output.strip().splitlines()[-1])
     (row,) = res["rows"]
-    assert row["preset"] == "tiny" and row["ms_per_mpc_step"] > 0 and row["model_evals_per_step"] == 4 * 1 * 2 * 5
+    assert row["preset"] == "tiny" and row["ms_per_mpc_step"] > 0 and row["model_evals_per_step"] == 4 * 1 * 2 * 4
+    assert row["model_passes_per_iteration"] == 2 * 4  # H x K: the context committed once, no pass after the last
 
 
 def test_bench_train_times_real_steps_on_a_store(pusht_store):

@@ -19,15 +19,17 @@ CASES = {
     "teacher_forced": dict(kind="teacher_forced"),
 }
 
-# measured on the layout before the package redesign (commit 52aa6ee), CPU, float32
+# measured on the layout before the package redesign (commit 52aa6ee), CPU, float32; the shortcut rows re-measured
+# when the diffusion noise moved to per-sample generators on the device (the redesign and the bootstrap passes on
+# bootstrap rows only reproduce the earlier numbers with the earlier noise, checked before the move)
 GOLDEN = {
     "shortcut": {
-        "loss": [0.2135477, 0.1750593, 0.12045, 0.1057191, 0.1647217, 0.2078536, 0.06465329, 0.1868776],
-        "val_loss": 0.1486949, "val_pred_mse": 0.1513354,
+        "loss": [0.2015619, 0.171005, 0.1264737, 0.1087468, 0.1618113, 0.1997537, 0.06317945, 0.1891043],
+        "val_loss": 0.1428722, "val_pred_mse": 0.150982,
     },
     "shortcut_proprio_clean_context": {
-        "loss": [0.1882155, 0.1890099, 0.0798343, 0.1204081, 0.2319707, 0.2678995, 0.0866804, 0.1634593],
-        "val_loss": 0.1694847, "val_pred_mse": 0.1487151,
+        "loss": [0.1719861, 0.1526039, 0.07965369, 0.1228427, 0.1915039, 0.197253, 0.1010151, 0.1444985],
+        "val_loss": 0.1439527, "val_pred_mse": 0.1482704,
     },
     "teacher_forced": {
         "loss": [1.301596, 1.313144, 1.286849, 1.230894, 1.195704, 1.13629, 1.11841, 1.114481],

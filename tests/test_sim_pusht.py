@@ -28,15 +28,18 @@ class AgentModel:
     def normalize(self, tokens, state=None):
         raise NotImplementedError
 
-    def plan_rollout(self, context_TNZ, actions_SHA, *, grad=False, context_actions_TA=None, k=4, seed=0):
-        S, H, _ = actions_SHA.shape
-        agent = context_TNZ[-1, 1].expand(S, 2) * SCALE
-        out = []
-        for h in range(H):
-            for j in range(self.frameskip):
-                agent = agent + 0.35 * actions_SHA[:, h, 2 * j:2 * j + 2]
-            out.append(torch.stack([torch.zeros(S, 2), agent / SCALE], dim=1))
-        return torch.stack(out, dim=1)  # [S, H, 2, 2]
+    def planning_rollout(self, context_TNZ, *, context_actions_TA=None, k=4, seed=0):
+        def rollout(actions_SHA, grad=False):
+            S, H, _ = actions_SHA.shape
+            agent = context_TNZ[-1, 1].expand(S, 2) * SCALE
+            out = []
+            for h in range(H):
+                for j in range(self.frameskip):
+                    agent = agent + 0.35 * actions_SHA[:, h, 2 * j:2 * j + 2]
+                out.append(torch.stack([torch.zeros(S, 2), agent / SCALE], dim=1))
+            return torch.stack(out, dim=1)  # [S, H, 2, 2]
+
+        return rollout
 
 
 def encode(img, agent_xy):

@@ -125,7 +125,7 @@ def test_shortcut_loss_matches_a_hand_computation():
     """f(z, tau, d) = a z + b tau + c d: every term of Eq. 7 written out by hand for 2 frames."""
     a, b, c = 0.7, 0.3, -0.2
 
-    def f(z, tau, d):
+    def f(z, tau, d, rows=None):
         return a * z + b * tau[:, :, None, None] + c * d[:, :, None, None]
 
     z1 = torch.tensor([[[[1.0, -2.0]], [[0.5, 0.0]]]])  # [B=1, T=2, N=1, Z=2]
@@ -153,7 +153,7 @@ def test_bootstrap_targets_carry_no_gradient():
     w = torch.nn.Parameter(torch.tensor(0.5))
     calls = []
 
-    def f(z, tau, d):
+    def f(z, tau, d, rows=None):
         calls.append(torch.is_grad_enabled())
         return w * z
 
@@ -162,6 +162,32 @@ def test_bootstrap_targets_carry_no_gradient():
                                     torch.tensor([[1.0, 0.5]]), k_max=4)
     loss.backward()
     assert calls == [True, False, False] and w.grad is not None
+
+
+def test_bootstrap_passes_run_on_the_bootstrap_rows_only_and_change_nothing():
+    """Only samples with a bootstrap frame get the two no-grad passes (with their own rows' conditioning); the
+    loss equals the mean of the samples' losses computed one by one."""
+    g = torch.Generator().manual_seed(0)
+    cond = torch.randn(4, 1, 1, 3, generator=g)  # per-sample conditioning, bound like the actions
+    seen = []
+
+    def f(z, tau, d, rows=None):
+        seen.append((torch.is_grad_enabled(), None if rows is None else rows.tolist()))
+        c = cond if rows is None else cond[rows]
+        return 0.6 * z + 0.2 * tau[:, :, None, None] + c * d[:, :, None, None]
+
+    z1, z0 = torch.randn(4, 3, 2, 3, generator=g), torch.randn(4, 3, 2, 3, generator=g)
+    tau = torch.tensor([[0.0, 0.25, 0.5]] * 4)
+    d = torch.full((4, 3), 1 / 8)
+    d[2, 1] = 0.5  # sample 2 bootstraps one frame; the others train the flow term only
+    loss, _ = shortcut_forcing_loss(f, z1, z0, tau, d, k_max=8)
+    assert seen == [(True, None), (False, [2]), (False, [2])]
+    one_by_one = []
+    for i in range(4):
+        def fi(z, tau_, d_, rows=None, i=i):
+            return 0.6 * z + 0.2 * tau_[:, :, None, None] + cond[i:i + 1] * d_[:, :, None, None]
+        one_by_one.append(shortcut_forcing_loss(fi, z1[i:i + 1], z0[i:i + 1], tau[i:i + 1], d[i:i + 1], k_max=8)[0])
+    assert loss.item() == pytest.approx(torch.stack(one_by_one).mean().item(), rel=1e-6)
 
 
 def test_teacher_forcing_loss_is_next_frame_mse():
@@ -208,6 +234,41 @@ def test_kv_cached_rollout_equals_uncached():
         ref = rollout_uncached(m, z[:, :3], a, v, generator=torch.Generator().manual_seed(3), **kw)
         assert cached.shape == (2, 4, SHAPE.tokens, SHAPE.enc_dim)
         torch.testing.assert_close(cached, ref, rtol=1e-4, atol=1e-4)
+
+
+def test_planning_rollout_commits_the_context_once_and_matches_the_reference_at_every_horizon():
+    """A context committed once (batch 1) and shared by S candidates, H x K passes per call (a frame committed with
+    the next frame's first step, nothing after the last): equal to the uncached reference, any horizon inside the
+    window, with the same shared noise."""
+    from trainer.sampling import generate, prefill
+
+    m = _model()
+    S, Tc, window = 3, 2, 7
+    z, _, _, a, v = _inputs(B=S, T=window)
+    ctx = z[:1, :Tc]
+    a[:, :Tc], v[:, :Tc] = a[:1, :Tc], v[:1, :Tc]  # one context: the actions that led into it are shared too
+    for horizon in range(1, window - Tc + 1):
+        for k in (1, 4):
+            calls = []
+            real = m.denoise
+
+            def counting(*args, real=real, calls=calls, **kw):
+                calls.append(args[0].shape[1])
+                return real(*args, **kw)
+
+            m.denoise = counting
+            g = torch.Generator().manual_seed(5)
+            pre = prefill(m, ctx, a[:1], v[:1], ctx_noise=0.1, window=window, generator=g, shared_noise=True)
+            assert calls == [Tc]  # the whole context in one pass
+            got = generate(m, pre.expand(S), a[:, :Tc + horizon], v[:, :Tc + horizon], horizon=horizon, k=k,
+                           ctx_noise=0.1, generator=g, shared_noise=True)
+            del m.denoise
+            assert len(calls) - 1 == horizon * k  # H x K passes
+            assert calls[1:].count(2) == horizon - 1  # each generated frame but the last is committed with the next
+            ref = rollout_uncached(m, ctx.expand(S, -1, -1, -1), a[:, :Tc + horizon], v[:, :Tc + horizon],
+                                   horizon=horizon, k=k, ctx_noise=0.1, window=window,
+                                   generator=torch.Generator().manual_seed(5), shared_noise=True)
+            torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
 
 
 def test_model_config_is_validated():

@@ -10,6 +10,7 @@ Legend: B = batch, T = frames, H = horizon, N = tokens per frame, Z = token widt
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +23,14 @@ from trainer.config import TrainConfig, preset
 from trainer.data import Stats, action_space, latents
 from trainer.model import build_model
 from trainer.runs import RunState, run_dir_of
-from trainer.sampling import compile_for_rollouts, rollout_cached, rollout_teacher_forced, rollout_uncached
+from trainer.sampling import (
+    compile_for_rollouts,
+    generate,
+    prefill,
+    rollout_cached,
+    rollout_teacher_forced,
+    rollout_uncached,
+)
 from trainer.tokens import TokenShape, split_state
 
 
@@ -53,12 +61,12 @@ class LoadedWorldModel:
         return wm
 
     @classmethod
-    def fresh(cls, preset_name: str, *, grid: tuple[int, int], enc_dim: int, action_dim: int, device: str = "cpu",
-              dtype: torch.dtype = torch.float32, seed: int = 0) -> LoadedWorldModel:
-        """A freshly initialised shortcut model of a preset on one camera's `grid` of `enc_dim`-wide tokens, with
+    def fresh(cls, preset_name: str, *, grid: tuple[int, int], enc_dim: int, action_dim: int, cameras: int = 1,
+              device: str = "cpu", dtype: torch.dtype = torch.float32, seed: int = 0) -> LoadedWorldModel:
+        """A freshly initialised shortcut model of a preset on `cameras` x `grid` tokens of width `enc_dim`, with
         unit statistics: for timing only (benchmarks), never for predictions."""
         cfg = preset(preset_name)
-        shape = TokenShape(cameras=1, grid=grid, enc_dim=enc_dim, action_dim=action_dim * cfg.frameskip)
+        shape = TokenShape(cameras=cameras, grid=grid, enc_dim=enc_dim, action_dim=action_dim * cfg.frameskip)
         torch.manual_seed(seed)
         dev = torch.device(device)
         model = build_model(cfg.model, shape).to(dev, dtype).eval().requires_grad_(False)
@@ -138,30 +146,50 @@ class LoadedWorldModel:
         return torch.cat([torch.zeros_like(per_frame[:, :1]), per_frame], dim=1)
 
     # ------------------------------------------------------------------ the protocol
+    def planning_rollout(self, context_TNZ: torch.Tensor, *, context_actions_TA: torch.Tensor | None = None,
+                         k: int = 4, seed: int = 0) -> Callable[..., torch.Tensor]:
+        """The planner's view of one MPC step: one context [Tc, N, Z] (normalised) and optionally the actions that
+        led into its frames [Tc, A*frameskip] give `rollout(actions_SHA, grad=False)`: S candidate sequences of H
+        per-frame actions [S, H, A*frameskip] in the model's raw action space (after its action transform) ->
+        normalised latents [S, H, N, Z] (with proprioception the last token is the predicted state),
+        differentiable when `grad`. The context is committed once here (its keys/values are shared by every
+        candidate of every iteration); every call meets the same sampling noise (common random numbers)."""
+        Tc = context_TNZ.shape[0]
+        dev, dt = context_TNZ.device, context_TNZ.dtype
+        ctx_a = torch.zeros(1, Tc, self.actions.frame_dim, device=dev, dtype=dt)
+        ctx_v = torch.zeros(1, Tc, dtype=torch.bool, device=dev)
+        if context_actions_TA is not None:
+            ctx_a = self.actions.normalize_frames(context_actions_TA.to(device=dev, dtype=dt))[None]
+            ctx_v[:, 1:] = True
+        teacher_forced = self.kind == "teacher_forced"
+        if not teacher_forced:
+            g = torch.Generator().manual_seed(seed)
+            with torch.no_grad():
+                pre = prefill(self.model, context_TNZ[None], ctx_a, ctx_v, ctx_noise=self.cfg.ctx_noise,
+                              window=self.window, generator=g, shared_noise=True)
+            noise_state = g.get_state()
+
+        def rollout(actions_SHA: torch.Tensor, grad: bool = False) -> torch.Tensor:
+            S, H, _ = actions_SHA.shape
+            planned = self.actions.normalize_frames(actions_SHA).to(device=dev, dtype=dt)
+            acts = torch.cat([ctx_a.expand(S, -1, -1), planned], dim=1)
+            valid = torch.cat([ctx_v.expand(S, -1), torch.ones(S, H, dtype=torch.bool, device=dev)], dim=1)
+            with torch.set_grad_enabled(grad):
+                if teacher_forced:
+                    return rollout_teacher_forced(self.model, context_TNZ[None].expand(S, -1, -1, -1), acts, valid,
+                                                  horizon=H, window=self.window)
+                g = torch.Generator()
+                g.set_state(noise_state)
+                return generate(self.model, pre.expand(S), acts, valid, horizon=H, k=k, ctx_noise=self.cfg.ctx_noise,
+                                generator=g, shared_noise=True)
+
+        return rollout
+
     def plan_rollout(self, context_TNZ: torch.Tensor, actions_SHA: torch.Tensor, *, grad: bool = False,
                      context_actions_TA: torch.Tensor | None = None, k: int = 4, seed: int = 0) -> torch.Tensor:
-        """The planner's view: one context [Tc, N, Z] (normalised), S candidate sequences of H per-frame
-        actions [S, H, A*frameskip] in the model's raw action space (after its action_mode transform), and
-        optionally the actions that led into the context frames [Tc, A*frameskip]. All candidates meet the
-        same sampling noise. Returns normalised latents [S, H, N, Z] (with proprioception the last token is
-        the predicted state); differentiable when `grad`."""
-        S, H, _ = actions_SHA.shape
-        Tc = context_TNZ.shape[0]
-        planned = self.actions.normalize_frames(actions_SHA).to(context_TNZ.dtype)
-        ctx_a = torch.zeros(S, Tc, planned.shape[-1], device=planned.device)
-        ctx_v = torch.zeros(S, Tc, dtype=torch.bool, device=planned.device)
-        if context_actions_TA is not None:
-            ctx_a = self.actions.normalize_frames(context_actions_TA.to(planned)).expand(S, -1, -1)
-            ctx_v[:, 1:] = True
-        acts = torch.cat([ctx_a, planned], dim=1)
-        valid = torch.cat([ctx_v, torch.ones(S, H, dtype=torch.bool, device=planned.device)], dim=1)
-        ctx = context_TNZ[None].expand(S, -1, -1, -1)
-        with torch.set_grad_enabled(grad):
-            if self.kind == "teacher_forced":
-                return rollout_teacher_forced(self.model, ctx, acts, valid, horizon=H, window=self.window)
-            return rollout_cached(self.model, ctx, acts, valid, horizon=H, k=k, ctx_noise=self.cfg.ctx_noise,
-                                  window=self.window, generator=torch.Generator().manual_seed(seed),
-                                  shared_noise=True)
+        """One call of `planning_rollout` (for a single set of candidates)."""
+        return self.planning_rollout(context_TNZ, context_actions_TA=context_actions_TA, k=k, seed=seed)(
+            actions_SHA, grad=grad)
 
     @torch.no_grad()
     def rollout(self, context_BTNZ: torch.Tensor, actions_BTA: torch.Tensor | None, *, horizon: int,

@@ -13,7 +13,8 @@ from collections.abc import Callable
 
 import torch
 
-DenoiseFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]  # (z_tau, tau, d) -> z1_hat
+# (z_tau, tau, d[, rows]) -> z1_hat; `rows` (an index of batch rows) selects the conditioning that goes with a subset
+DenoiseFn = Callable[..., torch.Tensor]
 FrameError = Callable[[torch.Tensor], torch.Tensor]  # difference [B, T, N, Z] -> squared error per frame [B, T]
 
 
@@ -85,7 +86,8 @@ def shortcut_forcing_loss(f: DenoiseFn, z1_BTNZ: torch.Tensor, z0_BTNZ: torch.Te
         (1 - tau)^2 ||(z1_hat - z_tau) / (1 - tau) - sg((b' + b'') / 2)||^2
     each weighted by the ramp w(tau) = 0.9 tau + 0.1 and averaged over frames and samples.
 
-    f: (z_tau [B,T,N,Z], tau [B,T], d [B,T]) -> z1_hat; conditioning (actions) is bound inside f.
+    f: (z_tau [B,T,N,Z], tau [B,T], d [B,T], rows=None) -> z1_hat; conditioning (actions) is bound inside f, and
+    `rows` selects it for the bootstrap passes, which run only on the samples that have a bootstrap frame.
     err: the squared error per frame (default: mean over tokens and channels; with proprioception, the
     patches' mean plus the weighted state error, `trainer.tokens.frame_error`).
     Returns (loss, aux): aux holds detached terms and `per_sample` [B] (for labelled / action-free logging).
@@ -97,18 +99,20 @@ def shortcut_forcing_loss(f: DenoiseFn, z1_BTNZ: torch.Tensor, z0_BTNZ: torch.Te
     boot_BT_mask = d_BT > d_min * 1.5
     per_frame = flow_BT
     boot_BT = torch.zeros_like(flow_BT)
-    if bool(boot_BT_mask.any()):
+    rows = boot_BT_mask.any(dim=1).nonzero().squeeze(1)  # samples with a bootstrap frame: only they need targets
+    if len(rows):
         with torch.no_grad():
-            half = torch.where(boot_BT_mask, d_BT / 2, d_BT)  # other frames keep their own (tau, d) as context
-            p1 = f(z_tau, tau_BT, half)
-            b1 = (p1 - z_tau) / (1 - _bt(tau_BT))
-            z_mid = torch.where(_bt(boot_BT_mask), z_tau + b1 * _bt(half), z_tau)
-            tau_mid = torch.where(boot_BT_mask, tau_BT + half, tau_BT)
-            p2 = f(z_mid, tau_mid, half)
+            zt, tau_r, d_r, mask_r = z_tau[rows], tau_BT[rows], d_BT[rows], boot_BT_mask[rows]
+            half = torch.where(mask_r, d_r / 2, d_r)  # other frames keep their own (tau, d) as context
+            p1 = f(zt, tau_r, half, rows=rows)
+            b1 = (p1 - zt) / (1 - _bt(tau_r))
+            z_mid = torch.where(_bt(mask_r), zt + b1 * _bt(half), zt)
+            tau_mid = torch.where(mask_r, tau_r + half, tau_r)
+            p2 = f(z_mid, tau_mid, half, rows=rows)
             b2 = (p2 - z_mid) / (1 - _bt(tau_mid))
-            v_target = (b1 + b2) / 2
-        v_pred = (pred - z_tau) / (1 - _bt(tau_BT))
-        boot_BT = (1 - tau_BT).pow(2) * err(v_pred - v_target)
+        v_pred = (pred[rows] - zt) / (1 - _bt(tau_r))
+        boot_r = (1 - tau_r).pow(2) * err(v_pred - (b1 + b2) / 2)
+        boot_BT = boot_BT.index_put((rows,), boot_r.to(boot_BT.dtype))
         per_frame = torch.where(boot_BT_mask, boot_BT, flow_BT)
     weighted_BT = (0.9 * tau_BT + 0.1) * per_frame
     loss = weighted_BT.mean()

@@ -38,17 +38,21 @@ def compute_loss(model: nn.Module, batch: dict[str, Any], cfg: TrainConfig, step
     if cfg.model.kind == "teacher_forced":
         return teacher_forcing_loss(lambda zz: model(zz, actions[:, 1:], valid[:, 1:]), z, err=err)
     B, T, N, Zd = z.shape
-    z0, tau, d, eps = noise_like((N, Zd), T, batch["sample_ids"], cfg.seed, tau_spec(cfg, step))
-    z0, tau, d = z0.to(z.device), tau.to(z.device), d.to(z.device)
+    clean_context = cfg.context_mode == "clean_context"
+    z0, tau, d, eps = noise_like((N, Zd), T, batch["sample_ids"], cfg.seed, tau_spec(cfg, step), device=z.device,
+                                 dtype=z.dtype, context_noise=clean_context)
     ctx = None
-    if cfg.context_mode == "clean_context":  # the frames as generation sees its history
-        ctx = (1 - cfg.ctx_noise) * z + cfg.ctx_noise * eps.to(z.device)
+    if clean_context:  # the frames as generation sees its history
+        ctx = (1 - cfg.ctx_noise) * z + cfg.ctx_noise * eps
 
-    def f(z_tau, tau_, d_):
+    def f(z_tau, tau_, d_, rows=None):
+        """The network on (a subset `rows` of) the batch, its conditioning taken along."""
         net = model if torch.is_grad_enabled() else core
-        if ctx is None:
-            return net(z_tau, tau_, d_, actions, valid)
-        return net(z_tau, tau_, d_, actions, valid, ctx, 1.0 - cfg.ctx_noise)
+        a, v, c = (actions, valid, ctx) if rows is None else \
+            (actions[rows], valid[rows], None if ctx is None else ctx[rows])
+        if c is None:
+            return net(z_tau, tau_, d_, a, v)
+        return net(z_tau, tau_, d_, a, v, c, 1.0 - cfg.ctx_noise)
 
     return shortcut_forcing_loss(f, z, z0, tau, d, k_max=cfg.model.k_max, err=err)
 
@@ -66,16 +70,26 @@ def predict_last_frame(model: nn.Module, batch: dict[str, Any], cfg: TrainConfig
                           generator=g)[:, 0]  # (no gradient: this function runs under torch.no_grad)
 
 
-def noise_like(shape_NZ: tuple[int, ...], T: int, sample_ids: torch.Tensor, seed: int, tau_spec,
-               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per-sample noise [B, T, N, Z], (tau, d) [B, T] and context noise [B, T, N, Z], each from a generator
-    seeded by the sample id (so a sample's noise does not depend on the batch it is in)."""
-    zs, taus, ds, cs = [], [], [], []
+def noise_like(shape_NZ: tuple[int, ...], T: int, sample_ids: torch.Tensor, seed: int, tau_spec: TauSampling, *,
+               device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32, context_noise: bool = False
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Per-sample noise [B, T, N, Z], (tau, d) [B, T] and, with `context_noise`, the context corruption
+    [B, T, N, Z] (else None), all on `device`. Each sample draws from generators seeded by its id, so its noise
+    does not depend on the batch it is in (resume and any rank split stay exact): (tau, d) from a small host
+    generator, the noise tensors from a generator on the device (no host-side draw, no host-to-device copy)."""
+    taus, ds, zs, cs = [], [], [], []
     for sid in sample_ids.tolist():
         g = torch.Generator().manual_seed(seed * 1_000_003 + int(sid))
         tau, d = sample_tau_d(tau_spec, T, g)
         taus.append(tau)
         ds.append(d)
-        zs.append(torch.randn((T, *shape_NZ), generator=g))
-        cs.append(torch.randn((T, *shape_NZ), generator=g))
-    return torch.stack(zs), torch.stack(taus), torch.stack(ds), torch.stack(cs)
+        gd = torch.Generator(device=device).manual_seed(_NOISE_SEED + seed * 1_000_003 + int(sid))
+        zs.append(torch.randn((T, *shape_NZ), generator=gd, device=device, dtype=dtype))
+        if context_noise:
+            cs.append(torch.randn((T, *shape_NZ), generator=gd, device=device, dtype=dtype))
+    tau_BT = torch.stack(taus).to(device, non_blocking=True)
+    d_BT = torch.stack(ds).to(device, non_blocking=True)
+    return torch.stack(zs), tau_BT, d_BT, torch.stack(cs) if context_noise else None
+
+
+_NOISE_SEED = 1 << 40  # offsets the device generators' seeds from the (tau, d) generators' (no shared stream)

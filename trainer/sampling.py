@@ -12,6 +12,8 @@ cache its context version). Both attend to the last `window` frames; within the 
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 from trainer.model.baseline import TeacherForcedPredictor
@@ -26,7 +28,10 @@ class TimeKVCache:
         self.k: dict[int, torch.Tensor] = {}
         self.v: dict[int, torch.Tensor] = {}
 
-    def hook(self, layer: int, angles: torch.Tensor, commit: bool):
+    def hook(self, layer: int, angles: torch.Tensor, commit: int):
+        """The KV hook of one pass: attend to the cache plus the pass's own frames; keep the first `commit`
+        of them (frames that are final: context, or a generated frame at the context noise level)."""
+
         def time_kv(attn, h_LTD: torch.Tensor):
             k_new, v_new = attn.project_kv(h_LTD, angles)  # [B*S, G, T_new, E]
             if layer in self.k:
@@ -35,18 +40,30 @@ class TimeKVCache:
                 k, v = k_new, v_new
             if commit:
                 keep = self.window - 1
+                end = k.shape[2] - k_new.shape[2] + commit
                 # contiguous: one memory layout whatever the length (one compiled variant, see compile_for_rollouts)
-                self.k[layer], self.v[layer] = k[:, :, -keep:].contiguous(), v[:, :, -keep:].contiguous()
+                self.k[layer] = k[:, :, max(0, end - keep):end].contiguous()
+                self.v[layer] = v[:, :, max(0, end - keep):end].contiguous()
             return k, v
 
         return time_kv
 
+    def expand(self, batch: int) -> TimeKVCache:
+        """This cache (made for a batch of 1) repeated for `batch` rollouts (every candidate shares a context)."""
+        out = TimeKVCache(self.window)
+        for store, dst in ((self.k, out.k), (self.v, out.v)):
+            for layer, x in store.items():
+                x = x.view(1, -1, *x.shape[1:])  # [1, S, G, T, E]
+                dst[layer] = x.expand(batch, *x.shape[1:]).reshape(-1, *x.shape[2:])
+        return out
 
-def _frame_forward(model: ShortcutDynamics, z_B1NZ, tau_B1, d_B1, act_B1A, valid_B1, cache: TimeKVCache, pos: int,
-                   commit: bool, prev) -> torch.Tensor:
-    angles = model.time_angles(1, offset=pos, device=z_B1NZ.device)
-    z_B1NZ = z_B1NZ.contiguous()  # broadcast contexts and shared noise come in expanded (one compiled variant)
-    return model.denoise(z_B1NZ, tau_B1, d_B1, act_B1A, valid_B1, prev=prev, pos=pos,
+
+def _frame_forward(model: ShortcutDynamics, z_BTNZ, tau_BT, d_BT, act_BTA, valid_BT, cache: TimeKVCache, pos: int,
+                   commit: int, prev) -> torch.Tensor:
+    """One pass over T consecutive frames from time position `pos` (frame-causal), `commit` of them kept."""
+    angles = model.time_angles(z_BTNZ.shape[1], offset=pos, device=z_BTNZ.device)
+    z_BTNZ = z_BTNZ.contiguous()  # broadcast contexts and shared noise come in expanded (one compiled variant)
+    return model.denoise(z_BTNZ, tau_BT, d_BT, act_BTA, valid_BT, prev=prev, pos=pos,
                          time_kv=lambda i: cache.hook(i, angles, commit))
 
 
@@ -85,6 +102,70 @@ def compile_for_rollouts(model: ShortcutDynamics | TeacherForcedPredictor) -> No
     setattr(model, name, torch.compile(getattr(model, name), dynamic=True))
 
 
+@dataclasses.dataclass
+class Prefill:
+    """The context of a rollout, committed: its keys/values, the last frame as the next one's temporal prior."""
+
+    cache: TimeKVCache
+    prev: tuple[torch.Tensor, torch.Tensor]  # (z [B, 1, N, Z], tau [B, 1]) of the last context frame
+    frames: int  # context frames Tc
+
+    def expand(self, batch: int) -> Prefill:
+        z, tau = self.prev
+        return Prefill(self.cache.expand(batch), (z.expand(batch, *z.shape[1:]), tau.expand(batch, -1)), self.frames)
+
+
+def prefill(model: ShortcutDynamics, context_BTNZ: torch.Tensor, actions_BTA: torch.Tensor, valid_BT: torch.Tensor, *,
+            ctx_noise: float, window: int, generator: torch.Generator, shared_noise: bool = False) -> Prefill:
+    """Commit the clean context [B, Tc, N, Z] in one pass: each frame re-noised once to the context level, the
+    frames attending causally to each other. actions/valid cover at least the context frames."""
+    B, Tc, N, Zd = context_BTNZ.shape
+    dev, dt = context_BTNZ.device, context_BTNZ.dtype
+    eps = torch.cat([_noise((B, 1, N, Zd), generator, dev, dt, shared_noise) for _ in range(Tc)], dim=1)
+    zc = (1 - ctx_noise) * context_BTNZ + ctx_noise * eps
+    tau = torch.full((B, Tc), 1 - ctx_noise, device=dev, dtype=dt)
+    d = torch.full((B, Tc), 1.0 / model.cfg.k_max, device=dev, dtype=dt)
+    cache = TimeKVCache(window)
+    _frame_forward(model, zc, tau, d, actions_BTA[:, :Tc], valid_BT[:, :Tc], cache, 0, Tc, None)
+    return Prefill(cache, (zc[:, -1:], tau[:, -1:]), Tc)
+
+
+def generate(model: ShortcutDynamics, pre: Prefill, actions_BTA: torch.Tensor, valid_BT: torch.Tensor, *,
+             horizon: int, k: int = 4, ctx_noise: float = 0.1, generator: torch.Generator,
+             shared_noise: bool = False) -> torch.Tensor:
+    """`horizon` frames after a committed context, K steps of 1/K each, H x K passes: a generated frame is
+    committed (re-noised to the context level, its keys/values kept) in the same pass as the next frame's first
+    step, and nothing runs after the last frame. actions[:, t] leads into frame t. Returns [B, H, N, Z]."""
+    if k < 1 or k & (k - 1) or k > model.cfg.k_max:
+        raise ValueError(f"k={k} must be a power of two <= k_max={model.cfg.k_max}")
+    z_prev, tau_prev = pre.prev
+    B, _, N, Zd = z_prev.shape
+    dev, dt = z_prev.device, z_prev.dtype
+    full = lambda v, n=1: torch.full((B, n), v, device=dev, dtype=dt)  # noqa: E731
+    ctx_tau, d_min = 1 - ctx_noise, 1.0 / model.cfg.k_max
+    cache, prev, pending, Tc = pre.cache, pre.prev, None, pre.frames
+    out = []
+    for h in range(horizon):
+        t = Tc + h
+        x = _noise((B, 1, N, Zd), generator, dev, dt, shared_noise)
+        a, v = actions_BTA[:, t:t + 1], valid_BT[:, t:t + 1]
+        for s in range(k):
+            tau = s / k
+            if pending is not None:  # commit the frame before together with this frame's first step
+                both = torch.cat([pending, x], dim=1)
+                taus, ds = torch.cat([full(ctx_tau), full(tau)], 1), torch.cat([full(d_min), full(1.0 / k)], 1)
+                pred = _frame_forward(model, both, taus, ds, actions_BTA[:, t - 1:t + 1], valid_BT[:, t - 1:t + 1],
+                                      cache, t - 1, 1, prev)[:, 1:]
+                prev, pending = (both[:, :1], full(ctx_tau)), None
+            else:
+                pred = _frame_forward(model, x, full(tau), full(1.0 / k), a, v, cache, t, 0, prev)
+            x = x + (pred - x) / (1 - tau) / k
+        out.append(x)
+        if h < horizon - 1:
+            pending = (1 - ctx_noise) * x + ctx_noise * _noise((B, 1, N, Zd), generator, dev, dt, shared_noise)
+    return torch.cat(out, dim=1)
+
+
 def rollout_cached(model: ShortcutDynamics, context_BTNZ: torch.Tensor, actions_BTA: torch.Tensor | None,
                    valid_BT: torch.Tensor | None, *, horizon: int, k: int = 4, ctx_noise: float = 0.1,
                    window: int, generator: torch.Generator, shared_noise: bool = False) -> torch.Tensor:
@@ -94,33 +175,10 @@ def rollout_cached(model: ShortcutDynamics, context_BTNZ: torch.Tensor, actions_
     if k < 1 or k & (k - 1) or k > model.cfg.k_max:
         raise ValueError(f"k={k} must be a power of two <= k_max={model.cfg.k_max}")
     actions_BTA, valid_BT = _prepare(context_BTNZ, actions_BTA, valid_BT, horizon)
-    B, Tc, N, Zd = context_BTNZ.shape
-    dev, dt = context_BTNZ.device, context_BTNZ.dtype
-    cache = TimeKVCache(window)
-    full = lambda v: torch.full((B, 1), v, device=dev, dtype=dt)  # noqa: E731
-    d_min = 1.0 / model.cfg.k_max
-    prev = None  # (z, tau) of the last committed frame: the temporal prior of the next one
-    # committed context: each frame re-noised once, its time keys/values cached
-    for t in range(Tc):
-        eps = _noise((B, 1, N, Zd), generator, dev, dt, shared_noise)
-        zc = (1 - ctx_noise) * context_BTNZ[:, t:t + 1] + ctx_noise * eps
-        _frame_forward(model, zc, full(1 - ctx_noise), full(d_min), actions_BTA[:, t:t + 1], valid_BT[:, t:t + 1],
-                       cache, t, True, prev)
-        prev = (zc, full(1 - ctx_noise))
-    out = []
-    for h in range(horizon):
-        t = Tc + h
-        x = _noise((B, 1, N, Zd), generator, dev, dt, shared_noise)
-        a, v = actions_BTA[:, t:t + 1], valid_BT[:, t:t + 1]
-        for s in range(k):
-            tau = s / k
-            pred = _frame_forward(model, x, full(tau), full(1.0 / k), a, v, cache, t, False, prev)
-            x = x + (pred - x) / (1 - tau) / k
-        out.append(x)
-        zc = (1 - ctx_noise) * x + ctx_noise * _noise((B, 1, N, Zd), generator, dev, dt, shared_noise)
-        _frame_forward(model, zc, full(1 - ctx_noise), full(d_min), a, v, cache, t, True, prev)
-        prev = (zc, full(1 - ctx_noise))
-    return torch.cat(out, dim=1)
+    pre = prefill(model, context_BTNZ, actions_BTA, valid_BT, ctx_noise=ctx_noise, window=window,
+                  generator=generator, shared_noise=shared_noise)
+    return generate(model, pre, actions_BTA, valid_BT, horizon=horizon, k=k, ctx_noise=ctx_noise,
+                    generator=generator, shared_noise=shared_noise)
 
 
 def rollout_uncached(model: ShortcutDynamics, context_BTNZ: torch.Tensor, actions_BTA: torch.Tensor | None,

@@ -16,6 +16,19 @@ from typing import Any
 _CONFIGURED = False
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever `sys.stderr` is at the time of each record (a handler that kept the stream of its
+    first call would write into a closed one after a test runner or a job wrapper swapped it)."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:
+        pass
+
+
 def is_interactive() -> bool:
     return sys.stderr.isatty()
 
@@ -33,7 +46,7 @@ def setup_logging(verbose: bool = False) -> None:
         handler: logging.Handler = RichHandler(show_path=False, rich_tracebacks=False, markup=False)
         handler.setFormatter(logging.Formatter("%(message)s", datefmt="%H:%M:%S"))
     else:
-        handler = logging.StreamHandler(sys.stderr)
+        handler = _StderrHandler()
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     root.addHandler(handler)
     root.setLevel(level)

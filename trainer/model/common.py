@@ -6,6 +6,7 @@ H = query heads, G = key/value heads (GQA), E = head dim, D = model width.
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -44,6 +45,21 @@ def apply_rope(x_BHLE: torch.Tensor, angles_LE2: torch.Tensor) -> torch.Tensor:
     x1, x2 = x_BHLE[..., 0::2], x_BHLE[..., 1::2]
     out = torch.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)  # [B, H, L, E/2, 2]
     return out.flatten(-2)
+
+
+_EXPAND_KV_HEADS = False
+
+
+@contextlib.contextmanager
+def expanded_kv_heads():
+    """Attention repeats the key/value heads itself instead of SDPA's grouped-query path (the same values): for
+    torch's FLOP counter, whose formula for the fused CUDA kernels does not know grouped-query shapes."""
+    global _EXPAND_KV_HEADS
+    old, _EXPAND_KV_HEADS = _EXPAND_KV_HEADS, True
+    try:
+        yield
+    finally:
+        _EXPAND_KV_HEADS = old
 
 
 class Attention(nn.Module):
@@ -91,7 +107,11 @@ class Attention(nn.Module):
             i = torch.arange(L, device=x_BLD.device)[:, None] + (M - L)
             mask_LM = torch.arange(M, device=x_BLD.device)[None, :] <= i  # [L, M]
         if self.softcap is None:
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask_LM, enable_gqa=self.kv_heads != self.heads)
+            gqa = self.kv_heads != self.heads
+            if gqa and _EXPAND_KV_HEADS:
+                rep = self.heads // self.kv_heads
+                k, v, gqa = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1), False
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask_LM, enable_gqa=gqa)
         else:
             out = self._capped(q, k, v, mask_LM)
         return self.out(out.transpose(1, 2).reshape(B, L, -1))

@@ -91,14 +91,21 @@ def temporal_prior(z_BTNZ: torch.Tensor, tau_BT: torch.Tensor, delta_var: float 
     mu_t = tau' / (tau'^2 + (1 - tau')^2) * z_{t-1} is the linear least-squares estimate of frame t-1 from its
     own noisy input (signal level tau'); the residual z1_t - mu_t has variance delta_var (how much a frame
     changes, from the data) plus that estimate's error, capped at 1 (the unit data variance). Frame 0 (or a
-    previous frame of pure noise) gets mu = 0 and variance 1. `prev_*` give frame t-1 when z holds one frame.
+    previous frame of pure noise) gets mu = 0 and variance 1. `prev_*` of one frame give the frame before z's
+    first (rollouts with a KV cache pass one or two frames at a time); of T frames, each frame's predecessor
+    (clean-context training, where the predecessors are the context copies).
     Returns mu [B, T, N, Z] and residual variance [B, T, 1, 1]; mu_t depends on frame t-1 only (causal).
     """
-    if prev_z_B1NZ is None:
-        prev_z = torch.cat([torch.zeros_like(z_BTNZ[:, :1]), z_BTNZ[:, :-1]], dim=1)
-        prev_tau = torch.cat([torch.zeros_like(tau_BT[:, :1]), tau_BT[:, :-1]], dim=1)
-    else:
+    T = z_BTNZ.shape[1]
+    if prev_z_B1NZ is not None and prev_z_B1NZ.shape[1] == T:
         prev_z, prev_tau = prev_z_B1NZ, prev_tau_B1
+    else:
+        if prev_z_B1NZ is None:
+            first_z, first_tau = torch.zeros_like(z_BTNZ[:, :1]), torch.zeros_like(tau_BT[:, :1])
+        else:
+            first_z, first_tau = prev_z_B1NZ, prev_tau_B1
+        prev_z = torch.cat([first_z, z_BTNZ[:, :-1]], dim=1)
+        prev_tau = torch.cat([first_tau, tau_BT[:, :-1]], dim=1)
     t = prev_tau[:, :, None, None]
     v = t.pow(2) + (1 - t).pow(2)
     mu = (t / v) * prev_z
@@ -214,7 +221,8 @@ class ShortcutDynamics(nn.Module):
     # -- token construction -------------------------------------------------------------------------------
     def shortcut_token(self, tau_BT: torch.Tensor, d_BT: torch.Tensor) -> torch.Tensor:
         j = torch.round(-torch.log2(d_BT)).long().clamp(0, self.step_embed.num_embeddings - 1)
-        return self.tau_mlp(sinusoidal(tau_BT, self.cfg.dim)) + self.step_embed(j)  # [B, T, D]
+        emb = sinusoidal(tau_BT, self.cfg.dim).to(self.tau_mlp[0].weight.dtype)  # a bf16 model takes bf16
+        return self.tau_mlp(emb) + self.step_embed(j)  # [B, T, D]
 
     def action_token(self, actions_BTA: torch.Tensor | None, valid_BT: torch.Tensor | None,
                      B: int, T: int) -> torch.Tensor:
