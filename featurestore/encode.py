@@ -60,14 +60,16 @@ class EncodeConfig:
     dask: str | None = None  # None, "local" or a scheduler address
     dask_workers: int = 2
     retry_failed: bool = False
+    repair: bool = False  # re-encode the committed segments that fail to read back (checksum, missing chunks)
     force: bool = False
     tolerance_s: float = 1e-4
 
     def __post_init__(self) -> None:
         if self.batch_size < 1 or self.augment_views < 0:
             raise UserError("--batch-size must be >= 1 and --augment-views >= 0")
-        if self.force and (self.shard.count > 1):
-            raise UserError("--force deletes what other shards write: run it once without --shard, then launch shards")
+        if (self.force or self.repair) and self.shard.count > 1:
+            raise UserError("--force and --repair delete what other shards may read or write: run them once without "
+                            "--shard, then launch shards")
 
     def resolved_device(self) -> str:
         if self.device == "auto":
@@ -285,7 +287,7 @@ def _take(q: queue.Queue) -> np.ndarray:
 
 def _encode_batch(encoder: HFDinoEncoder, imgs: list[list[np.ndarray]], eps: np.ndarray,
                   augments: dict[int, ClipAugment]) -> tuple[torch.Tensor, torch.Tensor]:
-    """imgs [C][B] uint8 frames -> patch [C, B, P, D], cls [C, B, D] (float32)."""
+    """imgs [C][B] uint8 frames -> patch [C, B, P, D], cls [C, B, D] (float16)."""
     pixels = []
     for cam_imgs in imgs:  # uint8 to the device first: resizing there keeps the CPU free for decoding
         frames_BHWC = torch.from_numpy(np.stack(cam_imgs)).to(encoder.device, non_blocking=True)
@@ -297,7 +299,7 @@ def _encode_batch(encoder: HFDinoEncoder, imgs: list[list[np.ndarray]], eps: np.
         else:
             pixels.append(encoder.preprocess(frames_BHWC))
     C, B = len(imgs), len(imgs[0])
-    out = encoder.forward_preprocessed(torch.cat(pixels))  # [C*B, ...]
+    out = encoder.forward_preprocessed(torch.cat(pixels), dtype=torch.float16)  # [C*B, ...], the store's float16
     return out["patch"].view(C, B, *out["patch"].shape[1:]), out["cls"].view(C, B, -1)
 
 
@@ -402,6 +404,13 @@ def prepare(cfg: EncodeConfig) -> tuple[TokenStore, HFDinoEncoder, SourceInfo, l
         log.info("removed %d stale staging segment(s) of dead writers", n)
     if cfg.retry_failed:
         store.clear_failures(src.name)
+    if cfg.repair:
+        from featurestore.status import verify_store
+
+        for d in verify_store(cfg.store, [src.name]):
+            log.warning("--repair: %s/%s is damaged (%s): re-encoding its episodes %s", d["source"], d["segment"],
+                        d["problem"], d["episodes"])
+            shutil.rmtree(store.source_dir(src.name) / "segments" / d["segment"])
     plans = plan_segments(manifest, store, src.name, cfg.layout, 1 + cfg.augment_views)
     mine = [p for p in plans if cfg.shard.owns(p.block + p.view)]
     return store, encoder, src, mine

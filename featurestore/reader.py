@@ -23,8 +23,19 @@ from pipeline.stage import UserError
 WINDOW_FIELDS = ("patch", "cls", "action", "action_valid", "state", "timestamp", "frame_index")
 
 
-class MissingTokensError(RuntimeError):
-    """The store returned fill values where committed data should be: it is damaged."""
+class DamagedStoreError(UserError):
+    """Committed data that cannot be read back as written (a chunk fails its checksum, is truncated or missing)."""
+
+    def __init__(self, store: Path, source: str, segment: str, what: str):
+        self.source, self.segment = source, segment
+        super().__init__(
+            f"{store}: segment {source}/{segment} is damaged ({what}). `wmctl status --store {store} --verify` lists "
+            f"every damaged segment; `wmctl encode --store {store} --manifest <{source}'s manifest> --repair` "
+            "re-encodes them (the rest of the store is kept)")
+
+
+class MissingTokensError(DamagedStoreError):
+    """The store returned fill values where committed data should be."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,20 +103,26 @@ class TokenReader:
         out = {}
         for name in fields:
             if name == "patch" and self.store.layout.dtype == "int8":
-                q = self._array(ep.source, ep.segment, "patch")[g0:g1:w.stride]
-                scale = self._array(ep.source, ep.segment, "patch_scale")[g0:g1:w.stride]
+                q = self._read(ep, "patch", slice(g0, g1, w.stride))
+                scale = self._read(ep, "patch_scale", slice(g0, g1, w.stride))
                 if np.isnan(scale).any():
-                    raise MissingTokensError(f"{ep.source}/{ep.segment}: patch_scale has missing chunks")
+                    raise MissingTokensError(self.path, ep.source, ep.segment, "patch_scale has missing chunks")
                 out[name] = q.astype(np.float32) * scale[..., None].astype(np.float32)
                 continue
-            values = self._array(ep.source, ep.segment, name)[g0:g1:w.stride]
+            values = self._read(ep, name, slice(g0, g1, w.stride))
             if name in ("patch", "cls"):
                 values = values.astype(np.float32)
                 if np.isnan(values).any():
-                    raise MissingTokensError(f"{ep.source}/{ep.segment}: {name} has missing chunks at frames "
-                                             f"{g0}-{g1}; the store is damaged, re-encode this segment")
+                    raise MissingTokensError(self.path, ep.source, ep.segment,
+                                             f"{name} has missing chunks at frames {g0}-{g1}")
             out[name] = values
         return out
+
+    def _read(self, ep, name: str, rows: slice) -> np.ndarray:
+        try:
+            return self._array(ep.source, ep.segment, name)[rows]
+        except (OSError, ValueError, RuntimeError, KeyError) as e:  # checksum mismatch, truncated shard, lost file
+            raise DamagedStoreError(self.path, ep.source, ep.segment, f"{name}: {type(e).__name__}: {e}") from None
 
     def episode(self, row: int, fields: tuple[str, ...] = WINDOW_FIELDS) -> dict[str, np.ndarray]:
         return self.read(Window(row, 0, int(self.episodes.iloc[row].length)), fields)

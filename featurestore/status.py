@@ -5,7 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import zarr
+
 from featurestore.store import TokenStore
+
+TOKEN_ARRAYS = ("patch", "cls", "patch_scale")  # NaN there is a missing chunk (never a real value)
 
 
 def store_status(path: Path) -> dict[str, Any]:
@@ -55,3 +60,35 @@ def status_table(info: dict[str, Any]):
                       str(s["episodes_pending"]), str(s["in_progress"]), str(s["segments"]), str(s["frames"]),
                       f"{s['bytes'] / 1e9:.3f}", str(len(s["cameras"] or [])), "yes" if s["has_actions"] else "no")
     return table
+
+
+def verify_segment(seg_dir: Path, frames: int, step: int = 256) -> str | None:
+    """Read every chunk of a committed segment; the first problem found (a checksum that fails, a truncated or
+    missing shard, a token array with missing chunks), or None when it reads back whole."""
+    names = sorted(p.name for p in seg_dir.iterdir() if (p / "zarr.json").is_file()) if seg_dir.is_dir() else []
+    for required in ("patch", "cls", "action", "action_valid", "state", "timestamp", "episode_index", "frame_index"):
+        if required not in names:
+            return f"array {required} is missing"
+    for name in names:
+        try:
+            arr = zarr.open_array(seg_dir / name, mode="r")
+            for s in range(0, max(frames, 1), step):
+                block = arr[s:s + step]
+                if name in TOKEN_ARRAYS and np.issubdtype(block.dtype, np.floating) and np.isnan(block).any():
+                    return f"{name} has missing chunks at frames {s}-{min(frames, s + step)}"
+        except (OSError, ValueError, RuntimeError, KeyError) as e:
+            return f"{name}: {type(e).__name__}: {e}"
+    return None
+
+
+def verify_store(path: Path, sources: list[str] | None = None) -> list[dict[str, Any]]:
+    """Every committed segment read back in full: the damaged ones (source, segment, problem)."""
+    store = TokenStore.open_existing(path)
+    damaged = []
+    for source in sources or store.sources():
+        for seg_id, seg in store.committed_segments(source).items():
+            problem = verify_segment(store.source_dir(source) / "segments" / seg_id, int(seg["frames"]))
+            if problem:
+                damaged.append({"source": source, "segment": seg_id, "problem": problem,
+                                "episodes": [e["episode_index"] for e in seg["episodes"]]})
+    return damaged

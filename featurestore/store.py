@@ -36,7 +36,7 @@ from typing import Any
 
 import numpy as np
 import zarr
-from zarr.codecs import BloscCodec
+from zarr.codecs import BloscCodec, Crc32cCodec
 
 from pipeline.stage import ConfigMismatchError, UserError, config_differences, owner_tag, tag_is_dead
 
@@ -83,8 +83,9 @@ def quantize_int8(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return q, scale
 
 
-def _compressor(level: int) -> BloscCodec:
-    return BloscCodec(cname="zstd", clevel=level, shuffle="shuffle")
+def _codecs(level: int) -> list:
+    """Compression, then a CRC32C checksum of every chunk: damage is detected on read, not trained on."""
+    return [BloscCodec(cname="zstd", clevel=level, shuffle="shuffle"), Crc32cCodec()]
 
 
 class TokenStore:
@@ -120,6 +121,8 @@ class TokenStore:
             if have != json.loads(json.dumps(wanted)):
                 raise ConfigMismatchError(f"token store {path}", config_differences(have, wanted),
                                           "Encode into another --store, or pass --force to delete and rebuild it.")
+            if not (path / "sources" / "zarr.json").is_file():  # a creator killed between the two writes
+                zarr.open_group(path / "sources", mode="a")
             return store
         attrs = {"schema_version": SCHEMA_VERSION, "description": STORE_DESCRIPTION, **wanted,
                  "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
@@ -158,10 +161,16 @@ class TokenStore:
                 raise ConfigMismatchError(f"source {source!r} in {self.path}", config_differences(old, new),
                                           "Encode it under another source name or --store, or --force.")
             if have == json.loads(json.dumps(provenance)):
+                self._ensure_subgroups(d)  # a creator killed after the source's zarr.json left them missing
                 return
         zarr.open_group(d, mode="a", attributes={SOURCE_KEY: provenance})
+        self._ensure_subgroups(d)
+
+    @staticmethod
+    def _ensure_subgroups(d: Path) -> None:
         for sub in ("segments", "staging", "failed"):
-            zarr.open_group(d / sub, mode="a")
+            if not (d / sub / "zarr.json").is_file():
+                zarr.open_group(d / sub, mode="a")
 
     # ------------------------------------------------------------------ segments
     def committed_segments(self, source: str) -> dict[str, dict[str, Any]]:
@@ -229,7 +238,7 @@ class SegmentWriter:
         g = zarr.open_group(self.staging, mode="w")
         self.group = g
         sf, cf = min(layout.shard_frames, _round_up(frames, layout.chunk_frames)), layout.chunk_frames
-        comp = [_compressor(layout.compression_level)]
+        comp = _codecs(layout.compression_level)
         tok_dtype = "int8" if layout.dtype == "int8" else "float16"
         self.patch = g.create_array("patch", shape=(frames, cameras, tokens, dim), dtype=tok_dtype,
                                     chunks=(cf, cameras, tokens, dim), shards=(sf, cameras, tokens, dim),
@@ -295,6 +304,7 @@ class SegmentWriter:
         for name, (values, fill, dims) in lowdim.items():
             assert len(values) == f, (name, values.shape, f)
             arr = g.create_array(name, shape=values.shape, dtype=values.dtype,
+                                 compressors=_codecs(self.layout.compression_level),
                                  chunks=tuple(max(1, s) for s in values.shape), fill_value=fill,
                                  dimension_names=dims)
             if values.size:

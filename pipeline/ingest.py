@@ -392,7 +392,9 @@ def run_ingest(cfg: IngestConfig, on_episode: Callable[[], None] | None = None) 
     if merged:
         df, _ = read_manifest(cfg.out)
     else:
-        df = pd.concat([pq.read_table(p).to_pandas() for p in sorted(parts.glob("block-*.parquet"))])
+        done = [pq.read_table(p).to_pandas() for p in sorted(parts.glob("block-*.parquet"))]
+        # a shard that owns no block (a SLURM array wider than the blocks) has nothing to count
+        df = pd.concat(done) if done else pd.DataFrame({"status": [], "episode_index": [], "reason": []})
     failed = df[df.status != "ok"]
     return IngestResult(
         manifest=Path(cfg.out) if merged else None,

@@ -77,8 +77,32 @@ def load_spec(path: Path) -> DatasetSpec:
         raise UserError(f"{path}: unknown key(s) {unknown}; allowed: {sorted(fields)}")
     if "repo_id" not in raw:
         raise UserError(f"{path}: missing `repo_id` (a Hugging Face id, or any id for a local root)")
+    for key, value in raw.items():
+        _check_type(path, key, value)
     raw["cameras"] = tuple(raw.get("cameras", ()))
     return DatasetSpec(name=Path(path).stem, path=str(path), **raw)
+
+
+# the TOML type of every key: a wrong type is refused, never coerced (`use_actions = "false"` is not False)
+FIELD_TYPES = {"repo_id": "string", "root": "string", "description": "string", "cameras": "list of strings",
+               "use_actions": "boolean (true/false)", "mix_weight": "number", "val_fraction": "number"}
+
+
+def _check_type(path: Path, key: str, value: object) -> None:
+    want = FIELD_TYPES[key]
+    if want == "string":
+        ok = isinstance(value, str)
+    elif want == "list of strings":
+        ok = isinstance(value, list) and all(isinstance(v, str) for v in value)
+    elif want.startswith("boolean"):
+        ok = isinstance(value, bool)
+    else:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if not ok:
+        example = {"list of strings": '["observation.images.top"]', "number": "0.1",
+                   "boolean (true/false)": "false"}.get(want, '"..."')
+        raise UserError(f"{path}: `{key}` must be a {want}, found {type(value).__name__} {value!r} "
+                        f"(write e.g. {key} = {example})")
 
 
 def resolve(name: str) -> DatasetSpec:

@@ -77,14 +77,29 @@ def resolve_checkpoint(path: Path) -> Path:
     return found
 
 
+def _damaged(path: Path, e: Exception) -> UserError:
+    # never pass on a loader's own advice (torch suggests weights_only=False for a pickle: never for a user)
+    reason = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+    return UserError(f"{path} cannot be read ({type(e).__name__}: {reason}): the checkpoint {path.parent} is damaged. "
+                     f"Remove that folder to resume from the checkpoint before it, or start a new --out")
+
+
 def load_state(ckpt: Path) -> dict[str, Any]:
-    return json.loads((Path(ckpt) / "state.json").read_text())
+    path = Path(ckpt) / "state.json"
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise _damaged(path, e) from None
 
 
 def load_weights(ckpt: Path, which: str = "ema") -> dict[str, torch.Tensor]:
     if which not in ("ema", "model"):
         raise ValueError(which)
-    sd = load_file(Path(ckpt) / f"{which}.safetensors")
+    path = Path(ckpt) / f"{which}.safetensors"
+    try:
+        sd = load_file(path)
+    except Exception as e:  # noqa: BLE001 - safetensors raises its own error types for a file that is not one
+        raise _damaged(path, e) from None
     # Checkpoints of proprio runs before 2026-11-21 carry the state token's prior variance apart; it always
     # equalled `delta_var` (the state is scaled to change per frame like a patch), so it is dropped.
     sd.pop("state_delta_var", None)
@@ -92,4 +107,8 @@ def load_weights(ckpt: Path, which: str = "ema") -> dict[str, torch.Tensor]:
 
 
 def load_optimizer(ckpt: Path) -> dict[str, Any]:
-    return torch.load(Path(ckpt) / "optim.pt", weights_only=True)
+    path = Path(ckpt) / "optim.pt"
+    try:
+        return torch.load(path, weights_only=True)
+    except Exception as e:  # noqa: BLE001 - a pickle with code in it, a truncated file: never executed, named
+        raise _damaged(path, e) from None

@@ -13,7 +13,7 @@ import typing
 from pathlib import Path
 from typing import Any
 
-from pipeline.stage import UserError
+from pipeline.stage import ConfigMismatchError, UserError, config_differences, to_jsonable
 from trainer.actions import ACTION_MODES
 
 MODEL_KINDS = ("shortcut", "teacher_forced")
@@ -237,9 +237,25 @@ def _coerce(value: str, annotation: Any) -> Any:
     if origin is tuple:
         import ast
 
-        parsed = ast.literal_eval(value)
-        return tuple(tuple(x) if isinstance(x, list) else x for x in parsed)
+        return _typed(ast.literal_eval(value), annotation)
     raise ValueError(f"cannot parse a value for {annotation}")
+
+
+def _typed(obj: Any, annotation: Any) -> Any:
+    """A literal (from ast.literal_eval) checked against a tuple annotation, item by item, as tuples."""
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin is tuple:
+        if not isinstance(obj, (list, tuple)):
+            raise ValueError(f"expected a tuple for {annotation}, got {obj!r}")
+        kinds = [args[0]] * len(obj) if len(args) == 2 and args[1] is Ellipsis else list(args)
+        if len(kinds) != len(obj):
+            raise ValueError(f"expected {len(kinds)} items for {annotation}, got {obj!r}")
+        return tuple(_typed(x, k) for x, k in zip(obj, kinds))
+    if annotation is float and isinstance(obj, (int, float)) and not isinstance(obj, bool):
+        return float(obj)
+    if annotation in (int, str) and isinstance(obj, annotation) and not isinstance(obj, bool):
+        return obj
+    raise ValueError(f"expected {getattr(annotation, '__name__', annotation)}, got {obj!r}")
 
 
 def apply_overrides(cfg: TrainConfig, overrides: list[str]) -> TrainConfig:
@@ -258,21 +274,42 @@ def apply_overrides(cfg: TrainConfig, overrides: list[str]) -> TrainConfig:
             raise UserError(f"--set {key}: unknown field; known: {', '.join(sorted(table))}")
         try:
             target[name] = _coerce(value, table[name].type)
-        except (ValueError, SyntaxError) as e:
+        except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError) as e:
             raise UserError(f"--set {key}={value}: {e}") from None
     if model_changes:
         changes["model"] = dataclasses.replace(cfg.model, **model_changes)
     return dataclasses.replace(cfg, **changes)
 
 
-def train_config(preset_name: str, *, kind: str = "shortcut", overrides: list[str] | tuple[str, ...] = (),
+def train_config(preset_name: str | None, *, kind: str | None = "shortcut",
+                 overrides: list[str] | tuple[str, ...] = (), base: TrainConfig | None = None,
                  **fields: Any) -> TrainConfig:
-    """A preset with what the command line gave: the model kind (`teacher-forced` or `teacher_forced`), `fields`
-    (a None or empty value keeps the preset's), then the `--set key=value` overrides."""
-    cfg = preset(preset_name)
-    changes = {k: v for k, v in fields.items() if v is not None and v != ()}
-    cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, kind=kind.replace("-", "_")), **changes)
-    return apply_overrides(cfg, list(overrides))
+    """A preset (or `base`, a resumed run's saved config) with what the command line gave: the model kind
+    (`teacher-forced` or `teacher_forced`), `fields` (None or empty keeps the preset's), then `--set key=value`.
+    With `base`, a preset named too must describe the same run (what is learned), or it is refused."""
+
+    def build(start: TrainConfig) -> TrainConfig:
+        changes = {k: v for k, v in fields.items() if v is not None and v != ()}
+        if kind is not None:
+            changes["model"] = dataclasses.replace(start.model, kind=kind.replace("-", "_"))
+        return apply_overrides(dataclasses.replace(start, **changes), list(overrides))
+
+    if base is None:
+        return build(preset(preset_name or "small"))
+    cfg = build(base)
+    if preset_name is not None:
+        diffs = [d for d in config_differences(to_jsonable(cfg), to_jsonable(build(preset(preset_name))))
+                 if d.split(":")[0].split(".")[0] not in RESUMABLE_FIELDS]
+        if diffs:
+            raise ConfigMismatchError(f"the run being resumed (against --preset {preset_name})", diffs,
+                                      "Resume with `--out RUN --resume` alone: the run's saved config is used")
+    return cfg
+
+
+# config fields that may change when resuming: bookkeeping, not what is learned (the store may move, e.g. to
+# node-local disk; its encoder identity is checked instead of its path)
+RESUMABLE_FIELDS = {"steps", "log_every", "eval_every", "ckpt_every", "keep_last", "num_workers", "val_windows",
+                    "out", "device", "compile", "store"}
 
 
 def config_from_dict(d: dict[str, Any]) -> TrainConfig:

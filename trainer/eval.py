@@ -89,6 +89,13 @@ def collect_windows(reader: TokenReader, wm: LoadedWorldModel, cfg: EvalConfig, 
     if ok.empty:
         raise UserError(f"horizon {H} with {ctx} context frames (frameskip {fs}) needs {span} frames, but the "
                         f"longest {cfg.split} episode has {int(eps.length.max())}; lower --horizons or --context")
+    for labelled, name in ((True, "labelled (the with-actions and null-action rows)"), (False, "action-free")):
+        have = eps[eps.has_actions == labelled]
+        if len(have) and not (ok.has_actions == labelled).any():  # never drop a condition without a word
+            fits = (int(have.length.max()) - 1) // fs + 1 - ctx
+            raise UserError(f"horizon {H} with {ctx} context frames (frameskip {fs}) needs {span} frames, but the "
+                            f"longest {name} {cfg.split} episode has {int(have.length.max())}: lower --horizons to "
+                            f"<= {fits} (or --context) so every condition is evaluated on the same horizons")
     out = {}
     for labelled in (True, False):
         rows = ok[ok.has_actions == labelled]

@@ -15,7 +15,9 @@ import json
 import logging
 import math
 import os
+import queue
 import signal
+import threading
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
@@ -37,7 +39,7 @@ from pipeline.stage import (
     to_jsonable,
 )
 from trainer.checkpoint import latest_checkpoint, load_optimizer, load_weights, save_checkpoint
-from trainer.config import TrainConfig
+from trainer.config import RESUMABLE_FIELDS, TrainConfig
 from trainer.data import (
     LABELLED,
     SAMPLE_IDS,
@@ -55,12 +57,6 @@ from trainer.runs import RunState, new_run_dir
 from trainer.tokens import TokenShape, split_state
 
 log = logging.getLogger(__name__)
-
-# config fields that may change when resuming: bookkeeping, not what is learned. The store may move (e.g. staged to
-# node-local disk); its encoder identity is checked instead of its path.
-RESUMABLE_CHANGES = {"steps", "log_every", "eval_every", "ckpt_every", "keep_last", "num_workers", "val_windows",
-                     "out", "device", "compile", "store"}
-
 
 class TrainingDiverged(UserError):
     pass
@@ -152,7 +148,7 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
 
 def _check_resume_config(saved: dict[str, Any], cfg: TrainConfig) -> None:
     now = to_jsonable(cfg)
-    diffs = [d for d in config_differences(saved, now) if d.split(":")[0].split(".")[0] not in RESUMABLE_CHANGES]
+    diffs = [d for d in config_differences(saved, now) if d.split(":")[0].split(".")[0] not in RESUMABLE_FIELDS]
     if diffs:
         raise ConfigMismatchError("the run being resumed", diffs, "Resume with the same config, or start a new --out.")
 
@@ -247,17 +243,82 @@ def setup(cfg: TrainConfig, *, resume: bool, d: Dist) -> tuple[Trainer, int, Tok
 
 
 def _loader(reader: TokenReader, tr: Trainer, start: int):
+    """This rank's micro-batches of steps start, start+1, ...; on CUDA in pinned memory, already on their way to
+    the device (`DevicePrefetch`), so the step does not wait for the host."""
     ds = StepBatches(reader, tr.cfg, tr.stats, tr.shape, start_step=start, rank=tr.d.rank, world=tr.d.world)
+    cuda = tr.device.type == "cuda"
     if tr.cfg.num_workers == 0:
-        return iter(ds)
-    return iter(torch.utils.data.DataLoader(ds, batch_size=None, num_workers=tr.cfg.num_workers,
-                                            multiprocessing_context="forkserver", persistent_workers=True,
-                                            prefetch_factor=4))
+        batches = ThreadPrefetch(iter(ds)) if cuda else iter(ds)
+    else:
+        batches = iter(torch.utils.data.DataLoader(ds, batch_size=None, num_workers=tr.cfg.num_workers,
+                                                   multiprocessing_context="forkserver", persistent_workers=True,
+                                                   prefetch_factor=4, pin_memory=cuda))
+    return DevicePrefetch(batches, tr.device) if cuda else batches
 
 
-def _to(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
-    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) and k not in (SAMPLE_IDS,) else v
-            for k, v in batch.items()}
+class ThreadPrefetch:
+    """Reads the next steps' batches in a background thread (no DataLoader workers): the host reads the store
+    while the device computes."""
+
+    def __init__(self, batches, depth: int = 2):
+        self.q: queue.Queue = queue.Queue(maxsize=depth)
+        self.thread = threading.Thread(target=self._fill, args=(batches,), daemon=True, name="batch-prefetch")
+        self.thread.start()
+
+    def _fill(self, batches) -> None:
+        try:
+            for b in batches:
+                self.q.put(b)
+        except BaseException as e:  # noqa: BLE001 - handed to the consumer, which re-raises
+            self.q.put(e)
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        item = self.q.get()
+        if isinstance(item, BaseException):
+            raise item
+        return item
+
+
+class DevicePrefetch:
+    """Keeps the next step's micro-batches copying to the device (pinned memory, a side stream) while the
+    current step computes: `next()` hands over batches that are already there."""
+
+    def __init__(self, batches, device: torch.device):
+        self.batches, self.device = batches, device
+        self.stream = torch.cuda.Stream(device)
+        self.next = self._load()
+
+    def _load(self) -> list[dict[str, Any]]:
+        micro = next(self.batches)
+        with torch.cuda.stream(self.stream):
+            return [_to(b, self.device, pin=True) for b in micro]
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> list[dict[str, Any]]:
+        torch.cuda.current_stream(self.device).wait_stream(self.stream)
+        out = self.next
+        for b in out:  # the tensors were made on the side stream: tell the allocator the main stream uses them
+            for v in b.values():
+                if torch.is_tensor(v) and v.device.type == "cuda":
+                    v.record_stream(torch.cuda.current_stream(self.device))
+        self.next = self._load()
+        return out
+
+
+def _to(batch: dict[str, Any], device: torch.device, pin: bool = False) -> dict[str, Any]:
+    def move(k, v):
+        if not torch.is_tensor(v) or k == SAMPLE_IDS:
+            return v
+        if pin and not v.is_pinned():
+            v = v.pin_memory()
+        return v.to(device, non_blocking=True)
+
+    return {k: move(k, v) for k, v in batch.items()}
 
 
 class Metrics:

@@ -120,3 +120,17 @@ class RunState:
 def run_store(path: Path) -> Path:
     """The store a run (or checkpoint) was trained on."""
     return RunState.read(path).store
+
+
+def saved_config(run_dir: Path) -> TrainConfig | None:
+    """The config a run folder was trained with (its newest checkpoint's, else the config.json written at its
+    start), or None for a folder that holds no run."""
+    run_dir = Path(run_dir)
+    if latest_checkpoint(run_dir) is not None:
+        run = RunState.read(run_dir)
+        return dataclasses.replace(run.config, store=run.store)
+    if (run_dir / "config.json").is_file():
+        import json
+
+        return config_from_dict(json.loads((run_dir / "config.json").read_text()))
+    return None

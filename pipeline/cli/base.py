@@ -56,9 +56,12 @@ def hxw(text: str, option: str = "--image-size", example: str = "224 or 224x400"
     """'N' or 'HxW' -> (H, W); a clear error naming the option otherwise."""
     try:
         h, _, w = text.lower().partition("x")
-        return int(h), int(w or h)
+        size = int(h), int(w or h)
     except ValueError:
-        raise UserError(f"{option} {text!r}: expected N or HxW, e.g. {example}") from None
+        size = (0, 0)
+    if min(size) < 1:
+        raise UserError(f"{option} {text!r}: expected N or HxW (positive integers), e.g. {example}")
+    return size
 
 
 def print_result(title: str, result: dict) -> None:

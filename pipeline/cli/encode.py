@@ -9,7 +9,7 @@ import typer
 
 from featurestore.encode import EncodeConfig, EncodeResult, run_encode
 from featurestore.encoders import DEFAULT_ENCODER, Preprocess, init_random_dinov3
-from featurestore.status import status_table, store_status
+from featurestore.status import status_table, store_status, verify_store
 from featurestore.store import StoreLayout
 from pipeline.cli.base import console, hxw, new_app, split_list
 from pipeline.cli.progress import progress
@@ -45,6 +45,8 @@ def encode(
     dask: Annotated[str | None, typer.Option(help="'local' (a LocalCluster) or a scheduler address.")] = None,
     dask_workers: Annotated[int, typer.Option(help="Workers of --dask local.")] = EncodeConfig.dask_workers,
     retry_failed: Annotated[bool, typer.Option(help="Try episodes recorded as failed again.")] = False,
+    repair: Annotated[bool, typer.Option("--repair", help="Re-encode committed segments that fail to read back "
+                                         "(checksum, missing chunks; see `wmctl status --verify`).")] = False,
     force: Annotated[bool, typer.Option(help="Rebuild a store/source made with another config.")] = False,
 ) -> None:
     """Encode every camera frame of a manifest with a frozen DINOv3 into the token store."""
@@ -57,7 +59,7 @@ def encode(
                            episodes_per_segment=episodes_per_segment),
         batch_size=batch_size, device=device, threads=threads, augment_views=augment_views,
         augment_strength=augment_strength, shard=ShardSpec.parse(shard), dask=dask, dask_workers=dask_workers,
-        retry_failed=retry_failed, force=force,
+        retry_failed=retry_failed, repair=repair, force=force,
     )
     with progress(f"encode {manifest.stem}", total=None, unit="frames") as advance:
         result = run_encode(cfg, on_frames=advance, on_plan=advance.set_total)
@@ -78,9 +80,23 @@ def _summary(cfg: EncodeConfig, result: EncodeResult) -> None:
         raise typer.Exit(1)
 
 
-def status(store: Store = Path("tokens.zarr")) -> None:
+def status(
+    store: Store = Path("tokens.zarr"),
+    verify: Annotated[bool, typer.Option("--verify", help="Read every committed chunk back and list damaged "
+                                         "segments (exit 1 if any).")] = False,
+) -> None:
     """Per source: episodes committed / failed / pending, frames, bytes on disk, encoder identity."""
     console().print(status_table(store_status(store)))
+    if verify:
+        damaged = verify_store(store)
+        for d in damaged:
+            typer.secho(f"damaged: {d['source']}/{d['segment']} (episodes {d['episodes']}): {d['problem']}",
+                        fg=typer.colors.RED, err=True)
+        if damaged:
+            typer.echo(f"{len(damaged)} damaged segment(s): re-encode them with `wmctl encode --store {store} "
+                       "--manifest <the source's manifest> --repair`", err=True)
+            raise typer.Exit(1)
+        typer.echo(f"verified: every committed chunk of {store} reads back (checksums and fill values)")
 
 
 @encoder_app.command("init-random")

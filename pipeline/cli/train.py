@@ -13,11 +13,13 @@ from pipeline.cli.base import split_list
 from pipeline.cli.progress import progress
 from trainer.config import TrainConfig, train_config
 from trainer.loop import Preempted, run_train
+from trainer.runs import saved_config
 
 log = logging.getLogger("wmctl")
 
 
 def train(
+    ctx: typer.Context,
     store: Annotated[Path, typer.Option(help="Token store.")] = Path("tokens.zarr"),
     preset: Annotated[str, typer.Option(help="tiny (tests) | small (CPU minutes) | base (GPU).")] = "small",
     model: Annotated[str, typer.Option(help="shortcut | teacher-forced (the DINO-WM baseline).")] = "shortcut",
@@ -34,9 +36,16 @@ def train(
                                                   "model.key=value (repeatable).")] = None,
 ) -> None:
     """Train the shortcut-forcing dynamics (or the teacher-forced baseline) on a token store."""
-    cfg = train_config(preset, kind=model, overrides=set_ or [], store=store, out=out, init_from=init_from,
-                       steps=steps, batch_size=batch_size, lr=lr, device=device, seed=seed,
-                       sources=split_list(sources))
+    base = saved_config(out) if resume and out is not None else None  # --resume: the run's own config and store
+    given = {p.name for p in ctx.command.params  # the options on the command line (typer's click, by name)
+             if getattr(ctx.get_parameter_source(p.name), "name", "DEFAULT") not in ("DEFAULT", "DEFAULT_MAP")}
+
+    def flag(name: str, value):  # resuming, a flag counts only where given (and must then agree with the run)
+        return value if base is None or name in given else None
+
+    cfg = train_config(flag("preset", preset), kind=flag("model", model), overrides=set_ or [], base=base,
+                       store=flag("store", store), out=out, init_from=init_from, steps=steps, batch_size=batch_size,
+                       lr=lr, device=device, seed=seed, sources=split_list(sources))
     try:
         with _step_logger(cfg) as on_step:
             result = run_train(cfg, resume=resume, on_step=on_step)
