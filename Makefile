@@ -16,7 +16,7 @@ DEMO    ?= demo
 ENCODE_ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: install test test-fast lint demo data ingest encode train eval plan status bench clean-demo help
+.PHONY: install test test-fast lint demo data ingest encode train eval plan status bench bench-gpu clean-demo help
 
 help:
 	@echo "make install | test | test-fast | lint | demo | data | ingest DATASET=.. | encode DATASET=.. [STORE=..] | status | bench"
@@ -64,6 +64,13 @@ bench: install
 	$(WMCTL) bench plan --presets tiny,small
 	if [ -d $(STORE) ]; then $(WMCTL) bench train --store $(STORE) --preset small; \
 	else echo "bench train: no token store at $(STORE) (make encode first, or STORE=...)"; fi
+	$(PY) scripts/bench_gpu.py --size cpu --out bench/bench-cpu.json
+
+# The GPU figures in one script (random weights at real sizes; --size cpu where there is no GPU). On a bare GPU
+# machine without this venv: pip install the few wheels it lacks (zarr, numcodecs, donfig, google-crc32c, av),
+# then `python scripts/bench_gpu.py`.
+bench-gpu: install
+	$(PY) scripts/bench_gpu.py --out bench/bench-gpu.json
 
 clean-demo:
 	rm -rf $(DEMO)

@@ -103,7 +103,8 @@ class EncodeResult:
     frames: int = 0
     failures: list[tuple[str, int, int, str]] = dataclasses.field(default_factory=list)  # source, ep, view, why
     nothing_to_do: bool = False
-    pending_segments: int = 0
+    pending_segments: int = 0  # this shard's
+    pending_all_shards: int = 0
     seconds: float = 0.0
 
 
@@ -320,11 +321,19 @@ def encode_segment(store: TokenStore, encoder: HFDinoEncoder, src: SourceInfo, p
                    cfg: EncodeConfig, on_frames: Callable[[int], None] | None = None) -> dict[str, Any]:
     """Encode a segment, recording bad episodes as failed and redoing the segment without them."""
     failures = []
+    counted = [0]
+
+    def report(n: int) -> None:
+        counted[0] += n
+        if on_frames:
+            on_frames(n)
+
     while plan.episodes:
         try:
-            committed = encode_one(store, encoder, src, plan, cfg, on_frames)
+            committed = encode_one(store, encoder, src, plan, cfg, report)
             return {"segment": plan.seg_id, "committed": committed, "frames": plan.frames, "failures": failures}
         except EpisodeFailed as e:
+            report(-counted[0])  # the redo counts its frames again: take back what the failed attempt counted
             log.warning("%s episode %d (view %d) failed, re-doing its segment without it: %s",
                         src.name, e.episode, plan.view, e.reason)
             store.record_failure(src.name, e.episode, plan.view, e.reason)
@@ -368,8 +377,9 @@ def _provenance(cfg: EncodeConfig, src: SourceInfo, manifest_meta: dict[str, Any
 FIXED_SOURCE_KEYS = ("repo_id", "root", "fps", "cameras", "augment", "action_dim", "state_dim")
 
 
-def prepare(cfg: EncodeConfig) -> tuple[TokenStore, HFDinoEncoder, SourceInfo, list[SegmentPlan]]:
-    """Load manifest and encoder, open/create the store, and plan this shard's segments."""
+def prepare(cfg: EncodeConfig) -> tuple[TokenStore, HFDinoEncoder, SourceInfo, list[SegmentPlan], int]:
+    """Load manifest and encoder, open/create the store, and plan this shard's segments (and count every
+    shard's pending ones)."""
     import shutil
 
     from pipeline.ingest import read_manifest
@@ -413,15 +423,15 @@ def prepare(cfg: EncodeConfig) -> tuple[TokenStore, HFDinoEncoder, SourceInfo, l
             shutil.rmtree(store.source_dir(src.name) / "segments" / d["segment"])
     plans = plan_segments(manifest, store, src.name, cfg.layout, 1 + cfg.augment_views)
     mine = [p for p in plans if cfg.shard.owns(p.block + p.view)]
-    return store, encoder, src, mine
+    return store, encoder, src, mine, len(plans)
 
 
 def run_encode(cfg: EncodeConfig, on_frames: Callable[[int], None] | None = None,
                on_plan: Callable[[int], None] | None = None) -> EncodeResult:
     """Encode this shard's pending segments (locally or over Dask). Idempotent and resumable."""
     t0 = time.monotonic()
-    store, encoder, src, plans = prepare(cfg)
-    result = EncodeResult(pending_segments=len(plans))
+    store, encoder, src, plans, pending_all = prepare(cfg)
+    result = EncodeResult(pending_segments=len(plans), pending_all_shards=pending_all)
     if on_plan:
         on_plan(sum(p.frames for p in plans))
     if not plans:
@@ -448,7 +458,7 @@ def _worker_state(cfg: EncodeConfig) -> tuple[TokenStore, HFDinoEncoder, SourceI
     """Per worker process: the store, the encoder (loaded once) and the source, for this config."""
     key = fingerprint(cfg)
     if key not in _WORKER_STATE:
-        store, encoder, src, _ = prepare(cfg)
+        store, encoder, src, _, _ = prepare(cfg)
         _WORKER_STATE.clear()
         _WORKER_STATE[key] = (store, encoder, src)
     return _WORKER_STATE[key]

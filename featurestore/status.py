@@ -30,7 +30,7 @@ def store_status(path: Path) -> dict[str, Any]:
             df, _ = read_manifest(manifest)
             ok = set(df[df.status == "ok"].episode_index.astype(int))
             pending = sum(1 for e in ok for v in range(views) if (e, v) not in committed | failed)
-        staging = store.source_dir(source) / "staging"
+        staging = store.staging_entries(source)
         sources.append({
             "source": source,
             "segments": len(segs),
@@ -39,7 +39,8 @@ def store_status(path: Path) -> dict[str, Any]:
             "episodes_pending": pending,
             "frames": sum(s["frames"] for s in segs.values()),
             "bytes": store.disk_bytes(source),
-            "in_progress": sum(1 for p in staging.iterdir() if p.is_dir()) if staging.is_dir() else 0,
+            "in_progress": sum(1 for _, stale in staging if not stale),
+            "stale": sum(1 for _, stale in staging if stale),  # removed by the next encode of this source
             "cameras": attrs.get("cameras"),
             "has_actions": attrs.get("has_actions"),
         })
@@ -53,11 +54,12 @@ def status_table(info: dict[str, Any]):
     title = (f"{info['store']}  encoder {enc['model_id']} (sha256 {enc['weights_sha256'][:12]}"
              f"{', RANDOM weights' if enc.get('random_weights') else ''}), grid {enc['grid']}x{enc['dim']}, "
              f"{info['layout']['dtype']}")
-    table = Table("source", "committed", "failed", "pending", "in progress", "segments", "frames", "GB on disk",
-                  "cameras", "actions", title=title)
+    table = Table("source", "committed", "failed", "pending", "in progress", "stale", "segments", "frames",
+                  "GB on disk", "cameras", "actions", title=title)
     for s in info["sources"]:
         table.add_row(s["source"], str(s["episodes_committed"]), str(s["episodes_failed"]),
-                      str(s["episodes_pending"]), str(s["in_progress"]), str(s["segments"]), str(s["frames"]),
+                      str(s["episodes_pending"]), str(s["in_progress"]), str(s["stale"]), str(s["segments"]),
+                      str(s["frames"]),
                       f"{s['bytes'] / 1e9:.3f}", str(len(s["cameras"] or [])), "yes" if s["has_actions"] else "no")
     return table
 

@@ -38,7 +38,7 @@ import numpy as np
 import zarr
 from zarr.codecs import BloscCodec, Crc32cCodec
 
-from pipeline.stage import ConfigMismatchError, UserError, config_differences, owner_tag, tag_is_dead
+from pipeline.stage import ConfigMismatchError, UserError, config_differences, fault_point, is_stale, owner_tag
 
 log = logging.getLogger(__name__)
 
@@ -128,6 +128,7 @@ class TokenStore:
                  "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
         # several shards may create the store at once: identical content, atomic per-key writes
         zarr.open_group(path, mode="a", attributes={STORE_KEY: attrs})
+        fault_point("store-root")
         zarr.open_group(path / "sources", mode="a")
         return cls.open_existing(path)
 
@@ -164,6 +165,7 @@ class TokenStore:
                 self._ensure_subgroups(d)  # a creator killed after the source's zarr.json left them missing
                 return
         zarr.open_group(d, mode="a", attributes={SOURCE_KEY: provenance})
+        fault_point("source-group")
         self._ensure_subgroups(d)
 
     @staticmethod
@@ -202,17 +204,27 @@ class TokenStore:
         shutil.rmtree(self.source_dir(source) / "failed", ignore_errors=True)
         zarr.open_group(self.source_dir(source) / "failed", mode="a")
 
-    def clean_stale_staging(self, source: str) -> int:
-        """Remove staging groups of dead local writers and of segments already committed elsewhere."""
+    def staging_entries(self, source: str) -> list[tuple[Path, bool]]:
+        """(staging group, stale) for each staging group of `source`: stale when its segment is committed or when
+        `is_stale` says its writer is gone (a dead local process, or another host's untouched for hours)."""
         d = self.source_dir(source) / "staging"
+        if not d.is_dir():
+            return []
         committed = set(self.committed_segments(source))
-        n = 0
-        if d.is_dir():
-            for p in d.iterdir():
+        out = []
+        for p in sorted(d.iterdir()):
+            if p.is_dir():
                 seg_id, _, tag = p.name.partition(".")
-                if seg_id in committed or tag_is_dead(tag):
-                    shutil.rmtree(p, ignore_errors=True)
-                    n += 1
+                out.append((p, seg_id in committed or is_stale(tag, p)))
+        return out
+
+    def clean_stale_staging(self, source: str) -> int:
+        """Remove the stale staging groups (`staging_entries`); live writers' groups stay."""
+        n = 0
+        for p, stale in self.staging_entries(source):
+            if stale:
+                shutil.rmtree(p, ignore_errors=True)
+                n += 1
         return n
 
     def begin_segment(self, source: str, seg_id: str, *, frames: int, cameras: int, tokens: int, dim: int,
@@ -285,6 +297,7 @@ class SegmentWriter:
             self.patch[s0:s0 + n] = block
         self._buf_start += n
         self._filled = 0
+        fault_point("shard-written")
 
     def commit(self, *, action: np.ndarray, action_valid: np.ndarray, state: np.ndarray, timestamp: np.ndarray,
                episode_index: np.ndarray, frame_index: np.ndarray, attrs: dict[str, Any]) -> bool:
@@ -310,6 +323,7 @@ class SegmentWriter:
             if values.size:
                 arr[...] = values
         g.attrs[SEGMENT_KEY] = attrs
+        fault_point("segment-commit")
         try:
             os.rename(self.staging, self.final)
         except OSError:

@@ -38,9 +38,10 @@ from pipeline.stage import (
     atomic_write_bytes,
     atomic_write_json,
     config_differences,
+    fault_point,
+    is_stale,
     owner_tag,
     read_json,
-    tag_is_dead,
     to_jsonable,
 )
 
@@ -324,7 +325,7 @@ def _try_merge(cfg: IngestConfig, n_blocks: int, manifest_meta: dict[str, Any]) 
         os.close(fd)
     except FileExistsError:
         holder = lock.read_text() if lock.exists() else ""
-        if holder and tag_is_dead(holder):
+        if holder and is_stale(holder, lock):
             lock.unlink(missing_ok=True)
             return _try_merge(cfg, n_blocks, manifest_meta)
         log.info("another process is merging %s", out)
@@ -373,6 +374,7 @@ def run_ingest(cfg: IngestConfig, on_episode: Callable[[], None] | None = None) 
                     on_episode()
             _write_parquet(block_path, _table(rows))
             done_here += 1
+            fault_point("ingest-block")
     finally:
         prober.close()
         if frames is not None:

@@ -14,6 +14,7 @@ import json
 import os
 import socket
 import tempfile
+import time
 import uuid
 from collections.abc import Mapping
 from pathlib import Path
@@ -154,3 +155,55 @@ def tag_is_dead(tag: str) -> bool:
     except PermissionError:
         return False
     return False
+
+
+STALE_AFTER_S = 6 * 3600  # a writer on another host that has not touched its debris for this long is gone
+
+
+def is_stale(tag: str, path: Path, *, max_age_s: float = STALE_AFTER_S, now: float | None = None) -> bool:
+    """The one rule for a writer's leftovers (a staging segment, a temporary checkpoint), given its owner tag
+    (`owner_tag()`): stale when the owner is a process of this host that no longer runs, or, for an owner on
+    another host (whose processes cannot be seen from here, e.g. a SLURM job requeued elsewhere), when nothing
+    under `path` changed for `max_age_s`. Committed outputs are never leftovers: callers check that first."""
+    if tag_is_dead(tag):
+        return True
+    try:
+        host = tag.rsplit(".", 2)[0]
+    except ValueError:
+        return False
+    if host == socket.gethostname():
+        return False  # a live local process
+    return (now or time.time()) - newest_mtime(path) > max_age_s
+
+
+def newest_mtime(path: Path) -> float:
+    path = Path(path)
+    times = [path.stat().st_mtime] if path.exists() else [0.0]
+    for root, _, files in os.walk(path):
+        for name in files:
+            try:
+                times.append(os.stat(os.path.join(root, name)).st_mtime)
+            except OSError:
+                pass
+    return max(times)
+
+
+_FAULT_COUNTS: dict[str, int] = {}
+
+
+def fault_point(name: str) -> None:
+    """A phase boundary the fault-injection tests can stop a process at: `WMCTL_FAULT=name[:n][:TERM]` sends this
+    process SIGKILL (no cleanup at all; SIGTERM with `:TERM`) the n-th time (default first) it passes `name`.
+    Unset, it costs one environment lookup."""
+    spec = os.environ.get("WMCTL_FAULT")
+    if not spec:
+        return
+    point, *rest = spec.split(":")
+    if point != name:
+        return
+    _FAULT_COUNTS[name] = _FAULT_COUNTS.get(name, 0) + 1
+    nth = int(rest[0]) if rest and rest[0].isdigit() else 1
+    if _FAULT_COUNTS[name] == nth:
+        import signal
+
+        os.kill(os.getpid(), signal.SIGTERM if "TERM" in rest else signal.SIGKILL)

@@ -31,8 +31,10 @@ class BenchCase:
 
 def bench_plan(cases: list[BenchCase], *, samples: int = 64, iterations: int = 5, horizon: int = 5,
                context: int = 4, k: int = 4, repeats: int = 3, device: torch.device | None = None,
-               compile_fn: Callable[[WorldModel], None] | None = None) -> dict[str, Any]:
-    """Per case: ms per MPC step with all samples in one batched cached rollout per CEM iteration. With
+               compile_fn: Callable[[WorldModel], None] | None = None, cem: CEMConfig | None = None
+               ) -> dict[str, Any]:
+    """Per case: ms per MPC step with all samples in one batched cached rollout per CEM iteration (`cem`: the
+    other settings of a named budget, e.g. iCEM's noise; samples and iterations as given). With
     `compile_fn`, the same after compiling the model in place (the first, compiling step timed apart), and the
     largest difference between the eager and the compiled rollout."""
     device = device or torch.device("cpu")
@@ -45,7 +47,9 @@ def bench_plan(cases: list[BenchCase], *, samples: int = 64, iterations: int = 5
         spec = ActionSpec(low=(-1.0,) * A, high=(1.0,) * A, max_delta=None)
         calls = {"n": 0}
         cost = latent_cost(goal.float())
-        cfg = CEMConfig(horizon=horizon, samples=samples, elites=max(1, samples // 8), iterations=iterations)
+        cfg = dataclasses.replace(cem or CEMConfig(), horizon=horizon, samples=samples,
+                                  elites=min(samples, (cem.elites if cem else max(1, samples // 8))),
+                                  iterations=iterations)
 
         def step(wm=wm, ctx=ctx, calls=calls, cost=cost, spec=spec, cfg=cfg):
             """One MPC step: commit the context, then the CEM optimisation."""

@@ -21,7 +21,7 @@ import torch
 from featurestore.encoders import check_same_encoder
 from featurestore.reader import TokenReader, Window
 from pipeline.stage import UserError
-from planner.cem import CEMConfig, cem_plan
+from planner.cem import CEMConfig, cem_plan, cem_preset
 from planner.core import ActionSpec, WorldModel, latent_cost
 from planner.gd import GDConfig, gd_plan
 
@@ -44,14 +44,16 @@ class OfflineConfig:
     out: Path | None = None  # writes <out>/offline_<planner>.json when set
 
 
-def search_configs(planner: str, samples: int, elites: int, iterations: int, horizon: int
-                   ) -> tuple[CEMConfig, GDConfig]:
-    """The planners' settings from the command line's budget: CEM as given; GD with one restart per 16 samples
-    and 4x the iterations (a gradient step is cheaper than a CEM iteration)."""
+def search_configs(planner: str, horizon: int, preset: str = "default", **cem: Any) -> tuple[CEMConfig, GDConfig]:
+    """The planners' settings: CEM from a named budget (`planner.cem.CEM_PRESETS`) with `cem` fields over it; GD
+    with one restart per 16 CEM samples and 4x the iterations (a gradient step is cheaper than a CEM iteration)."""
     if planner not in ("cem", "gd"):
         raise UserError(f"--planner {planner!r}: choose cem or gd")
-    return (CEMConfig(horizon=horizon, samples=samples, elites=elites, iterations=iterations),
-            GDConfig(horizon=horizon, restarts=max(1, samples // 16), iterations=iterations * 4))
+    try:
+        c = cem_preset(preset, horizon=horizon, **cem)
+    except ValueError as e:
+        raise UserError(f"--cem {preset}: {e}") from None
+    return c, GDConfig(horizon=horizon, restarts=max(1, c.samples // 16), iterations=c.iterations * 4)
 
 
 def spec_for(wm: WorldModel, max_delta_fraction: float | None = 0.5) -> ActionSpec:

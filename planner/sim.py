@@ -57,6 +57,7 @@ class SimConfig:
     state_weight: float = 1.0  # with proprioception: weight of the state's distance to the goal state
     k: int = 4
     cost_frames: str = "all"  # "all": mean distance over the planned frames; "last": the last frame only
+    execute_plan: str = "best"  # "best": the best sequence the planner found; "mean": CEM's final mean
     shift: str = "none"
     env: str = "pusht"
     device: str = "cpu"
@@ -73,6 +74,8 @@ class SimConfig:
             raise UserError(f"--planner {self.planner!r}: choose cem or gd")
         if self.cost_frames not in ("all", "last"):
             raise UserError(f"--cost-frames {self.cost_frames!r}: choose all or last")
+        if self.execute_plan not in ("best", "mean"):
+            raise UserError(f"--execute-plan {self.execute_plan!r}: choose best or mean")
 
 
 def apply_shift(img: np.ndarray, shift: str) -> np.ndarray:
@@ -164,7 +167,8 @@ def run_trial(sim: Simulator, wm: WorldModel, encode: Callable[[np.ndarray, np.n
                               dataclasses.replace(cfg.gd, horizon=cfg.horizon), generator=g, init_mean_HA=init,
                               previous_A=prev)
             latencies.append(time.perf_counter() - t0)
-            plan_mean, plan = res.mean, res.actions[: cfg.execute].numpy()
+            plan_mean = res.mean
+            plan = (res.mean if cfg.execute_plan == "mean" else res.actions)[: cfg.execute].numpy()
         for a in plan:
             for step in wm.actions.frame_steps(a):
                 img = apply_shift(sim.step(wm.actions.to_env(step, sim.robot_state())), cfg.shift)

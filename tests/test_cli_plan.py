@@ -89,3 +89,34 @@ def test_compiled_rollouts_plan_like_eager_ones(tiny_run):
         want = eager.plan_rollout(ctx, acts, seed=1)
         got = compiled.plan_rollout(ctx, acts, seed=1)
         torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.slow
+def test_bench_gpu_script_runs_on_cpu_sizes(tmp_path):
+    """`make bench-gpu`'s script at CPU sizes, so it cannot rot between GPU runs (the encode section has its
+    own tests; it needs the built-in multi-camera data)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / "b.json"
+    r = subprocess.run([sys.executable, str(root / "scripts" / "bench_gpu.py"), "--size", "cpu", "--out", str(out),
+                        "--only", "encoder,train,generate,plan"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = json.loads(out.read_text())
+    assert all(v.startswith("ok") for v in res["sections"].values()), res["sections"]
+    assert res["encoder_images_per_s"] > 0 and res["train_eager_step_s"] > 0 and res["train_eager_flops_per_step"] > 0
+    assert res["plan_tiny_model_passes_per_iteration"] == 5 * 4 and res["generate_frames_per_s"] > 0
+
+
+def test_plan_sim_with_the_icem_budget_executing_the_mean(tiny_run):
+    r = CliRunner().invoke(app, ["plan", "sim", "--run", str(tiny_run), "--episodes", "1", "--goal-offset", "4",
+                                 "--max-steps", "4", "--horizon", "2", "--execute", "1", "--cem", "icem",
+                                 "--samples", "8", "--execute-plan", "mean"])
+    assert r.exit_code == 0, r.output
+    cfg = json.loads((tiny_run / "plan" / "sim_cem_none" / "sim.json").read_text())["config"]
+    assert cfg["cem"]["samples"] == 8 and cfg["cem"]["iterations"] == 3 and cfg["cem"]["noise_beta"] == 2.0
+    assert cfg["execute_plan"] == "mean"
+    r = CliRunner().invoke(app, ["plan", "sim", "--run", str(tiny_run), "--cem", "nope"])
+    assert r.exit_code == 2 and "dinowm" in r.output

@@ -99,3 +99,38 @@ def test_latent_cost_with_a_state_token_weighs_patches_and_state_apart():
     want = d[:, :-1].pow(2).mean((1, 2)) + 3.0 * d[:, -1, :2].pow(2).mean(-1)
     torch.testing.assert_close(latent_cost(goal, state_dim=2, state_weight=3.0)(lat, acts), want)
     torch.testing.assert_close(latent_cost(goal)(lat, acts), d.pow(2).mean((1, 2)))  # no state: plain MSE
+
+
+def test_coloured_noise_is_white_at_beta_0_and_low_frequency_heavy_at_beta_2():
+    from planner.cem import coloured_noise
+
+    g1, g2 = torch.Generator().manual_seed(0), torch.Generator().manual_seed(0)
+    torch.testing.assert_close(coloured_noise((8, 5, 2), 0.0, g1), torch.randn((8, 5, 2), generator=g2))
+    x = coloured_noise((4000, 16, 2), 2.0, torch.Generator().manual_seed(1))
+    assert abs(float(x.std()) - 1.0) < 0.05  # unit variance per step
+    power = torch.fft.rfft(x, dim=1).abs().pow(2).mean(dim=(0, 2))  # [frequencies]
+    assert power[1] > 10 * power[-1]  # ~1/f^2: slow changes dominate, as iCEM samples
+    lag1 = float((x[:, 1:] * x[:, :-1]).mean())
+    assert lag1 > 0.5  # consecutive actions are correlated (white noise: ~0)
+
+
+def test_icem_preset_reaches_the_optimum_and_re_evaluates_its_elites():
+    from planner.cem import cem_preset
+
+    cost = latent_cost(GOAL[None], smoothness=0.5)
+    seen = []
+
+    def spy(actions_SHA):
+        seen.append(actions_SHA.clone())
+        return linear_rollout(actions_SHA)
+
+    cfg = cem_preset("icem", horizon=H, samples=128, iterations=12)
+    res = cem_plan(spy, cost, SPEC, cfg, generator=torch.Generator().manual_seed(0))
+    assert res.cost < 1e-2
+    assert res.costs_per_iteration == sorted(res.costs_per_iteration, reverse=True)
+    n_keep = round(cfg.keep_elites * cfg.elites)
+    for before, after in zip(seen, seen[1:]):  # the best of one iteration is among the next one's samples
+        best = before[int(torch.argmin(cost(linear_rollout(before), before)))]
+        assert any(torch.equal(best, a) for a in after[-n_keep:])
+    with pytest.raises(ValueError, match="preset"):
+        cem_preset("nope")

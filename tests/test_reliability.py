@@ -169,3 +169,84 @@ def test_eval_never_drops_a_condition_silently(tmp_path):
         run_eval(EvalConfig(ckpt=run, horizons=(1, 5, 30), context=2, probe=False, plots=False, out=tmp_path / "e"))
     res = run_eval(EvalConfig(ckpt=run, horizons=(1, 5, 10), context=2, probe=False, plots=False, out=tmp_path / "e"))
     assert set(res["conditions"]) == {"actions", "null_action", "action_free"}
+
+
+def _dead_tag() -> str:
+    import socket
+    import subprocess
+    import sys
+
+    p = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    return f"{socket.gethostname()}.{int(p.stdout)}.deadbeef"
+
+
+def test_one_rule_for_leftovers_staging_of_other_hosts_and_killed_checkpoint_writes(tmp_path):
+    import os
+    import time
+
+    from featurestore.status import store_status
+
+    store = write_token_world(tmp_path / "w.zarr")
+    staging = store / "sources" / "world" / "staging"
+    old = staging / "v0-b000007-aaaa.other-node.4242.0123abcd"  # a requeued SLURM job's debris on another node
+    live = staging / "v0-b000008-bbbb.other-node.4343.0123abcd"  # another node writing right now
+    for p in (old, live):
+        (p / "patch").mkdir(parents=True)
+        (p / "patch" / "c").write_bytes(b"x")
+    for f in [old, old / "patch", old / "patch" / "c"]:
+        os.utime(f, (time.time() - 7 * 3600,) * 2)
+    (s,) = store_status(store)["sources"]
+    assert (s["in_progress"], s["stale"]) == (1, 1)
+    assert TokenStore.open_existing(store).clean_stale_staging("world") == 1
+    assert live.exists() and not old.exists()
+
+    run = tmp_path / "run"
+    assert _train("--store", str(store), "--preset", "tiny", "--out", str(run), "--steps", "2").exit_code == 0
+    debris = run / "checkpoints" / f".step-00000003.{_dead_tag()}"
+    (debris / "model.safetensors").parent.mkdir(parents=True)
+    (debris / "model.safetensors").write_bytes(b"half a checkpoint")
+    assert _train("--out", str(run), "--resume", "--steps", "4").exit_code == 0
+    assert not debris.exists() and (run / "checkpoints" / "step-00000004").is_dir()
+
+
+def test_encode_shard_owning_nothing_says_so(tmp_path, pusht_manifest, tiny_encoder):
+    r = CliRunner().invoke(app, ["encode", "--manifest", str(pusht_manifest), "--store", str(tmp_path / "s.zarr"),
+                                 "--encoder", str(tiny_encoder), "--image-size", "64", "--shard", "1/2"])
+    assert r.exit_code == 0, r.output
+    assert "shard 1/2: it owns none of the 1 pending segment(s)" in r.output
+
+
+def test_a_redone_segment_does_not_count_its_frames_twice(monkeypatch):
+    import featurestore.encode as enc
+
+    calls = []
+
+    def fake_encode_one(store, encoder, src, plan, cfg, on_frames=None):
+        on_frames(sum(int(e["length"]) for e in plan.episodes))
+        if len(calls) == 0:
+            calls.append(1)
+            raise enc.EpisodeFailed(1, "bad video")
+        return True
+
+    class Store:
+        def record_failure(self, *a):
+            pass
+
+    monkeypatch.setattr(enc, "encode_one", fake_encode_one)
+    plan = enc.SegmentPlan("s", 0, 0, ({"episode_index": 0, "length": 10}, {"episode_index": 1, "length": 5}))
+    src = enc.SourceInfo("s", Path("."), 10.0, ["c"], [0], 2, 2)
+    seen = []
+    out = enc.encode_segment(Store(), None, src, plan, None, on_frames=seen.append)
+    assert out["committed"] and sum(seen) == 10 == out["frames"]  # the progress ends at what was committed
+
+
+def test_writing_a_dataset_does_not_flood_stderr_with_the_encoder_log(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "SVT_LOG"}
+    r = subprocess.run([sys.executable, "-m", "pipeline.cli", "data", "pusht", "--out", str(tmp_path / "d"),
+                        "--episodes", "1", "--frames-per-episode", "8"], capture_output=True, text=True, env=env)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "Svt[info]" not in r.stderr and len(r.stderr.splitlines()) < 40

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from pipeline.stage import UserError, atomic_write_json, owner_tag
+from pipeline.stage import UserError, atomic_write_json, fault_point, is_stale, owner_tag
 
 COMPLETE = "COMPLETE"
 
@@ -31,11 +31,13 @@ def save_checkpoint(run_dir: Path, step: int, *, model: dict[str, torch.Tensor],
                     optimizer: dict[str, Any], state: dict[str, Any], keep_last: int) -> Path:
     ckdir = Path(run_dir) / "checkpoints"
     ckdir.mkdir(parents=True, exist_ok=True)
+    clean_stale_temporaries(run_dir)
     final = ckdir / f"step-{step:08d}"
     tmp = ckdir / f".step-{step:08d}.{owner_tag()}"
     tmp.mkdir()
     try:
         save_file(_state_dict_cpu(model), tmp / "model.safetensors")
+        fault_point("checkpoint-write")
         save_file(_state_dict_cpu(ema), tmp / "ema.safetensors")
         torch.save({"optimizer": optimizer, "torch_rng": torch.get_rng_state()}, tmp / "optim.pt")
         atomic_write_json(tmp / "state.json", {**state, "step": step})
@@ -52,6 +54,18 @@ def save_checkpoint(run_dir: Path, step: int, *, model: dict[str, torch.Tensor],
     for old in complete_checkpoints(run_dir)[:-keep_last]:
         shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def clean_stale_temporaries(run_dir: Path) -> int:
+    """Remove the temporary folders of checkpoint writes whose writer is gone (`pipeline.stage.is_stale`: a write
+    killed mid-way leaves gigabytes for `base`)."""
+    n = 0
+    for p in (Path(run_dir) / "checkpoints").glob(".step-*"):
+        tag = p.name.split(".", 2)[2] if p.name.count(".") >= 2 else ""
+        if p.is_dir() and is_stale(tag, p):
+            shutil.rmtree(p, ignore_errors=True)
+            n += 1
+    return n
 
 
 def complete_checkpoints(run_dir: Path) -> list[Path]:

@@ -36,6 +36,7 @@ from pipeline.stage import (
     atomic_write_bytes,
     atomic_write_json,
     config_differences,
+    fault_point,
     to_jsonable,
 )
 from trainer.checkpoint import latest_checkpoint, load_optimizer, load_weights, save_checkpoint
@@ -472,6 +473,7 @@ def run_train(cfg: TrainConfig, *, resume: bool = False,
                 if d.main:
                     row.update(validate(tr, reader, step))
             metrics.write(row)
+            fault_point("train-step")
             if on_step:
                 on_step(row)
             want_stop = torch.tensor([1.0 if stop.requested() else 0.0])

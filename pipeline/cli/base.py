@@ -73,3 +73,9 @@ def print_result(title: str, result: dict) -> None:
         table.add_row(k, f"{v:.3g}" if isinstance(v, float) else str(v))
     console().print(table)
     typer.echo(json.dumps(result))
+
+
+def given_options(ctx: typer.Context) -> set[str]:
+    """The parameters the command line set (not left at their defaults)."""
+    return {p.name for p in ctx.command.params  # typer ships its own click: compare the source by name
+            if getattr(ctx.get_parameter_source(p.name), "name", "DEFAULT") not in ("DEFAULT", "DEFAULT_MAP")}

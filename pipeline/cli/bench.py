@@ -18,6 +18,7 @@ from pipeline.ingest import manifest_path
 from pipeline.machine import bench_device
 from pipeline.registry import resolve_source
 from planner.bench import BenchCase, bench_plan
+from planner.offline import search_configs
 from trainer.api import LoadedWorldModel
 from trainer.bench import bench_rollout, bench_train
 
@@ -82,13 +83,16 @@ def bench_plan_cmd(
     enc_dim: Annotated[int, typer.Option(help="Token width.")] = 32,
     device: Device = "auto",
     compile: Annotated[bool, typer.Option("--compile", help="Also time it torch.compiled, side by side.")] = False,
+    cem: Annotated[str, typer.Option("--cem", help="default | dinowm | icem: the budget's other settings (noise, "
+                                     "kept elites); --samples and --iterations as given.")] = "default",
 ) -> None:
     """Milliseconds per MPC step (one CEM optimisation) and model evaluations per step, per preset."""
     dev = bench_device(device)
     dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
     cases = [_fresh_case(p, hxw(grid, "--grid", "6x6 or 16x16"), enc_dim, dev, dtype) for p in split_list(presets)]
     result = bench_plan(cases, samples=samples, iterations=iterations, horizon=horizon, device=dev,
-                        compile_fn=LoadedWorldModel.compile if compile else None)
+                        compile_fn=LoadedWorldModel.compile if compile else None,
+                        cem=None if cem == "default" else search_configs("cem", horizon, cem)[0])
     _plan_table(result, samples, iterations, horizon, compile)
 
 

@@ -69,7 +69,10 @@ def encode(
 def _summary(cfg: EncodeConfig, result: EncodeResult) -> None:
     for source, ep, view, reason in result.failures:
         typer.secho(f"error: {source} episode {ep} (view {view}): {reason}", fg=typer.colors.RED, err=True)
-    if result.nothing_to_do:
+    if result.nothing_to_do and result.pending_all_shards:
+        typer.echo(f"nothing to do for shard {cfg.shard}: it owns none of the {result.pending_all_shards} pending "
+                   f"segment(s) of {cfg.manifest}; the other shards encode them")
+    elif result.nothing_to_do:
         typer.echo(f"nothing to do: every episode of {cfg.manifest} is in {cfg.store} (shard {cfg.shard})")
     else:
         rate = result.frames / max(result.seconds, 1e-9)

@@ -9,7 +9,7 @@ from typing import Annotated, Any
 import typer
 
 from featurestore.reader import TokenReader
-from pipeline.cli.base import new_app
+from pipeline.cli.base import given_options, new_app
 from planner.cem import CEMConfig
 from planner.offline import OfflineConfig, run_plan_offline, search_configs
 from planner.sim import SimConfig, run_plan_sim
@@ -28,10 +28,19 @@ Seed = Annotated[int, typer.Option(help="Seed.")]
 Device = Annotated[str, typer.Option(help="cpu | cuda.")]
 Compile = Annotated[bool, typer.Option("--compile", help="torch.compile the model's rollouts (the first plan "
                                        "compiles: tens of seconds on CPU).")]
+Cem = Annotated[str, typer.Option("--cem", help="CEM budget: default | dinowm (300x30, 30 iterations) | icem "
+                                  "(coloured noise, elites kept); --samples/--elites/--iterations given win.")]
+
+
+def _search(ctx: typer.Context, planner: str, preset: str, horizon: int, **budget: int):
+    given = given_options(ctx)
+    return search_configs(planner, horizon, preset, **{k: v for k, v in budget.items()
+                                                       if k in given or preset == "default"})
 
 
 @app.command("offline")
 def plan_offline(
+    ctx: typer.Context,
     run: Run = None,
     ckpt: Ckpt = None,
     store: Annotated[Path | None, typer.Option(help="Token store (default: the run's).")] = None,
@@ -40,6 +49,7 @@ def plan_offline(
     samples: Annotated[int, typer.Option(help="CEM samples per iteration.")] = CEMConfig.samples,
     elites: Elites = CEMConfig.elites,
     iterations: Annotated[int, typer.Option(help="CEM iterations (GD: 4x).")] = CEMConfig.iterations,
+    cem: Cem = "default",
     episodes: Annotated[int | None, typer.Option(help="At most N val episodes.")] = None,
     state_weight: StateWeight = OfflineConfig.state_weight,
     k: K = OfflineConfig.k,
@@ -49,8 +59,8 @@ def plan_offline(
 ) -> None:
     """Plan from frame t to the encoded frame t+H on labelled val episodes; compare with GT and random actions."""
     wm = LoadedWorldModel.load(resolve_run(run, ckpt), device=device, compile=compile)
-    cem, gd = search_configs(planner, samples, elites, iterations, goal_offset)
-    cfg = OfflineConfig(goal_offset=goal_offset, planner=planner, cem=cem, gd=gd, episodes=episodes, seed=seed,
+    cem_cfg, gd = _search(ctx, planner, cem, goal_offset, samples=samples, elites=elites, iterations=iterations)
+    cfg = OfflineConfig(goal_offset=goal_offset, planner=planner, cem=cem_cfg, gd=gd, episodes=episodes, seed=seed,
                         state_weight=state_weight, k=k, out=plan_dir(wm.checkpoint))
     res = run_plan_offline(wm, TokenReader(store or wm.store), cfg)
     d = res["latent_distance"]
@@ -65,6 +75,7 @@ def plan_offline(
 
 @app.command("sim")
 def plan_sim(
+    ctx: typer.Context,
     run: Run = None,
     ckpt: Ckpt = None,
     env: Annotated[str, typer.Option(help="Simulator (pusht).")] = SimConfig.env,
@@ -77,6 +88,9 @@ def plan_sim(
     samples: Annotated[int, typer.Option(help="CEM samples.")] = CEMConfig.samples,
     elites: Elites = CEMConfig.elites,
     iterations: Annotated[int, typer.Option(help="CEM iterations.")] = CEMConfig.iterations,
+    cem: Cem = "default",
+    execute_plan: Annotated[str, typer.Option(help="best: the best sequence found | mean: the final CEM mean.")]
+    = SimConfig.execute_plan,
     shift: Annotated[str, typer.Option(help="none | lighting | background.")] = SimConfig.shift,
     state_weight: StateWeight = SimConfig.state_weight,
     k: K = SimConfig.k,
@@ -87,10 +101,10 @@ def plan_sim(
     compile: Compile = False,
 ) -> None:
     """Closed-loop MPC in gym-pusht towards goals from held-out episodes; random-action baseline alongside."""
-    cem, gd = search_configs(planner, samples, elites, iterations, horizon)
+    cem_cfg, gd = _search(ctx, planner, cem, horizon, samples=samples, elites=elites, iterations=iterations)
     cfg = SimConfig(trials=episodes, goal_offset=goal_offset, max_steps=max_steps, horizon=horizon, execute=execute,
-                    planner=planner, cem=cem, gd=gd, shift=shift, seed=seed, state_weight=state_weight, k=k,
-                    cost_frames=cost_frames, env=env, device=device)
+                    planner=planner, cem=cem_cfg, gd=gd, shift=shift, seed=seed, state_weight=state_weight, k=k,
+                    cost_frames=cost_frames, env=env, device=device, execute_plan=execute_plan)
     wm = LoadedWorldModel.load(resolve_run(run, ckpt), device=device, compile=compile)
     out = plan_dir(wm.checkpoint) / f"sim_{planner}_{shift}"
     res = run_plan_sim(wm, dataclasses.replace(cfg, out=out), store=wm.store)

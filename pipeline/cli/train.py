@@ -9,7 +9,7 @@ from typing import Annotated
 
 import typer
 
-from pipeline.cli.base import split_list
+from pipeline.cli.base import given_options, split_list
 from pipeline.cli.progress import progress
 from trainer.config import TrainConfig, train_config
 from trainer.loop import Preempted, run_train
@@ -37,8 +37,7 @@ def train(
 ) -> None:
     """Train the shortcut-forcing dynamics (or the teacher-forced baseline) on a token store."""
     base = saved_config(out) if resume and out is not None else None  # --resume: the run's own config and store
-    given = {p.name for p in ctx.command.params  # the options on the command line (typer's click, by name)
-             if getattr(ctx.get_parameter_source(p.name), "name", "DEFAULT") not in ("DEFAULT", "DEFAULT_MAP")}
+    given = given_options(ctx)
 
     def flag(name: str, value):  # resuming, a flag counts only where given (and must then agree with the run)
         return value if base is None or name in given else None

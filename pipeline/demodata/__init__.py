@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -65,6 +66,7 @@ def write_dataset(
         if not force:
             raise UserError(f"{out} exists and was not written by `wmctl data`; choose another --out or --force")
 
+    os.environ.setdefault("SVT_LOG", "1")  # the AV1 encoder logs every stream's settings otherwise: errors only
     from lerobot.datasets.lerobot_dataset import LeRobotDataset
 
     staging = out.parent / f".{out.name}.staging.{owner_tag()}"

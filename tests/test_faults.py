@@ -1,0 +1,182 @@
+"""Fault injection: real processes stopped at every phase boundary (`WMCTL_FAULT`, a SIGKILL or SIGTERM the process
+sends itself at a named point), then the command the README gives is run again, and the result must equal an
+uninterrupted run: the store digest for encode, the manifest for ingest, weights and metrics bit for bit for train.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import zarr
+
+pytestmark = pytest.mark.slow
+
+
+def _run(args: list[str], fault: str | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k != "WMCTL_FAULT"}
+    if fault:
+        env["WMCTL_FAULT"] = fault
+    return subprocess.run([sys.executable, "-m", "pipeline.cli", *args], env=env, capture_output=True, text=True,
+                          cwd=cwd)
+
+
+def store_digest(store: Path) -> str:
+    """sha256 of what a reader can see: every source's committed segments (attributes but the commit time, and
+    every array's values), in a fixed order; staging and failed groups do not count."""
+    h = hashlib.sha256()
+    for src in sorted(p for p in (store / "sources").iterdir() if p.is_dir()):
+        seg_root = src / "segments"
+        for seg in sorted(p for p in seg_root.iterdir() if (p / "zarr.json").is_file()):
+            attrs = json.loads((seg / "zarr.json").read_text())["attributes"]["wmctl_segment"]
+            attrs.pop("committed_at", None)
+            h.update(json.dumps([src.name, seg.name, attrs], sort_keys=True).encode())
+            for arr in sorted(p for p in seg.iterdir() if (p / "zarr.json").is_file()):
+                h.update(arr.name.encode() + np.ascontiguousarray(zarr.open_array(arr, mode="r")[...]).tobytes())
+    return h.hexdigest()
+
+
+@pytest.fixture(scope="module")
+def encode_args(pusht_manifest, tiny_encoder):
+    def args(store: Path) -> list[str]:
+        return ["encode", "--manifest", str(pusht_manifest), "--store", str(store), "--encoder", str(tiny_encoder),
+                "--image-size", "64", "--episodes-per-segment", "2", "--batch-size", "16", "--threads", "1"]
+
+    return args
+
+
+@pytest.fixture(scope="module")
+def reference_digest(encode_args, tmp_path_factory):
+    store = tmp_path_factory.mktemp("ref") / "s.zarr"
+    assert _run(encode_args(store)).returncode == 0
+    return store_digest(store)
+
+
+@pytest.mark.parametrize("fault", ["store-root", "source-group", "shard-written", "segment-commit:2"])
+def test_encode_killed_at_a_phase_boundary_then_rerun_equals_an_uninterrupted_run(fault, encode_args,
+                                                                                    reference_digest, tmp_path):
+    store = tmp_path / "s.zarr"
+    killed = _run(encode_args(store), fault=fault)
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    again = _run(encode_args(store))  # the README's answer to a killed job: run the same command again
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert store_digest(store) == reference_digest
+    assert not [p for p in (store / "sources" / "pusht" / "staging").iterdir() if p.is_dir()]  # debris cleaned
+
+
+def test_two_writers_racing_on_the_same_segments_commit_each_once(encode_args, reference_digest, tmp_path):
+    store = tmp_path / "s.zarr"
+    env = {k: v for k, v in os.environ.items() if k != "WMCTL_FAULT"}
+    procs = [subprocess.Popen([sys.executable, "-m", "pipeline.cli", *encode_args(store)], env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    for p in procs:
+        _, err = p.communicate(timeout=300)
+        assert p.returncode == 0, err[-2000:]
+    assert store_digest(store) == reference_digest
+
+
+def test_ingest_killed_between_blocks_resumes_to_the_same_manifest(multicam_root, tmp_path):
+    code = ("import sys; from pathlib import Path; from pipeline.ingest import IngestConfig, run_ingest; "
+            "run_ingest(IngestConfig(source='multicam', root=Path(sys.argv[1]), repo_id='local/multicam', "
+            "out=Path(sys.argv[2]), block_size=2, val_fraction=0.4))")
+
+    def ingest(out: Path, fault: str | None = None) -> int:
+        env = {k: v for k, v in os.environ.items() if k != "WMCTL_FAULT"}
+        if fault:
+            env["WMCTL_FAULT"] = fault
+        return subprocess.run([sys.executable, "-c", code, str(multicam_root), str(out)], env=env).returncode
+
+    assert ingest(tmp_path / "ref.parquet") == 0
+    out = tmp_path / "m.parquet"
+    assert ingest(out, fault="ingest-block:2") == -9 and not out.exists()
+    assert len(list((tmp_path / "m.parquet.parts").glob("block-*.parquet"))) == 2  # two of three blocks kept
+    assert ingest(out) == 0
+    import pandas as pd
+
+    pd.testing.assert_frame_equal(pd.read_parquet(out), pd.read_parquet(tmp_path / "ref.parquet"))
+
+
+def _weights(run: Path) -> dict:
+    from trainer.checkpoint import latest_checkpoint, load_weights
+
+    ck = latest_checkpoint(run)
+    return {"ema": load_weights(ck, "ema"), "model": load_weights(ck, "model"), "step": ck.name}
+
+
+def _losses(run: Path) -> list[float]:
+    return [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize("fault", ["checkpoint-write:2", "train-step:5", "train-step:5:TERM"])
+def test_train_stopped_anywhere_resumes_bit_for_bit_with_the_readme_command(fault, tmp_path):
+    """SIGKILL inside the second checkpoint write, SIGKILL after step 5, SIGTERM after step 5 (the loop's clean
+    stop: a checkpoint, exit 3; a PREEMPT file takes the same path). Then the README's resume command."""
+    from synthetic import write_token_world
+
+    store = write_token_world(tmp_path / "w.zarr")
+    base = ["train", "--store", str(store), "--preset", "tiny", "--steps", "8", "--set", "ckpt_every=2"]
+    assert _run([*base, "--out", str(tmp_path / "ref")]).returncode == 0
+    run = tmp_path / "run"
+    stopped = _run([*base, "--out", str(run)], fault=fault)
+    assert stopped.returncode == (3 if "TERM" in fault else -9), stopped.stderr[-2000:]
+    resumed = _run(["train", "--out", str(run), "--resume"])  # README: `wmctl train --out RUN --resume`
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    a, b = _weights(tmp_path / "ref"), _weights(run)
+    assert a["step"] == b["step"] == "step-00000008"
+    for kind in ("ema", "model"):
+        for k, v in a[kind].items():
+            assert np.array_equal(v.numpy(), b[kind][k].numpy()), (kind, k)
+    assert _losses(run) == _losses(tmp_path / "ref")
+    assert not list((run / "checkpoints").glob(".step-*"))  # a killed checkpoint write leaves nothing behind
+
+
+def test_a_preempt_file_stops_after_the_step_and_the_readme_command_resumes_bit_for_bit(tmp_path):
+    """The scheduler's way (a `PREEMPT` file in the run folder, written here at step 3 by the step callback)."""
+    import dataclasses
+
+    import torch
+    from synthetic import write_token_world
+
+    from trainer.config import tiny
+
+    # the resumed half runs in a fresh process: give this one the same thread count (a float sum over other
+    # threads differs in the last bit; earlier tests in this process may have set 1 thread)
+    fresh = subprocess.run([sys.executable, "-c", "import torch; print(torch.get_num_threads())"],
+                           capture_output=True, text=True)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(int(fresh.stdout))
+    store = write_token_world(tmp_path / "w.zarr")
+    cfg = dataclasses.replace(tiny(), store=store, steps=8, ckpt_every=2)
+    try:
+        _preempted_then_resumed(cfg, tmp_path)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _preempted_then_resumed(cfg, tmp_path: Path) -> None:
+    import dataclasses
+
+    from trainer.loop import Preempted, run_train
+
+    run_train(dataclasses.replace(cfg, out=tmp_path / "ref"))
+    run = tmp_path / "run"
+
+    def preempt_at_3(row):
+        if row["step"] == 3:
+            (run / "PREEMPT").write_text("")
+
+    with pytest.raises(Preempted):
+        run_train(dataclasses.replace(cfg, out=run), on_step=preempt_at_3)
+    assert (run / "checkpoints" / "step-00000003").is_dir()
+    resumed = _run(["train", "--out", str(run), "--resume"])
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    a, b = _weights(tmp_path / "ref"), _weights(run)
+    for k, v in a["ema"].items():
+        assert np.array_equal(v.numpy(), b["ema"][k].numpy()), k
+    assert _losses(run) == _losses(tmp_path / "ref")
