@@ -23,11 +23,13 @@ def store_status(path: Path) -> dict[str, Any]:
         failed = {(f["episode_index"], f["view"]) for f in store.failed(source).values()}
         views = 1 + attrs.get("augment", {}).get("views", 0)
         pending: int | str = "?"
+        split = "?"
         manifest = Path(attrs.get("manifest", ""))
         if manifest.is_file():
-            from pipeline.ingest import read_manifest
+            from pipeline.ingest import read_manifest, split_summary
 
             df, _ = read_manifest(manifest)
+            split = split_summary(manifest)
             ok = set(df[df.status == "ok"].episode_index.astype(int))
             pending = sum(1 for e in ok for v in range(views) if (e, v) not in committed | failed)
         staging = store.staging_entries(source)
@@ -41,6 +43,7 @@ def store_status(path: Path) -> dict[str, Any]:
             "bytes": store.disk_bytes(source),
             "in_progress": sum(1 for _, stale in staging if not stale),
             "stale": sum(1 for _, stale in staging if stale),  # removed by the next encode of this source
+            "split": split,
             "cameras": attrs.get("cameras"),
             "has_actions": attrs.get("has_actions"),
         })

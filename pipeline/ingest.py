@@ -16,6 +16,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 import time
 from collections.abc import Callable
@@ -68,6 +69,7 @@ class IngestConfig:
     use_actions: bool = True
     val_fraction: float = 0.1
     split_seed: int = 0
+    split_by: str = ""  # "" (each episode its own group) | a per-episode metadata column | task | task:REGEX
     tolerance_s: float = 1e-4
     video_check: str = "ends"
     block_size: int = 256
@@ -81,12 +83,20 @@ class IngestConfig:
             raise UserError(f"--video-check {self.video_check!r}: choose one of {VIDEO_CHECKS}")
         if self.tolerance_s <= 0 or self.block_size < 1:
             raise UserError("--tolerance-s must be > 0 and block_size >= 1")
+        if self.split_by.startswith("task:"):
+            try:
+                re.compile(self.split_by[5:])
+            except re.error as e:
+                raise UserError(f"--split-by {self.split_by!r}: not a regular expression ({e}); e.g. "
+                                "'task:scene (\\d+)'") from None
 
     def identity(self) -> dict[str, Any]:
         """The fields that decide the manifest's content (not where it goes or how work is split)."""
         keys = ("source", "repo_id", "cameras", "use_actions", "val_fraction", "split_seed", "tolerance_s",
                 "video_check")
         d = {k: to_jsonable(getattr(self, k)) for k in keys}
+        if self.split_by:  # absent when unset, so manifests made before group splits stay up to date
+            d["split_by"] = self.split_by
         d["root"] = str(Path(self.root).resolve())
         return d
 
@@ -104,7 +114,8 @@ def manifest_path(dataset: str | None, manifest: Path | None) -> Path:
 
 
 def ingest_config(src: SourceRef, *, out: Path | None = None, cameras: tuple[str, ...] = (),
-                  no_actions: bool = False, val_fraction: float | None = None, **fields: Any) -> IngestConfig:
+                  no_actions: bool = False, val_fraction: float | None = None, split_by: str | None = None,
+                  **fields: Any) -> IngestConfig:
     """The ingest config of a source: flags given win, then its registry entry, then the config's defaults."""
     spec = src.spec
     return IngestConfig(
@@ -113,6 +124,7 @@ def ingest_config(src: SourceRef, *, out: Path | None = None, cameras: tuple[str
         use_actions=not no_actions and (spec.use_actions if spec else True),
         val_fraction=val_fraction if val_fraction is not None else (spec.val_fraction if spec else
                                                                     IngestConfig.val_fraction),
+        split_by=split_by if split_by is not None else (spec.split_by if spec else ""),
         **fields)
 
 
@@ -127,11 +139,55 @@ class IngestResult:
     seconds: float = 0.0
 
 
-def split_of(source: str, episode: int, val_fraction: float, seed: int = 0) -> str:
-    """Deterministic split: a hash of (seed, source, episode) mapped to [0, 1)."""
-    h = hashlib.sha256(f"{seed}:{source}:{episode}".encode()).digest()
-    u = int.from_bytes(h[:8], "big") / 2**64
+def split_of(source: str, episode: int, val_fraction: float, seed: int = 0, group: str = "") -> str:
+    """Deterministic split: a hash of (seed, source, episode) mapped to [0, 1); with a `group` (a scene, lab,
+    date or task), of the group instead, so every episode of a group falls in the same split."""
+    key = f"{seed}:{source}:{episode}" if not group else f"{seed}:{source}:group:{group}"
+    u = int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "big") / 2**64
     return "val" if u < val_fraction else "train"
+
+
+def split_group(row: pd.Series, split_by: str, task: str) -> str:
+    """The group an episode splits with: "" for `split_by` "" (the episode itself); the task text for `task`;
+    for `task:REGEX` the regex's first group (or whole match) in the task text; else the episode metadata
+    column `split_by`. Raises ValueError (the episode fails, named) when the episode has no such value."""
+    if not split_by:
+        return ""
+    if split_by == "task":
+        return task
+    if split_by.startswith("task:"):
+        m = re.search(split_by[5:], task)
+        if m is None:
+            raise ValueError(f"--split-by {split_by!r}: the task {task!r} does not match")
+        return m.group(1) if m.groups() else m.group(0)
+    value = row.get(split_by)
+    if value is None or (isinstance(value, float) and value != value):
+        raise ValueError(f"--split-by {split_by!r}: the episode has no value in that column")
+    return _task_text(value)
+
+
+def split_summary(manifest: Path) -> str:
+    """One line: how the manifest was split, and how many episodes (and groups) each split has."""
+    df, meta = read_manifest(manifest)
+    key = meta["config"].get("split_by", "")
+    ok = df[df.status == "ok"]
+    parts = []
+    for split in ("train", "val"):
+        rows = ok[ok.split == split]
+        groups = f", {rows.split_group.nunique()} groups" if key and "split_group" in rows else ""
+        parts.append(f"{split} {len(rows)} episodes{groups}")
+    return f"split by {key or 'episode'}: " + "; ".join(parts)
+
+
+def check_groups(df: pd.DataFrame) -> None:
+    """Refuse a manifest where one split group has episodes in both splits (val would leak into train)."""
+    if "split_group" not in df or not (df.split_group != "").any():
+        return
+    grouped = df[df.split_group != ""].groupby("split_group").split.nunique()
+    straddling = sorted(grouped[grouped > 1].index)
+    if straddling:
+        raise UserError(f"split groups {straddling[:5]} have episodes in both train and val; rebuild the manifest "
+                        "with --force (the blocks were made with different split settings)")
 
 
 def _rel(meta: DatasetMeta, path: Path) -> str:
@@ -171,7 +227,8 @@ def validate_episode(
         "length": length,
         "fps": fps,
         "task": _task_text(row.get("tasks", "")),
-        "split": split_of(cfg.source, ep, cfg.val_fraction, cfg.split_seed),
+        "split": "train",
+        "split_group": "",
         "has_actions": has_actions,
         "action_dim": meta.feature_dim(ACTION_KEY) or 0,
         "state_dim": meta.feature_dim(STATE_KEY) or 0,
@@ -235,6 +292,11 @@ def validate_episode(
                     problems.append(f"{cam}: decoded {n} frames, expected {length}")
             except Exception as e:  # noqa: BLE001 - any decode failure is this episode's problem
                 problems.append(f"{cam}: {e}")
+    try:
+        out["split_group"] = split_group(row, cfg.split_by, out["task"])
+    except ValueError as e:
+        problems.append(str(e))
+    out["split"] = split_of(cfg.source, ep, cfg.val_fraction, cfg.split_seed, out["split_group"])
     out["status"] = "failed" if problems else "ok"
     out["reason"] = "; ".join(problems)
     return out
@@ -243,7 +305,8 @@ def validate_episode(
 MANIFEST_SCHEMA = pa.schema([
     ("source", pa.string()), ("repo_id", pa.string()), ("root", pa.string()),
     ("episode_index", pa.int64()), ("length", pa.int64()), ("fps", pa.float64()), ("task", pa.string()),
-    ("split", pa.string()), ("has_actions", pa.bool_()), ("action_dim", pa.int64()), ("state_dim", pa.int64()),
+    ("split", pa.string()), ("split_group", pa.string()), ("has_actions", pa.bool_()), ("action_dim", pa.int64()),
+    ("state_dim", pa.int64()),
     ("camera_keys", pa.list_(pa.string())), ("video_files", pa.list_(pa.string())),
     ("from_ts", pa.list_(pa.float64())), ("to_ts", pa.list_(pa.float64())), ("data_file", pa.string()),
     ("status", pa.string()), ("reason", pa.string()),
@@ -350,6 +413,11 @@ def run_ingest(cfg: IngestConfig, on_episode: Callable[[], None] | None = None) 
         raise UserError(f"{cfg.root}: unknown camera key(s) {unknown}; the dataset has {available}")
     if not cameras:
         raise UserError(f"{cfg.root}: the dataset has no video features; wmctl needs camera videos")
+    if cfg.split_by and cfg.split_by != "task" and not cfg.split_by.startswith("task:") and \
+            cfg.split_by not in meta.episodes.columns:
+        columns = sorted(c for c in meta.episodes.columns if not c.startswith(("stats/", "data/", "videos/")))
+        raise UserError(f"--split-by {cfg.split_by!r}: {cfg.root} has no such per-episode column; it has "
+                        f"{columns}, or use task / task:REGEX (e.g. 'task:scene (\\d+)')")
     identity = dict(cfg.identity(), cameras=cameras)
     done = _check_existing(cfg, identity, meta.info_sha256)
     if done is not None:
@@ -397,6 +465,7 @@ def run_ingest(cfg: IngestConfig, on_episode: Callable[[], None] | None = None) 
         done = [pq.read_table(p).to_pandas() for p in sorted(parts.glob("block-*.parquet"))]
         # a shard that owns no block (a SLURM array wider than the blocks) has nothing to count
         df = pd.concat(done) if done else pd.DataFrame({"status": [], "episode_index": [], "reason": []})
+    check_groups(df)
     failed = df[df.status != "ok"]
     return IngestResult(
         manifest=Path(cfg.out) if merged else None,

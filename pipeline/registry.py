@@ -35,6 +35,7 @@ class DatasetSpec:
     use_actions: bool = True
     mix_weight: float = 1.0
     val_fraction: float = 0.1
+    split_by: str = ""  # group splits: a per-episode metadata column, `task`, or `task:REGEX` (see ingest)
     description: str = ""
     path: str = ""  # the file it came from
 
@@ -84,7 +85,8 @@ def load_spec(path: Path) -> DatasetSpec:
 
 
 # the TOML type of every key: a wrong type is refused, never coerced (`use_actions = "false"` is not False)
-FIELD_TYPES = {"repo_id": "string", "root": "string", "description": "string", "cameras": "list of strings",
+FIELD_TYPES = {"repo_id": "string", "root": "string", "description": "string", "split_by": "string",
+               "cameras": "list of strings",
                "use_actions": "boolean (true/false)", "mix_weight": "number", "val_fraction": "number"}
 
 

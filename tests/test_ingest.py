@@ -234,3 +234,47 @@ def test_interrupted_ingest_resumes_from_finished_blocks(pusht_root, tmp_path):
     seen = []
     res = run_ingest(cfg, on_episode=lambda: seen.append(1))
     assert res.manifest == out and res.n_ok == 6 and len(seen) == 4  # block 0 was not redone
+
+
+def test_a_group_never_straddles_the_splits():
+    """Property: for random groups of random sizes, every episode of a group gets the group's split, and the val
+    share of groups stays near the fraction."""
+    import random
+
+    from pipeline.ingest import split_of
+
+    rng = random.Random(0)
+    for trial in range(200):
+        sizes = [rng.randint(1, 12) for _ in range(rng.randint(1, 40))]
+        frac = rng.choice([0.1, 0.2, 0.5])
+        ep = 0
+        for g, n in enumerate(sizes):
+            splits = {split_of("droid", ep + i, frac, seed=trial, group=f"lab-{g}") for i in range(n)}
+            assert len(splits) == 1, (trial, g, splits)
+            ep += n
+    many = [split_of("droid", 0, 0.2, group=f"scene-{g}") for g in range(4000)]
+    assert abs(many.count("val") / len(many) - 0.2) < 0.03
+
+
+def test_split_by_a_scene_in_the_task_text(multicam_root, tmp_path):
+    from pipeline.ingest import check_groups
+
+    out = tmp_path / "m.parquet"
+    r = runner.invoke(app, ["ingest", "--root", str(multicam_root), "--out", str(out), "--val-fraction", "0.5",
+                            "--split-by", "task:scene (\\d+)"])
+    assert r.exit_code == 0, r.output
+    df, meta = read_manifest(out)
+    assert meta["config"]["split_by"] == "task:scene (\\d+)"
+    assert set(df.split_group) == {"0", "1", "2"}  # 5 episodes, 2 per scene
+    assert (df.groupby("split_group").split.nunique() == 1).all()
+    assert "split by task:scene (\\d+): train" in r.output and "groups" in r.output
+    bad = df.copy()
+    bad.loc[bad.split_group == "0", "split"] = ["train", "val"]
+    with pytest.raises(UserError, match="both train and val"):
+        check_groups(bad)
+    r = runner.invoke(app, ["ingest", "--root", str(multicam_root), "--out", str(tmp_path / "x.parquet"),
+                            "--split-by", "lab_id"])
+    assert r.exit_code == 2 and "no such per-episode column" in r.output and "episode_index" in r.output
+    r = runner.invoke(app, ["ingest", "--root", str(multicam_root), "--out", str(tmp_path / "y.parquet"),
+                            "--split-by", "task:kitchen (\\d+)"])
+    assert r.exit_code == 1 and "does not match" in r.output  # every episode fails, named, nothing else lost

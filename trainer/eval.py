@@ -225,6 +225,7 @@ def run_eval(cfg: EvalConfig) -> dict[str, Any]:
         "model": wm.name, "kind": wm.kind, "store": str(store), "context": ctx, "horizons": list(cfg.horizons),
         "k": cfg.k, "split": cfg.split, "weights": cfg.weights, "seed": cfg.seed,
         "windows": {name: len(w.tokens) for name, w in wins.items()}, "conditions": {},
+        "splits": _splits(reader),
     }
     plan = []
     if "labelled" in wins and wm.shape.action_dim:
@@ -272,6 +273,17 @@ def run_eval(cfg: EvalConfig) -> dict[str, Any]:
     atomic_write_json(out / "eval.json", result)
     result["out"] = str(out)
     return result
+
+
+def _splits(reader: TokenReader) -> dict[str, str]:
+    """Per source: how its manifest split the episodes (by episode, or by a group such as a scene)."""
+    from pipeline.ingest import split_summary
+
+    out = {}
+    for source in reader.sources:
+        manifest = Path(reader.source_attrs(source).get("manifest", ""))
+        out[source] = split_summary(manifest) if manifest.is_file() else "manifest not found"
+    return out
 
 
 def _rollout_grids(cfg: EvalConfig, reader: TokenReader, out: Path, horizon: int) -> list[str]:

@@ -89,7 +89,10 @@ def status(
                                          "segments (exit 1 if any).")] = False,
 ) -> None:
     """Per source: episodes committed / failed / pending, frames, bytes on disk, encoder identity."""
-    console().print(status_table(store_status(store)))
+    info = store_status(store)
+    console().print(status_table(info))
+    for s in info["sources"]:
+        typer.echo(f"{s['source']}: {s['split']}")
     if verify:
         damaged = verify_store(store)
         for d in damaged:

@@ -44,6 +44,8 @@ def eval_(
     con = console()
     for table in eval_tables(result):
         con.print(table)
+    for source, split in result.get("splits", {}).items():
+        typer.echo(f"{source}: {split}")
     typer.echo(f"wrote {result['out']}/eval.json" + "".join(f", {p}" for p in result.get("plots", [])
                                                             + result.get("rollouts", [])))
 

@@ -9,7 +9,7 @@ import typer
 
 from pipeline.cli.base import console, split_list
 from pipeline.cli.progress import progress
-from pipeline.ingest import IngestConfig, IngestResult, ingest_config, run_ingest
+from pipeline.ingest import IngestConfig, IngestResult, ingest_config, run_ingest, split_summary
 from pipeline.lerobot_io import check_dataset_root
 from pipeline.registry import available, load_spec, resolve_source
 from pipeline.stage import ShardSpec, UserError
@@ -24,6 +24,9 @@ def ingest(
     no_actions: Annotated[bool, typer.Option("--no-actions", help="Treat as action-free.")] = False,
     val_fraction: Annotated[float | None, typer.Option(help="Held-out share of episodes.")] = None,
     split_seed: Annotated[int, typer.Option(help="Seed of the hash split.")] = IngestConfig.split_seed,
+    split_by: Annotated[str | None, typer.Option(help="Group split: a per-episode metadata column, task, or "
+                                                "task:REGEX (e.g. 'task:scene (\\d+)'); every episode of a group "
+                                                "in one split (default: registry / per episode).")] = None,
     video_check: Annotated[str, typer.Option(help="ends | full | none.")] = IngestConfig.video_check,
     tolerance_s: Annotated[float, typer.Option(help="Timestamp tolerance (s).")] = IngestConfig.tolerance_s,
     shard: Annotated[str | None, typer.Option(help="I/N: do blocks b with b % N == I.")] = None,
@@ -33,7 +36,7 @@ def ingest(
     src = resolve_source(dataset, root, repo_id)
     info = check_dataset_root(src.root)
     cfg = ingest_config(src, out=out, cameras=split_list(cameras), no_actions=no_actions, val_fraction=val_fraction,
-                        split_seed=split_seed, video_check=video_check, tolerance_s=tolerance_s,
+                        split_by=split_by, split_seed=split_seed, video_check=video_check, tolerance_s=tolerance_s,
                         shard=ShardSpec.parse(shard), force=force)
     with progress(f"ingest {src.name}", total=info.get("total_episodes"), unit="episodes") as advance:
         result = run_ingest(cfg, on_episode=advance)
@@ -51,6 +54,8 @@ def _summary(cfg: IngestConfig, result: IngestResult) -> None:
     else:
         typer.echo(f"manifest {result.manifest}: {result.n_ok} ok, {result.n_failed} failed "
                    f"({result.seconds:.1f}s)")
+    if result.manifest is not None:
+        typer.echo(split_summary(result.manifest))
     if result.n_failed:
         typer.echo("failed episodes are kept out of later stages; fix them and re-run with --force", err=True)
         raise typer.Exit(1)

@@ -48,6 +48,7 @@ class MulticamDataConfig:
     data_files_size_in_mb: float = 0.015  # tiny limits: ~2 episodes per data/video file, several chunk folders
     video_files_size_in_mb: float = 0.1
     chunks_size: int = 3
+    episodes_per_scene: int = 2
 
     def __post_init__(self) -> None:
         if self.episodes < 1 or not 8 <= self.min_frames <= self.max_frames:
@@ -168,7 +169,8 @@ def episode_frames(cfg: MulticamDataConfig, episode: int) -> Iterator[Frame]:
         pucks=np.stack([rng.uniform([-0.8, -0.45], [0.8, 0.45]) for _ in range(len(PUCK_COLORS))]),
     )
     arm = ScriptedArm(rng)
-    task = TASKS[int(rng.integers(len(TASKS)))]
+    # DROID-like: several episodes per scene; the scene is in the task text (ingest --split-by 'task:scene (\d+)')
+    task = f"{TASKS[int(rng.integers(len(TASKS)))]} (scene {episode // cfg.episodes_per_scene})"
     for _ in range(int(rng.integers(cfg.min_frames, cfg.max_frames + 1))):
         action = arm(world)
         frame: Frame = dict(render(world))
