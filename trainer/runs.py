@@ -117,11 +117,6 @@ class RunState:
         return f"{self.run_dir.name}/{self.checkpoint.name}"
 
 
-def run_store(path: Path) -> Path:
-    """The store a run (or checkpoint) was trained on."""
-    return RunState.read(path).store
-
-
 def saved_config(run_dir: Path) -> TrainConfig | None:
     """The config a run folder was trained with (its newest checkpoint's, else the config.json written at its
     start), or None for a folder that holds no run."""
