@@ -122,14 +122,19 @@ class TokenStore:
                 raise ConfigMismatchError(f"token store {path}", config_differences(have, wanted),
                                           "Encode into another --store, or pass --force to delete and rebuild it.")
             if not (path / "sources" / "zarr.json").is_file():  # a creator killed between the two writes
-                zarr.open_group(path / "sources", mode="a")
+                _make_group(path / "sources")
             return store
         attrs = {"schema_version": SCHEMA_VERSION, "description": STORE_DESCRIPTION, **wanted,
                  "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
         # several shards may create the store at once: identical content, atomic per-key writes
-        zarr.open_group(path, mode="a", attributes={STORE_KEY: attrs})
+        if not _make_group(path, {STORE_KEY: attrs}):  # another writer created it first: theirs must match
+            for _ in range(100):  # its zarr.json is being written
+                if (path / "zarr.json").is_file():
+                    return cls.create_or_open(path, encoder, layout)
+                time.sleep(0.05)
+            raise UserError(f"{path}: another process is creating this store and has not finished; try again")
         fault_point("store-root")
-        zarr.open_group(path / "sources", mode="a")
+        _make_group(path / "sources")
         return cls.open_existing(path)
 
     @property
@@ -152,27 +157,28 @@ class TokenStore:
         return zarr.open_group(self.source_dir(source), mode="r").attrs.get(SOURCE_KEY, {})
 
     def ensure_source(self, source: str, provenance: dict[str, Any], *, fixed_keys: tuple[str, ...]) -> None:
-        """Create the source group, or check that `fixed_keys` of its provenance did not change."""
+        """Create the source group, or check that `fixed_keys` of its provenance did not change (and record the
+        rest, e.g. a newer manifest). Safe against another writer creating the same source at the same time."""
         d = self.source_dir(source)
-        if (d / "zarr.json").is_file():
-            have = self.source_attrs(source)
-            old = {k: have.get(k) for k in fixed_keys}
-            new = json.loads(json.dumps({k: provenance.get(k) for k in fixed_keys}))
-            if old != new:
-                raise ConfigMismatchError(f"source {source!r} in {self.path}", config_differences(old, new),
-                                          "Encode it under another source name or --store, or --force.")
-            if have == json.loads(json.dumps(provenance)):
-                self._ensure_subgroups(d)  # a creator killed after the source's zarr.json left them missing
-                return
-        zarr.open_group(d, mode="a", attributes={SOURCE_KEY: provenance})
-        fault_point("source-group")
-        self._ensure_subgroups(d)
+        if not (d / "zarr.json").is_file() and _make_group(d, {SOURCE_KEY: provenance}):
+            fault_point("source-group")
+            self._ensure_subgroups(d)
+            return
+        have = self.source_attrs(source)  # made earlier, or by another writer just now
+        old = {k: have.get(k) for k in fixed_keys}
+        new = json.loads(json.dumps({k: provenance.get(k) for k in fixed_keys}))
+        if old != new:
+            raise ConfigMismatchError(f"source {source!r} in {self.path}", config_differences(old, new),
+                                      "Encode it under another source name or --store, or --force.")
+        if have != json.loads(json.dumps(provenance)):
+            zarr.open_group(d, mode="r+").attrs[SOURCE_KEY] = provenance
+        self._ensure_subgroups(d)  # a creator killed after the source's zarr.json left them missing
 
     @staticmethod
     def _ensure_subgroups(d: Path) -> None:
         for sub in ("segments", "staging", "failed"):
             if not (d / sub / "zarr.json").is_file():
-                zarr.open_group(d / sub, mode="a")
+                _make_group(d / sub)
 
     # ------------------------------------------------------------------ segments
     def committed_segments(self, source: str) -> dict[str, dict[str, Any]]:
@@ -202,7 +208,7 @@ class TokenStore:
 
     def clear_failures(self, source: str) -> None:
         shutil.rmtree(self.source_dir(source) / "failed", ignore_errors=True)
-        zarr.open_group(self.source_dir(source) / "failed", mode="a")
+        _make_group(self.source_dir(source) / "failed")
 
     def staging_entries(self, source: str) -> list[tuple[Path, bool]]:
         """(staging group, stale) for each staging group of `source`: stale when its segment is committed or when
@@ -335,6 +341,19 @@ class SegmentWriter:
 
     def abort(self) -> None:
         shutil.rmtree(self.staging, ignore_errors=True)
+
+
+def _make_group(path: Path, attributes: dict[str, Any] | None = None) -> bool:
+    """Create a group (with `attributes`), or find it created: False when another process made it first (two
+    shards or a duplicated Dask task creating the same store or source at once), True when this call wrote it
+    or it already existed without attributes to set."""
+    if (Path(path) / "zarr.json").is_file():
+        return attributes is None
+    try:
+        zarr.open_group(path, mode="a", attributes=attributes)
+        return True
+    except (zarr.errors.ContainsGroupError, FileExistsError):
+        return False
 
 
 def _round_up(n: int, k: int) -> int:
