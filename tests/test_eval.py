@@ -88,3 +88,18 @@ def test_eval_cli_defaults_to_the_newest_run(tiny_run, tmp_path, monkeypatch):
     assert "copy_last" in r.output and "linear probe" in r.output
     r = CliRunner().invoke(app, ["eval", "--horizons", "0"])
     assert r.exit_code == 2 and "positive" in r.output
+
+
+def test_horizons_past_the_trained_window_are_marked(tiny_run, tmp_path):
+    """tiny_run trained on 6-frame windows; with 3 context frames, h=6 needs 9: marked in eval.json and the table."""
+    from rich.console import Console
+
+    from trainer.eval_report import eval_tables
+
+    res = run_eval(_cfg(tiny_run, tmp_path, probe=False, plots=False))
+    assert res["context"] == 3 and res["trained_window"] == 6
+    assert res["beyond_trained_window"] == [6]
+    con = Console(record=True, width=200)
+    con.print(eval_tables(res)[0])
+    text = con.export_text()
+    assert "h=6*" in text and "h=3*" not in text and "a regime nothing trained" in text

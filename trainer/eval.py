@@ -224,6 +224,10 @@ def run_eval(cfg: EvalConfig) -> dict[str, Any]:
     result: dict[str, Any] = {
         "model": wm.name, "kind": wm.kind, "store": str(store), "context": ctx, "horizons": list(cfg.horizons),
         "k": cfg.k, "split": cfg.split, "weights": cfg.weights, "seed": cfg.seed,
+        # training saw windows of this many frames; a prediction whose context plus horizon is longer runs in a
+        # regime nothing trained (the rollout slides its window): marked, not hidden
+        "trained_window": wm.cfg.max_context(),
+        "beyond_trained_window": [h for h in cfg.horizons if ctx + h > wm.cfg.max_context()],
         "windows": {name: len(w.tokens) for name, w in wins.items()}, "conditions": {},
         "splits": _splits(reader),
     }

@@ -11,12 +11,16 @@ def eval_tables(result: dict[str, Any]) -> list:
     hs = [int(h) for h in result["horizons"]]
     tables = []
     main = result["model"]
+    beyond = set(result.get("beyond_trained_window", []))
+    caption = (f"* context + horizon exceeds the {result['trained_window']} frames training saw: a regime nothing "
+               "trained") if beyond else None
     t = Table(title=f"latent MSE (cosine distance) at horizon, {main} ({result['kind']}), context "
-                    f"{result['context']} frames, K={result['k']}, {result['split']} windows {result['windows']}")
+                    f"{result['context']} frames, K={result['k']}, {result['split']} windows {result['windows']}",
+              caption=caption)
     t.add_column("condition")
     t.add_column("model")
     for h in hs:
-        t.add_column(f"h={h}", justify="right")
+        t.add_column(f"h={h}{'*' if h in beyond else ''}", justify="right")
     for cond, entry in result["conditions"].items():
         for name, errs in entry.items():
             best = {h: min(e["mse"][h] for e in entry.values()) for h in hs}
