@@ -18,21 +18,12 @@ import torch
 
 from pipeline.machine import bench_device, machine, timed
 from pipeline.stage import UserError
+from trainer.api import LoadedWorldModel
 from trainer.config import preset
-from trainer.model.dynamics import ShortcutDynamics
 from trainer.sampling import rollout_cached, rollout_uncached
-from trainer.tokens import TokenShape
 
 # dense bf16 peak of the GPUs this project is run on (for MFU); others report achieved FLOP/s only
 PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12}
-
-
-def _model(preset_name: str, grid: tuple[int, int], enc_dim: int, action_dim: int, dev: torch.device,
-           dtype: torch.dtype) -> ShortcutDynamics:
-    cfg = preset(preset_name)
-    shape = TokenShape(cameras=1, grid=grid, enc_dim=enc_dim, action_dim=action_dim * cfg.frameskip)
-    torch.manual_seed(0)
-    return ShortcutDynamics(cfg.model, shape).to(dev, dtype).eval()
 
 
 def bench_rollout(*, preset_name: str = "small", horizon: int = 20, context: int = 4, batch: int = 8, k: int = 4,
@@ -46,7 +37,8 @@ def bench_rollout(*, preset_name: str = "small", horizon: int = 20, context: int
     """
     dev = bench_device(device)
     dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
-    model = _model(preset_name, grid, enc_dim, 2, dev, dtype)
+    model = LoadedWorldModel.fresh(preset_name, grid=grid, enc_dim=enc_dim, action_dim=2, device=str(dev),
+                                   dtype=dtype).model
     window = window or context + horizon
     z = torch.randn(batch, context, grid[0] * grid[1], enc_dim, device=dev, dtype=dtype)
     a = torch.randn(batch, context + horizon, model.shape.action_dim, device=dev, dtype=dtype)
@@ -110,8 +102,6 @@ def bench_train(*, store: Path, preset_name: str = "small", steps: int = 30, out
     step_s = statistics.median(r["step_time"] for r in body)
     wait = sum(r["data_wait"] for r in body) / sum(r["step_time"] for r in body)
     tok_s = statistics.median(r["tokens_per_s"] for r in body)
-    from trainer.api import LoadedWorldModel
-
     wm = LoadedWorldModel.load(out)
     used = bench_device(device)
     result = {"preset": preset_name, "device": str(used), **machine(), "steps_timed": len(body),

@@ -298,8 +298,7 @@ def train_config(preset_name: str | None, *, kind: str | None = "shortcut",
         return build(preset(preset_name or "small"))
     cfg = build(base)
     if preset_name is not None:
-        diffs = [d for d in config_differences(to_jsonable(cfg), to_jsonable(build(preset(preset_name))))
-                 if d.split(":")[0].split(".")[0] not in RESUMABLE_FIELDS]
+        diffs = learned_differences(to_jsonable(cfg), to_jsonable(build(preset(preset_name))))
         if diffs:
             raise ConfigMismatchError(f"the run being resumed (against --preset {preset_name})", diffs,
                                       "Resume with `--out RUN --resume` alone: the run's saved config is used")
@@ -310,6 +309,11 @@ def train_config(preset_name: str | None, *, kind: str | None = "shortcut",
 # node-local disk; its encoder identity is checked instead of its path)
 RESUMABLE_FIELDS = {"steps", "log_every", "eval_every", "ckpt_every", "keep_last", "num_workers", "val_windows",
                     "out", "device", "compile", "store"}
+
+
+def learned_differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """`config_differences` of two saved configs, less the fields a resumed run may change."""
+    return [d for d in config_differences(old, new) if d.split(":")[0].split(".")[0] not in RESUMABLE_FIELDS]
 
 
 def config_from_dict(d: dict[str, Any]) -> TrainConfig:

@@ -35,12 +35,11 @@ from pipeline.stage import (
     UserError,
     atomic_write_bytes,
     atomic_write_json,
-    config_differences,
     fault_point,
     to_jsonable,
 )
 from trainer.checkpoint import latest_checkpoint, load_optimizer, load_weights, save_checkpoint
-from trainer.config import RESUMABLE_FIELDS, TrainConfig
+from trainer.config import TrainConfig, learned_differences
 from trainer.data import (
     LABELLED,
     SAMPLE_IDS,
@@ -149,7 +148,7 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
 
 def _check_resume_config(saved: dict[str, Any], cfg: TrainConfig) -> None:
     now = to_jsonable(cfg)
-    diffs = [d for d in config_differences(saved, now) if d.split(":")[0].split(".")[0] not in RESUMABLE_FIELDS]
+    diffs = learned_differences(saved, now)
     if diffs:
         raise ConfigMismatchError("the run being resumed", diffs, "Resume with the same config, or start a new --out.")
 

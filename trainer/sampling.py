@@ -172,8 +172,6 @@ def rollout_cached(model: ShortcutDynamics, context_BTNZ: torch.Tensor, actions_
     """Generate `horizon` frames after the clean context [B, Tc, N, Z]. actions[:, t] leads into frame t
     (covering context + horizon); valid=False means the null action. Returns [B, H, N, Z]. Differentiable
     (callers that need no gradient wrap it in torch.no_grad())."""
-    if k < 1 or k & (k - 1) or k > model.cfg.k_max:
-        raise ValueError(f"k={k} must be a power of two <= k_max={model.cfg.k_max}")
     actions_BTA, valid_BT = _prepare(context_BTNZ, actions_BTA, valid_BT, horizon)
     pre = prefill(model, context_BTNZ, actions_BTA, valid_BT, ctx_noise=ctx_noise, window=window,
                   generator=generator, shared_noise=shared_noise)
