@@ -90,16 +90,72 @@ def test_eval_cli_defaults_to_the_newest_run(tiny_run, tmp_path, monkeypatch):
     assert r.exit_code == 2 and "positive" in r.output
 
 
-def test_horizons_past_the_trained_window_are_marked(tiny_run, tmp_path):
-    """tiny_run trained on 6-frame windows; with 3 context frames, h=6 needs 9: marked in eval.json and the table."""
+def test_horizons_past_the_trained_window_slide_it(tiny_run, tmp_path):
+    """tiny_run trained on 6-frame windows; with 3 context frames, h=6 needs 9: the rollout slides the window
+    (every prediction inside the trained regime, tested against the uncached reference in test_trainer_model),
+    eval.json says after which horizon, and a context the model never saw is refused."""
     from rich.console import Console
 
     from trainer.eval_report import eval_tables
 
     res = run_eval(_cfg(tiny_run, tmp_path, probe=False, plots=False))
     assert res["context"] == 3 and res["trained_window"] == 6
-    assert res["beyond_trained_window"] == [6]
-    con = Console(record=True, width=200)
+    assert res["slides_after_horizon"] == {res["model"]: 3}
+    con = Console(record=True, width=250)
     con.print(eval_tables(res)[0])
-    text = con.export_text()
-    assert "h=6*" in text and "h=3*" not in text and "a regime nothing trained" in text
+    assert "slide the trained 6-frame window" in con.export_text()
+    with pytest.raises(UserError, match="--context 6: .* at most 5 context frames"):
+        run_eval(_cfg(tiny_run, tmp_path, probe=False, plots=False, context=6))
+
+
+def test_energy_score_matches_a_hand_computed_value():
+    from trainer.eval import energy_score
+
+    # samples (0,0) and (3,4), truth (0,4): mean distance (4 + 3) / 2 = 3.5, minus |x1 - x2| = 5 weighted
+    # 2 / (2 * 2^2) = 1/4 -> 3.5 - 1.25 = 2.25; one sample: its distance
+    xs = np.array([[[0.0, 0.0]], [[3.0, 4.0]]])
+    y = np.array([[0.0, 4.0]])
+    assert energy_score(xs, y) == pytest.approx([2.25])
+    assert energy_score(xs[:1], y) == pytest.approx([4.0])
+    # a proper score: the right spread beats a collapsed one for a 1-D standard normal truth (expected values)
+    rng = np.random.default_rng(0)
+    truth = rng.standard_normal((4000, 1))
+    right = rng.standard_normal((8, 4000, 1))
+    collapsed = np.zeros((8, 4000, 1))
+    assert energy_score(right, truth).mean() < energy_score(collapsed, truth).mean()
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_sample_mean_mse_never_exceeds_the_mean_single_sample_mse(seed):
+    from trainer.eval import moving_tokens, window_scores
+
+    rng = np.random.default_rng(seed)
+    S, W, P, Z = int(rng.integers(1, 6)), 3, 10, 4
+    samples, truth = rng.standard_normal((S, W, P, Z)) * rng.uniform(0.1, 3), rng.standard_normal((W, P, Z))
+    for mask in (None, moving_tokens(truth, rng.standard_normal((W, P, Z)), 0.2)):
+        sc = window_scores(samples, truth, mask)
+        assert (sc["mse"] <= sc["mse_single"] + 1e-12).all()
+        if S == 1:  # one sample: the energy score is its RMSE
+            np.testing.assert_allclose(sc["energy"], np.sqrt(sc["mse"]))
+    mask = moving_tokens(truth, truth * 0, 0.2)
+    assert (mask.sum(1) == 2).all()  # the top 20% of 10 tokens by |change|^2 (here |truth|^2)
+    norms = (truth**2).sum(-1)
+    assert (norms[mask].reshape(W, 2).min(1) >= np.where(mask, -np.inf, norms).max(1)).all()
+
+
+def test_a_sampler_is_scored_on_several_samples_and_baselines_on_one(tiny_run, tmp_path):
+    res = run_eval(_cfg(tiny_run, tmp_path, probe=False, plots=False, samples=3, k_sweep=(1, 2)))
+    entry = res["conditions"]["actions"]
+    mine, copy = entry[res["model"]], entry["copy_last"]
+    assert mine["samples"] == 3 and copy["samples"] == 1
+    for h in (1, 3, 6):
+        assert mine["mse"][h] <= mine["mse_single"][h]  # the mean of 3 samples beats one sample on average
+        assert copy["mse"][h] == pytest.approx(copy["mse_single"][h])
+        assert copy["energy"][h] > 0 and mine["mse_moving"][h] > 0
+    # moving tokens changed more than the average token: copy-last is worse on them
+    assert all(copy["mse_moving"][h] > copy["mse"][h] for h in (1, 3, 6))
+    one = run_eval(_cfg(tiny_run, tmp_path, probe=False, plots=False, samples=1, k_sweep=(1, 2)))
+    single = one["conditions"]["actions"][one["model"]]
+    assert single["samples"] == 1 and all(single["mse"][h] == pytest.approx(single["mse_single"][h]) for h in (1, 3, 6))
+    assert single["mse"][6] > mine["mse"][6]  # one sample carries the predictive variance the mean of 3 averages out
+    assert set(res["k_sweep"]["energy"]) == {"1", "2"} and res["k_sweep"]["samples"] == 3

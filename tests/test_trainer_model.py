@@ -261,7 +261,7 @@ def test_planning_rollout_commits_the_context_once_and_matches_the_reference_at_
             pre = prefill(m, ctx, a[:1], v[:1], ctx_noise=0.1, window=window, generator=g, shared_noise=True)
             assert calls == [Tc]  # the whole context in one pass
             got = generate(m, pre.expand(S), a[:, :Tc + horizon], v[:, :Tc + horizon], horizon=horizon, k=k,
-                           ctx_noise=0.1, generator=g, shared_noise=True)
+                           ctx_noise=0.1, window=window, generator=g, shared_noise=True)
             del m.denoise
             assert len(calls) - 1 == horizon * k  # H x K passes
             assert calls[1:].count(2) == horizon - 1  # each generated frame but the last is committed with the next
@@ -336,3 +336,26 @@ def test_frame_error_weighs_the_state_against_the_patches():
     p, s = split_state(diff, PSHAPE)
     torch.testing.assert_close(p, patches)
     torch.testing.assert_close(s, state)
+
+
+@pytest.mark.parametrize("k", [1, 4])
+@torch.no_grad()
+def test_rollout_of_three_windows_slides_and_stays_equal_to_the_uncached_reference_at_every_step(k):
+    """Past the trained window the cached rollout re-commits the last window - 1 frames from position 0, so every
+    prediction sees what training saw; it equals the uncached reference (which recomputes each window) at every
+    one of 3x window steps, for a context longer than the window too."""
+    m = _model()
+    window = 4
+    for Tc in (2, 6):
+        H = 3 * window
+        z, _, _, a, v = _inputs(B=2, T=Tc + H)
+        kw = dict(horizon=H, k=k, ctx_noise=0.1, window=window)
+        cached = rollout_cached(m, z[:, :Tc], a, v, generator=torch.Generator().manual_seed(3), **kw)
+        ref = rollout_uncached(m, z[:, :Tc], a, v, generator=torch.Generator().manual_seed(3), **kw)
+        err = (cached - ref).abs().amax(dim=(0, 2, 3))
+        assert err.shape == (H,) and float(err.max()) < 1e-4, err
+        assert cached.abs().max() < 50  # a sane scale, not a blown-up regime nothing trained
+        # positions matter: an unbounded window (what the cache did before) gives different frames past it
+        free = rollout_cached(m, z[:, :Tc], a, v, generator=torch.Generator().manual_seed(3),
+                              **{**kw, "window": Tc + H})
+        assert (free[:, -1] - cached[:, -1]).abs().max() > 1e-3

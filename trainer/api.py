@@ -89,6 +89,17 @@ class LoadedWorldModel:
         return self.cfg.model.kind
 
     @property
+    def sampler(self) -> bool:
+        """True for a generative model (the shortcut dynamics: each rollout is one sample); deterministic models
+        (the teacher-forced baseline, the deterministic control) give one answer."""
+        return self.kind == "shortcut"
+
+    @property
+    def max_context_frames(self) -> int:
+        """The most context frames a first prediction can see (the rest of the window is the frame predicted)."""
+        return self.cfg.max_context() - 1
+
+    @property
     def window(self) -> int:
         """Frames the model attends to: its training window (the teacher-forced model takes one fewer)."""
         return self.cfg.max_context() - (1 if self.kind == "teacher_forced" else 0)
@@ -181,7 +192,7 @@ class LoadedWorldModel:
                 g = torch.Generator()
                 g.set_state(noise_state)
                 return generate(self.model, pre.expand(S), acts, valid, horizon=H, k=k, ctx_noise=self.cfg.ctx_noise,
-                                generator=g, shared_noise=True)
+                                window=self.window, generator=g, shared_noise=True)
 
         return rollout
 

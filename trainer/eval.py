@@ -1,17 +1,25 @@
 """`wmctl eval`: how far ahead can the model be trusted, with and without actions, against baselines?
 
 On held-out episodes: from each context, roll out h frames and compare with the encoded truth at
-horizons 1, 5, 10, 20 (MSE on normalised patch tokens, cosine distance on raw tokens) for (a) labelled
-clips with their actions, (b) the same clips with the null action, (c) action-free clips; copy-last and
-any other checkpoint (e.g. the teacher-forced baseline) on the same windows; error against the number of
-sampling steps K; and a linear probe from latents to proprio state (fit on train, R^2 on val, for true and
-predicted latents). Every model reads the raw tokens through its own statistics; errors are measured in
-the evaluated model's normalisation. Deterministic given the seed.
+horizons 1, 5, 10, 20 for (a) labelled clips with their actions, (b) the same clips with the null action,
+(c) action-free clips; copy-last and any other checkpoint (the `dinowm` teacher-forced baseline, the
+deterministic control) on the same windows; error against the number of sampling steps K; and a linear probe
+from latents to proprio state (fit on train, R^2 on val, for true and predicted latents).
+
+A sampler is scored as one: N samples per window (`samples`; 1 for deterministic models), the MSE of their
+mean (what a deterministic model's MSE compares with), the mean single-sample MSE (the mean's MSE plus the
+predictive variance) and the energy score (a proper score of the sample set: it rewards the right spread and
+penalises both over- and under-dispersion), on all patch tokens, on the "moving" tokens (the top fraction by
+true change since the last context frame: static background cannot hide a wrong moving part) and per camera.
+Rollouts never leave the trained regime: past the training window they slide it (`trainer.sampling`).
+Every model reads the raw tokens through its own statistics; errors are measured in the evaluated model's
+normalisation. Deterministic given the seed.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import time
 from pathlib import Path
@@ -42,6 +50,8 @@ class EvalConfig:
     windows_per_episode: int = 4
     context: int | None = None  # context frames (default: half the model's window)
     k: int = 4
+    samples: int = 4  # samples per window for a sampler (deterministic models: 1)
+    moving_fraction: float = 0.1  # "moving" tokens: this top fraction by true change over the horizon
     k_sweep: tuple[int, ...] | None = None  # default: powers of two up to min(16, k_max)
     weights: str = "ema"
     baselines: tuple[Path, ...] = ()
@@ -59,6 +69,10 @@ class EvalConfig:
             raise UserError("--horizons must be positive integers, e.g. 1,5,10,20")
         if self.weights not in ("ema", "model"):
             raise UserError("weights must be ema or model")
+        if self.samples < 1:
+            raise UserError("--samples must be >= 1")
+        if not 0 < self.moving_fraction <= 1:
+            raise UserError("--moving-fraction must be in (0, 1]")
 
 
 @dataclasses.dataclass
@@ -119,8 +133,9 @@ def collect_windows(reader: TokenReader, wm: LoadedWorldModel, cfg: EvalConfig, 
 
 
 def predict(wm: LoadedWorldModel, win: Windows, ctx: int, horizon: int, *, use_actions: bool, k: int, seed: int,
-            batch_size: int) -> np.ndarray:
-    """Raw-token predictions [W, H, N, Z] of `wm` for the frames after `ctx` context frames."""
+            batch_size: int, sample: int = 0) -> np.ndarray:
+    """Raw-token predictions [W, H, N, Z] of `wm` for the frames after `ctx` context frames (sample `sample`:
+    its own noise, for a sampler)."""
     outs = []
     for i in range(0, len(win.tokens), batch_size):
         sl = slice(i, i + batch_size)
@@ -134,21 +149,94 @@ def predict(wm: LoadedWorldModel, win: Windows, ctx: int, horizon: int, *, use_a
         else:
             acts = torch.zeros(B, ctx + horizon, wm.shape.action_dim, device=z.device)
             valid = torch.zeros(B, ctx + horizon, dtype=torch.bool, device=z.device)
-        g = torch.Generator().manual_seed(seed * 7919 + i)
+        g = torch.Generator().manual_seed(seed * 7919 + i + sample * 1_000_003)
         pred = wm.rollout(z, acts, horizon=horizon, valid_BT=valid, k=k, generator=g)
         outs.append(wm.denormalize(pred).cpu().numpy())
     return np.concatenate(outs)
 
 
-def errors(ref: LoadedWorldModel, pred_raw: np.ndarray, true_raw: np.ndarray, horizons: tuple[int, ...]
-           ) -> dict[str, dict[int, float]]:
-    """MSE in `ref`'s normalisation and mean cosine distance of raw tokens, at each horizon."""
-    std = ref.stats.token_std
-    out: dict[str, dict[int, float]] = {"mse": {}, "cosine": {}}
-    for h in horizons:
-        p, t = pred_raw[:, h - 1].astype(np.float64), true_raw[:, h - 1].astype(np.float64)
-        out["mse"][h] = float((((p - t) / std) ** 2).mean())
-        cos = (p * t).sum(-1) / (np.linalg.norm(p, axis=-1) * np.linalg.norm(t, axis=-1) + 1e-12)
+def samples_of(wm: LoadedWorldModel, cfg: EvalConfig) -> int:
+    """How many samples per window score `wm`: `cfg.samples` for a sampler, 1 for a deterministic model."""
+    return cfg.samples if wm.sampler else 1
+
+
+def sample_set(wm: LoadedWorldModel, win: Windows, ctx: int, cfg: EvalConfig, *, use_actions: bool, k: int
+               ) -> np.ndarray:
+    """[S, W, len(horizons), N, Z] raw predictions at the evaluated horizons, S = samples_of(wm)."""
+    H, idx = max(cfg.horizons), [h - 1 for h in cfg.horizons]
+    return np.stack([predict(wm, win, ctx, H, use_actions=use_actions, k=k, seed=cfg.seed,
+                             batch_size=cfg.batch_size, sample=s)[:, idx] for s in range(samples_of(wm, cfg))])
+
+
+def energy_score(samples_SWD: np.ndarray, truth_WD: np.ndarray) -> np.ndarray:
+    """Energy score of each window's sample set [S, W, D] against the truth [W, D] (Gneiting & Raftery 2007):
+    ES = mean_i |x_i - y| - 1/(2 S^2) sum_ij |x_i - x_j| (Euclidean norms). Lower is better; a proper score
+    (the true distribution minimises it in expectation), for one sample the distance. -> [W]."""
+    S = samples_SWD.shape[0]
+    first = np.linalg.norm(samples_SWD - truth_WD[None], axis=-1).mean(0)
+    spread = np.zeros_like(first)
+    for i in range(S):
+        for j in range(i + 1, S):
+            spread += np.linalg.norm(samples_SWD[i] - samples_SWD[j], axis=-1)
+    return first - spread / S**2  # the sum over i < j is half the sum over all pairs
+
+
+def moving_tokens(truth_WPZ: np.ndarray, last_WPZ: np.ndarray, fraction: float) -> np.ndarray:
+    """[W, P] mask of each window's tokens whose true change since the last context frame (squared norm, in the
+    scoring normalisation) is in the top `fraction` (at least one token)."""
+    change = ((truth_WPZ - last_WPZ) ** 2).sum(-1)
+    n = max(1, int(np.ceil(fraction * change.shape[1])))
+    top = np.argpartition(-change, n - 1, axis=1)[:, :n]
+    mask = np.zeros(change.shape, dtype=bool)
+    np.put_along_axis(mask, top, True, axis=1)
+    return mask
+
+
+def window_scores(samples_SWPZ: np.ndarray, truth_WPZ: np.ndarray, mask_WP: np.ndarray | None = None
+                  ) -> dict[str, np.ndarray]:
+    """Per window [W]: MSE of the sample mean, mean single-sample MSE, energy score / sqrt(scored values) (so
+    a single sample scores its RMSE, comparable across token subsets), on the tokens of `mask` (all if None)."""
+    S, W, P, Z = samples_SWPZ.shape
+    m = np.ones((W, P), dtype=bool) if mask_WP is None else mask_WP
+    count = m.sum(1) * Z  # scored values per window
+    mf = m[..., None]
+    mse_mean = (((samples_SWPZ.mean(0) - truth_WPZ) ** 2) * mf).sum((1, 2)) / count
+    mse_single = ((((samples_SWPZ - truth_WPZ) ** 2) * mf).sum((2, 3)) / count).mean(0)
+    es = energy_score((samples_SWPZ * mf).reshape(S, W, -1), (truth_WPZ * mf).reshape(W, -1)) / np.sqrt(count)
+    return {"mse": mse_mean, "mse_single": mse_single, "energy": es}
+
+
+def errors(ref: LoadedWorldModel, samples_raw: np.ndarray, true_raw: np.ndarray, last_raw: np.ndarray,
+           horizons: tuple[int, ...], *, moving_fraction: float = 0.1, cameras: list[str] | None = None
+           ) -> dict[str, Any]:
+    """Scores of a sample set [S, W, len(horizons), P, Z] (raw tokens) against the truth [W, len(horizons), P, Z],
+    in `ref`'s normalisation: the window means of `window_scores` on all tokens, on the moving tokens (suffix
+    `_moving`, moving relative to the last context frame `last_raw` [W, P, Z]) and per camera; the cosine
+    distance of the sample mean to the truth on raw tokens."""
+    mean, std = ref.stats.token_mean.astype(np.float64), ref.stats.token_std.astype(np.float64)
+    S, W, _, P, Z = samples_raw.shape
+    last = (last_raw.astype(np.float64) - mean) / std
+    cams = cameras or []
+    out: dict[str, Any] = {"samples": S, "mse": {}, "mse_single": {}, "energy": {}, "mse_moving": {},
+                           "mse_single_moving": {}, "energy_moving": {}, "cosine": {}}
+    if len(cams) > 1:
+        out["cameras"] = {c: {"mse": {}, "mse_single": {}, "energy": {}} for c in cams}
+    for j, h in enumerate(horizons):
+        x = (samples_raw[:, :, j].astype(np.float64) - mean) / std
+        t = (true_raw[:, j].astype(np.float64) - mean) / std
+        for key, v in window_scores(x, t).items():
+            out[key][h] = float(v.mean())
+        for key, v in window_scores(x, t, moving_tokens(t, last, moving_fraction)).items():
+            out[f"{key}_moving"][h] = float(v.mean())
+        if len(cams) > 1:
+            per = P // len(cams)
+            for c, name in enumerate(cams):
+                m = np.zeros((W, P), dtype=bool)
+                m[:, c * per:(c + 1) * per] = True
+                for key, v in window_scores(x, t, m).items():
+                    out["cameras"][name][key][h] = float(v.mean())
+        p, tr = samples_raw[:, :, j].astype(np.float64).mean(0), true_raw[:, j].astype(np.float64)
+        cos = (p * tr).sum(-1) / (np.linalg.norm(p, axis=-1) * np.linalg.norm(tr, axis=-1) + 1e-12)
         out["cosine"][h] = float((1 - cos).mean())
     return out
 
@@ -216,18 +304,25 @@ def run_eval(cfg: EvalConfig) -> dict[str, Any]:
         if b.cfg.frameskip != wm.cfg.frameskip:
             raise UserError(f"baseline {b.name} uses frameskip {b.cfg.frameskip}, the model {wm.cfg.frameskip}")
     ctx = cfg.context or max(1, wm.window // 2)
+    for m in (wm, *baselines):
+        if ctx > m.max_context_frames:
+            raise UserError(f"--context {ctx}: {m.name} was trained on {m.cfg.max_context()}-frame windows and sees "
+                            f"at most {m.max_context_frames} context frames; lower --context")
     H = max(cfg.horizons)
     k_sweep = cfg.k_sweep or tuple(2**i for i in range(0, 5) if 2**i <= wm.cfg.model.k_max)
-    if cfg.k > wm.cfg.model.k_max or cfg.k & (cfg.k - 1):
+    if wm.sampler and (cfg.k > wm.cfg.model.k_max or cfg.k & (cfg.k - 1)):
         raise UserError(f"--k {cfg.k} must be a power of two <= k_max {wm.cfg.model.k_max}")
     wins = collect_windows(reader, wm, cfg, ctx)
+    cams = camera_names(reader, wm)
     result: dict[str, Any] = {
         "model": wm.name, "kind": wm.kind, "store": str(store), "context": ctx, "horizons": list(cfg.horizons),
         "k": cfg.k, "split": cfg.split, "weights": cfg.weights, "seed": cfg.seed,
-        # training saw windows of this many frames; a prediction whose context plus horizon is longer runs in a
-        # regime nothing trained (the rollout slides its window): marked, not hidden
+        "samples": {m.name: samples_of(m, cfg) for m in (wm, *baselines)}, "moving_fraction": cfg.moving_fraction,
+        "cameras": cams,
+        # training saw windows of this many frames; every prediction attends to at most that many (rollouts
+        # longer than the window slide it, see trainer.sampling), so no horizon runs in an untrained regime
         "trained_window": wm.cfg.max_context(),
-        "beyond_trained_window": [h for h in cfg.horizons if ctx + h > wm.cfg.max_context()],
+        "slides_after_horizon": {m.name: m.window - ctx for m in (wm, *baselines)},
         "windows": {name: len(w.tokens) for name, w in wins.items()}, "conditions": {},
         "splits": _splits(reader),
     }
@@ -239,29 +334,31 @@ def run_eval(cfg: EvalConfig) -> dict[str, Any]:
     if "free" in wins:
         plan += [("action_free", wins["free"], False)]
     preds: dict[str, np.ndarray] = {}
+    idx = [h - 1 for h in cfg.horizons]
+    score = functools.partial(errors, wm, horizons=cfg.horizons, moving_fraction=cfg.moving_fraction, cameras=cams)
     for cond, win, use in plan:
-        truth = win.tokens[:, ctx:]
+        truth, last = win.tokens[:, ctx:][:, idx], win.tokens[:, ctx - 1]
         entry = {}
-        pred = predict(wm, win, ctx, H, use_actions=use, k=cfg.k, seed=cfg.seed, batch_size=cfg.batch_size)
-        preds[cond] = pred
-        entry[wm.name] = errors(wm, pred, truth, cfg.horizons)
-        copy = np.repeat(win.tokens[:, ctx - 1:ctx], H, axis=1)
-        entry["copy_last"] = errors(wm, copy, truth, cfg.horizons)
-        for b in baselines:
-            bp = predict(b, win, ctx, H, use_actions=use and b.shape.action_dim > 0, k=cfg.k, seed=cfg.seed,
-                         batch_size=cfg.batch_size)
-            entry[b.name] = errors(wm, bp, truth, cfg.horizons)
+        samples = sample_set(wm, win, ctx, cfg, use_actions=use, k=cfg.k)
+        preds[cond] = samples.mean(0)  # the probe reads the sample mean
+        entry[wm.name] = score(samples, truth, last)
+        entry["copy_last"] = score(np.repeat(last[None, :, None], len(idx), axis=2), truth, last)
+        for bl in baselines:
+            entry[bl.name] = score(sample_set(bl, win, ctx, cfg, use_actions=use and bl.shape.action_dim > 0,
+                                              k=cfg.k), truth, last)
         result["conditions"][cond] = entry
-    if wm.kind == "shortcut" and plan:
+    if wm.sampler and plan:
         cond, win, use = plan[0]
-        sweep = {}
-        for k in k_sweep:
-            p = predict(wm, win, ctx, H, use_actions=use, k=k, seed=cfg.seed, batch_size=cfg.batch_size)
-            sweep[k] = errors(wm, p, win.tokens[:, ctx:], cfg.horizons)["mse"]
-        means = {k: float(np.mean(list(v.values()))) for k, v in sweep.items()}
-        best = min(means, key=means.get)
-        result["k_sweep"] = {"condition": cond, "mse": {str(k): v for k, v in sweep.items()}, "mean_mse": means,
-                             "best_k": best, "k_within_10pct_of_best": means.get(cfg.k, np.inf) <= 1.1 * means[best]}
+        truth, last = win.tokens[:, ctx:][:, idx], win.tokens[:, ctx - 1]
+        sweep = {k: score(sample_set(wm, win, ctx, cfg, use_actions=use, k=k), truth, last) for k in k_sweep}
+        means = {k: float(np.mean(list(v["mse"].values()))) for k, v in sweep.items()}
+        energy = {k: float(np.mean(list(v["energy"].values()))) for k, v in sweep.items()}
+        best = min(energy, key=energy.get)
+        result["k_sweep"] = {"condition": cond, "samples": samples_of(wm, cfg),
+                             **{key: {str(k): v[key] for k, v in sweep.items()} for key in ("mse", "mse_single",
+                                                                                           "energy")},
+                             "mean_mse": means, "mean_energy": energy, "best_k": best,
+                             "k_within_10pct_of_best": energy.get(cfg.k, np.inf) <= 1.1 * energy[best]}
     if cfg.probe:
         result["probe"] = _probe(reader, wm, cfg, wins, preds, ctx)
     result["seconds"] = time.monotonic() - t0
@@ -277,6 +374,16 @@ def run_eval(cfg: EvalConfig) -> dict[str, Any]:
     atomic_write_json(out / "eval.json", result)
     result["out"] = str(out)
     return result
+
+
+def camera_names(reader: TokenReader, wm: LoadedWorldModel) -> list[str]:
+    """The camera keys of the model's frames in token order (from the first training source with as many)."""
+    for source in wm.cfg.sources or reader.sources:
+        if source in reader.sources:
+            keys = list(reader.source_attrs(source).get("cameras", []))
+            if len(keys) == wm.shape.cameras:
+                return [str(k) for k in keys]
+    return [f"camera_{i}" for i in range(wm.shape.cameras)]
 
 
 def _splits(reader: TokenReader) -> dict[str, str]:
@@ -319,11 +426,11 @@ def _probe(reader, wm, cfg, wins, preds, ctx) -> dict[str, Any] | None:
         win = wins["labelled" if cond != "action_free" else "free"]
         st = win.frame_states[:, ctx:]
         row = {"true_latents": {}, "predicted_latents": {}}
-        for h in cfg.horizons:
+        for j, h in enumerate(cfg.horizons):  # pred holds the evaluated horizons only (the sample mean)
             y = st[:, h - 1]
             if not np.isfinite(y).all() or y.shape[1] == 0:
                 continue
             row["true_latents"][h] = r2(y, (_probe_features(wm, win.tokens[:, ctx + h - 1], proj) - xm) @ W + ym)
-            row["predicted_latents"][h] = r2(y, (_probe_features(wm, pred[:, h - 1], proj) - xm) @ W + ym)
+            row["predicted_latents"][h] = r2(y, (_probe_features(wm, pred[:, j], proj) - xm) @ W + ym)
         out[cond] = row
     return out

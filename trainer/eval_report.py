@@ -5,44 +5,68 @@ from __future__ import annotations
 from typing import Any
 
 
+def _cells(errs: dict, hs: list[int], keys: tuple[str, ...], best: dict[int, float] | None = None) -> list[str]:
+    cells = []
+    for h in hs:
+        txt = " / ".join(f"{errs[k][h]:.3f}" for k in keys)
+        cells.append(f"[bold green]{txt}[/]" if best is not None and errs["mse"][h] == best[h] else txt)
+    return cells
+
+
 def eval_tables(result: dict[str, Any]) -> list:
     from rich.table import Table
 
     hs = [int(h) for h in result["horizons"]]
     tables = []
     main = result["model"]
-    beyond = set(result.get("beyond_trained_window", []))
-    caption = (f"* context + horizon exceeds the {result['trained_window']} frames training saw: a regime nothing "
-               "trained") if beyond else None
-    t = Table(title=f"latent MSE (cosine distance) at horizon, {main} ({result['kind']}), context "
-                    f"{result['context']} frames, K={result['k']}, {result['split']} windows {result['windows']}",
-              caption=caption)
+    samples = result.get("samples", {})
+    t = Table(title=f"{main} ({result['kind']}), context {result['context']} frames, K={result['k']}, "
+                    f"{result['split']} windows {result['windows']}: per horizon, MSE of the sample mean / mean "
+                    f"single-sample MSE / energy score / MSE of the mean on moving tokens (top "
+                    f"{result.get('moving_fraction', 0.1):.0%} by true change); normalised tokens, lower is better",
+              caption=f"rollouts slide the trained {result['trained_window']}-frame window (every horizon inside "
+                      "the trained regime); bold: lowest sample-mean MSE")
     t.add_column("condition")
-    t.add_column("model")
+    t.add_column("model (samples)")
     for h in hs:
-        t.add_column(f"h={h}{'*' if h in beyond else ''}", justify="right")
+        t.add_column(f"h={h}", justify="right")
+    keys = ("mse", "mse_single", "energy", "mse_moving")
     for cond, entry in result["conditions"].items():
+        best = {h: min(e["mse"][h] for e in entry.values()) for h in hs}
         for name, errs in entry.items():
-            best = {h: min(e["mse"][h] for e in entry.values()) for h in hs}
-            cells = []
-            for h in hs:
-                txt = f"{errs['mse'][h]:.4f} ({errs['cosine'][h]:.3f})"
-                cells.append(f"[bold green]{txt}[/]" if errs["mse"][h] == best[h] else txt)
-            t.add_row(cond.replace("_", " "), "this model" if name == main else name, *cells)
+            label = "this model" if name == main else name
+            t.add_row(cond.replace("_", " "), f"{label} ({errs.get('samples', samples.get(name, 1))})",
+                      *_cells(errs, hs, keys, best))
         t.add_section()
     tables.append(t)
+    cams = result.get("cameras") or []
+    if len(cams) > 1:
+        t = Table(title="per camera: MSE of the sample mean / energy score")
+        t.add_column("condition")
+        t.add_column("model")
+        t.add_column("camera")
+        for h in hs:
+            t.add_column(f"h={h}", justify="right")
+        for cond, entry in result["conditions"].items():
+            for name, errs in entry.items():
+                for cam, row in errs.get("cameras", {}).items():
+                    t.add_row(cond.replace("_", " "), "this model" if name == main else name, cam,
+                              *_cells(row, hs, ("mse", "energy")))
+            t.add_section()
+        tables.append(t)
     sweep = result.get("k_sweep")
     if sweep:
         ks = sorted(int(k) for k in sweep["mse"])
-        t = Table(title=f"MSE vs sampling steps K ({sweep['condition'].replace('_', ' ')}); best K={sweep['best_k']}, "
-                        f"K={result['k']} within 10% of best: {sweep['k_within_10pct_of_best']}")
+        t = Table(title=f"error vs sampling steps K ({sweep['condition'].replace('_', ' ')}, {sweep.get('samples', 1)} "
+                        f"samples): MSE of the mean / single-sample MSE / energy score; best K by energy score="
+                        f"{sweep['best_k']}, K={result['k']} within 10% of best: {sweep['k_within_10pct_of_best']}")
         t.add_column("K")
         for h in hs:
             t.add_column(f"h={h}", justify="right")
-        t.add_column("mean", justify="right")
+        t.add_column("mean energy", justify="right")
         for k in ks:
-            row = sweep["mse"][str(k)]
-            t.add_row(str(k), *[f"{row[h]:.4f}" for h in hs], f"{sweep['mean_mse'][k]:.4f}")
+            row = {key: sweep[key][str(k)] for key in ("mse", "mse_single", "energy")}
+            t.add_row(str(k), *_cells(row, hs, ("mse", "mse_single", "energy")), f"{sweep['mean_energy'][k]:.4f}")
         tables.append(t)
     probe = result.get("probe")
     if probe:

@@ -4,10 +4,13 @@ For each new frame: start from noise, take K steps of size 1/K (x-prediction: v 
 x <- x + v / K), then commit it. Context frames are seen slightly noised, z_ctx = (1 - ctx_noise) z + ctx_noise
 eps with eps drawn once per frame (signal level 1 - ctx_noise, Dreamer 4 uses 0.1 noise).
 
-`rollout_uncached` recomputes the whole window for every step; `rollout_cached` keeps the keys/values of the
-time-attention layers for committed frames, so each step costs one frame (plus one pass per frame to
-cache its context version). Both attend to the last `window` frames; within the window they are equal
-(tested). Legend: B = batch, T = frames, H = horizon, N = tokens, Z = width, A = action.
+Rollouts stay inside what training saw: a prediction attends to at most `window` frames (the training window)
+at time positions 0..window-1, the first of them without a predecessor, as in a training window. Longer
+rollouts slide that window. `rollout_uncached` recomputes the window for every step (the reference);
+`rollout_cached` keeps the keys/values of the time-attention layers for committed frames, so each step costs one
+frame while the rollout fits the window, and one re-commit pass of the last window - 1 frames per frame after it
+slides. The two are equal at every step, inside the window and past it (tested at 3x the window).
+Legend: B = batch, T = frames, H = horizon, N = tokens, Z = width, A = action.
 """
 
 from __future__ import annotations
@@ -21,10 +24,9 @@ from trainer.model.dynamics import ShortcutDynamics
 
 
 class TimeKVCache:
-    """Keys/values of each time-attention layer for the last `window - 1` committed frames."""
+    """Keys/values of each time-attention layer for the committed frames of the current window."""
 
-    def __init__(self, window: int):
-        self.window = window
+    def __init__(self):
         self.k: dict[int, torch.Tensor] = {}
         self.v: dict[int, torch.Tensor] = {}
 
@@ -39,18 +41,17 @@ class TimeKVCache:
             else:
                 k, v = k_new, v_new
             if commit:
-                keep = self.window - 1
                 end = k.shape[2] - k_new.shape[2] + commit
                 # contiguous: one memory layout whatever the length (one compiled variant, see compile_for_rollouts)
-                self.k[layer] = k[:, :, max(0, end - keep):end].contiguous()
-                self.v[layer] = v[:, :, max(0, end - keep):end].contiguous()
+                self.k[layer] = k[:, :, :end].contiguous()
+                self.v[layer] = v[:, :, :end].contiguous()
             return k, v
 
         return time_kv
 
     def expand(self, batch: int) -> TimeKVCache:
         """This cache (made for a batch of 1) repeated for `batch` rollouts (every candidate shares a context)."""
-        out = TimeKVCache(self.window)
+        out = TimeKVCache()
         for store, dst in ((self.k, out.k), (self.v, out.v)):
             for layer, x in store.items():
                 x = x.view(1, -1, *x.shape[1:])  # [1, S, G, T, E]
@@ -79,7 +80,10 @@ def _prepare(context_BTNZ, actions_BTA, valid_BT, horizon):
 
 def _noise(shape, generator, device, dtype, shared: bool = False):
     """Gaussian noise; `shared` draws one sample and repeats it over the batch (common random numbers: every
-    candidate action sequence of a planner meets the same noise, so their costs differ by the actions only)."""
+    candidate action sequence of a planner meets the same noise, so their costs differ by the actions only).
+    No generator: zeros (the deterministic control starts every frame from 0 and sees a clean context)."""
+    if generator is None:
+        return torch.zeros(shape, device=device, dtype=dtype)
     draw = (1, *shape[1:]) if shared else shape
     n = torch.randn(draw, generator=generator, device="cpu", dtype=torch.float32).to(device=device, dtype=dtype)
     return n.expand(shape) if shared else n
@@ -104,49 +108,81 @@ def compile_for_rollouts(model: ShortcutDynamics | TeacherForcedPredictor) -> No
 
 @dataclasses.dataclass
 class Prefill:
-    """The context of a rollout, committed: its keys/values, the last frame as the next one's temporal prior."""
+    """A committed window: the keys/values of frames `start`.. (time positions 0..), the committed frames
+    themselves (at the context noise level, kept to rebuild the cache when the window slides) and the next
+    frame's index."""
 
     cache: TimeKVCache
-    prev: tuple[torch.Tensor, torch.Tensor]  # (z [B, 1, N, Z], tau [B, 1]) of the last context frame
-    frames: int  # context frames Tc
+    committed: list[torch.Tensor]  # [B, 1, N, Z] each: the frames start .. frames-1 as the model saw them
+    start: int  # absolute index of the window's first frame (time position 0)
+    frames: int  # absolute index of the next frame to generate (context frames Tc at first)
+    tau: float  # signal level of the committed frames (1 - ctx_noise)
+
+    @property
+    def prev(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(z [B, 1, N, Z], tau [B, 1]) of the last committed frame: the next frame's temporal prior."""
+        z = self.committed[-1]
+        return z, torch.full((z.shape[0], 1), self.tau, device=z.device, dtype=z.dtype)
 
     def expand(self, batch: int) -> Prefill:
-        z, tau = self.prev
-        return Prefill(self.cache.expand(batch), (z.expand(batch, *z.shape[1:]), tau.expand(batch, -1)), self.frames)
+        return Prefill(self.cache.expand(batch), [z.expand(batch, *z.shape[1:]) for z in self.committed], self.start,
+                       self.frames, self.tau)
+
+
+def _commit_window(model: ShortcutDynamics, frames: list[torch.Tensor], start: int, actions_BTA, valid_BT, *,
+                   ctx_noise: float) -> Prefill:
+    """Keys/values of committed frames (already at the context noise level) in one pass from time position 0,
+    the first of them without a predecessor: exactly how training and the uncached reference see a window."""
+    zc = torch.cat(frames, dim=1)
+    B, T = zc.shape[:2]
+    tau = torch.full((B, T), 1 - ctx_noise, device=zc.device, dtype=zc.dtype)
+    d = torch.full((B, T), 1.0 / model.cfg.k_max, device=zc.device, dtype=zc.dtype)
+    cache = TimeKVCache()
+    _frame_forward(model, zc, tau, d, actions_BTA[:, start:start + T], valid_BT[:, start:start + T], cache, 0, T,
+                   None)
+    return Prefill(cache, frames, start, start + T, 1 - ctx_noise)
 
 
 def prefill(model: ShortcutDynamics, context_BTNZ: torch.Tensor, actions_BTA: torch.Tensor, valid_BT: torch.Tensor, *,
-            ctx_noise: float, window: int, generator: torch.Generator, shared_noise: bool = False) -> Prefill:
+            ctx_noise: float, window: int, generator: torch.Generator | None, shared_noise: bool = False) -> Prefill:
     """Commit the clean context [B, Tc, N, Z] in one pass: each frame re-noised once to the context level, the
-    frames attending causally to each other. actions/valid cover at least the context frames."""
+    frames attending causally to each other. Of a context longer than the window, the last `window - 1` frames
+    (what the first generated frame may see). actions/valid cover at least the context frames. A None
+    generator: no noise (the deterministic control)."""
     B, Tc, N, Zd = context_BTNZ.shape
     dev, dt = context_BTNZ.device, context_BTNZ.dtype
-    eps = torch.cat([_noise((B, 1, N, Zd), generator, dev, dt, shared_noise) for _ in range(Tc)], dim=1)
-    zc = (1 - ctx_noise) * context_BTNZ + ctx_noise * eps
-    tau = torch.full((B, Tc), 1 - ctx_noise, device=dev, dtype=dt)
-    d = torch.full((B, Tc), 1.0 / model.cfg.k_max, device=dev, dtype=dt)
-    cache = TimeKVCache(window)
-    _frame_forward(model, zc, tau, d, actions_BTA[:, :Tc], valid_BT[:, :Tc], cache, 0, Tc, None)
-    return Prefill(cache, (zc[:, -1:], tau[:, -1:]), Tc)
+    frames = [(1 - ctx_noise) * context_BTNZ[:, t:t + 1] + ctx_noise * _noise((B, 1, N, Zd), generator, dev, dt,
+                                                                               shared_noise) for t in range(Tc)]
+    start = max(0, Tc - window + 1)
+    return _commit_window(model, frames[start:], start, actions_BTA, valid_BT, ctx_noise=ctx_noise)
 
 
 def generate(model: ShortcutDynamics, pre: Prefill, actions_BTA: torch.Tensor, valid_BT: torch.Tensor, *,
-             horizon: int, k: int = 4, ctx_noise: float = 0.1, generator: torch.Generator,
+             horizon: int, k: int = 4, ctx_noise: float = 0.1, window: int, generator: torch.Generator | None,
              shared_noise: bool = False) -> torch.Tensor:
-    """`horizon` frames after a committed context, K steps of 1/K each, H x K passes: a generated frame is
-    committed (re-noised to the context level, its keys/values kept) in the same pass as the next frame's first
-    step, and nothing runs after the last frame. actions[:, t] leads into frame t. Returns [B, H, N, Z]."""
+    """`horizon` frames after a committed context, K steps of 1/K each, H x K passes while the rollout fits the
+    window: a generated frame is committed (re-noised to the context level, its keys/values kept) in the same
+    pass as the next frame's first step, and nothing runs after the last frame. Past the window it slides:
+    the last `window - 1` committed frames are re-committed from time position 0 (one pass) before each new
+    frame, so every prediction sees at most `window` frames at the positions training used (equal to
+    `rollout_uncached`). actions[:, t] leads into frame t. Returns [B, H, N, Z]."""
     if k < 1 or k & (k - 1) or k > model.cfg.k_max:
         raise ValueError(f"k={k} must be a power of two <= k_max={model.cfg.k_max}")
-    z_prev, tau_prev = pre.prev
+    z_prev = pre.committed[-1]
     B, _, N, Zd = z_prev.shape
     dev, dt = z_prev.device, z_prev.dtype
     full = lambda v, n=1: torch.full((B, n), v, device=dev, dtype=dt)  # noqa: E731
     ctx_tau, d_min = 1 - ctx_noise, 1.0 / model.cfg.k_max
-    cache, prev, pending, Tc = pre.cache, pre.prev, None, pre.frames
+    committed, start = list(pre.committed), pre.start
+    cache, prev, pending = pre.cache, pre.prev, None
     out = []
     for h in range(horizon):
-        t = Tc + h
+        t = pre.frames + h
+        if pending is not None and t - start + 1 > window:  # slide: the oldest frame leaves the window
+            committed = (committed + [pending])[-(window - 1):]
+            start = t - len(committed)
+            slid = _commit_window(model, committed, start, actions_BTA, valid_BT, ctx_noise=ctx_noise)
+            cache, prev, pending = slid.cache, slid.prev, None
         x = _noise((B, 1, N, Zd), generator, dev, dt, shared_noise)
         a, v = actions_BTA[:, t:t + 1], valid_BT[:, t:t + 1]
         for s in range(k):
@@ -155,10 +191,11 @@ def generate(model: ShortcutDynamics, pre: Prefill, actions_BTA: torch.Tensor, v
                 both = torch.cat([pending, x], dim=1)
                 taus, ds = torch.cat([full(ctx_tau), full(tau)], 1), torch.cat([full(d_min), full(1.0 / k)], 1)
                 pred = _frame_forward(model, both, taus, ds, actions_BTA[:, t - 1:t + 1], valid_BT[:, t - 1:t + 1],
-                                      cache, t - 1, 1, prev)[:, 1:]
+                                      cache, t - 1 - start, 1, prev)[:, 1:]
+                committed.append(pending)
                 prev, pending = (both[:, :1], full(ctx_tau)), None
             else:
-                pred = _frame_forward(model, x, full(tau), full(1.0 / k), a, v, cache, t, 0, prev)
+                pred = _frame_forward(model, x, full(tau), full(1.0 / k), a, v, cache, t - start, 0, prev)
             x = x + (pred - x) / (1 - tau) / k
         out.append(x)
         if h < horizon - 1:
@@ -175,14 +212,15 @@ def rollout_cached(model: ShortcutDynamics, context_BTNZ: torch.Tensor, actions_
     actions_BTA, valid_BT = _prepare(context_BTNZ, actions_BTA, valid_BT, horizon)
     pre = prefill(model, context_BTNZ, actions_BTA, valid_BT, ctx_noise=ctx_noise, window=window,
                   generator=generator, shared_noise=shared_noise)
-    return generate(model, pre, actions_BTA, valid_BT, horizon=horizon, k=k, ctx_noise=ctx_noise,
+    return generate(model, pre, actions_BTA, valid_BT, horizon=horizon, k=k, ctx_noise=ctx_noise, window=window,
                     generator=generator, shared_noise=shared_noise)
 
 
 def rollout_uncached(model: ShortcutDynamics, context_BTNZ: torch.Tensor, actions_BTA: torch.Tensor | None,
                      valid_BT: torch.Tensor | None, *, horizon: int, k: int = 4, ctx_noise: float = 0.1,
                      window: int, generator: torch.Generator, shared_noise: bool = False) -> torch.Tensor:
-    """The reference: the same generation, recomputing the last `window` frames at every step.
+    """The reference: the same generation, recomputing the last `window` frames (from time position 0, the first
+    without a predecessor) at every step.
     Draws noise in the same order as `rollout_cached`, so the two agree for the same generator."""
     actions_BTA, valid_BT = _prepare(context_BTNZ, actions_BTA, valid_BT, horizon)
     B, Tc, N, Zd = context_BTNZ.shape

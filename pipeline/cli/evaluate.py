@@ -27,6 +27,10 @@ def eval_(
     episodes: Annotated[int | None, typer.Option(help="At most N episodes per condition.")] = None,
     context: Annotated[int | None, typer.Option(help="Context frames (default: half the model's window).")] = None,
     k: Annotated[int, typer.Option(help="Shortcut sampling steps per frame.")] = EvalConfig.k,
+    samples: Annotated[int, typer.Option(help="Samples per window for a sampler (deterministic models: 1).")]
+    = EvalConfig.samples,
+    moving_fraction: Annotated[float, typer.Option(help="Moving tokens: the top fraction by true change.")]
+    = EvalConfig.moving_fraction,
     ema: Annotated[bool, typer.Option("--ema/--raw", help="EMA or raw weights.")] = True,
     baseline: Annotated[list[Path] | None, typer.Option(help="Other run/checkpoint to compare (repeatable).")] = None,
     seed: Annotated[int, typer.Option(help="Seed of noise and probe.")] = EvalConfig.seed,
@@ -37,7 +41,8 @@ def eval_(
 ) -> None:
     """Latent prediction error at horizons vs copy-last and baselines; error vs K; a state probe."""
     cfg = EvalConfig(ckpt=resolve_run(run, ckpt), store=store, horizons=int_list(horizons), split=split,
-                     episodes=episodes, context=context, k=k, weights="ema" if ema else "model",
+                     episodes=episodes, context=context, k=k, samples=samples, moving_fraction=moving_fraction,
+                     weights="ema" if ema else "model",
                      baselines=tuple(baseline or ()), seed=seed, out=out, decoder=decoder, rollouts=rollouts,
                      device=device)
     result = run_eval(cfg)
