@@ -156,6 +156,11 @@ class LoadedWorldModel:
         per_frame = self.actions.per_frame(steps_BSA)
         return torch.cat([torch.zeros_like(per_frame[:, :1]), per_frame], dim=1)
 
+    def _steps(self, k: int, generator: torch.Generator) -> tuple[int, torch.Generator | None]:
+        """(sampling steps, noise generator) for this model: the deterministic control takes one step from
+        nothing (no generator: zeros), whatever K the caller asked of a sampler."""
+        return (1, None) if self.kind == "deterministic" else (k, generator)
+
     # ------------------------------------------------------------------ the protocol
     def planning_rollout(self, context_TNZ: torch.Tensor, *, context_actions_TA: torch.Tensor | None = None,
                          k: int = 4, seed: int = 0) -> Callable[..., torch.Tensor]:
@@ -173,12 +178,12 @@ class LoadedWorldModel:
             ctx_a = self.actions.normalize_frames(context_actions_TA.to(device=dev, dtype=dt))[None]
             ctx_v[:, 1:] = True
         teacher_forced = self.kind == "teacher_forced"
+        k, g = self._steps(k, torch.Generator().manual_seed(seed))
         if not teacher_forced:
-            g = torch.Generator().manual_seed(seed)
             with torch.no_grad():
                 pre = prefill(self.model, context_TNZ[None], ctx_a, ctx_v, ctx_noise=self.cfg.ctx_noise,
                               window=self.window, generator=g, shared_noise=True)
-            noise_state = g.get_state()
+            noise_state = g.get_state() if g is not None else None
 
         def rollout(actions_SHA: torch.Tensor, grad: bool = False) -> torch.Tensor:
             S, H, _ = actions_SHA.shape
@@ -189,8 +194,10 @@ class LoadedWorldModel:
                 if teacher_forced:
                     return rollout_teacher_forced(self.model, context_TNZ[None].expand(S, -1, -1, -1), acts, valid,
                                                   horizon=H, window=self.window)
-                g = torch.Generator()
-                g.set_state(noise_state)
+                g = None
+                if noise_state is not None:
+                    g = torch.Generator()
+                    g.set_state(noise_state)
                 return generate(self.model, pre.expand(S), acts, valid, horizon=H, k=k, ctx_noise=self.cfg.ctx_noise,
                                 window=self.window, generator=g, shared_noise=True)
 
@@ -218,7 +225,7 @@ class LoadedWorldModel:
         if self.kind == "teacher_forced":
             return rollout_teacher_forced(self.model, context_BTNZ, actions_BTA, valid_BT, horizon=horizon,
                                           window=self.window)
-        g = generator or torch.Generator().manual_seed(0)
+        k, g = self._steps(k, generator or torch.Generator().manual_seed(0))
         fn = rollout_cached if cached else rollout_uncached
         return fn(self.model, context_BTNZ, actions_BTA, valid_BT, horizon=horizon, k=k,
                   ctx_noise=self.cfg.ctx_noise, window=self.window, generator=g)

@@ -16,12 +16,16 @@ from typing import Any
 from pipeline.stage import ConfigMismatchError, UserError, config_differences, to_jsonable
 from trainer.actions import ACTION_MODES
 
-MODEL_KINDS = ("shortcut", "teacher_forced")
+# shortcut: the shortcut-forcing dynamics; teacher_forced: the DINO-WM-style baseline; deterministic: the control,
+# the shortcut model's transformer trained with plain next-frame x-prediction (clean context, no noise)
+MODEL_KINDS = ("shortcut", "teacher_forced", "deterministic")
+CONDITIONINGS = ("token", "concat")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class ModelConfig:
-    """Architecture. `kind`: the shortcut-forcing dynamics or the DINO-WM-style teacher-forced baseline."""
+    """Architecture. `kind`: the shortcut-forcing dynamics, the DINO-WM-style teacher-forced baseline, or the
+    deterministic control (the shortcut backbone trained without noise)."""
 
     kind: str = "shortcut"
     dim: int = 128
@@ -41,6 +45,10 @@ class ModelConfig:
     rope_theta_time: float = 10_000.0
     k_max: int = 64  # finest shortcut step is 1/k_max
     max_frames: int = 256  # teacher-forced baseline: learned frame embeddings
+    # teacher-forced baseline: actions (and proprio) as one more token per frame, or (DINO-WM) embedded to
+    # `concat_dim` channels each and concatenated to every patch token
+    conditioning: str = "token"
+    concat_dim: int = 10
 
     def __post_init__(self) -> None:
         if self.kind not in MODEL_KINDS:
@@ -54,6 +62,13 @@ class ModelConfig:
             raise UserError(f"k_max {self.k_max} must be a power of two")
         if self.time_every < 1:
             raise UserError("time_every must be >= 1")
+        if self.conditioning not in CONDITIONINGS:
+            raise UserError(f"model conditioning {self.conditioning!r}: choose one of {CONDITIONINGS}")
+        if self.conditioning == "concat" and self.kind != "teacher_forced":
+            raise UserError("model.conditioning=concat (DINO-WM) is for --model teacher-forced")
+        if self.conditioning == "concat" and not 0 < 2 * self.concat_dim < self.dim:
+            raise UserError(f"concat_dim {self.concat_dim}: action and proprio channels must leave room in dim "
+                            f"{self.dim}")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -135,6 +150,9 @@ class TrainConfig:
             raise UserError("steps, batch_size, grad_accum and frameskip must be >= 1")
         if self.keep_last < 1 or self.ckpt_every < 1:
             raise UserError("keep_last and ckpt_every must be >= 1")
+        if self.model.kind == "deterministic" and (self.ctx_noise != 0 or self.context_mode != "clean_context"):
+            raise UserError("the deterministic control trains and rolls out on a clean context: it needs "
+                            "ctx_noise=0 and context_mode=clean_context (--model deterministic sets both)")
         for step, frames in self.context_schedule:
             if frames < 2 or step < 0:
                 raise UserError(f"context_schedule entry ({step}, {frames}): need step >= 0 and frames >= 2")
@@ -203,7 +221,24 @@ def base() -> TrainConfig:
     )
 
 
-PRESETS = {"tiny": tiny, "small": small, "base": base}
+def dinowm() -> TrainConfig:
+    """The DINO-WM baseline for `--model teacher-forced` (Zhou et al. 2025, the released code's predictor): a
+    frame-causal ViT of depth 6, 16 heads, full attention inside and across the 3 history frames it sees,
+    action and proprio embedded to 10 channels each and concatenated to every patch token, no 2x2 merge,
+    frameskip 5, batch 32, lr 5e-4 (the code's; the paper's table says 5e-5). Width 512 keeps the predictor at
+    DINO-WM's ~19M parameters on ViT-B/16 tokens (768 wide; DINO-WM's 404 = 384 + 10 + 10 on ViT-S).
+    Differences: 2-D RoPE within a frame plus learned frame embeddings (DINO-WM: one learned embedding per
+    frame and patch), SwiGLU MLPs, no dropout, and a learned null action for action-free clips (DINO-WM has
+    none). Set frameskip and the data fields like the shortcut run it is compared with (`--set frameskip=...`)."""
+    return TrainConfig(
+        model=ModelConfig(kind="teacher_forced", dim=512, depth=6, heads=16, kv_heads=16, mlp_ratio=4.0,
+                          registers=0, softcap=None, merge_2x2=False, conditioning="concat", concat_dim=10),
+        context_frames=4, frameskip=5, steps=20_000, batch_size=32, lr=5e-4, warmup_steps=500, weight_decay=0.05,
+        log_every=50, eval_every=1000, val_windows=64, ckpt_every=1000, ema_decay=0.999, num_workers=2,
+    )
+
+
+PRESETS = {"tiny": tiny, "small": small, "base": base, "dinowm": dinowm}
 
 
 def preset(name: str) -> TrainConfig:
@@ -281,17 +316,20 @@ def apply_overrides(cfg: TrainConfig, overrides: list[str]) -> TrainConfig:
     return dataclasses.replace(cfg, **changes)
 
 
-def train_config(preset_name: str | None, *, kind: str | None = "shortcut",
+def train_config(preset_name: str | None, *, kind: str | None = None,
                  overrides: list[str] | tuple[str, ...] = (), base: TrainConfig | None = None,
                  **fields: Any) -> TrainConfig:
     """A preset (or `base`, a resumed run's saved config) with what the command line gave: the model kind
-    (`teacher-forced` or `teacher_forced`), `fields` (None or empty keeps the preset's), then `--set key=value`.
+    (`teacher-forced` or `teacher_forced`; None keeps the preset's), `fields` (None or empty keeps the preset's),
+    then `--set key=value`. `deterministic` also sets what the control needs (clean context, no noise).
     With `base`, a preset named too must describe the same run (what is learned), or it is refused."""
 
     def build(start: TrainConfig) -> TrainConfig:
         changes = {k: v for k, v in fields.items() if v is not None and v != ()}
         if kind is not None:
             changes["model"] = dataclasses.replace(start.model, kind=kind.replace("-", "_"))
+            if changes["model"].kind == "deterministic":
+                changes.update(ctx_noise=0.0, context_mode="clean_context")
         return apply_overrides(dataclasses.replace(start, **changes), list(overrides))
 
     if base is None:

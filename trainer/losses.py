@@ -1,4 +1,5 @@
-"""Losses as pure functions: Dreamer 4 shortcut forcing (Eq. 7) and DINO-WM teacher forcing.
+"""Losses as pure functions: Dreamer 4 shortcut forcing (Eq. 7), DINO-WM teacher forcing, and the deterministic
+control's next-frame x-prediction.
 
 Conventions: tau is the signal level (0 = pure noise, 1 = clean), z_tau = (1 - tau) z0 + tau z1, the
 network predicts the clean latents (x-prediction); d is the step size, a power of two 1/2**j with
@@ -132,5 +133,18 @@ def teacher_forcing_loss(g: Callable[[torch.Tensor], torch.Tensor], z_BTNZ: torc
     """DINO-WM: frames 0..T-2 (and the actions after them, bound inside g) predict frames 1..T-1; MSE."""
     pred = g(z_BTNZ[:, :-1])
     per_frame = err(pred - z_BTNZ[:, 1:])  # [B, T-1]
+    loss = per_frame.mean()
+    return loss, {"loss": loss.detach(), "per_sample": per_frame.mean(dim=1).detach()}
+
+
+def next_frame_loss(f: DenoiseFn, z_BTNZ: torch.Tensor, *, err: FrameError = mean_squared
+                    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The deterministic control: the shortcut network predicts every frame in one step from nothing (input 0 at
+    signal level 0, step d = 1), seeing its predecessors clean (bound inside f); MSE on frames 1..T-1 (frame 0
+    has no predecessor). The same network and conditioning as shortcut forcing, without noise."""
+    B, T = z_BTNZ.shape[:2]
+    zeros_BT = torch.zeros(B, T, device=z_BTNZ.device, dtype=z_BTNZ.dtype)
+    pred = f(torch.zeros_like(z_BTNZ), zeros_BT, torch.ones_like(zeros_BT))
+    per_frame = err(pred[:, 1:] - z_BTNZ[:, 1:])  # [B, T-1]
     loss = per_frame.mean()
     return loss, {"loss": loss.detach(), "per_sample": per_frame.mean(dim=1).detach()}

@@ -2,7 +2,8 @@
 
 Shortcut model: per-sample noise and (tau, d) from generators seeded by the sample id (so a sample's noise does
 not depend on the batch it is in, and a resumed run continues exactly), then Dreamer 4's shortcut-forcing loss
-(`trainer.losses`). Teacher-forced baseline: next-frame MSE. Legend: B = batch, T = frames, N = tokens, Z = width.
+(`trainer.losses`). Teacher-forced baseline: next-frame MSE. Deterministic control: the shortcut network's
+one-step next-frame prediction from a clean context, MSE. Legend: B = batch, T = frames, N = tokens, Z = width.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import torch.nn as nn
 
 from trainer.config import TrainConfig
 from trainer.data import ACTIONS, VALID, Z
-from trainer.losses import TauSampling, sample_tau_d, shortcut_forcing_loss, teacher_forcing_loss
+from trainer.losses import TauSampling, next_frame_loss, sample_tau_d, shortcut_forcing_loss, teacher_forcing_loss
 from trainer.sampling import rollout_cached, rollout_teacher_forced
 from trainer.tokens import frame_error
 
@@ -37,6 +38,8 @@ def compute_loss(model: nn.Module, batch: dict[str, Any], cfg: TrainConfig, step
     err = functools.partial(frame_error, shape=shape, state_weight=cfg.state_weight)
     if cfg.model.kind == "teacher_forced":
         return teacher_forcing_loss(lambda zz: model(zz, actions[:, 1:], valid[:, 1:]), z, err=err)
+    if cfg.model.kind == "deterministic":
+        return next_frame_loss(lambda zz, tau_, d_: model(zz, tau_, d_, actions, valid, z, 1.0), z, err=err)
     B, T, N, Zd = z.shape
     clean_context = cfg.context_mode == "clean_context"
     z0, tau, d, eps = noise_like((N, Zd), T, batch["sample_ids"], cfg.seed, tau_spec(cfg, step), device=z.device,
@@ -65,7 +68,10 @@ def predict_last_frame(model: nn.Module, batch: dict[str, Any], cfg: TrainConfig
     T = z.shape[1]
     if cfg.model.kind == "teacher_forced":
         return rollout_teacher_forced(model, z[:, :-1], actions, valid, horizon=1, window=T - 1)[:, 0]
-    g = generator or torch.Generator().manual_seed(cfg.seed)
+    if cfg.model.kind == "deterministic":  # one step from nothing, no noise
+        k, g = 1, None
+    else:
+        g = generator or torch.Generator().manual_seed(cfg.seed)
     return rollout_cached(model, z[:, :-1], actions, valid, horizon=1, k=k, window=T, ctx_noise=cfg.ctx_noise,
                           generator=g)[:, 0]  # (no gradient: this function runs under torch.no_grad)
 

@@ -21,8 +21,11 @@ log = logging.getLogger("wmctl")
 def train(
     ctx: typer.Context,
     store: Annotated[Path, typer.Option(help="Token store.")] = Path("tokens.zarr"),
-    preset: Annotated[str, typer.Option(help="tiny (tests) | small (CPU minutes) | base (GPU).")] = "small",
-    model: Annotated[str, typer.Option(help="shortcut | teacher-forced (the DINO-WM baseline).")] = "shortcut",
+    preset: Annotated[str, typer.Option(help="tiny (tests) | small (CPU minutes) | base (GPU) | dinowm (the "
+                                             "DINO-WM baseline for --model teacher-forced).")] = "small",
+    model: Annotated[str | None, typer.Option(help="shortcut | teacher-forced (the DINO-WM-style baseline) | "
+                                              "deterministic (the shortcut backbone without noise: the control). "
+                                              "Default: the preset's.")] = None,
     out: Annotated[Path | None, typer.Option(help="Run folder (default: a new one under runs/).")] = None,
     resume: Annotated[bool, typer.Option(help="Continue --out from its newest complete checkpoint.")] = False,
     init_from: Annotated[Path | None, typer.Option(help="Fine-tune from this run/checkpoint (EMA weights).")] = None,
@@ -35,7 +38,7 @@ def train(
     set_: Annotated[list[str] | None, typer.Option("--set", help="Override any config field: key=value or "
                                                   "model.key=value (repeatable).")] = None,
 ) -> None:
-    """Train the shortcut-forcing dynamics (or the teacher-forced baseline) on a token store."""
+    """Train the shortcut-forcing dynamics (or a baseline: teacher-forced, deterministic) on a token store."""
     base = saved_config(out) if resume and out is not None else None  # --resume: the run's own config and store
     given = given_options(ctx)
 

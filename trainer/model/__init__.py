@@ -1,4 +1,5 @@
-"""The world models (architecture only): the shortcut-forcing dynamics and the teacher-forced baseline."""
+"""The world models (architecture only): the shortcut-forcing dynamics (also the backbone of the deterministic
+control) and the teacher-forced baseline."""
 
 from __future__ import annotations
 
@@ -11,6 +12,6 @@ from trainer.tokens import TokenShape
 
 
 def build_model(cfg: ModelConfig, shape: TokenShape) -> nn.Module:
-    if cfg.kind == "shortcut":
+    if cfg.kind in ("shortcut", "deterministic"):
         return ShortcutDynamics(cfg, shape)
     return TeacherForcedPredictor(cfg, shape)
