@@ -1,8 +1,12 @@
 """`wmctl plan offline`: plan from frame t to the encoded frame t+H on labelled val episodes.
 
-For each (episode, t): plan H frames of actions towards the goal latents, and report the latent distance the
-model predicts for the plan, for the ground-truth actions and for random actions in the same bounds, and
-the error of the planned actions against the ground truth (in units of the training actions' std).
+For each (episode, t): plan H frames of actions towards the goal latents, and report the latent distance to the
+goal for the plan, for the ground-truth actions and for random actions in the same bounds, and the error of
+the planned actions against the ground truth (in units of the training actions' std, the one score that
+needs no model). Distances come from up to three scorers, labelled: the planning model with the very noise
+the plan was optimised on (`model_same_noise`: flattering, "closer than random" is near-guaranteed), the
+planning model under fresh noise (a seed the planner never saw), and another model (`--judge`, e.g. a
+baseline) with its own normalisation and goal.
 """
 
 from __future__ import annotations
@@ -41,6 +45,7 @@ class OfflineConfig:
     k: int = 4
     seed: int = 0
     split: str = "val"
+    judge: WorldModel | None = None  # another model scores the plans too (same action space)
     out: Path | None = None  # writes <out>/offline_<planner>.json when set
 
 
@@ -79,6 +84,8 @@ def run_plan_offline(wm: WorldModel, reader: TokenReader, cfg: OfflineConfig) ->
                         f"goal {H} frames ahead need (frameskip {fs}); lower --goal-offset")
     if cfg.episodes:
         eps = eps.iloc[: cfg.episodes]
+    if cfg.judge is not None:
+        _check_judge(wm, cfg.judge, reader)
     spec = spec_for(wm)
     rng = np.random.default_rng(cfg.seed)
     rows, latencies = [], []
@@ -92,9 +99,9 @@ def run_plan_offline(wm: WorldModel, reader: TokenReader, cfg: OfflineConfig) ->
             acts = torch.as_tensor(wm.actions.per_frame(steps), dtype=torch.float32)  # [(ctx-1+H), A] between frames
             ctx_actions = torch.cat([torch.zeros(1, acts.shape[1]), acts[: ctx - 1]])  # leading into ctx frames
             gt = acts[ctx - 1:]  # [H, A] the actions from frame t to t+H
-            goal = z[-1]
-            cost = latent_cost(goal, smoothness=cfg.smoothness, state_dim=wm.state_dim, state_weight=cfg.state_weight)
-            seed = int(rng.integers(2**31))
+            cost = latent_cost(z[-1], smoothness=cfg.smoothness, state_dim=wm.state_dim,
+                               state_weight=cfg.state_weight)
+            seed, fresh_seed = (int(x) for x in rng.integers(2**31, size=2))
             t0 = time.perf_counter()  # the latency includes committing the context
             rollout = wm.planning_rollout(z[:ctx], context_actions_TA=ctx_actions, k=cfg.k, seed=seed)
             g = torch.Generator().manual_seed(seed)
@@ -106,26 +113,40 @@ def run_plan_offline(wm: WorldModel, reader: TokenReader, cfg: OfflineConfig) ->
             latencies.append(time.perf_counter() - t0)
             lo, hi, _ = spec.tensors()
             rand = lo + (hi - lo) * torch.rand((cfg.random_samples, H, spec.dim), generator=g)
-            with torch.no_grad():
-                d_plan = float(cost(rollout(res.actions[None]), res.actions[None])[0])
-                d_gt = float(cost(rollout(gt[None]), gt[None])[0])
-                d_rand = cost(rollout(rand), rand).tolist()
+            scorers = {"model_same_noise": (rollout, cost),
+                       "model_fresh_noise": (wm.planning_rollout(z[:ctx], context_actions_TA=ctx_actions, k=cfg.k,
+                                                                 seed=fresh_seed), cost)}
+            if cfg.judge is not None:
+                zj = cfg.judge.normalize(w["patch"], w["state"])
+                scorers["judge"] = (cfg.judge.planning_rollout(zj[:ctx], context_actions_TA=ctx_actions, k=cfg.k,
+                                                               seed=fresh_seed),
+                                    latent_cost(zj[-1], smoothness=cfg.smoothness, state_dim=cfg.judge.state_dim,
+                                                state_weight=cfg.state_weight))
             std = (hi - lo) / 5.0  # the bounds are mean +- 2.5 std
-            rows.append({
-                "episode": int(e.episode_index), "start": int(s0), "plan": d_plan, "ground_truth": d_gt,
-                "random_mean": statistics.fmean(d_rand), "random_best": min(d_rand),
-                "action_error": float((((res.actions - gt) / std) ** 2).mean()),
-                "random_action_error": float((((rand - gt) / std) ** 2).mean()),
-            })
+            rec = {"episode": int(e.episode_index), "start": int(s0),
+                   "action_error": float((((res.actions - gt) / std) ** 2).mean()),
+                   "random_action_error": float((((rand - gt) / std) ** 2).mean())}
+            with torch.no_grad():
+                for name, (roll, c) in scorers.items():
+                    d_rand = c(roll(rand), rand).tolist()
+                    rec[name] = {"plan": float(c(roll(res.actions[None]), res.actions[None])[0]),
+                                 "ground_truth": float(c(roll(gt[None]), gt[None])[0]),
+                                 "random_mean": statistics.fmean(d_rand), "random_best": min(d_rand)}
+            rows.append(rec)
 
     def mean(key):
         return statistics.fmean(r[key] for r in rows)
 
+    scored = [k for k in ("model_same_noise", "model_fresh_noise", "judge") if k in rows[0]]
     result = {
         "planner": cfg.planner, "goal_offset": H, "context": ctx, "problems": len(rows),
         "random_samples": cfg.random_samples,
-        "latent_distance": {k: mean(k) for k in ("plan", "ground_truth", "random_mean", "random_best")},
-        "plan_closer_than_random": statistics.fmean(r["plan"] < r["random_mean"] for r in rows),
+        "judge": getattr(cfg.judge, "name", None),
+        # latent distance to the goal, per scorer (see the module doc): which model, which noise
+        "latent_distance": {s_: {k: statistics.fmean(r[s_][k] for r in rows)
+                                 for k in ("plan", "ground_truth", "random_mean", "random_best")} for s_ in scored},
+        "plan_closer_than_random": {s_: statistics.fmean(r[s_]["plan"] < r[s_]["random_mean"] for r in rows)
+                                    for s_ in scored},
         "action_error_vs_ground_truth": {"plan": mean("action_error"), "random": mean("random_action_error")},
         "latency_s": {"p50": float(np.percentile(latencies, 50)), "p95": float(np.percentile(latencies, 95))},
         "rows": rows,
@@ -135,3 +156,15 @@ def run_plan_offline(wm: WorldModel, reader: TokenReader, cfg: OfflineConfig) ->
         (cfg.out / f"offline_{cfg.planner}.json").write_text(json.dumps(result, indent=2))
         result["out"] = str(cfg.out / f"offline_{cfg.planner}.json")
     return result
+
+
+def _check_judge(wm: WorldModel, judge: WorldModel, reader: TokenReader) -> None:
+    """A judge scores the planning model's actions as they are: it must read the same store and take actions
+    in the same space (mode, frameskip, width)."""
+    check_same_encoder(judge.encoder, reader.encoder, what="the judge", fix="judge with a model trained on a "
+                       f"store made with the encoder of {reader.path}")
+    a, b = wm.actions, judge.actions
+    if (a.mode, a.frameskip, a.frame_dim) != (b.mode, b.frameskip, b.frame_dim):
+        raise UserError(f"--judge {getattr(judge, 'name', judge)} takes {b.mode} actions at frameskip {b.frameskip} "
+                        f"({b.frame_dim} wide), the planning model {a.mode} at frameskip {a.frameskip} "
+                        f"({a.frame_dim} wide): judge with a model trained on the same action space")

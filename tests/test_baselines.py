@@ -11,7 +11,7 @@ import torch
 
 from pipeline.stage import UserError
 from trainer.api import LoadedWorldModel
-from trainer.config import dinowm, tiny, train_config
+from trainer.config import dinowm, train_config
 from trainer.eval import EvalConfig, run_eval
 from trainer.loop import run_train
 from trainer.model import build_model

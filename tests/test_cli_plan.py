@@ -19,13 +19,41 @@ def test_plan_offline_cli(tiny_run):
     assert r.exit_code == 0, r.output
     res = json.loads((tiny_run / "plan" / "offline_cem.json").read_text())
     assert res["problems"] >= 1
-    dist = res["latent_distance"]
-    for key in ("plan", "ground_truth", "random_mean", "random_best"):
-        assert math.isfinite(dist[key]) and dist[key] >= 0
-    assert dist["random_best"] <= dist["random_mean"]
-    assert 0.0 <= res["plan_closer_than_random"] <= 1.0 and res["latency_s"]["p50"] > 0
+    assert set(res["latent_distance"]) == {"model_same_noise", "model_fresh_noise"} and res["judge"] is None
+    for dist in res["latent_distance"].values():
+        for key in ("plan", "ground_truth", "random_mean", "random_best"):
+            assert math.isfinite(dist[key]) and dist[key] >= 0
+        assert dist["random_best"] <= dist["random_mean"]
+    # fresh noise is another draw: the scores differ (a sampler), and the plan is not re-optimised for it
+    assert res["latent_distance"]["model_fresh_noise"] != res["latent_distance"]["model_same_noise"]
+    assert all(0.0 <= v <= 1.0 for v in res["plan_closer_than_random"].values()) and res["latency_s"]["p50"] > 0
+    assert "planning model, fresh noise" in r.output
     r = CliRunner().invoke(app, ["plan", "offline", "--run", str(tiny_run), "--goal-offset", "500"])
     assert r.exit_code == 2 and "lower --goal-offset" in r.output
+
+
+def test_plan_offline_judged_by_another_model(tiny_run, pusht_store, tmp_path):
+    import dataclasses
+
+    from trainer.config import tiny
+    from trainer.loop import run_train
+
+    def tf_run(name, **kw):
+        return run_train(dataclasses.replace(tiny(), store=pusht_store, out=tmp_path / name, steps=5,
+                                             model=dataclasses.replace(tiny().model, kind="teacher_forced"),
+                                             context_frames=6, **kw)).run_dir
+
+    judge = tf_run("tf", action_mode="relative_to_state")
+    r = CliRunner().invoke(app, ["plan", "offline", "--run", str(tiny_run), "--goal-offset", "2", "--episodes", "1",
+                                 "--judge", str(judge), *FAST_CEM])
+    assert r.exit_code == 0, r.output
+    res = json.loads((tiny_run / "plan" / "offline_cem.json").read_text())
+    assert res["judge"].startswith("tf/") and "judge" in res["latent_distance"]
+    assert res["latent_distance"]["judge"]["plan"] >= 0 and f"judge {res['judge']}" in r.output
+    other = tf_run("tf-abs", action_mode="absolute")
+    r = CliRunner().invoke(app, ["plan", "offline", "--run", str(tiny_run), "--goal-offset", "2", "--episodes", "1",
+                                 "--judge", str(other), *FAST_CEM])
+    assert r.exit_code == 2 and "same action space" in r.output
 
 
 def test_plan_sim_cli_closes_the_loop_in_gym_pusht(tiny_run):

@@ -54,21 +54,28 @@ def plan_offline(
     state_weight: StateWeight = OfflineConfig.state_weight,
     k: K = OfflineConfig.k,
     seed: Seed = OfflineConfig.seed,
+    judge: Annotated[Path | None, typer.Option(help="Another run/checkpoint that scores the plans too (same "
+                                                   "action space), next to the planning model's own score.")] = None,
     device: Device = "cpu",
     compile: Compile = False,
 ) -> None:
-    """Plan from frame t to the encoded frame t+H on labelled val episodes; compare with GT and random actions."""
+    """Plan from frame t to the encoded frame t+H on labelled val episodes; compare with GT and random actions,
+    scored by the planning model (its optimisation noise, and fresh noise) and by --judge."""
     wm = LoadedWorldModel.load(resolve_run(run, ckpt), device=device, compile=compile)
+    judge_wm = LoadedWorldModel.load(resolve_run(judge, None), device=device) if judge is not None else None
     cem_cfg, gd = _search(ctx, planner, cem, goal_offset, samples=samples, elites=elites, iterations=iterations)
     cfg = OfflineConfig(goal_offset=goal_offset, planner=planner, cem=cem_cfg, gd=gd, episodes=episodes, seed=seed,
-                        state_weight=state_weight, k=k, out=plan_dir(wm.checkpoint))
+                        state_weight=state_weight, k=k, judge=judge_wm, out=plan_dir(wm.checkpoint))
     res = run_plan_offline(wm, TokenReader(store or wm.store), cfg)
-    d = res["latent_distance"]
-    typer.echo(f"{res['problems']} problems, goal {goal_offset} frames ahead, {planner}: latent distance to goal "
-               f"plan {d['plan']:.4f} | ground-truth actions {d['ground_truth']:.4f} | random {d['random_mean']:.4f} "
-               f"(best of {res['random_samples']}: {d['random_best']:.4f}); plan closer than random in "
-               f"{100 * res['plan_closer_than_random']:.0f}%; action error vs GT (std units) plan "
-               f"{res['action_error_vs_ground_truth']['plan']:.3f} "
+    typer.echo(f"{res['problems']} problems, goal {goal_offset} frames ahead, {planner}; latent distance to goal "
+               f"(plan | ground-truth actions | random mean, best of {res['random_samples']}; plan closer than "
+               "random):")
+    for scorer, d in res["latent_distance"].items():
+        who = {"model_same_noise": "planning model, the noise it optimised on",
+               "model_fresh_noise": "planning model, fresh noise", "judge": f"judge {res['judge']}"}[scorer]
+        typer.echo(f"  {who}: {d['plan']:.4f} | {d['ground_truth']:.4f} | {d['random_mean']:.4f}, "
+                   f"{d['random_best']:.4f}; {100 * res['plan_closer_than_random'][scorer]:.0f}%")
+    typer.echo(f"action error vs GT (std units) plan {res['action_error_vs_ground_truth']['plan']:.3f} "
                f"random {res['action_error_vs_ground_truth']['random']:.3f}; "
                f"latency p50 {res['latency_s']['p50'] * 1000:.0f} ms. Wrote {res['out']}")
 
