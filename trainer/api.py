@@ -96,7 +96,8 @@ class LoadedWorldModel:
 
     @property
     def max_context_frames(self) -> int:
-        """The most context frames a first prediction can see (the rest of the window is the frame predicted)."""
+        """The most context frames a prediction sees (the rest of the training window is the frame predicted);
+        rollouts from a longer context use its last frames."""
         return self.cfg.max_context() - 1
 
     @property
