@@ -3,11 +3,15 @@
 SHELL := /bin/bash
 .SHELLFLAGS := -eu -o pipefail -c
 
-PYTHON ?= python3
-VENV   ?= .venv
+# PYTHON: the newest Python the current stack supports (3.12 with lerobot 0.6; scripts/find-python.sh), or e.g.
+# `make test PYTHON=python3.11` for the previous stack (lerobot 0.4.4). Each Python version gets its own venv:
+# .venv for 3.12, .venv-<version> for the others.
+PYTHON ?= $(shell bash scripts/find-python.sh)
+PYVER  := $(shell $(PYTHON) -c 'import sys; print("%d.%d" % sys.version_info[:2])')
+VENV   ?= $(if $(filter 3.12,$(PYVER)),.venv,.venv-$(PYVER))
 PY     := $(VENV)/bin/python
 WMCTL  := $(VENV)/bin/wmctl
-STAMP  := $(VENV)/.wmctl-installed
+STAMP  := $(VENV)/.wmctl-installed-$(PYVER)
 
 DATASET ?= pusht-demo
 STORE   ?= tokens.zarr
@@ -24,6 +28,9 @@ help:
 # pip reuses its cache (~/.cache/pip or $$PIP_CACHE_DIR); the stamp re-installs when pyproject.toml changes.
 install: $(STAMP)
 $(STAMP): pyproject.toml
+	@echo "Python $(PYVER) ($(PYTHON)) -> $(VENV)"
+	if [ -x $(PY) ] && [ "$$($(PY) -c 'import sys; print("%d.%d" % sys.version_info[:2])')" != "$(PYVER)" ]; then \
+	  echo "$(VENV) holds another Python: recreating it"; rm -rf $(VENV); fi
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --upgrade pip
 	$(PY) -m pip install -e ".[dev]"
@@ -40,7 +47,7 @@ lint: install
 
 # The whole pipeline, end to end, on the built-in pusht data (CPU, random-weight encoder: see README).
 demo: install
-	bash scripts/demo.sh $(DEMO)
+	WMCTL=$(WMCTL) bash scripts/demo.sh $(DEMO)
 
 data: install
 	$(WMCTL) data pusht --out data/pusht-demo --episodes 40 --seed 0

@@ -15,7 +15,9 @@ from pipeline.machine import machine_description
 
 def bench_decode(root: Path, repo_id: str, max_episodes: int | None = None) -> dict[str, Any]:
     """Decode every frame of every camera of the first `max_episodes` episodes both ways; check equality."""
-    from lerobot.datasets.lerobot_dataset import LeRobotDataset
+    from pipeline.lerobot_compat import dataset_classes
+
+    LeRobotDataset, _ = dataset_classes()
 
     meta = open_meta(root, repo_id)
     episodes = meta.episodes if max_episodes is None else meta.episodes.iloc[:max_episodes]

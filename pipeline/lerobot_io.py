@@ -111,11 +111,11 @@ def check_dataset_root(root: Path) -> dict[str, Any]:
 
 def open_meta(root: Path, repo_id: str) -> DatasetMeta:
     root = Path(root)
-    check_dataset_root(root)
+    info = check_dataset_root(root)  # info.json as a plain dict (lerobot 0.6 wraps it in a DatasetInfo object)
     offline_env()
-    from lerobot.datasets.lerobot_dataset import LeRobotDatasetMetadata
+    from pipeline.lerobot_compat import dataset_classes
 
-    meta = LeRobotDatasetMetadata(repo_id, root=root)
+    meta = dataset_classes()[1](repo_id, root=root)
     episodes = meta.episodes.to_pandas().sort_values("episode_index").reset_index(drop=True)
     tasks_df = meta.tasks
     if "task" in tasks_df.columns:
@@ -125,7 +125,7 @@ def open_meta(root: Path, repo_id: str) -> DatasetMeta:
     return DatasetMeta(
         root=root,
         repo_id=repo_id,
-        info=meta.info,
+        info=info,
         info_sha256=file_sha256(root / "meta" / "info.json"),
         episodes=episodes,
         tasks=tasks,

@@ -21,11 +21,11 @@ BUILTIN_DIR = Path(__file__).parent / "registry"
 class DatasetSpec:
     """One registered dataset.
 
-    name: registry name (the file stem). repo_id: Hugging Face repo id (also the lerobot id of a local
-    root). root: local dataset directory; empty means `$HF_LEROBOT_HOME/<repo_id>`. cameras: camera keys
-    to use (empty: all video features). use_actions: False treats the set as action-free even when it has
-    an `action` feature. mix_weight: share of this source in the training mix. val_fraction: share of
-    episodes held out (deterministic by hash).
+    name: registry name (the file stem). repo_id: Hugging Face repo id (also the lerobot id of a local root). root:
+    local dataset directory; empty means where the installed lerobot keeps `repo_id` (`$HF_LEROBOT_HOME/<repo_id>`,
+    or with lerobot 0.5+ its Hub cache under `$HF_LEROBOT_HOME/hub`). cameras: camera keys to use (empty: all video
+    features). use_actions: False treats the set as action-free even when it has an `action` feature. mix_weight:
+    share of this source in the training mix. val_fraction: share of episodes held out (deterministic by hash).
     """
 
     name: str
@@ -48,9 +48,9 @@ class DatasetSpec:
     def resolved_root(self) -> Path:
         if self.root:
             return Path(os.path.expandvars(os.path.expanduser(self.root)))
-        from lerobot.utils.constants import HF_LEROBOT_HOME
+        from pipeline.lerobot_compat import default_root
 
-        return Path(HF_LEROBOT_HOME) / self.repo_id
+        return default_root(self.repo_id)
 
 
 def search_dirs() -> list[Path]:
@@ -133,7 +133,15 @@ def resolve_source(dataset: str | None, root: Path | None, repo_id: str | None =
         raise UserError("give exactly one of --dataset NAME (see `wmctl datasets`) or --root PATH")
     if dataset:
         spec = resolve(dataset)
-        return SourceRef(spec.name, spec.resolved_root(), repo_id or spec.repo_id, spec)
+        found = spec.resolved_root()
+        if not spec.root and not found.exists():
+            from pipeline.lerobot_compat import LEROBOT_VERSION, where_to_look
+
+            raise UserError(f"dataset {dataset} ({spec.repo_id}) is not on this machine: lerobot {LEROBOT_VERSION} "
+                            f"keeps it in {where_to_look(spec.repo_id)}. Download it there once (e.g. "
+                            f"`LeRobotDataset('{spec.repo_id}')` on a node with network), or set `root` in "
+                            f"{spec.path}")
+        return SourceRef(spec.name, found, repo_id or spec.repo_id, spec)
     assert root is not None
     name = root.resolve().name
     return SourceRef(name, root, repo_id or f"local/{name}")

@@ -20,7 +20,9 @@ def _spans(meta, cam):
 
 
 def test_every_frame_of_every_camera_equals_lerobot(multicam_root):
-    from lerobot.datasets.lerobot_dataset import LeRobotDataset
+    from pipeline.lerobot_compat import dataset_classes
+
+    LeRobotDataset, _ = dataset_classes()
 
     meta = open_meta(multicam_root, "local/multicam")
     ds = LeRobotDataset("local/multicam", root=multicam_root, video_backend="pyav")

@@ -43,3 +43,38 @@ def test_bad_registry_files_are_named(tmp_path, monkeypatch):
         resolve("typo")
     with pytest.raises(UserError, match="unknown dataset 'nope'"):
         resolve("nope")
+
+
+def test_a_dataset_without_root_is_found_where_the_installed_lerobot_keeps_it(tmp_path, monkeypatch, pusht_root):
+    """No `root` in the registry: `$HF_LEROBOT_HOME/<repo_id>` (both stacks), else with lerobot 0.5+ the snapshot a
+    Hub download left in its cache (`$HF_LEROBOT_HOME/hub/datasets--org--name/snapshots/<commit>/`, `refs/v3.0`),
+    found offline; not there: a clear error naming both places."""
+    import shutil
+
+    from pipeline.lerobot_compat import HUB_LAYOUT
+
+    home = tmp_path / "lerobot-home"
+    monkeypatch.setenv("HF_LEROBOT_HOME", str(home))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    reg = tmp_path / "reg"
+    reg.mkdir()
+    (reg / "my-arm.toml").write_text('repo_id = "me/my_arm"\nuse_actions = true\nval_fraction = 0.5\n')
+    monkeypatch.setenv("WMCTL_REGISTRY", str(reg))
+    ingest = ["ingest", "--dataset", "my-arm", "--out", str(tmp_path / "m.parquet")]
+    r = CliRunner().invoke(app, ingest)
+    assert r.exit_code == 2 and "is not on this machine" in r.output and str(home / "me/my_arm") in r.output
+    if HUB_LAYOUT:
+        assert "datasets--me--my_arm" in r.output
+        repo = home / "hub" / "datasets--me--my_arm"
+        commit = "0123456789abcdef0123456789abcdef01234567"
+        shutil.copytree(pusht_root, repo / "snapshots" / commit)
+        (repo / "refs").mkdir()
+        (repo / "refs" / "v3.0").write_text(commit)
+        assert resolve("my-arm").resolved_root() == repo / "snapshots" / commit
+        r = CliRunner().invoke(app, ingest)
+        assert r.exit_code == 0, r.output
+        (tmp_path / "m.parquet").unlink()
+    shutil.copytree(pusht_root, home / "me" / "my_arm")  # a local dataset in $HF_LEROBOT_HOME/<repo_id> comes first
+    assert resolve("my-arm").resolved_root() == home / "me" / "my_arm"
+    r = CliRunner().invoke(app, ingest)
+    assert r.exit_code == 0, r.output

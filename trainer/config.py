@@ -125,6 +125,7 @@ class TrainConfig:
     val_windows: int = 32
     ckpt_every: int = 200
     keep_last: int = 3
+    tracker: str = "tensorboard"  # none | tensorboard | wandb | trackio (metrics.jsonl is always written)
     init_from: Path | None = None  # fine-tune: start from this run/checkpoint (EMA weights)
     finetune_lr_scale: float = 0.3
 
@@ -144,6 +145,10 @@ class TrainConfig:
             raise UserError(f"tau_sampling {self.tau_sampling!r}: choose uniform or logit_normal")
         if self.precision not in ("auto", "bf16", "fp32"):
             raise UserError(f"precision {self.precision!r}: choose auto, bf16 or fp32")
+        from trainer.tracking import TRACKERS
+
+        if self.tracker not in TRACKERS:
+            raise UserError(f"tracker {self.tracker!r}: choose one of {', '.join(TRACKERS)}")
         if self.state_weight < 0:
             raise UserError("state_weight must be >= 0")
         if self.steps < 1 or self.batch_size < 1 or self.grad_accum < 1 or self.frameskip < 1:
@@ -346,7 +351,7 @@ def train_config(preset_name: str | None, *, kind: str | None = None,
 # config fields that may change when resuming: bookkeeping, not what is learned (the store may move, e.g. to
 # node-local disk; its encoder identity is checked instead of its path)
 RESUMABLE_FIELDS = {"steps", "log_every", "eval_every", "ckpt_every", "keep_last", "num_workers", "val_windows",
-                    "out", "device", "compile", "store"}
+                    "out", "device", "compile", "store", "tracker"}
 
 
 def learned_differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:

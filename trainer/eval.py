@@ -33,7 +33,8 @@ from featurestore.reader import TokenReader, Window
 from pipeline.stage import UserError, atomic_write_json
 from trainer.api import LoadedWorldModel
 from trainer.data import normalize_patches, select_episodes
-from trainer.runs import eval_dir
+from trainer.runs import eval_dir, run_dir_of
+from trainer.tracking import open_tracker
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +64,7 @@ class EvalConfig:
     plots: bool = True
     decoder: Path | None = None  # a visualisation decoder: also write `rollouts` side-by-side PNG grids
     rollouts: int = 3
+    tracker: str = "tensorboard"  # also show the figures where the run's training curves are (trainer.tracking)
 
     def __post_init__(self) -> None:
         if not self.horizons or min(self.horizons) < 1:
@@ -370,8 +372,27 @@ def run_eval(cfg: EvalConfig) -> dict[str, Any]:
     if cfg.decoder is not None:
         result["rollouts"] = _rollout_grids(cfg, reader, out, min(H, 20))
     atomic_write_json(out / "eval.json", result)
+    _track(cfg, wm, result)
     result["out"] = str(out)
     return result
+
+
+def _track(cfg: EvalConfig, wm: LoadedWorldModel, result: dict[str, Any]) -> None:
+    """The eval figures in the run's tracker, next to its training curves: per condition, metric and model a curve
+    over the horizon (the x axis is the horizon in frames), and the plots and rollout grids as images."""
+    tracker = open_tracker(cfg.tracker, run_dir_of(wm.checkpoint), name=f"{run_dir_of(wm.checkpoint).name}-eval")
+    try:
+        for cond, entry in result["conditions"].items():
+            for name, errs in entry.items():
+                label = "model" if name == wm.name else name.split("/")[0]
+                for metric in ("mse", "mse_single", "energy", "mse_moving"):
+                    for h, v in errs[metric].items():
+                        tracker.scalars({f"eval/{cond}/{metric}/{label}": v}, int(h))
+        step = int(wm.checkpoint.name.rsplit("-", 1)[-1]) if wm.checkpoint.name.startswith("step-") else 0
+        for png in [*result.get("plots", []), *result.get("rollouts", [])]:
+            tracker.image(f"eval/{Path(png).stem}", Path(png), step)
+    finally:
+        tracker.close()
 
 
 def camera_names(reader: TokenReader, wm: LoadedWorldModel) -> list[str]:

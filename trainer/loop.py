@@ -55,6 +55,7 @@ from trainer.model import build_model
 from trainer.objective import compute_loss, predict_last_frame
 from trainer.runs import RunState, new_run_dir
 from trainer.tokens import TokenShape, split_state
+from trainer.tracking import open_tracker
 
 log = logging.getLogger(__name__)
 
@@ -322,23 +323,19 @@ def _to(batch: dict[str, Any], device: torch.device, pin: bool = False) -> dict[
 
 
 class Metrics:
-    """metrics.jsonl (rank 0), TensorBoard when installed; on resume lines after the checkpoint are dropped."""
+    """metrics.jsonl (rank 0; on resume lines after the checkpoint are dropped), mirrored to the run's tracker
+    (`trainer.tracking`: TensorBoard by default)."""
 
-    def __init__(self, run_dir: Path, start_step: int, enabled: bool):
+    def __init__(self, run_dir: Path, start_step: int, enabled: bool, tracker: str = "tensorboard",
+                 config: dict[str, Any] | None = None):
         self.path, self.enabled, self.rows = run_dir / "metrics.jsonl", enabled, []
-        self.tb = None
+        self.tracker = open_tracker(tracker if enabled else "none", run_dir, config=config)
         if not enabled:
             return
         if self.path.exists():
             lines = self.path.read_text().splitlines()
             kept = [line for line in lines if line and json.loads(line)["step"] <= start_step]
             atomic_write_bytes(self.path, ("\n".join(kept) + ("\n" if kept else "")).encode())
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.tb = SummaryWriter(str(run_dir / "tensorboard"))
-        except ImportError:
-            log.debug("tensorboard is not installed: metrics go to %s only", self.path)
 
     def write(self, row: dict[str, Any]) -> None:
         self.rows.append(row)
@@ -346,14 +343,11 @@ class Metrics:
             return
         with open(self.path, "a") as f:
             f.write(json.dumps(row) + "\n")
-        if self.tb is not None:
-            for k, v in row.items():
-                if k != "step" and isinstance(v, (int, float)):
-                    self.tb.add_scalar(k, v, row["step"])
+        self.tracker.scalars({k: float(v) for k, v in row.items() if k != "step" and isinstance(v, (int, float))},
+                             row["step"], prefix="train/")
 
     def close(self) -> None:
-        if self.tb is not None:
-            self.tb.close()
+        self.tracker.close()
 
 
 @torch.no_grad()
@@ -449,7 +443,7 @@ def run_train(cfg: TrainConfig, *, resume: bool = False,
         (tr.run_dir / "PREEMPT").unlink(missing_ok=True)
     if d.world > 1:
         dist.barrier()
-    metrics = Metrics(tr.run_dir, start, d.main)
+    metrics = Metrics(tr.run_dir, start, d.main, cfg.tracker, to_jsonable(cfg))
     stop = StopFlag(tr.run_dir)
     batches = _loader(reader, tr, start + 1)
     last_ckpt = latest_checkpoint(tr.run_dir)

@@ -38,13 +38,15 @@ def eval_(
     decoder: Annotated[Path | None, typer.Option(help="Visualisation decoder: also write rollout PNG grids.")] = None,
     rollouts: Annotated[int, typer.Option(help="Rollout grids to write with --decoder.")] = EvalConfig.rollouts,
     device: Annotated[str, typer.Option(help="cpu | cuda.")] = EvalConfig.device,
+    tracker: Annotated[str, typer.Option(help="none | tensorboard | wandb | trackio: the figures next to the run's "
+                                              "training curves.")] = EvalConfig.tracker,
 ) -> None:
     """Latent prediction error at horizons vs copy-last and baselines; error vs K; a state probe."""
     cfg = EvalConfig(ckpt=resolve_run(run, ckpt), store=store, horizons=int_list(horizons), split=split,
                      episodes=episodes, context=context, k=k, samples=samples, moving_fraction=moving_fraction,
                      weights="ema" if ema else "model",
                      baselines=tuple(baseline or ()), seed=seed, out=out, decoder=decoder, rollouts=rollouts,
-                     device=device)
+                     device=device, tracker=tracker)
     result = run_eval(cfg)
     con = console()
     for table in eval_tables(result):

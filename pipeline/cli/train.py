@@ -35,6 +35,9 @@ def train(
     device: Annotated[str | None, typer.Option(help="auto | cpu | cuda.")] = None,
     sources: Annotated[str | None, typer.Option(help="Comma-separated store sources (default all).")] = None,
     seed: Annotated[int | None, typer.Option(help="Seed.")] = None,
+    tracker: Annotated[str | None, typer.Option(help="none | tensorboard (default: <run>/tensorboard) | wandb | "
+                                                "trackio (optional extras); metrics.jsonl is always written.")]
+    = None,
     set_: Annotated[list[str] | None, typer.Option("--set", help="Override any config field: key=value or "
                                                   "model.key=value (repeatable).")] = None,
 ) -> None:
@@ -47,7 +50,8 @@ def train(
 
     cfg = train_config(flag("preset", preset), kind=flag("model", model), overrides=set_ or [], base=base,
                        store=flag("store", store), out=out, init_from=init_from, steps=steps, batch_size=batch_size,
-                       lr=lr, device=device, seed=seed, sources=split_list(sources))
+                       lr=lr, device=device, seed=seed, tracker=tracker,
+                       sources=split_list(sources))
     try:
         with _step_logger(cfg) as on_step:
             result = run_train(cfg, resume=resume, on_step=on_step)

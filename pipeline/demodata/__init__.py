@@ -67,22 +67,18 @@ def write_dataset(
             raise UserError(f"{out} exists and was not written by `wmctl data`; choose another --out or --force")
 
     os.environ.setdefault("SVT_LOG", "1")  # the AV1 encoder logs every stream's settings otherwise: errors only
-    from lerobot.datasets.lerobot_dataset import LeRobotDataset
+    from pipeline.lerobot_compat import create_dataset
 
     staging = out.parent / f".{out.name}.staging.{owner_tag()}"
     out.parent.mkdir(parents=True, exist_ok=True)
     try:
-        ds = LeRobotDataset.create(
+        ds = create_dataset(
             repo_id=repo_id,
             fps=settings.fps,
             features=features,
             root=staging,
             robot_type=settings.robot_type,
-            use_videos=True,
             vcodec=settings.vcodec,
-            video_backend="pyav",
-        )
-        ds.meta.update_chunk_settings(
             chunks_size=settings.chunks_size,
             data_files_size_in_mb=settings.data_files_size_in_mb,
             video_files_size_in_mb=settings.video_files_size_in_mb,
