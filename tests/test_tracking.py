@@ -23,18 +23,20 @@ def _events(folder):
     return acc
 
 
-def test_training_and_eval_curves_land_in_tensorboard(tiny_run, tmp_path):
-    rows = [json.loads(line) for line in (tiny_run / "metrics.jsonl").read_text().splitlines()]
-    acc = _events(tiny_run / "tensorboard")
+def test_training_and_eval_curves_land_in_tensorboard(pusht_store, tmp_path):
+    run = run_train(dataclasses.replace(tiny(), store=pusht_store, out=tmp_path / "run", steps=10, eval_every=5,
+                                        log_every=5, labelled_fraction=0.5, context_frames=6)).run_dir
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    acc = _events(run / "tensorboard")
     tags = set(acc.Tags()["scalars"])
     for key in ("loss", "lr", "step_time", "data_wait", "tokens_per_s", "val_loss", "val_pred_mse", "val_copy_mse"):
         assert f"train/{key}" in tags, key
     loss = acc.Scalars("train/loss")
     assert [e.step for e in loss] == [r["step"] for r in rows if "loss" in r]  # metrics.jsonl is mirrored
     assert loss[-1].value == pytest.approx(rows[-1]["loss"], rel=1e-6)
-    res = run_eval(EvalConfig(ckpt=tiny_run, horizons=(1, 3), windows_per_episode=2, probe=False, samples=2,
+    res = run_eval(EvalConfig(ckpt=run, horizons=(1, 3), windows_per_episode=2, probe=False, samples=2,
                               k_sweep=(1, 2), out=tmp_path / "eval"))
-    acc = _events(tiny_run / "tensorboard")
+    acc = _events(run / "tensorboard")
     curve = acc.Scalars("eval/actions/mse/model")
     assert [e.step for e in curve] == [1, 3]  # error over the horizon
     assert curve[1].value == pytest.approx(res["conditions"]["actions"][res["model"]]["mse"][3], rel=1e-6)

@@ -1,0 +1,104 @@
+"""What shortcut forcing learns, against the exact answer: train variants briefly on the toy token world
+(`trainer/toyworld.py`: an action-driven agent plus a two-place distractor of known distribution) and print, per
+variant and K, the sample-mean MSE, single-sample MSE, energy score and spread (sample variance / true variance),
+next to the oracle (true conditional mean and true samples) and the null-action error.
+
+    .venv/bin/python scripts/shortcut_study.py --steps 600                # every variant, ~2 min each on 2 cores
+    .venv/bin/python scripts/shortcut_study.py --variants recipe,flow_only --steps 300
+
+A benchmark-style study (not a test; tests/test_toyworld.py runs a short version with assertions). Same data,
+seed and budget for every variant; results also go to <out>/study.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from pipeline.machine import machine_description  # noqa: E402
+from trainer.api import LoadedWorldModel  # noqa: E402
+from trainer.config import ModelConfig, TrainConfig  # noqa: E402
+from trainer.loop import run_train  # noqa: E402
+from trainer.toyworld import measure, write_toy_world  # noqa: E402
+
+BASE = TrainConfig(
+    model=ModelConfig(dim=64, depth=4, heads=4, kv_heads=2, registers=2, time_every=2, k_max=16),
+    context_frames=6, batch_size=32, lr=1e-3, warmup_steps=50, weight_decay=0.05, ema_decay=0.99,
+    labelled_fraction=1.0, action_dropout=0.25, stats_frames=1024, log_every=50, eval_every=10_000,
+    ckpt_every=10_000, val_windows=16, tracker="none",
+)
+
+# each variant: what it changes from BASE (the small preset's recipe: clean context, bootstrap on a quarter)
+VARIANTS: dict[str, dict] = {
+    "recipe": dict(context_mode="clean_context", bootstrap_fraction=0.25),
+    "flow_only": dict(context_mode="clean_context", bootstrap_fraction=0.0),
+    "dreamer4": dict(context_mode="diffusion_forcing", bootstrap_fraction=1.0),
+    "no_temporal_prior": dict(context_mode="clean_context", bootstrap_fraction=0.25, model=("temporal_prior", False)),
+    "no_precondition": dict(context_mode="clean_context", bootstrap_fraction=0.25, model=("precondition", False)),
+    "deterministic": dict(context_mode="clean_context", ctx_noise=0.0, model=("kind", "deterministic")),
+}
+
+
+def variant_config(name: str, store: Path, out: Path, steps: int, seed: int) -> TrainConfig:
+    changes = dict(VARIANTS[name])
+    model = BASE.model
+    if "model" in changes:
+        key, value = changes.pop("model")
+        model = dataclasses.replace(model, **{key: value})
+    return dataclasses.replace(BASE, store=store, out=out / name, steps=steps, seed=seed, model=model, **changes)
+
+
+def run(args) -> dict:
+    out = Path(args.out)
+    store = out / "toy.zarr"
+    if not store.exists():
+        write_toy_world(store, episodes=args.episodes)
+    results = {"machine": machine_description(), "steps": args.steps, "episodes": args.episodes, "variants": {}}
+    for name in args.variants:
+        t0 = time.monotonic()
+        res = run_train(variant_config(name, store, out, args.steps, args.seed))
+        wm = LoadedWorldModel.load(res.run_dir)
+        ks = (1,) if wm.kind == "deterministic" else tuple(args.ks)
+        results["variants"][name] = {**measure(wm, store, samples=args.samples, ks=ks),
+                                     "train_seconds": time.monotonic() - t0}
+        print_variant(name, results["variants"][name])
+    (out / "study.json").write_text(json.dumps(results, indent=2))
+    return results
+
+
+def print_variant(name: str, m: dict) -> None:
+    print(f"\n{name} ({m['windows']} val windows, {m['samples']} samples, train {m['train_seconds']:.0f} s; "
+          f"true variance {m['true_variance']:.3f})")
+    print("  h  K   mse(mean) mse(single)  energy  spread | oracle mse  energy | null-action mse")
+    for h, row in m["horizons"].items():
+        for k, r in row["k"].items():
+            print(f"  {h}  {k:<3} {r['mse']:9.4f} {r['mse_single']:11.4f} {r['energy']:7.4f} {r['spread']:7.2f} | "
+                  f"{row['oracle_mse']:10.4f} {row['oracle_energy']:7.4f} | {row['null_mse']:.4f}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated, of {', '.join(VARIANTS)}")
+    ap.add_argument("--steps", type=int, default=600)
+    ap.add_argument("--episodes", type=int, default=64)
+    ap.add_argument("--samples", type=int, default=8)
+    ap.add_argument("--ks", default="1,2,4,8")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", default="bench/toy-study")
+    args = ap.parse_args()
+    args.variants = [v for v in args.variants.split(",") if v]
+    unknown = set(args.variants) - set(VARIANTS)
+    if unknown:
+        ap.error(f"unknown variants {sorted(unknown)}; choose from {', '.join(VARIANTS)}")
+    args.ks = [int(k) for k in args.ks.split(",")]
+    run(args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,59 @@
+"""The toy token world: its exact predictive distribution, its store, and the study harness on a trained model."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+
+from featurestore.reader import TokenReader, Window
+from trainer.toyworld import ToyWorld, measure, step, write_toy_world
+
+
+def test_true_mean_and_variance_are_those_of_the_worlds_own_samples():
+    world, rng = ToyWorld.make(0), np.random.default_rng(1)
+    pos = np.array([1.2, 2.1])
+    draws = world.true_samples(pos, 4000, rng)
+    np.testing.assert_allclose(draws.mean(0), world.true_mean(pos), atol=0.05)
+    np.testing.assert_allclose(draws.var(0), world.true_variance(), rtol=0.1, atol=2e-3)
+    assert world.true_variance().max() > 10 * world.true_variance().min()  # the distractor's tokens vary, the rest not
+
+
+def test_the_store_holds_the_world_and_actions_move_the_agent(tmp_path):
+    store = write_toy_world(tmp_path / "toy.zarr", episodes=8, length=10)
+    reader = TokenReader(store)
+    eps = reader.episodes
+    assert len(eps) == 8 and set(eps.split) == {"train", "val"}
+    w = reader.read(Window(0, 0, 10), ("patch", "state", "action"))
+    world = ToyWorld.make(0)
+    for t in range(9):
+        np.testing.assert_allclose(w["state"][t + 1], step(w["state"][t], w["action"][t]), atol=1e-6)
+    # a frame is the world's mean frame at the agent's position up to the distractor and the noise
+    dev = np.abs(w["patch"][:, 0].astype(np.float64) - np.stack([world.true_mean(p) for p in w["state"]]))
+    assert dev.max() < np.sqrt(world.true_variance()).max() + 0.3
+
+
+@pytest.mark.slow
+def test_the_study_harness_on_a_briefly_trained_model(tmp_path):
+    """measure() against the exact answer: the oracle's error is the true variance, and a model trained for a few
+    hundred steps already beats its null-action self (the agent's move is only in the actions)."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("shortcut_study",
+                                                  Path(__file__).parents[1] / "scripts" / "shortcut_study.py")
+    study = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(study)
+    store = write_toy_world(tmp_path / "toy.zarr", episodes=32)
+    cfg = study.variant_config("flow_only", store, tmp_path, steps=150, seed=0)
+    from trainer.api import LoadedWorldModel
+    from trainer.loop import run_train
+
+    wm = LoadedWorldModel.load(run_train(dataclasses.replace(cfg, batch_size=16)).run_dir)
+    m = measure(wm, store, horizons=(1,), samples=4, ks=(1, 4))
+    row = m["horizons"][1]
+    assert row["oracle_mse"] == pytest.approx(m["true_variance"], rel=0.2)
+    assert row["oracle_energy"] < row["k"][4]["energy"]  # nothing beats the truth on a proper score
+    assert row["k"][1]["mse"] < row["null_mse"]  # the actions are used
+    assert row["k"][1]["mse"] >= row["oracle_mse"] * 0.9

@@ -1,0 +1,148 @@
+"""A token world with known dynamics and a known predictive distribution, to test what a world model learns.
+
+Tokens are made directly (no video, no encoder) and written into a real token store: a 4x4 grid of 16-wide
+patch tokens over a fixed random background, with
+- an agent blob at a 2-D position (the state), moved by each action (a 2-D delta, clipped to the grid): fully
+  predictable given the actions, unpredictable without them;
+- a distractor blob that sits, each frame independently, at one of two places with probability 1/2: the
+  irreducible part, a two-point mixture whose mean and spread are known exactly;
+- Gaussian noise of std 0.05 on every value.
+So for any context and actions the true next-frame distribution is known: its mean (`true_mean`), its
+per-value variance (`true_variance`) and samples (`true_samples`), in the store's raw token units.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from featurestore.store import StoreLayout, TokenStore
+
+GRID, DIM = (4, 4), 16
+NOISE = 0.05
+DISTRACTOR_AT = (np.array([0.5, 0.5]), np.array([2.5, 2.5]))
+IDENTITY = {"model_id": "toy-token-world", "weights_sha256": "0" * 64, "random_weights": True,
+            "grid": list(GRID), "dim": DIM, "patch_size": 16, "num_register_tokens": 0,
+            "preprocess": {"height": 64, "width": 64, "resize": "crop"}}
+
+
+def bump(pos_2: np.ndarray) -> np.ndarray:
+    """How much of a blob at `pos` each of the grid's tokens carries [P]."""
+    rows, cols = np.meshgrid(np.arange(GRID[0]), np.arange(GRID[1]), indexing="ij")
+    d2 = (rows.ravel() - pos_2[0]) ** 2 + (cols.ravel() - pos_2[1]) ** 2
+    return np.exp(-d2 / 0.8)
+
+
+@dataclass(frozen=True)
+class ToyWorld:
+    background: np.ndarray  # [P, Z]
+    agent: np.ndarray  # [Z] the agent blob's feature
+    distractor: np.ndarray  # [Z]
+
+    @classmethod
+    def make(cls, seed: int = 0) -> ToyWorld:
+        rng = np.random.default_rng(seed)
+        P = GRID[0] * GRID[1]
+        return cls(rng.standard_normal((P, DIM)) * 0.5, rng.standard_normal(DIM), rng.standard_normal(DIM))
+
+    def frame(self, pos_2: np.ndarray, where: int, rng: np.random.Generator | None) -> np.ndarray:
+        """Tokens [P, Z] with the agent at `pos`, the distractor at place `where`, noise from `rng` (None: none)."""
+        x = self.background + bump(pos_2)[:, None] * self.agent + bump(DISTRACTOR_AT[where])[:, None] * \
+            self.distractor
+        return x if rng is None else x + NOISE * rng.standard_normal(x.shape)
+
+    def true_mean(self, pos_2: np.ndarray) -> np.ndarray:
+        """E[tokens | agent at pos] [P, Z]: the distractor's two places averaged, no noise."""
+        return (self.frame(pos_2, 0, None) + self.frame(pos_2, 1, None)) / 2
+
+    def true_variance(self) -> np.ndarray:
+        """Var[tokens | agent position] per value [P, Z]: the two-point mixture's plus the noise's."""
+        half = (bump(DISTRACTOR_AT[0]) - bump(DISTRACTOR_AT[1]))[:, None] * self.distractor / 2
+        return half**2 + NOISE**2
+
+    def true_samples(self, pos_2: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray:
+        """n draws [n, P, Z] of the next frame given the agent's (known) position."""
+        return np.stack([self.frame(pos_2, int(rng.integers(2)), rng) for _ in range(n)])
+
+
+def step(pos_2: np.ndarray, action_2: np.ndarray) -> np.ndarray:
+    return np.clip(pos_2 + action_2, 0, GRID[0] - 1)
+
+
+def write_toy_world(path: Path, *, episodes: int = 64, length: int = 24, seed: int = 0, labelled: bool = True,
+                    source: str = "toy", val_every: int = 8) -> Path:
+    """Episodes of the toy world (random actions in [-0.6, 0.6]^2) as one committed segment of `source`; the
+    state is the agent position, so the truth of any window can be rebuilt. Every `val_every`-th episode is val."""
+    world = ToyWorld.make(0)  # the same world for every source and seed: seeds vary the episodes only
+    rng = np.random.default_rng(seed)
+    patch, action, state, table = [], [], [], []
+    for e in range(episodes):
+        pos = rng.uniform(0, GRID[0] - 1, 2)
+        for _ in range(length):
+            a = rng.uniform(-0.6, 0.6, 2)
+            patch.append(world.frame(pos, int(rng.integers(2)), rng))
+            state.append(pos.copy())
+            action.append(a)
+            pos = step(pos, a)
+        table.append({"episode_index": e, "view": 0, "start": e * length, "length": length,
+                      "split": "val" if e % val_every == val_every - 1 else "train", "has_actions": labelled,
+                      "task": "move the agent", "augment": None})
+    F, P = episodes * length, GRID[0] * GRID[1]
+    store = TokenStore.create_or_open(path, IDENTITY, StoreLayout(episodes_per_segment=episodes))
+    store.ensure_source(source, {"source": source, "cameras": ["observation.image"], "action_dim": 2,
+                                 "state_dim": 2, "has_actions": labelled, "fps": 10.0}, fixed_keys=())
+    writer = store.begin_segment(source, "v0-b000000", frames=F, cameras=1, tokens=P, dim=DIM, action_dim=2,
+                                 state_dim=2)
+    writer.add(0, np.stack(patch)[:, None].astype(np.float16), np.zeros((F, 1, DIM), np.float16))
+    writer.commit(action=np.stack(action) if labelled else np.full((F, 2), np.nan), action_valid=np.full(F, labelled),
+                  state=np.stack(state), timestamp=np.tile(np.arange(length) / 10.0, episodes),
+                  episode_index=np.repeat(np.arange(episodes), length), frame_index=np.tile(np.arange(length), episodes),
+                  attrs={"source": source, "segment_id": "v0-b000000", "view": 0, "block": 0, "frames": F,
+                         "cameras": ["observation.image"], "episodes": table})
+    return Path(path)
+
+
+def measure(wm, store: Path, *, context: int = 3, horizons: tuple[int, ...] = (1, 3), samples: int = 8,
+            ks: tuple[int, ...] = (1, 2, 4, 8), windows_per_episode: int = 4, seed: int = 0) -> dict:
+    """What `wm` (a LoadedWorldModel trained on the toy world) gets right, against the exact answer, on the val
+    windows of `store`, per horizon (normalised tokens, the model's statistics):
+    - `oracle_mse`: the true conditional mean's MSE (the floor of any point prediction), `oracle_energy`: the
+      energy score of `samples` draws from the true distribution (the floor of any sampler of that size);
+    - per K: `mse` of the mean of `samples` samples, `mse_single`, `energy`, and `spread`: the samples' per-value
+      variance over the true variance (1 = calibrated, > 1 over-dispersed);
+    - `null_mse`: the K=1 prediction with the null action (the agent's move unknown) next to `ks[0]`'s with the
+      actions: the model uses its actions if null_mse is well above."""
+    from featurestore.reader import TokenReader
+    from trainer.eval import EvalConfig, collect_windows, predict, window_scores
+
+    reader = TokenReader(store)
+    cfg = EvalConfig(ckpt=wm.checkpoint, horizons=horizons, windows_per_episode=windows_per_episode, seed=seed)
+    win = collect_windows(reader, wm, cfg, context)["labelled"]
+    world = ToyWorld.make(0)
+    mean, std = wm.stats.token_mean.astype(np.float64), wm.stats.token_std.astype(np.float64)
+    norm = lambda x: (np.asarray(x, np.float64) - mean) / std  # noqa: E731
+    H, W = max(horizons), len(win.tokens)
+    rng = np.random.default_rng(seed)
+    draws = {k: np.stack([predict(wm, win, context, H, use_actions=True, k=k, seed=seed, batch_size=64, sample=s)
+                          for s in range(samples)]) for k in ks}
+    null = predict(wm, win, context, H, use_actions=False, k=ks[0], seed=seed, batch_size=64)
+    true_var = float((world.true_variance() / std**2).mean())
+    out: dict = {"windows": W, "samples": samples, "context": context, "true_variance": true_var, "horizons": {}}
+    for h in horizons:
+        truth = norm(win.tokens[:, context + h - 1])  # [W, P, Z]
+        pos = win.frame_states[:, context + h - 1]  # the agent's true position at that frame
+        oracle_mean = norm(np.stack([world.true_mean(p) for p in pos]))
+        oracle_draws = norm(np.stack([world.true_samples(p, samples, rng) for p in pos], axis=1))  # [S, W, P, Z]
+        row = {"oracle_mse": float(((oracle_mean - truth) ** 2).mean()),
+               "oracle_energy": float(window_scores(oracle_draws, truth)["energy"].mean()),
+               "null_mse": float(((norm(null[:, h - 1]) - truth) ** 2).mean()), "k": {}}
+        for k in ks:
+            x = norm(draws[k][:, :, h - 1])
+            sc = window_scores(x, truth)
+            spread = float(x.var(axis=0, ddof=1).mean()) / true_var if samples > 1 else float("nan")
+            row["k"][k] = {"mse": float(sc["mse"].mean()), "mse_single": float(sc["mse_single"].mean()),
+                           "energy": float(sc["energy"].mean()), "spread": spread}
+        out["horizons"][h] = row
+    return out
