@@ -96,9 +96,11 @@ def write_toy_world(path: Path, *, episodes: int = 64, length: int = 24, seed: i
     writer = store.begin_segment(source, "v0-b000000", frames=F, cameras=1, tokens=P, dim=DIM, action_dim=2,
                                  state_dim=2)
     writer.add(0, np.stack(patch)[:, None].astype(np.float16), np.zeros((F, 1, DIM), np.float16))
-    writer.commit(action=np.stack(action) if labelled else np.full((F, 2), np.nan), action_valid=np.full(F, labelled),
-                  state=np.stack(state), timestamp=np.tile(np.arange(length) / 10.0, episodes),
-                  episode_index=np.repeat(np.arange(episodes), length), frame_index=np.tile(np.arange(length), episodes),
+    writer.commit(action=np.stack(action) if labelled else np.full((F, 2), np.nan),
+                  action_valid=np.full(F, labelled), state=np.stack(state),
+                  timestamp=np.tile(np.arange(length) / 10.0, episodes),
+                  episode_index=np.repeat(np.arange(episodes), length),
+                  frame_index=np.tile(np.arange(length), episodes),
                   attrs={"source": source, "segment_id": "v0-b000000", "view": 0, "block": 0, "frames": F,
                          "cameras": ["observation.image"], "episodes": table})
     return Path(path)
