@@ -40,6 +40,7 @@ VARIANTS: dict[str, dict] = {
     "flow_only": dict(context_mode="clean_context", bootstrap_fraction=0.0),
     "dreamer4": dict(context_mode="diffusion_forcing", bootstrap_fraction=1.0),
     "no_temporal_prior": dict(context_mode="clean_context", bootstrap_fraction=0.25, model=("temporal_prior", False)),
+    "no_skip": dict(context_mode="clean_context", bootstrap_fraction=0.25, model=("precondition_skip", False)),
     "no_precondition": dict(context_mode="clean_context", bootstrap_fraction=0.25, model=("precondition", False)),
     "deterministic": dict(context_mode="clean_context", ctx_noise=0.0, model=("kind", "deterministic")),
 }

@@ -45,8 +45,8 @@ def test_the_study_harness_on_a_briefly_trained_model(tmp_path):
                                                   Path(__file__).parents[1] / "scripts" / "shortcut_study.py")
     study = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(study)
-    store = write_toy_world(tmp_path / "toy.zarr", episodes=32)
-    cfg = study.variant_config("flow_only", store, tmp_path, steps=150, seed=0)
+    store = write_toy_world(tmp_path / "toy.zarr", episodes=24)
+    cfg = study.variant_config("no_precondition", store, tmp_path, steps=120, seed=0)
     from trainer.api import LoadedWorldModel
     from trainer.loop import run_train
 

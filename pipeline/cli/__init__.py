@@ -12,11 +12,15 @@ from __future__ import annotations
 import sys
 from typing import Annotated
 
-import typer
+from pipeline.lerobot_io import offline_env
 
-from pipeline.cli import bench, data, encode, evaluate, ingest, plan, train
-from pipeline.cli.base import new_app
-from pipeline.cli.progress import setup_logging
+offline_env()  # nothing downloads at run time: Hub clients see HF_HUB_OFFLINE=1 unless the user set it otherwise
+
+import typer  # noqa: E402
+
+from pipeline.cli import bench, data, encode, evaluate, ingest, plan, train  # noqa: E402
+from pipeline.cli.base import new_app  # noqa: E402
+from pipeline.cli.progress import setup_logging  # noqa: E402
 
 app = new_app("Latent world models from LeRobot video: data -> ingest -> encode -> train -> eval -> plan.",
               name="wmctl")

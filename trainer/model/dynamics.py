@@ -292,8 +292,10 @@ class ShortcutDynamics(nn.Module):
                 residual = (z_BTND - tau_BT[:, :, None, None] * mu) * c_res  # ... its change from the prior
                 prior = mu  # ... and the previous frame's estimate, in place (as a next-frame predictor has it)
             else:
-                mu = torch.zeros_like(z_BTND)
+                mu, r_var = torch.zeros_like(z_BTND), torch.ones_like(tau_BT[:, :, None, None])
                 _, c_skip, c_out = preconditioning(tau_BT)
+            if not self.cfg.precondition_skip:  # the change from the prior at its own scale, all from the network
+                c_skip, c_out = torch.zeros_like(c_skip), torch.as_tensor(r_var).sqrt().expand_as(c_out)
         x = self.tokens(z_BTND * c_in, tau_BT, d_BT, actions_BTA, valid_BT, residual, prior)
 
         def finish(readout_BTNZ: torch.Tensor) -> torch.Tensor:
