@@ -43,3 +43,27 @@ def write_random_store(path: Path, *, cameras: int, grid: tuple[int, int], dim: 
                   attrs={"source": source, "segment_id": "v0-b000000", "view": 0, "block": 0, "frames": F,
                          "cameras": cam_keys, "episodes": table})
     return Path(path)
+
+
+def write_episode_tokens(path: Path, identity: dict, *, source: str, patch_FPZ: np.ndarray, action_FA: np.ndarray,
+                         state_FS: np.ndarray, table: list[dict], labelled: bool = True, fps: float = 10.0,
+                         camera: str = "observation.image") -> Path:
+    """Tokens made directly (one camera, `patch` [F, P, Z]) with their actions and states, episodes back to back as
+    `table` lists them, written as one committed segment of `source` through the store's own writer. Unlabelled:
+    NaN actions, marked invalid."""
+    F, P, Z = patch_FPZ.shape
+    A, S = action_FA.shape[1], state_FS.shape[1]
+    lengths = [int(row["length"]) for row in table]
+    store = TokenStore.create_or_open(path, identity, StoreLayout(episodes_per_segment=len(table)))
+    store.ensure_source(source, {"source": source, "cameras": [camera], "action_dim": A, "state_dim": S,
+                                 "has_actions": labelled, "fps": fps}, fixed_keys=())
+    writer = store.begin_segment(source, "v0-b000000", frames=F, cameras=1, tokens=P, dim=Z, action_dim=A,
+                                 state_dim=S)
+    writer.add(0, patch_FPZ[:, None].astype(np.float16), np.zeros((F, 1, Z), np.float16))
+    writer.commit(action=action_FA if labelled else np.full((F, A), np.nan), action_valid=np.full(F, labelled),
+                  state=state_FS, timestamp=np.concatenate([np.arange(n) / fps for n in lengths]),
+                  episode_index=np.repeat(np.arange(len(table)), lengths),
+                  frame_index=np.concatenate([np.arange(n) for n in lengths]),
+                  attrs={"source": source, "segment_id": "v0-b000000", "view": 0, "block": 0, "frames": F,
+                         "cameras": [camera], "episodes": table})
+    return Path(path)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from featurestore.store import StoreLayout, TokenStore
+from featurestore.synthetic import write_episode_tokens
 
 IDENTITY = {"model_id": "synthetic-token-world", "weights_sha256": "0" * 64, "random_weights": True,
             "grid": [4, 4], "dim": 16, "patch_size": 16, "registers": 0,
@@ -45,18 +45,5 @@ def write_token_world(path: Path, *, source: str = "world", episodes: int = 8, l
         table.append({"episode_index": e, "view": 0, "start": e * length, "length": length,
                       "split": "val" if e % val_every == val_every - 1 else "train", "has_actions": labelled,
                       "task": "move the blob", "augment": None})
-    F = episodes * length
-    store = TokenStore.create_or_open(path, IDENTITY, StoreLayout(episodes_per_segment=episodes))
-    store.ensure_source(source, {"source": source, "cameras": ["observation.image"], "action_dim": 2,
-                                 "state_dim": 2, "has_actions": labelled, "fps": 10.0}, fixed_keys=())
-    writer = store.begin_segment(source, "v0-b000000", frames=F, cameras=1, tokens=P, dim=dim, action_dim=2,
-                                 state_dim=2)
-    writer.add(0, np.stack(patch)[:, None].astype(np.float16), np.zeros((F, 1, dim), np.float16))
-    acts = np.stack(action) if labelled else np.full((F, 2), np.nan)
-    writer.commit(action=acts, action_valid=np.full(F, labelled), state=np.stack(state),
-                  timestamp=np.tile(np.arange(length) / 10.0, episodes), episode_index=np.repeat(np.arange(episodes),
-                                                                                                length),
-                  frame_index=np.tile(np.arange(length), episodes),
-                  attrs={"source": source, "segment_id": "v0-b000000", "view": 0, "block": 0, "frames": F,
-                         "cameras": ["observation.image"], "episodes": table})
-    return Path(path)
+    return write_episode_tokens(path, IDENTITY, source=source, patch_FPZ=np.stack(patch), action_FA=np.stack(action),
+                                state_FS=np.stack(state), table=table, labelled=labelled)

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from featurestore.store import StoreLayout, TokenStore
+from featurestore.synthetic import write_episode_tokens
 
 GRID, DIM = (4, 4), 16
 NOISE = 0.05
@@ -89,21 +89,8 @@ def write_toy_world(path: Path, *, episodes: int = 64, length: int = 24, seed: i
         table.append({"episode_index": e, "view": 0, "start": e * length, "length": length,
                       "split": "val" if e % val_every == val_every - 1 else "train", "has_actions": labelled,
                       "task": "move the agent", "augment": None})
-    F, P = episodes * length, GRID[0] * GRID[1]
-    store = TokenStore.create_or_open(path, IDENTITY, StoreLayout(episodes_per_segment=episodes))
-    store.ensure_source(source, {"source": source, "cameras": ["observation.image"], "action_dim": 2,
-                                 "state_dim": 2, "has_actions": labelled, "fps": 10.0}, fixed_keys=())
-    writer = store.begin_segment(source, "v0-b000000", frames=F, cameras=1, tokens=P, dim=DIM, action_dim=2,
-                                 state_dim=2)
-    writer.add(0, np.stack(patch)[:, None].astype(np.float16), np.zeros((F, 1, DIM), np.float16))
-    writer.commit(action=np.stack(action) if labelled else np.full((F, 2), np.nan),
-                  action_valid=np.full(F, labelled), state=np.stack(state),
-                  timestamp=np.tile(np.arange(length) / 10.0, episodes),
-                  episode_index=np.repeat(np.arange(episodes), length),
-                  frame_index=np.tile(np.arange(length), episodes),
-                  attrs={"source": source, "segment_id": "v0-b000000", "view": 0, "block": 0, "frames": F,
-                         "cameras": ["observation.image"], "episodes": table})
-    return Path(path)
+    return write_episode_tokens(path, IDENTITY, source=source, patch_FPZ=np.stack(patch), action_FA=np.stack(action),
+                                state_FS=np.stack(state), table=table, labelled=labelled)
 
 
 def measure(wm, store: Path, *, context: int = 3, horizons: tuple[int, ...] = (1, 3), samples: int = 8,
