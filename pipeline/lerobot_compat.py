@@ -78,12 +78,11 @@ def create_dataset(*, repo_id: str, fps: int, features: dict[str, Any], root: Pa
     if HUB_LAYOUT:
         from lerobot.configs.video import RGBEncoderConfig
 
-        ds = LeRobotDataset.create(repo_id=repo_id, fps=fps, features=features, root=root, robot_type=robot_type,
-                                   use_videos=True, video_backend="pyav",
-                                   rgb_encoder=RGBEncoderConfig(vcodec=vcodec, video_backend="pyav"))
+        codec = {"rgb_encoder": RGBEncoderConfig(vcodec=vcodec, video_backend="pyav")}
     else:
-        ds = LeRobotDataset.create(repo_id=repo_id, fps=fps, features=features, root=root, robot_type=robot_type,
-                                   use_videos=True, vcodec=vcodec, video_backend="pyav")
+        codec = {"vcodec": vcodec}
+    ds = LeRobotDataset.create(repo_id=repo_id, fps=fps, features=features, root=root, robot_type=robot_type,
+                               use_videos=True, video_backend="pyav", **codec)
     ds.meta.update_chunk_settings(chunks_size=chunks_size, data_files_size_in_mb=data_files_size_in_mb,
                                   video_files_size_in_mb=video_files_size_in_mb)
     return ds

@@ -30,6 +30,7 @@ from trainer.sampling import (
     rollout_cached,
     rollout_teacher_forced,
     rollout_uncached,
+    sampling_steps,
 )
 from trainer.tokens import TokenShape, split_state
 
@@ -157,11 +158,6 @@ class LoadedWorldModel:
         per_frame = self.actions.per_frame(steps_BSA)
         return torch.cat([torch.zeros_like(per_frame[:, :1]), per_frame], dim=1)
 
-    def _steps(self, k: int, generator: torch.Generator) -> tuple[int, torch.Generator | None]:
-        """(sampling steps, noise generator) for this model: the deterministic control takes one step from
-        nothing (no generator: zeros), whatever K the caller asked of a sampler."""
-        return (1, None) if self.kind == "deterministic" else (k, generator)
-
     # ------------------------------------------------------------------ the protocol
     def planning_rollout(self, context_TNZ: torch.Tensor, *, context_actions_TA: torch.Tensor | None = None,
                          k: int = 4, seed: int = 0) -> Callable[..., torch.Tensor]:
@@ -179,7 +175,7 @@ class LoadedWorldModel:
             ctx_a = self.actions.normalize_frames(context_actions_TA.to(device=dev, dtype=dt))[None]
             ctx_v[:, 1:] = True
         teacher_forced = self.kind == "teacher_forced"
-        k, g = self._steps(k, torch.Generator().manual_seed(seed))
+        k, g = sampling_steps(self.kind, k, torch.Generator().manual_seed(seed))
         if not teacher_forced:
             with torch.no_grad():
                 pre = prefill(self.model, context_TNZ[None], ctx_a, ctx_v, ctx_noise=self.cfg.ctx_noise,
@@ -226,7 +222,7 @@ class LoadedWorldModel:
         if self.kind == "teacher_forced":
             return rollout_teacher_forced(self.model, context_BTNZ, actions_BTA, valid_BT, horizon=horizon,
                                           window=self.window)
-        k, g = self._steps(k, generator or torch.Generator().manual_seed(0))
+        k, g = sampling_steps(self.kind, k, generator or torch.Generator().manual_seed(0))
         fn = rollout_cached if cached else rollout_uncached
         return fn(self.model, context_BTNZ, actions_BTA, valid_BT, horizon=horizon, k=k,
                   ctx_noise=self.cfg.ctx_noise, window=self.window, generator=g)

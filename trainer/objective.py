@@ -17,7 +17,7 @@ import torch.nn as nn
 from trainer.config import TrainConfig
 from trainer.data import ACTIONS, VALID, Z
 from trainer.losses import TauSampling, next_frame_loss, sample_tau_d, shortcut_forcing_loss, teacher_forcing_loss
-from trainer.sampling import rollout_cached, rollout_teacher_forced
+from trainer.sampling import rollout_cached, rollout_teacher_forced, sampling_steps
 from trainer.tokens import frame_error
 
 
@@ -68,10 +68,7 @@ def predict_last_frame(model: nn.Module, batch: dict[str, Any], cfg: TrainConfig
     T = z.shape[1]
     if cfg.model.kind == "teacher_forced":
         return rollout_teacher_forced(model, z[:, :-1], actions, valid, horizon=1, window=T - 1)[:, 0]
-    if cfg.model.kind == "deterministic":  # one step from nothing, no noise
-        k, g = 1, None
-    else:
-        g = generator or torch.Generator().manual_seed(cfg.seed)
+    k, g = sampling_steps(cfg.model.kind, k, generator or torch.Generator().manual_seed(cfg.seed))
     return rollout_cached(model, z[:, :-1], actions, valid, horizon=1, k=k, window=T, ctx_noise=cfg.ctx_noise,
                           generator=g)[:, 0]  # (no gradient: this function runs under torch.no_grad)
 

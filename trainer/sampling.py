@@ -78,6 +78,12 @@ def _prepare(context_BTNZ, actions_BTA, valid_BT, horizon):
     return actions_BTA, valid_BT
 
 
+def sampling_steps(kind: str, k: int, generator: torch.Generator | None) -> tuple[int, torch.Generator | None]:
+    """(sampling steps, noise generator) for a model kind: the deterministic control takes one step from nothing
+    (no generator: zeros), whatever K the caller asked of a sampler."""
+    return (1, None) if kind == "deterministic" else (k, generator)
+
+
 def _noise(shape, generator, device, dtype, shared: bool = False):
     """Gaussian noise; `shared` draws one sample and repeats it over the batch (common random numbers: every
     candidate action sequence of a planner meets the same noise, so their costs differ by the actions only).
@@ -115,8 +121,12 @@ class Prefill:
     cache: TimeKVCache
     committed: list[torch.Tensor]  # [B, 1, N, Z] each: the frames start .. frames-1 as the model saw them
     start: int  # absolute index of the window's first frame (time position 0)
-    frames: int  # absolute index of the next frame to generate (context frames Tc at first)
     tau: float  # signal level of the committed frames (1 - ctx_noise)
+
+    @property
+    def frames(self) -> int:
+        """Absolute index of the next frame to generate (context frames Tc at first)."""
+        return self.start + len(self.committed)
 
     @property
     def prev(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -126,7 +136,7 @@ class Prefill:
 
     def expand(self, batch: int) -> Prefill:
         return Prefill(self.cache.expand(batch), [z.expand(batch, *z.shape[1:]) for z in self.committed], self.start,
-                       self.frames, self.tau)
+                       self.tau)
 
 
 def _commit_window(model: ShortcutDynamics, frames: list[torch.Tensor], start: int, actions_BTA, valid_BT, *,
@@ -140,7 +150,7 @@ def _commit_window(model: ShortcutDynamics, frames: list[torch.Tensor], start: i
     cache = TimeKVCache()
     _frame_forward(model, zc, tau, d, actions_BTA[:, start:start + T], valid_BT[:, start:start + T], cache, 0, T,
                    None)
-    return Prefill(cache, frames, start, start + T, 1 - ctx_noise)
+    return Prefill(cache, frames, start, 1 - ctx_noise)
 
 
 def prefill(model: ShortcutDynamics, context_BTNZ: torch.Tensor, actions_BTA: torch.Tensor, valid_BT: torch.Tensor, *,

@@ -104,22 +104,22 @@ def measure(wm, store: Path, *, context: int = 3, horizons: tuple[int, ...] = (1
     - `null_mse`: the K=1 prediction with the null action (the agent's move unknown) next to `ks[0]`'s with the
       actions: the model uses its actions if null_mse is well above."""
     from featurestore.reader import TokenReader
-    from trainer.eval import EvalConfig, collect_windows, predict, window_scores
+    from trainer.eval import EvalConfig, collect_windows, predict, sample_set, window_scores
 
     reader = TokenReader(store)
-    cfg = EvalConfig(ckpt=wm.checkpoint, horizons=horizons, windows_per_episode=windows_per_episode, seed=seed)
+    cfg = EvalConfig(ckpt=wm.checkpoint, horizons=horizons, windows_per_episode=windows_per_episode, seed=seed,
+                     samples=samples, batch_size=64)
     win = collect_windows(reader, wm, cfg, context)["labelled"]
     world = ToyWorld.make(0)
     mean, std = wm.stats.token_mean.astype(np.float64), wm.stats.token_std.astype(np.float64)
     norm = lambda x: (np.asarray(x, np.float64) - mean) / std  # noqa: E731
     H, W = max(horizons), len(win.tokens)
     rng = np.random.default_rng(seed)
-    draws = {k: np.stack([predict(wm, win, context, H, use_actions=True, k=k, seed=seed, batch_size=64, sample=s)
-                          for s in range(samples)]) for k in ks}
+    draws = {k: sample_set(wm, win, context, cfg, use_actions=True, k=k) for k in ks}  # [S, W, len(horizons), P, Z]
     null = predict(wm, win, context, H, use_actions=False, k=ks[0], seed=seed, batch_size=64)
     true_var = float((world.true_variance() / std**2).mean())
     out: dict = {"windows": W, "samples": samples, "context": context, "true_variance": true_var, "horizons": {}}
-    for h in horizons:
+    for j, h in enumerate(horizons):
         truth = norm(win.tokens[:, context + h - 1])  # [W, P, Z]
         pos = win.frame_states[:, context + h - 1]  # the agent's true position at that frame
         oracle_mean = norm(np.stack([world.true_mean(p) for p in pos]))
@@ -128,9 +128,9 @@ def measure(wm, store: Path, *, context: int = 3, horizons: tuple[int, ...] = (1
                "oracle_energy": float(window_scores(oracle_draws, truth)["energy"].mean()),
                "null_mse": float(((norm(null[:, h - 1]) - truth) ** 2).mean()), "k": {}}
         for k in ks:
-            x = norm(draws[k][:, :, h - 1])
+            x = norm(draws[k][:, :, j])
             sc = window_scores(x, truth)
-            spread = float(x.var(axis=0, ddof=1).mean()) / true_var if samples > 1 else float("nan")
+            spread = float(x.var(axis=0, ddof=1 if len(x) > 1 else 0).mean()) / true_var  # one draw: none
             row["k"][k] = {"mse": float(sc["mse"].mean()), "mse_single": float(sc["mse_single"].mean()),
                            "energy": float(sc["energy"].mean()), "spread": spread}
         out["horizons"][h] = row
