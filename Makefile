@@ -20,10 +20,10 @@ DEMO    ?= demo
 ENCODE_ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: install test test-fast lint demo data ingest encode train eval plan status bench bench-gpu clean-demo help
+.PHONY: install test test-fast lint demo demo-arm data ingest encode train eval plan status bench bench-gpu clean-demo help
 
 help:
-	@echo "make install | test | test-fast | lint | demo | data | ingest DATASET=.. | encode DATASET=.. [STORE=..] | status | bench"
+	@echo "make install | test | test-fast | lint | demo | demo-arm | data | ingest DATASET=.. | encode DATASET=.. [STORE=..] | status | bench"
 
 # pip reuses its cache (~/.cache/pip or $$PIP_CACHE_DIR); the stamp re-installs when pyproject.toml changes.
 install: $(STAMP)
@@ -33,7 +33,7 @@ $(STAMP): pyproject.toml
 	  echo "$(VENV) holds another Python: recreating it"; rm -rf $(VENV); fi
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --upgrade pip
-	$(PY) -m pip install -e ".[dev]"
+	$(PY) -m pip install -e ".[dev,metaworld]"
 	touch $(STAMP)
 
 test: install
@@ -48,6 +48,10 @@ lint: install
 # The whole pipeline, end to end, on the built-in pusht data (CPU, random-weight encoder: see README).
 demo: install
 	WMCTL=$(WMCTL) bash scripts/demo.sh $(DEMO)
+
+# The arm leg: Meta-World reach, two cameras, delta end-effector actions, closed loop (CPU, headless EGL).
+demo-arm: install
+	WMCTL=$(WMCTL) bash scripts/demo-arm.sh demo-arm
 
 data: install
 	$(WMCTL) data pusht --out data/pusht-demo --episodes 40 --seed 0

@@ -4,9 +4,13 @@ A trial starts from the simulator state of a held-out episode at frame t; the go
 reached by replaying that episode's recorded actions for `goal_offset` steps from there. MPC then plans in
 latent space from the encoded observations, executes `execute` actions, and replans, for at most
 `max_steps` steps. Success is the simulator's rule (pusht: DINO-WM's, agent and block positions within 20 px of
-the goal state, norm over the four coordinates, and the block angle within pi/9), checked after every MPC step;
-the trial ends there (the goal is reached). The same trials run with uniformly random actions, under the same rule.
-The planner never sees the simulator: observations go through the frozen encoder, actions come out.
+the goal state, norm over the four coordinates, and the block angle within pi/9; Meta-World: end effector / object
+within 5 cm, `planner.sims.metaworld`), checked after every MPC step; the trial ends there (the goal is reached).
+A start/goal pair that already meets the rule is no trial and is skipped. The same trials run with uniformly
+random actions, and, where the simulator has one (Meta-World), with its scripted policy driven to the goal state
+from privileged simulator state (the upper bound), under the same rule. The planner never sees the simulator:
+observations go through the frozen encoder, actions come out. `--env auto` takes the simulator the dataset was
+recorded in (`wmctl data` writes it down).
 
 The cost is the latent distance to the goal averaged over every planned frame (`cost_frames="all"`), not
 only the last: with a goal nearer than the horizon, a last-frame cost is indifferent to the path, so the
@@ -28,6 +32,7 @@ import numpy as np
 import torch
 
 from featurestore.reader import TokenReader
+from pipeline.demodata import MARKER
 from pipeline.ingest import read_manifest
 from pipeline.lerobot_io import DataFileCache, stack_column
 from pipeline.stage import UserError
@@ -35,7 +40,7 @@ from planner.cem import CEMConfig, cem_plan, warm_start
 from planner.core import ActionSpec, WorldModel, latent_cost
 from planner.gd import GDConfig, gd_plan
 from planner.offline import spec_for
-from planner.sims import ENV_STATE_KEY, SIMULATORS, Simulator, make_sim
+from planner.sims import ENV_STATE_KEY, SIMULATORS, Simulator, make_sim, sim_for_dataset, trial_ok
 
 log = logging.getLogger(__name__)
 
@@ -59,15 +64,15 @@ class SimConfig:
     cost_frames: str = "all"  # "all": mean distance over the planned frames; "last": the last frame only
     execute_plan: str = "best"  # "best": the best sequence the planner found; "mean": CEM's final mean
     shift: str = "none"
-    env: str = "pusht"
+    env: str = "auto"  # auto: the simulator the dataset was recorded in
     device: str = "cpu"
     seed: int = 0
     save_strips: int = 3
     out: Path | None = None
 
     def __post_init__(self) -> None:
-        if self.env not in SIMULATORS:
-            raise UserError(f"--env {self.env!r}: only {', '.join(SIMULATORS)} is wired up")
+        if self.env not in (*SIMULATORS, "auto"):
+            raise UserError(f"--env {self.env!r}: choose auto or one of {', '.join(SIMULATORS)}")
         if self.shift not in SHIFTS:
             raise UserError(f"--shift {self.shift!r}: choose one of {SHIFTS}")
         if self.planner not in ("cem", "gd"):
@@ -95,12 +100,13 @@ def apply_shift(img: np.ndarray, shift: str) -> np.ndarray:
 class Trial:
     episode: int
     start: int
-    env_state: np.ndarray  # [5] state at the start
-    actions: np.ndarray  # [goal_offset, 2] recorded absolute targets
+    env_state: np.ndarray  # the simulator's full state at the start (what `Simulator.reset` takes)
+    actions: np.ndarray  # [goal_offset, A] the recorded environment actions replayed to make the goal
 
 
-def load_trials(root: Path, manifest_rows, cfg: SimConfig) -> list[Trial]:
-    """Start states and recorded actions of held-out episodes (their LeRobot data files)."""
+def load_trials(root: Path, manifest_rows, cfg: SimConfig, sim: Simulator) -> list[Trial]:
+    """Start states and recorded actions of held-out episodes (their LeRobot data files); a start whose recorded
+    goal state (`goal_offset` steps later) already meets the simulator's rule is skipped."""
     data = DataFileCache(columns=[ENV_STATE_KEY, "action"])
     rng = np.random.default_rng(cfg.seed)
     rows = manifest_rows[(manifest_rows.split == "val") & manifest_rows.has_actions & (manifest_rows.status == "ok")]
@@ -120,15 +126,19 @@ def load_trials(root: Path, manifest_rows, cfg: SimConfig) -> list[Trial]:
             continue
         t = int(rng.integers(0, len(df) - cfg.goal_offset))
         st, acts = stack_column(df, ENV_STATE_KEY), stack_column(df, "action")
+        if not trial_ok(sim, st[t].astype(np.float64), st[t + cfg.goal_offset].astype(np.float64)):
+            continue
         trials.append(Trial(int(e.episode_index), t, st[t], acts[t:t + cfg.goal_offset]))
     if not trials:
-        raise UserError(f"no val episode is longer than --goal-offset {cfg.goal_offset}")
+        raise UserError(f"no val episode is longer than --goal-offset {cfg.goal_offset} with a goal the start does "
+                        "not already meet: raise --goal-offset or record longer episodes")
     return trials
 
 
 def run_trial(sim: Simulator, wm: WorldModel, encode: Callable[[np.ndarray, np.ndarray], torch.Tensor], trial: Trial,
               cfg: SimConfig, spec: ActionSpec, policy: str, rng: np.random.Generator) -> dict[str, Any]:
-    """One MPC (or random) episode. Returns the outcome, the latencies and the frames.
+    """One MPC episode (policy "model"), or one of random actions or the simulator's scripted controller.
+    Returns the outcome, the latencies and the frames.
     `encode(images [C, H, W, 3], robot_state)` gives the model's latents of an observation (the robot state is
     the dataset's `observation.state`, used by models with proprioception)."""
     sim.reset(trial.env_state)
@@ -138,15 +148,26 @@ def run_trial(sim: Simulator, wm: WorldModel, encode: Callable[[np.ndarray, np.n
     goal_state, goal_robot = sim.state(), sim.robot_state()
     img = apply_shift(sim.reset(trial.env_state), cfg.shift)
     start_state = sim.state()
-    goal = encode(goal_img, goal_robot)  # [N, Z]; with proprio the robot state is one more token
-    history = [encode(img, sim.robot_state())]
+    goal = encode(goal_img, goal_robot) if policy == "model" else None  # [N, Z]; proprio: one more token
+    history = [encode(img, sim.robot_state()) if policy == "model" else None]
     executed: list[np.ndarray] = []  # model-space actions that led into each history frame after the first
     frames, latencies, plan_mean = [img], [], None
     fs = wm.actions.frameskip
     lo, hi = np.array(spec.low), np.array(spec.high)
     weights = torch.ones(cfg.horizon) if cfg.cost_frames == "all" else None
-    cost = latent_cost(goal, state_dim=wm.state_dim, state_weight=cfg.state_weight, frame_weights=weights)
+    cost = latent_cost(goal, state_dim=wm.state_dim, state_weight=cfg.state_weight, frame_weights=weights) \
+        if policy == "model" else None
     while len(executed) * fs < cfg.max_steps:
+        if policy == "scripted":  # the upper bound: privileged state, the simulator's own controller
+            for _ in range(fs):
+                act = sim.oracle_action(goal_state)
+                img = apply_shift(sim.step(act), cfg.shift)
+            executed.append(np.asarray(act, dtype=np.float64))
+            history.append(None)
+            frames.append(img)
+            if sim.success(goal_state, sim.state()):
+                break
+            continue
         if policy == "random":
             plan = lo + (hi - lo) * rng.random((cfg.execute, spec.dim))
         else:
@@ -173,7 +194,7 @@ def run_trial(sim: Simulator, wm: WorldModel, encode: Callable[[np.ndarray, np.n
             for step in wm.actions.frame_steps(a):
                 img = apply_shift(sim.step(wm.actions.to_env(step, sim.robot_state())), cfg.shift)
             executed.append(np.asarray(a, dtype=np.float64))
-            history.append(encode(img, sim.robot_state()))
+            history.append(encode(img, sim.robot_state()) if policy == "model" else None)
             frames.append(img)
             if len(executed) * fs >= cfg.max_steps:
                 break
@@ -202,15 +223,40 @@ def observation_encoder(wm: WorldModel, device: str) -> Callable[[np.ndarray, np
     return encode
 
 
-def labelled_source(reader: TokenReader) -> tuple[Any, int]:
-    """The manifest rows of the store's first labelled source and its camera's image size (start states and goals
-    come from its held-out episodes)."""
+@dataclasses.dataclass(frozen=True)
+class SimSource:
+    """The labelled source start states and goals come from (its held-out episodes), as the simulator needs it."""
+
+    rows: Any  # manifest rows
+    size: int  # image size of its cameras
+    fps: int
+    cameras: list[str]  # camera keys in the store's order
+    recorded_in: str | None  # the simulator `wmctl data` recorded it in (None: not written by wmctl)
+
+
+def labelled_source(reader: TokenReader) -> SimSource:
     labelled = [s for s in reader.store.sources() if reader.source_attrs(s).get("has_actions")]
     if not labelled:
         raise UserError(f"{reader.path} has no labelled source to take start states and goals from")
     attrs = reader.source_attrs(labelled[0])
     rows, meta = read_manifest(Path(attrs["manifest"]))
-    return rows, int(meta["features"][attrs["cameras"][0]]["shape"][0])
+    marker = Path(rows.iloc[0].root) / MARKER if not rows.empty else None
+    generator = json.loads(marker.read_text()) if marker is not None and marker.is_file() else None
+    return SimSource(rows, int(meta["features"][attrs["cameras"][0]]["shape"][0]), int(meta.get("fps") or 0),
+                     list(attrs["cameras"]), sim_for_dataset(generator))
+
+
+def resolve_env(env: str, source: SimSource) -> str:
+    """`--env auto` -> the simulator the dataset was recorded in; an explicit one must match it when known."""
+    if env == "auto":
+        if source.recorded_in is None:
+            raise UserError("the labelled source was not recorded by `wmctl data`, so its simulator is unknown: pass "
+                            f"--env ({', '.join(SIMULATORS)})")
+        return source.recorded_in
+    if source.recorded_in is not None and env != source.recorded_in:
+        raise UserError(f"--env {env}: the labelled source was recorded in {source.recorded_in}; its start states "
+                        f"only restore there (pass --env {source.recorded_in} or --env auto)")
+    return env
 
 
 def run_plan_sim(wm: WorldModel, cfg: SimConfig, *, store: Path,
@@ -219,16 +265,20 @@ def run_plan_sim(wm: WorldModel, cfg: SimConfig, *, store: Path,
     `cfg.out`/sim.json (and PNG strips) when `cfg.out` is set."""
     if wm.actions.frame_dim == 0:
         raise UserError("this model was trained without actions; the sim needs an action-conditioned model")
-    rows, size = labelled_source(TokenReader(store))
+    source = labelled_source(TokenReader(store))
+    env = resolve_env(cfg.env, source)
     encode = encode_frame or observation_encoder(wm, cfg.device)
-    trials = load_trials(Path(rows.iloc[0].root), rows, cfg)
     spec = spec_for(wm, cfg.max_delta_fraction)
-    sim = make_sim(cfg.env, size)
-    out: dict[str, Any] = {"config": {k: v for k, v in dataclasses.asdict(cfg).items() if k != "out"},
-                           "trials": len(trials)}
+    sim = make_sim(env, source.size, fps=source.fps, camera_keys=source.cameras)
     strips = []
     try:
-        for policy in ("model", "random"):
+        trials = load_trials(Path(source.rows.iloc[0].root), source.rows, cfg, sim)
+        out: dict[str, Any] = {"config": {k: v for k, v in dataclasses.asdict(cfg).items() if k != "out"},
+                               "env": env, "cameras": source.cameras, "trials": len(trials)}
+        if hasattr(sim, "describe"):
+            out["simulator"] = sim.describe()
+        policies = ("model", "random", "scripted") if hasattr(sim, "oracle_action") else ("model", "random")
+        for policy in policies:
             rng = np.random.default_rng(cfg.seed)
             results = []
             for i, tr in enumerate(trials):
@@ -268,6 +318,8 @@ def save_strips(strips, out: Path) -> list[str]:
     from PIL import Image
 
     out.mkdir(parents=True, exist_ok=True)
+    for old in out.glob("trial_*.png"):  # strips of an earlier run would read as this one's
+        old.unlink()
     files = []
     for tr, r in strips:
         frames = [np.concatenate(list(f), axis=0) for f in r["frames"][::2][:12] + [r["goal"]]]  # cameras stacked

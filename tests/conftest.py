@@ -54,6 +54,17 @@ def multicam_root(tmp_path_factory) -> Path:
     return out
 
 
+@pytest.fixture(scope="session")
+def metaworld_root(tmp_path_factory) -> Path:
+    """Meta-World reach at 20 fps: 6 episodes of 16 frames, 64x64 exterior + wrist cameras (headless EGL)."""
+    from pipeline.demodata.metaworld import MetaworldDataConfig, run_data_metaworld
+
+    out = tmp_path_factory.mktemp("data") / "metaworld-reach"
+    run_data_metaworld(MetaworldDataConfig(out=out, task="reach", episodes=6, frames_per_episode=16, size=64, seed=0,
+                                           repo_id="local/metaworld-reach"))
+    return out
+
+
 @pytest.fixture
 def copy_dataset(tmp_path):
     """copy_dataset(src) -> a private copy under tmp_path (for tests that damage a dataset)."""

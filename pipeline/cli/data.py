@@ -1,4 +1,4 @@
-"""`wmctl data pusht|multicam`: the built-in LeRobot v3.0 datasets, written with lerobot's own writer."""
+"""`wmctl data pusht|multicam|metaworld`: the built-in LeRobot v3.0 datasets, written with lerobot's own writer."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from typing import Annotated
 import typer
 
 from pipeline.cli.base import new_app
+from pipeline.demodata.metaworld import MetaworldDataConfig, run_data_metaworld
 from pipeline.demodata.multicam import MulticamDataConfig, run_data_multicam
 from pipeline.demodata.pusht import PushtDataConfig, run_data_pusht
 
@@ -55,3 +56,24 @@ def data_multicam(
     cfg = MulticamDataConfig(out=out, episodes=episodes, seed=seed, min_frames=min_frames, max_frames=max_frames,
                              action_free=action_free, repo_id=f"local/{out.name}")
     _done(run_data_multicam(cfg, force=force), out, episodes, action_free)
+
+
+@app.command("metaworld")
+def data_metaworld(
+    out: Out = Path("data/metaworld-reach"),
+    task: Annotated[str, typer.Option(help="reach | push.")] = MetaworldDataConfig.task,
+    episodes: Annotated[int, typer.Option(help="Number of episodes.")] = MetaworldDataConfig.episodes,
+    seed: Annotated[int, typer.Option(help="Seed for task variations and exploration.")] = MetaworldDataConfig.seed,
+    frames_per_episode: Annotated[int, typer.Option(help="Frames per episode.")]
+    = MetaworldDataConfig.frames_per_episode,
+    size: Annotated[int, typer.Option(help="Rendered image size (96, 128, 224, ...).")] = MetaworldDataConfig.size,
+    fps: Annotated[int, typer.Option(help="Control and recording rate (a divisor of 400: 10, 20, 40, ...).")]
+    = MetaworldDataConfig.fps,
+    action_free: ActionFree = False,
+    force: Force = False,
+) -> None:
+    """Meta-World reach/push with a Sawyer arm: scripted policies + exploration, exterior + wrist cameras,
+    4-D delta end-effector xyz + gripper actions, the full simulator state (headless EGL rendering)."""
+    cfg = MetaworldDataConfig(out=out, task=task, episodes=episodes, seed=seed, frames_per_episode=frames_per_episode,
+                              size=size, fps=fps, action_free=action_free, repo_id=f"local/{out.name}")
+    _done(run_data_metaworld(cfg, force=force), out, episodes, action_free)

@@ -85,7 +85,8 @@ def plan_sim(
     ctx: typer.Context,
     run: Run = None,
     ckpt: Ckpt = None,
-    env: Annotated[str, typer.Option(help="Simulator (pusht).")] = SimConfig.env,
+    env: Annotated[str, typer.Option(help="auto (the one the dataset was recorded in) | pusht | metaworld-reach | "
+                                     "metaworld-push.")] = SimConfig.env,
     episodes: Annotated[int, typer.Option(help="Trials.")] = SimConfig.trials,
     goal_offset: Annotated[int, typer.Option(help="Env steps replayed to make the goal.")] = SimConfig.goal_offset,
     max_steps: Annotated[int, typer.Option(help="MPC env steps per trial.")] = SimConfig.max_steps,
@@ -107,7 +108,8 @@ def plan_sim(
     device: Device = SimConfig.device,
     compile: Compile = False,
 ) -> None:
-    """Closed-loop MPC in gym-pusht towards goals from held-out episodes; random-action baseline alongside."""
+    """Closed-loop MPC in a simulator (gym-pusht, Meta-World) towards goals from held-out episodes; random actions
+    (and Meta-World's scripted controller, the upper bound) alongside."""
     cem_cfg, gd = _search(ctx, planner, cem, horizon, samples=samples, elites=elites, iterations=iterations)
     cfg = SimConfig(trials=episodes, goal_offset=goal_offset, max_steps=max_steps, horizon=horizon, execute=execute,
                     planner=planner, cem=cem_cfg, gd=gd, shift=shift, seed=seed, state_weight=state_weight, k=k,
@@ -119,12 +121,16 @@ def plan_sim(
 
 
 def _sim_summary(res: dict[str, Any], out: Path) -> None:
-    for policy in ("model", "random"):
+    typer.echo(f"{res['env']}, cameras {', '.join(res['cameras'])}:")
+    for policy in ("model", "random", "scripted"):
+        if policy not in res:
+            continue
         r = res[policy]
         lat = f", plan latency p50 {r['latency_s']['p50'] * 1000:.0f} ms p95 {r['latency_s']['p95'] * 1000:.0f} ms" \
             if r["latency_s"] else ""
         reached = f" (in {r['steps_to_success']:.0f} env steps on average)" if r["steps_to_success"] else ""
-        typer.echo(f"{policy:>6}: success {100 * r['success_rate']:.0f}% of {res['trials']}{reached}, final distance "
-                   f"{r['final_pos_dist']:.1f} px (start {r['start_pos_dist']:.1f}), angle {r['final_angle_dist']:.2f} "
-                   f"rad, action smoothness {r['smoothness']:.2f}{lat}")
+        dists = ", ".join(f"{k.removeprefix('final_')} {v:.3g} (start {r['start_' + k.removeprefix('final_')]:.3g})"
+                          for k, v in r.items() if k.startswith("final_"))
+        typer.echo(f"{policy:>8}: success {100 * r['success_rate']:.0f}% of {res['trials']}{reached}; final {dists}; "
+                   f"action smoothness {r['smoothness']:.2f}{lat}")
     typer.echo(f"wrote {out}/sim.json" + "".join(f", {p}" for p in res.get("strips", [])))

@@ -1,4 +1,5 @@
-"""Simulators the closed loop plans in, behind one small interface (`Simulator`), owned by the planner.
+"""Simulators the closed loop plans in, behind one small interface (`Simulator`), owned by the planner: gym-pusht
+(`pusht`) and Meta-World arm tasks (`metaworld-reach`, `metaworld-push`).
 
 The demo-data generators (`pipeline.demodata`) drive the same simulators to record datasets, so a recorded
 `observation.environment_state` (`ENV_STATE_KEY`) restores exactly the scene a planner is started from.
@@ -15,7 +16,11 @@ ENV_STATE_KEY = "observation.environment_state"  # the full simulator state a tr
 
 @runtime_checkable
 class Simulator(Protocol):
-    """Reset to a recorded state, step with an environment action, render the cameras, judge a goal."""
+    """Reset to a recorded state, step with an environment action, render the cameras, judge a goal.
+
+    Optional: `trial_ok(start_state, goal_state)` (which start/goal pairs make a trial; default: the start does not
+    already meet the goal), `oracle_action(goal_state)` (a privileged controller towards the goal: the upper bound
+    `plan sim` runs alongside) and `describe()` (settings recorded in sim.json)."""
 
     def reset(self, state: np.ndarray) -> np.ndarray:
         """Restore `state`; returns the cameras' images [C, H, W, 3] uint8."""
@@ -38,13 +43,36 @@ class Simulator(Protocol):
     def close(self) -> None: ...
 
 
-def make_sim(env: str, size: int) -> Simulator:
-    """The simulator named by `wmctl plan sim --env`, rendering `size` x `size` frames."""
+def trial_ok(sim: Simulator, start_state: np.ndarray, goal_state: np.ndarray) -> bool:
+    """Whether a start/goal pair makes a trial: the simulator's own rule where it has one (`trial_ok`), else that
+    the start does not already meet the goal."""
+    rule = getattr(sim, "trial_ok", None)
+    return bool(rule(start_state, goal_state)) if rule else not sim.success(goal_state, start_state)
+
+
+def make_sim(env: str, size: int, *, fps: int | None = None, camera_keys: list[str] | None = None) -> Simulator:
+    """The simulator named by `wmctl plan sim --env`, rendering `size` x `size` frames at the dataset's `fps`,
+    its cameras in the order of `camera_keys` (the token store's camera order)."""
     if env == "pusht":
         from planner.sims.pusht import PushtSim
 
         return PushtSim(size)
+    if env.startswith("metaworld-"):
+        from planner.sims.metaworld import MetaWorldSim
+
+        return MetaWorldSim(env.removeprefix("metaworld-"), size, fps=fps or 20, camera_keys=camera_keys)
     raise ValueError(f"unknown simulator {env!r}")
 
 
-SIMULATORS = ("pusht",)
+def sim_for_dataset(generator: dict | None) -> str | None:
+    """The `--env` a dataset written by `wmctl data` was recorded in (its generator record), else None."""
+    if not generator:
+        return None
+    if generator.get("generator") == "pusht":
+        return "pusht"
+    if generator.get("generator") == "metaworld":
+        return f"metaworld-{generator['task']}"
+    return None
+
+
+SIMULATORS = ("pusht", "metaworld-reach", "metaworld-push")
