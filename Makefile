@@ -49,9 +49,10 @@ lint: install
 demo: install
 	WMCTL=$(WMCTL) bash scripts/demo.sh $(DEMO)
 
-# The arm leg: Meta-World reach, two cameras, delta end-effector actions, closed loop (CPU, headless EGL).
+# The arm leg: Meta-World reach, two cameras, delta end-effector actions, closed loop (CPU, headless EGL);
+# `make demo-arm DEMO_TASK=push` for push. Writes demo-arm/<task>/.
 demo-arm: install
-	WMCTL=$(WMCTL) bash scripts/demo-arm.sh demo-arm
+	WMCTL=$(WMCTL) bash scripts/demo-arm.sh
 
 data: install
 	$(WMCTL) data pusht --out data/pusht-demo --episodes 40 --seed 0

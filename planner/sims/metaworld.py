@@ -208,11 +208,11 @@ class MetaWorldSim:
         return d["obj_dist"] <= OBJ_TOL and d["eef_dist"] <= PUSH_EEF_TOL
 
     def trial_ok(self, start_state: np.ndarray, goal_state: np.ndarray) -> bool:
-        """A trial worth running: the goal is more than twice the tolerance away (reach: the end effector; push: the
-        object), so neither standing still nor one lucky step solves it."""
+        """A trial worth running: reach, the end effector's goal more than twice the tolerance away (neither standing
+        still nor one lucky step solves it); push, the puck's goal farther than the tolerance (it must be pushed)."""
         d = self.distances(goal_state, start_state)
         if self.task == "push":
-            return d["obj_dist"] > 2 * OBJ_TOL
+            return d["obj_dist"] > OBJ_TOL
         return d["eef_dist"] > 2 * EEF_TOL
 
     def oracle_action(self, goal_state: np.ndarray) -> np.ndarray:
