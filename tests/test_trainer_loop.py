@@ -93,6 +93,34 @@ def test_sampler_is_stateless_and_ranks_split_the_global_batch(pusht_store):
         torch.testing.assert_close(big[key], torch.cat([a[key], b[key]]))
 
 
+def test_mix_weights_set_each_source_share(pusht_store, tmp_path, monkeypatch):
+    """Registry / config mix weights decide each source's share of the windows (10,000 drawn: within +-1%),
+    the resolved weights are recorded in the run, and its metrics log the realised share."""
+    cfg = _cfg(pusht_store, None, mix_weights=(("pusht", 0.05), ("pusht-free", 0.95)))
+    reader = TokenReader(pusht_store)
+    s = WindowSampler(reader, cfg)
+    draws = [smp for st in range(100) for smp in s.global_batch(st, 100)]
+    share = np.mean([smp.source == "pusht" for smp in draws])
+    assert abs(share - 0.05) <= 0.01, share
+    eps = reader.episodes
+    assert all(smp.labelled == bool(eps.iloc[smp.row].has_actions) and smp.source == eps.iloc[smp.row].source
+               for smp in draws)
+    flipped = WindowSampler(reader, dataclasses.replace(cfg, mix_weights=(("pusht", 0.95), ("pusht-free", 0.05))))
+    assert abs(np.mean([x.source == "pusht" for st in range(100) for x in flipped.global_batch(st, 100)]) - 0.95) \
+        <= 0.01
+    # the registry's mix_weight for a source of its name, a default of 1 for the others, recorded in the run
+    registry = tmp_path / "registry"
+    registry.mkdir()
+    (registry / "pusht.toml").write_text('repo_id = "local/pusht"\nmix_weight = 0.25\n')
+    monkeypatch.setenv("WMCTL_REGISTRY", str(registry))
+    res = run_train(_cfg(pusht_store, tmp_path / "mix", steps=2, ckpt_every=100))
+    saved = json.loads((tmp_path / "mix" / "config.json").read_text())
+    assert saved["labelled_fraction"] is None and saved["mix_weights"] == [["pusht", 0.25], ["pusht-free", 1.0]]
+    assert all(abs(r["mix_pusht"] + r["mix_pusht-free"] - 1.0) < 1e-9 for r in res.metrics)
+    with pytest.raises(UserError, match="does not hold"):
+        run_train(_cfg(pusht_store, tmp_path / "bad", steps=1, mix_weights=(("droid", 1.0),)))
+
+
 def test_context_curriculum_changes_the_window_length(pusht_store, tmp_path):
     cfg = _cfg(pusht_store, tmp_path / "cur", steps=12, context_schedule=((6, 6),), ckpt_every=100)
     rows = run_train(cfg).metrics

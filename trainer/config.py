@@ -84,7 +84,12 @@ class TrainConfig:
     context_frames: int = 16
     frameskip: int = 1
     context_schedule: tuple[tuple[int, int], ...] = ()  # ((step, frames), ...): curriculum on context length
-    labelled_fraction: float = 0.05  # labelled : action-free windows = 1 : 19
+    # the training mix: each window's source is drawn by `mix_weights` ((source, weight), ...; normalised over the
+    # training sources; a source left out takes the registry's `mix_weight` for a dataset of its name, else 1 -
+    # resolved when a run starts and recorded in its config.json). `labelled_fraction` overrides it: labelled vs
+    # action-free windows at that share, each pool uniform over its windows.
+    mix_weights: tuple[tuple[str, float], ...] = ()
+    labelled_fraction: float | None = None
     action_dropout: float = 0.0  # share of labelled windows given the null action anyway
     include_augmented: bool = True
     action_mode: str = "absolute"  # absolute | relative_to_state (action - state[:A], e.g. pusht target - agent xy)
@@ -135,8 +140,12 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.context_frames < 2:
             raise UserError("context_frames must be >= 2")
-        if not 0.0 <= self.labelled_fraction <= 1.0 or not 0.0 <= self.action_dropout <= 1.0:
-            raise UserError("labelled_fraction and action_dropout must be in [0, 1]")
+        if self.labelled_fraction is not None and not 0.0 <= self.labelled_fraction <= 1.0:
+            raise UserError("labelled_fraction must be in [0, 1] (or null: the mix weights decide)")
+        if not 0.0 <= self.action_dropout <= 1.0:
+            raise UserError("action_dropout must be in [0, 1]")
+        if any(w < 0 for _, w in self.mix_weights) or (self.mix_weights and not sum(w for _, w in self.mix_weights)):
+            raise UserError(f"mix_weights {list(self.mix_weights)}: weights must be >= 0 and not all 0")
         for name in ("bootstrap_fraction", "clean_history_prob", "ctx_noise"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise UserError(f"{name} must be in [0, 1]")
@@ -371,6 +380,6 @@ def config_from_dict(d: dict[str, Any]) -> TrainConfig:
     for key in ("store", "out", "init_from"):
         if d.get(key) is not None:
             d[key] = Path(d[key])
-    for key in ("sources", "betas", "context_schedule", "tau_max_schedule"):
+    for key in ("sources", "betas", "context_schedule", "tau_max_schedule", "mix_weights"):
         d[key] = tuple(tuple(x) if isinstance(x, list) else x for x in d.get(key, ()))
     return TrainConfig(model=model, **d)

@@ -3,8 +3,10 @@
 The sampler is a pure function of (seed, step): the global batch of step s is drawn from
 `np.random.default_rng([seed, s])` and rank r takes samples [r*B, (r+1)*B). Resuming at step s therefore
 continues exactly, any number of DataLoader workers give the same batches, and 2 ranks x B equal one
-process x 2B. Labelled windows (with actions) and action-free windows (null action) are mixed per batch
-at `labelled_fraction`. Legend: B = batch, T = frames, N = tokens per frame (cameras x grid), Z = width.
+process x 2B. Each window's source is drawn by the mix weights (`TrainConfig.mix_weights`, normalised over the
+training sources), then a window uniformly among that source's; a labelled source's windows get its actions, an
+action-free source's the null action. With `labelled_fraction` set, labelled and action-free windows are mixed
+at that share instead. Legend: B = batch, T = frames, N = tokens per frame (cameras x grid), Z = width.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ log = logging.getLogger(__name__)
 
 # batch keys
 Z, ACTIONS, VALID, LABELLED, SAMPLE_IDS, STEP = "z", "actions", "action_valid", "labelled", "sample_ids", "step"
+MIX = "mix"
 
 
 @dataclasses.dataclass
@@ -157,6 +160,37 @@ class Sample:
     start: int
     labelled: bool  # actions are fed (False: the null action)
     sample_id: int  # global sample index: seeds the noise of this sample
+    source: str = ""
+
+
+def resolve_mix(cfg: TrainConfig, reader: TokenReader) -> TrainConfig:
+    """`cfg` with a weight for every training source: given ones, else the registry's `mix_weight` of the dataset of
+    the same name, else 1 (what a run records; nothing to do under a `labelled_fraction` override)."""
+    if cfg.labelled_fraction is not None:
+        return cfg
+    from pipeline.registry import available, load_spec
+
+    given = dict(cfg.mix_weights)
+    stored = set(reader.store.sources())
+    unknown = sorted(set(given) - stored)
+    if unknown:
+        raise UserError(f"mix_weights name {unknown}, which {reader.path} does not hold; its sources: "
+                        f"{', '.join(sorted(stored))}")
+    registered = available()
+    out, said = [], []
+    for src in sorted(str(s) for s in select_episodes(reader, cfg, "train").source.unique()):
+        if src in given:
+            w, origin = given[src], "mix_weights"
+        elif src in registered:
+            w, origin = load_spec(registered[src]).mix_weight, f"registry {registered[src]}"
+        else:
+            w, origin = 1.0, "default"
+        out.append((src, float(w)))
+        said.append(f"{src} {w:g} ({origin})")
+    if out and not sum(w for _, w in out):
+        raise UserError(f"every training source has mix weight 0 ({'; '.join(said)}): give one a weight > 0")
+    log.info("training mix: %s", "; ".join(said))
+    return dataclasses.replace(cfg, mix_weights=tuple(out))
 
 
 class WindowSampler:
@@ -165,9 +199,16 @@ class WindowSampler:
     def __init__(self, reader: TokenReader, cfg: TrainConfig, split: str = "train"):
         self.cfg = cfg
         eps = select_episodes(reader, cfg, split)
-        self.pools = {True: eps[eps.has_actions], False: eps[~eps.has_actions]}
         if eps.empty:
             raise UserError(f"no {split} episodes in {reader.path}")
+        self.by_mix = cfg.labelled_fraction is None
+        if self.by_mix:
+            weights = dict(cfg.mix_weights)
+            self.sources = sorted(str(s) for s in eps.source.unique())
+            self.weights = np.array([weights.get(s, 1.0) for s in self.sources], dtype=np.float64)
+            self.pools = {s: eps[eps.source == s] for s in self.sources}
+            return
+        self.pools = {True: eps[eps.has_actions], False: eps[~eps.has_actions]}
         if cfg.labelled_fraction > 0 and self.pools[True].empty:
             log.warning("no labelled episodes: every window gets the null action")
         if cfg.labelled_fraction < 1 and self.pools[False].empty:
@@ -180,23 +221,33 @@ class WindowSampler:
         T = T or self.cfg.context_at(step)
         span = self.span(T)
         rng = np.random.default_rng([self.cfg.seed, step])
-        want_labelled = rng.random(size) < self.cfg.labelled_fraction
+        pick = rng.random(size)
         dropout = rng.random(size) < self.cfg.action_dropout
         u = rng.random(size)
-        eligible = {lab: self._eligible(pool, span) for lab, pool in self.pools.items()}
-        if eligible[True].empty and eligible[False].empty:
+        eligible = {key: self._eligible(pool, span) for key, pool in self.pools.items()}
+        if all(ok.empty for ok in eligible.values()):
             raise UserError(f"no episode has the {span} frames a window of {T} frames (frameskip "
                             f"{self.cfg.frameskip}) needs; lower context_frames")
-        cums = {lab: np.cumsum((ok.length - span + 1).to_numpy()) for lab, ok in eligible.items()}
+        cums = {key: np.cumsum((ok.length - span + 1).to_numpy()) for key, ok in eligible.items()}
+        if self.by_mix:  # the source by weight (a source without a window this long drops out of the draw)
+            w = self.weights * np.array([not eligible[s].empty for s in self.sources])
+            if not w.sum():
+                raise UserError(f"no source with a positive mix weight has an episode of the {span} frames a window "
+                                f"of {T} frames needs; lower context_frames or change mix_weights")
+            idx = np.searchsorted(np.cumsum(w / w.sum()), pick, side="right")
+            keys = [self.sources[min(int(i), len(self.sources) - 1)] for i in idx]
+        else:
+            want = pick < self.cfg.labelled_fraction
+            keys = [bool(x) if len(eligible[bool(x)]) else not x for x in want]
         out = []
-        for i in range(size):
-            lab = bool(want_labelled[i]) if len(eligible[bool(want_labelled[i])]) else not want_labelled[i]
-            ok, cum = eligible[lab], cums[lab]
+        for i, key in enumerate(keys):
+            ok, cum = eligible[key], cums[key]
             k = int(u[i] * cum[-1])
             j = int(np.searchsorted(cum, k, side="right"))
             start = k - (int(cum[j - 1]) if j else 0)
-            out.append(Sample(int(ok.index[j]), start, bool(ok.iloc[j].has_actions and not dropout[i]),
-                              step * size + i))
+            e = ok.iloc[j]
+            out.append(Sample(int(ok.index[j]), start, bool(e.has_actions and not dropout[i]), step * size + i,
+                              str(e.source)))
         return out
 
     @staticmethod
@@ -272,11 +323,16 @@ class StepBatches(torch.utils.data.IterableDataset):
         B, acc = cfg.batch_size, cfg.grad_accum
         T = cfg.context_at(step)
         allb = self.sampler.global_batch(step, B * acc * self.world, T)
+        mix = {s: 0.0 for s in getattr(self.sampler, "sources", ())}
+        for smp in allb:
+            mix[smp.source] = mix.get(smp.source, 0.0) + 1.0 / len(allb)
         out = []
         for m in range(acc):  # micro-batch m of every rank: a contiguous block of the global batch
             base = (m * self.world + self.rank) * B
             b = collate(self.reader, allb[base:base + B], T, cfg, self.stats, self.shape)
             b[STEP] = step
+            if m == 0:
+                b[MIX] = mix  # the realised share of each source in this step's global batch (logged)
             out.append(b)
         return out
 

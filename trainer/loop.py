@@ -36,12 +36,14 @@ from pipeline.stage import (
     atomic_write_bytes,
     atomic_write_json,
     fault_point,
+    read_json,
     to_jsonable,
 )
 from trainer.checkpoint import latest_checkpoint, load_optimizer, load_weights, save_checkpoint
 from trainer.config import TrainConfig, learned_differences
 from trainer.data import (
     LABELLED,
+    MIX,
     SAMPLE_IDS,
     STEP,
     Stats,
@@ -49,6 +51,7 @@ from trainer.data import (
     WindowSampler,
     collate,
     compute_stats,
+    resolve_mix,
     token_shape,
 )
 from trainer.model import build_model
@@ -149,6 +152,8 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
 
 def _check_resume_config(saved: dict[str, Any], cfg: TrainConfig) -> None:
     now = to_jsonable(cfg)
+    if not cfg.mix_weights:  # not given: the run's own (resolved when it started) are used
+        now["mix_weights"] = saved.get("mix_weights", [])
     diffs = learned_differences(saved, now)
     if diffs:
         raise ConfigMismatchError("the run being resumed", diffs, "Resume with the same config, or start a new --out.")
@@ -429,6 +434,7 @@ def train_step(tr: Trainer, micro_batches: list[dict[str, Any]], step: int) -> d
         row["loss_labelled"] = stats[3].item() / stats[4].item()
     if stats[6] > 0:
         row["loss_action_free"] = stats[5].item() / stats[6].item()
+    row.update({f"mix_{src}": share for src, share in micro_batches[0].get(MIX, {}).items()})
     return row
 
 
@@ -437,6 +443,10 @@ def run_train(cfg: TrainConfig, *, resume: bool = False,
     """Train (or continue) a run. Raises Preempted after a requested stop (checkpoint written)."""
     d = init_distributed(cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
     tr, start, reader = setup(cfg, resume=resume, d=d)
+    saved = tr.run_dir / "config.json"
+    if resume and not cfg.mix_weights and saved.is_file():
+        cfg = dataclasses.replace(cfg, mix_weights=tuple(tuple(x) for x in read_json(saved).get("mix_weights", [])))
+    cfg = tr.cfg = resolve_mix(cfg, reader)
     if d.main:
         tr.run_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_json(tr.run_dir / "config.json", cfg)
