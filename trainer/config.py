@@ -355,7 +355,10 @@ def train_config(preset_name: str | None, *, kind: str | None = None,
         return build(preset(preset_name or "small"))
     cfg = build(base)
     if preset_name is not None:
-        diffs = learned_differences(to_jsonable(cfg), to_jsonable(build(preset(preset_name))))
+        fresh = build(preset(preset_name))
+        if not fresh.mix_weights:  # not given: the run's, resolved when it started
+            fresh = dataclasses.replace(fresh, mix_weights=cfg.mix_weights)
+        diffs = learned_differences(to_jsonable(cfg), to_jsonable(fresh))
         if diffs:
             raise ConfigMismatchError(f"the run being resumed (against --preset {preset_name})", diffs,
                                       "Resume with `--out RUN --resume` alone: the run's saved config is used")
