@@ -12,7 +12,7 @@ STEPS=${DEMO_STEPS:-600}
 export SVT_LOG=${SVT_LOG:-1}
 mkdir -p "$DEMO"
 t0=$SECONDS
-stage() { echo; echo "== $1  (+$((SECONDS - t0)) s)"; }
+source "$(dirname "$0")/demo-lib.sh"
 
 stage "1/9 data: built-in LeRobot v3.0 datasets written by lerobot (labelled + action-free)"
 $WMCTL data pusht --out "$DEMO/data/pusht-demo" --episodes "$EPISODES" --seed 0
@@ -35,19 +35,9 @@ $WMCTL status --store "$DEMO/tokens.zarr"
 
 stage "4/9 train: shortcut-forcing world model (small preset) and its two baselines"
 # the same data settings for all three (frameskip 2, state-relative actions, proprio, half the windows labelled);
-# dinowm: DINO-WM's structure (depth 6, 3 history frames, action/proprio concatenated to every patch, no merge)
-# at the demo's width 128 (its 512-wide, 19.8M-parameter default takes ~10 s a step on 2 cores)
+# dinowm: DINO-WM's structure at the demo's width (demo-lib.sh)
 SAME_DATA=(--set frameskip=2 --set action_mode=relative_to_state --set proprio=true --set labelled_fraction=0.5)
-DINOWM=(--preset dinowm --set model.dim=128 --set model.heads=4 --set model.kv_heads=4 --set batch_size=16
-        --set warmup_steps=50 --set ema_decay=0.99 --set num_workers=1 "${SAME_DATA[@]}")
-train() {  # name, then the flags
-  local name=$1; shift
-  if [ -f "$DEMO/runs/$name/config.json" ]; then
-    $WMCTL train --out "$DEMO/runs/$name" --resume --steps "$STEPS"
-  else
-    $WMCTL train --store "$DEMO/tokens.zarr" --steps "$STEPS" --out "$DEMO/runs/$name" "$@"
-  fi
-}
+DINOWM=("${DINOWM_AT_DEMO_WIDTH[@]}" "${SAME_DATA[@]}")
 train shortcut --preset small
 train teacher-forced "${DINOWM[@]}"
 train deterministic --preset small --model deterministic
