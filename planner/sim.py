@@ -35,7 +35,7 @@ from featurestore.reader import TokenReader
 from pipeline.demodata import MARKER
 from pipeline.ingest import read_manifest
 from pipeline.lerobot_io import DataFileCache, stack_column
-from pipeline.stage import UserError
+from pipeline.stage import UserError, read_json
 from planner.cem import CEMConfig, cem_plan, warm_start
 from planner.core import ActionSpec, WorldModel, latent_cost
 from planner.gd import GDConfig, gd_plan
@@ -241,7 +241,7 @@ def labelled_source(reader: TokenReader) -> SimSource:
     attrs = reader.source_attrs(labelled[0])
     rows, meta = read_manifest(Path(attrs["manifest"]))
     marker = Path(rows.iloc[0].root) / MARKER if not rows.empty else None
-    generator = json.loads(marker.read_text()) if marker is not None and marker.is_file() else None
+    generator = read_json(marker) if marker is not None and marker.is_file() else None
     return SimSource(rows, int(meta["features"][attrs["cameras"][0]]["shape"][0]), int(meta.get("fps") or 0),
                      list(attrs["cameras"]), sim_for_dataset(generator))
 

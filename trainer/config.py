@@ -355,10 +355,7 @@ def train_config(preset_name: str | None, *, kind: str | None = None,
         return build(preset(preset_name or "small"))
     cfg = build(base)
     if preset_name is not None:
-        fresh = build(preset(preset_name))
-        if not fresh.mix_weights:  # not given: the run's, resolved when it started
-            fresh = dataclasses.replace(fresh, mix_weights=cfg.mix_weights)
-        diffs = learned_differences(to_jsonable(cfg), to_jsonable(fresh))
+        diffs = learned_differences(to_jsonable(cfg), to_jsonable(build(preset(preset_name))))
         if diffs:
             raise ConfigMismatchError(f"the run being resumed (against --preset {preset_name})", diffs,
                                       "Resume with `--out RUN --resume` alone: the run's saved config is used")
@@ -372,7 +369,10 @@ RESUMABLE_FIELDS = {"steps", "log_every", "eval_every", "ckpt_every", "keep_last
 
 
 def learned_differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
-    """`config_differences` of two saved configs, less the fields a resumed run may change."""
+    """`config_differences` of a run's saved config and a new one, less the fields a resumed run may change. A new
+    config that names no mix weights takes the run's (they are resolved when a run starts)."""
+    if not new.get("mix_weights"):
+        new = {**new, "mix_weights": old.get("mix_weights", [])}
     return [d for d in config_differences(old, new) if d.split(":")[0].split(".")[0] not in RESUMABLE_FIELDS]
 
 

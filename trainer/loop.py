@@ -151,10 +151,7 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
 
 
 def _check_resume_config(saved: dict[str, Any], cfg: TrainConfig) -> None:
-    now = to_jsonable(cfg)
-    if not cfg.mix_weights:  # not given: the run's own (resolved when it started) are used
-        now["mix_weights"] = saved.get("mix_weights", [])
-    diffs = learned_differences(saved, now)
+    diffs = learned_differences(saved, to_jsonable(cfg))
     if diffs:
         raise ConfigMismatchError("the run being resumed", diffs, "Resume with the same config, or start a new --out.")
 

@@ -31,7 +31,6 @@ from planner.sims.metaworld import (
     TASKS,
     MetaWorldSim,
     frame_skip_for,
-    scripted_policy,
 )
 
 TASK_TEXT = {"reach": "Reach the target position with the gripper.",
@@ -99,9 +98,9 @@ def features(cfg: MetaworldDataConfig, state_len: int) -> dict[str, dict]:
 def episode_frames(cfg: MetaworldDataConfig, sim: MetaWorldSim, episode: int) -> Iterator[Frame]:
     rng = np.random.default_rng([cfg.seed, episode])
     images = sim.new_episode(int(rng.integers(len(sim.tasks))))
-    policy, explore = scripted_policy(cfg.task), Explorer(rng, cfg.noise, cfg.excursion)
+    explore = Explorer(rng, cfg.noise, cfg.excursion)
     for _ in range(cfg.frames_per_episode):
-        action = explore(sim.scripted_action(policy=policy))
+        action = explore(sim.scripted_action())
         frame: Frame = {
             CAMERA_KEY.format("exterior"): images[0],
             CAMERA_KEY.format("wrist"): images[1],

@@ -128,6 +128,7 @@ class MetaWorldSim:
         self._spec = mujoco.mjtState.mjSTATE_INTEGRATION
         self._mj_size = mujoco.mj_stateSize(self.env.model, self._spec)
         self._mujoco = mujoco
+        self.policy = scripted_policy(task)  # stateless: one for every action
 
     # ------------------------------------------------------------------ episodes (data generation)
     def new_episode(self, variation: int) -> np.ndarray:
@@ -136,14 +137,13 @@ class MetaWorldSim:
         self.env.reset()
         return self.render()
 
-    def scripted_action(self, goal: np.ndarray | None = None, policy=None) -> np.ndarray:
+    def scripted_action(self, goal: np.ndarray | None = None) -> np.ndarray:
         """The shipped scripted policy's action now, towards the env's own target or `goal` (reach: an end-
         effector position; push: an object position)."""
-        policy = policy or scripted_policy(self.task)
         curr = self.env._get_curr_obs_combined_no_goal()
         target = self.env._target_pos if goal is None else goal
         obs = np.hstack([curr, np.zeros_like(curr), target])
-        return np.clip(policy.get_action(obs), -1.0, 1.0)
+        return np.clip(self.policy.get_action(obs), -1.0, 1.0)
 
     # ------------------------------------------------------------------ Simulator interface
     def render(self) -> np.ndarray:
@@ -155,11 +155,6 @@ class MetaWorldSim:
         return np.ascontiguousarray(np.stack(out))
 
     def reset(self, state: np.ndarray) -> np.ndarray:
-        state = np.asarray(state, dtype=np.float64)
-        n = 3 * len(TASK_FIELDS)
-        if len(state) != n + self._mj_size:
-            raise UserError(f"a Meta-World {self.task} state has {n + self._mj_size} values, got {len(state)}: "
-                            "the dataset was recorded in another simulator or task (check --env)")
         self.reset_physics_only(state)
         self.env.model.site("goal").pos = self.env._target_pos
         self.env.curr_path_length = 0
@@ -179,7 +174,7 @@ class MetaWorldSim:
         return self.env._get_curr_obs_combined_no_goal()[:4].astype(np.float64)  # eef xyz, gripper opening
 
     def _positions(self, state: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(end effector xyz, object xyz) of a saved state, read by restoring it into a scratch copy."""
+        """(end effector xyz, object xyz) of a saved state: restored, read, and the current state put back."""
         saved = self.state()
         self.reset_physics_only(state)
         eef, obj = self.env.tcp_center.copy(), self.env._get_pos_objects()[:3].copy()
@@ -187,10 +182,15 @@ class MetaWorldSim:
         return eef, obj
 
     def reset_physics_only(self, state: np.ndarray) -> None:
+        """Restore a saved state (task fields + MuJoCo state) without rendering."""
+        state = np.asarray(state, dtype=np.float64)
         n = 3 * len(TASK_FIELDS)
+        if len(state) != n + self._mj_size:
+            raise UserError(f"a Meta-World {self.task} state has {n + self._mj_size} values, got {len(state)}: "
+                            "the dataset was recorded in another simulator or task (check --env)")
         for i, name in enumerate(TASK_FIELDS):
-            setattr(self.env, name, np.asarray(state[3 * i:3 * i + 3], dtype=np.float64).copy())
-        mj = np.asarray(state[n:], dtype=np.float64)
+            setattr(self.env, name, state[3 * i:3 * i + 3].copy())
+        mj = state[n:]
         self._mujoco.mj_setState(self.env.model, self.env.data, mj, self._spec)
         self._mujoco.mj_forward(self.env.model, self.env.data)  # positions for rendering and the observation
         self._mujoco.mj_setState(self.env.model, self.env.data, mj, self._spec)  # forward rewrote the warm start
