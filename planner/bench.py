@@ -45,7 +45,7 @@ def bench_plan(cases: list[BenchCase], *, samples: int = 64, iterations: int = 5
         ctx = torch.randn(context, N, Zd, device=device, dtype=case.dtype)
         goal = torch.randn(N, Zd, device=device, dtype=case.dtype)
         spec = ActionSpec(low=(-1.0,) * A, high=(1.0,) * A, max_delta=None)
-        calls = {"n": 0}
+        calls = {"n": 0, "ctx_passes": 0, "passes": 0}
         cost = latent_cost(goal.float())
         cfg = dataclasses.replace(cem or CEMConfig(), horizon=horizon, samples=samples,
                                   elites=min(samples, (cem.elites if cem else max(1, samples // 8))),
@@ -55,6 +55,7 @@ def bench_plan(cases: list[BenchCase], *, samples: int = 64, iterations: int = 5
             """One MPC step: commit the context, then the CEM optimisation."""
             with torch.no_grad():
                 model_rollout = wm.planning_rollout(ctx, k=k, seed=0)
+            calls["ctx_passes"] = calls["passes"]
 
             def rollout(cand_SHA):
                 calls["n"] += 1
@@ -62,11 +63,10 @@ def bench_plan(cases: list[BenchCase], *, samples: int = 64, iterations: int = 5
 
             return cem_plan(rollout, cost, spec, cfg, generator=torch.Generator().manual_seed(0), device=device)
 
+        passes = _count_passes(wm, step, calls)  # one untimed step, the network's calls counted
         times = timed(step, repeats, device)
         row = {"preset": case.name, "params_M": case.params_M, "ms_per_mpc_step": 1000 * statistics.median(times),
-               "model_evals_per_step": samples * iterations * horizon * k,
-               "model_passes_per_iteration": horizon * k, "context_passes_per_step": 1,
-               "rollout_calls_per_step": calls["n"] // (repeats + 1)}
+               "model_evals_per_step": samples * iterations * horizon * k, **passes}
         if compile_fn is not None:
             probe = torch.rand(samples, horizon, A, device=device) * 2 - 1
             with torch.no_grad():
@@ -84,3 +84,28 @@ def bench_plan(cases: list[BenchCase], *, samples: int = 64, iterations: int = 5
         rows.append(row)
     return {"device": str(device), **machine(), "samples": samples, "iterations": iterations, "horizon": horizon,
             "k": k, "tokens_per_frame": cases[0].latent_shape[0] if cases else 0, "rows": rows}
+
+
+def _count_passes(wm: WorldModel, step: Callable[[], Any], calls: dict[str, int]) -> dict[str, float]:
+    """Run one MPC step with the network's per-pass call (`denoise`, or `forward` of a teacher-forced model)
+    counted: passes committing the context, and passes per CEM iteration (one rollout call each)."""
+    net = wm.model
+    name = "denoise" if hasattr(net, "denoise") else "forward"
+    own, real = name in net.__dict__, getattr(net, name)  # an instance attribute when compiled
+
+    def counting(*args, **kw):
+        calls["passes"] += 1
+        return real(*args, **kw)
+
+    calls.update(n=0, passes=0, ctx_passes=0)
+    setattr(net, name, counting)
+    try:
+        step()
+    finally:
+        if own:
+            setattr(net, name, real)
+        else:
+            delattr(net, name)
+    per_call = (calls["passes"] - calls["ctx_passes"]) / max(1, calls["n"])
+    return {"model_passes_per_iteration": per_call, "context_passes_per_step": calls["ctx_passes"],
+            "rollout_calls_per_step": calls["n"]}

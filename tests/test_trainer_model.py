@@ -271,6 +271,65 @@ def test_planning_rollout_commits_the_context_once_and_matches_the_reference_at_
             torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
 
 
+def test_ring_cache_rollout_equals_the_reference_inside_the_window_and_keeps_h_x_k_passes_past_it():
+    """The planner's preallocated, in-place cache (`cache="ring"`): from a batch-1 context shared by S rollouts,
+    equal to the uncached reference at every horizon inside the window (K = 1 and 4, a null action among the
+    planned ones); past the window it slides without re-committing (H x K passes, where "exact" adds a pass per
+    frame), so it departs from the reference only there; differentiable (the gradient planner) with the same
+    values as without gradients."""
+    from trainer.sampling import RingKVCache, generate, prefill
+
+    m = _model()
+    S, Tc, window = 3, 2, 5
+    z, _, _, a, v = _inputs(B=S, T=Tc + 8)
+    ctx = z[:1, :Tc]
+    a[:, :Tc], v[:, :Tc] = a[:1, :Tc], v[:1, :Tc]
+    v[1, Tc + 1] = False
+
+    def run(mode, horizon, k, actions=a, grad=False):
+        calls = []
+        real = m.denoise
+
+        def counting(*args, real=real, **kw):
+            calls.append(args[0].shape[1])
+            return real(*args, **kw)
+
+        g = torch.Generator().manual_seed(5)
+        with torch.no_grad():
+            pre = prefill(m, ctx, a[:1], v[:1], ctx_noise=0.1, window=window, generator=g, shared_noise=True)
+        m.denoise = counting
+        try:
+            with torch.set_grad_enabled(grad):
+                out = generate(m, pre, actions[:, :Tc + horizon], v[:, :Tc + horizon], horizon=horizon, k=k,
+                               ctx_noise=0.1, window=window, generator=g, shared_noise=True, cache=mode)
+        finally:
+            del m.denoise
+        return out, len(calls)
+
+    for horizon in range(1, 9):
+        for k in (1, 4):
+            ring, ring_passes = run("ring", horizon, k)
+            exact, exact_passes = run("exact", horizon, k)
+            ref = rollout_uncached(m, ctx.expand(S, -1, -1, -1), a[:, :Tc + horizon], v[:, :Tc + horizon],
+                                   horizon=horizon, k=k, ctx_noise=0.1, window=window,
+                                   generator=torch.Generator().manual_seed(5), shared_noise=True)
+            assert ring_passes == horizon * k
+            inside = window - Tc  # frames generated before the window first slides
+            torch.testing.assert_close(ring[:, :inside], ref[:, :inside], rtol=1e-4, atol=1e-4)
+            torch.testing.assert_close(exact, ref, rtol=1e-4, atol=1e-4)
+            if horizon > inside:
+                assert exact_passes == horizon * k + (horizon - inside)  # one re-commit pass per slid frame
+                assert (ring[:, inside:] - ref[:, inside:]).abs().max() > 1e-3  # an approximation there
+    acts = a.clone().requires_grad_(True)
+    with_grad, _ = run("ring", 7, 2, acts, grad=True)
+    with_grad.pow(2).sum().backward()
+    assert acts.grad[:, Tc:Tc + 7].abs().sum() > 0
+    torch.testing.assert_close(with_grad.detach(), run("ring", 7, 2)[0], rtol=0, atol=0)
+    with torch.no_grad():
+        pre = prefill(m, z[:, :6], a, v, ctx_noise=0.1, window=window, generator=None)
+    with pytest.raises(ValueError, match="batch 3 cannot start 2"):
+        RingKVCache(pre, 2, window)
+
 def test_model_config_is_validated():
     from pipeline.stage import UserError
 

@@ -166,7 +166,9 @@ class LoadedWorldModel:
         per-frame actions [S, H, A*frameskip] in the model's raw action space (after its action transform) ->
         normalised latents [S, H, N, Z] (with proprioception the last token is the predicted state),
         differentiable when `grad`. The context is committed once here (its keys/values are shared by every
-        candidate of every iteration); every call meets the same sampling noise (common random numbers)."""
+        candidate of every iteration, copied into each call's preallocated cache slots); every call meets the same
+        sampling noise (common random numbers). H x K model passes per call at any horizon: past the training
+        window the cache slides without re-committing (`trainer.sampling.RingKVCache`)."""
         Tc = context_TNZ.shape[0]
         dev, dt = context_TNZ.device, context_TNZ.dtype
         ctx_a = torch.zeros(1, Tc, self.actions.frame_dim, device=dev, dtype=dt)
@@ -195,8 +197,8 @@ class LoadedWorldModel:
                 if noise_state is not None:
                     g = torch.Generator()
                     g.set_state(noise_state)
-                return generate(self.model, pre.expand(S), acts, valid, horizon=H, k=k, ctx_noise=self.cfg.ctx_noise,
-                                window=self.window, generator=g, shared_noise=True)
+                return generate(self.model, pre, acts, valid, horizon=H, k=k, ctx_noise=self.cfg.ctx_noise,
+                                window=self.window, generator=g, shared_noise=True, cache="ring")
 
         return rollout
 

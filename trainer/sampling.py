@@ -49,6 +49,10 @@ class TimeKVCache:
 
         return time_kv
 
+    def for_pass(self, angles: torch.Tensor, pos: int, frames: int, commit: int):
+        """`time_kv(layer)` of a pass over `frames` frames from time position `pos` (see `hook`)."""
+        return lambda layer: self.hook(layer, angles, commit)
+
     def expand(self, batch: int) -> TimeKVCache:
         """This cache (made for a batch of 1) repeated for `batch` rollouts (every candidate shares a context)."""
         out = TimeKVCache()
@@ -59,13 +63,86 @@ class TimeKVCache:
         return out
 
 
+class RingKVCache:
+    """The planner's cache: keys/values of each time-attention layer in `window + 1` preallocated slots per
+    layer, written in place (no concatenation, no copies of the cache, one shape for every pass).
+
+    The slots hold the `window - 1` committed frames the oldest frame of a pass sees plus up to two frames of
+    the pass itself (a frame being committed and the next frame's draft); a slot is reused once its frame has
+    left the window of every later frame, and attention covers all slots under a mask built from the slots'
+    time positions. Made from a `Prefill` of batch 1 (a shared context, broadcast into every rollout's slots)
+    or of the rollout's batch. Inside the window this is `TimeKVCache` exactly (the same keys at the same
+    positions, so it equals `rollout_uncached`). Past the window it slides without a re-commit pass: the frames
+    that stay keep the keys they were committed with (when older frames were still visible), as streaming
+    transformers do - one pass per frame cheaper, no longer equal to the reference there (rotary positions keep
+    the offsets the same). `inplace=False` writes out of place (differentiable rollouts: autograd keeps each
+    pass's keys)."""
+
+    def __init__(self, pre: Prefill, batch: int, window: int, *, inplace: bool = True):
+        self.window, self.slots, self.inplace = window, window + 1, inplace
+        n, b = len(pre.committed), pre.committed[0].shape[0]
+        if n > window - 1:
+            raise ValueError(f"a prefill of {n} frames does not fit a window of {window}")
+        if b not in (1, batch):
+            raise ValueError(f"a prefill of batch {b} cannot start {batch} rollouts")
+        self.pos: list[int | None] = [*range(n), *[None] * (self.slots - n)]  # time position held by each slot
+        self.k: dict[int, torch.Tensor] = {}
+        self.v: dict[int, torch.Tensor] = {}
+        for src, dst in ((pre.cache.k, self.k), (pre.cache.v, self.v)):
+            for layer, x in src.items():  # [b * S, G, n, E]
+                _, G, _, E = x.shape
+                S = x.shape[0] // b
+                buf = x.new_zeros(batch, S, G, self.slots, E)  # zeros, not empty: masked slots still meet @ v
+                buf[:, :, :, :n] = x.view(b, S, G, n, E)
+                dst[layer] = buf.view(batch * S, G, self.slots, E)
+
+    def for_pass(self, angles: torch.Tensor, pos: int, frames: int, commit: int):
+        """Slots for the pass's frames (positions pos..pos+frames-1; a frame already in a slot, a draft being
+        refined or committed, keeps it) and the "may attend" mask [frames, slots]; `time_kv(layer)` writes the
+        pass's keys/values into their slots and returns the whole buffer with the mask. Every frame stays in
+        its slot until the window leaves it behind, so `commit` needs no bookkeeping here."""
+        del commit
+        oldest = pos - self.window + 1  # the first frame of the pass sees frames >= oldest
+        slots: list[int] = []
+        for p in range(pos, pos + frames):
+            if p in self.pos:
+                slot = self.pos.index(p)
+            else:
+                free = [i for i, q in enumerate(self.pos) if (q is None or q < oldest) and i not in slots]
+                if not free:
+                    raise RuntimeError(f"no free slot for frame position {p} in {self.pos}")
+                slot = free[0]
+            slots.append(slot)
+        for slot, p in zip(slots, range(pos, pos + frames)):
+            self.pos[slot] = p
+        dev = next(iter(self.k.values())).device
+        mask = torch.tensor([[q is not None and p - self.window < q <= p for q in self.pos]
+                             for p in range(pos, pos + frames)], dtype=torch.bool, device=dev)
+        idx = torch.tensor(slots, device=dev)
+
+        def time_kv(layer: int):
+            def kv(attn, h_LTD: torch.Tensor):
+                k_new, v_new = attn.project_kv(h_LTD, angles)  # [B*S, G, frames, E]
+                if self.inplace:
+                    self.k[layer].index_copy_(2, idx, k_new.to(self.k[layer].dtype))
+                    self.v[layer].index_copy_(2, idx, v_new.to(self.v[layer].dtype))
+                else:
+                    self.k[layer] = self.k[layer].index_copy(2, idx, k_new)
+                    self.v[layer] = self.v[layer].index_copy(2, idx, v_new)
+                return self.k[layer], self.v[layer], mask
+
+            return kv
+
+        return time_kv
+
+
 def _frame_forward(model: ShortcutDynamics, z_BTNZ, tau_BT, d_BT, act_BTA, valid_BT, cache: TimeKVCache, pos: int,
                    commit: int, prev) -> torch.Tensor:
     """One pass over T consecutive frames from time position `pos` (frame-causal), `commit` of them kept."""
     angles = model.time_angles(z_BTNZ.shape[1], offset=pos, device=z_BTNZ.device)
     z_BTNZ = z_BTNZ.contiguous()  # broadcast contexts and shared noise come in expanded (one compiled variant)
     return model.denoise(z_BTNZ, tau_BT, d_BT, act_BTA, valid_BT, prev=prev, pos=pos,
-                         time_kv=lambda i: cache.hook(i, angles, commit))
+                         time_kv=cache.for_pass(angles, pos, z_BTNZ.shape[1], commit))
 
 
 def _prepare(context_BTNZ, actions_BTA, valid_BT, horizon):
@@ -169,30 +246,43 @@ def prefill(model: ShortcutDynamics, context_BTNZ: torch.Tensor, actions_BTA: to
 
 def generate(model: ShortcutDynamics, pre: Prefill, actions_BTA: torch.Tensor, valid_BT: torch.Tensor, *,
              horizon: int, k: int = 4, ctx_noise: float = 0.1, window: int, generator: torch.Generator | None,
-             shared_noise: bool = False) -> torch.Tensor:
-    """`horizon` frames after a committed context, K steps of 1/K each, H x K passes while the rollout fits the
-    window: a generated frame is committed (re-noised to the context level, its keys/values kept) in the same
-    pass as the next frame's first step, and nothing runs after the last frame. Past the window it slides:
-    the last `window - 1` committed frames are re-committed from time position 0 (one pass) before each new
-    frame, so every prediction sees at most `window` frames at the positions training used (equal to
-    `rollout_uncached`). actions[:, t] leads into frame t. Returns [B, H, N, Z]."""
+             shared_noise: bool = False, cache: str = "exact") -> torch.Tensor:
+    """`horizon` frames after a committed context (of batch 1, shared by every rollout, or of the actions'
+    batch), K steps of 1/K each, H x K passes while the rollout fits the window: a generated frame is committed
+    (re-noised to the context level, its keys/values kept) in the same pass as the next frame's first step,
+    and nothing runs after the last frame. actions[:, t] leads into frame t. Returns [B, H, N, Z].
+
+    Past the window, `cache="exact"` (eval's) slides it: the last `window - 1` committed frames are
+    re-committed from time position 0 (one pass) before each new frame, so every prediction sees at most
+    `window` frames at the positions training used (equal to `rollout_uncached`). `cache="ring"` (the
+    planner's) keeps keys/values in preallocated slots written in place and slides without re-committing
+    (`RingKVCache`: equal to "exact" inside the window, H x K passes at any horizon)."""
     if k < 1 or k & (k - 1) or k > model.cfg.k_max:
         raise ValueError(f"k={k} must be a power of two <= k_max={model.cfg.k_max}")
+    if cache not in ("exact", "ring"):
+        raise ValueError(f"cache={cache!r}: exact or ring")
+    B = actions_BTA.shape[0]
     z_prev = pre.committed[-1]
-    B, _, N, Zd = z_prev.shape
+    _, _, N, Zd = z_prev.shape
     dev, dt = z_prev.device, z_prev.dtype
+    if cache == "ring":
+        kv: TimeKVCache | RingKVCache = RingKVCache(pre, B, window, inplace=not torch.is_grad_enabled())
+        prev = tuple(x.expand(B, *x.shape[1:]) for x in pre.prev)
+    else:
+        pre = pre.expand(B) if z_prev.shape[0] != B else pre
+        kv, prev = pre.cache, pre.prev
     full = lambda v, n=1: torch.full((B, n), v, device=dev, dtype=dt)  # noqa: E731
     ctx_tau, d_min = 1 - ctx_noise, 1.0 / model.cfg.k_max
     committed, start = list(pre.committed), pre.start
-    cache, prev, pending = pre.cache, pre.prev, None
+    pending = None
     out = []
     for h in range(horizon):
         t = pre.frames + h
-        if pending is not None and t - start + 1 > window:  # slide: the oldest frame leaves the window
+        if cache == "exact" and pending is not None and t - start + 1 > window:  # slide: the oldest frame leaves
             committed = (committed + [pending])[-(window - 1):]
             start = t - len(committed)
             slid = _commit_window(model, committed, start, actions_BTA, valid_BT, ctx_noise=ctx_noise)
-            cache, prev, pending = slid.cache, slid.prev, None
+            kv, prev, pending = slid.cache, slid.prev, None
         x = _noise((B, 1, N, Zd), generator, dev, dt, shared_noise)
         a, v = actions_BTA[:, t:t + 1], valid_BT[:, t:t + 1]
         for s in range(k):
@@ -201,11 +291,11 @@ def generate(model: ShortcutDynamics, pre: Prefill, actions_BTA: torch.Tensor, v
                 both = torch.cat([pending, x], dim=1)
                 taus, ds = torch.cat([full(ctx_tau), full(tau)], 1), torch.cat([full(d_min), full(1.0 / k)], 1)
                 pred = _frame_forward(model, both, taus, ds, actions_BTA[:, t - 1:t + 1], valid_BT[:, t - 1:t + 1],
-                                      cache, t - 1 - start, 1, prev)[:, 1:]
+                                      kv, t - 1 - start, 1, prev)[:, 1:]
                 committed.append(pending)
                 prev, pending = (both[:, :1], full(ctx_tau)), None
             else:
-                pred = _frame_forward(model, x, full(tau), full(1.0 / k), a, v, cache, t - start, 0, prev)
+                pred = _frame_forward(model, x, full(tau), full(1.0 / k), a, v, kv, t - start, 0, prev)
             x = x + (pred - x) / (1 - tau) / k
         out.append(x)
         if h < horizon - 1:

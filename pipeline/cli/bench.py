@@ -106,11 +106,12 @@ def _plan_table(result: dict, samples: int, iterations: int, horizon: int, compi
     from rich.table import Table
 
     table = Table(title=f"plan: CEM {samples}x{iterations}, horizon {horizon}, {result['device']} ({result['cpu']})")
-    cols = ["preset", "params (M)", "ms / MPC step", "model evals / step"]
+    cols = ["preset", "params (M)", "ms / MPC step", "model evals / step", "passes / iteration"]
     for col in cols + (["compiled ms / step", "speedup", "compile s"] if compile else []):
         table.add_column(col)
     for r in result["rows"]:
-        cells = [r["preset"], f"{r['params_M']:.2f}", f"{r['ms_per_mpc_step']:.0f}", str(r["model_evals_per_step"])]
+        cells = [r["preset"], f"{r['params_M']:.2f}", f"{r['ms_per_mpc_step']:.0f}", str(r["model_evals_per_step"]),
+                 f"{r['model_passes_per_iteration']:g}"]
         if compile:
             cells += [f"{r['ms_per_mpc_step_compiled']:.0f}", f"{r['compile_speedup']:.2f}x", f"{r['compile_s']:.0f}"]
         table.add_row(*cells)

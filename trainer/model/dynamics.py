@@ -71,6 +71,8 @@ class Block(nn.Module):
         if self.time is not None:
             h = rearrange(self.norm_time(x_BTSD), "b t s d -> (b s) t d")
             kv = time_kv(self.time, h) if time_kv is not None else None  # KV cache hook (rollouts)
+            if kv is not None and len(kv) == 3:  # a slotted cache says which slots each frame may see
+                kv, time_mask = kv[:2], kv[2]
             h = self.time(h, angles=time_angles, causal=time_mask is None, mask_LM=time_mask, kv=kv)
             x_BTSD = x_BTSD + rearrange(h, "(b s) t d -> b t s d", b=B)
         return x_BTSD + self.mlp(self.norm_mlp(x_BTSD))
