@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -32,8 +33,9 @@ try:
 except ImportError:  # the layout before the package redesign
     from trainer.models import build_model, compute_loss
     from trainer.model.dynamics import TokenShape
-name, cameras, grid, enc_dim, batch, T, device, repeats = sys.argv[1:9]
-cameras, grid, enc_dim, batch, T, repeats = int(cameras), int(grid), int(enc_dim), int(batch), int(T), int(repeats)
+name, cameras, grid, enc_dim, batch, T, device, repeats, flop_steps = sys.argv[1:10]
+cameras, grid, enc_dim, batch, T = int(cameras), int(grid), int(enc_dim), int(batch), int(T)
+repeats, flop_steps = int(repeats), int(flop_steps)
 dev = torch.device(device)
 cfg = dataclasses.replace(preset(name), bootstrap_start=0, batch_size=batch)
 shape = TokenShape(cameras=cameras, grid=(grid, grid), enc_dim=enc_dim, action_dim=2 * cfg.frameskip,
@@ -58,7 +60,7 @@ def step(s):
     opt.step()
     opt.zero_grad(set_to_none=True)
 flops = []
-for s in range(4):  # the bootstrap rows are drawn per step: average the count over a few steps
+for s in range(flop_steps):  # the bootstrap rows are drawn per step: average the count over several steps
     with FlopCounterMode(display=False) as fc:
         step(100 + s)
     flops.append(fc.get_total_flops())
@@ -90,9 +92,12 @@ def main() -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--samples", type=int, default=64)
     p.add_argument("--iterations", type=int, default=5)
-    p.add_argument("--step", default="small:1:6:32:16:8,base:3:16:768:2:8",
-                   help="training-step cases preset:cameras:grid:enc_dim:batch:frames, comma-separated")
+    p.add_argument("--step", default="small:1:6:32:16:8,base:3:6:768:8:4",
+                   help="training-step cases preset:cameras:grid:enc_dim:batch:frames, comma-separated (base: its "
+                        "own batch of 8, a 6x6 grid and 4 frames to fit a CPU)")
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--rounds", type=int, default=3, help="old/new plan benchmarks alternated this many times")
+    p.add_argument("--flop-steps", type=int, default=8, help="steps the FLOP count is averaged over")
     a = p.parse_args()
     with tempfile.TemporaryDirectory(prefix="wmctl-ab-") as tmp:
         old = Path(tmp) / "old"
@@ -102,14 +107,23 @@ def main() -> None:
             for name in a.presets.split(","):
                 plan = ["bench", "plan", "--presets", name, "--samples", str(a.samples), "--iterations",
                         str(a.iterations), "--device", a.device]
-                o, n = run(old, plan)["rows"][0], run(ROOT, plan)["rows"][0]
-                rows.append({"what": f"plan {name}: ms per MPC step", "old": o["ms_per_mpc_step"],
-                             "new": n["ms_per_mpc_step"]})
+                olds, news = [], []
+                for _ in range(a.rounds):  # alternated: a noisy machine drifts for both alike
+                    olds.append(run(old, plan)["rows"][0])
+                    news.append(run(ROOT, plan)["rows"][0])
+                o, n = olds[0], news[0]
+                rows.append({"what": f"plan {name}: ms per MPC step (median of {a.rounds})",
+                             "old": statistics.median(r["ms_per_mpc_step"] for r in olds),
+                             "new": statistics.median(r["ms_per_mpc_step"] for r in news)})
                 rows.append({"what": f"plan {name}: model evals per step", "old": o["model_evals_per_step"],
                              "new": n["model_evals_per_step"]})
+                if "model_passes_per_iteration" in n:
+                    rows.append({"what": f"plan {name}: network passes per CEM iteration (new: counted)",
+                                 "old": o.get("model_passes_per_iteration", float("nan")),
+                                 "new": n["model_passes_per_iteration"]})
             for case in a.step.split(","):
                 name, *rest = case.split(":")
-                argv = [name, *rest, a.device, str(a.repeats)]
+                argv = [name, *rest, a.device, str(a.repeats), str(a.flop_steps)]
                 o, n = run(old, argv, STEP), run(ROOT, argv, STEP)
                 label = f"train step {name} (C={rest[0]}, grid {rest[1]}, Z={rest[2]}, B={rest[3]}, T={rest[4]})"
                 rows.append({"what": f"{label}: GFLOP", "old": o["flops_per_step"] / 1e9,

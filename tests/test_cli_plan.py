@@ -85,7 +85,10 @@ def test_bench_plan_reports_each_preset():
     res = json.loads(r.output.strip().splitlines()[-1])
     (row,) = res["rows"]
     assert row["preset"] == "tiny" and row["ms_per_mpc_step"] > 0 and row["model_evals_per_step"] == 4 * 1 * 2 * 4
-    assert row["model_passes_per_iteration"] == 2 * 4  # H x K: the context committed once, no pass after the last
+    # counted on the network: H x K per CEM iteration (no pass after the last frame, and none re-committing when
+    # the tiny model's 4-frame window slides past its 4 context frames), the context committed once
+    assert row["model_passes_per_iteration"] == 2 * 4
+    assert row["context_passes_per_step"] == 1 and row["rollout_calls_per_step"] == 1
 
 
 def test_bench_train_times_real_steps_on_a_store(pusht_store):
