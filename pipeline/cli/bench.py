@@ -83,8 +83,8 @@ def bench_plan_cmd(
     enc_dim: Annotated[int, typer.Option(help="Token width.")] = 32,
     device: Device = "auto",
     compile: Annotated[bool, typer.Option("--compile", help="Also time it torch.compiled, side by side.")] = False,
-    cem: Annotated[str, typer.Option("--cem", help="default | dinowm | icem: the budget's other settings (noise, "
-                                     "kept elites); --samples and --iterations as given.")] = "default",
+    cem: Annotated[str, typer.Option("--cem", help="default | dinowm | icem | fast: the budget's other settings "
+                                     "(noise, kept elites); --samples and --iterations as given.")] = "default",
 ) -> None:
     """Milliseconds per MPC step (one CEM optimisation) and model evaluations per step, per preset."""
     dev = bench_device(device)

@@ -29,7 +29,8 @@ Device = Annotated[str, typer.Option(help="cpu | cuda.")]
 Compile = Annotated[bool, typer.Option("--compile", help="torch.compile the model's rollouts (the first plan "
                                        "compiles: tens of seconds on CPU).")]
 Cem = Annotated[str, typer.Option("--cem", help="CEM budget: default | dinowm (300x30, 30 iterations) | icem "
-                                  "(coloured noise, elites kept); --samples/--elites/--iterations given win.")]
+                                  "(coloured noise, elites kept) | fast (the best success per ms measured: today "
+                                  "icem's); --samples/--elites/--iterations given win.")]
 
 
 def _search(ctx: typer.Context, planner: str, preset: str, horizon: int, **budget: int):
