@@ -31,7 +31,7 @@ import torch
 from featurestore.augment import ClipAugment
 from featurestore.dask_exec import map_on_dask
 from featurestore.encoders import DEFAULT_ENCODER, HFDinoEncoder, Preprocess
-from featurestore.store import StoreLayout, TokenStore
+from featurestore.store import StoreLayout, TokenStore, projected_bytes
 from pipeline.frames import FrameDecodeError, PyAVFrameSource
 from pipeline.ingest import camera_span
 from pipeline.lerobot_io import DataFileCache, stack_column
@@ -106,6 +106,8 @@ class EncodeResult:
     pending_segments: int = 0  # this shard's
     pending_all_shards: int = 0
     seconds: float = 0.0
+    projected_bytes: int = 0  # this shard's pending frames at the store's layout, uncompressed (before encoding)
+    bytes_written: int = 0  # the source's size on disk after minus before
 
 
 class EpisodeFailed(Exception):
@@ -432,11 +434,20 @@ def run_encode(cfg: EncodeConfig, on_frames: Callable[[int], None] | None = None
     t0 = time.monotonic()
     store, encoder, src, plans, pending_all = prepare(cfg)
     result = EncodeResult(pending_segments=len(plans), pending_all_shards=pending_all)
+    frames = sum(p.frames for p in plans)
     if on_plan:
-        on_plan(sum(p.frames for p in plans))
+        on_plan(frames)
     if not plans:
         result.nothing_to_do = True
         return result
+    grid = encoder.grid
+    result.projected_bytes = projected_bytes(frames, cameras=len(src.cameras), tokens=grid[0] * grid[1],
+                                             dim=encoder.embed_dim, dtype=cfg.layout.dtype,
+                                             action_dim=src.action_dim, state_dim=src.state_dim)
+    log.info("%s: %d frames x %d camera(s) x %dx%d tokens x %d at %s: projected %.3f GB (uncompressed)", src.name,
+             frames, len(src.cameras), grid[0], grid[1], encoder.embed_dim, cfg.layout.dtype,
+             result.projected_bytes / 1e9)
+    before = store.disk_bytes(src.name)
     if cfg.dask:
         outcomes: Iterator[dict[str, Any]] = _reporting(
             map_on_dask(encode_task, plans, address=cfg.dask, workers=cfg.dask_workers, cfg=cfg), on_frames)
@@ -447,6 +458,7 @@ def run_encode(cfg: EncodeConfig, on_frames: Callable[[int], None] | None = None
         result.frames += out["frames"] if out["committed"] else 0
         result.failures += [tuple(f) for f in out["failures"]]
     result.seconds = time.monotonic() - t0
+    result.bytes_written = store.disk_bytes(src.name) - before
     return result
 
 

@@ -75,6 +75,20 @@ class StoreLayout:
             raise UserError("episodes_per_segment must be >= 1")
 
 
+def projected_bytes(frames: int, *, cameras: int, tokens: int, dim: int, dtype: str = "float16",
+                    action_dim: int = 0, state_dim: int = 0) -> int:
+    """Bytes the store's arrays take for `frames` frames, uncompressed (this schema: patch [F, C, P, D] at
+    `dtype` (+ int8's float16 patch_scale [F, C, P]), cls [F, C, D] float16, action/state float32,
+    action_valid bool, timestamp float64, episode_index int64, frame_index int32). Compression takes little
+    off encoder tokens (measured on `wmctl encode`: printed with the size on disk), so this is the capacity
+    to plan for."""
+    if dtype not in DTYPES:
+        raise UserError(f"dtype {dtype!r}: choose one of {DTYPES}")
+    patch = cameras * tokens * (dim * (1 if dtype == "int8" else 2) + (2 if dtype == "int8" else 0))
+    lowdim = 4 * action_dim + 1 + 4 * state_dim + 8 + 8 + 4
+    return frames * (patch + cameras * dim * 2 + lowdim)
+
+
 def quantize_int8(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Per-token symmetric int8: x [..., D] -> (q int8 [..., D], scale float16 [...]) with x ~ q * scale."""
     scale = np.abs(x).max(axis=-1) / 127.0

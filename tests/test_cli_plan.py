@@ -91,6 +91,19 @@ def test_bench_plan_reports_each_preset():
     assert row["context_passes_per_step"] == 1 and row["rollout_calls_per_step"] == 1
 
 
+def test_bench_decode_gives_frames_per_core_and_cores_per_gpu(multicam_root):
+    """On the built-in 3-camera AV1 data: single-threaded decode equals lerobot's frames; frames per CPU-second
+    and the cores that feed an encoder taking 3,000 images/s follow from the measured CPU time."""
+    r = CliRunner().invoke(app, ["bench", "decode", "--root", str(multicam_root), "--episodes", "2",
+                                 "--encoder-rate", "3000"])
+    assert r.exit_code == 0, r.output
+    res = json.loads(r.output.strip().splitlines()[-1])
+    assert "av1" in res["video"] and "320x180" in res["video"] and res["cameras"] == 3 and res["mismatched_frames"] == 0
+    assert res["decoder_threads"] == 1 and res["sequential_cpu_s"] > 0
+    assert res["frames_per_cpu_s"] == pytest.approx(res["frames"] / res["sequential_cpu_s"])
+    assert res["cores_per_gpu"] == pytest.approx(3000 / res["frames_per_cpu_s"])
+
+
 def test_bench_train_times_real_steps_on_a_store(pusht_store):
     r = CliRunner().invoke(app, ["bench", "train", "--store", str(pusht_store), "--preset", "tiny", "--steps", "8",
                                  "--device", "cpu"])

@@ -83,6 +83,33 @@ def test_tokens_equal_a_direct_forward(multicam_manifest, tiny_encoder, tmp_path
             assert cos.min() >= 0.999, cos.min()
 
 
+@pytest.mark.parametrize("dtype", ["float16", "int8"])
+def test_projected_size_is_the_schema_s_bytes(multicam_manifest, tiny_encoder, tmp_path, dtype):
+    """The size `wmctl encode` projects before it starts equals the uncompressed bytes of every array it then
+    commits (patch, int8's scale, cls, the low-dim arrays), frame for frame; what it reports written is the
+    source's size on disk."""
+    from featurestore.store import TokenStore, projected_bytes
+
+    res = run_encode(_cfg(multicam_manifest, tmp_path / "s.zarr", tiny_encoder,
+                          layout=StoreLayout(dtype=dtype, episodes_per_segment=2)))
+    store = TokenStore.open_existing(tmp_path / "s.zarr")
+    (source,) = store.sources()
+    logical, frames = 0, 0
+    for seg in (tmp_path / "s.zarr" / "sources" / source / "segments").iterdir():
+        if seg.is_dir():
+            g = zarr.open_group(seg, mode="r")
+            logical += sum(a.nbytes for _, a in g.arrays())
+            frames += g["patch"].shape[0]
+    assert frames == res.frames > 0 and res.projected_bytes == logical
+    df, _ = read_manifest(multicam_manifest)
+    ok = df[df.status == "ok"]
+    assert res.projected_bytes == projected_bytes(int(ok.length.sum()), cameras=3, tokens=16, dim=32, dtype=dtype,
+                                                  action_dim=int(ok.action_dim.max()),
+                                                  state_dim=int(ok.state_dim.max()))
+    segments = [f for f in (tmp_path / "s.zarr" / "sources" / source / "segments").glob("*/**/*") if f.is_file()]
+    assert res.bytes_written == sum(f.stat().st_size for f in segments) > 0  # the committed segments on disk
+
+
 def test_augmented_views_are_consistent_per_clip(pusht_manifest, tiny_encoder, tmp_path):
     cfg = _cfg(pusht_manifest, tmp_path / "aug.zarr", tiny_encoder, augment_views=1, augment_seed=3)
     run_encode(cfg)

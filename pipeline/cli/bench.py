@@ -32,10 +32,14 @@ def bench_decode_cmd(
     dataset: Annotated[str | None, typer.Option(help="Registered dataset.")] = "multicam-demo",
     root: Annotated[Path | None, typer.Option(help="Dataset root (instead of --dataset).")] = None,
     episodes: Annotated[int | None, typer.Option(help="Only the first N episodes.")] = None,
+    encoder_rate: Annotated[float, typer.Option(help="Images/s one GPU's encoder takes in, for cores per GPU "
+                                                "(default: the 5,000/s target for DINOv3 ViT-B/16 at 224 in bf16; "
+                                                "`make bench-gpu` measures yours).")] = 5000.0,
 ) -> None:
-    """Sequential PyAV decode vs lerobot per-item access (pyav backend) on the same frames."""
+    """Sequential PyAV decode vs lerobot per-item access (pyav backend) on the same frames; frames per CPU-second
+    and the cores that feed one GPU."""
     src = resolve_source(None if root else dataset, root)
-    print_result(f"decode: {src.name}", bench_decode(src.root, src.repo_id, episodes))
+    print_result(f"decode: {src.name}", bench_decode(src.root, src.repo_id, episodes, encoder_rate))
 
 
 @app.command("encode")

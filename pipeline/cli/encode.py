@@ -78,6 +78,10 @@ def _summary(cfg: EncodeConfig, result: EncodeResult) -> None:
         rate = result.frames / max(result.seconds, 1e-9)
         typer.echo(f"{cfg.store}: committed {result.segments_committed} segment(s), {result.frames} frames "
                    f"in {result.seconds:.1f}s ({rate:.1f} frames/s); `wmctl status --store {cfg.store}`")
+        if result.projected_bytes:
+            written, projected = result.bytes_written, result.projected_bytes
+            typer.echo(f"size: {written / 1e9:.3f} GB written, projected {projected / 1e9:.3f} GB "
+                       f"({written / projected:.0%})")
     if result.failures:
         typer.echo("failed episodes are recorded in the store; fix them and re-run with --retry-failed", err=True)
         raise typer.Exit(1)

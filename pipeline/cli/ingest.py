@@ -9,7 +9,7 @@ import typer
 
 from pipeline.cli.base import console, split_list
 from pipeline.cli.progress import progress
-from pipeline.ingest import IngestConfig, IngestResult, ingest_config, run_ingest, split_summary
+from pipeline.ingest import IngestConfig, IngestResult, ingest_config, read_manifest, run_ingest, split_summary
 from pipeline.lerobot_io import check_dataset_root
 from pipeline.registry import available, load_spec, resolve_source
 from pipeline.stage import ShardSpec, UserError
@@ -56,6 +56,7 @@ def _summary(cfg: IngestConfig, result: IngestResult) -> None:
                    f"({result.seconds:.1f}s)")
     if result.manifest is not None:
         typer.echo(split_summary(result.manifest))
+        typer.echo(capacity_summary(result.manifest))
     if result.n_failed:
         typer.echo("failed episodes are kept out of later stages; fix them and re-run with --force", err=True)
         raise typer.Exit(1)
@@ -75,3 +76,21 @@ def datasets() -> None:
         table.add_row(name, s.repo_id, str(s.resolved_root()), str(len(s.cameras) or "all"),
                       "yes" if s.use_actions else "no", f"{s.mix_weight:g}", str(path))
     console().print(table)
+
+
+def capacity_summary(manifest: Path, tokens: int = 196, dim: int = 768) -> str:
+    """One line: the token store this manifest makes with the default encoder (DINOv3 ViT-B/16 at 224x224: 196
+    tokens x 768 per camera), every frame of every camera, float16 and int8, uncompressed (`wmctl encode` prints
+    the projection for its own settings before it starts)."""
+    from featurestore.store import projected_bytes
+
+    df, _ = read_manifest(manifest)
+    ok = df[df.status == "ok"]
+    if ok.empty:
+        return "projected token store: no ok episodes"
+    frames, cameras = int(ok.length.sum()), len(ok.iloc[0].camera_keys)
+    kw = dict(cameras=cameras, tokens=tokens, dim=dim, action_dim=int(ok.action_dim.max()),
+              state_dim=int(ok.state_dim.max()))
+    fp16, int8 = (projected_bytes(frames, dtype=d, **kw) / 1e9 for d in ("float16", "int8"))
+    return (f"projected token store: {frames} frames x {cameras} camera(s) at ViT-B/16 224x224 ({tokens} tokens x "
+            f"{dim}): {fp16:.3f} GB float16, {int8:.3f} GB int8 (uncompressed)")
