@@ -35,6 +35,7 @@ from featurestore.store import StoreLayout, TokenStore, projected_bytes
 from pipeline.frames import FrameDecodeError, PyAVFrameSource
 from pipeline.ingest import camera_span
 from pipeline.lerobot_io import DataFileCache, stack_column
+from pipeline.rates import action_kinds, aggregate_actions, stride_for
 from pipeline.stage import ShardSpec, UserError, file_sha256, fingerprint
 
 log = logging.getLogger(__name__)
@@ -63,6 +64,8 @@ class EncodeConfig:
     repair: bool = False  # re-encode the committed segments that fail to read back (checksum, missing chunks)
     force: bool = False
     tolerance_s: float = 1e-4
+    fps: float | None = None  # store every k-th frame, k = the dataset's fps / fps (None: every frame)
+    action_kind: str | tuple[str, ...] = ""  # how actions add up over skipped frames (default: the registry's)
 
     def __post_init__(self) -> None:
         if self.batch_size < 1 or self.augment_views < 0:
@@ -83,15 +86,20 @@ class SegmentPlan:
     view: int
     block: int
     episodes: tuple[dict[str, Any], ...]  # manifest rows (plain dicts)
+    stride: int = 1  # every stride-th frame of each episode is stored
 
     @property
     def seg_id(self) -> str:
         eps = ",".join(str(e["episode_index"]) for e in self.episodes)
         return f"v{self.view}-b{self.block:06d}-{hashlib.sha256(eps.encode()).hexdigest()[:8]}"
 
+    def kept(self, e: dict[str, Any]) -> int:
+        """Frames stored of an episode: 0, stride, 2 * stride, ..."""
+        return -(-int(e["length"]) // self.stride)
+
     @property
     def frames(self) -> int:
-        return sum(int(e["length"]) for e in self.episodes)
+        return sum(self.kept(e) for e in self.episodes)
 
     def without(self, episode: int) -> SegmentPlan:
         return dataclasses.replace(self, episodes=tuple(e for e in self.episodes if e["episode_index"] != episode))
@@ -123,7 +131,7 @@ def _plain(row: pd.Series) -> dict[str, Any]:
 
 
 def plan_segments(manifest: pd.DataFrame, store: TokenStore, source: str, layout: StoreLayout,
-                  views: int) -> list[SegmentPlan]:
+                  views: int, stride: int = 1) -> list[SegmentPlan]:
     """Segments still to encode: per view, the ok episodes not committed and not failed, by block."""
     done = {(e["episode_index"], seg["view"]) for seg in store.committed_segments(source).values()
             for e in seg["episodes"]}
@@ -136,7 +144,7 @@ def plan_segments(manifest: pd.DataFrame, store: TokenStore, source: str, layout
         blocks: dict[int, list[dict]] = {}
         for e in pending:
             blocks.setdefault(int(e["episode_index"]) // layout.episodes_per_segment, []).append(e)
-        plans += [SegmentPlan(source, view, b, tuple(eps)) for b, eps in sorted(blocks.items())]
+        plans += [SegmentPlan(source, view, b, tuple(eps), stride) for b, eps in sorted(blocks.items())]
     return plans
 
 
@@ -152,6 +160,8 @@ class SourceInfo:
     camera_index: list[int]  # positions of `cameras` in the manifest rows' camera_keys
     action_dim: int
     state_dim: int
+    stride: int = 1  # frames stored: every stride-th
+    action_kinds: tuple[str, ...] = ()  # per action dimension, when stride > 1 and the source has actions
 
 
 def _decode_camera(src: SourceInfo, plan: SegmentPlan, cam: int, out: queue.Queue, stop: threading.Event,
@@ -164,10 +174,11 @@ def _decode_camera(src: SourceInfo, plan: SegmentPlan, cam: int, out: queue.Queu
         for e in plan.episodes:
             span = camera_span(src.root, e, k, src.fps)
             try:
-                for img in frames.frames(span):
+                for i, img in enumerate(frames.frames(span)):
                     if stop.is_set():
                         return
-                    out.put(img)
+                    if i % src.stride == 0:
+                        out.put(img)
             except FrameDecodeError as err:
                 out.put(EpisodeFailed(int(e["episode_index"]), f"{src.cameras[cam]}: {err}"))
                 return
@@ -189,13 +200,20 @@ def _lowdim(src: SourceInfo, plan: SegmentPlan, data: DataFileCache) -> dict[str
         if len(rows) != n:
             raise EpisodeFailed(ep, f"{e['data_file']} has {len(rows)} rows, manifest says {n}; re-run ingest")
         has = bool(e["has_actions"]) and ACTION_KEY in rows
-        parts["action"].append(stack_column(rows, ACTION_KEY) if has else np.full((n, src.action_dim), np.nan))
-        parts["action_valid"].append(np.full(n, has))
-        parts["state"].append(stack_column(rows, STATE_KEY) if STATE_KEY in rows
-                              else np.full((n, src.state_dim), np.nan))
-        parts["timestamp"].append(rows["timestamp"].to_numpy(np.float64))
-        parts["episode_index"].append(np.full(n, ep))
-        parts["frame_index"].append(np.arange(n))
+        keep = np.arange(0, n, src.stride)  # the stored frames
+        if not has:
+            action, valid = np.full((len(keep), src.action_dim), np.nan), np.zeros(len(keep), dtype=bool)
+        elif src.stride == 1:
+            action, valid = stack_column(rows, ACTION_KEY), np.ones(n, dtype=bool)
+        else:  # one action per stored frame: the skipped frames' actions added up by their kind
+            action, valid = aggregate_actions(stack_column(rows, ACTION_KEY), src.stride, src.action_kinds)
+        parts["action"].append(action)
+        parts["action_valid"].append(valid)
+        parts["state"].append(stack_column(rows, STATE_KEY)[keep] if STATE_KEY in rows
+                              else np.full((len(keep), src.state_dim), np.nan))
+        parts["timestamp"].append(rows["timestamp"].to_numpy(np.float64)[keep])
+        parts["episode_index"].append(np.full(len(keep), ep))
+        parts["frame_index"].append(keep)
     return {k: np.concatenate(v) for k, v in parts.items()}
 
 
@@ -243,7 +261,7 @@ def encode_one(store: TokenStore, encoder: HFDinoEncoder, src: SourceInfo, plan:
     committed = False
     try:
         episode_of_frame = np.repeat([int(e["episode_index"]) for e in plan.episodes],
-                                     [int(e["length"]) for e in plan.episodes])
+                                     [plan.kept(e) for e in plan.episodes])
         for start in range(0, plan.frames, cfg.batch_size):
             n = min(cfg.batch_size, plan.frames - start)
             imgs = [[_take(queues[c]) for _ in range(n)] for c in range(C)]  # [C][B] of [H, W, 3]
@@ -261,7 +279,7 @@ def encode_one(store: TokenStore, encoder: HFDinoEncoder, src: SourceInfo, plan:
             raise write_errors[0]
         attrs = {
             "source": src.name, "segment_id": plan.seg_id, "view": plan.view, "block": plan.block,
-            "frames": plan.frames, "cameras": src.cameras,
+            "frames": plan.frames, "cameras": src.cameras, "stride": plan.stride,
             "episodes": _episode_table(plan, augments),
             "committed_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }
@@ -311,11 +329,11 @@ def _episode_table(plan: SegmentPlan, augments: dict[int, ClipAugment]) -> list[
     for e in plan.episodes:
         ep = int(e["episode_index"])
         table.append({
-            "episode_index": ep, "view": plan.view, "start": start, "length": int(e["length"]),
+            "episode_index": ep, "view": plan.view, "start": start, "length": plan.kept(e),
             "split": e["split"], "has_actions": bool(e["has_actions"]), "task": e["task"],
             "augment": augments[ep].to_dict() if ep in augments else None,
         })
-        start += int(e["length"])
+        start += plan.kept(e)
     return table
 
 
@@ -366,7 +384,10 @@ def source_info(manifest: pd.DataFrame, meta: dict[str, Any], cameras: tuple[str
 
 def _provenance(cfg: EncodeConfig, src: SourceInfo, manifest_meta: dict[str, Any], manifest_sha: str,
                 has_actions: bool) -> dict[str, Any]:
-    return {
+    rate = {}  # only for a source stored at a lower rate: stores of every frame keep their provenance
+    if src.stride > 1:
+        rate = {"stride": src.stride, "stored_fps": src.fps / src.stride, "action_kind": list(src.action_kinds)}
+    return {**rate,
         "source": src.name, "repo_id": manifest_meta["config"]["repo_id"], "root": str(src.root),
         "codebase_version": manifest_meta.get("codebase_version"), "fps": src.fps,
         "info_sha256": manifest_meta.get("info_sha256"), "cameras": src.cameras,
@@ -376,7 +397,8 @@ def _provenance(cfg: EncodeConfig, src: SourceInfo, manifest_meta: dict[str, Any
     }
 
 
-FIXED_SOURCE_KEYS = ("repo_id", "root", "fps", "cameras", "augment", "action_dim", "state_dim")
+FIXED_SOURCE_KEYS = ("repo_id", "root", "fps", "cameras", "augment", "action_dim", "state_dim", "stride",
+                     "action_kind")
 
 
 def prepare(cfg: EncodeConfig) -> tuple[TokenStore, HFDinoEncoder, SourceInfo, list[SegmentPlan], int]:
@@ -388,6 +410,9 @@ def prepare(cfg: EncodeConfig) -> tuple[TokenStore, HFDinoEncoder, SourceInfo, l
 
     manifest, mmeta = read_manifest(cfg.manifest)
     src = source_info(manifest, mmeta, cfg.cameras)
+    src.stride = stride_for(src.fps, cfg.fps, src.name)
+    if src.stride > 1 and bool(manifest.has_actions.any()):
+        src.action_kinds = action_kinds(cfg.action_kind, src.action_dim, src.name)
     info = src.root / "meta" / "info.json"
     if not info.is_file() or file_sha256(info) != mmeta.get("info_sha256"):
         raise UserError(f"{src.root} changed since {cfg.manifest} was written (meta/info.json differs or is gone): "
@@ -423,7 +448,7 @@ def prepare(cfg: EncodeConfig) -> tuple[TokenStore, HFDinoEncoder, SourceInfo, l
             log.warning("--repair: %s/%s is damaged (%s): re-encoding its episodes %s", d["source"], d["segment"],
                         d["problem"], d["episodes"])
             shutil.rmtree(store.source_dir(src.name) / "segments" / d["segment"])
-    plans = plan_segments(manifest, store, src.name, cfg.layout, 1 + cfg.augment_views)
+    plans = plan_segments(manifest, store, src.name, cfg.layout, 1 + cfg.augment_views, src.stride)
     mine = [p for p in plans if cfg.shard.owns(p.block + p.view)]
     return store, encoder, src, mine, len(plans)
 

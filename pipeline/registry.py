@@ -12,6 +12,7 @@ import os
 import tomllib
 from pathlib import Path
 
+from pipeline.rates import ACTION_KINDS
 from pipeline.stage import UserError
 
 BUILTIN_DIR = Path(__file__).parent / "registry"
@@ -36,6 +37,10 @@ class DatasetSpec:
     mix_weight: float = 1.0
     val_fraction: float = 0.1
     split_by: str = ""  # group splits: a per-episode metadata column, `task`, or `task:REGEX` (see ingest)
+    # how actions add up over several frames, for storing or training at a lower rate: "delta" (summed), "absolute"
+    # (the last), "velocity" (the mean: the command held over the step); one kind, or one per action dimension
+    # (e.g. ["delta", "delta", "delta", "absolute"] for delta xyz and an absolute gripper)
+    action_kind: str | tuple[str, ...] = ""
     description: str = ""
     path: str = ""  # the file it came from
 
@@ -44,6 +49,10 @@ class DatasetSpec:
             raise UserError(f"{self.path}: val_fraction must be in [0, 1), got {self.val_fraction}")
         if self.mix_weight < 0:
             raise UserError(f"{self.path}: mix_weight must be >= 0, got {self.mix_weight}")
+        kinds = (self.action_kind,) if isinstance(self.action_kind, str) else self.action_kind
+        bad = [k for k in kinds if k not in ACTION_KINDS and k != ""]
+        if bad:
+            raise UserError(f"{self.path}: action_kind {bad}: each must be one of {list(ACTION_KINDS)}")
 
     def resolved_root(self) -> Path:
         if self.root:
@@ -81,13 +90,16 @@ def load_spec(path: Path) -> DatasetSpec:
     for key, value in raw.items():
         _check_type(path, key, value)
     raw["cameras"] = tuple(raw.get("cameras", ()))
+    if isinstance(raw.get("action_kind"), list):
+        raw["action_kind"] = tuple(raw["action_kind"])
     return DatasetSpec(name=Path(path).stem, path=str(path), **raw)
 
 
 # the TOML type of every key: a wrong type is refused, never coerced (`use_actions = "false"` is not False)
 FIELD_TYPES = {"repo_id": "string", "root": "string", "description": "string", "split_by": "string",
                "cameras": "list of strings",
-               "use_actions": "boolean (true/false)", "mix_weight": "number", "val_fraction": "number"}
+               "use_actions": "boolean (true/false)", "mix_weight": "number", "val_fraction": "number",
+               "action_kind": "string or list of strings"}
 
 
 def _check_type(path: Path, key: str, value: object) -> None:
@@ -96,13 +108,15 @@ def _check_type(path: Path, key: str, value: object) -> None:
         ok = isinstance(value, str)
     elif want == "list of strings":
         ok = isinstance(value, list) and all(isinstance(v, str) for v in value)
+    elif want == "string or list of strings":
+        ok = isinstance(value, str) or (isinstance(value, list) and all(isinstance(v, str) for v in value))
     elif want.startswith("boolean"):
         ok = isinstance(value, bool)
     else:
         ok = isinstance(value, (int, float)) and not isinstance(value, bool)
     if not ok:
         example = {"list of strings": '["observation.images.top"]', "number": "0.1",
-                   "boolean (true/false)": "false"}.get(want, '"..."')
+                   "boolean (true/false)": "false", "string or list of strings": '"delta"'}.get(want, '"..."')
         raise UserError(f"{path}: `{key}` must be a {want}, found {type(value).__name__} {value!r} "
                         f"(write e.g. {key} = {example})")
 

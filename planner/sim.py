@@ -239,6 +239,11 @@ def labelled_source(reader: TokenReader) -> SimSource:
     if not labelled:
         raise UserError(f"{reader.path} has no labelled source to take start states and goals from")
     attrs = reader.source_attrs(labelled[0])
+    if attrs.get("stride", 1) > 1:
+        raise UserError(f"{reader.path}: source {labelled[0]} is stored at {attrs['stored_fps']:g} fps (every "
+                        f"{attrs['stride']}th frame of its {attrs['fps']:g}); the closed loop replays episodes at "
+                        "their recorded rate and does not take a strided store yet: encode the dataset at its own "
+                        "rate (no --fps) into the store you plan with")
     rows, meta = read_manifest(Path(attrs["manifest"]))
     marker = Path(rows.iloc[0].root) / MARKER if not rows.empty else None
     generator = read_json(marker) if marker is not None and marker.is_file() else None

@@ -110,6 +110,50 @@ def test_projected_size_is_the_schema_s_bytes(multicam_manifest, tiny_encoder, t
     assert res.bytes_written == sum(f.stat().st_size for f in segments) > 0  # the committed segments on disk
 
 
+def test_encode_at_a_rate_stores_every_kth_frame_with_its_step_s_actions(multicam_manifest, tiny_encoder, tmp_path):
+    """`--fps 5` on the 15-fps multi-camera set: every third frame of each episode (its tokens those of the same
+    frame in a full-rate store, its timestamp and frame index the dataset's), one action per stored frame added
+    up over the step by kind (delta dims summed, absolute ones the last; an incomplete last step invalid); the
+    source records its rate, and the same source at another rate is refused; bad rates and a labelled source
+    without an action kind are refused with the fix named."""
+    from featurestore.store import TokenStore
+    from pipeline.stage import UserError
+
+    kinds = ("delta",) * 6 + ("absolute",) * 2
+    full = run_encode(_cfg(multicam_manifest, tmp_path / "full.zarr", tiny_encoder))
+    res = run_encode(_cfg(multicam_manifest, tmp_path / "5fps.zarr", tiny_encoder, fps=5.0, action_kind=kinds))
+    df, _ = read_manifest(multicam_manifest)
+    ok = df[df.status == "ok"]
+    assert res.frames == sum(-(-int(n) // 3) for n in ok.length) and res.frames * 3 >= full.frames
+    store = TokenStore.open_existing(tmp_path / "5fps.zarr")
+    attrs = store.source_attrs("multicam")
+    assert attrs["stride"] == 3 and attrs["stored_fps"] == 5.0 and attrs["action_kind"] == list(kinds)
+    a, b = TokenReader(tmp_path / "full.zarr"), TokenReader(tmp_path / "5fps.zarr")
+    for row in range(len(b.episodes)):
+        ep = int(b.episodes.iloc[row].episode_index)
+        got = b.episode(row)
+        ref = a.episode(int(np.flatnonzero(a.episodes.episode_index.to_numpy() == ep)[0]))
+        n = len(ref["patch"])
+        keep = np.arange(0, n, 3)
+        assert len(got["patch"]) == len(keep) == int(b.episodes.iloc[row].length)
+        np.testing.assert_allclose(got["patch"], ref["patch"][keep], rtol=1e-3, atol=2e-3)
+        np.testing.assert_array_equal(got["frame_index"], keep)
+        np.testing.assert_array_equal(got["timestamp"], ref["timestamp"][keep])
+        np.testing.assert_array_equal(got["state"], ref["state"][keep])
+        whole = n // 3
+        steps = ref["action"][: whole * 3].reshape(whole, 3, -1)
+        np.testing.assert_allclose(got["action"][:whole, :6], steps[:, :, :6].sum(1), rtol=1e-5, atol=1e-5)
+        np.testing.assert_array_equal(got["action"][:whole, 6:], steps[:, -1, 6:])
+        assert got["action_valid"][:whole].all() and not got["action_valid"][whole:].any()
+        assert np.isnan(got["action"][whole:]).all()
+    with pytest.raises(ConfigMismatchError, match="stride"):
+        run_encode(_cfg(multicam_manifest, tmp_path / "5fps.zarr", tiny_encoder, fps=7.5, action_kind=kinds))
+    with pytest.raises(UserError, match=r"is at 15 fps.*nearest it can serve: 3.75 or 5 fps"):
+        run_encode(_cfg(multicam_manifest, tmp_path / "x.zarr", tiny_encoder, fps=4.0, action_kind=kinds))
+    with pytest.raises(UserError, match=r"source multicam has actions but no `action_kind`"):
+        run_encode(_cfg(multicam_manifest, tmp_path / "x.zarr", tiny_encoder, fps=5.0))
+
+
 def test_augmented_views_are_consistent_per_clip(pusht_manifest, tiny_encoder, tmp_path):
     cfg = _cfg(pusht_manifest, tmp_path / "aug.zarr", tiny_encoder, augment_views=1, augment_seed=3)
     run_encode(cfg)

@@ -43,6 +43,14 @@ def test_bad_registry_files_are_named(tmp_path, monkeypatch):
         resolve("typo")
     with pytest.raises(UserError, match="unknown dataset 'nope'"):
         resolve("nope")
+    (reg / "kind.toml").write_text('repo_id = "x"\naction_kind = ["delta", "absolut"]\n')
+    with pytest.raises(UserError, match=r"kind.toml: action_kind \['absolut'\]: each must be one of"):
+        resolve("kind")
+    (reg / "kind.toml").write_text('repo_id = "x"\naction_kind = 3\n')
+    with pytest.raises(UserError, match=r"`action_kind` must be a string or list of strings"):
+        resolve("kind")
+    assert resolve("multicam-demo").action_kind == ("delta",) * 6 + ("absolute",) * 2
+    assert resolve("pusht-demo").action_kind == "absolute"
 
 
 def test_a_dataset_without_root_is_found_where_the_installed_lerobot_keeps_it(tmp_path, monkeypatch, pusht_root):

@@ -93,6 +93,36 @@ def test_sampler_is_stateless_and_ranks_split_the_global_batch(pusht_store):
         torch.testing.assert_close(big[key], torch.cat([a[key], b[key]]))
 
 
+def test_train_fps_sets_the_frameskip_from_each_store_s_rate(multicam_manifest, pusht_store, tiny_encoder, tmp_path):
+    """`wmctl train --fps 5`: frameskip 3 on the 15-fps multi-camera store, 1 on the same data encoded at 5 fps
+    (`encode --fps 5`); a rate the store cannot serve and sources stored at rates needing different frameskips are
+    refused with the sources and the fix named."""
+    import shutil
+
+    from trainer.config import tiny
+
+    kinds = ("delta",) * 6 + ("absolute",) * 2
+    enc = dict(encoder=str(tiny_encoder), preprocess=Preprocess(height=64, width=64),
+               layout=StoreLayout(episodes_per_segment=4), batch_size=16, threads=1)
+    run_encode(EncodeConfig(manifest=multicam_manifest, store=tmp_path / "full.zarr", **enc))
+    run_encode(EncodeConfig(manifest=multicam_manifest, store=tmp_path / "5fps.zarr", fps=5.0, action_kind=kinds,
+                            **enc))
+    for store, skip in (("full.zarr", 3), ("5fps.zarr", 1)):
+        out = tmp_path / f"run-{skip}"
+        run_train(dataclasses.replace(tiny(), store=tmp_path / store, out=out, steps=2, fps=5.0,
+                                      labelled_fraction=None, eval_every=100, ckpt_every=2))
+        saved = json.loads((out / "config.json").read_text())
+        assert saved["frameskip"] == skip and saved["fps"] == 5.0
+    with pytest.raises(UserError, match=r"--fps 2: source multicam is at 5 fps.*nearest it can serve: 1.66667 or 2.5"):
+        run_train(dataclasses.replace(tiny(), store=tmp_path / "5fps.zarr", out=tmp_path / "r2", steps=2, fps=2.0))
+    mixed = tmp_path / "mixed.zarr"  # pusht (10 fps) and the multi-camera set at 5 fps in one store
+    shutil.copytree(pusht_store, mixed)
+    run_encode(EncodeConfig(manifest=multicam_manifest, store=mixed, fps=5.0, action_kind=kinds, **enc))
+    with pytest.raises(UserError, match=r"stored at different rates: multicam \(stored at 5 fps: every 1\), "
+                                        r"pusht \(stored at 10 fps: every 2\)"):
+        run_train(dataclasses.replace(tiny(), store=mixed, out=tmp_path / "r3", steps=2, fps=5.0))
+
+
 def test_mix_weights_set_each_source_share(pusht_store, tmp_path, monkeypatch):
     """Registry / config mix weights decide each source's share of the windows (10,000 drawn: within +-1%),
     the resolved weights are recorded in the run, and its metrics log the realised share."""

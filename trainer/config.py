@@ -82,7 +82,8 @@ class TrainConfig:
     sources: tuple[str, ...] = ()  # store sources to train on (default all)
     # data
     context_frames: int = 16
-    frameskip: int = 1
+    frameskip: int = 1  # store frames per model frame (set from `fps` when that is given)
+    fps: float | None = None  # the model rate: frameskip = each source's stored fps / fps (`data.resolve_rate`)
     context_schedule: tuple[tuple[int, int], ...] = ()  # ((step, frames), ...): curriculum on context length
     # the training mix: each window's source is drawn by `mix_weights` ((source, weight), ...; normalised over the
     # training sources; a source left out takes the registry's `mix_weight` for a dataset of its name, else 1 -

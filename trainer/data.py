@@ -163,6 +163,32 @@ class Sample:
     source: str = ""
 
 
+def resolve_rate(cfg: TrainConfig, reader: TokenReader) -> TrainConfig:
+    """`fps` (the model's rate) -> the frameskip, from the rate each training source is stored at (its dataset's
+    fps, or the lower one it was encoded at with `wmctl encode --fps`). Refuses a rate a source cannot serve
+    (naming the nearest it can) and sources that would need different frameskips (one model rate across sources
+    stored at different rates is not built yet: encode them at a common rate)."""
+    if cfg.fps is None:
+        return cfg
+    from pipeline.rates import stride_for
+
+    need = {}
+    for src in sorted(str(s) for s in select_episodes(reader, cfg, "train").source.unique()):
+        attrs = reader.source_attrs(src)
+        stored = float(attrs.get("stored_fps", attrs["fps"]))
+        need[src] = (stride_for(stored, cfg.fps, src, what="--fps"), stored)
+    if len({k for k, _ in need.values()}) > 1:
+        said = ", ".join(f"{s} (stored at {f:g} fps: every {k})" for s, (k, f) in need.items())
+        raise UserError(f"--fps {cfg.fps:g}: the training sources are stored at different rates: {said}; training "
+                        f"one model across them is not built yet: encode them at a common rate (`wmctl encode "
+                        f"--fps {cfg.fps:g}`) or train on some with --sources")
+    k = next(iter(need.values()))[0] if need else cfg.frameskip
+    if k != cfg.frameskip:
+        log.info("--fps %g: frameskip %d (was %d): %s", cfg.fps, k, cfg.frameskip,
+                 ", ".join(f"{s} stored at {f:g} fps" for s, (_, f) in need.items()))
+    return dataclasses.replace(cfg, frameskip=k)
+
+
 def resolve_mix(cfg: TrainConfig, reader: TokenReader) -> TrainConfig:
     """`cfg` with a weight for every training source: given ones, else the registry's `mix_weight` of the dataset of
     the same name, else 1 (what a run records; nothing to do under a `labelled_fraction` override)."""

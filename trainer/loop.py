@@ -52,6 +52,7 @@ from trainer.data import (
     collate,
     compute_stats,
     resolve_mix,
+    resolve_rate,
     token_shape,
 )
 from trainer.model import build_model
@@ -439,6 +440,7 @@ def run_train(cfg: TrainConfig, *, resume: bool = False,
               on_step: Callable[[dict[str, Any]], None] | None = None) -> TrainResult:
     """Train (or continue) a run. Raises Preempted after a requested stop (checkpoint written)."""
     d = init_distributed(cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+    cfg = resolve_rate(cfg, TokenReader(cfg.store))  # the frameskip shapes the model: before setup builds it
     tr, start, reader = setup(cfg, resume=resume, d=d)
     saved = tr.run_dir / "config.json"
     if resume and not cfg.mix_weights and saved.is_file():

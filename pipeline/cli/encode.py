@@ -14,6 +14,7 @@ from featurestore.store import StoreLayout
 from pipeline.cli.base import console, hxw, new_app, split_list
 from pipeline.cli.progress import progress
 from pipeline.ingest import manifest_path
+from pipeline.registry import resolve
 from pipeline.stage import ShardSpec
 
 encoder_app = new_app("Encoder utilities.")
@@ -48,8 +49,17 @@ def encode(
     repair: Annotated[bool, typer.Option("--repair", help="Re-encode committed segments that fail to read back "
                                          "(checksum, missing chunks; see `wmctl status --verify`).")] = False,
     force: Annotated[bool, typer.Option(help="Rebuild a store/source made with another config.")] = False,
+    fps: Annotated[float | None, typer.Option(help="Store every k-th frame, k = the dataset's fps / FPS (an integer: "
+                                              "else refused with the rates it can serve); default every frame.")]
+    = None,
+    action_kind: Annotated[str, typer.Option(help="With --fps: how actions add up over skipped frames, delta | "
+                                             "absolute | velocity, or one per dimension comma-separated (default: "
+                                             "the registry entry's action_kind).")] = "",
 ) -> None:
     """Encode every camera frame of a manifest with a frozen DINOv3 into the token store."""
+    kind: str | tuple[str, ...] = tuple(split_list(action_kind)) if "," in action_kind else action_kind
+    if not kind and dataset:
+        kind = resolve(dataset).action_kind
     manifest = manifest_path(dataset, manifest)
     h, w = hxw(image_size)
     cfg = EncodeConfig(
@@ -59,7 +69,7 @@ def encode(
                            episodes_per_segment=episodes_per_segment),
         batch_size=batch_size, device=device, threads=threads, augment_views=augment_views,
         augment_strength=augment_strength, shard=ShardSpec.parse(shard), dask=dask, dask_workers=dask_workers,
-        retry_failed=retry_failed, repair=repair, force=force,
+        retry_failed=retry_failed, repair=repair, force=force, fps=fps, action_kind=kind,
     )
     with progress(f"encode {manifest.stem}", total=None, unit="frames") as advance:
         result = run_encode(cfg, on_frames=advance, on_plan=advance.set_total)

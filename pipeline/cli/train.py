@@ -34,6 +34,8 @@ def train(
     lr: Annotated[float | None, typer.Option(help="Peak learning rate.")] = None,
     device: Annotated[str | None, typer.Option(help="auto | cpu | cuda.")] = None,
     sources: Annotated[str | None, typer.Option(help="Comma-separated store sources (default all).")] = None,
+    fps: Annotated[float | None, typer.Option(help="The model's rate: frameskip = the sources' stored fps / FPS "
+                                              "(integral, else refused with the rates they can serve).")] = None,
     seed: Annotated[int | None, typer.Option(help="Seed.")] = None,
     tracker: Annotated[str | None, typer.Option(help="none | tensorboard (default: <run>/tensorboard) | wandb | "
                                                 "trackio (optional extras); metrics.jsonl is always written.")]
@@ -50,7 +52,7 @@ def train(
 
     cfg = train_config(flag("preset", preset), kind=flag("model", model), overrides=set_ or [], base=base,
                        store=flag("store", store), out=out, init_from=init_from, steps=steps, batch_size=batch_size,
-                       lr=lr, device=device, seed=seed, tracker=tracker,
+                       lr=lr, device=device, seed=seed, tracker=tracker, fps=fps,
                        sources=split_list(sources))
     try:
         with _step_logger(cfg) as on_step:
