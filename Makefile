@@ -58,6 +58,7 @@ data: install
 	$(WMCTL) data pusht --out data/pusht-demo --episodes 40 --seed 0
 	$(WMCTL) data pusht --out data/pusht-free-demo --episodes 40 --seed 1 --action-free
 	$(WMCTL) data multicam --out data/multicam-demo --episodes 8 --seed 0
+	$(WMCTL) data multicam --arm own --out data/own-arm-demo --episodes 8 --seed 1
 
 # exit code 1 = some episodes failed (listed, kept out of later stages): the others still go on
 ingest: install

@@ -69,6 +69,33 @@ def test_manifest_rows_describe_where_frames_are(multicam_root, tmp_path):
         assert (multicam_root / row.data_file).exists()
 
 
+def test_own_arm_builtin_set_is_a_second_embodiment(tmp_path):
+    """`wmctl data multicam --arm own` ("your own arm"): written by lerobot at 10 fps with 2 cameras under other
+    keys and 7-D delta end-effector action and state, read back by lerobot, ingested as labelled; its built-in
+    registry entry names those cameras and one action kind per dimension."""
+    from pipeline.lerobot_compat import dataset_classes
+    from pipeline.registry import resolve
+
+    out = tmp_path / "own-arm"
+    r = runner.invoke(app, ["data", "multicam", "--arm", "own", "--out", str(out), "--episodes", "2",
+                            "--min-frames", "10", "--max-frames", "12"])
+    assert r.exit_code == 0, r.output
+    LeRobotDataset, _ = dataset_classes()
+    ds = LeRobotDataset("local/own-arm", root=out, video_backend="pyav")
+    assert ds.fps == 10 and ds.num_episodes == 2
+    assert ds.meta.video_keys == ["observation.images.front", "observation.images.wrist"]
+    item = ds[3]
+    assert item["action"].shape == (7,) and item["observation.state"].shape == (7,)
+    assert item["observation.images.wrist"].shape == (3, 180, 320)
+    res = run_ingest(_cfg(out, tmp_path / "m.parquet"))
+    df, meta = read_manifest(tmp_path / "m.parquet")
+    assert res.n_ok == 2 and meta["fps"] == 10 and df.has_actions.all() and (df.action_dim == 7).all()
+    spec = resolve("own-arm-demo")
+    assert spec.cameras == tuple(meta["video_keys"]) and len(spec.action_kind) == 7
+    r = runner.invoke(app, ["data", "multicam", "--arm", "ur5", "--out", str(tmp_path / "x")])
+    assert r.exit_code != 0 and "--arm 'ur5': one of ['droid', 'own']" in r.output
+
+
 def test_action_free_dataset_is_marked(pusht_free_root, tmp_path):
     run_ingest(_cfg(pusht_free_root, tmp_path / "m.parquet"))
     df, _ = read_manifest(tmp_path / "m.parquet")

@@ -49,12 +49,16 @@ def data_multicam(
     min_frames: Annotated[int, typer.Option(help="Shortest episode (frames at 15 fps).")]
     = MulticamDataConfig.min_frames,
     max_frames: Annotated[int, typer.Option(help="Longest episode.")] = MulticamDataConfig.max_frames,
+    arm: Annotated[str, typer.Option(help="droid: 3 cameras, 8-D, 15 fps | own: \"your own arm\", 2 cameras "
+                                     "(front, wrist), 7-D delta end-effector action and state, 10 fps.")]
+    = MulticamDataConfig.arm,
     action_free: ActionFree = False,
     force: Force = False,
 ) -> None:
-    """Synthetic DROID-shaped set: 3 cameras at 180x320, 15 fps, 8-D state/action, multi-file layout."""
+    """Synthetic DROID-shaped set: 3 cameras at 180x320, 15 fps, 8-D state/action, multi-file layout (or, with
+    --arm own, the same world seen and driven like your own arm)."""
     cfg = MulticamDataConfig(out=out, episodes=episodes, seed=seed, min_frames=min_frames, max_frames=max_frames,
-                             action_free=action_free, repo_id=f"local/{out.name}")
+                             action_free=action_free, repo_id=f"local/{out.name}", arm=arm)
     _done(run_data_multicam(cfg, force=force), out, episodes, action_free)
 
 

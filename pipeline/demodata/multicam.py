@@ -8,6 +8,12 @@ data and video files (and chunk folders), as in a real large dataset.
 
 state  = [x, y, z, roll, pitch, yaw, gripper, gripper_velocity]
 action = [dx, dy, dz, droll, dpitch, dyaw, gripper_target, gripper_velocity_target]
+
+`--arm own` plays "your own arm" in the same world: 2 cameras under other keys (`observation.images.front`, the
+top-down view, and `observation.images.wrist`), 10 fps, a 7-D delta end-effector action and a 7-D state:
+
+state  = [x, y, z, roll, pitch, yaw, gripper]
+action = [dx, dy, dz, droll, dpitch, dyaw, gripper_target]
 """
 
 from __future__ import annotations
@@ -30,6 +36,10 @@ CAMERAS = (
 H, W = 180, 320
 STATE_NAMES = ["x", "y", "z", "roll", "pitch", "yaw", "gripper", "gripper_vel"]
 ACTION_NAMES = ["dx", "dy", "dz", "droll", "dpitch", "dyaw", "gripper_target", "gripper_vel_target"]
+# "your own arm": its camera keys (the world's top-down and wrist views), rate and 7-D vectors
+OWN_CAMERAS = {"observation.images.front": CAMERAS[0], "observation.images.wrist": CAMERAS[2]}
+OWN_STATE_NAMES, OWN_ACTION_NAMES = STATE_NAMES[:7], ACTION_NAMES[:7]
+ARMS = {"droid": 15, "own": 10}  # fps
 TASKS = ("push the red puck to the left", "push the blue puck forward", "sweep the table")
 PUCK_COLORS = np.array([[220, 40, 40], [40, 80, 220], [240, 200, 40]], dtype=np.float32)
 PUCK_RADIUS = 0.07
@@ -49,10 +59,13 @@ class MulticamDataConfig:
     video_files_size_in_mb: float = 0.1
     chunks_size: int = 3
     episodes_per_scene: int = 2
+    arm: str = "droid"  # droid: 3 cameras, 8-D, 15 fps; own: "your own arm", 2 other cameras, 7-D, 10 fps
 
     def __post_init__(self) -> None:
         if self.episodes < 1 or not 8 <= self.min_frames <= self.max_frames:
             raise UserError("need --episodes >= 1 and 8 <= min_frames <= max_frames")
+        if self.arm not in ARMS:
+            raise UserError(f"--arm {self.arm!r}: one of {list(ARMS)}")
 
 
 @dataclasses.dataclass
@@ -155,10 +168,11 @@ class ScriptedArm:
 
 
 def features(cfg: MulticamDataConfig) -> dict[str, dict]:
-    feats = {cam: video_feature(H, W) for cam in CAMERAS}
-    feats["observation.state"] = vector_feature(STATE_NAMES)
+    own = cfg.arm == "own"
+    feats = {cam: video_feature(H, W) for cam in (OWN_CAMERAS if own else CAMERAS)}
+    feats["observation.state"] = vector_feature(OWN_STATE_NAMES if own else STATE_NAMES)
     if not cfg.action_free:
-        feats["action"] = vector_feature(ACTION_NAMES)
+        feats["action"] = vector_feature(OWN_ACTION_NAMES if own else ACTION_NAMES)
     return feats
 
 
@@ -171,13 +185,17 @@ def episode_frames(cfg: MulticamDataConfig, episode: int) -> Iterator[Frame]:
     arm = ScriptedArm(rng)
     # DROID-like: several episodes per scene; the scene is in the task text (ingest --split-by 'task:scene (\d+)')
     task = f"{TASKS[int(rng.integers(len(TASKS)))]} (scene {episode // cfg.episodes_per_scene})"
+    own = cfg.arm == "own"
     for _ in range(int(rng.integers(cfg.min_frames, cfg.max_frames + 1))):
         action = arm(world)
-        frame: Frame = dict(render(world))
-        frame["observation.state"] = f32(world.gripper)
+        if own:  # 7-D: no gripper-velocity target (the gripper follows its target alone)
+            action[7] = 0.0
+        views = render(world)
+        frame: Frame = {k: views[v] for k, v in OWN_CAMERAS.items()} if own else dict(views)
+        frame["observation.state"] = f32(world.gripper[:7] if own else world.gripper)
         frame["task"] = task
         if not cfg.action_free:
-            frame["action"] = f32(action)
+            frame["action"] = f32(action[:7] if own else action)
         world.step(action)
         yield frame
 
@@ -188,7 +206,7 @@ def run_data_multicam(cfg: MulticamDataConfig, force: bool = False) -> bool:
         repo_id=cfg.repo_id,
         features=features(cfg),
         settings=WriterSettings(
-            fps=15,
+            fps=ARMS[cfg.arm],
             robot_type="synthetic_arm",
             data_files_size_in_mb=cfg.data_files_size_in_mb,
             video_files_size_in_mb=cfg.video_files_size_in_mb,
