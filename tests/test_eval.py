@@ -33,6 +33,15 @@ def test_eval_reports_every_condition_against_copy_last_and_a_baseline(tiny_run,
         for errs in entry.values():
             assert set(errs["mse"]) == {1, 3, 6} and all(np.isfinite(v) for v in errs["mse"].values())
             assert all(0 <= v <= 2 for v in errs["cosine"].values())
+    # per source: each condition's windows split by store source; here each condition has one source, whose
+    # scores are then the condition's own (the model and copy-last alike)
+    labelled = {"actions": "labelled", "null_action": "labelled", "action_free": "free"}
+    for cond, by_src in res["per_source"].items():
+        assert sum(v["windows"] for v in by_src.values()) == res["windows"][labelled[cond]]
+        (only,) = by_src.values()
+        for name in (res["model"], "copy_last"):
+            assert only[name]["mse"] == pytest.approx(res["conditions"][cond][name]["mse"], rel=1e-6)
+    assert set(res["per_source"]["actions"]) != set(res["per_source"]["action_free"])  # labelled vs free source
     # copy-last is recomputed here from the raw windows with the model's normalisation
     wm = LoadedWorldModel.load(tiny_run)
     from featurestore.reader import TokenReader

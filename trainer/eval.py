@@ -86,6 +86,7 @@ class Windows:
     states: np.ndarray  # [W, (T-1)*fs, S] states at those steps (for relative actions)
     frame_states: np.ndarray  # [W, T, S] states at the frames (probe targets)
     use_actions: bool
+    sources: np.ndarray  # [W] the store source of each window (per-source scores)
 
 
 def _same_encoder(reader: TokenReader, wm: LoadedWorldModel) -> None:
@@ -119,7 +120,7 @@ def collect_windows(reader: TokenReader, wm: LoadedWorldModel, cfg: EvalConfig, 
             rows = rows.iloc[: cfg.episodes]
         if rows.empty:
             continue
-        toks, acts, sts, fsts = [], [], [], []
+        toks, acts, sts, fsts, srcs = [], [], [], [], []
         for row, e in rows.iterrows():
             starts = np.unique(np.linspace(0, int(e.length) - span, cfg.windows_per_episode).astype(int))
             for s in starts:
@@ -129,8 +130,9 @@ def collect_windows(reader: TokenReader, wm: LoadedWorldModel, cfg: EvalConfig, 
                 acts.append(lo["action"][: span - 1])
                 sts.append(lo["state"][: span - 1])
                 fsts.append(w["state"])
+                srcs.append(str(e.source))
         out["labelled" if labelled else "free"] = Windows(np.stack(toks), np.stack(acts), np.stack(sts),
-                                                         np.stack(fsts), labelled)
+                                                         np.stack(fsts), labelled, np.array(srcs))
     return out
 
 
@@ -323,7 +325,7 @@ def run_eval(cfg: EvalConfig) -> dict[str, Any]:
         # each model sees the last frames of the context that fit its window (DINO-WM: 3), never more
         "context_used": {m.name: min(ctx, m.max_context_frames) for m in (wm, *baselines)},
         "slides_after_horizon": {m.name: max(0, m.window - ctx) for m in (wm, *baselines)},
-        "windows": {name: len(w.tokens) for name, w in wins.items()}, "conditions": {},
+        "windows": {name: len(w.tokens) for name, w in wins.items()}, "conditions": {}, "per_source": {},
         "splits": _splits(reader),
     }
     plan = []
@@ -342,7 +344,12 @@ def run_eval(cfg: EvalConfig) -> dict[str, Any]:
         samples = sample_set(wm, win, ctx, cfg, use_actions=use, k=cfg.k)
         preds[cond] = samples.mean(0)  # the probe reads the sample mean
         entry[wm.name] = score(samples, truth, last)
-        entry["copy_last"] = score(np.repeat(last[None, :, None], len(idx), axis=2), truth, last)
+        copy_last = np.repeat(last[None, :, None], len(idx), axis=2)
+        entry["copy_last"] = score(copy_last, truth, last)
+        result["per_source"][cond] = {  # the model and copy-last on each source's windows alone
+            src: {"windows": int(sel.sum()), wm.name: score(samples[:, sel], truth[sel], last[sel]),
+                  "copy_last": score(copy_last[:, sel], truth[sel], last[sel])}
+            for src in sorted(set(win.sources)) for sel in [win.sources == src]}
         for bl in baselines:
             entry[bl.name] = score(sample_set(bl, win, ctx, cfg, use_actions=use and bl.shape.action_dim > 0,
                                               k=cfg.k), truth, last)
