@@ -151,6 +151,53 @@ def test_mix_weights_set_each_source_share(pusht_store, tmp_path, monkeypatch):
         run_train(_cfg(pusht_store, tmp_path / "bad", steps=1, mix_weights=(("droid", 1.0),)))
 
 
+@pytest.mark.slow
+def test_droid_shaped_and_own_arm_sets_in_one_store_train_eval_and_plan_at_5_fps(tiny_encoder, tmp_path):
+    """The user's mix in miniature, through the CLI: the DROID-shaped set (15 fps, action-free, two of its cameras)
+    and the "own arm" set (10 fps, 2 cameras under other keys, 7-D delta-EEF actions) encoded into one store at
+    5 fps, trained as one model at `--fps 5` with weights 0.95 / 0.05 (the realised share of 10,000 windows within
+    +-1%); eval reports each source, and the planner searches one 7-D action per model frame."""
+    from trainer.api import LoadedWorldModel
+
+    runner = CliRunner()
+
+    def ok(*args):
+        r = runner.invoke(app, [str(a) for a in args])
+        assert r.exit_code == 0, r.output
+        return r
+
+    d = tmp_path
+    ok("data", "multicam", "--out", d / "droidlike", "--episodes", "4", "--seed", "0", "--action-free",
+       "--min-frames", "30", "--max-frames", "36")
+    ok("data", "multicam", "--arm", "own", "--out", d / "ownarm", "--episodes", "4", "--seed", "1",
+       "--min-frames", "20", "--max-frames", "24")
+    for name in ("droidlike", "ownarm"):
+        ok("ingest", "--root", d / name, "--out", d / f"{name}.parquet", "--val-fraction", "0.3")
+    store = d / "mix.zarr"
+    common = ["--store", store, "--encoder", tiny_encoder, "--image-size", "64", "--fps", "5"]
+    ok("encode", "--manifest", d / "droidlike.parquet", *common, "--cameras",
+       "observation.images.exterior_1_left,observation.images.wrist_left")
+    ok("encode", "--manifest", d / "ownarm.parquet", *common, "--action-kind",
+       "delta,delta,delta,delta,delta,delta,absolute")
+    run = d / "run"
+    ok("train", "--store", store, "--preset", "tiny", "--fps", "5", "--out", run, "--steps", "4",
+       "--set", "proprio=false", "--set", "mix_weights=(('droidlike', 0.95), ('ownarm', 0.05))")
+    saved = json.loads((run / "config.json").read_text())
+    assert saved["frameskip"] == 1 and saved["mix_weights"] == [["droidlike", 0.95], ["ownarm", 0.05]]
+    cfg = dataclasses.replace(tiny(), store=store, proprio=False, fps=5.0,
+                              mix_weights=(("droidlike", 0.95), ("ownarm", 0.05)))
+    draws = [x for st in range(100) for x in WindowSampler(TokenReader(store), cfg).global_batch(st, 100)]
+    assert abs(np.mean([x.source == "ownarm" for x in draws]) - 0.05) <= 0.01
+    wm = LoadedWorldModel.load(run)
+    assert wm.actions.frame_dim == 7 and wm.shape.cameras == 2
+    ok("eval", "--run", run, "--horizons", "1,2")
+    res = json.loads((run / "eval" / "eval.json").read_text())
+    assert set(res["per_source"]["actions"]) == {"ownarm"} and set(res["per_source"]["action_free"]) == {"droidlike"}
+    ok("plan", "offline", "--run", run, "--episodes", "1", "--goal-offset", "2")
+    plan = json.loads(next((run / "plan").glob("offline_*.json")).read_text())
+    assert plan["problems"] >= 1 and all(np.isfinite(r["action_error"]) for r in plan["rows"])
+
+
 def test_context_curriculum_changes_the_window_length(pusht_store, tmp_path):
     cfg = _cfg(pusht_store, tmp_path / "cur", steps=12, context_schedule=((6, 6),), ckpt_every=100)
     rows = run_train(cfg).metrics

@@ -254,8 +254,15 @@ def _probe_features(wm: LoadedWorldModel, raw_WNZ: np.ndarray, proj: np.ndarray 
 def fit_probe(reader: TokenReader, wm: LoadedWorldModel, cfg: EvalConfig, max_frames: int = 4000
               ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray, np.ndarray] | None:
     """Ridge regression latents -> state on train frames, the ridge strength chosen on held-out train
-    episodes. Returns (W, projection, x_mean, y_mean) or None when the store has no states."""
+    episodes. Returns (W, projection, x_mean, y_mean) or None when the store has no states. With sources of
+    different state widths (two embodiments), on the episodes of the labelled sources' width (the robot the
+    with-actions condition is about; the most common width without labelled sources)."""
     eps = select_episodes(reader, dataclasses.replace(wm.cfg, include_augmented=False), "train")
+    width = {src: int(reader.source_attrs(src).get("state_dim", 0)) for src in set(eps.source)}
+    labelled = [width[src] for src in eps[eps.has_actions].source]
+    pool = labelled or [width[src] for src in eps.source]
+    if pool:
+        eps = eps[eps.source.map(width) == max(set(pool), key=pool.count)]
     rng = np.random.default_rng(cfg.seed)
     xs, ys, groups = [], [], []
     per_ep = max(1, max_frames // max(1, len(eps)))
@@ -451,6 +458,8 @@ def _probe(reader, wm, cfg, wins, preds, ctx) -> dict[str, Any] | None:
     for cond, pred in preds.items():
         win = wins["labelled" if cond != "action_free" else "free"]
         st = win.frame_states[:, ctx:]
+        if st.shape[-1] != len(ym):  # another embodiment's state: the probe does not map to it
+            continue
         row = {"true_latents": {}, "predicted_latents": {}}
         for j, h in enumerate(cfg.horizons):  # pred holds the evaluated horizons only (the sample mean)
             y = st[:, h - 1]
