@@ -329,6 +329,9 @@ def test_ring_cache_rollout_equals_the_reference_inside_the_window_and_keeps_h_x
         pre = prefill(m, z[:, :6], a, v, ctx_noise=0.1, window=window, generator=None)
     with pytest.raises(ValueError, match="batch 3 cannot start 2"):
         RingKVCache(pre, 2, window)
+    # slots for what the rollout holds: its own frames while it fits the window, window + 1 once it slides
+    short = prefill(m, ctx, a[:1], v[:1], ctx_noise=0.1, window=window, generator=None)
+    assert [RingKVCache(short, S, window, frames=Tc + h).slots for h in (1, 2, 3, 4, 8)] == [3, 4, 5, 6, 6]
 
 def test_model_config_is_validated():
     from pipeline.stage import UserError

@@ -64,23 +64,25 @@ class TimeKVCache:
 
 
 class RingKVCache:
-    """The planner's cache: keys/values of each time-attention layer in `window + 1` preallocated slots per
-    layer, written in place (no concatenation, no copies of the cache, one shape for every pass).
+    """The planner's cache: keys/values of each time-attention layer in preallocated slots, written in place (no
+    concatenation, no copies of the cache, one shape for every pass).
 
-    The slots hold the `window - 1` committed frames the oldest frame of a pass sees plus up to two frames of
-    the pass itself (a frame being committed and the next frame's draft); a slot is reused once its frame has
-    left the window of every later frame, and attention covers all slots under a mask built from the slots'
-    time positions. Made from a `Prefill` of batch 1 (a shared context, broadcast into every rollout's slots)
-    or of the rollout's batch. Inside the window this is `TimeKVCache` exactly (the same keys at the same
-    positions, so it equals `rollout_uncached`). Past the window it slides without a re-commit pass: the frames
-    that stay keep the keys they were committed with (when older frames were still visible), as streaming
-    transformers do - one pass per frame cheaper, no longer equal to the reference there (rotary positions keep
-    the offsets the same). `inplace=False` writes out of place (differentiable rollouts: autograd keeps each
-    pass's keys)."""
+    `window + 1` slots hold the `window - 1` committed frames the oldest frame of a pass sees plus up to two
+    frames of the pass itself (a frame being committed and the next frame's draft); a rollout that ends inside
+    the window needs only its own frames (`frames`: context + horizon; a 7-frame plan of a 64-frame model keeps
+    7 slots, not 65). A slot is reused once its frame has left the window of every later frame, and attention
+    covers all slots under a mask built from the slots' time positions. Made from a `Prefill` of batch 1 (a
+    shared context, broadcast into every rollout's slots) or of the rollout's batch. Inside the window this is
+    `TimeKVCache` exactly (the same keys at the same positions, so it equals `rollout_uncached`). Past the window
+    it slides without a re-commit pass: the frames that stay keep the keys they were committed with (when older
+    frames were still visible), as streaming transformers do - one pass per frame cheaper, no longer equal to the
+    reference there (rotary positions keep the offsets the same). `inplace=False` writes out of place
+    (differentiable rollouts: autograd keeps each pass's keys)."""
 
-    def __init__(self, pre: Prefill, batch: int, window: int, *, inplace: bool = True):
-        self.window, self.slots, self.inplace = window, window + 1, inplace
+    def __init__(self, pre: Prefill, batch: int, window: int, *, frames: int | None = None, inplace: bool = True):
         n, b = len(pre.committed), pre.committed[0].shape[0]
+        self.window, self.inplace = window, inplace
+        self.slots = window + 1 if frames is None else max(n + 1, min(window + 1, frames))
         if n > window - 1:
             raise ValueError(f"a prefill of {n} frames does not fit a window of {window}")
         if b not in (1, batch):
@@ -266,7 +268,8 @@ def generate(model: ShortcutDynamics, pre: Prefill, actions_BTA: torch.Tensor, v
     _, _, N, Zd = z_prev.shape
     dev, dt = z_prev.device, z_prev.dtype
     if cache == "ring":
-        kv: TimeKVCache | RingKVCache = RingKVCache(pre, B, window, inplace=not torch.is_grad_enabled())
+        kv: TimeKVCache | RingKVCache = RingKVCache(pre, B, window, frames=len(pre.committed) + horizon,
+                                                    inplace=not torch.is_grad_enabled())
         prev = tuple(x.expand(B, *x.shape[1:]) for x in pre.prev)
     else:
         pre = pre.expand(B) if z_prev.shape[0] != B else pre
