@@ -195,6 +195,7 @@ def setup(cfg: TrainConfig, *, resume: bool, d: Dist) -> tuple[Trainer, int, Tok
     """Build (or restore) everything the loop needs. Returns the trainer, the last finished step, the reader."""
     device = resolve_device(cfg, d)
     reader = TokenReader(cfg.store)
+    cfg = resolve_rate(cfg, reader)  # the frameskip shapes the model and its statistics: first
     run_dir = cfg.out
     if run_dir is None:
         if resume:
@@ -440,8 +441,8 @@ def run_train(cfg: TrainConfig, *, resume: bool = False,
               on_step: Callable[[dict[str, Any]], None] | None = None) -> TrainResult:
     """Train (or continue) a run. Raises Preempted after a requested stop (checkpoint written)."""
     d = init_distributed(cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
-    cfg = resolve_rate(cfg, TokenReader(cfg.store))  # the frameskip shapes the model: before setup builds it
     tr, start, reader = setup(cfg, resume=resume, d=d)
+    cfg = tr.cfg  # with the frameskip `fps` resolved to
     saved = tr.run_dir / "config.json"
     if resume and not cfg.mix_weights and saved.is_file():
         cfg = dataclasses.replace(cfg, mix_weights=tuple(tuple(x) for x in read_json(saved).get("mix_weights", [])))
