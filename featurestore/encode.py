@@ -115,7 +115,7 @@ class EncodeResult:
     pending_all_shards: int = 0
     seconds: float = 0.0
     projected_bytes: int = 0  # this shard's pending frames at the store's layout, uncompressed (before encoding)
-    bytes_written: int = 0  # the source's size on disk after minus before
+    bytes_written: int = 0  # the size on disk of the segments this run committed
 
 
 class EpisodeFailed(Exception):
@@ -472,7 +472,6 @@ def run_encode(cfg: EncodeConfig, on_frames: Callable[[int], None] | None = None
     log.info("%s: %d frames x %d camera(s) x %dx%d tokens x %d at %s: projected %.3f GB (uncompressed)", src.name,
              frames, len(src.cameras), grid[0], grid[1], encoder.embed_dim, cfg.layout.dtype,
              result.projected_bytes / 1e9)
-    before = store.disk_bytes(src.name)
     if cfg.dask:
         outcomes: Iterator[dict[str, Any]] = _reporting(
             map_on_dask(encode_task, plans, address=cfg.dask, workers=cfg.dask_workers, cfg=cfg), on_frames)
@@ -481,9 +480,10 @@ def run_encode(cfg: EncodeConfig, on_frames: Callable[[int], None] | None = None
     for out in outcomes:
         result.segments_committed += int(out["committed"])
         result.frames += out["frames"] if out["committed"] else 0
+        if out["committed"]:  # its own files only (not a walk of every file of every segment of the source)
+            result.bytes_written += store.disk_bytes(src.name, out["segment"])
         result.failures += [tuple(f) for f in out["failures"]]
     result.seconds = time.monotonic() - t0
-    result.bytes_written = store.disk_bytes(src.name) - before
     return result
 
 

@@ -252,8 +252,11 @@ class TokenStore:
         return SegmentWriter(self, source, seg_id, frames=frames, cameras=cameras, tokens=tokens, dim=dim,
                              action_dim=action_dim, state_dim=state_dim)
 
-    def disk_bytes(self, source: str | None = None) -> int:
+    def disk_bytes(self, source: str | None = None, segment: str | None = None) -> int:
+        """Bytes on disk of the store, one source, or one committed segment of it."""
         base = self.source_dir(source) if source else self.path
+        if segment is not None:
+            base = base / "segments" / segment
         return sum(f.stat().st_size for f in base.rglob("*") if f.is_file())
 
 
