@@ -36,10 +36,23 @@ CAMERAS = (
 H, W = 180, 320
 STATE_NAMES = ["x", "y", "z", "roll", "pitch", "yaw", "gripper", "gripper_vel"]
 ACTION_NAMES = ["dx", "dy", "dz", "droll", "dpitch", "dyaw", "gripper_target", "gripper_vel_target"]
-# "your own arm": its camera keys (the world's top-down and wrist views), rate and 7-D vectors
-OWN_CAMERAS = {"observation.images.front": CAMERAS[0], "observation.images.wrist": CAMERAS[2]}
-OWN_STATE_NAMES, OWN_ACTION_NAMES = STATE_NAMES[:7], ACTION_NAMES[:7]
-ARMS = {"droid": 15, "own": 10}  # fps
+
+
+@dataclasses.dataclass(frozen=True)
+class Arm:
+    """How an embodiment records the world: its rate, its camera keys (-> the rendered view) and the width of its
+    state and action (the first `dims` of the world's 8)."""
+
+    fps: int
+    cameras: dict[str, str]
+    dims: int
+
+
+ARMS = {
+    "droid": Arm(15, {c: c for c in CAMERAS}, 8),
+    # "your own arm": the world's top-down and wrist views under other keys, 10 fps, 7-D (no gripper-velocity target)
+    "own": Arm(10, {"observation.images.front": CAMERAS[0], "observation.images.wrist": CAMERAS[2]}, 7),
+}
 TASKS = ("push the red puck to the left", "push the blue puck forward", "sweep the table")
 PUCK_COLORS = np.array([[220, 40, 40], [40, 80, 220], [240, 200, 40]], dtype=np.float32)
 PUCK_RADIUS = 0.07
@@ -168,11 +181,11 @@ class ScriptedArm:
 
 
 def features(cfg: MulticamDataConfig) -> dict[str, dict]:
-    own = cfg.arm == "own"
-    feats = {cam: video_feature(H, W) for cam in (OWN_CAMERAS if own else CAMERAS)}
-    feats["observation.state"] = vector_feature(OWN_STATE_NAMES if own else STATE_NAMES)
+    arm = ARMS[cfg.arm]
+    feats = {cam: video_feature(H, W) for cam in arm.cameras}
+    feats["observation.state"] = vector_feature(STATE_NAMES[: arm.dims])
     if not cfg.action_free:
-        feats["action"] = vector_feature(OWN_ACTION_NAMES if own else ACTION_NAMES)
+        feats["action"] = vector_feature(ACTION_NAMES[: arm.dims])
     return feats
 
 
@@ -182,20 +195,18 @@ def episode_frames(cfg: MulticamDataConfig, episode: int) -> Iterator[Frame]:
         gripper=np.array([rng.uniform(-0.6, 0.6), rng.uniform(-0.4, 0.4), 0.2, 0, 0, rng.uniform(-1, 1), 0.5, 0.0]),
         pucks=np.stack([rng.uniform([-0.8, -0.45], [0.8, 0.45]) for _ in range(len(PUCK_COLORS))]),
     )
-    arm = ScriptedArm(rng)
+    policy, arm = ScriptedArm(rng), ARMS[cfg.arm]
     # DROID-like: several episodes per scene; the scene is in the task text (ingest --split-by 'task:scene (\d+)')
     task = f"{TASKS[int(rng.integers(len(TASKS)))]} (scene {episode // cfg.episodes_per_scene})"
-    own = cfg.arm == "own"
     for _ in range(int(rng.integers(cfg.min_frames, cfg.max_frames + 1))):
-        action = arm(world)
-        if own:  # 7-D: no gripper-velocity target (the gripper follows its target alone)
-            action[7] = 0.0
+        action = policy(world)
+        action[arm.dims:] = 0.0  # what the arm cannot command (the 7-D arm: no gripper-velocity target)
         views = render(world)
-        frame: Frame = {k: views[v] for k, v in OWN_CAMERAS.items()} if own else dict(views)
-        frame["observation.state"] = f32(world.gripper[:7] if own else world.gripper)
+        frame: Frame = {key: views[view] for key, view in arm.cameras.items()}
+        frame["observation.state"] = f32(world.gripper[: arm.dims])
         frame["task"] = task
         if not cfg.action_free:
-            frame["action"] = f32(action[:7] if own else action)
+            frame["action"] = f32(action[: arm.dims])
         world.step(action)
         yield frame
 
@@ -206,7 +217,7 @@ def run_data_multicam(cfg: MulticamDataConfig, force: bool = False) -> bool:
         repo_id=cfg.repo_id,
         features=features(cfg),
         settings=WriterSettings(
-            fps=ARMS[cfg.arm],
+            fps=ARMS[cfg.arm].fps,
             robot_type="synthetic_arm",
             data_files_size_in_mb=cfg.data_files_size_in_mb,
             video_files_size_in_mb=cfg.video_files_size_in_mb,
