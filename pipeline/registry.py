@@ -25,7 +25,10 @@ class DatasetSpec:
     name: registry name (the file stem). repo_id: Hugging Face repo id (also the lerobot id of a local root). root:
     local dataset directory; empty means where the installed lerobot keeps `repo_id` (`$HF_LEROBOT_HOME/<repo_id>`,
     or with lerobot 0.5+ its Hub cache under `$HF_LEROBOT_HOME/hub`). cameras: camera keys to use (empty: all video
-    features). use_actions: False treats the set as action-free even when it has an `action` feature. mix_weight:
+    features). camera_slots: the model's camera slot of each camera key, by role (e.g. {exterior_1 = "...left",
+    wrist = "...wrist_left"}): sources with other cameras (another robot) share a model by slot, and a slot a
+    source lacks is masked out. use_actions: False treats the set as action-free even when it has an `action`
+    feature. mix_weight:
     share of this source in the training mix. val_fraction: share of episodes held out (deterministic by hash).
     """
 
@@ -33,6 +36,7 @@ class DatasetSpec:
     repo_id: str
     root: str = ""
     cameras: tuple[str, ...] = ()
+    camera_slots: tuple[tuple[str, str], ...] = ()  # (slot, camera key) pairs, from a TOML table
     use_actions: bool = True
     mix_weight: float = 1.0
     val_fraction: float = 0.1
@@ -53,6 +57,19 @@ class DatasetSpec:
         bad = [k for k in kinds if k not in ACTION_KINDS and k != ""]
         if bad:
             raise UserError(f"{self.path}: action_kind {bad}: each must be one of {list(ACTION_KINDS)}")
+        keys = [k for _, k in self.camera_slots]
+        twice = sorted({k for k in keys if keys.count(k) > 1})
+        if twice:
+            raise UserError(f"{self.path}: camera_slots puts {twice} in more than one slot; one slot per camera")
+        if self.cameras:
+            unknown = sorted(set(keys) - set(self.cameras))
+            if unknown:
+                raise UserError(f"{self.path}: camera_slots names {unknown}, which are not in `cameras` "
+                                f"{list(self.cameras)}; add them there or fix the key")
+            missing = [c for c in self.cameras if c not in keys]
+            if self.camera_slots and missing:
+                raise UserError(f"{self.path}: cameras {missing} have no slot in camera_slots; give each camera a "
+                                "slot (e.g. wrist = \"" + missing[0] + "\")")
 
     def resolved_root(self) -> Path:
         if self.root:
@@ -90,6 +107,7 @@ def load_spec(path: Path) -> DatasetSpec:
     for key, value in raw.items():
         _check_type(path, key, value)
     raw["cameras"] = tuple(raw.get("cameras", ()))
+    raw["camera_slots"] = tuple(raw.get("camera_slots", {}).items())
     if isinstance(raw.get("action_kind"), list):
         raw["action_kind"] = tuple(raw["action_kind"])
     return DatasetSpec(name=Path(path).stem, path=str(path), **raw)
@@ -97,7 +115,7 @@ def load_spec(path: Path) -> DatasetSpec:
 
 # the TOML type of every key: a wrong type is refused, never coerced (`use_actions = "false"` is not False)
 FIELD_TYPES = {"repo_id": "string", "root": "string", "description": "string", "split_by": "string",
-               "cameras": "list of strings",
+               "cameras": "list of strings", "camera_slots": "table of strings",
                "use_actions": "boolean (true/false)", "mix_weight": "number", "val_fraction": "number",
                "action_kind": "string or list of strings"}
 
@@ -108,6 +126,8 @@ def _check_type(path: Path, key: str, value: object) -> None:
         ok = isinstance(value, str)
     elif want == "list of strings":
         ok = isinstance(value, list) and all(isinstance(v, str) for v in value)
+    elif want == "table of strings":
+        ok = isinstance(value, dict) and all(isinstance(v, str) for v in value.values())
     elif want == "string or list of strings":
         ok = isinstance(value, str) or (isinstance(value, list) and all(isinstance(v, str) for v in value))
     elif want.startswith("boolean"):
@@ -116,7 +136,8 @@ def _check_type(path: Path, key: str, value: object) -> None:
         ok = isinstance(value, (int, float)) and not isinstance(value, bool)
     if not ok:
         example = {"list of strings": '["observation.images.top"]', "number": "0.1",
-                   "boolean (true/false)": "false", "string or list of strings": '"delta"'}.get(want, '"..."')
+                   "boolean (true/false)": "false", "string or list of strings": '"delta"',
+                   "table of strings": '{ wrist = "observation.images.wrist" }'}.get(want, '"..."')
         raise UserError(f"{path}: `{key}` must be a {want}, found {type(value).__name__} {value!r} "
                         f"(write e.g. {key} = {example})")
 

@@ -55,6 +55,8 @@ class WorldModel(Protocol):
 
     def normalize(self, tokens, state=None) -> torch.Tensor: ...
 
+    def for_source(self, reader, source: str) -> WorldModel: ...  # the model on one store source's cameras
+
     def planning_rollout(self, context_TNZ: torch.Tensor, *, context_actions_TA: torch.Tensor | None = None,
                          k: int = 4, seed: int = 0) -> Callable[..., torch.Tensor]: ...
         # -> rollout(actions [S, H, A], grad=False) -> latents [S, H, N, Z]; the context is committed once

@@ -89,7 +89,10 @@ def run_plan_offline(wm: WorldModel, reader: TokenReader, cfg: OfflineConfig) ->
     spec = spec_for(wm)
     rng = np.random.default_rng(cfg.seed)
     rows, latencies = [], []
+    base = wm
     for row, e in eps.iterrows():
+        wm = base.for_source(reader, str(e.source))  # that source's cameras (another robot's may be fewer)
+        judge = cfg.judge.for_source(reader, str(e.source)) if cfg.judge is not None else None
         for s0 in np.sort(rng.choice(int(e.length) - need + 1, size=min(cfg.starts_per_episode,
                                                                         int(e.length) - need + 1), replace=False)):
             w = reader.read(Window(int(row), int(s0), ctx + H, fs), ("patch", "state"))
@@ -116,11 +119,11 @@ def run_plan_offline(wm: WorldModel, reader: TokenReader, cfg: OfflineConfig) ->
             scorers = {"model_same_noise": (rollout, cost),
                        "model_fresh_noise": (wm.planning_rollout(z[:ctx], context_actions_TA=ctx_actions, k=cfg.k,
                                                                  seed=fresh_seed), cost)}
-            if cfg.judge is not None:
-                zj = cfg.judge.normalize(w["patch"], w["state"])
-                scorers["judge"] = (cfg.judge.planning_rollout(zj[:ctx], context_actions_TA=ctx_actions, k=cfg.k,
-                                                               seed=fresh_seed),
-                                    latent_cost(zj[-1], smoothness=cfg.smoothness, state_dim=cfg.judge.state_dim,
+            if judge is not None:
+                zj = judge.normalize(w["patch"], w["state"])
+                scorers["judge"] = (judge.planning_rollout(zj[:ctx], context_actions_TA=ctx_actions, k=cfg.k,
+                                                           seed=fresh_seed),
+                                    latent_cost(zj[-1], smoothness=cfg.smoothness, state_dim=judge.state_dim,
                                                 state_weight=cfg.state_weight))
             std = (hi - lo) / 5.0  # the bounds are mean +- 2.5 std
             rec = {"episode": int(e.episode_index), "start": int(s0),

@@ -227,6 +227,7 @@ def observation_encoder(wm: WorldModel, device: str) -> Callable[[np.ndarray, np
 class SimSource:
     """The labelled source start states and goals come from (its held-out episodes), as the simulator needs it."""
 
+    name: str  # the store source
     rows: Any  # manifest rows
     size: int  # image size of its cameras
     fps: int
@@ -247,7 +248,8 @@ def labelled_source(reader: TokenReader) -> SimSource:
     rows, meta = read_manifest(Path(attrs["manifest"]))
     marker = Path(rows.iloc[0].root) / MARKER if not rows.empty else None
     generator = read_json(marker) if marker is not None and marker.is_file() else None
-    return SimSource(rows, int(meta["features"][attrs["cameras"][0]]["shape"][0]), int(meta.get("fps") or 0),
+    return SimSource(labelled[0], rows, int(meta["features"][attrs["cameras"][0]]["shape"][0]),
+                     int(meta.get("fps") or 0),
                      list(attrs["cameras"]), sim_for_dataset(generator))
 
 
@@ -270,7 +272,9 @@ def run_plan_sim(wm: WorldModel, cfg: SimConfig, *, store: Path,
     `cfg.out`/sim.json (and PNG strips) when `cfg.out` is set."""
     if wm.actions.frame_dim == 0:
         raise UserError("this model was trained without actions; the sim needs an action-conditioned model")
-    source = labelled_source(TokenReader(store))
+    reader = TokenReader(store)
+    source = labelled_source(reader)
+    wm = wm.for_source(reader, source.name)  # the model on that source's cameras
     env = resolve_env(cfg.env, source)
     encode = encode_frame or observation_encoder(wm, cfg.device)
     spec = spec_for(wm, cfg.max_delta_fraction)

@@ -47,7 +47,7 @@ def test_eval_reports_every_condition_against_copy_last_and_a_baseline(tiny_run,
     from featurestore.reader import TokenReader
 
     wins = collect_windows(TokenReader(pusht_store), wm, _cfg(tiny_run, tmp_path), res["context"])
-    w = wins["free"]
+    (w,) = wins["free"]  # one action-free source: one group of windows
     ctx = res["context"]
     mse3 = (((w.tokens[:, ctx - 1] - w.tokens[:, ctx + 2]) / wm.stats.token_std) ** 2).mean()
     assert res["conditions"]["action_free"]["copy_last"]["mse"][3] == pytest.approx(mse3, rel=1e-5)

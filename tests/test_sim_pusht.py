@@ -28,6 +28,9 @@ class AgentModel:
     def normalize(self, tokens, state=None):
         raise NotImplementedError
 
+    def for_source(self, reader, source):
+        return self  # one camera-free latent layout for every source
+
     def planning_rollout(self, context_TNZ, *, context_actions_TA=None, k=4, seed=0):
         def rollout(actions_SHA, grad=False):
             S, H, _ = actions_SHA.shape

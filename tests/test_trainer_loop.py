@@ -152,11 +152,13 @@ def test_mix_weights_set_each_source_share(pusht_store, tmp_path, monkeypatch):
 
 
 @pytest.mark.slow
-def test_droid_shaped_and_own_arm_sets_in_one_store_train_eval_and_plan_at_5_fps(tiny_encoder, tmp_path):
-    """The user's mix in miniature, through the CLI: the DROID-shaped set (15 fps, action-free, two of its cameras)
-    and the "own arm" set (10 fps, 2 cameras under other keys, 7-D delta-EEF actions) encoded into one store at
-    5 fps, trained as one model at `--fps 5` with weights 0.95 / 0.05 (the realised share of 10,000 windows within
-    +-1%); eval reports each source, and the planner searches one 7-D action per model frame."""
+def test_droid_shaped_and_own_arm_sets_in_one_store_train_eval_and_plan_at_5_fps(tiny_encoder, tmp_path,
+                                                                                 monkeypatch):
+    """The user's mix in miniature, through the CLI and a registry: the DROID-shaped set (15 fps, action-free, its
+    3 cameras) and the "own arm" set (10 fps, 2 cameras under other keys, 7-D delta-EEF actions) encoded into one
+    store at 5 fps, trained as one model at `--fps 5` with the registry's weights 0.95 / 0.05 (the realised share
+    of 10,000 windows within +-1%) and camera slots (3 slots; the arm fills two, its missing one masked); eval
+    reports each source on its own cameras, and the planner searches one 7-D action per model frame."""
     from trainer.api import LoadedWorldModel
 
     runner = CliRunner()
@@ -171,31 +173,102 @@ def test_droid_shaped_and_own_arm_sets_in_one_store_train_eval_and_plan_at_5_fps
        "--min-frames", "30", "--max-frames", "36")
     ok("data", "multicam", "--arm", "own", "--out", d / "ownarm", "--episodes", "4", "--seed", "1",
        "--min-frames", "20", "--max-frames", "24")
+    registry = d / "registry"
+    registry.mkdir()
+    ext = "observation.images.exterior"
+    (registry / "droidlike.toml").write_text(
+        f'repo_id = "local/droidlike"\nroot = "{d / "droidlike"}"\nuse_actions = false\nmix_weight = 0.95\n'
+        f'camera_slots = {{ exterior_1 = "{ext}_1_left", exterior_2 = "{ext}_2_left", '
+        'wrist = "observation.images.wrist_left" }\n')
+    (registry / "ownarm.toml").write_text(
+        f'repo_id = "local/ownarm"\nroot = "{d / "ownarm"}"\nmix_weight = 0.05\n'
+        'action_kind = ["delta", "delta", "delta", "delta", "delta", "delta", "absolute"]\n'
+        'camera_slots = { exterior_1 = "observation.images.front", wrist = "observation.images.wrist" }\n')
+    monkeypatch.setenv("WMCTL_REGISTRY", str(registry))
     for name in ("droidlike", "ownarm"):
-        ok("ingest", "--root", d / name, "--out", d / f"{name}.parquet", "--val-fraction", "0.3")
+        ok("ingest", "--dataset", name, "--out", d / f"{name}.parquet", "--val-fraction", "0.3")
     store = d / "mix.zarr"
     common = ["--store", store, "--encoder", tiny_encoder, "--image-size", "64", "--fps", "5"]
-    ok("encode", "--manifest", d / "droidlike.parquet", *common, "--cameras",
-       "observation.images.exterior_1_left,observation.images.wrist_left")
-    ok("encode", "--manifest", d / "ownarm.parquet", *common, "--action-kind",
-       "delta,delta,delta,delta,delta,delta,absolute")
+    for name in ("droidlike", "ownarm"):
+        ok("encode", "--manifest", d / f"{name}.parquet", *common)
+    reader = TokenReader(store)
+    assert [len(reader.source_attrs(s)["cameras"]) for s in ("droidlike", "ownarm")] == [3, 2]
     run = d / "run"
     ok("train", "--store", store, "--preset", "tiny", "--fps", "5", "--out", run, "--steps", "4",
-       "--set", "proprio=false", "--set", "mix_weights=(('droidlike', 0.95), ('ownarm', 0.05))")
+       "--set", "proprio=false")
     saved = json.loads((run / "config.json").read_text())
     assert saved["frameskip"] == 1 and saved["mix_weights"] == [["droidlike", 0.95], ["ownarm", 0.05]]
-    cfg = dataclasses.replace(tiny(), store=store, proprio=False, fps=5.0,
-                              mix_weights=(("droidlike", 0.95), ("ownarm", 0.05)))
-    draws = [x for st in range(100) for x in WindowSampler(TokenReader(store), cfg).global_batch(st, 100)]
+    cfg = dataclasses.replace(tiny(), store=store, proprio=False, fps=5.0, mix_weights=tuple(
+        (s, w) for s, w in saved["mix_weights"]))
+    draws = [x for st in range(100) for x in WindowSampler(reader, cfg).global_batch(st, 100)]
     assert abs(np.mean([x.source == "ownarm" for x in draws]) - 0.05) <= 0.01
     wm = LoadedWorldModel.load(run)
-    assert wm.actions.frame_dim == 7 and wm.shape.cameras == 2
+    assert wm.actions.frame_dim == 7 and wm.shape.slots == ("exterior_1", "exterior_2", "wrist")
+    assert dict(wm.shape.source_slots) == {"droidlike": (0, 1, 2), "ownarm": (0, 2)}
     ok("eval", "--run", run, "--horizons", "1,2")
     res = json.loads((run / "eval" / "eval.json").read_text())
     assert set(res["per_source"]["actions"]) == {"ownarm"} and set(res["per_source"]["action_free"]) == {"droidlike"}
+    assert res["source_cameras"] == {"droidlike": ["exterior_1", "exterior_2", "wrist"],
+                                     "ownarm": ["exterior_1", "wrist"]}
+    assert set(res["conditions"]["actions"][res["model"]]["cameras"]) == {"exterior_1", "wrist"}
     ok("plan", "offline", "--run", run, "--episodes", "1", "--goal-offset", "2")
     plan = json.loads(next((run / "plan").glob("offline_*.json")).read_text())
     assert plan["problems"] >= 1 and all(np.isfinite(r["action_error"]) for r in plan["rows"])
+
+
+def test_camera_slots_put_robots_with_other_cameras_in_one_model(pusht_store, multicam_manifest, tiny_encoder,
+                                                                   tmp_path, monkeypatch):
+    """A 1-camera source (pusht-free) and a 3-camera one (multicam) in one store: refused until the registry names
+    each camera's role (with the source and the fix in the message); then one model of 3 slots, every batch
+    sample's tokens in its source's slots with the rest zero and marked absent, and a short training run on
+    the mix. A source naming a slot the model lacks is refused at eval/plan time."""
+    import shutil
+
+    from trainer.data import PRESENT, source_cameras
+
+    store = tmp_path / "mix.zarr"
+    shutil.copytree(pusht_store, store)
+    run_encode(EncodeConfig(manifest=multicam_manifest, store=store, encoder=str(tiny_encoder),
+                            preprocess=Preprocess(height=64, width=64), layout=StoreLayout(episodes_per_segment=4),
+                            batch_size=16, threads=1))
+    registry = tmp_path / "registry"
+    registry.mkdir()
+    monkeypatch.setenv("WMCTL_REGISTRY", str(registry))
+    cfg = _cfg(store, tmp_path / "run", steps=3, ckpt_every=100, sources=("pusht-free", "multicam"), proprio=False)
+    reader = TokenReader(store)
+    with pytest.raises(UserError, match=r"different cameras \(multicam: .*; pusht-free: \['observation.image'\]\).*"
+                                        r"camera_slots"):
+        token_shape(reader, cfg)
+    ext = "observation.images.exterior"
+    (registry / "multicam.toml").write_text(
+        f'repo_id = "local/multicam"\ncamera_slots = {{ exterior_1 = "{ext}_1_left", exterior_2 = "{ext}_2_left", '
+        'wrist = "observation.images.wrist_left" }\n')
+    with pytest.raises(UserError, match=r"sources \['pusht-free'\] have no camera_slots"):
+        token_shape(reader, cfg)
+    (registry / "pusht-free.toml").write_text('repo_id = "local/pusht-free"\ncamera_slots = { top = "obs.image" }\n')
+    with pytest.raises(UserError, match=r"source pusht-free: its store camera 'observation.image' has no slot"):
+        token_shape(reader, cfg)
+    (registry / "pusht-free.toml").write_text(
+        'repo_id = "local/pusht-free"\ncamera_slots = { exterior_1 = "observation.image" }\n')
+    shape = token_shape(reader, cfg)
+    assert shape.slots == ("exterior_1", "exterior_2", "wrist") and shape.cameras == 3
+    assert dict(shape.source_slots) == {"multicam": (0, 1, 2), "pusht-free": (0,)}
+    stats = compute_stats(reader, cfg, shape)
+    batch = StepBatches(reader, cfg, stats, shape, start_step=1, rank=0, world=1).micro_batches(1)[0]
+    samples = WindowSampler(reader, cfg).global_batch(1, cfg.batch_size)
+    P = shape.grid[0] * shape.grid[1]
+    for i, smp in enumerate(samples):
+        want = [True, True, True] if smp.source == "multicam" else [True, False, False]
+        assert batch[PRESENT][i].tolist() == want, smp.source
+        if smp.source == "pusht-free":
+            assert batch["z"][i, :, P:].abs().max() == 0 and batch["z"][i, :, :P].abs().max() > 0
+    res = run_train(cfg)
+    assert res.step == 3 and all(np.isfinite(r["loss"]) for r in res.metrics)
+    (registry / "pusht.toml").write_text('repo_id = "local/pusht"\ncamera_slots = { overhead = "observation.image" }\n')
+    with pytest.raises(UserError, match=r"source pusht: unknown camera slot\(s\) \['overhead'\].*"
+                                        r"\['exterior_1', 'exterior_2', 'wrist'\]"):
+        source_cameras(shape, reader, "pusht")
+    assert source_cameras(shape, reader, "pusht-free").slots == (0,)
 
 
 def test_context_curriculum_changes_the_window_length(pusht_store, tmp_path):

@@ -421,3 +421,58 @@ def test_rollout_of_three_windows_slides_and_stays_equal_to_the_uncached_referen
         free = rollout_cached(m, z[:, :Tc], a, v, generator=torch.Generator().manual_seed(3),
                               **{**kw, "window": Tc + H})
         assert (free[:, -1] - cached[:, -1]).abs().max() > 1e-3
+
+
+SLOTTED = TokenShape(cameras=3, grid=(2, 2), enc_dim=8, action_dim=3, state_dim=2,
+                     slots=("exterior_1", "exterior_2", "wrist"))
+
+
+@pytest.mark.parametrize("kind,kw", [("shortcut", {}), ("shortcut", {"merge_2x2": True}),
+                                     ("teacher_forced", {}), ("teacher_forced", {"conditioning": "concat"})])
+def test_an_absent_camera_slot_is_masked_exactly_like_a_missing_camera(kind, kw):
+    """A training batch mixes a 3-camera robot with a 2-camera one (slot 1 absent): for the 2-camera sample,
+    the masked slot changes nothing (whatever its tokens hold), and its outputs equal those of the same model
+    run on that robot's two cameras alone (what eval and planning do); the 3-camera sample is unaffected."""
+    from trainer.tokens import Cameras
+
+    torch.manual_seed(0)
+    cfg = dataclasses.replace(tiny().model, kind=kind, **kw)
+    m = (ShortcutDynamics(cfg, SLOTTED) if kind == "shortcut" else TeacherForcedPredictor(cfg, SLOTTED)).eval()
+    with torch.no_grad():
+        m.io.camera.normal_()  # (zero at initialisation: trained slot embeddings differ)
+    g = torch.Generator().manual_seed(3)
+    B, T, P = 2, 3, 4
+    z = torch.randn(B, T, SLOTTED.latent_tokens, 8, generator=g)
+    z[..., -1, 2:] = 0  # the state token's padding
+    tau, d = torch.rand(B, T, generator=g), torch.full((B, T), 0.25)
+    a, v = torch.randn(B, T, 3, generator=g), torch.ones(B, T, dtype=torch.bool)
+    present = torch.tensor([[True, False, True], [True, True, True]])
+
+    def run(rows, z_, c):
+        if kind == "shortcut":
+            return m(z_, tau[rows], d[rows], a[rows], v[rows], cams=c)
+        return m(z_, a[rows], v[rows], cams=c)
+
+    both = slice(0, 2)
+    masked = run(both, z, Cameras(None, present))
+    keep = [*range(P), *range(2 * P, 3 * P), 3 * P]  # cameras 0 and 2, then the state token
+    z2 = z.clone()
+    z2[0, :, P:2 * P] = 100 * torch.randn(T, P, 8, generator=g)  # whatever the absent slot holds
+    torch.testing.assert_close(run(both, z2, Cameras(None, present))[0, :, keep], masked[0, :, keep], rtol=0,
+                               atol=1e-5)
+    alone = run(slice(0, 1), z[:1, :, keep], Cameras((0, 2)))
+    torch.testing.assert_close(masked[0, :, keep], alone[0], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(masked[1], run(slice(1, 2), z[1:], Cameras())[0], rtol=1e-4, atol=1e-5)
+    # the slot embedding says which camera it is: the same tokens in another slot give another answer
+    other = run(slice(0, 1), z[:1, :, keep], Cameras((1, 2)))
+    assert (other - alone).abs().max() > 1e-3
+
+
+def test_the_loss_counts_only_the_cameras_a_sample_has():
+    diff = torch.zeros(2, 1, SLOTTED.latent_tokens, 8)
+    diff[:, :, 4:8] = 5.0  # slot 1 wrong everywhere
+    diff[:, :, :4] = 1.0
+    present = torch.tensor([[True, False, True], [True, True, True]])
+    err = frame_error(diff, SLOTTED, 1.0, present)
+    assert err[0, 0] == pytest.approx((1.0 + 0.0) / 2)  # slots 0 and 2 only
+    assert err[1, 0] == pytest.approx((1.0 + 25.0 + 0.0) / 3)

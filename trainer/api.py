@@ -20,7 +20,7 @@ import torch
 from trainer.actions import ActionSpace
 from trainer.checkpoint import load_weights
 from trainer.config import TrainConfig, preset
-from trainer.data import Stats, action_space, latents
+from trainer.data import Stats, action_space, latents, source_cameras
 from trainer.model import build_model
 from trainer.runs import RunState, run_dir_of
 from trainer.sampling import (
@@ -32,7 +32,7 @@ from trainer.sampling import (
     rollout_uncached,
     sampling_steps,
 )
-from trainer.tokens import TokenShape, split_state
+from trainer.tokens import ALL_CAMERAS, Cameras, TokenShape, split_state
 
 
 @dataclasses.dataclass
@@ -45,6 +45,13 @@ class LoadedWorldModel:
     store: Path
     checkpoint: Path
     device: torch.device
+    cams: Cameras = ALL_CAMERAS  # the camera slots its inputs hold (`for_source`: one source's cameras)
+
+    def for_source(self, reader: Any, source: str) -> LoadedWorldModel:
+        """This model on one source's cameras (its store cameras in their slots; the slots it lacks are not
+        computed): what eval and planning use for that source's frames. Refuses a source with a slot the model
+        does not have."""
+        return dataclasses.replace(self, cams=source_cameras(self.shape, reader, source))
 
     @classmethod
     def load(cls, path: Path, *, weights: str = "ema", device: str = "cpu", compile: bool = False
@@ -126,7 +133,8 @@ class LoadedWorldModel:
         """Store patch tokens [..., C, P, Z] or [..., P, Z] (+ raw states [..., S] for a model with
         proprioception) -> normalised latents [..., N, Z] (float32), the state as the last token."""
         try:
-            z = latents(np.asarray(tokens), None if state is None else np.asarray(state), self.stats, self.shape)
+            z = latents(np.asarray(tokens), None if state is None else np.asarray(state), self.stats, self.shape,
+                        self.cams.count(self.shape))
         except ValueError as e:
             raise ValueError(f"{self.name}: {e}") from None
         return torch.from_numpy(z).to(self.device)
@@ -181,7 +189,7 @@ class LoadedWorldModel:
         if not teacher_forced:
             with torch.no_grad():
                 pre = prefill(self.model, context_TNZ[None], ctx_a, ctx_v, ctx_noise=self.cfg.ctx_noise,
-                              window=self.window, generator=g, shared_noise=True)
+                              window=self.window, generator=g, shared_noise=True, cams=self.cams)
             noise_state = g.get_state() if g is not None else None
 
         def rollout(actions_SHA: torch.Tensor, grad: bool = False) -> torch.Tensor:
@@ -192,13 +200,13 @@ class LoadedWorldModel:
             with torch.set_grad_enabled(grad):
                 if teacher_forced:
                     return rollout_teacher_forced(self.model, context_TNZ[None].expand(S, -1, -1, -1), acts, valid,
-                                                  horizon=H, window=self.window)
+                                                  horizon=H, window=self.window, cams=self.cams)
                 g = None
                 if noise_state is not None:
                     g = torch.Generator()
                     g.set_state(noise_state)
                 return generate(self.model, pre, acts, valid, horizon=H, k=k, ctx_noise=self.cfg.ctx_noise,
-                                window=self.window, generator=g, shared_noise=True, cache="ring")
+                                window=self.window, generator=g, shared_noise=True, cache="ring", cams=self.cams)
 
         return rollout
 
@@ -223,8 +231,8 @@ class LoadedWorldModel:
             valid_BT[:, 0] = False
         if self.kind == "teacher_forced":
             return rollout_teacher_forced(self.model, context_BTNZ, actions_BTA, valid_BT, horizon=horizon,
-                                          window=self.window)
+                                          window=self.window, cams=self.cams)
         k, g = sampling_steps(self.kind, k, generator or torch.Generator().manual_seed(0))
         fn = rollout_cached if cached else rollout_uncached
         return fn(self.model, context_BTNZ, actions_BTA, valid_BT, horizon=horizon, k=k,
-                  ctx_noise=self.cfg.ctx_noise, window=self.window, generator=g)
+                  ctx_noise=self.cfg.ctx_noise, window=self.window, generator=g, cams=self.cams)

@@ -23,12 +23,13 @@ from featurestore.reader import TokenReader, Window
 from pipeline.stage import UserError
 from trainer.actions import ActionSpace
 from trainer.config import TrainConfig
-from trainer.tokens import TokenShape, pack_state
+from trainer.tokens import ALL_CAMERAS, Cameras, TokenShape, pack_state
 
 log = logging.getLogger(__name__)
 
 # batch keys
 Z, ACTIONS, VALID, LABELLED, SAMPLE_IDS, STEP = "z", "actions", "action_valid", "labelled", "sample_ids", "step"
+PRESENT = "cameras_present"  # [B, C] which camera slots each sample's source has
 MIX = "mix"
 
 
@@ -69,16 +70,81 @@ def select_episodes(reader: TokenReader, cfg: TrainConfig, split: str) -> pd.Dat
     return eps
 
 
+def _registered_slots(source: str) -> tuple[dict[str, str], str]:
+    """A source's camera key -> slot map from the registry entry of the same name ({} without one), and its file."""
+    from pipeline.registry import available, load_spec
+
+    files = available()
+    if source not in files:
+        return {}, ""
+    spec = load_spec(files[source])
+    return {key: slot for slot, key in spec.camera_slots}, spec.path
+
+
+def camera_slots(reader: TokenReader, sources: list[str]) -> tuple[tuple[str, ...], dict[str, tuple[int, ...]]]:
+    """The model's camera slots and each source's (the slot of each of its store cameras, in store order), from
+    the registry's `camera_slots` of each source's dataset. Without any, cameras go by position (every source
+    must then have as many); refused: some sources with slots and some without, a store camera without a slot."""
+    keys = {s: [str(k) for k in reader.source_attrs(s)["cameras"]] for s in sources}
+    declared = {s: _registered_slots(s) for s in sources}
+    with_slots = [s for s in sources if declared[s][0]]
+    if not with_slots:
+        if len({len(k) for k in keys.values()}) > 1:
+            said = "; ".join(f"{s}: {k}" for s, k in keys.items())
+            raise UserError(f"training sources have different cameras ({said}); name each camera's role in its "
+                            "dataset's registry file, e.g. camera_slots = { exterior_1 = \"observation.images."
+                            "front\", wrist = \"observation.images.wrist\" } (README: camera slots), or train on "
+                            "some sources with --sources")
+        return (), {}
+    without = [s for s in sources if s not in with_slots]
+    if without:
+        raise UserError(f"sources {without} have no camera_slots in a registry file while {with_slots} do; name the "
+                        f"camera roles of every training source (registry `camera_slots`) or train apart (--sources)")
+    order = sorted(sources, key=lambda s: (-len(keys[s]), s))
+    names: list[str] = []
+    for s in order:
+        slot_of, path = declared[s]
+        for k in keys[s]:
+            if k not in slot_of:
+                raise UserError(f"source {s}: its store camera {k!r} has no slot in camera_slots of {path} (it names "
+                                f"{sorted(slot_of)}); add e.g. {k.rsplit('.', 1)[-1]} = \"{k}\"")
+            if slot_of[k] not in names:
+                names.append(slot_of[k])
+    per = {s: tuple(names.index(declared[s][0][k]) for k in keys[s]) for s in sources}
+    log.info("camera slots %s: %s", names, "; ".join(f"{s} fills {[names[i] for i in per[s]]}" for s in sources))
+    return tuple(names), per
+
+
+def source_cameras(shape: TokenShape, reader: TokenReader, source: str) -> Cameras:
+    """The model's slots a source's store cameras fill (eval, planning: the source's own cameras only). A source the
+    model was not trained on gets its slots from its registry entry; one naming a slot the model lacks is refused."""
+    trained = dict(shape.source_slots)
+    if source in trained:
+        return Cameras(trained[source])
+    keys = [str(k) for k in reader.source_attrs(source)["cameras"]]
+    if not shape.slots:
+        if len(keys) != shape.cameras:
+            raise UserError(f"source {source} has {len(keys)} cameras {keys}, the model was trained on "
+                            f"{shape.cameras} (cameras by position); use a source with its cameras")
+        return ALL_CAMERAS
+    slot_of, path = _registered_slots(source)
+    names = [slot_of.get(k) for k in keys]
+    unknown = sorted({str(n) for n in names if n not in shape.slots})
+    if unknown:
+        raise UserError(f"source {source}: unknown camera slot(s) {unknown} (its cameras {keys}, registry "
+                        f"{path or 'none'}); the model has slots {list(shape.slots)}: set camera_slots in its "
+                        "registry file to those roles")
+    return Cameras(tuple(shape.slots.index(n) for n in names))
+
+
 def token_shape(reader: TokenReader, cfg: TrainConfig) -> TokenShape:
-    """Cameras, grid, width and action width, checked to agree across the training sources."""
+    """Camera slots, grid, width and action width, checked to agree across the training sources."""
     enc = reader.encoder
     sources = sorted(set(select_episodes(reader, cfg, "train").source))
     if not sources:
         raise UserError(f"{reader.path} has no committed train-split episodes for sources {cfg.sources or 'all'}")
-    cams = {s: len(reader.source_attrs(s)["cameras"]) for s in sources}
-    if len(set(cams.values())) != 1:
-        raise UserError(f"training sources have different camera counts {cams}; choose the same number of "
-                        "cameras per dataset (registry `cameras`) or train on some sources with --sources")
+    slots, per_source = camera_slots(reader, sources)
+    n_cams = len(slots) or len(reader.source_attrs(sources[0])["cameras"])
     adims = {reader.source_attrs(s)["action_dim"] for s in sources if reader.source_attrs(s)["has_actions"]}
     if len(adims) > 1:
         raise UserError(f"labelled sources have different action widths {sorted(adims)}; train them apart")
@@ -90,8 +156,8 @@ def token_shape(reader: TokenReader, cfg: TrainConfig) -> TokenShape:
             raise UserError(f"proprio needs one state width > 0 in every training source, the store has {sdims}; "
                             "train with --set proprio=false or on some sources with --sources")
         s = next(iter(sdims.values()))
-    return TokenShape(cameras=next(iter(cams.values())), grid=tuple(enc["grid"]), enc_dim=int(enc["dim"]),
-                      action_dim=a * cfg.frameskip, state_dim=s)
+    return TokenShape(cameras=n_cams, grid=tuple(enc["grid"]), enc_dim=int(enc["dim"]), action_dim=a * cfg.frameskip,
+                      state_dim=s, slots=slots, source_slots=tuple(sorted(per_source.items())))
 
 
 def compute_stats(reader: TokenReader, cfg: TrainConfig, shape: TokenShape) -> Stats:
@@ -281,18 +347,24 @@ class WindowSampler:
         return pool[pool.length >= span]
 
 
-def normalize_patches(patch: np.ndarray, stats: Stats, shape: TokenShape) -> np.ndarray:
-    """Store patch tokens [..., C, P, Z] or [..., N, Z] -> normalised patch latents [..., N, Z] (float32)."""
+def normalize_patches(patch: np.ndarray, stats: Stats, shape: TokenShape, cameras: int | None = None) -> np.ndarray:
+    """Store patch tokens [..., C, P, Z] or [..., N, Z] -> normalised patch latents [..., N, Z] (float32); C is
+    `cameras` (a source's own count) or the model's."""
     p = np.asarray(patch, dtype=np.float32)
-    if p.shape[-3:-1] == (shape.cameras, shape.grid[0] * shape.grid[1]):
+    if p.shape[-3:-1] == (cameras or shape.cameras, shape.grid[0] * shape.grid[1]):
         p = p.reshape(*p.shape[:-3], -1, p.shape[-1])
     return ((p - stats.token_mean) / stats.token_std).astype(np.float32)
 
 
-def latents(patch: np.ndarray, state: np.ndarray | None, stats: Stats, shape: TokenShape) -> np.ndarray:
+def latents(patch: np.ndarray, state: np.ndarray | None, stats: Stats, shape: TokenShape,
+            cameras: int | None = None) -> np.ndarray:
     """Store patches [..., C, P, Z] (+ raw states [..., S]) -> normalised model latents [..., N(+1), Z]
     (the state token with proprioception; a missing (NaN) state reads as the mean state)."""
-    z = normalize_patches(patch, stats, shape)
+    return with_state(normalize_patches(patch, stats, shape, cameras), state, stats, shape)
+
+
+def with_state(z: np.ndarray, state: np.ndarray | None, stats: Stats, shape: TokenShape) -> np.ndarray:
+    """Normalised patch latents [..., N, Z] (+ raw states [..., S]) -> model latents [..., N(+1), Z]."""
     if not shape.state_dim:
         return z
     if state is None:
@@ -310,7 +382,16 @@ def load_sample(reader: TokenReader, s: Sample, T: int, cfg: TrainConfig, stats:
     frameskip = cfg.frameskip
     span = (T - 1) * frameskip + 1
     w = reader.read(Window(s.row, s.start, T, frameskip), ("patch", "state") if shape.state_dim else ("patch",))
-    z = latents(w["patch"], w.get("state"), stats, shape)
+    slots = list(shape.slots_of(s.source))
+    present = np.zeros(shape.cameras, dtype=bool)
+    present[slots] = True
+    z = normalize_patches(w["patch"], stats, shape, len(slots))  # [T, C_source * P, Z]
+    if not present.all():  # into the model's slots: an absent slot stays zero and is masked (batch PRESENT)
+        P, Zd = w["patch"].shape[2], z.shape[-1]
+        full = np.zeros((T, shape.cameras, P, Zd), dtype=np.float32)
+        full[:, slots] = z.reshape(T, len(slots), P, Zd)
+        z = full.reshape(T, -1, Zd)
+    z = with_state(z, w.get("state"), stats, shape)
     a_raw = shape.action_dim // frameskip
     actions = np.zeros((T, shape.action_dim), dtype=np.float32)
     valid = np.zeros(T, dtype=bool)
@@ -322,13 +403,16 @@ def load_sample(reader: TokenReader, s: Sample, T: int, cfg: TrainConfig, stats:
             a0, a1 = (t - 1) * frameskip, t * frameskip
             actions[t] = a[a0:a1].reshape(-1)
             valid[t] = bool(lo["action_valid"][a0:a1].all())
-    return {Z: z.astype(np.float32), ACTIONS: np.nan_to_num(actions), VALID: valid}
+    return {Z: z.astype(np.float32), ACTIONS: np.nan_to_num(actions), VALID: valid, PRESENT: present}
 
 
 def collate(reader: TokenReader, samples: list[Sample], T: int, cfg: TrainConfig, stats: Stats,
             shape: TokenShape) -> dict[str, Any]:
     items = [load_sample(reader, s, T, cfg, stats, shape) for s in samples]
     batch = {k: torch.from_numpy(np.stack([it[k] for it in items])) for k in (Z, ACTIONS, VALID)}
+    present = np.stack([it[PRESENT] for it in items])
+    if not present.all():  # only then: a batch of full frames runs without a mask (decided here, not on the device)
+        batch[PRESENT] = torch.from_numpy(present)
     batch[LABELLED] = torch.tensor([s.labelled for s in samples])
     batch[SAMPLE_IDS] = torch.tensor([s.sample_id for s in samples], dtype=torch.long)
     return batch

@@ -19,7 +19,6 @@ normalisation. Deterministic given the seed.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import logging
 import time
 from pathlib import Path
@@ -87,6 +86,7 @@ class Windows:
     frame_states: np.ndarray  # [W, T, S] states at the frames (probe targets)
     use_actions: bool
     sources: np.ndarray  # [W] the store source of each window (per-source scores)
+    source: str = ""  # the one source of every window (each source's windows are a group: its own cameras)
 
 
 def _same_encoder(reader: TokenReader, wm: LoadedWorldModel) -> None:
@@ -94,7 +94,9 @@ def _same_encoder(reader: TokenReader, wm: LoadedWorldModel) -> None:
                        fix=f"evaluate on a store made with the encoder {wm.name} was trained on")
 
 
-def collect_windows(reader: TokenReader, wm: LoadedWorldModel, cfg: EvalConfig, ctx: int) -> dict[str, Windows]:
+def collect_windows(reader: TokenReader, wm: LoadedWorldModel, cfg: EvalConfig, ctx: int
+                    ) -> dict[str, list[Windows]]:
+    """Per condition ("labelled", "free"), the windows of each source (a source's frames hold its own cameras)."""
     fs, H = wm.cfg.frameskip, max(cfg.horizons)
     T = ctx + H
     span = (T - 1) * fs + 1
@@ -120,20 +122,28 @@ def collect_windows(reader: TokenReader, wm: LoadedWorldModel, cfg: EvalConfig, 
             rows = rows.iloc[: cfg.episodes]
         if rows.empty:
             continue
-        toks, acts, sts, fsts, srcs = [], [], [], [], []
-        for row, e in rows.iterrows():
-            starts = np.unique(np.linspace(0, int(e.length) - span, cfg.windows_per_episode).astype(int))
-            for s in starts:
-                w = reader.read(Window(int(row), int(s), T, fs), ("patch", "state"))
-                lo = reader.read(Window(int(row), int(s), span), ("action", "state"))
-                toks.append(w["patch"].reshape(T, -1, w["patch"].shape[-1]))
-                acts.append(lo["action"][: span - 1])
-                sts.append(lo["state"][: span - 1])
-                fsts.append(w["state"])
-                srcs.append(str(e.source))
-        out["labelled" if labelled else "free"] = Windows(np.stack(toks), np.stack(acts), np.stack(sts),
-                                                         np.stack(fsts), labelled, np.array(srcs))
+        groups = []
+        for src in sorted(set(rows.source)):
+            groups.append(_source_windows(reader, rows[rows.source == src], cfg, T, fs, labelled))
+        out["labelled" if labelled else "free"] = groups
     return out
+
+
+def _source_windows(reader: TokenReader, rows, cfg: EvalConfig, T: int, fs: int, labelled: bool) -> Windows:
+    """`cfg.windows_per_episode` windows of T frames (frameskip fs) from each episode of `rows` (one source)."""
+    span = (T - 1) * fs + 1
+    toks, acts, sts, fsts = [], [], [], []
+    for row, e in rows.iterrows():
+        for s in np.unique(np.linspace(0, int(e.length) - span, cfg.windows_per_episode).astype(int)):
+            w = reader.read(Window(int(row), int(s), T, fs), ("patch", "state"))
+            lo = reader.read(Window(int(row), int(s), span), ("action", "state"))
+            toks.append(w["patch"].reshape(T, -1, w["patch"].shape[-1]))
+            acts.append(lo["action"][: span - 1])
+            sts.append(lo["state"][: span - 1])
+            fsts.append(w["state"])
+    src = str(rows.source.iloc[0])
+    return Windows(np.stack(toks), np.stack(acts), np.stack(sts), np.stack(fsts), labelled,
+                   np.full(len(toks), src), src)
 
 
 def predict(wm: LoadedWorldModel, win: Windows, ctx: int, horizon: int, *, use_actions: bool, k: int, seed: int,
@@ -258,11 +268,12 @@ def fit_probe(reader: TokenReader, wm: LoadedWorldModel, cfg: EvalConfig, max_fr
     different state widths (two embodiments), on the episodes of the labelled sources' width (the robot the
     with-actions condition is about; the most common width without labelled sources)."""
     eps = select_episodes(reader, dataclasses.replace(wm.cfg, include_augmented=False), "train")
-    width = {src: int(reader.source_attrs(src).get("state_dim", 0)) for src in set(eps.source)}
-    labelled = [width[src] for src in eps[eps.has_actions].source]
-    pool = labelled or [width[src] for src in eps.source]
-    if pool:
-        eps = eps[eps.source.map(width) == max(set(pool), key=pool.count)]
+    kind = {src: (int(reader.source_attrs(src).get("state_dim", 0)), len(reader.source_attrs(src)["cameras"]))
+            for src in set(eps.source)}  # (state width, cameras): the probe reads one robot's frames
+    labelled = [kind[src] for src in eps[eps.has_actions].source]
+    chosen = labelled or [kind[src] for src in eps.source]
+    if chosen:
+        eps = eps[eps.source.map(kind) == max(set(chosen), key=chosen.count)]
     rng = np.random.default_rng(cfg.seed)
     xs, ys, groups = [], [], []
     per_ep = max(1, max_frames // max(1, len(eps)))
@@ -320,20 +331,23 @@ def run_eval(cfg: EvalConfig) -> dict[str, Any]:
     if wm.sampler and (cfg.k > wm.cfg.model.k_max or cfg.k & (cfg.k - 1)):
         raise UserError(f"--k {cfg.k} must be a power of two <= k_max {wm.cfg.model.k_max}")
     wins = collect_windows(reader, wm, cfg, ctx)
-    cams = camera_names(reader, wm)
+    srcs = sorted({w.source for groups in wins.values() for w in groups})
+    views = {(m.name, src): m.for_source(reader, src) for m in (wm, *baselines) for src in srcs}
+    cams = {src: camera_names(reader, views[(wm.name, src)], src) for src in srcs}
     result: dict[str, Any] = {
         "model": wm.name, "kind": wm.kind, "store": str(store), "context": ctx, "horizons": list(cfg.horizons),
         "k": cfg.k, "split": cfg.split, "weights": cfg.weights, "seed": cfg.seed,
         "samples": {m.name: samples_of(m, cfg) for m in (wm, *baselines)}, "moving_fraction": cfg.moving_fraction,
-        "cameras": cams,
+        "cameras": list(dict.fromkeys(c for src in srcs for c in cams[src])),
+        "source_cameras": cams,  # each source's cameras, by the model's slot names (per-camera scores use them)
         # training saw windows of this many frames; every prediction attends to at most that many (rollouts
         # longer than the window slide it, see trainer.sampling), so no horizon runs in an untrained regime
         "trained_window": wm.cfg.max_context(),
         # each model sees the last frames of the context that fit its window (DINO-WM: 3), never more
         "context_used": {m.name: min(ctx, m.max_context_frames) for m in (wm, *baselines)},
         "slides_after_horizon": {m.name: max(0, m.window - ctx) for m in (wm, *baselines)},
-        "windows": {name: len(w.tokens) for name, w in wins.items()}, "conditions": {}, "per_source": {},
-        "splits": _splits(reader),
+        "windows": {name: sum(len(w.tokens) for w in groups) for name, groups in wins.items()}, "conditions": {},
+        "per_source": {}, "splits": _splits(reader),
     }
     plan = []
     if "labelled" in wins and wm.shape.action_dim:
@@ -342,29 +356,37 @@ def run_eval(cfg: EvalConfig) -> dict[str, Any]:
         plan += [("null_action", wins["labelled"], False)]
     if "free" in wins:
         plan += [("action_free", wins["free"], False)]
-    preds: dict[str, np.ndarray] = {}
+    preds: dict[str, list[np.ndarray]] = {}
     idx = [h - 1 for h in cfg.horizons]
-    score = functools.partial(errors, wm, horizons=cfg.horizons, moving_fraction=cfg.moving_fraction, cameras=cams)
-    for cond, win, use in plan:
+
+    def score(m: LoadedWorldModel, win: Windows, samples: np.ndarray) -> dict[str, Any]:
         truth, last = win.tokens[:, ctx:][:, idx], win.tokens[:, ctx - 1]
-        entry = {}
-        samples = sample_set(wm, win, ctx, cfg, use_actions=use, k=cfg.k)
-        preds[cond] = samples.mean(0)  # the probe reads the sample mean
-        entry[wm.name] = score(samples, truth, last)
-        copy_last = np.repeat(last[None, :, None], len(idx), axis=2)
-        entry["copy_last"] = score(copy_last, truth, last)
-        result["per_source"][cond] = {  # the model and copy-last on each source's windows alone
-            src: {"windows": int(sel.sum()), wm.name: score(samples[:, sel], truth[sel], last[sel]),
-                  "copy_last": score(copy_last[:, sel], truth[sel], last[sel])}
-            for src in sorted(set(win.sources)) for sel in [win.sources == src]}
-        for bl in baselines:
-            entry[bl.name] = score(sample_set(bl, win, ctx, cfg, use_actions=use and bl.shape.action_dim > 0,
-                                              k=cfg.k), truth, last)
-        result["conditions"][cond] = entry
+        return errors(m, samples, truth, last, cfg.horizons, moving_fraction=cfg.moving_fraction,
+                      cameras=cams[win.source])
+
+    def samples_for(m: LoadedWorldModel, win: Windows, use: bool, k: int) -> np.ndarray:
+        return sample_set(views[(m.name, win.source)], win, ctx, cfg, use_actions=use, k=k)
+
+    for cond, groups, use in plan:  # each source's windows on its own cameras, then pooled over windows
+        per_source, entries = {}, {}
+        preds[cond] = []
+        for win in groups:
+            samples = samples_for(wm, win, use, cfg.k)
+            preds[cond].append(samples.mean(0))  # the probe reads the sample mean
+            copy_last = np.repeat(win.tokens[:, ctx - 1][None, :, None], len(idx), axis=2)
+            entry = {wm.name: score(wm, win, samples), "copy_last": score(wm, win, copy_last)}
+            for bl in baselines:
+                entry[bl.name] = score(bl, win, samples_for(bl, win, use and bl.shape.action_dim > 0, cfg.k))
+            per_source[win.source] = {"windows": len(win.tokens), wm.name: entry[wm.name],
+                                      "copy_last": entry["copy_last"]}
+            for name, e in entry.items():
+                entries.setdefault(name, []).append((len(win.tokens), e))
+        result["per_source"][cond] = per_source  # the model and copy-last on each source's windows alone
+        result["conditions"][cond] = {name: pool(parts) for name, parts in entries.items()}
     if wm.sampler and plan:
-        cond, win, use = plan[0]
-        truth, last = win.tokens[:, ctx:][:, idx], win.tokens[:, ctx - 1]
-        sweep = {k: score(sample_set(wm, win, ctx, cfg, use_actions=use, k=k), truth, last) for k in k_sweep}
+        cond, groups, use = plan[0]
+        sweep = {k: pool([(len(w.tokens), score(wm, w, samples_for(wm, w, use, k))) for w in groups])
+                 for k in k_sweep}
         means = {k: float(np.mean(list(v["mse"].values()))) for k, v in sweep.items()}
         energy = {k: float(np.mean(list(v["energy"].values()))) for k, v in sweep.items()}
         best = min(energy, key=energy.get)
@@ -409,14 +431,32 @@ def _track(cfg: EvalConfig, wm: LoadedWorldModel, result: dict[str, Any]) -> Non
         tracker.close()
 
 
-def camera_names(reader: TokenReader, wm: LoadedWorldModel) -> list[str]:
-    """The camera keys of the model's frames in token order (from the first training source with as many)."""
-    for source in wm.cfg.sources or reader.sources:
-        if source in reader.sources:
-            keys = list(reader.source_attrs(source).get("cameras", []))
-            if len(keys) == wm.shape.cameras:
-                return [str(k) for k in keys]
-    return [f"camera_{i}" for i in range(wm.shape.cameras)]
+def camera_names(reader: TokenReader, wm: LoadedWorldModel, source: str) -> list[str]:
+    """Names of a source's cameras in its frames' token order: the model's slot names (camera roles), or for a
+    model whose cameras go by position, the source's camera keys."""
+    if wm.shape.slots:
+        return [wm.shape.slots[i] for i in (wm.cams.slots or range(wm.shape.cameras))]
+    keys = [str(k) for k in reader.source_attrs(source).get("cameras", [])]
+    return keys if len(keys) == wm.shape.cameras else [f"camera_{i}" for i in range(wm.shape.cameras)]
+
+
+def pool(parts: list[tuple[int, dict[str, Any]]]) -> dict[str, Any]:
+    """Scores of groups of windows (n windows each) pooled over all their windows: every score is a mean over
+    windows, so the pool is the window-weighted mean; a key only some groups have (a camera one source lacks)
+    pools over those that have it; equal values (sample counts) stay as they are."""
+    if len(parts) == 1:
+        return parts[0][1]
+    out: dict[str, Any] = {}
+    for key in dict.fromkeys(k for _, d in parts for k in d):
+        have = [(n, d[key]) for n, d in parts if key in d]
+        first = have[0][1]
+        if isinstance(first, dict):
+            out[key] = pool(have)
+        elif all(v == first for _, v in have) or not isinstance(first, (int, float)) or isinstance(first, bool):
+            out[key] = first
+        else:
+            out[key] = sum(n * v for n, v in have) / sum(n for n, _ in have)
+    return out
 
 
 def _splits(reader: TokenReader) -> dict[str, str]:
@@ -454,18 +494,23 @@ def _probe(reader, wm, cfg, wins, preds, ctx) -> dict[str, Any] | None:
     if fit is None:
         return None
     W, proj, xm, ym = fit
+    width = len(xm) if proj is None else proj.shape[0]
     out: dict[str, Any] = {}
-    for cond, pred in preds.items():
-        win = wins["labelled" if cond != "action_free" else "free"]
-        st = win.frame_states[:, ctx:]
-        if st.shape[-1] != len(ym):  # another embodiment's state: the probe does not map to it
+    for cond, pred_groups in preds.items():
+        groups = wins["labelled" if cond != "action_free" else "free"]
+        # the groups of the probe's robot: its state width and camera count (another embodiment's do not map)
+        same = [(win, pred) for win, pred in zip(groups, pred_groups) if win.frame_states.shape[-1] == len(ym)
+                and win.tokens.shape[2] * win.tokens.shape[3] == width]
+        if not same:
             continue
         row = {"true_latents": {}, "predicted_latents": {}}
         for j, h in enumerate(cfg.horizons):  # pred holds the evaluated horizons only (the sample mean)
-            y = st[:, h - 1]
+            y = np.concatenate([win.frame_states[:, ctx + h - 1] for win, _ in same])
             if not np.isfinite(y).all() or y.shape[1] == 0:
                 continue
-            row["true_latents"][h] = r2(y, (_probe_features(wm, win.tokens[:, ctx + h - 1], proj) - xm) @ W + ym)
-            row["predicted_latents"][h] = r2(y, (_probe_features(wm, pred[:, j], proj) - xm) @ W + ym)
+            true_x = np.concatenate([_probe_features(wm, win.tokens[:, ctx + h - 1], proj) for win, _ in same])
+            pred_x = np.concatenate([_probe_features(wm, pred[:, j], proj) for _, pred in same])
+            row["true_latents"][h] = r2(y, (true_x - xm) @ W + ym)
+            row["predicted_latents"][h] = r2(y, (pred_x - xm) @ W + ym)
         out[cond] = row
     return out

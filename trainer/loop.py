@@ -44,6 +44,7 @@ from trainer.config import TrainConfig, learned_differences
 from trainer.data import (
     LABELLED,
     MIX,
+    PRESENT,
     SAMPLE_IDS,
     STEP,
     Stats,
@@ -58,7 +59,7 @@ from trainer.data import (
 from trainer.model import build_model
 from trainer.objective import compute_loss, predict_last_frame
 from trainer.runs import RunState, new_run_dir
-from trainer.tokens import TokenShape, split_state
+from trainer.tokens import TokenShape, frame_error, split_state
 from trainer.tracking import open_tracker
 
 log = logging.getLogger(__name__)
@@ -375,10 +376,12 @@ def validate(tr: Trainer, reader: TokenReader, step: int) -> dict[str, float]:
         with _autocast(cfg, tr.device):
             loss, _ = compute_loss(core, batch, cfg, step)
             pred = predict_last_frame(tr.ema, batch, cfg, generator=torch.Generator().manual_seed(cfg.seed + i))
-        z, pred = split_state(batch["z"].float(), tr.shape), split_state(pred.float(), tr.shape)
+        present = batch.get(PRESENT)  # patch errors over the cameras each window's source has
+        last = batch["z"][:, -1].float()
         out["val_loss"] += float(loss) * len(chunk)
-        out["val_pred_mse"] += float((pred[0] - z[0][:, -1]).pow(2).mean()) * len(chunk)
-        out["val_copy_mse"] += float((z[0][:, -2] - z[0][:, -1]).pow(2).mean()) * len(chunk)
+        out["val_pred_mse"] += _patch_mse(pred.float() - last, tr.shape, present) * len(chunk)
+        out["val_copy_mse"] += _patch_mse(batch["z"][:, -2].float() - last, tr.shape, present) * len(chunk)
+        z, pred = split_state(batch["z"].float(), tr.shape), split_state(pred.float(), tr.shape)
         if tr.shape.state_dim:  # normalised state: predicted vs copied from the frame before
             out["val_state_pred_mse"] = out.get("val_state_pred_mse", 0.0) + \
                 float((pred[1] - z[1][:, -1]).pow(2).mean()) * len(chunk)
@@ -387,6 +390,11 @@ def validate(tr: Trainer, reader: TokenReader, step: int) -> dict[str, float]:
         n += len(chunk)
     core.train()
     return {k: v / n for k, v in out.items()}
+
+
+def _patch_mse(diff_BNZ: torch.Tensor, shape: TokenShape, present_BC: torch.Tensor | None) -> float:
+    """Mean squared patch error over the cameras each sample has (the state token not counted)."""
+    return float(frame_error(diff_BNZ[:, None], shape, 0.0, present_BC).mean())
 
 
 def train_step(tr: Trainer, micro_batches: list[dict[str, Any]], step: int) -> dict[str, float]:

@@ -16,10 +16,12 @@ import torch
 
 # (z_tau, tau, d[, rows]) -> z1_hat; `rows` (an index of batch rows) selects the conditioning that goes with a subset
 DenoiseFn = Callable[..., torch.Tensor]
-FrameError = Callable[[torch.Tensor], torch.Tensor]  # difference [B, T, N, Z] -> squared error per frame [B, T]
+# (difference [B, T, N, Z][, rows]) -> squared error per frame [B, T]; `rows` says which samples of the batch the
+# difference is of (the bootstrap rows), for errors that depend on the sample (cameras present)
+FrameError = Callable[..., torch.Tensor]
 
 
-def mean_squared(diff_BTNZ: torch.Tensor) -> torch.Tensor:
+def mean_squared(diff_BTNZ: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
     return diff_BTNZ.pow(2).mean(dim=(2, 3))
 
 
@@ -112,7 +114,7 @@ def shortcut_forcing_loss(f: DenoiseFn, z1_BTNZ: torch.Tensor, z0_BTNZ: torch.Te
             p2 = f(z_mid, tau_mid, half, rows=rows)
             b2 = (p2 - z_mid) / (1 - _bt(tau_mid))
         v_pred = (pred[rows] - zt) / (1 - _bt(tau_r))
-        boot_r = (1 - tau_r).pow(2) * err(v_pred - (b1 + b2) / 2)
+        boot_r = (1 - tau_r).pow(2) * err(v_pred - (b1 + b2) / 2, rows)
         boot_BT = boot_BT.index_put((rows,), boot_r.to(boot_BT.dtype))
         per_frame = torch.where(boot_BT_mask, boot_BT, flow_BT)
     weighted_BT = (0.9 * tau_BT + 0.1) * per_frame

@@ -8,17 +8,16 @@ one-step next-frame prediction from a clean context, MSE. Legend: B = batch, T =
 
 from __future__ import annotations
 
-import functools
 from typing import Any
 
 import torch
 import torch.nn as nn
 
 from trainer.config import TrainConfig
-from trainer.data import ACTIONS, VALID, Z
+from trainer.data import ACTIONS, PRESENT, VALID, Z
 from trainer.losses import TauSampling, next_frame_loss, sample_tau_d, shortcut_forcing_loss, teacher_forcing_loss
 from trainer.sampling import rollout_cached, rollout_teacher_forced, sampling_steps
-from trainer.tokens import frame_error
+from trainer.tokens import ALL_CAMERAS, Cameras, frame_error
 
 
 def tau_spec(cfg: TrainConfig, step: int) -> TauSampling:
@@ -35,11 +34,18 @@ def compute_loss(model: nn.Module, batch: dict[str, Any], cfg: TrainConfig, step
     core = core or model
     z, actions, valid = batch[Z], batch[ACTIONS], batch[VALID]
     shape = core.shape
-    err = functools.partial(frame_error, shape=shape, state_weight=cfg.state_weight)
+    cams = batch_cameras(batch)
+
+    def err(diff, rows=None):  # over the cameras each sample has
+        present = None if cams.present_BC is None else cams.rows(rows).present_BC if rows is not None else \
+            cams.present_BC
+        return frame_error(diff, shape, cfg.state_weight, present)
+
     if cfg.model.kind == "teacher_forced":
-        return teacher_forcing_loss(lambda zz: model(zz, actions[:, 1:], valid[:, 1:]), z, err=err)
+        return teacher_forcing_loss(lambda zz: model(zz, actions[:, 1:], valid[:, 1:], cams=cams), z, err=err)
     if cfg.model.kind == "deterministic":
-        return next_frame_loss(lambda zz, tau_, d_: model(zz, tau_, d_, actions, valid, z, 1.0), z, err=err)
+        return next_frame_loss(lambda zz, tau_, d_: model(zz, tau_, d_, actions, valid, z, 1.0, cams=cams), z,
+                               err=err)
     B, T, N, Zd = z.shape
     clean_context = cfg.context_mode == "clean_context"
     z0, tau, d, eps = noise_like((N, Zd), T, batch["sample_ids"], cfg.seed, tau_spec(cfg, step), device=z.device,
@@ -51,11 +57,11 @@ def compute_loss(model: nn.Module, batch: dict[str, Any], cfg: TrainConfig, step
     def f(z_tau, tau_, d_, rows=None):
         """The network on (a subset `rows` of) the batch, its conditioning taken along."""
         net = model if torch.is_grad_enabled() else core
-        a, v, c = (actions, valid, ctx) if rows is None else \
-            (actions[rows], valid[rows], None if ctx is None else ctx[rows])
+        a, v, c, cm = (actions, valid, ctx, cams) if rows is None else \
+            (actions[rows], valid[rows], None if ctx is None else ctx[rows], cams.rows(rows))
         if c is None:
-            return net(z_tau, tau_, d_, a, v)
-        return net(z_tau, tau_, d_, a, v, c, 1.0 - cfg.ctx_noise)
+            return net(z_tau, tau_, d_, a, v, cams=cm)
+        return net(z_tau, tau_, d_, a, v, c, 1.0 - cfg.ctx_noise, cams=cm)
 
     return shortcut_forcing_loss(f, z, z0, tau, d, k_max=cfg.model.k_max, err=err)
 
@@ -66,11 +72,18 @@ def predict_last_frame(model: nn.Module, batch: dict[str, Any], cfg: TrainConfig
     """Predict frame T-1 of each window from frames 0..T-2 (and the actions) -> [B, N, Z]."""
     z, actions, valid = batch[Z], batch[ACTIONS], batch[VALID]
     T = z.shape[1]
+    cams = batch_cameras(batch)
     if cfg.model.kind == "teacher_forced":
-        return rollout_teacher_forced(model, z[:, :-1], actions, valid, horizon=1, window=T - 1)[:, 0]
+        return rollout_teacher_forced(model, z[:, :-1], actions, valid, horizon=1, window=T - 1, cams=cams)[:, 0]
     k, g = sampling_steps(cfg.model.kind, k, generator or torch.Generator().manual_seed(cfg.seed))
     return rollout_cached(model, z[:, :-1], actions, valid, horizon=1, k=k, window=T, ctx_noise=cfg.ctx_noise,
-                          generator=g)[:, 0]  # (no gradient: this function runs under torch.no_grad)
+                          generator=g, cams=cams)[:, 0]  # (no gradient: this function runs under torch.no_grad)
+
+
+def batch_cameras(batch: dict[str, Any]) -> Cameras:
+    """The batch's camera slots: all, with a per-sample mask when some sample's source lacks a slot."""
+    present = batch.get(PRESENT)  # (collate leaves it out when every sample has every slot)
+    return ALL_CAMERAS if present is None else Cameras(None, present)
 
 
 def noise_like(shape_NZ: tuple[int, ...], T: int, sample_ids: torch.Tensor, seed: int, tau_spec: TauSampling, *,

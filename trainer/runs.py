@@ -104,7 +104,7 @@ class RunState:
         """A checkpoint folder, or a run folder (its newest complete checkpoint)."""
         ckpt = resolve_checkpoint(path)
         s = load_state(ckpt)
-        shape = TokenShape(**{**s["token_shape"], "grid": tuple(s["token_shape"]["grid"])})
+        shape = TokenShape.from_dict(s["token_shape"])
         return cls(ckpt, config_from_dict(s["config"]), s["config"], s["encoder"], Path(s["store"]).resolve(), shape,
                    Stats.from_dict(s["stats"]), int(s["step"]), float(s.get("lr_scale", 1.0)))
 

@@ -3,7 +3,13 @@
 A frame's latents are the store's patch tokens of every camera, concatenated along the token axis
 (`cameras x grid_h x grid_w` tokens of width `enc_dim`); with proprioception (`state_dim > 0`, as DINO-WM) the
 normalised robot state is one more token: its first `state_dim` channels, the rest zero.
-Legend: N = latent tokens per frame, Z = token width, S = state width.
+
+Cameras go by role: the model has camera slots (`TokenShape.slots`, e.g. exterior_1, exterior_2, wrist), and each
+training source fills some of them (`source_slots`: the slot of each of its store cameras). In a training batch
+every sample holds all slots, a slot its source lacks is zero and marked absent (`Cameras.present_BC`): masked out
+of attention and of the loss, never seen as a frame. Inference on one source passes only that source's cameras
+(`Cameras.slots`): the same model, no compute spent on a camera that is not there.
+Legend: B = batch, C = camera slots, N = latent tokens per frame, Z = token width, S = state width.
 """
 
 from __future__ import annotations
@@ -22,10 +28,33 @@ class TokenShape:
     enc_dim: int
     action_dim: int
     state_dim: int = 0  # > 0: the normalised state is one more latent token (proprioception)
+    slots: tuple[str, ...] = ()  # the camera slots' names (empty: by position, "camera0", ...)
+    # per training source, the slot of each of its store cameras in store order (empty: every source fills all)
+    source_slots: tuple[tuple[str, tuple[int, ...]], ...] = ()
 
     def __post_init__(self) -> None:
         if self.state_dim > self.enc_dim:
             raise ValueError(f"state width {self.state_dim} exceeds the token width {self.enc_dim}")
+        if self.slots and len(self.slots) != self.cameras:
+            raise ValueError(f"{len(self.slots)} slot names for {self.cameras} cameras")
+
+    @classmethod
+    def from_dict(cls, d: dict) -> TokenShape:
+        """The inverse of `dataclasses.asdict` (a run's saved shape; runs before camera slots have none)."""
+        d = dict(d)
+        d["grid"] = tuple(d["grid"])
+        d["slots"] = tuple(d.get("slots", ()))
+        d["source_slots"] = tuple((str(s), tuple(int(i) for i in idx)) for s, idx in d.get("source_slots", ()))
+        return cls(**d)
+
+    @property
+    def slot_names(self) -> tuple[str, ...]:
+        return self.slots or tuple(f"camera{i}" for i in range(self.cameras))
+
+    def slots_of(self, source: str) -> tuple[int, ...]:
+        """The slots a source's store cameras fill, in store order (all, for a model without source slots or a
+        source it was not trained on whose cameras go by position)."""
+        return dict(self.source_slots).get(source, tuple(range(self.cameras)))
 
     @property
     def tokens(self) -> int:
@@ -36,6 +65,26 @@ class TokenShape:
     def latent_tokens(self) -> int:
         """Tokens per frame of the model's latents: the patches, plus the state token with proprioception."""
         return self.tokens + (1 if self.state_dim else 0)
+
+
+@dataclasses.dataclass(frozen=True)
+class Cameras:
+    """Which cameras a batch of latents holds: `slots`, the model's slots its camera blocks are, in order (None:
+    all, in slot order); `present_BC`, per sample which of those blocks are real (None: all; an absent block's
+    tokens are masked out of attention and of the loss)."""
+
+    slots: tuple[int, ...] | None = None
+    present_BC: torch.Tensor | None = None
+
+    def count(self, shape: TokenShape) -> int:
+        return shape.cameras if self.slots is None else len(self.slots)
+
+    def rows(self, rows: torch.Tensor) -> Cameras:
+        """The same cameras for a subset of the batch's samples."""
+        return self if self.present_BC is None else Cameras(self.slots, self.present_BC[rows])
+
+
+ALL_CAMERAS = Cameras()
 
 
 def pack_state(patches_NZ: torch.Tensor, state_S: torch.Tensor | None, shape: TokenShape) -> torch.Tensor:
@@ -56,9 +105,18 @@ def split_state(z_NZ: torch.Tensor, shape: TokenShape) -> tuple[torch.Tensor, to
     return z_NZ[..., :-1, :], z_NZ[..., -1, : shape.state_dim]
 
 
-def frame_error(diff_BTNZ: torch.Tensor, shape: TokenShape, state_weight: float = 1.0) -> torch.Tensor:
-    """Squared error per frame [B, T]: mean over the patch tokens, plus `state_weight` x the mean over the
-    state's channels (DINO-WM weights the two alike); the zero padding of the state token counts nowhere."""
+def frame_error(diff_BTNZ: torch.Tensor, shape: TokenShape, state_weight: float = 1.0,
+                present_BC: torch.Tensor | None = None) -> torch.Tensor:
+    """Squared error per frame [B, T]: mean over the patch tokens (of the cameras `present_BC` marks, when
+    given), plus `state_weight` x the mean over the state's channels (DINO-WM weights the two alike); the zero
+    padding of the state token counts nowhere."""
     patches, state = split_state(diff_BTNZ, shape)
-    err = patches.pow(2).mean(dim=(-2, -1))
+    if present_BC is None:
+        err = patches.pow(2).mean(dim=(-2, -1))
+    else:
+        B, T, N, Z = patches.shape
+        C = present_BC.shape[1]
+        per_cam = patches.reshape(B, T, C, N // C, Z).pow(2).mean(dim=(-2, -1))  # [B, T, C]
+        w = present_BC.to(per_cam.dtype)[:, None]
+        err = (per_cam * w).sum(-1) / w.sum(-1).clamp(min=1)
     return err if state is None else err + state_weight * state.pow(2).mean(-1)

@@ -109,7 +109,7 @@ def measure(wm, store: Path, *, context: int = 3, horizons: tuple[int, ...] = (1
     reader = TokenReader(store)
     cfg = EvalConfig(ckpt=wm.checkpoint, horizons=horizons, windows_per_episode=windows_per_episode, seed=seed,
                      samples=samples, batch_size=64)
-    win = collect_windows(reader, wm, cfg, context)["labelled"]
+    (win,) = collect_windows(reader, wm, cfg, context)["labelled"]  # the toy store's one labelled source
     world = ToyWorld.make(0)
     mean, std = wm.stats.token_mean.astype(np.float64), wm.stats.token_std.astype(np.float64)
     norm = lambda x: (np.asarray(x, np.float64) - mean) / std  # noqa: E731

@@ -93,6 +93,7 @@ def run_visualize(cfg: VisualizeConfig) -> dict[str, Any]:
         eps = eps.sort_values(["split", "has_actions"], ascending=[False, False])  # val first, labelled first
     row = int(eps.index[0])
     e = reader.episodes.iloc[row]
+    wm = wm.for_source(reader, str(e.source))  # its cameras, in the source's order (the decoder's `camera` index)
     fs = wm.cfg.frameskip
     ctx = cfg.context or max(1, wm.window // 2)
     horizon = min(cfg.horizon, (int(e.length) - 1 - cfg.start) // fs - ctx + 1)

@@ -19,8 +19,16 @@ from einops import rearrange
 
 from trainer.config import ModelConfig
 from trainer.model.common import Attention, RMSNorm, SwiGLU, rope_2d_angles
-from trainer.model.dynamics import LatentIO, merge_2x2, space_positions, token_geometry, unmerge_2x2
-from trainer.tokens import TokenShape, pack_state, split_state
+from trainer.model.dynamics import (
+    LatentIO,
+    merge_2x2,
+    space_angles_for,
+    space_keep,
+    space_positions,
+    token_geometry,
+    unmerge_2x2,
+)
+from trainer.tokens import ALL_CAMERAS, Cameras, TokenShape, pack_state, split_state
 
 
 class FullBlock(nn.Module):
@@ -55,7 +63,7 @@ class ConcatIO(nn.Module):
 
     tokens = property(lambda self: self.q_tokens)
 
-    def embed(self, z_BTNZ, next_actions_BTA, next_valid_BT) -> torch.Tensor:
+    def embed(self, z_BTNZ, next_actions_BTA, next_valid_BT, cams: Cameras = ALL_CAMERAS) -> torch.Tensor:
         patches, state = split_state(z_BTNZ, self.shape)
         if self.cfg.merge_2x2:
             patches = merge_2x2(patches, self.shape)
@@ -66,15 +74,22 @@ class ConcatIO(nn.Module):
         st = self.state_in(state) if self.state_in is not None else torch.zeros_like(act)
         x = torch.cat([self.proj_in(patches), act[:, :, None].expand(-1, -1, Q, -1),
                        st[:, :, None].expand(-1, -1, Q, -1)], dim=-1)
-        return x + self.camera.expand(-1, Q // self.shape.cameras, -1).reshape(-1, self.cfg.dim)
+        emb = self.camera if cams.slots is None else self.camera[list(cams.slots)]
+        return x + emb.expand(-1, self.q_tokens // self.shape.cameras, -1).reshape(-1, self.cfg.dim)
 
-    def readout(self, h_BTQD: torch.Tensor) -> torch.Tensor:
+    def readout(self, h_BTQD: torch.Tensor, keep_BQ: torch.Tensor | None = None) -> torch.Tensor:
+        """The state from the mean of the present cameras' patch outputs (`keep_BQ`; all when None)."""
         out = self.proj_out(h_BTQD)
         if self.cfg.merge_2x2:
             out = unmerge_2x2(out, self.shape)
         if self.state_out is None:
             return out
-        return pack_state(out, self.state_out(h_BTQD.mean(2)), self.shape)
+        if keep_BQ is None:
+            pooled = h_BTQD.mean(2)
+        else:
+            w = keep_BQ.to(h_BTQD.dtype)[:, None, :, None]
+            pooled = (h_BTQD * w).sum(2) / w.sum(2)
+        return pack_state(out, self.state_out(pooled), self.shape)
 
 
 class TeacherForcedPredictor(nn.Module):
@@ -99,15 +114,16 @@ class TeacherForcedPredictor(nn.Module):
         self.register_buffer("space_angles", angles, persistent=False)  # [S, E/2]
 
     def forward(self, z_BTND: torch.Tensor, next_actions_BTA: torch.Tensor | None = None,
-                next_valid_BT: torch.Tensor | None = None) -> torch.Tensor:
-        """Clean latents z [B, T, N, Z] and the action taken after each frame -> next-frame latents [B, T, N, Z]."""
+                next_valid_BT: torch.Tensor | None = None, *, cams: Cameras = ALL_CAMERAS) -> torch.Tensor:
+        """Clean latents z [B, T, N, Z] and the action taken after each frame -> next-frame latents [B, T, N, Z].
+        `cams`: the camera slots the latents hold and which are present per sample (`trainer.tokens.Cameras`)."""
         B, T = z_BTND.shape[:2]
         if T > self.cfg.max_frames:
             raise ValueError(f"{T} frames exceed max_frames={self.cfg.max_frames}")
         if self.concat:
-            x = self.io.embed(z_BTND, next_actions_BTA, next_valid_BT)  # [B, T, Q, D]
+            x = self.io.embed(z_BTND, next_actions_BTA, next_valid_BT, cams)  # [B, T, Q, D]
         else:
-            x = self.io.embed(z_BTND)
+            x = self.io.embed(z_BTND, cams=cams)
             act = self.null_action.expand(B, T, -1)
             if next_actions_BTA is not None and next_valid_BT is not None and self.shape.action_dim:
                 act = act + self.action_mlp(torch.nan_to_num(next_actions_BTA)) * next_valid_BT[..., None].to(x.dtype)
@@ -116,9 +132,16 @@ class TeacherForcedPredictor(nn.Module):
         S = x.shape[2]
         frame_of = torch.arange(T, device=x.device).repeat_interleave(S)
         mask = frame_of[:, None] >= frame_of[None, :]  # [T*S, T*S]: frames <= t
-        angles = self.space_angles.repeat(T, 1)
+        per = self.io.q_tokens // self.shape.cameras
+        keep = space_keep(cams, 0, per, S - cams.count(self.shape) * per)  # [B, S] or None
+        if keep is not None:  # an absent camera's tokens are never attended to
+            mask = mask[None, None] & keep.repeat(1, T)[:, None, None, :]
+        angles = space_angles_for(self.space_angles, cams, self.shape, 0, self.io.q_tokens).repeat(T, 1)
         h = rearrange(x, "b t s d -> b (t s) d")
         for block in self.blocks:
             h = block(h, angles, mask)
-        h = rearrange(h, "b (t s) d -> b t s d", t=T)[:, :, : self.io.tokens]
+        q = cams.count(self.shape) * per + (0 if self.concat else self.io.tokens - self.io.q_tokens)
+        h = rearrange(h, "b (t s) d -> b t s d", t=T)[:, :, :q]
+        if self.concat:
+            return self.io.readout(self.norm_out(h), None if keep is None else keep[:, :q])
         return self.io.readout(self.norm_out(h))

@@ -103,7 +103,8 @@ class Attention(nn.Module):
                 mask_LM: torch.Tensor | None = None, kv: tuple[torch.Tensor, torch.Tensor] | None = None,
                 q_angles: torch.Tensor | None = None) -> torch.Tensor:
         """x [B, L, D] -> [B, L, D]. `kv` overrides keys/values ([B, G, M, E], e.g. cache + new frame);
-        `mask_LM` is a boolean "may attend" mask; `causal` masks j > i (with M >= L: aligned to the end)."""
+        `mask_LM` is a boolean "may attend" mask, [L, M] or per batch row [B, 1, L or 1, M]; `causal` masks
+        j > i (with M >= L: aligned to the end)."""
         B, L, _ = x_BLD.shape
         q = self.q_norm(self.q(x_BLD).view(B, L, self.heads, self.head_dim)).transpose(1, 2)  # [B, H, L, E]
         if q_angles is None:
@@ -133,8 +134,9 @@ class Attention(nn.Module):
         rep = H // G
         logits = (q.reshape(B, G, rep * L, E) @ k.transpose(-1, -2)).float()  # [B, G, rep*L, M]
         logits = torch.tanh(logits * (1 / (self.softcap * math.sqrt(E)))) * self.softcap
-        if mask_LM is not None:
-            logits = logits.view(B, G, rep, L, M).masked_fill(~mask_LM, float("-inf")).view(B, G, rep * L, M)
+        if mask_LM is not None:  # [L, M], or per batch row [B, 1, L or 1, M]
+            m = mask_LM[:, :, None] if mask_LM.dim() == 4 else mask_LM
+            logits = logits.view(B, G, rep, L, M).masked_fill(~m, float("-inf")).view(B, G, rep * L, M)
         return (_softmax(logits).to(v.dtype) @ v).view(B, H, L, E)
 
 
