@@ -37,6 +37,9 @@ class DatasetSpec:
     root: str = ""
     cameras: tuple[str, ...] = ()
     camera_slots: tuple[tuple[str, str], ...] = ()  # (slot, camera key) pairs, from a TOML table
+    # the robot: sources of one embodiment share state statistics and the model's embodiment embedding
+    # (default: one embodiment per state width)
+    embodiment: str = ""
     use_actions: bool = True
     mix_weight: float = 1.0
     val_fraction: float = 0.1
@@ -115,6 +118,7 @@ def load_spec(path: Path) -> DatasetSpec:
 
 # the TOML type of every key: a wrong type is refused, never coerced (`use_actions = "false"` is not False)
 FIELD_TYPES = {"repo_id": "string", "root": "string", "description": "string", "split_by": "string",
+               "embodiment": "string",
                "cameras": "list of strings", "camera_slots": "table of strings",
                "use_actions": "boolean (true/false)", "mix_weight": "number", "val_fraction": "number",
                "action_kind": "string or list of strings"}

@@ -157,8 +157,10 @@ def test_droid_shaped_and_own_arm_sets_in_one_store_train_eval_and_plan_at_5_fps
     """The user's mix in miniature, through the CLI and a registry: the DROID-shaped set (15 fps, action-free, its
     3 cameras) and the "own arm" set (10 fps, 2 cameras under other keys, 7-D delta-EEF actions) encoded into one
     store at 5 fps, trained as one model at `--fps 5` with the registry's weights 0.95 / 0.05 (the realised share
-    of 10,000 windows within +-1%) and camera slots (3 slots; the arm fills two, its missing one masked); eval
-    reports each source on its own cameras, and the planner searches one 7-D action per model frame."""
+    of 10,000 windows within +-1%), camera slots (3 slots; the arm fills two, its missing one masked) and
+    proprioception across the two robots (an 8-D and a 7-D state, each with its own statistics); eval reports
+    each source on its own cameras, and the planner searches one 7-D action per model frame and costs a 7-D
+    state."""
     from trainer.api import LoadedWorldModel
 
     runner = CliRunner()
@@ -195,16 +197,28 @@ def test_droid_shaped_and_own_arm_sets_in_one_store_train_eval_and_plan_at_5_fps
     assert [len(reader.source_attrs(s)["cameras"]) for s in ("droidlike", "ownarm")] == [3, 2]
     run = d / "run"
     ok("train", "--store", store, "--preset", "tiny", "--fps", "5", "--out", run, "--steps", "4",
-       "--set", "proprio=false")
+       "--set", "proprio=true")
     saved = json.loads((run / "config.json").read_text())
     assert saved["frameskip"] == 1 and saved["mix_weights"] == [["droidlike", 0.95], ["ownarm", 0.05]]
-    cfg = dataclasses.replace(tiny(), store=store, proprio=False, fps=5.0, mix_weights=tuple(
+    cfg = dataclasses.replace(tiny(), store=store, proprio=True, fps=5.0, mix_weights=tuple(
         (s, w) for s, w in saved["mix_weights"]))
     draws = [x for st in range(100) for x in WindowSampler(reader, cfg).global_batch(st, 100)]
     assert abs(np.mean([x.source == "ownarm" for x in draws]) - 0.05) <= 0.01
     wm = LoadedWorldModel.load(run)
     assert wm.actions.frame_dim == 7 and wm.shape.slots == ("exterior_1", "exterior_2", "wrist")
     assert dict(wm.shape.source_slots) == {"droidlike": (0, 1, 2), "ownarm": (0, 2)}
+    assert wm.shape.embodiments == (("8-D state", 8), ("7-D state", 7)) and wm.shape.state_dim == 8
+    arm = wm.for_source(reader, "ownarm")
+    assert arm.state_dim == 7 and wm.for_source(reader, "droidlike").state_dim == 8
+    for src, e in (("droidlike", 0), ("ownarm", 1)):  # each robot's state at its own scale
+        st = np.concatenate([reader.episode(int(r), ("state",))["state"] for r in
+                             reader.episodes[(reader.episodes.source == src) & (reader.episodes.split == "train")
+                                             & (reader.episodes.view == 0)].index])
+        assert np.allclose(wm.stats.state_stats(e)[0][: st.shape[1]], st.mean(0), atol=1e-4)
+    ep = reader.episode(int(reader.episodes[reader.episodes.source == "ownarm"].index[0]), ("patch", "state"))
+    z = arm.normalize(ep["patch"][:2], ep["state"][:2])  # its 2 cameras, its 7-D state in the 8-wide state token
+    assert z.shape[1] == 2 * wm.shape.grid[0] * wm.shape.grid[1] + 1
+    assert (z[:, -1, 7:] == 0).all() and (z[:, -1, :7] != 0).any()
     ok("eval", "--run", run, "--horizons", "1,2")
     res = json.loads((run / "eval" / "eval.json").read_text())
     assert set(res["per_source"]["actions"]) == {"ownarm"} and set(res["per_source"]["action_free"]) == {"droidlike"}
@@ -221,10 +235,12 @@ def test_camera_slots_put_robots_with_other_cameras_in_one_model(pusht_store, mu
     """A 1-camera source (pusht-free) and a 3-camera one (multicam) in one store: refused until the registry names
     each camera's role (with the source and the fix in the message); then one model of 3 slots, every batch
     sample's tokens in its source's slots with the rest zero and marked absent, and a short training run on
-    the mix. A source naming a slot the model lacks is refused at eval/plan time."""
+    the mix. A source naming a slot the model lacks is refused at eval/plan time. With proprioception the two
+    robots (2-D and 8-D state) are two embodiments, each with its own state statistics; one embodiment name with
+    two widths, and at eval/plan time a robot the model was not trained on, are refused."""
     import shutil
 
-    from trainer.data import PRESENT, source_cameras
+    from trainer.data import PRESENT, source_cameras, source_layout
 
     store = tmp_path / "mix.zarr"
     shutil.copytree(pusht_store, store)
@@ -269,6 +285,29 @@ def test_camera_slots_put_robots_with_other_cameras_in_one_model(pusht_store, mu
                                         r"\['exterior_1', 'exterior_2', 'wrist'\]"):
         source_cameras(shape, reader, "pusht")
     assert source_cameras(shape, reader, "pusht-free").slots == (0,)
+    # proprioception across the two robots (a 2-D and an 8-D state): one embodiment each, its own statistics
+    body = dataclasses.replace(cfg, proprio=True)
+    shape = token_shape(reader, body)
+    assert shape.embodiments == (("8-D state", 8), ("2-D state", 2)) and shape.state_dim == 8
+    stats = compute_stats(reader, body, shape)
+    free = reader.episodes[(reader.episodes.source == "pusht-free") & (reader.episodes.split == "train")]
+    xy = np.concatenate([reader.episode(int(r), ("state",))["state"] for r in free.index])
+    assert stats.state_mean.shape == (2, 8) and np.allclose(stats.state_stats(1)[0][:2], xy.mean(0), atol=1e-3)
+    batch = StepBatches(reader, body, stats, shape, start_step=1, rank=0, world=1).micro_batches(1)[0]
+    for i, smp in enumerate(WindowSampler(reader, body).global_batch(1, body.batch_size)):
+        assert int(batch["embodiment"][i]) == (0 if smp.source == "multicam" else 1)
+        if smp.source == "pusht-free":
+            assert (batch["z"][i, :, -1, 2:] == 0).all()
+    (registry / "multicam.toml").write_text((registry / "multicam.toml").read_text() + 'embodiment = "arm"\n')
+    (registry / "pusht-free.toml").write_text((registry / "pusht-free.toml").read_text() + 'embodiment = "arm"\n')
+    with pytest.raises(UserError, match=r"embodiment 'arm': source pusht-free has a 2-D state, another source of it "
+                                        r"8-D"):
+        token_shape(reader, body)
+    (registry / "pusht.toml").write_text('repo_id = "local/pusht"\ncamera_slots = { wrist = "observation.image" }\n'
+                                         'embodiment = "ur5"\n')
+    with pytest.raises(UserError, match=r"source pusht: robot 'ur5' \(2-D state\) is not one the model was trained "
+                                        r"on \(8-D state \(8-D\), 2-D state \(2-D\)\)"):
+        source_layout(shape, reader, "pusht")
 
 
 def test_context_curriculum_changes_the_window_length(pusht_store, tmp_path):

@@ -15,7 +15,7 @@ from trainer.model.baseline import TeacherForcedPredictor
 from trainer.model.common import Attention, apply_rope, rope_angles
 from trainer.model.dynamics import ShortcutDynamics, merge_2x2, unmerge_2x2
 from trainer.sampling import rollout_cached, rollout_uncached
-from trainer.tokens import TokenShape, frame_error, pack_state, split_state
+from trainer.tokens import FrameLayout, TokenShape, frame_error, pack_state, split_state
 
 SHAPE = TokenShape(cameras=2, grid=(4, 4), enc_dim=8, action_dim=3)
 
@@ -433,8 +433,6 @@ def test_an_absent_camera_slot_is_masked_exactly_like_a_missing_camera(kind, kw)
     """A training batch mixes a 3-camera robot with a 2-camera one (slot 1 absent): for the 2-camera sample,
     the masked slot changes nothing (whatever its tokens hold), and its outputs equal those of the same model
     run on that robot's two cameras alone (what eval and planning do); the 3-camera sample is unaffected."""
-    from trainer.tokens import Cameras
-
     torch.manual_seed(0)
     cfg = dataclasses.replace(tiny().model, kind=kind, **kw)
     m = (ShortcutDynamics(cfg, SLOTTED) if kind == "shortcut" else TeacherForcedPredictor(cfg, SLOTTED)).eval()
@@ -450,21 +448,21 @@ def test_an_absent_camera_slot_is_masked_exactly_like_a_missing_camera(kind, kw)
 
     def run(rows, z_, c):
         if kind == "shortcut":
-            return m(z_, tau[rows], d[rows], a[rows], v[rows], cams=c)
-        return m(z_, a[rows], v[rows], cams=c)
+            return m(z_, tau[rows], d[rows], a[rows], v[rows], layout=c)
+        return m(z_, a[rows], v[rows], layout=c)
 
     both = slice(0, 2)
-    masked = run(both, z, Cameras(None, present))
+    masked = run(both, z, FrameLayout(None, present))
     keep = [*range(P), *range(2 * P, 3 * P), 3 * P]  # cameras 0 and 2, then the state token
     z2 = z.clone()
     z2[0, :, P:2 * P] = 100 * torch.randn(T, P, 8, generator=g)  # whatever the absent slot holds
-    torch.testing.assert_close(run(both, z2, Cameras(None, present))[0, :, keep], masked[0, :, keep], rtol=0,
+    torch.testing.assert_close(run(both, z2, FrameLayout(None, present))[0, :, keep], masked[0, :, keep], rtol=0,
                                atol=1e-5)
-    alone = run(slice(0, 1), z[:1, :, keep], Cameras((0, 2)))
+    alone = run(slice(0, 1), z[:1, :, keep], FrameLayout((0, 2)))
     torch.testing.assert_close(masked[0, :, keep], alone[0], rtol=1e-4, atol=1e-5)
-    torch.testing.assert_close(masked[1], run(slice(1, 2), z[1:], Cameras())[0], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(masked[1], run(slice(1, 2), z[1:], FrameLayout())[0], rtol=1e-4, atol=1e-5)
     # the slot embedding says which camera it is: the same tokens in another slot give another answer
-    other = run(slice(0, 1), z[:1, :, keep], Cameras((1, 2)))
+    other = run(slice(0, 1), z[:1, :, keep], FrameLayout((1, 2)))
     assert (other - alone).abs().max() > 1e-3
 
 
@@ -473,6 +471,52 @@ def test_the_loss_counts_only_the_cameras_a_sample_has():
     diff[:, :, 4:8] = 5.0  # slot 1 wrong everywhere
     diff[:, :, :4] = 1.0
     present = torch.tensor([[True, False, True], [True, True, True]])
-    err = frame_error(diff, SLOTTED, 1.0, present)
+    err = frame_error(diff, SLOTTED, 1.0, FrameLayout(None, present))
     assert err[0, 0] == pytest.approx((1.0 + 0.0) / 2)  # slots 0 and 2 only
     assert err[1, 0] == pytest.approx((1.0 + 25.0 + 0.0) / 3)
+    # two robots: a 1-D state (sample 0) and a 2-D one (sample 1); the narrower one's second channel is not its
+    two = dataclasses.replace(SLOTTED, embodiments=(("arm", 1), ("franka", 2)),
+                              source_embodiment=(("arm", 0), ("droid", 1)))
+    diff[:, :, -1, :2] = torch.tensor([2.0, 7.0])
+    err = frame_error(diff, two, 0.5, FrameLayout(None, present, torch.tensor([0, 1])))
+    assert err[0, 0] == pytest.approx(0.5 + 0.5 * 4.0)
+    assert err[1, 0] == pytest.approx(26.0 / 3 + 0.5 * (4.0 + 49.0) / 2)
+
+
+@pytest.mark.parametrize("kind,kw", [("shortcut", {}), ("teacher_forced", {}),
+                                     ("teacher_forced", {"conditioning": "concat"})])
+def test_two_robots_share_the_state_token_by_embodiment(kind, kw):
+    """A 2-D robot and a 1-D one in one model: each sample's state in the state token's first channels, the
+    narrower robot's second channel never predicted (0, as in its inputs, so a rollout feeds back nothing
+    unseen), the embodiment embedding telling them apart, a mixed batch equal to each robot's own calls; a
+    cached rollout on one robot keeps its padding at 0."""
+    two = dataclasses.replace(SLOTTED, embodiments=(("franka", 2), ("arm", 1)),
+                              source_embodiment=(("arm", 1), ("droid", 0)))
+    torch.manual_seed(0)
+    cfg = dataclasses.replace(tiny().model, kind=kind, **kw)
+    m = (ShortcutDynamics(cfg, two) if kind == "shortcut" else TeacherForcedPredictor(cfg, two)).eval()
+    with torch.no_grad():
+        m.io.embodiment.normal_()  # (zero at initialisation)
+    g = torch.Generator().manual_seed(5)
+    B, T = 2, 3
+    z = torch.randn(B, T, two.latent_tokens, 8, generator=g)
+    z[..., -1, 2:] = 0
+    z[1, :, -1, 1] = 0  # the 1-D robot's state
+    tau, d = torch.rand(B, T, generator=g), torch.full((B, T), 0.25)
+    a, v = torch.randn(B, T, 3, generator=g), torch.ones(B, T, dtype=torch.bool)
+
+    def run(rows, z_, layout):
+        if kind == "shortcut":
+            return m(z_, tau[rows], d[rows], a[rows], v[rows], layout=layout)
+        return m(z_, a[rows], v[rows], layout=layout)
+
+    mixed = run(slice(0, 2), z, FrameLayout(embodiment=torch.tensor([0, 1])))
+    assert (mixed[1, :, -1, 1:] == 0).all() and (mixed[0, :, -1, :2] != 0).all() and (mixed[:, :, -1, 2:] == 0).all()
+    torch.testing.assert_close(mixed[0], run(slice(0, 1), z[:1], FrameLayout(embodiment=0))[0], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(mixed[1], run(slice(1, 2), z[1:], FrameLayout(embodiment=1))[0], rtol=1e-4, atol=1e-5)
+    other = run(slice(1, 2), z[1:], FrameLayout(embodiment=0))  # the same inputs said to be the other robot
+    assert (other[0, :, -1, 0] - mixed[1, :, -1, 0]).abs().max() > 1e-4
+    if kind == "shortcut":
+        out = rollout_cached(m, z[1:, :2], a[1:], v[1:], horizon=1, k=2, window=4,
+                             generator=torch.Generator().manual_seed(0), layout=FrameLayout(embodiment=1))
+        assert out.shape == (1, 1, two.latent_tokens, 8) and (out[..., -1, 1:] == 0).all()

@@ -20,7 +20,7 @@ import torch
 from trainer.actions import ActionSpace
 from trainer.checkpoint import load_weights
 from trainer.config import TrainConfig, preset
-from trainer.data import Stats, action_space, latents, source_cameras
+from trainer.data import Stats, action_space, latents, source_layout
 from trainer.model import build_model
 from trainer.runs import RunState, run_dir_of
 from trainer.sampling import (
@@ -32,7 +32,7 @@ from trainer.sampling import (
     rollout_uncached,
     sampling_steps,
 )
-from trainer.tokens import ALL_CAMERAS, Cameras, TokenShape, split_state
+from trainer.tokens import FULL_FRAME, FrameLayout, TokenShape, split_state
 
 
 @dataclasses.dataclass
@@ -45,13 +45,13 @@ class LoadedWorldModel:
     store: Path
     checkpoint: Path
     device: torch.device
-    cams: Cameras = ALL_CAMERAS  # the camera slots its inputs hold (`for_source`: one source's cameras)
+    layout: FrameLayout = FULL_FRAME  # the camera slots and robot of its inputs (`for_source`: one source's)
 
     def for_source(self, reader: Any, source: str) -> LoadedWorldModel:
-        """This model on one source's cameras (its store cameras in their slots; the slots it lacks are not
-        computed): what eval and planning use for that source's frames. Refuses a source with a slot the model
-        does not have."""
-        return dataclasses.replace(self, cams=source_cameras(self.shape, reader, source))
+        """This model on one source's frames: its store cameras in their slots (the slots it lacks are not
+        computed) and, with proprioception across robots, its robot's state. What eval and planning use for
+        that source. Refuses a source with a camera slot or robot the model does not have."""
+        return dataclasses.replace(self, layout=source_layout(self.shape, reader, source))
 
     @classmethod
     def load(cls, path: Path, *, weights: str = "ema", device: str = "cpu", compile: bool = False
@@ -124,9 +124,14 @@ class LoadedWorldModel:
 
     # ------------------------------------------------------------------ conversions
     @property
+    def embodiment(self) -> int:
+        """The robot of this view's inputs (0 for a model of one robot)."""
+        return int(self.layout.embodiment or 0)
+
+    @property
     def state_dim(self) -> int:
-        """Width of the state the model takes and predicts (proprioception); 0 for none."""
-        return self.shape.state_dim
+        """Width of the state the model takes and predicts (proprioception; this view's robot's); 0 for none."""
+        return self.shape.state_width(self.embodiment) if self.shape.state_dim else 0
 
     def normalize(self, tokens: np.ndarray | torch.Tensor, state: np.ndarray | torch.Tensor | None = None
                   ) -> torch.Tensor:
@@ -134,7 +139,7 @@ class LoadedWorldModel:
         proprioception) -> normalised latents [..., N, Z] (float32), the state as the last token."""
         try:
             z = latents(np.asarray(tokens), None if state is None else np.asarray(state), self.stats, self.shape,
-                        self.cams.count(self.shape))
+                        self.layout.count(self.shape), self.embodiment)
         except ValueError as e:
             raise ValueError(f"{self.name}: {e}") from None
         return torch.from_numpy(z).to(self.device)
@@ -151,7 +156,9 @@ class LoadedWorldModel:
         s = split_state(z, self.shape)[1]
         if s is None:
             return None
-        return s * torch.from_numpy(self.stats.state_std).to(s) + torch.from_numpy(self.stats.state_mean).to(s)
+        w = self.state_dim
+        mean, scale = self.stats.state_stats(self.embodiment)
+        return s[..., :w] * torch.from_numpy(scale[:w]).to(s) + torch.from_numpy(mean[:w]).to(s)
 
     def action_inputs(self, raw_TA: np.ndarray | torch.Tensor, state_TS: np.ndarray | torch.Tensor | None = None
                       ) -> torch.Tensor:
@@ -189,7 +196,7 @@ class LoadedWorldModel:
         if not teacher_forced:
             with torch.no_grad():
                 pre = prefill(self.model, context_TNZ[None], ctx_a, ctx_v, ctx_noise=self.cfg.ctx_noise,
-                              window=self.window, generator=g, shared_noise=True, cams=self.cams)
+                              window=self.window, generator=g, shared_noise=True, layout=self.layout)
             noise_state = g.get_state() if g is not None else None
 
         def rollout(actions_SHA: torch.Tensor, grad: bool = False) -> torch.Tensor:
@@ -200,13 +207,13 @@ class LoadedWorldModel:
             with torch.set_grad_enabled(grad):
                 if teacher_forced:
                     return rollout_teacher_forced(self.model, context_TNZ[None].expand(S, -1, -1, -1), acts, valid,
-                                                  horizon=H, window=self.window, cams=self.cams)
+                                                  horizon=H, window=self.window, layout=self.layout)
                 g = None
                 if noise_state is not None:
                     g = torch.Generator()
                     g.set_state(noise_state)
                 return generate(self.model, pre, acts, valid, horizon=H, k=k, ctx_noise=self.cfg.ctx_noise,
-                                window=self.window, generator=g, shared_noise=True, cache="ring", cams=self.cams)
+                                window=self.window, generator=g, shared_noise=True, cache="ring", layout=self.layout)
 
         return rollout
 
@@ -231,8 +238,8 @@ class LoadedWorldModel:
             valid_BT[:, 0] = False
         if self.kind == "teacher_forced":
             return rollout_teacher_forced(self.model, context_BTNZ, actions_BTA, valid_BT, horizon=horizon,
-                                          window=self.window, cams=self.cams)
+                                          window=self.window, layout=self.layout)
         k, g = sampling_steps(self.kind, k, generator or torch.Generator().manual_seed(0))
         fn = rollout_cached if cached else rollout_uncached
         return fn(self.model, context_BTNZ, actions_BTA, valid_BT, horizon=horizon, k=k,
-                  ctx_noise=self.cfg.ctx_noise, window=self.window, generator=g, cams=self.cams)
+                  ctx_noise=self.cfg.ctx_noise, window=self.window, generator=g, layout=self.layout)

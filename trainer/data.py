@@ -23,13 +23,14 @@ from featurestore.reader import TokenReader, Window
 from pipeline.stage import UserError
 from trainer.actions import ActionSpace
 from trainer.config import TrainConfig
-from trainer.tokens import ALL_CAMERAS, Cameras, TokenShape, pack_state
+from trainer.tokens import FULL_FRAME, FrameLayout, TokenShape, pack_state
 
 log = logging.getLogger(__name__)
 
 # batch keys
 Z, ACTIONS, VALID, LABELLED, SAMPLE_IDS, STEP = "z", "actions", "action_valid", "labelled", "sample_ids", "step"
 PRESENT = "cameras_present"  # [B, C] which camera slots each sample's source has
+EMBODIMENT = "embodiment"  # [B] each sample's robot (proprioception across robots)
 MIX = "mix"
 
 
@@ -43,9 +44,16 @@ class Stats:
     action_std: np.ndarray  # [A_raw]
     frame_delta_var: np.ndarray  # [1]: mean squared change of a normalised token from one model frame to the next
     # (frameskip store frames apart); the normalised state is scaled to change as much
-    # [S] (proprio): the state's mean, and its scale (its std shrunk so that it changes per frame like a patch)
+    # [S] (proprio): the state's mean, and its scale (its std shrunk so that it changes per frame like a patch);
+    # [E, S] with several embodiments: each robot's own, in its first channels (the rest 0 / 1)
     state_mean: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(0, np.float32))
     state_std: np.ndarray = dataclasses.field(default_factory=lambda: np.ones(0, np.float32))
+
+    def state_stats(self, embodiment: int = 0) -> tuple[np.ndarray, np.ndarray]:
+        """(mean, scale) [S] of one embodiment's state."""
+        if self.state_mean.ndim == 1:
+            return self.state_mean, self.state_std
+        return self.state_mean[embodiment], self.state_std[embodiment]
 
     def to_dict(self) -> dict[str, list[float]]:
         return {k: np.asarray(v, dtype=np.float64).tolist() for k, v in dataclasses.asdict(self).items()}
@@ -115,18 +123,38 @@ def camera_slots(reader: TokenReader, sources: list[str]) -> tuple[tuple[str, ..
     return tuple(names), per
 
 
-def source_cameras(shape: TokenShape, reader: TokenReader, source: str) -> Cameras:
+def source_layout(shape: TokenShape, reader: TokenReader, source: str) -> FrameLayout:
+    """A source's frames as the model takes them (eval, planning): its cameras' slots (`source_cameras`) and its
+    robot. A source the model was not trained on is matched by its registry entry (`embodiment`, else its
+    state width); a robot the model does not know is refused."""
+    cams = source_cameras(shape, reader, source)
+    if len(shape.embodiments) < 2:
+        return cams
+    trained = dict(shape.source_embodiment)
+    if source in trained:
+        return dataclasses.replace(cams, embodiment=trained[source])
+    width = int(reader.source_attrs(source)["state_dim"])
+    name = _embodiment_name(source, width)
+    names = [n for n, _ in shape.embodiments]
+    if name not in names or shape.embodiments[names.index(name)][1] != width:
+        raise UserError(f"source {source}: robot {name!r} ({width}-D state) is not one the model was trained on "
+                        f"({', '.join(f'{n} ({w}-D)' for n, w in shape.embodiments)}); set `embodiment` in its "
+                        "registry entry to one of them, or train a model that includes it")
+    return dataclasses.replace(cams, embodiment=names.index(name))
+
+
+def source_cameras(shape: TokenShape, reader: TokenReader, source: str) -> FrameLayout:
     """The model's slots a source's store cameras fill (eval, planning: the source's own cameras only). A source the
     model was not trained on gets its slots from its registry entry; one naming a slot the model lacks is refused."""
     trained = dict(shape.source_slots)
     if source in trained:
-        return Cameras(trained[source])
+        return FrameLayout(trained[source])
     keys = [str(k) for k in reader.source_attrs(source)["cameras"]]
     if not shape.slots:
         if len(keys) != shape.cameras:
             raise UserError(f"source {source} has {len(keys)} cameras {keys}, the model was trained on "
                             f"{shape.cameras} (cameras by position); use a source with its cameras")
-        return ALL_CAMERAS
+        return FULL_FRAME
     slot_of, path = _registered_slots(source)
     names = [slot_of.get(k) for k in keys]
     unknown = sorted({str(n) for n in names if n not in shape.slots})
@@ -134,7 +162,7 @@ def source_cameras(shape: TokenShape, reader: TokenReader, source: str) -> Camer
         raise UserError(f"source {source}: unknown camera slot(s) {unknown} (its cameras {keys}, registry "
                         f"{path or 'none'}); the model has slots {list(shape.slots)}: set camera_slots in its "
                         "registry file to those roles")
-    return Cameras(tuple(shape.slots.index(n) for n in names))
+    return FrameLayout(tuple(shape.slots.index(n) for n in names))
 
 
 def token_shape(reader: TokenReader, cfg: TrainConfig) -> TokenShape:
@@ -149,15 +177,45 @@ def token_shape(reader: TokenReader, cfg: TrainConfig) -> TokenShape:
     if len(adims) > 1:
         raise UserError(f"labelled sources have different action widths {sorted(adims)}; train them apart")
     a = adims.pop() if adims else 0
-    s = 0
+    s, bodies, body_of = 0, (), {}
     if cfg.proprio:
-        sdims = {src: int(reader.source_attrs(src)["state_dim"]) for src in sources}
-        if len(set(sdims.values())) != 1 or not min(sdims.values()):
-            raise UserError(f"proprio needs one state width > 0 in every training source, the store has {sdims}; "
-                            "train with --set proprio=false or on some sources with --sources")
-        s = next(iter(sdims.values()))
+        bodies, body_of = embodiments(reader, sources)
+        s = max(w for _, w in bodies)
+        if len(bodies) == 1:  # one robot: no embodiment table (and the layout of runs from before it)
+            bodies, body_of = (), {}
     return TokenShape(cameras=n_cams, grid=tuple(enc["grid"]), enc_dim=int(enc["dim"]), action_dim=a * cfg.frameskip,
-                      state_dim=s, slots=slots, source_slots=tuple(sorted(per_source.items())))
+                      state_dim=s, slots=slots, source_slots=tuple(sorted(per_source.items())), embodiments=bodies,
+                      source_embodiment=tuple(sorted(body_of.items())))
+
+
+def _embodiment_name(source: str, width: int) -> str:
+    from pipeline.registry import available, load_spec
+
+    files = available()
+    name = load_spec(files[source]).embodiment if source in files else ""
+    return name or f"{width}-D state"
+
+
+def embodiments(reader: TokenReader, sources: list[str]) -> tuple[tuple[tuple[str, int], ...], dict[str, int]]:
+    """The robots of the training sources, for proprioception: (name, state width) each (the registry's
+    `embodiment`, default one per state width) and each source's index. Refused: a source without a state, one
+    embodiment name with two widths."""
+    widths = {src: int(reader.source_attrs(src)["state_dim"]) for src in sources}
+    none = sorted(src for src, w in widths.items() if not w)
+    if none:
+        raise UserError(f"proprio needs a state in every training source; {none} have none: train with --set "
+                        "proprio=false or on the others with --sources")
+    names = {src: _embodiment_name(src, w) for src, w in widths.items()}
+    table: dict[str, int] = {}
+    for src in sorted(sources, key=lambda x: (-widths[x], x)):  # the widest robot first
+        if table.setdefault(names[src], widths[src]) != widths[src]:
+            raise UserError(f"embodiment {names[src]!r}: source {src} has a {widths[src]}-D state, another source of "
+                            f"it {table[names[src]]}-D; give them different `embodiment` names in the registry")
+    order = list(table)
+    if len(order) > 1:
+        log.info("embodiments: %s", "; ".join(f"{n} ({table[n]}-D state): "
+                                              f"{sorted(s for s in sources if names[s] == n)}" for n in order))
+    return tuple((n, table[n]) for n in order), {src: order.index(names[src]) for src in sources}
 
 
 def compute_stats(reader: TokenReader, cfg: TrainConfig, shape: TokenShape) -> Stats:
@@ -201,23 +259,38 @@ def compute_stats(reader: TokenReader, cfg: TrainConfig, shape: TokenShape) -> S
         a_mean, a_std = np.zeros(a_raw), np.ones(a_raw)
     s_mean, s_std = np.zeros(0), np.ones(0)
     if shape.state_dim:
-        per = [reader.episode(int(r), ("state",))["state"][:, : shape.state_dim].astype(np.float64)
-               for r in eps.index]
-        states = np.concatenate(per)
-        states = states[np.isfinite(states).all(1)]
-        if not len(states):
-            raise UserError(f"{reader.path}: the train episodes have no finite states; train with --set proprio=false")
-        s_mean, s_std = states.mean(0), np.maximum(states.std(0), 1e-6)
-        # Scale the state so that it changes from frame to frame as much as a patch token does: a robot's state
-        # moves a few % of its range per frame, and at unit variance the context noise (ctx_noise) would bury
-        # that motion; at this scale the noise is as small against the state's motion as against the patches'.
-        steps = np.concatenate([((x[fs:] - x[:-fs]) / s_std) ** 2 for x in per if len(x) > fs])
-        dv = float(np.nanmean(steps))
-        if np.isfinite(dv) and dv > 0:
-            s_std = s_std * np.sqrt(dv / max(delta_var, 1e-6))
+        bodies = shape.embodiments or (("", shape.state_dim),)
+        per_body = [_state_stats(reader, eps[eps.source.map(lambda src: shape.embodiment_of(src)) == e], w, fs,
+                                 delta_var, name) for e, (name, w) in enumerate(bodies)]
+        if len(per_body) == 1:
+            s_mean, s_std = per_body[0]
+        else:  # one row per robot, its own statistics in its first channels
+            s_mean, s_std = np.zeros((len(bodies), shape.state_dim)), np.ones((len(bodies), shape.state_dim))
+            for e, (m, sd) in enumerate(per_body):
+                s_mean[e, : len(m)], s_std[e, : len(sd)] = m, sd
     return Stats(mean.astype(np.float32), std.astype(np.float32), a_mean.astype(np.float32),
                  a_std.astype(np.float32), np.array([delta_var], dtype=np.float32), s_mean.astype(np.float32),
                  s_std.astype(np.float32))
+
+
+def _state_stats(reader: TokenReader, eps: pd.DataFrame, width: int, fs: int, delta_var: float, name: str
+                 ) -> tuple[np.ndarray, np.ndarray]:
+    """One robot's state mean and scale over its train episodes."""
+    per = [reader.episode(int(r), ("state",))["state"][:, :width].astype(np.float64) for r in eps.index]
+    states = np.concatenate(per) if per else np.zeros((0, width))
+    states = states[np.isfinite(states).all(1)]
+    if not len(states):
+        raise UserError(f"{reader.path}: the train episodes{' of ' + name if name else ''} have no finite states; "
+                        "train with --set proprio=false")
+    s_mean, s_std = states.mean(0), np.maximum(states.std(0), 1e-6)
+    # Scale the state so that it changes from frame to frame as much as a patch token does: a robot's state
+    # moves a few % of its range per frame, and at unit variance the context noise (ctx_noise) would bury
+    # that motion; at this scale the noise is as small against the state's motion as against the patches'.
+    steps = [((x[fs:] - x[:-fs]) / s_std) ** 2 for x in per if len(x) > fs]
+    dv = float(np.nanmean(np.concatenate(steps))) if steps else float("nan")
+    if np.isfinite(dv) and dv > 0:
+        s_std = s_std * np.sqrt(dv / max(delta_var, 1e-6))
+    return s_mean, s_std
 
 
 @dataclasses.dataclass(frozen=True)
@@ -357,20 +430,27 @@ def normalize_patches(patch: np.ndarray, stats: Stats, shape: TokenShape, camera
 
 
 def latents(patch: np.ndarray, state: np.ndarray | None, stats: Stats, shape: TokenShape,
-            cameras: int | None = None) -> np.ndarray:
+            cameras: int | None = None, embodiment: int = 0) -> np.ndarray:
     """Store patches [..., C, P, Z] (+ raw states [..., S]) -> normalised model latents [..., N(+1), Z]
     (the state token with proprioception; a missing (NaN) state reads as the mean state)."""
-    return with_state(normalize_patches(patch, stats, shape, cameras), state, stats, shape)
+    return with_state(normalize_patches(patch, stats, shape, cameras), state, stats, shape, embodiment)
 
 
-def with_state(z: np.ndarray, state: np.ndarray | None, stats: Stats, shape: TokenShape) -> np.ndarray:
-    """Normalised patch latents [..., N, Z] (+ raw states [..., S]) -> model latents [..., N(+1), Z]."""
+def with_state(z: np.ndarray, state: np.ndarray | None, stats: Stats, shape: TokenShape, embodiment: int = 0
+               ) -> np.ndarray:
+    """Normalised patch latents [..., N, Z] (+ raw states of an embodiment) -> model latents [..., N(+1), Z]:
+    the state normalised with that robot's statistics in the state token's first channels (the rest 0)."""
     if not shape.state_dim:
         return z
     if state is None:
         raise ValueError("this model predicts the state (proprio): pass the states with the tokens")
-    s = np.nan_to_num((np.asarray(state, dtype=np.float32)[..., : shape.state_dim] - stats.state_mean)
-                      / stats.state_std)
+    w = shape.state_width(embodiment)
+    state = np.asarray(state, dtype=np.float32)
+    if state.shape[-1] < w:
+        raise ValueError(f"a state of width {state.shape[-1]}, the robot's is {w}")
+    mean, scale = stats.state_stats(embodiment)
+    s = np.zeros((*state.shape[:-1], shape.state_dim), dtype=np.float32)
+    s[..., :w] = np.nan_to_num((state[..., :w] - mean[:w]) / scale[:w])
     return pack_state(torch.from_numpy(z), torch.from_numpy(s.astype(np.float32)), shape).numpy()
 
 
@@ -391,7 +471,8 @@ def load_sample(reader: TokenReader, s: Sample, T: int, cfg: TrainConfig, stats:
         full = np.zeros((T, shape.cameras, P, Zd), dtype=np.float32)
         full[:, slots] = z.reshape(T, len(slots), P, Zd)
         z = full.reshape(T, -1, Zd)
-    z = with_state(z, w.get("state"), stats, shape)
+    body = shape.embodiment_of(s.source)
+    z = with_state(z, w.get("state"), stats, shape, body)
     a_raw = shape.action_dim // frameskip
     actions = np.zeros((T, shape.action_dim), dtype=np.float32)
     valid = np.zeros(T, dtype=bool)
@@ -403,7 +484,8 @@ def load_sample(reader: TokenReader, s: Sample, T: int, cfg: TrainConfig, stats:
             a0, a1 = (t - 1) * frameskip, t * frameskip
             actions[t] = a[a0:a1].reshape(-1)
             valid[t] = bool(lo["action_valid"][a0:a1].all())
-    return {Z: z.astype(np.float32), ACTIONS: np.nan_to_num(actions), VALID: valid, PRESENT: present}
+    return {Z: z.astype(np.float32), ACTIONS: np.nan_to_num(actions), VALID: valid, PRESENT: present,
+            EMBODIMENT: body}
 
 
 def collate(reader: TokenReader, samples: list[Sample], T: int, cfg: TrainConfig, stats: Stats,
@@ -413,6 +495,8 @@ def collate(reader: TokenReader, samples: list[Sample], T: int, cfg: TrainConfig
     present = np.stack([it[PRESENT] for it in items])
     if not present.all():  # only then: a batch of full frames runs without a mask (decided here, not on the device)
         batch[PRESENT] = torch.from_numpy(present)
+    if len(shape.embodiments) > 1:
+        batch[EMBODIMENT] = torch.tensor([it[EMBODIMENT] for it in items], dtype=torch.long)
     batch[LABELLED] = torch.tensor([s.labelled for s in samples])
     batch[SAMPLE_IDS] = torch.tensor([s.sample_id for s in samples], dtype=torch.long)
     return batch

@@ -435,7 +435,7 @@ def camera_names(reader: TokenReader, wm: LoadedWorldModel, source: str) -> list
     """Names of a source's cameras in its frames' token order: the model's slot names (camera roles), or for a
     model whose cameras go by position, the source's camera keys."""
     if wm.shape.slots:
-        return [wm.shape.slots[i] for i in (wm.cams.slots or range(wm.shape.cameras))]
+        return [wm.shape.slots[i] for i in (wm.layout.slots or range(wm.shape.cameras))]
     keys = [str(k) for k in reader.source_attrs(source).get("cameras", [])]
     return keys if len(keys) == wm.shape.cameras else [f"camera_{i}" for i in range(wm.shape.cameras)]
 

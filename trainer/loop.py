@@ -44,7 +44,6 @@ from trainer.config import TrainConfig, learned_differences
 from trainer.data import (
     LABELLED,
     MIX,
-    PRESENT,
     SAMPLE_IDS,
     STEP,
     Stats,
@@ -57,9 +56,9 @@ from trainer.data import (
     token_shape,
 )
 from trainer.model import build_model
-from trainer.objective import compute_loss, predict_last_frame
+from trainer.objective import batch_layout, compute_loss, predict_last_frame
 from trainer.runs import RunState, new_run_dir
-from trainer.tokens import TokenShape, frame_error, split_state
+from trainer.tokens import FrameLayout, TokenShape, frame_error
 from trainer.tracking import open_tracker
 
 log = logging.getLogger(__name__)
@@ -376,25 +375,29 @@ def validate(tr: Trainer, reader: TokenReader, step: int) -> dict[str, float]:
         with _autocast(cfg, tr.device):
             loss, _ = compute_loss(core, batch, cfg, step)
             pred = predict_last_frame(tr.ema, batch, cfg, generator=torch.Generator().manual_seed(cfg.seed + i))
-        present = batch.get(PRESENT)  # patch errors over the cameras each window's source has
+        layout = batch_layout(batch)  # errors over the cameras and state channels each window's robot has
         last = batch["z"][:, -1].float()
+        pred_d, copy_d = pred.float() - last, batch["z"][:, -2].float() - last
         out["val_loss"] += float(loss) * len(chunk)
-        out["val_pred_mse"] += _patch_mse(pred.float() - last, tr.shape, present) * len(chunk)
-        out["val_copy_mse"] += _patch_mse(batch["z"][:, -2].float() - last, tr.shape, present) * len(chunk)
-        z, pred = split_state(batch["z"].float(), tr.shape), split_state(pred.float(), tr.shape)
+        out["val_pred_mse"] += _frame_mse(pred_d, tr.shape, layout) * len(chunk)
+        out["val_copy_mse"] += _frame_mse(copy_d, tr.shape, layout) * len(chunk)
         if tr.shape.state_dim:  # normalised state: predicted vs copied from the frame before
             out["val_state_pred_mse"] = out.get("val_state_pred_mse", 0.0) + \
-                float((pred[1] - z[1][:, -1]).pow(2).mean()) * len(chunk)
+                _frame_mse(pred_d, tr.shape, layout, state=True) * len(chunk)
             out["val_state_copy_mse"] = out.get("val_state_copy_mse", 0.0) + \
-                float((z[1][:, -2] - z[1][:, -1]).pow(2).mean()) * len(chunk)
+                _frame_mse(copy_d, tr.shape, layout, state=True) * len(chunk)
         n += len(chunk)
     core.train()
     return {k: v / n for k, v in out.items()}
 
 
-def _patch_mse(diff_BNZ: torch.Tensor, shape: TokenShape, present_BC: torch.Tensor | None) -> float:
-    """Mean squared patch error over the cameras each sample has (the state token not counted)."""
-    return float(frame_error(diff_BNZ[:, None], shape, 0.0, present_BC).mean())
+def _frame_mse(diff_BNZ: torch.Tensor, shape: TokenShape, layout: FrameLayout, *, state: bool = False) -> float:
+    """Mean squared error of the patch tokens (over the cameras each sample has) or of the state (over its
+    robot's channels)."""
+    patches = frame_error(diff_BNZ[:, None], shape, 0.0, layout)
+    if not state:
+        return float(patches.mean())
+    return float((frame_error(diff_BNZ[:, None], shape, 1.0, layout) - patches).mean())
 
 
 def train_step(tr: Trainer, micro_batches: list[dict[str, Any]], step: int) -> dict[str, float]:

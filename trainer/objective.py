@@ -14,10 +14,10 @@ import torch
 import torch.nn as nn
 
 from trainer.config import TrainConfig
-from trainer.data import ACTIONS, PRESENT, VALID, Z
+from trainer.data import ACTIONS, EMBODIMENT, PRESENT, VALID, Z
 from trainer.losses import TauSampling, next_frame_loss, sample_tau_d, shortcut_forcing_loss, teacher_forcing_loss
 from trainer.sampling import rollout_cached, rollout_teacher_forced, sampling_steps
-from trainer.tokens import ALL_CAMERAS, Cameras, frame_error
+from trainer.tokens import FULL_FRAME, FrameLayout, frame_error
 
 
 def tau_spec(cfg: TrainConfig, step: int) -> TauSampling:
@@ -34,17 +34,15 @@ def compute_loss(model: nn.Module, batch: dict[str, Any], cfg: TrainConfig, step
     core = core or model
     z, actions, valid = batch[Z], batch[ACTIONS], batch[VALID]
     shape = core.shape
-    cams = batch_cameras(batch)
+    layout = batch_layout(batch)
 
-    def err(diff, rows=None):  # over the cameras each sample has
-        present = None if cams.present_BC is None else cams.rows(rows).present_BC if rows is not None else \
-            cams.present_BC
-        return frame_error(diff, shape, cfg.state_weight, present)
+    def err(diff, rows=None):  # over the cameras (and state channels) each sample's robot has
+        return frame_error(diff, shape, cfg.state_weight, layout if rows is None else layout.rows(rows))
 
     if cfg.model.kind == "teacher_forced":
-        return teacher_forcing_loss(lambda zz: model(zz, actions[:, 1:], valid[:, 1:], cams=cams), z, err=err)
+        return teacher_forcing_loss(lambda zz: model(zz, actions[:, 1:], valid[:, 1:], layout=layout), z, err=err)
     if cfg.model.kind == "deterministic":
-        return next_frame_loss(lambda zz, tau_, d_: model(zz, tau_, d_, actions, valid, z, 1.0, cams=cams), z,
+        return next_frame_loss(lambda zz, tau_, d_: model(zz, tau_, d_, actions, valid, z, 1.0, layout=layout), z,
                                err=err)
     B, T, N, Zd = z.shape
     clean_context = cfg.context_mode == "clean_context"
@@ -57,11 +55,11 @@ def compute_loss(model: nn.Module, batch: dict[str, Any], cfg: TrainConfig, step
     def f(z_tau, tau_, d_, rows=None):
         """The network on (a subset `rows` of) the batch, its conditioning taken along."""
         net = model if torch.is_grad_enabled() else core
-        a, v, c, cm = (actions, valid, ctx, cams) if rows is None else \
-            (actions[rows], valid[rows], None if ctx is None else ctx[rows], cams.rows(rows))
+        a, v, c, cm = (actions, valid, ctx, layout) if rows is None else \
+            (actions[rows], valid[rows], None if ctx is None else ctx[rows], layout.rows(rows))
         if c is None:
-            return net(z_tau, tau_, d_, a, v, cams=cm)
-        return net(z_tau, tau_, d_, a, v, c, 1.0 - cfg.ctx_noise, cams=cm)
+            return net(z_tau, tau_, d_, a, v, layout=cm)
+        return net(z_tau, tau_, d_, a, v, c, 1.0 - cfg.ctx_noise, layout=cm)
 
     return shortcut_forcing_loss(f, z, z0, tau, d, k_max=cfg.model.k_max, err=err)
 
@@ -72,18 +70,19 @@ def predict_last_frame(model: nn.Module, batch: dict[str, Any], cfg: TrainConfig
     """Predict frame T-1 of each window from frames 0..T-2 (and the actions) -> [B, N, Z]."""
     z, actions, valid = batch[Z], batch[ACTIONS], batch[VALID]
     T = z.shape[1]
-    cams = batch_cameras(batch)
+    layout = batch_layout(batch)
     if cfg.model.kind == "teacher_forced":
-        return rollout_teacher_forced(model, z[:, :-1], actions, valid, horizon=1, window=T - 1, cams=cams)[:, 0]
+        return rollout_teacher_forced(model, z[:, :-1], actions, valid, horizon=1, window=T - 1, layout=layout)[:, 0]
     k, g = sampling_steps(cfg.model.kind, k, generator or torch.Generator().manual_seed(cfg.seed))
     return rollout_cached(model, z[:, :-1], actions, valid, horizon=1, k=k, window=T, ctx_noise=cfg.ctx_noise,
-                          generator=g, cams=cams)[:, 0]  # (no gradient: this function runs under torch.no_grad)
+                          generator=g, layout=layout)[:, 0]  # (no gradient: this function runs under torch.no_grad)
 
 
-def batch_cameras(batch: dict[str, Any]) -> Cameras:
-    """The batch's camera slots: all, with a per-sample mask when some sample's source lacks a slot."""
-    present = batch.get(PRESENT)  # (collate leaves it out when every sample has every slot)
-    return ALL_CAMERAS if present is None else Cameras(None, present)
+def batch_layout(batch: dict[str, Any]) -> FrameLayout:
+    """The batch's layout: every camera slot, with a per-sample mask when some sample's source lacks a slot, and
+    each sample's embodiment with proprioception across robots (collate leaves out what a batch does not need)."""
+    present, embodiment = batch.get(PRESENT), batch.get(EMBODIMENT)
+    return FULL_FRAME if present is None and embodiment is None else FrameLayout(None, present, embodiment)
 
 
 def noise_like(shape_NZ: tuple[int, ...], T: int, sample_ids: torch.Tensor, seed: int, tau_spec: TauSampling, *,

@@ -10,7 +10,7 @@ rollouts slide that window. `rollout_uncached` recomputes the window for every s
 `rollout_cached` keeps the keys/values of the time-attention layers for committed frames, so each step costs one
 frame while the rollout fits the window, and one re-commit pass of the last window - 1 frames per frame after it
 slides. The two are equal at every step, inside the window and past it (tested at 3x the window).
-Every function takes `cams` (`trainer.tokens.Cameras`): the camera slots the latents hold (a source's own
+Every function takes `layout` (`trainer.tokens.FrameLayout`): the camera slots the latents hold (a source's own
 cameras at inference), passed to each network call.
 Legend: B = batch, T = frames, H = horizon, N = tokens, Z = width, A = action.
 """
@@ -23,7 +23,7 @@ import torch
 
 from trainer.model.baseline import TeacherForcedPredictor
 from trainer.model.dynamics import ShortcutDynamics
-from trainer.tokens import ALL_CAMERAS, Cameras
+from trainer.tokens import FULL_FRAME, FrameLayout
 
 
 class TimeKVCache:
@@ -142,12 +142,12 @@ class RingKVCache:
 
 
 def _frame_forward(model: ShortcutDynamics, z_BTNZ, tau_BT, d_BT, act_BTA, valid_BT, cache: TimeKVCache, pos: int,
-                   commit: int, prev, cams: Cameras = ALL_CAMERAS) -> torch.Tensor:
+                   commit: int, prev, layout: FrameLayout = FULL_FRAME) -> torch.Tensor:
     """One pass over T consecutive frames from time position `pos` (frame-causal), `commit` of them kept."""
     angles = model.time_angles(z_BTNZ.shape[1], offset=pos, device=z_BTNZ.device)
     z_BTNZ = z_BTNZ.contiguous()  # broadcast contexts and shared noise come in expanded (one compiled variant)
     return model.denoise(z_BTNZ, tau_BT, d_BT, act_BTA, valid_BT, prev=prev, pos=pos,
-                         time_kv=cache.for_pass(angles, pos, z_BTNZ.shape[1], commit), cams=cams)
+                         time_kv=cache.for_pass(angles, pos, z_BTNZ.shape[1], commit), layout=layout)
 
 
 def _prepare(context_BTNZ, actions_BTA, valid_BT, horizon):
@@ -222,7 +222,7 @@ class Prefill:
 
 
 def _commit_window(model: ShortcutDynamics, frames: list[torch.Tensor], start: int, actions_BTA, valid_BT, *,
-                   ctx_noise: float, cams: Cameras = ALL_CAMERAS) -> Prefill:
+                   ctx_noise: float, layout: FrameLayout = FULL_FRAME) -> Prefill:
     """Keys/values of committed frames (already at the context noise level) in one pass from time position 0,
     the first of them without a predecessor: exactly how training and the uncached reference see a window."""
     zc = torch.cat(frames, dim=1)
@@ -231,13 +231,13 @@ def _commit_window(model: ShortcutDynamics, frames: list[torch.Tensor], start: i
     d = torch.full((B, T), 1.0 / model.cfg.k_max, device=zc.device, dtype=zc.dtype)
     cache = TimeKVCache()
     _frame_forward(model, zc, tau, d, actions_BTA[:, start:start + T], valid_BT[:, start:start + T], cache, 0, T,
-                   None, cams)
+                   None, layout)
     return Prefill(cache, frames, start, 1 - ctx_noise)
 
 
 def prefill(model: ShortcutDynamics, context_BTNZ: torch.Tensor, actions_BTA: torch.Tensor, valid_BT: torch.Tensor, *,
             ctx_noise: float, window: int, generator: torch.Generator | None, shared_noise: bool = False,
-            cams: Cameras = ALL_CAMERAS) -> Prefill:
+            layout: FrameLayout = FULL_FRAME) -> Prefill:
     """Commit the clean context [B, Tc, N, Z] in one pass: each frame re-noised once to the context level, the
     frames attending causally to each other. Of a context longer than the window, the last `window - 1` frames
     (what the first generated frame may see). actions/valid cover at least the context frames. A None
@@ -247,12 +247,12 @@ def prefill(model: ShortcutDynamics, context_BTNZ: torch.Tensor, actions_BTA: to
     frames = [(1 - ctx_noise) * context_BTNZ[:, t:t + 1] + ctx_noise * _noise((B, 1, N, Zd), generator, dev, dt,
                                                                                shared_noise) for t in range(Tc)]
     start = max(0, Tc - window + 1)
-    return _commit_window(model, frames[start:], start, actions_BTA, valid_BT, ctx_noise=ctx_noise, cams=cams)
+    return _commit_window(model, frames[start:], start, actions_BTA, valid_BT, ctx_noise=ctx_noise, layout=layout)
 
 
 def generate(model: ShortcutDynamics, pre: Prefill, actions_BTA: torch.Tensor, valid_BT: torch.Tensor, *,
              horizon: int, k: int = 4, ctx_noise: float = 0.1, window: int, generator: torch.Generator | None,
-             shared_noise: bool = False, cache: str = "exact", cams: Cameras = ALL_CAMERAS) -> torch.Tensor:
+             shared_noise: bool = False, cache: str = "exact", layout: FrameLayout = FULL_FRAME) -> torch.Tensor:
     """`horizon` frames after a committed context (of batch 1, shared by every rollout, or of the actions'
     batch), K steps of 1/K each, H x K passes while the rollout fits the window: a generated frame is committed
     (re-noised to the context level, its keys/values kept) in the same pass as the next frame's first step,
@@ -288,7 +288,7 @@ def generate(model: ShortcutDynamics, pre: Prefill, actions_BTA: torch.Tensor, v
         if cache == "exact" and pending is not None and t - start + 1 > window:  # slide: the oldest frame leaves
             committed = (committed + [pending])[-(window - 1):]
             start = t - len(committed)
-            slid = _commit_window(model, committed, start, actions_BTA, valid_BT, ctx_noise=ctx_noise, cams=cams)
+            slid = _commit_window(model, committed, start, actions_BTA, valid_BT, ctx_noise=ctx_noise, layout=layout)
             kv, prev, pending = slid.cache, slid.prev, None
         x = _noise((B, 1, N, Zd), generator, dev, dt, shared_noise)
         a, v = actions_BTA[:, t:t + 1], valid_BT[:, t:t + 1]
@@ -298,11 +298,11 @@ def generate(model: ShortcutDynamics, pre: Prefill, actions_BTA: torch.Tensor, v
                 both = torch.cat([pending, x], dim=1)
                 taus, ds = torch.cat([full(ctx_tau), full(tau)], 1), torch.cat([full(d_min), full(1.0 / k)], 1)
                 pred = _frame_forward(model, both, taus, ds, actions_BTA[:, t - 1:t + 1], valid_BT[:, t - 1:t + 1],
-                                      kv, t - 1 - start, 1, prev, cams)[:, 1:]
+                                      kv, t - 1 - start, 1, prev, layout)[:, 1:]
                 committed.append(pending)
                 prev, pending = (both[:, :1], full(ctx_tau)), None
             else:
-                pred = _frame_forward(model, x, full(tau), full(1.0 / k), a, v, kv, t - start, 0, prev, cams)
+                pred = _frame_forward(model, x, full(tau), full(1.0 / k), a, v, kv, t - start, 0, prev, layout)
             x = x + (pred - x) / (1 - tau) / k
         out.append(x)
         if h < horizon - 1:
@@ -313,21 +313,21 @@ def generate(model: ShortcutDynamics, pre: Prefill, actions_BTA: torch.Tensor, v
 def rollout_cached(model: ShortcutDynamics, context_BTNZ: torch.Tensor, actions_BTA: torch.Tensor | None,
                    valid_BT: torch.Tensor | None, *, horizon: int, k: int = 4, ctx_noise: float = 0.1,
                    window: int, generator: torch.Generator, shared_noise: bool = False,
-                   cams: Cameras = ALL_CAMERAS) -> torch.Tensor:
+                   layout: FrameLayout = FULL_FRAME) -> torch.Tensor:
     """Generate `horizon` frames after the clean context [B, Tc, N, Z]. actions[:, t] leads into frame t
     (covering context + horizon); valid=False means the null action. Returns [B, H, N, Z]. Differentiable
     (callers that need no gradient wrap it in torch.no_grad())."""
     actions_BTA, valid_BT = _prepare(context_BTNZ, actions_BTA, valid_BT, horizon)
     pre = prefill(model, context_BTNZ, actions_BTA, valid_BT, ctx_noise=ctx_noise, window=window,
-                  generator=generator, shared_noise=shared_noise, cams=cams)
+                  generator=generator, shared_noise=shared_noise, layout=layout)
     return generate(model, pre, actions_BTA, valid_BT, horizon=horizon, k=k, ctx_noise=ctx_noise, window=window,
-                    generator=generator, shared_noise=shared_noise, cams=cams)
+                    generator=generator, shared_noise=shared_noise, layout=layout)
 
 
 def rollout_uncached(model: ShortcutDynamics, context_BTNZ: torch.Tensor, actions_BTA: torch.Tensor | None,
                      valid_BT: torch.Tensor | None, *, horizon: int, k: int = 4, ctx_noise: float = 0.1,
                      window: int, generator: torch.Generator, shared_noise: bool = False,
-                     cams: Cameras = ALL_CAMERAS) -> torch.Tensor:
+                     layout: FrameLayout = FULL_FRAME) -> torch.Tensor:
     """The reference: the same generation, recomputing the last `window` frames (from time position 0, the first
     without a predecessor) at every step.
     Draws noise in the same order as `rollout_cached`, so the two agree for the same generator."""
@@ -348,7 +348,7 @@ def rollout_uncached(model: ShortcutDynamics, context_BTNZ: torch.Tensor, action
             z = torch.cat(ctx[lo:t] + [x], dim=1)
             taus = torch.tensor([1 - ctx_noise] * n_ctx + [tau], device=dev, dtype=dt).expand(B, -1)
             ds = torch.tensor([d_min] * n_ctx + [1.0 / k], device=dev, dtype=dt).expand(B, -1)
-            pred = model(z, taus, ds, actions_BTA[:, lo:t + 1], valid_BT[:, lo:t + 1], cams=cams)[:, -1:]
+            pred = model(z, taus, ds, actions_BTA[:, lo:t + 1], valid_BT[:, lo:t + 1], layout=layout)[:, -1:]
             x = x + (pred - x) / (1 - tau) / k
         out.append(x)
         ctx.append((1 - ctx_noise) * x + ctx_noise * _noise((B, 1, N, Zd), generator, dev, dt, shared_noise))
@@ -356,7 +356,7 @@ def rollout_uncached(model: ShortcutDynamics, context_BTNZ: torch.Tensor, action
 
 
 def rollout_teacher_forced(model: TeacherForcedPredictor, context_BTNZ: torch.Tensor, actions_BTA, valid_BT, *,
-                           horizon: int, window: int, cams: Cameras = ALL_CAMERAS) -> torch.Tensor:
+                           horizon: int, window: int, layout: FrameLayout = FULL_FRAME) -> torch.Tensor:
     """Feed predictions back: frame t+1 = g(last `window` frames, the actions after them)."""
     actions_BTA, valid_BT = _prepare(context_BTNZ, actions_BTA, valid_BT, horizon)
     seq = [context_BTNZ[:, t:t + 1] for t in range(context_BTNZ.shape[1])]
@@ -365,6 +365,6 @@ def rollout_teacher_forced(model: TeacherForcedPredictor, context_BTNZ: torch.Te
         t = Tc + h  # frame to predict; inputs are frames lo..t-1 with the actions leading out of them
         lo = max(0, t - window)
         z = torch.cat(seq[lo:t], dim=1)
-        pred = model(z, actions_BTA[:, lo + 1:t + 1], valid_BT[:, lo + 1:t + 1], cams=cams)[:, -1:]
+        pred = model(z, actions_BTA[:, lo + 1:t + 1], valid_BT[:, lo + 1:t + 1], layout=layout)[:, -1:]
         seq.append(pred)
     return torch.cat(seq[Tc:], dim=1)

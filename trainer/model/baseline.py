@@ -21,6 +21,7 @@ from trainer.config import ModelConfig
 from trainer.model.common import Attention, RMSNorm, SwiGLU, rope_2d_angles
 from trainer.model.dynamics import (
     LatentIO,
+    embodiment_embedding,
     merge_2x2,
     space_angles_for,
     space_keep,
@@ -28,7 +29,7 @@ from trainer.model.dynamics import (
     token_geometry,
     unmerge_2x2,
 )
-from trainer.tokens import ALL_CAMERAS, Cameras, TokenShape, pack_state, split_state
+from trainer.tokens import FULL_FRAME, FrameLayout, TokenShape, mask_state, pack_state, split_state
 
 
 class FullBlock(nn.Module):
@@ -58,12 +59,14 @@ class ConcatIO(nn.Module):
         self.null_action = nn.Parameter(torch.randn(c) * 0.02)
         self.action_in = nn.Linear(max(1, shape.action_dim), c)
         self.state_in = nn.Linear(S, c) if S else None
+        if S and len(shape.embodiments) > 1:  # which robot the state is of
+            self.embodiment = nn.Parameter(torch.zeros(len(shape.embodiments), c))
         self.proj_out = nn.Linear(D, merged_dim)
         self.state_out = nn.Linear(D, S) if S else None
 
     tokens = property(lambda self: self.q_tokens)
 
-    def embed(self, z_BTNZ, next_actions_BTA, next_valid_BT, cams: Cameras = ALL_CAMERAS) -> torch.Tensor:
+    def embed(self, z_BTNZ, next_actions_BTA, next_valid_BT, layout: FrameLayout = FULL_FRAME) -> torch.Tensor:
         patches, state = split_state(z_BTNZ, self.shape)
         if self.cfg.merge_2x2:
             patches = merge_2x2(patches, self.shape)
@@ -71,10 +74,11 @@ class ConcatIO(nn.Module):
         act = self.null_action.expand(B, T, -1)
         if next_actions_BTA is not None and next_valid_BT is not None and self.shape.action_dim:
             act = act + self.action_in(torch.nan_to_num(next_actions_BTA)) * next_valid_BT[..., None].to(act.dtype)
-        st = self.state_in(state) if self.state_in is not None else torch.zeros_like(act)
+        st = self.state_in(state) + embodiment_embedding(self, layout) if self.state_in is not None else \
+            torch.zeros_like(act)
         x = torch.cat([self.proj_in(patches), act[:, :, None].expand(-1, -1, Q, -1),
                        st[:, :, None].expand(-1, -1, Q, -1)], dim=-1)
-        emb = self.camera if cams.slots is None else self.camera[list(cams.slots)]
+        emb = self.camera if layout.slots is None else self.camera[list(layout.slots)]
         return x + emb.expand(-1, self.q_tokens // self.shape.cameras, -1).reshape(-1, self.cfg.dim)
 
     def readout(self, h_BTQD: torch.Tensor, keep_BQ: torch.Tensor | None = None) -> torch.Tensor:
@@ -114,16 +118,16 @@ class TeacherForcedPredictor(nn.Module):
         self.register_buffer("space_angles", angles, persistent=False)  # [S, E/2]
 
     def forward(self, z_BTND: torch.Tensor, next_actions_BTA: torch.Tensor | None = None,
-                next_valid_BT: torch.Tensor | None = None, *, cams: Cameras = ALL_CAMERAS) -> torch.Tensor:
+                next_valid_BT: torch.Tensor | None = None, *, layout: FrameLayout = FULL_FRAME) -> torch.Tensor:
         """Clean latents z [B, T, N, Z] and the action taken after each frame -> next-frame latents [B, T, N, Z].
-        `cams`: the camera slots the latents hold and which are present per sample (`trainer.tokens.Cameras`)."""
+        `layout`: the camera slots the latents hold and which are present per sample (`trainer.tokens.FrameLayout`)."""
         B, T = z_BTND.shape[:2]
         if T > self.cfg.max_frames:
             raise ValueError(f"{T} frames exceed max_frames={self.cfg.max_frames}")
         if self.concat:
-            x = self.io.embed(z_BTND, next_actions_BTA, next_valid_BT, cams)  # [B, T, Q, D]
+            x = self.io.embed(z_BTND, next_actions_BTA, next_valid_BT, layout)  # [B, T, Q, D]
         else:
-            x = self.io.embed(z_BTND, cams=cams)
+            x = self.io.embed(z_BTND, layout=layout)
             act = self.null_action.expand(B, T, -1)
             if next_actions_BTA is not None and next_valid_BT is not None and self.shape.action_dim:
                 act = act + self.action_mlp(torch.nan_to_num(next_actions_BTA)) * next_valid_BT[..., None].to(x.dtype)
@@ -133,15 +137,17 @@ class TeacherForcedPredictor(nn.Module):
         frame_of = torch.arange(T, device=x.device).repeat_interleave(S)
         mask = frame_of[:, None] >= frame_of[None, :]  # [T*S, T*S]: frames <= t
         per = self.io.q_tokens // self.shape.cameras
-        keep = space_keep(cams, 0, per, S - cams.count(self.shape) * per)  # [B, S] or None
+        keep = space_keep(layout, 0, per, S - layout.count(self.shape) * per)  # [B, S] or None
         if keep is not None:  # an absent camera's tokens are never attended to
             mask = mask[None, None] & keep.repeat(1, T)[:, None, None, :]
-        angles = space_angles_for(self.space_angles, cams, self.shape, 0, self.io.q_tokens).repeat(T, 1)
+        angles = space_angles_for(self.space_angles, layout, self.shape, 0, self.io.q_tokens).repeat(T, 1)
         h = rearrange(x, "b t s d -> b (t s) d")
         for block in self.blocks:
             h = block(h, angles, mask)
-        q = cams.count(self.shape) * per + (0 if self.concat else self.io.tokens - self.io.q_tokens)
+        q = layout.count(self.shape) * per + (0 if self.concat else self.io.tokens - self.io.q_tokens)
         h = rearrange(h, "b (t s) d -> b t s d", t=T)[:, :, :q]
         if self.concat:
-            return self.io.readout(self.norm_out(h), None if keep is None else keep[:, :q])
-        return self.io.readout(self.norm_out(h))
+            out = self.io.readout(self.norm_out(h), None if keep is None else keep[:, :q])
+        else:
+            out = self.io.readout(self.norm_out(h))
+        return mask_state(out, self.shape, layout)  # no values where the sample's robot has no state channel

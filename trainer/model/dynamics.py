@@ -23,7 +23,7 @@ from einops import rearrange
 
 from trainer.config import ModelConfig
 from trainer.model.common import Attention, RMSNorm, SwiGLU, rope_2d_angles, rope_angles
-from trainer.tokens import ALL_CAMERAS, Cameras, TokenShape, pack_state, split_state
+from trainer.tokens import FULL_FRAME, FrameLayout, TokenShape, mask_state, pack_state, split_state
 
 
 def merge_2x2(z_BTND: torch.Tensor, shape: TokenShape) -> torch.Tensor:
@@ -139,32 +139,42 @@ def token_geometry(cfg: ModelConfig, shape: TokenShape) -> tuple[int, int]:
     return shape.enc_dim * f, shape.tokens // f
 
 
-def space_keep(cams: Cameras, registers: int, q_per_camera: int, trailing: int) -> torch.Tensor | None:
+def space_keep(layout: FrameLayout, registers: int, q_per_camera: int, trailing: int) -> torch.Tensor | None:
     """[B, S] "may be attended to" per token of a frame `[registers | camera blocks | trailing]` from the
     cameras present per sample (None when every camera is)."""
-    if cams.present_BC is None:
+    if layout.present_BC is None:
         return None
-    p = cams.present_BC.bool()
+    p = layout.present_BC.bool()
     B = p.shape[0]
     ones = lambda n: torch.ones(B, n, dtype=torch.bool, device=p.device)  # noqa: E731
     return torch.cat([ones(registers), p.repeat_interleave(q_per_camera, dim=1), ones(trailing)], dim=1)
 
 
-def space_angles_for(angles: torch.Tensor, cams: Cameras, shape: TokenShape, registers: int, q_tokens: int
+def space_angles_for(angles: torch.Tensor, layout: FrameLayout, shape: TokenShape, registers: int, q_tokens: int
                      ) -> torch.Tensor:
-    """The space RoPE angles of a frame holding `cams.count` cameras (every camera block has the same grid
+    """The space RoPE angles of a frame holding `layout.count` cameras (every camera block has the same grid
     positions, so a frame with fewer cameras keeps the first blocks' angles and the special tokens')."""
-    C = cams.count(shape)
+    C = layout.count(shape)
     if C == shape.cameras:
         return angles
     per = q_tokens // shape.cameras
     return torch.cat([angles[: registers + C * per], angles[registers + q_tokens:]])
 
 
+def embodiment_embedding(io: nn.Module, layout: FrameLayout) -> torch.Tensor | float:
+    """[D], or [B, 1, D] per sample: `io.embodiment`'s learned embedding of the robot the state is of (0 for a
+    model of one robot, which has none)."""
+    table = getattr(io, "embodiment", None)
+    if table is None:
+        return 0.0
+    e = layout.embodiment if layout.embodiment is not None else 0
+    return table[e][:, None] if torch.is_tensor(e) else table[e]
+
+
 class LatentIO(nn.Module):
     """Model latents [B, T, N(+1), Z] <-> model tokens [B, T, Q(+1), D], shared by both world models:
     the optional 2x2 merge and camera-slot embedding for patches, a linear map for the state token. The latents
-    hold the camera slots `Cameras.slots` (all by default)."""
+    hold the camera slots `FrameLayout.slots` (all by default)."""
 
     def __init__(self, cfg: ModelConfig, shape: TokenShape, extra_inputs: int = 0):
         super().__init__()
@@ -180,9 +190,8 @@ class LatentIO(nn.Module):
             self.state_in = nn.Linear(S, D)
             self.state_extra = nn.ModuleList(nn.Linear(S, D, bias=False) for _ in range(extra_inputs))
             self.state_out = nn.Linear(D, S)
-            mask = torch.ones(shape.latent_tokens, shape.enc_dim)
-            mask[-1, S:] = 0.0
-            self.register_buffer("latent_mask", mask, persistent=False)  # the state token's padding stays 0
+            if len(shape.embodiments) > 1:  # which robot the state is of (zero at start, as the camera slots)
+                self.embodiment = nn.Parameter(torch.zeros(len(shape.embodiments), D))
 
     @property
     def tokens(self) -> int:
@@ -192,22 +201,22 @@ class LatentIO(nn.Module):
     def _patches(self, z_BTNZ: torch.Tensor) -> torch.Tensor:
         return merge_2x2(z_BTNZ, self.shape) if self.cfg.merge_2x2 else z_BTNZ
 
-    def camera_embedding(self, cams: Cameras) -> torch.Tensor:
+    def camera_embedding(self, layout: FrameLayout) -> torch.Tensor:
         """[Q', D]: each camera block's slot embedding, repeated over its tokens."""
-        emb = self.camera if cams.slots is None else self.camera[list(cams.slots)]
+        emb = self.camera if layout.slots is None else self.camera[list(layout.slots)]
         per_cam = self.q_tokens // self.shape.cameras
         return emb.expand(-1, per_cam, -1).reshape(-1, self.cfg.dim)
 
-    def embed(self, z_BTNZ: torch.Tensor, *extras: torch.Tensor | None, cams: Cameras = ALL_CAMERAS
+    def embed(self, z_BTNZ: torch.Tensor, *extras: torch.Tensor | None, layout: FrameLayout = FULL_FRAME
               ) -> torch.Tensor:
         patches, state = split_state(z_BTNZ, self.shape)
-        x = self.proj_in(self._patches(patches)) + self.camera_embedding(cams)
+        x = self.proj_in(self._patches(patches)) + self.camera_embedding(layout)
         for e, proj in zip(extras, self.extra):
             if e is not None:
                 x = x + proj(self._patches(split_state(e, self.shape)[0]))
         if state is None:
             return x
-        s = self.state_in(state)
+        s = self.state_in(state) + embodiment_embedding(self, layout)
         for e, proj in zip(extras, self.state_extra):
             if e is not None:
                 s = s + proj(split_state(e, self.shape)[1])
@@ -223,10 +232,10 @@ class LatentIO(nn.Module):
             return out
         return pack_state(out, self.state_out(h_BTQD[:, :, q]), self.shape)
 
-    def mask(self, z_BTNZ: torch.Tensor) -> torch.Tensor:
-        """Zero the state token's padding channels (no-op without proprioception; every row but the state
-        token's is ones, so the mask's last N rows fit latents of fewer cameras)."""
-        return z_BTNZ * self.latent_mask[-z_BTNZ.shape[-2]:] if self.shape.state_dim else z_BTNZ
+    def mask(self, z_BTNZ: torch.Tensor, layout: FrameLayout = FULL_FRAME) -> torch.Tensor:
+        """Zero the state token's channels that hold no state of the sample's robot (`trainer.tokens.mask_state`;
+        no-op without proprioception)."""
+        return mask_state(z_BTNZ, self.shape, layout)
 
 
 class ShortcutDynamics(nn.Module):
@@ -270,9 +279,9 @@ class ShortcutDynamics(nn.Module):
         return tok + self.action_mlp(a) * valid_BT[..., None].to(a.dtype)
 
     def tokens(self, z_BTND, tau_BT, d_BT, actions_BTA=None, valid_BT=None, residual_BTND=None,
-               prior_BTND=None, cams: Cameras = ALL_CAMERAS) -> torch.Tensor:
+               prior_BTND=None, layout: FrameLayout = FULL_FRAME) -> torch.Tensor:
         B, T = z_BTND.shape[:2]
-        parts = [self.registers.expand(B, T, -1, -1), self.io.embed(z_BTND, residual_BTND, prior_BTND, cams=cams),
+        parts = [self.registers.expand(B, T, -1, -1), self.io.embed(z_BTND, residual_BTND, prior_BTND, layout=layout),
                  self.shortcut_token(tau_BT, d_BT)[:, :, None],
                  self.action_token(actions_BTA, valid_BT, B, T)[:, :, None]]
         return torch.cat(parts, dim=2)  # [B, T, S, D]
@@ -281,11 +290,11 @@ class ShortcutDynamics(nn.Module):
         r = self.cfg.registers
         return self.io.readout(self.norm_out(x_BTSD[:, :, r:-2]))  # the latent tokens (before shortcut, action)
 
-    def space_inputs(self, cams: Cameras) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(space RoPE angles, per-sample key mask or None) of frames holding `cams`."""
-        angles = space_angles_for(self.space_angles, cams, self.shape, self.cfg.registers, self.io.q_tokens)
+    def space_inputs(self, layout: FrameLayout) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(space RoPE angles, per-sample key mask or None) of frames holding `layout`."""
+        angles = space_angles_for(self.space_angles, layout, self.shape, self.cfg.registers, self.io.q_tokens)
         per = self.io.q_tokens // self.shape.cameras
-        return angles, space_keep(cams, self.cfg.registers, per, self.io.tokens - self.io.q_tokens + 2)
+        return angles, space_keep(layout, self.cfg.registers, per, self.io.tokens - self.io.q_tokens + 2)
 
     def time_angles(self, T: int, offset: int = 0, device=None) -> torch.Tensor:
         pos = torch.arange(offset, offset + T, device=device)
@@ -294,23 +303,23 @@ class ShortcutDynamics(nn.Module):
     def forward(self, z_BTND: torch.Tensor, tau_BT: torch.Tensor, d_BT: torch.Tensor,
                 actions_BTA: torch.Tensor | None = None, valid_BT: torch.Tensor | None = None,
                 context_BTND: torch.Tensor | None = None, context_tau: float = 0.9, *,
-                cams: Cameras = ALL_CAMERAS) -> torch.Tensor:
+                layout: FrameLayout = FULL_FRAME) -> torch.Tensor:
         """Noisy latents z [B, T, N, Z] at signal levels tau [B, T] with step sizes d [B, T] -> clean [B, T, N, Z].
 
         Diffusion forcing (no `context`): frame t attends to the noisy frames <= t. Clean context: the same
         frames, seen as context at signal level `context_tau`, are processed alongside, and noisy frame t
         attends in time to the context frames < t and to itself, which is exactly the generation regime.
-        `cams`: the camera slots the latents hold and which are present per sample (`trainer.tokens.Cameras`).
+        `layout`: the camera slots the latents hold and which are present per sample (`trainer.tokens.FrameLayout`).
         """
         if context_BTND is None:
-            return self.denoise(z_BTND, tau_BT, d_BT, actions_BTA, valid_BT, cams=cams)
+            return self.denoise(z_BTND, tau_BT, d_BT, actions_BTA, valid_BT, layout=layout)
         B, T = z_BTND.shape[:2]
         ctx_tau = torch.full_like(tau_BT, context_tau)
         d_min = torch.full_like(d_BT, 1.0 / self.cfg.k_max)
-        xc, _ = self._embed(context_BTND, ctx_tau, d_min, actions_BTA, valid_BT, None, cams)
+        xc, _ = self._embed(context_BTND, ctx_tau, d_min, actions_BTA, valid_BT, None, layout)
         prev = (torch.cat([torch.zeros_like(context_BTND[:, :1]), context_BTND[:, :-1]], dim=1),
                 torch.cat([torch.zeros_like(ctx_tau[:, :1]), ctx_tau[:, :-1]], dim=1))
-        xn, finish = self._embed(z_BTND, tau_BT, d_BT, actions_BTA, valid_BT, prev, cams)
+        xn, finish = self._embed(z_BTND, tau_BT, d_BT, actions_BTA, valid_BT, prev, layout)
         x = torch.cat([xc, xn], dim=1)  # [B, 2T, S, D]: context copies, then noisy copies
         t = torch.arange(T, device=x.device)
         q, k = torch.cat([t, t]), torch.cat([t, t])
@@ -319,12 +328,12 @@ class ShortcutDynamics(nn.Module):
             (~q_ctx[:, None] & k_ctx[None, :] & (k[None, :] < q[:, None])) | torch.eye(2 * T, dtype=torch.bool,
                                                                                  device=x.device)
         angles = rope_angles(q, self.cfg.dim // self.cfg.heads, self.cfg.rope_theta_time)
-        s_angles, keep = self.space_inputs(cams)
+        s_angles, keep = self.space_inputs(layout)
         for block in self.blocks:
             x = block(x, s_angles, angles, time_mask=mask if block.time else None, space_keep_BS=keep)
         return finish(self.readout(x[:, T:]))
 
-    def _embed(self, z_BTND, tau_BT, d_BT, actions_BTA, valid_BT, prev, cams: Cameras = ALL_CAMERAS):
+    def _embed(self, z_BTND, tau_BT, d_BT, actions_BTA, valid_BT, prev, layout: FrameLayout = FULL_FRAME):
         """Tokens of (noisy) frames and the function that turns the network's readout into z1_hat."""
         residual = prior = None
         if not self.cfg.precondition:
@@ -341,21 +350,22 @@ class ShortcutDynamics(nn.Module):
                 _, c_skip, c_out = preconditioning(tau_BT)
             if not self.cfg.precondition_skip:  # the change from the prior at its own scale, all from the network
                 c_skip, c_out = torch.zeros_like(c_skip), torch.as_tensor(r_var).sqrt().expand_as(c_out)
-        x = self.tokens(z_BTND * c_in, tau_BT, d_BT, actions_BTA, valid_BT, residual, prior, cams)
+        x = self.tokens(z_BTND * c_in, tau_BT, d_BT, actions_BTA, valid_BT, residual, prior, layout)
 
         def finish(readout_BTNZ: torch.Tensor) -> torch.Tensor:
             # around the prior: mu + least-squares estimate of the residual from this frame + what is left
-            return self.io.mask(mu + c_skip * (z_BTND - tau_BT[:, :, None, None] * mu) + c_out * readout_BTNZ)
+            return self.io.mask(mu + c_skip * (z_BTND - tau_BT[:, :, None, None] * mu) + c_out * readout_BTNZ,
+                                layout)
 
         return x, finish
 
     def denoise(self, z_BTND, tau_BT, d_BT, actions_BTA=None, valid_BT=None, *, prev=None, pos: int = 0,
-                time_kv=None, cams: Cameras = ALL_CAMERAS) -> torch.Tensor:
+                time_kv=None, layout: FrameLayout = FULL_FRAME) -> torch.Tensor:
         """Frames attending causally to each other, from time position `pos`; `prev` = (z, tau) of the frame
         before (rollouts with a KV cache process one frame at a time), `time_kv(layer)` gives cached keys."""
-        x, finish = self._embed(z_BTND, tau_BT, d_BT, actions_BTA, valid_BT, prev, cams)
+        x, finish = self._embed(z_BTND, tau_BT, d_BT, actions_BTA, valid_BT, prev, layout)
         t_angles = self.time_angles(x.shape[1], offset=pos, device=x.device)
-        s_angles, keep = self.space_inputs(cams)
+        s_angles, keep = self.space_inputs(layout)
         for i, block in enumerate(self.blocks):
             x = block(x, s_angles, t_angles, time_kv=time_kv(i) if time_kv and block.time else None,
                       space_keep_BS=keep)
