@@ -115,6 +115,7 @@ class EncodeResult:
     pending_all_shards: int = 0
     seconds: float = 0.0
     projected_bytes: int = 0  # this shard's pending frames at the store's layout, uncompressed (before encoding)
+    estimated_bytes: int = 0  # the same with the tokens' compression measured on a sample (before encoding)
     bytes_written: int = 0  # the size on disk of the segments this run committed
 
 
@@ -299,6 +300,39 @@ def encode_one(store: TokenStore, encoder: HFDinoEncoder, src: SourceInfo, plan:
     return committed
 
 
+def sample_compression(encoder: HFDinoEncoder, src: SourceInfo, plan: SegmentPlan, cfg: EncodeConfig,
+                       frames: int = 32) -> tuple[float, int]:
+    """(compressed share of the token arrays, frames sampled): the first `frames` stored frames of the plan's
+    first episode, every camera, through the encoder and the store's codec (`token_compression`): what the size
+    projected before encoding applies. (1.0, 0) when they do not decode (the episode's failure is reported
+    when it is encoded)."""
+    from featurestore.store import token_compression
+
+    e = plan.episodes[0]
+    imgs = []
+    for cam in range(len(src.cameras)):
+        source = PyAVFrameSource(tolerance_s=cfg.tolerance_s)
+        got: list[np.ndarray] = []
+        try:
+            for i, img in enumerate(source.frames(camera_span(src.root, e, src.camera_index[cam], src.fps))):
+                if i % src.stride == 0:
+                    got.append(img)
+                if len(got) == frames:
+                    break
+        except FrameDecodeError:
+            return 1.0, 0
+        finally:
+            source.close()
+        imgs.append(got)
+    n = min(len(x) for x in imgs)
+    if not n:
+        return 1.0, 0
+    patch_CBPD, cls_CBD = _encode_batch(encoder, [x[:n] for x in imgs], np.zeros(n, dtype=int), {})
+    ratio = token_compression(patch_CBPD.transpose(0, 1).float().numpy(), cls_CBD.transpose(0, 1).float().numpy(),
+                              cfg.layout)
+    return ratio, n
+
+
 def _take(q: queue.Queue) -> np.ndarray:
     item = q.get()
     if isinstance(item, BaseException):
@@ -474,12 +508,15 @@ def run_encode(cfg: EncodeConfig, on_frames: Callable[[int], None] | None = None
         result.nothing_to_do = True
         return result
     grid = encoder.grid
-    result.projected_bytes = projected_bytes(frames, cameras=len(src.cameras), tokens=grid[0] * grid[1],
-                                             dim=encoder.embed_dim, dtype=cfg.layout.dtype,
-                                             action_dim=src.action_dim, state_dim=src.state_dim)
-    log.info("%s: %d frames x %d camera(s) x %dx%d tokens x %d at %s: projected %.3f GB (uncompressed)", src.name,
-             frames, len(src.cameras), grid[0], grid[1], encoder.embed_dim, cfg.layout.dtype,
-             result.projected_bytes / 1e9)
+    schema = dict(cameras=len(src.cameras), tokens=grid[0] * grid[1], dim=encoder.embed_dim, dtype=cfg.layout.dtype,
+                  action_dim=src.action_dim, state_dim=src.state_dim)
+    result.projected_bytes = projected_bytes(frames, **schema)
+    ratio, sampled = sample_compression(encoder, src, plans[0], cfg)
+    result.estimated_bytes = projected_bytes(frames, **schema, token_ratio=ratio)
+    log.info("%s: %d frames x %d camera(s) x %dx%d tokens x %d at %s: projected %.3f GB uncompressed, about %.3f GB "
+             "on disk (the store's codec takes the tokens to %.0f%% on %d sampled frames)", src.name, frames,
+             len(src.cameras), grid[0], grid[1], encoder.embed_dim, cfg.layout.dtype, result.projected_bytes / 1e9,
+             result.estimated_bytes / 1e9, 100 * ratio, sampled)
     if cfg.dask:
         outcomes: Iterator[dict[str, Any]] = _reporting(
             map_on_dask(encode_task, plans, address=cfg.dask, workers=cfg.dask_workers, cfg=cfg), on_frames)

@@ -76,17 +76,40 @@ class StoreLayout:
 
 
 def projected_bytes(frames: int, *, cameras: int, tokens: int, dim: int, dtype: str = "float16",
-                    action_dim: int = 0, state_dim: int = 0) -> int:
+                    action_dim: int = 0, state_dim: int = 0, token_ratio: float = 1.0) -> int:
     """Bytes the store's arrays take for `frames` frames, uncompressed (this schema: patch [F, C, P, D] at
     `dtype` (+ int8's float16 patch_scale [F, C, P]), cls [F, C, D] float16, action/state float32,
-    action_valid bool, timestamp float64, episode_index int64, frame_index int32). Compression takes little
-    off encoder tokens (measured on `wmctl encode`: printed with the size on disk), so this is the capacity
-    to plan for."""
+    action_valid bool, timestamp float64, episode_index int64, frame_index int32): the capacity to plan for
+    when nothing compresses. `token_ratio`: the share of the token arrays (patch, scale, cls) on disk
+    (`token_compression` measures it on a sample), for an estimate of the arrays' size on disk (the low-dim
+    arrays counted raw; the per-segment metadata, a few KB, not counted: it matters only for toy stores)."""
     if dtype not in DTYPES:
         raise UserError(f"dtype {dtype!r}: choose one of {DTYPES}")
     patch = cameras * tokens * (dim * (1 if dtype == "int8" else 2) + (2 if dtype == "int8" else 0))
     lowdim = 4 * action_dim + 1 + 4 * state_dim + 8 + 8 + 4
-    return frames * (patch + cameras * dim * 2 + lowdim)
+    return int(round(frames * ((patch + cameras * dim * 2) * token_ratio + lowdim)))
+
+
+def token_compression(patch_FCPD: np.ndarray, cls_FCD: np.ndarray, layout: StoreLayout) -> float:
+    """The share of their raw bytes that encoder tokens (patch [F, C, P, D], cls [F, C, D]; float, frame-major as
+    stored) take on disk at `layout`: its dtype (int8 with its float16 scale), its codec (blosc zstd with byte
+    shuffle) on its chunks (`chunk_frames` frames of patch; cls in one chunk), plus the 4-byte checksum and the
+    16-byte shard-index entry of every chunk."""
+    from numcodecs import Blosc
+
+    codec = Blosc(cname="zstd", clevel=layout.compression_level, shuffle=Blosc.SHUFFLE)
+
+    def stored(x: np.ndarray, rows: int) -> tuple[int, int]:
+        chunks = [np.ascontiguousarray(x[i:i + rows]) for i in range(0, len(x), rows)]
+        return sum(len(codec.encode(c)) + 20 for c in chunks), x.nbytes
+
+    if layout.dtype == "int8":
+        q, scale = quantize_int8(np.asarray(patch_FCPD, dtype=np.float32))
+        parts = [stored(q, layout.chunk_frames), stored(scale, layout.chunk_frames)]
+    else:
+        parts = [stored(np.asarray(patch_FCPD, dtype=np.float16), layout.chunk_frames)]
+    parts.append(stored(np.asarray(cls_FCD, dtype=np.float16), len(cls_FCD)))
+    return sum(d for d, _ in parts) / sum(r for _, r in parts)
 
 
 def quantize_int8(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

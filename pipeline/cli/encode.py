@@ -89,8 +89,9 @@ def _summary(cfg: EncodeConfig, result: EncodeResult) -> None:
         typer.echo(f"{cfg.store}: committed {result.segments_committed} segment(s), {result.frames} frames "
                    f"in {result.seconds:.1f}s ({rate:.1f} frames/s); `wmctl status --store {cfg.store}`")
         if result.projected_bytes:
-            written, projected = result.bytes_written, result.projected_bytes
-            typer.echo(f"size: {written / 1e9:.3f} GB written, projected {projected / 1e9:.3f} GB "
+            written, projected, estimated = result.bytes_written, result.projected_bytes, result.estimated_bytes
+            typer.echo(f"size: {written / 1e9:.3f} GB written; projected before encoding {estimated / 1e9:.3f} GB "
+                       f"on disk ({written / estimated:.0%} of it), {projected / 1e9:.3f} GB uncompressed "
                        f"({written / projected:.0%})")
     if result.failures:
         typer.echo("failed episodes are recorded in the store; fix them and re-run with --retry-failed", err=True)
