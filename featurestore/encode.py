@@ -36,6 +36,7 @@ from pipeline.frames import FrameDecodeError, PyAVFrameSource
 from pipeline.ingest import camera_span
 from pipeline.lerobot_io import DataFileCache, stack_column
 from pipeline.rates import action_kinds, aggregate_actions, stride_for
+from pipeline.registry import spec_of_source
 from pipeline.stage import ShardSpec, UserError, file_sha256, fingerprint
 
 log = logging.getLogger(__name__)
@@ -397,14 +398,6 @@ def encode_segment(store: TokenStore, encoder: HFDinoEncoder, src: SourceInfo, p
 
 
 # --------------------------------------------------------------------------------------------- the stage
-def registered_action_kind(source: str) -> str | tuple[str, ...]:
-    """The registry's action_kind of the dataset a source is named after ("" when none is registered)."""
-    from pipeline.registry import available, load_spec
-
-    files = available()
-    return load_spec(files[source]).action_kind if source in files else ""
-
-
 def source_info(manifest: pd.DataFrame, meta: dict[str, Any], cameras: tuple[str, ...]) -> SourceInfo:
     sources = manifest.source.unique()
     if len(sources) != 1:
@@ -454,7 +447,9 @@ def prepare(cfg: EncodeConfig) -> tuple[TokenStore, HFDinoEncoder, SourceInfo, l
     src = source_info(manifest, mmeta, cfg.cameras)
     src.stride = stride_for(src.fps, cfg.fps, src.name)
     if src.stride > 1 and bool(manifest.has_actions.any()):
-        src.action_kinds = action_kinds(cfg.action_kind or registered_action_kind(src.name), src.action_dim, src.name)
+        spec = spec_of_source(src.name)
+        src.action_kinds = action_kinds(cfg.action_kind or (spec.action_kind if spec else ""), src.action_dim,
+                                        src.name)
     info = src.root / "meta" / "info.json"
     if not info.is_file() or file_sha256(info) != mmeta.get("info_sha256"):
         raise UserError(f"{src.root} changed since {cfg.manifest} was written (meta/info.json differs or is gone): "

@@ -48,6 +48,29 @@ def action_kinds(kind: str | tuple[str, ...] | list[str], dim: int, source: str)
     return kinds
 
 
+def aggregate_steps(steps_KA, kinds: tuple[str, ...]):
+    """The actions of consecutive steps [..., K, A] (numpy or torch) -> one action [..., A] by each dimension's
+    kind: delta summed, absolute the last, velocity the mean (the command held over the steps)."""
+    summed, last, mean = steps_KA.sum(-2), steps_KA[..., -1, :], steps_KA.mean(-2)
+    pick = {"delta": summed, "absolute": last, "velocity": mean}
+    if len(set(kinds)) == 1:
+        return pick[kinds[0]]
+    cols = [pick[k][..., d] for d, k in enumerate(kinds)]
+    if isinstance(steps_KA, np.ndarray):
+        return np.stack(cols, -1)
+    import torch
+
+    return torch.stack(cols, -1)
+
+
+def split_steps(action_A: np.ndarray, steps: int, kinds: tuple[str, ...]) -> np.ndarray:
+    """One action over `steps` steps [A] -> the steps' actions [steps, A] that add back up to it by kind:
+    delta split evenly, absolute and velocity held (the inverse of `aggregate_steps` for a plan's execution)."""
+    a = np.asarray(action_A, dtype=np.float64)
+    per = np.where(np.array([k == "delta" for k in kinds]), a / steps, a)
+    return np.repeat(per[None], steps, axis=0)
+
+
 def aggregate_actions(actions_TA: np.ndarray, stride: int, kinds: tuple[str, ...]) -> tuple[np.ndarray, np.ndarray]:
     """Per-frame actions [T, A] -> one action per kept frame [ceil(T / stride), A] and whether it is complete:
     over frames j*stride .. j*stride+stride-1, delta dimensions summed, absolute ones the last, velocity ones
@@ -57,10 +80,7 @@ def aggregate_actions(actions_TA: np.ndarray, stride: int, kinds: tuple[str, ...
     out = np.full((n, A), np.nan, dtype=np.float64)
     full = T // stride  # kept frames whose whole step is inside the episode
     if full:
-        steps = actions_TA[: full * stride].astype(np.float64).reshape(full, stride, A)
-        for d, kind in enumerate(kinds):
-            col = steps[:, :, d]
-            out[:full, d] = col.sum(1) if kind == "delta" else col[:, -1] if kind == "absolute" else col.mean(1)
+        out[:full] = aggregate_steps(actions_TA[: full * stride].astype(np.float64).reshape(full, stride, A), kinds)
     valid = np.zeros(n, dtype=bool)
     valid[:full] = True
     return out, valid

@@ -156,6 +156,13 @@ def resolve(name: str) -> DatasetSpec:
     return load_spec(files[name])
 
 
+def spec_of_source(source: str) -> DatasetSpec | None:
+    """The registry entry of the dataset a store source is named after (sources take their dataset's name), or
+    None: what training and encoding read a source's roles, weights and kinds from."""
+    files = available()
+    return load_spec(files[source]) if source in files else None
+
+
 @dataclasses.dataclass(frozen=True)
 class SourceRef:
     """A dataset named on the command line: its source name, root, repo id and registry entry (if any)."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -134,3 +135,23 @@ def test_icem_preset_reaches_the_optimum_and_re_evaluates_its_elites():
         assert any(torch.equal(best, a) for a in after[-n_keep:])
     with pytest.raises(ValueError, match="preset"):
         cem_preset("nope")
+
+
+def test_a_frame_action_added_up_by_kind_executes_as_steps_that_add_back_up():
+    """A model trained at a rate in seconds takes one action per model frame: its frameskip steps added up by
+    kind (delta summed, absolute the last, velocity the mean), the same in numpy and torch; the planner's box is
+    that wide, and a planned frame action executes as steps that add back up to it (delta split evenly, the others
+    held). Without kinds a frame's steps are concatenated (frameskip x A wide)."""
+    from trainer.actions import ActionSpace
+
+    kinds = ("delta", "delta", "absolute", "velocity")
+    space = ActionSpace("absolute", 3, np.zeros(4), np.ones(4), kinds)
+    steps = np.arange(24, dtype=np.float64).reshape(6, 4)  # two frames of three steps
+    frames = space.per_frame(steps)
+    np.testing.assert_allclose(frames, [[12, 15, 10, 7], [48, 51, 22, 19]])
+    torch.testing.assert_close(space.per_frame(torch.from_numpy(steps)), torch.from_numpy(frames))
+    for f in frames:
+        np.testing.assert_allclose(space.per_frame(space.frame_steps(f)), f[None])
+    assert space.frame_dim == 4 and len(space.bounds()[0]) == 4
+    concat = ActionSpace("absolute", 3, np.zeros(4), np.ones(4))
+    assert concat.frame_dim == 12 and concat.per_frame(steps).shape == (2, 12)

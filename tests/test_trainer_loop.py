@@ -93,12 +93,15 @@ def test_sampler_is_stateless_and_ranks_split_the_global_batch(pusht_store):
         torch.testing.assert_close(big[key], torch.cat([a[key], b[key]]))
 
 
-def test_train_fps_sets_the_frameskip_from_each_store_s_rate(multicam_manifest, pusht_store, tiny_encoder, tmp_path):
-    """`wmctl train --fps 5`: frameskip 3 on the 15-fps multi-camera store, 1 on the same data encoded at 5 fps
-    (`encode --fps 5`); a rate the store cannot serve and sources stored at rates needing different frameskips are
-    refused with the sources and the fix named."""
+def test_train_fps_sets_the_frameskip_from_each_store_s_rate(multicam_manifest, pusht_store, tiny_encoder, tmp_path,
+                                                             monkeypatch):
+    """`wmctl train --fps 5`: frameskip 3 on the 15-fps multi-camera store, with one action per model frame (its 3
+    steps added up by the registry's action_kind: 8 wide, not 24; a labelled source without a kind is refused), 1
+    on the same data encoded at 5 fps (`encode --fps 5`); a rate the store cannot serve and sources stored at
+    rates needing different frameskips are refused with the sources and the fix named."""
     import shutil
 
+    from trainer.api import LoadedWorldModel
     from trainer.config import tiny
 
     kinds = ("delta",) * 6 + ("absolute",) * 2
@@ -107,12 +110,31 @@ def test_train_fps_sets_the_frameskip_from_each_store_s_rate(multicam_manifest, 
     run_encode(EncodeConfig(manifest=multicam_manifest, store=tmp_path / "full.zarr", **enc))
     run_encode(EncodeConfig(manifest=multicam_manifest, store=tmp_path / "5fps.zarr", fps=5.0, action_kind=kinds,
                             **enc))
+    registry = tmp_path / "registry"
+    registry.mkdir()
+    monkeypatch.setenv("WMCTL_REGISTRY", str(registry))
+    with pytest.raises(UserError, match=r"source multicam has actions but no `action_kind`"):
+        run_train(dataclasses.replace(tiny(), store=tmp_path / "full.zarr", out=tmp_path / "r0", steps=1, fps=5.0))
+    (registry / "multicam.toml").write_text(f'repo_id = "local/multicam"\naction_kind = {list(kinds)}\n'
+                                            .replace("'", '"'))
     for store, skip in (("full.zarr", 3), ("5fps.zarr", 1)):
         out = tmp_path / f"run-{skip}"
         run_train(dataclasses.replace(tiny(), store=tmp_path / store, out=out, steps=2, fps=5.0,
                                       labelled_fraction=None, eval_every=100, ckpt_every=2))
         saved = json.loads((out / "config.json").read_text())
         assert saved["frameskip"] == skip and saved["fps"] == 5.0
+        assert tuple(saved["action_kinds"]) == (kinds if skip > 1 else ())
+        wm = LoadedWorldModel.load(out)  # the planner's action: one 8-D action per model frame either way
+        assert wm.actions.frame_dim == wm.shape.action_dim == 8 and len(wm.actions.bounds()[0]) == 8
+    from planner.offline import OfflineConfig, run_plan_offline
+    from trainer.eval import EvalConfig, run_eval
+
+    res = run_eval(EvalConfig(ckpt=tmp_path / "run-3", horizons=(1, 2), samples=1, k_sweep=(1,), probe=False,
+                              plots=False, out=tmp_path / "eval3"))  # the windows' actions added up the same way
+    assert np.isfinite(res["conditions"]["actions"][res["model"]]["mse"][2])
+    plan = run_plan_offline(LoadedWorldModel.load(tmp_path / "run-3"), TokenReader(tmp_path / "full.zarr"),
+                            OfflineConfig(goal_offset=2, episodes=1, starts_per_episode=1, split="train"))
+    assert plan["problems"] == 1 and np.isfinite(plan["rows"][0]["action_error"])
     with pytest.raises(UserError, match=r"--fps 2: source multicam is at 5 fps.*nearest it can serve: 1.66667 or 2.5"):
         run_train(dataclasses.replace(tiny(), store=tmp_path / "5fps.zarr", out=tmp_path / "r2", steps=2, fps=2.0))
     mixed = tmp_path / "mixed.zarr"  # pusht (10 fps) and the multi-camera set at 5 fps in one store

@@ -162,23 +162,25 @@ class LoadedWorldModel:
 
     def action_inputs(self, raw_TA: np.ndarray | torch.Tensor, state_TS: np.ndarray | torch.Tensor | None = None
                       ) -> torch.Tensor:
-        """Raw actions [..., steps, A] (+ states for `relative_to_state`) -> normalised [..., steps, A]."""
+        """Raw recorded actions [..., steps, A] (+ states for `relative_to_state`) -> the model's raw per-step
+        actions [..., steps, A] (`frame_actions` makes them the network's inputs)."""
         a = torch.as_tensor(np.asarray(raw_TA), dtype=torch.float32)
         s = None if state_TS is None else torch.as_tensor(np.asarray(state_TS), dtype=torch.float32)
-        return self.actions.normalize_steps(self.actions.from_dataset(a, s)).to(self.device)
+        return self.actions.from_dataset(a, s).to(self.device)
 
     def frame_actions(self, steps_BSA: torch.Tensor) -> torch.Tensor:
-        """Normalised per-step actions [B, (T-1)*frameskip, A] -> per-frame inputs [B, T, A*frameskip]
-        (frame t gets the frameskip steps that lead into it; frame 0 gets zeros, marked invalid)."""
-        per_frame = self.actions.per_frame(steps_BSA)
+        """Model per-step actions [B, (T-1)*frameskip, A] -> normalised per-frame inputs [B, T, frame_dim]
+        (frame t gets the frameskip steps that lead into it, concatenated or added up by kind; frame 0 gets
+        zeros, marked invalid)."""
+        per_frame = self.actions.normalize_frames(self.actions.per_frame(steps_BSA))
         return torch.cat([torch.zeros_like(per_frame[:, :1]), per_frame], dim=1)
 
     # ------------------------------------------------------------------ the protocol
     def planning_rollout(self, context_TNZ: torch.Tensor, *, context_actions_TA: torch.Tensor | None = None,
                          k: int = 4, seed: int = 0) -> Callable[..., torch.Tensor]:
         """The planner's view of one MPC step: one context [Tc, N, Z] (normalised) and optionally the actions that
-        led into its frames [Tc, A*frameskip] give `rollout(actions_SHA, grad=False)`: S candidate sequences of H
-        per-frame actions [S, H, A*frameskip] in the model's raw action space (after its action transform) ->
+        led into its frames [Tc, frame_dim] give `rollout(actions_SHA, grad=False)`: S candidate sequences of H
+        per-frame actions [S, H, frame_dim] in the model's raw action space (after its action transform) ->
         normalised latents [S, H, N, Z] (with proprioception the last token is the predicted state),
         differentiable when `grad`. The context is committed once here (its keys/values are shared by every
         candidate of every iteration, copied into each call's preallocated cache slots); every call meets the same

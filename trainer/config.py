@@ -84,6 +84,10 @@ class TrainConfig:
     context_frames: int = 16
     frameskip: int = 1  # store frames per model frame (set from `fps` when that is given)
     fps: float | None = None  # the model rate: frameskip = each source's stored fps / fps (`data.resolve_rate`)
+    # with `fps` and frameskip > 1: per action dimension how a model frame's steps add up (delta | absolute |
+    # velocity; from the labelled sources' registry `action_kind`, resolved when a run starts): one action per
+    # model frame. Empty: the frame's steps concatenated (frameskip x A wide, runs without `fps`)
+    action_kinds: tuple[str, ...] = ()
     context_schedule: tuple[tuple[int, int], ...] = ()  # ((step, frames), ...): curriculum on context length
     # the training mix: each window's source is drawn by `mix_weights` ((source, weight), ...; normalised over the
     # training sources; a source left out takes the registry's `mix_weight` for a dataset of its name, else 1 -
@@ -372,8 +376,9 @@ RESUMABLE_FIELDS = {"steps", "log_every", "eval_every", "ckpt_every", "keep_last
 def learned_differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     """`config_differences` of a run's saved config and a new one, less the fields a resumed run may change. A new
     config that names no mix weights takes the run's (they are resolved when a run starts)."""
-    if not new.get("mix_weights"):
-        new = {**new, "mix_weights": old.get("mix_weights", [])}
+    for key in ("mix_weights", "action_kinds"):  # resolved when the run started
+        if not new.get(key):
+            new = {**new, key: old.get(key, [])}
     return [d for d in config_differences(old, new) if d.split(":")[0].split(".")[0] not in RESUMABLE_FIELDS]
 
 
@@ -384,6 +389,6 @@ def config_from_dict(d: dict[str, Any]) -> TrainConfig:
     for key in ("store", "out", "init_from"):
         if d.get(key) is not None:
             d[key] = Path(d[key])
-    for key in ("sources", "betas", "context_schedule", "tau_max_schedule", "mix_weights"):
+    for key in ("sources", "betas", "context_schedule", "tau_max_schedule", "mix_weights", "action_kinds"):
         d[key] = tuple(tuple(x) if isinstance(x, list) else x for x in d.get(key, ()))
     return TrainConfig(model=model, **d)

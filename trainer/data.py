@@ -20,6 +20,7 @@ import pandas as pd
 import torch
 
 from featurestore.reader import TokenReader, Window
+from pipeline.registry import spec_of_source
 from pipeline.stage import UserError
 from trainer.actions import ActionSpace
 from trainer.config import TrainConfig
@@ -65,7 +66,7 @@ class Stats:
 
 def action_space(cfg: TrainConfig, stats: Stats) -> ActionSpace:
     """The run's action conversions (dataset <-> model <-> environment) with its statistics."""
-    return ActionSpace(cfg.action_mode, cfg.frameskip, stats.action_mean, stats.action_std)
+    return ActionSpace(cfg.action_mode, cfg.frameskip, stats.action_mean, stats.action_std, cfg.action_kinds)
 
 
 def select_episodes(reader: TokenReader, cfg: TrainConfig, split: str) -> pd.DataFrame:
@@ -80,13 +81,8 @@ def select_episodes(reader: TokenReader, cfg: TrainConfig, split: str) -> pd.Dat
 
 def _registered_slots(source: str) -> tuple[dict[str, str], str]:
     """A source's camera key -> slot map from the registry entry of the same name ({} without one), and its file."""
-    from pipeline.registry import available, load_spec
-
-    files = available()
-    if source not in files:
-        return {}, ""
-    spec = load_spec(files[source])
-    return {key: slot for slot, key in spec.camera_slots}, spec.path
+    spec = spec_of_source(source)
+    return ({key: slot for slot, key in spec.camera_slots}, spec.path) if spec else ({}, "")
 
 
 def camera_slots(reader: TokenReader, sources: list[str]) -> tuple[tuple[str, ...], dict[str, tuple[int, ...]]]:
@@ -183,17 +179,15 @@ def token_shape(reader: TokenReader, cfg: TrainConfig) -> TokenShape:
         s = max(w for _, w in bodies)
         if len(bodies) == 1:  # one robot: no embodiment table (and the layout of runs from before it)
             bodies, body_of = (), {}
-    return TokenShape(cameras=n_cams, grid=tuple(enc["grid"]), enc_dim=int(enc["dim"]), action_dim=a * cfg.frameskip,
+    per_frame = a * (1 if cfg.action_kinds else cfg.frameskip)  # added up by kind, or the steps concatenated
+    return TokenShape(cameras=n_cams, grid=tuple(enc["grid"]), enc_dim=int(enc["dim"]), action_dim=per_frame,
                       state_dim=s, slots=slots, source_slots=tuple(sorted(per_source.items())), embodiments=bodies,
                       source_embodiment=tuple(sorted(body_of.items())))
 
 
 def _embodiment_name(source: str, width: int) -> str:
-    from pipeline.registry import available, load_spec
-
-    files = available()
-    name = load_spec(files[source]).embodiment if source in files else ""
-    return name or f"{width}-D state"
+    spec = spec_of_source(source)
+    return (spec.embodiment if spec else "") or f"{width}-D state"
 
 
 def embodiments(reader: TokenReader, sources: list[str]) -> tuple[tuple[tuple[str, int], ...], dict[str, int]]:
@@ -248,10 +242,11 @@ def compute_stats(reader: TokenReader, cfg: TrainConfig, shape: TokenShape) -> S
     mean = s1 / (2 * n)
     std = np.sqrt(np.maximum(s2 / (2 * n) - mean**2, 1e-12))
     delta_var = float(np.mean(d2 / n / std**2))
-    a_raw = shape.action_dim // cfg.frameskip
-    space = ActionSpace(cfg.action_mode, cfg.frameskip, np.zeros(a_raw), np.ones(a_raw))  # the transform only
+    a_raw = shape.action_dim // (1 if cfg.action_kinds else cfg.frameskip)
+    space = ActionSpace(cfg.action_mode, cfg.frameskip, np.zeros(a_raw), np.ones(a_raw), cfg.action_kinds)  # the
+    # transforms only
     acts = [reader.episode(int(r), ("action", "action_valid", "state")) for r in eps[eps.has_actions].index]
-    valid = [space.from_dataset(x["action"].astype(np.float32), x["state"])[x["action_valid"]] for x in acts]
+    valid = [_model_actions(space, x) for x in acts]
     if a_raw and valid and sum(len(v) for v in valid):
         allv = np.concatenate(valid)
         a_mean, a_std = allv.mean(0), np.maximum(allv.std(0), 1e-6)
@@ -271,6 +266,21 @@ def compute_stats(reader: TokenReader, cfg: TrainConfig, shape: TokenShape) -> S
     return Stats(mean.astype(np.float32), std.astype(np.float32), a_mean.astype(np.float32),
                  a_std.astype(np.float32), np.array([delta_var], dtype=np.float32), s_mean.astype(np.float32),
                  s_std.astype(np.float32))
+
+
+def _model_actions(space: ActionSpace, ep: dict[str, np.ndarray]) -> np.ndarray:
+    """An episode's valid actions in the model's raw space [n, A]: per step, or with `space.kinds` per model
+    frame (the frameskip steps from every start, added up by kind; only runs of valid steps)."""
+    steps = space.from_dataset(ep["action"].astype(np.float32), ep["state"])
+    ok = ep["action_valid"].astype(bool)
+    if not space.kinds or space.frameskip == 1:
+        return steps[ok]
+    k, n = space.frameskip, len(steps) - space.frameskip + 1
+    if n < 1:
+        return steps[:0]
+    idx = np.arange(n)[:, None] + np.arange(k)[None]  # [n, k]: every run of k steps
+    frames = space.per_frame(steps[idx].reshape(n * k, -1))  # [n, A]
+    return frames[ok[idx].all(1)]
 
 
 def _state_stats(reader: TokenReader, eps: pd.DataFrame, width: int, fs: int, delta_var: float, name: str
@@ -325,7 +335,33 @@ def resolve_rate(cfg: TrainConfig, reader: TokenReader) -> TrainConfig:
     if k != cfg.frameskip:
         log.info("--fps %g: frameskip %d (was %d): %s", cfg.fps, k, cfg.frameskip,
                  ", ".join(f"{s} stored at {f:g} fps" for s, (_, f) in need.items()))
-    return dataclasses.replace(cfg, frameskip=k)
+    return dataclasses.replace(cfg, frameskip=k, action_kinds=_frame_action_kinds(reader, cfg, k))
+
+
+def _frame_action_kinds(reader: TokenReader, cfg: TrainConfig, frameskip: int) -> tuple[str, ...]:
+    """How the labelled sources' actions add up over a model frame of `frameskip` stored frames (one action per
+    model frame): each source's registry `action_kind`, else the kinds it was stored with (`encode --fps`).
+    None needed at frameskip 1; a labelled source without, or labelled sources that disagree, are refused."""
+    from pipeline.rates import action_kinds
+
+    if frameskip == 1:
+        return ()
+    eps = select_episodes(reader, cfg, "train")
+    found = {}
+    for src in sorted(str(x) for x in eps[eps.has_actions].source.unique()):
+        attrs = reader.source_attrs(src)
+        spec = spec_of_source(src)
+        kind = (spec.action_kind if spec else "") or tuple(attrs.get("action_kind") or ())
+        found[src] = action_kinds(kind, int(attrs["action_dim"]), src)
+    if len(set(found.values())) > 1:
+        raise UserError(f"--fps {cfg.fps:g}: the labelled sources add up their actions differently "
+                        f"({'; '.join(f'{s}: {list(k)}' for s, k in found.items())}); one model takes one action "
+                        "space: train them apart (--sources)")
+    kinds = next(iter(found.values()), ())
+    if kinds:
+        log.info("--fps %g: one action per model frame, its %d steps added up by kind %s", cfg.fps, frameskip,
+                 list(kinds))
+    return kinds
 
 
 def resolve_mix(cfg: TrainConfig, reader: TokenReader) -> TrainConfig:
@@ -333,21 +369,19 @@ def resolve_mix(cfg: TrainConfig, reader: TokenReader) -> TrainConfig:
     the same name, else 1 (what a run records; nothing to do under a `labelled_fraction` override)."""
     if cfg.labelled_fraction is not None:
         return cfg
-    from pipeline.registry import available, load_spec
-
     given = dict(cfg.mix_weights)
     stored = set(reader.store.sources())
     unknown = sorted(set(given) - stored)
     if unknown:
         raise UserError(f"mix_weights name {unknown}, which {reader.path} does not hold; its sources: "
                         f"{', '.join(sorted(stored))}")
-    registered = available()
     out, said = [], []
     for src in sorted(str(s) for s in select_episodes(reader, cfg, "train").source.unique()):
+        spec = spec_of_source(src)
         if src in given:
             w, origin = given[src], "mix_weights"
-        elif src in registered:
-            w, origin = load_spec(registered[src]).mix_weight, f"registry {registered[src]}"
+        elif spec is not None:
+            w, origin = spec.mix_weight, f"registry {spec.path}"
         else:
             w, origin = 1.0, "default"
         out.append((src, float(w)))
@@ -458,7 +492,7 @@ def load_sample(reader: TokenReader, s: Sample, T: int, cfg: TrainConfig, stats:
                 ) -> dict[str, np.ndarray]:
     """One window: normalised latents [T, N, Z] (patches, + the state token with proprioception); normalised
     actions [T, A] where actions[t] led into frame t (the frameskip raw actions between frames t-1 and t,
-    concatenated); valid [T] (frame 0 never)."""
+    concatenated, or added up by kind); valid [T] (frame 0 never)."""
     frameskip = cfg.frameskip
     span = (T - 1) * frameskip + 1
     w = reader.read(Window(s.row, s.start, T, frameskip), ("patch", "state") if shape.state_dim else ("patch",))
@@ -473,17 +507,14 @@ def load_sample(reader: TokenReader, s: Sample, T: int, cfg: TrainConfig, stats:
         z = full.reshape(T, -1, Zd)
     body = shape.embodiment_of(s.source)
     z = with_state(z, w.get("state"), stats, shape, body)
-    a_raw = shape.action_dim // frameskip
     actions = np.zeros((T, shape.action_dim), dtype=np.float32)
     valid = np.zeros(T, dtype=bool)
-    if s.labelled and a_raw:
+    if s.labelled and shape.action_dim:
         lo = reader.read(Window(s.row, s.start, span), ("action", "action_valid", "state"))
         space = action_space(cfg, stats)
-        a = space.normalize_steps(space.from_dataset(lo["action"].astype(np.float32), lo["state"]))  # [span, A_raw]
-        for t in range(1, T):
-            a0, a1 = (t - 1) * frameskip, t * frameskip
-            actions[t] = a[a0:a1].reshape(-1)
-            valid[t] = bool(lo["action_valid"][a0:a1].all())
+        steps = space.from_dataset(lo["action"].astype(np.float32), lo["state"])[: span - 1]  # [(T-1) fs, A_raw]
+        actions[1:] = space.normalize_frames(space.per_frame(steps))  # frame t: the steps from frame t-1 to t
+        valid[1:] = lo["action_valid"][: span - 1].reshape(T - 1, frameskip).all(1)
     return {Z: z.astype(np.float32), ACTIONS: np.nan_to_num(actions), VALID: valid, PRESENT: present,
             EMBODIMENT: body}
 
