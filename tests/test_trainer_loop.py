@@ -140,8 +140,8 @@ def test_train_fps_sets_the_frameskip_from_each_store_s_rate(multicam_manifest, 
     mixed = tmp_path / "mixed.zarr"  # pusht (10 fps) and the multi-camera set at 5 fps in one store
     shutil.copytree(pusht_store, mixed)
     run_encode(EncodeConfig(manifest=multicam_manifest, store=mixed, fps=5.0, action_kind=kinds, **enc))
-    with pytest.raises(UserError, match=r"stored at different rates: multicam \(stored at 5 fps: every 1\), "
-                                        r"pusht \(stored at 10 fps: every 2\)"):
+    with pytest.raises(UserError, match=r"the labelled sources are stored at different rates \(multicam \(stored at "
+                                        r"5 fps: every 1\), pusht \(stored at 10 fps: every 2\)"):
         run_train(dataclasses.replace(tiny(), store=mixed, out=tmp_path / "r3", steps=2, fps=5.0))
 
 
@@ -177,8 +177,10 @@ def test_mix_weights_set_each_source_share(pusht_store, tmp_path, monkeypatch):
 def test_droid_shaped_and_own_arm_sets_in_one_store_train_eval_and_plan_at_5_fps(tiny_encoder, tmp_path,
                                                                                  monkeypatch):
     """The user's mix in miniature, through the CLI and a registry: the DROID-shaped set (15 fps, action-free, its
-    3 cameras) and the "own arm" set (10 fps, 2 cameras under other keys, 7-D delta-EEF actions) encoded into one
-    store at 5 fps, trained as one model at `--fps 5` with the registry's weights 0.95 / 0.05 (the realised share
+    3 cameras; stored at 5 fps) and the "own arm" set (10 fps, 2 cameras under other keys, 7-D delta-EEF actions;
+    stored at its 10 fps) in one store, trained as one model at `--fps 5` (a model frame is 1 stored frame of the
+    first, 2 of the arm, whose 2 steps add up by its action_kind) with the registry's weights 0.95 / 0.05 (the
+    realised share
     of 10,000 windows within +-1%), camera slots (3 slots; the arm fills two, its missing one masked) and
     proprioception across the two robots (an 8-D and a 7-D state, each with its own statistics); eval reports
     each source on its own cameras, and the planner searches one 7-D action per model frame and costs a 7-D
@@ -212,18 +214,19 @@ def test_droid_shaped_and_own_arm_sets_in_one_store_train_eval_and_plan_at_5_fps
     for name in ("droidlike", "ownarm"):
         ok("ingest", "--dataset", name, "--out", d / f"{name}.parquet", "--val-fraction", "0.3")
     store = d / "mix.zarr"
-    common = ["--store", store, "--encoder", tiny_encoder, "--image-size", "64", "--fps", "5"]
-    for name in ("droidlike", "ownarm"):
-        ok("encode", "--manifest", d / f"{name}.parquet", *common)
+    common = ["--store", store, "--encoder", tiny_encoder, "--image-size", "64"]
+    ok("encode", "--manifest", d / "droidlike.parquet", *common, "--fps", "5")  # every 3rd frame stored
+    ok("encode", "--manifest", d / "ownarm.parquet", *common)  # every frame: the model frame spans 2
     reader = TokenReader(store)
     assert [len(reader.source_attrs(s)["cameras"]) for s in ("droidlike", "ownarm")] == [3, 2]
     run = d / "run"
     ok("train", "--store", store, "--preset", "tiny", "--fps", "5", "--out", run, "--steps", "4",
        "--set", "proprio=true")
     saved = json.loads((run / "config.json").read_text())
-    assert saved["frameskip"] == 1 and saved["mix_weights"] == [["droidlike", 0.95], ["ownarm", 0.05]]
-    cfg = dataclasses.replace(tiny(), store=store, proprio=True, fps=5.0, mix_weights=tuple(
-        (s, w) for s, w in saved["mix_weights"]))
+    assert saved["frameskip"] == 2 and saved["source_frameskip"] == [["droidlike", 1], ["ownarm", 2]]
+    assert saved["mix_weights"] == [["droidlike", 0.95], ["ownarm", 0.05]] and len(saved["action_kinds"]) == 7
+    cfg = dataclasses.replace(tiny(), store=store, proprio=True, fps=5.0, frameskip=2, source_frameskip=(
+        ("droidlike", 1), ("ownarm", 2)), mix_weights=tuple((s, w) for s, w in saved["mix_weights"]))
     draws = [x for st in range(100) for x in WindowSampler(reader, cfg).global_batch(st, 100)]
     assert abs(np.mean([x.source == "ownarm" for x in draws]) - 0.05) <= 0.01
     wm = LoadedWorldModel.load(run)

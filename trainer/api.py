@@ -50,8 +50,10 @@ class LoadedWorldModel:
     def for_source(self, reader: Any, source: str) -> LoadedWorldModel:
         """This model on one source's frames: its store cameras in their slots (the slots it lacks are not
         computed) and, with proprioception across robots, its robot's state. What eval and planning use for
-        that source. Refuses a source with a camera slot or robot the model does not have."""
-        return dataclasses.replace(self, layout=source_layout(self.shape, reader, source))
+        that source, at its own frameskip (sources stored at other rates take another number of store frames
+        per model frame). Refuses a source with a camera slot or robot the model does not have."""
+        cfg = dataclasses.replace(self.cfg, frameskip=self.cfg.frameskip_of(source))
+        return dataclasses.replace(self, cfg=cfg, layout=source_layout(self.shape, reader, source))
 
     @classmethod
     def load(cls, path: Path, *, weights: str = "ema", device: str = "cpu", compile: bool = False

@@ -84,6 +84,9 @@ class TrainConfig:
     context_frames: int = 16
     frameskip: int = 1  # store frames per model frame (set from `fps` when that is given)
     fps: float | None = None  # the model rate: frameskip = each source's stored fps / fps (`data.resolve_rate`)
+    # with `fps` and sources stored at different rates: (source, frameskip) of every training source (`frameskip`
+    # is then the labelled sources' - the action space's - or the first source's); resolved when a run starts
+    source_frameskip: tuple[tuple[str, int], ...] = ()
     # with `fps` and frameskip > 1: per action dimension how a model frame's steps add up (delta | absolute |
     # velocity; from the labelled sources' registry `action_kind`, resolved when a run starts): one action per
     # model frame. Empty: the frame's steps concatenated (frameskip x A wide, runs without `fps`)
@@ -186,6 +189,10 @@ class TrainConfig:
             if step >= s:
                 frames = f
         return frames
+
+    def frameskip_of(self, source: str) -> int:
+        """Store frames per model frame of one source (its stored fps / the model's fps)."""
+        return dict(self.source_frameskip).get(source, self.frameskip)
 
     def max_context(self) -> int:
         return max([self.context_frames, *(f for _, f in self.context_schedule)])
@@ -376,7 +383,7 @@ RESUMABLE_FIELDS = {"steps", "log_every", "eval_every", "ckpt_every", "keep_last
 def learned_differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     """`config_differences` of a run's saved config and a new one, less the fields a resumed run may change. A new
     config that names no mix weights takes the run's (they are resolved when a run starts)."""
-    for key in ("mix_weights", "action_kinds"):  # resolved when the run started
+    for key in ("mix_weights", "action_kinds", "source_frameskip"):  # resolved when the run started
         if not new.get(key):
             new = {**new, key: old.get(key, [])}
     return [d for d in config_differences(old, new) if d.split(":")[0].split(".")[0] not in RESUMABLE_FIELDS]
@@ -389,6 +396,7 @@ def config_from_dict(d: dict[str, Any]) -> TrainConfig:
     for key in ("store", "out", "init_from"):
         if d.get(key) is not None:
             d[key] = Path(d[key])
-    for key in ("sources", "betas", "context_schedule", "tau_max_schedule", "mix_weights", "action_kinds"):
+    for key in ("sources", "betas", "context_schedule", "tau_max_schedule", "mix_weights", "action_kinds",
+                "source_frameskip"):
         d[key] = tuple(tuple(x) if isinstance(x, list) else x for x in d.get(key, ()))
     return TrainConfig(model=model, **d)

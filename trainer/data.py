@@ -222,9 +222,9 @@ def compute_stats(reader: TokenReader, cfg: TrainConfig, shape: TokenShape) -> S
     s2 = np.zeros(shape.enc_dim)
     d2 = np.zeros(shape.enc_dim)  # squared differences of frames one model step (frameskip) apart
     n = 0
-    fs = cfg.frameskip
     for row in rng.permutation(eps.index.to_numpy()):
         e = reader.episodes.loc[row]
+        fs = cfg.frameskip_of(str(e.source))  # one model frame of this source
         if int(e.length) <= fs:
             continue
         k = min(per_ep, int(e.length) - fs)
@@ -238,7 +238,8 @@ def compute_stats(reader: TokenReader, cfg: TrainConfig, shape: TokenShape) -> S
         if 2 * n >= cfg.stats_frames * shape.tokens:
             break
     if n == 0:
-        raise UserError(f"{reader.path}: no train episode has {fs + 1} frames; cannot compute statistics")
+        raise UserError(f"{reader.path}: no train episode is longer than one model frame (frameskip "
+                        f"{cfg.frameskip}); cannot compute statistics")
     mean = s1 / (2 * n)
     std = np.sqrt(np.maximum(s2 / (2 * n) - mean**2, 1e-12))
     delta_var = float(np.mean(d2 / n / std**2))
@@ -255,7 +256,7 @@ def compute_stats(reader: TokenReader, cfg: TrainConfig, shape: TokenShape) -> S
     s_mean, s_std = np.zeros(0), np.ones(0)
     if shape.state_dim:
         bodies = shape.embodiments or (("", shape.state_dim),)
-        per_body = [_state_stats(reader, eps[eps.source.map(lambda src: shape.embodiment_of(src)) == e], w, fs,
+        per_body = [_state_stats(reader, eps[eps.source.map(lambda src: shape.embodiment_of(src)) == e], w, cfg,
                                  delta_var, name) for e, (name, w) in enumerate(bodies)]
         if len(per_body) == 1:
             s_mean, s_std = per_body[0]
@@ -283,10 +284,11 @@ def _model_actions(space: ActionSpace, ep: dict[str, np.ndarray]) -> np.ndarray:
     return frames[ok[idx].all(1)]
 
 
-def _state_stats(reader: TokenReader, eps: pd.DataFrame, width: int, fs: int, delta_var: float, name: str
-                 ) -> tuple[np.ndarray, np.ndarray]:
-    """One robot's state mean and scale over its train episodes."""
+def _state_stats(reader: TokenReader, eps: pd.DataFrame, width: int, cfg: TrainConfig, delta_var: float,
+                 name: str) -> tuple[np.ndarray, np.ndarray]:
+    """One robot's state mean and scale over its train episodes (its change over one model frame of each)."""
     per = [reader.episode(int(r), ("state",))["state"][:, :width].astype(np.float64) for r in eps.index]
+    skips = [cfg.frameskip_of(str(src)) for src in eps.source]
     states = np.concatenate(per) if per else np.zeros((0, width))
     states = states[np.isfinite(states).all(1)]
     if not len(states):
@@ -296,7 +298,7 @@ def _state_stats(reader: TokenReader, eps: pd.DataFrame, width: int, fs: int, de
     # Scale the state so that it changes from frame to frame as much as a patch token does: a robot's state
     # moves a few % of its range per frame, and at unit variance the context noise (ctx_noise) would bury
     # that motion; at this scale the noise is as small against the state's motion as against the patches'.
-    steps = [((x[fs:] - x[:-fs]) / s_std) ** 2 for x in per if len(x) > fs]
+    steps = [((x[fs:] - x[:-fs]) / s_std) ** 2 for x, fs in zip(per, skips) if len(x) > fs]
     dv = float(np.nanmean(np.concatenate(steps))) if steps else float("nan")
     if np.isfinite(dv) and dv > 0:
         s_std = s_std * np.sqrt(dv / max(delta_var, 1e-6))
@@ -313,29 +315,33 @@ class Sample:
 
 
 def resolve_rate(cfg: TrainConfig, reader: TokenReader) -> TrainConfig:
-    """`fps` (the model's rate) -> the frameskip, from the rate each training source is stored at (its dataset's
-    fps, or the lower one it was encoded at with `wmctl encode --fps`). Refuses a rate a source cannot serve
-    (naming the nearest it can) and sources that would need different frameskips (one model rate across sources
-    stored at different rates is not built yet: encode them at a common rate)."""
+    """`fps` (the model's rate) -> each training source's frameskip, from the rate it is stored at (its dataset's
+    fps, or the lower one it was encoded at with `wmctl encode --fps`): a model frame is 1/fps seconds in every
+    source. Sources at different rates get their own frameskip (`source_frameskip`), the labelled ones must share
+    one (the action space's: `frameskip`). Refuses a rate a source cannot serve (naming the nearest it can)."""
     if cfg.fps is None:
         return cfg
     from pipeline.rates import stride_for
 
+    eps = select_episodes(reader, cfg, "train")
+    labelled = set(str(x) for x in eps[eps.has_actions].source.unique())
     need = {}
-    for src in sorted(str(s) for s in select_episodes(reader, cfg, "train").source.unique()):
+    for src in sorted(str(s) for s in eps.source.unique()):
         attrs = reader.source_attrs(src)
         stored = float(attrs.get("stored_fps", attrs["fps"]))
         need[src] = (stride_for(stored, cfg.fps, src, what="--fps"), stored)
-    if len({k for k, _ in need.values()}) > 1:
-        said = ", ".join(f"{s} (stored at {f:g} fps: every {k})" for s, (k, f) in need.items())
-        raise UserError(f"--fps {cfg.fps:g}: the training sources are stored at different rates: {said}; training "
-                        f"one model across them is not built yet: encode them at a common rate (`wmctl encode "
-                        f"--fps {cfg.fps:g}`) or train on some with --sources")
-    k = next(iter(need.values()))[0] if need else cfg.frameskip
-    if k != cfg.frameskip:
-        log.info("--fps %g: frameskip %d (was %d): %s", cfg.fps, k, cfg.frameskip,
-                 ", ".join(f"{s} stored at {f:g} fps" for s, (_, f) in need.items()))
-    return dataclasses.replace(cfg, frameskip=k, action_kinds=_frame_action_kinds(reader, cfg, k))
+    said = ", ".join(f"{s} (stored at {f:g} fps: every {k})" for s, (k, f) in need.items())
+    acting = {need[s][0] for s in labelled}
+    if len(acting) > 1:
+        raise UserError(f"--fps {cfg.fps:g}: the labelled sources are stored at different rates ({said}); their "
+                        f"actions share one action space, so they need one frameskip: encode them at a common rate "
+                        f"(`wmctl encode --fps {cfg.fps:g}`) or train on some with --sources")
+    k = acting.pop() if acting else next(iter(need.values()))[0] if need else cfg.frameskip
+    per_source = tuple((s, n) for s, (n, _) in need.items()) if len({n for n, _ in need.values()}) > 1 else ()
+    if k != cfg.frameskip or per_source:
+        log.info("--fps %g: frameskip %s: %s", cfg.fps, k if not per_source else "per source", said)
+    return dataclasses.replace(cfg, frameskip=k, source_frameskip=per_source,
+                               action_kinds=_frame_action_kinds(reader, cfg, k))
 
 
 def _frame_action_kinds(reader: TokenReader, cfg: TrainConfig, frameskip: int) -> tuple[str, ...]:
@@ -413,26 +419,27 @@ class WindowSampler:
         if cfg.labelled_fraction < 1 and self.pools[False].empty:
             log.warning("no action-free episodes: windows are labelled (null action only via action_dropout)")
 
-    def span(self, T: int) -> int:
-        return (T - 1) * self.cfg.frameskip + 1
+    def spans(self, pool: pd.DataFrame, T: int) -> pd.Series:
+        """Store frames a window of T model frames takes in each episode of `pool` (its source's frameskip)."""
+        return (T - 1) * pool.source.map(self.cfg.frameskip_of) + 1
 
     def global_batch(self, step: int, size: int, T: int | None = None) -> list[Sample]:
         T = T or self.cfg.context_at(step)
-        span = self.span(T)
         rng = np.random.default_rng([self.cfg.seed, step])
         pick = rng.random(size)
         dropout = rng.random(size) < self.cfg.action_dropout
         u = rng.random(size)
-        eligible = {key: self._eligible(pool, span) for key, pool in self.pools.items()}
+        eligible = {key: pool[pool.length >= self.spans(pool, T)] for key, pool in self.pools.items()}
         if all(ok.empty for ok in eligible.values()):
-            raise UserError(f"no episode has the {span} frames a window of {T} frames (frameskip "
-                            f"{self.cfg.frameskip}) needs; lower context_frames")
-        cums = {key: np.cumsum((ok.length - span + 1).to_numpy()) for key, ok in eligible.items()}
+            raise UserError(f"no episode has the frames a window of {T} model frames needs ((T - 1) x frameskip + 1:"
+                            f" {(T - 1) * self.cfg.frameskip + 1} at frameskip {self.cfg.frameskip}); lower "
+                            "context_frames")
+        cums = {key: np.cumsum((ok.length - self.spans(ok, T) + 1).to_numpy()) for key, ok in eligible.items()}
         if self.by_mix:  # the source by weight (a source without a window this long drops out of the draw)
             w = self.weights * np.array([not eligible[s].empty for s in self.sources])
             if not w.sum():
-                raise UserError(f"no source with a positive mix weight has an episode of the {span} frames a window "
-                                f"of {T} frames needs; lower context_frames or change mix_weights")
+                raise UserError(f"no source with a positive mix weight has an episode long enough for a window of {T}"
+                                " frames; lower context_frames or change mix_weights")
             idx = np.searchsorted(np.cumsum(w / w.sum()), pick, side="right")
             keys = [self.sources[min(int(i), len(self.sources) - 1)] for i in idx]
         else:
@@ -448,10 +455,6 @@ class WindowSampler:
             out.append(Sample(int(ok.index[j]), start, bool(e.has_actions and not dropout[i]), step * size + i,
                               str(e.source)))
         return out
-
-    @staticmethod
-    def _eligible(pool: pd.DataFrame, span: int) -> pd.DataFrame:
-        return pool[pool.length >= span]
 
 
 def normalize_patches(patch: np.ndarray, stats: Stats, shape: TokenShape, cameras: int | None = None) -> np.ndarray:
@@ -493,7 +496,7 @@ def load_sample(reader: TokenReader, s: Sample, T: int, cfg: TrainConfig, stats:
     """One window: normalised latents [T, N, Z] (patches, + the state token with proprioception); normalised
     actions [T, A] where actions[t] led into frame t (the frameskip raw actions between frames t-1 and t,
     concatenated, or added up by kind); valid [T] (frame 0 never)."""
-    frameskip = cfg.frameskip
+    frameskip = cfg.frameskip_of(s.source)
     span = (T - 1) * frameskip + 1
     w = reader.read(Window(s.row, s.start, T, frameskip), ("patch", "state") if shape.state_dim else ("patch",))
     slots = list(shape.slots_of(s.source))

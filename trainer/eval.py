@@ -96,21 +96,26 @@ def _same_encoder(reader: TokenReader, wm: LoadedWorldModel) -> None:
 
 def collect_windows(reader: TokenReader, wm: LoadedWorldModel, cfg: EvalConfig, ctx: int
                     ) -> dict[str, list[Windows]]:
-    """Per condition ("labelled", "free"), the windows of each source (a source's frames hold its own cameras)."""
-    fs, H = wm.cfg.frameskip, max(cfg.horizons)
+    """Per condition ("labelled", "free"), the windows of each source (a source's frames hold its own cameras,
+    and a model frame spans its own frameskip)."""
+    H = max(cfg.horizons)
     T = ctx + H
-    span = (T - 1) * fs + 1
     eps = select_episodes(reader, dataclasses.replace(wm.cfg, include_augmented=False), cfg.split)
     if eps.empty:
         raise UserError(f"{reader.path} has no committed {cfg.split!r} episodes; re-ingest with --val-fraction > 0 "
                         "(or evaluate --split train)")
-    ok = eps[eps.length >= span]
+    skips = eps.source.map(wm.cfg.frameskip_of)
+    ok = eps[eps.length >= (T - 1) * skips + 1]
+    fs = wm.cfg.frameskip
+    span = (T - 1) * fs + 1
     if ok.empty:
         raise UserError(f"horizon {H} with {ctx} context frames (frameskip {fs}) needs {span} frames, but the "
                         f"longest {cfg.split} episode has {int(eps.length.max())}; lower --horizons or --context")
     for labelled, name in ((True, "labelled (the with-actions and null-action rows)"), (False, "action-free")):
         have = eps[eps.has_actions == labelled]
         if len(have) and not (ok.has_actions == labelled).any():  # never drop a condition without a word
+            fs = int(skips[have.index].iloc[0])
+            span = (T - 1) * fs + 1
             fits = (int(have.length.max()) - 1) // fs + 1 - ctx
             raise UserError(f"horizon {H} with {ctx} context frames (frameskip {fs}) needs {span} frames, but the "
                             f"longest {name} {cfg.split} episode has {int(have.length.max())}: lower --horizons to "
@@ -124,7 +129,8 @@ def collect_windows(reader: TokenReader, wm: LoadedWorldModel, cfg: EvalConfig, 
             continue
         groups = []
         for src in sorted(set(rows.source)):
-            groups.append(_source_windows(reader, rows[rows.source == src], cfg, T, fs, labelled))
+            groups.append(_source_windows(reader, rows[rows.source == src], cfg, T, wm.cfg.frameskip_of(src),
+                                          labelled))
         out["labelled" if labelled else "free"] = groups
     return out
 
@@ -323,8 +329,11 @@ def run_eval(cfg: EvalConfig) -> dict[str, Any]:
     baselines = [LoadedWorldModel.load(b, weights=cfg.weights, device=cfg.device) for b in cfg.baselines]
     for b in baselines:
         _same_encoder(reader, b)
-        if b.cfg.frameskip != wm.cfg.frameskip:
-            raise UserError(f"baseline {b.name} uses frameskip {b.cfg.frameskip}, the model {wm.cfg.frameskip}")
+        skips = lambda m: (m.cfg.frameskip, dict(m.cfg.source_frameskip))  # noqa: E731
+        if skips(b) != skips(wm):
+            raise UserError(f"baseline {b.name} uses frameskip {b.cfg.frameskip} "
+                            f"{dict(b.cfg.source_frameskip) or ''}, the model {wm.cfg.frameskip} "
+                            f"{dict(wm.cfg.source_frameskip) or ''}: compare models trained at one rate")
     ctx = cfg.context or max(1, wm.window // 2)
     H = max(cfg.horizons)
     k_sweep = cfg.k_sweep or tuple(2**i for i in range(0, 5) if 2**i <= wm.cfg.model.k_max)
