@@ -24,8 +24,9 @@ from pipeline.cli import app
 from pipeline.stage import ConfigMismatchError, UserError
 from trainer.checkpoint import complete_checkpoints, latest_checkpoint, load_state, load_weights
 from trainer.config import apply_overrides, tiny
-from trainer.data import StepBatches, WindowSampler, compute_stats, token_shape
+from trainer.data import StepBatches, WindowSampler, compute_stats
 from trainer.loop import TrainingDiverged, run_train
+from trainer.sources import token_shape
 
 
 def _encode(manifest: Path, store: Path, encoder: Path) -> None:
@@ -265,7 +266,8 @@ def test_camera_slots_put_robots_with_other_cameras_in_one_model(pusht_store, mu
     two widths, and at eval/plan time a robot the model was not trained on, are refused."""
     import shutil
 
-    from trainer.data import PRESENT, source_cameras, source_layout
+    from trainer.data import PRESENT
+    from trainer.sources import source_cameras, source_layout
 
     store = tmp_path / "mix.zarr"
     shutil.copytree(pusht_store, store)

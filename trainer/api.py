@@ -20,7 +20,7 @@ import torch
 from trainer.actions import ActionSpace
 from trainer.checkpoint import load_weights
 from trainer.config import TrainConfig, preset
-from trainer.data import Stats, action_space, latents, source_layout
+from trainer.data import Stats, action_space, latents
 from trainer.model import build_model
 from trainer.runs import RunState, run_dir_of
 from trainer.sampling import (
@@ -32,6 +32,7 @@ from trainer.sampling import (
     rollout_uncached,
     sampling_steps,
 )
+from trainer.sources import source_layout
 from trainer.tokens import FULL_FRAME, FrameLayout, TokenShape, split_state
 
 

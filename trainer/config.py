@@ -83,7 +83,7 @@ class TrainConfig:
     # data
     context_frames: int = 16
     frameskip: int = 1  # store frames per model frame (set from `fps` when that is given)
-    fps: float | None = None  # the model rate: frameskip = each source's stored fps / fps (`data.resolve_rate`)
+    fps: float | None = None  # the model rate: frameskip = each source's stored fps / fps (`sources.resolve_rate`)
     # with `fps` and sources stored at different rates: (source, frameskip) of every training source (`frameskip`
     # is then the labelled sources' - the action space's - or the first source's); resolved when a run starts
     source_frameskip: tuple[tuple[str, int], ...] = ()

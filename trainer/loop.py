@@ -51,13 +51,11 @@ from trainer.data import (
     WindowSampler,
     collate,
     compute_stats,
-    resolve_mix,
-    resolve_rate,
-    token_shape,
 )
 from trainer.model import build_model
 from trainer.objective import batch_layout, compute_loss, predict_last_frame
 from trainer.runs import RunState, new_run_dir
+from trainer.sources import resolve_mix, resolve_rate, token_shape
 from trainer.tokens import FrameLayout, TokenShape, frame_error
 from trainer.tracking import open_tracker
 
