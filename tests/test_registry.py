@@ -86,3 +86,31 @@ def test_a_dataset_without_root_is_found_where_the_installed_lerobot_keeps_it(tm
     assert resolve("my-arm").resolved_root() == home / "me" / "my_arm"
     r = CliRunner().invoke(app, ingest)
     assert r.exit_code == 0, r.output
+
+
+def test_camera_slots_and_embodiment_are_read_and_checked(tmp_path, monkeypatch):
+    """`camera_slots` is a TOML table of slot -> camera key (checked against `cameras` when listed: every camera one
+    slot, no key twice, no unknown key); `embodiment` a string; the built-in DROID entries name both."""
+    droid = resolve("droid")
+    assert [s for s, _ in droid.camera_slots] == ["exterior_1", "exterior_2", "wrist"] and droid.embodiment == "franka"
+    reg = tmp_path / "reg"
+    reg.mkdir()
+    monkeypatch.setenv("WMCTL_REGISTRY", str(reg))
+    head = 'repo_id = "x"\ncameras = ["cam.front", "cam.wrist"]\n'
+    cases = {
+        'camera_slots = ["front"]\n': r"`camera_slots` must be a table of strings.*wrist = ",
+        'camera_slots = { front = "cam.front", top = "cam.top", wrist = "cam.wrist" }\n':
+            r"camera_slots names \['cam.top'\], which are not in `cameras`",
+        'camera_slots = { front = "cam.front" }\n': r"cameras \['cam.wrist'\] have no slot in camera_slots",
+        'camera_slots = { front = "cam.front", back = "cam.front", wrist = "cam.wrist" }\n':
+            r"camera_slots puts \['cam.front'\] in more than one slot",
+        'embodiment = 3\n': r"`embodiment` must be a string",
+    }
+    for body, message in cases.items():
+        (reg / "arm.toml").write_text(head + body)
+        with pytest.raises(UserError, match=message):
+            resolve("arm")
+    (reg / "arm.toml").write_text(head + 'embodiment = "ur5"\ncamera_slots = { exterior_1 = "cam.front", '
+                                  'wrist = "cam.wrist" }\n')
+    spec = resolve("arm")
+    assert spec.camera_slots == (("exterior_1", "cam.front"), ("wrist", "cam.wrist")) and spec.embodiment == "ur5"

@@ -73,8 +73,11 @@ def datasets() -> None:
         except UserError as e:
             table.add_row(name, f"[red]{e}[/red]", "", "", "", "", str(path))
             continue
-        table.add_row(name, s.repo_id, str(s.resolved_root()), str(len(s.cameras) or "all"),
-                      "yes" if s.use_actions else "no", f"{s.mix_weight:g}", str(path))
+        cams = str(len(s.cameras) or "all")
+        if s.camera_slots:  # their roles (the model's camera slots)
+            cams += f": {', '.join(slot for slot, _ in s.camera_slots)}"
+        table.add_row(name, s.repo_id, str(s.resolved_root()), cams, "yes" if s.use_actions else "no",
+                      f"{s.mix_weight:g}", str(path))
     console().print(table)
 
 
