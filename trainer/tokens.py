@@ -26,7 +26,8 @@ import torch
 
 @dataclasses.dataclass(frozen=True)
 class TokenShape:
-    """What the store gives per frame: cameras x (grid_h x grid_w) tokens of width enc_dim; actions."""
+    """A model's frame: camera slots x (grid_h x grid_w) tokens of width enc_dim (+ the state token), its action
+    width, and how each training source's cameras and robot fill it."""
 
     cameras: int
     grid: tuple[int, int]
