@@ -122,8 +122,9 @@ def compute_stats(reader: TokenReader, cfg: TrainConfig, shape: TokenShape) -> S
     s_mean, s_std = np.zeros(0), np.ones(0)
     if shape.state_dim:
         bodies = shape.embodiments or (("", shape.state_dim),)
-        per_body = [_state_stats(reader, eps[eps.source.map(lambda src: shape.embodiment_of(src)) == e], w, cfg,
-                                 delta_var, name) for e, (name, w) in enumerate(bodies)]
+        body_of = np.array([shape.embodiment_of(str(src)) for src in eps.source], dtype=np.int64)
+        per_body = [_state_stats(reader, eps[body_of == e], w, cfg, delta_var, name)
+                    for e, (name, w) in enumerate(bodies)]
         if len(per_body) == 1:
             s_mean, s_std = per_body[0]
         else:  # one row per robot, its own statistics in its first channels
@@ -203,7 +204,9 @@ class WindowSampler:
 
     def spans(self, pool: pd.DataFrame, T: int) -> pd.Series:
         """Store frames a window of T model frames takes in each episode of `pool` (its source's frameskip)."""
-        return (T - 1) * pool.source.map(self.cfg.frameskip_of) + 1
+        skips = [self.cfg.frameskip_of(str(src)) for src in pool.source]  # (not Series.map: a pyarrow string
+        # column maps to strings on some pandas versions)
+        return pd.Series((T - 1) * np.array(skips, dtype=np.int64) + 1, index=pool.index)
 
     def global_batch(self, step: int, size: int, T: int | None = None) -> list[Sample]:
         T = T or self.cfg.context_at(step)

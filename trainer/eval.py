@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 import torch
 
 from featurestore.encoders import check_same_encoder
@@ -104,7 +105,7 @@ def collect_windows(reader: TokenReader, wm: LoadedWorldModel, cfg: EvalConfig, 
     if eps.empty:
         raise UserError(f"{reader.path} has no committed {cfg.split!r} episodes; re-ingest with --val-fraction > 0 "
                         "(or evaluate --split train)")
-    skips = eps.source.map(wm.cfg.frameskip_of)
+    skips = pd.Series([wm.cfg.frameskip_of(str(src)) for src in eps.source], index=eps.index, dtype="int64")
     ok = eps[eps.length >= (T - 1) * skips + 1]
     fs = wm.cfg.frameskip
     span = (T - 1) * fs + 1
@@ -279,7 +280,8 @@ def fit_probe(reader: TokenReader, wm: LoadedWorldModel, cfg: EvalConfig, max_fr
     labelled = [kind[src] for src in eps[eps.has_actions].source]
     chosen = labelled or [kind[src] for src in eps.source]
     if chosen:
-        eps = eps[eps.source.map(kind) == max(set(chosen), key=chosen.count)]
+        top = max(set(chosen), key=chosen.count)
+        eps = eps[np.array([kind[str(src)] == top for src in eps.source], dtype=bool)]
     rng = np.random.default_rng(cfg.seed)
     xs, ys, groups = [], [], []
     per_ep = max(1, max_frames // max(1, len(eps)))
