@@ -13,6 +13,8 @@ import typing
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from pipeline.stage import ConfigMismatchError, UserError, config_differences, to_jsonable
 from trainer.actions import ACTION_MODES
 
@@ -193,6 +195,11 @@ class TrainConfig:
     def frameskip_of(self, source: str) -> int:
         """Store frames per model frame of one source (its stored fps / the model's fps)."""
         return dict(self.source_frameskip).get(source, self.frameskip)
+
+    def frameskips(self, sources) -> np.ndarray:
+        """`frameskip_of` of each entry of an episode table's source column, as int64 (row by row, not
+        `Series.map`: some pandas versions map a pyarrow string column to strings)."""
+        return np.array([self.frameskip_of(str(src)) for src in sources], dtype=np.int64)
 
     def max_context(self) -> int:
         return max([self.context_frames, *(f for _, f in self.context_schedule)])

@@ -155,7 +155,7 @@ def _state_stats(reader: TokenReader, eps: pd.DataFrame, width: int, cfg: TrainC
                  name: str) -> tuple[np.ndarray, np.ndarray]:
     """One robot's state mean and scale over its train episodes (its change over one model frame of each)."""
     per = [reader.episode(int(r), ("state",))["state"][:, :width].astype(np.float64) for r in eps.index]
-    skips = [cfg.frameskip_of(str(src)) for src in eps.source]
+    skips = cfg.frameskips(eps.source)
     states = np.concatenate(per) if per else np.zeros((0, width))
     states = states[np.isfinite(states).all(1)]
     if not len(states):
@@ -195,18 +195,15 @@ class WindowSampler:
             self.sources = sorted(str(s) for s in eps.source.unique())
             self.weights = np.array([weights.get(s, 1.0) for s in self.sources], dtype=np.float64)
             self.pools = {s: eps[eps.source == s] for s in self.sources}
-            return
-        self.pools = {True: eps[eps.has_actions], False: eps[~eps.has_actions]}
-        if cfg.labelled_fraction > 0 and self.pools[True].empty:
-            log.warning("no labelled episodes: every window gets the null action")
-        if cfg.labelled_fraction < 1 and self.pools[False].empty:
-            log.warning("no action-free episodes: windows are labelled (null action only via action_dropout)")
-
-    def spans(self, pool: pd.DataFrame, T: int) -> pd.Series:
-        """Store frames a window of T model frames takes in each episode of `pool` (its source's frameskip)."""
-        skips = [self.cfg.frameskip_of(str(src)) for src in pool.source]  # (not Series.map: a pyarrow string
-        # column maps to strings on some pandas versions)
-        return pd.Series((T - 1) * np.array(skips, dtype=np.int64) + 1, index=pool.index)
+        else:
+            self.pools = {True: eps[eps.has_actions], False: eps[~eps.has_actions]}
+            if cfg.labelled_fraction > 0 and self.pools[True].empty:
+                log.warning("no labelled episodes: every window gets the null action")
+            if cfg.labelled_fraction < 1 and self.pools[False].empty:
+                log.warning("no action-free episodes: windows are labelled (null action only via action_dropout)")
+        # per pool, each episode's length and its source's frameskip (fixed: not recomputed every step)
+        self.lengths = {key: pool.length.to_numpy(np.int64) for key, pool in self.pools.items()}
+        self.skips = {key: cfg.frameskips(pool.source) for key, pool in self.pools.items()}
 
     def global_batch(self, step: int, size: int, T: int | None = None) -> list[Sample]:
         T = T or self.cfg.context_at(step)
@@ -214,12 +211,14 @@ class WindowSampler:
         pick = rng.random(size)
         dropout = rng.random(size) < self.cfg.action_dropout
         u = rng.random(size)
-        eligible = {key: pool[pool.length >= self.spans(pool, T)] for key, pool in self.pools.items()}
+        spans = {key: (T - 1) * skips + 1 for key, skips in self.skips.items()}  # store frames of a window
+        fits = {key: self.lengths[key] >= spans[key] for key in self.pools}
+        eligible = {key: pool[fits[key]] for key, pool in self.pools.items()}
         if all(ok.empty for ok in eligible.values()):
             raise UserError(f"no episode has the frames a window of {T} model frames needs ((T - 1) x frameskip + 1:"
                             f" {(T - 1) * self.cfg.frameskip + 1} at frameskip {self.cfg.frameskip}); lower "
                             "context_frames")
-        cums = {key: np.cumsum((ok.length - self.spans(ok, T) + 1).to_numpy()) for key, ok in eligible.items()}
+        cums = {key: np.cumsum((self.lengths[key] - spans[key] + 1)[fits[key]]) for key in self.pools}
         if self.by_mix:  # the source by weight (a source without a window this long drops out of the draw)
             w = self.weights * np.array([not eligible[s].empty for s in self.sources])
             if not w.sum():

@@ -105,7 +105,7 @@ def collect_windows(reader: TokenReader, wm: LoadedWorldModel, cfg: EvalConfig, 
     if eps.empty:
         raise UserError(f"{reader.path} has no committed {cfg.split!r} episodes; re-ingest with --val-fraction > 0 "
                         "(or evaluate --split train)")
-    skips = pd.Series([wm.cfg.frameskip_of(str(src)) for src in eps.source], index=eps.index, dtype="int64")
+    skips = pd.Series(wm.cfg.frameskips(eps.source), index=eps.index)
     ok = eps[eps.length >= (T - 1) * skips + 1]
     fs = wm.cfg.frameskip
     span = (T - 1) * fs + 1
