@@ -121,10 +121,10 @@ def test_energy_score_matches_a_hand_computed_value():
     from trainer.eval import energy_score
 
     # samples (0,0) and (3,4), truth (0,4): mean distance (4 + 3) / 2 = 3.5, minus |x1 - x2| = 5 weighted
-    # 2 / (2 * 2^2) = 1/4 -> 3.5 - 1.25 = 2.25; one sample: its distance
+    # 2 / (2 * 2 * 1) = 1/2 (fair form) -> 3.5 - 2.5 = 1.0; one sample: its distance
     xs = np.array([[[0.0, 0.0]], [[3.0, 4.0]]])
     y = np.array([[0.0, 4.0]])
-    assert energy_score(xs, y) == pytest.approx([2.25])
+    assert energy_score(xs, y) == pytest.approx([1.0])
     assert energy_score(xs[:1], y) == pytest.approx([4.0])
     # a proper score: the right spread beats a collapsed one for a 1-D standard normal truth (expected values)
     rng = np.random.default_rng(0)
@@ -132,6 +132,11 @@ def test_energy_score_matches_a_hand_computed_value():
     right = rng.standard_normal((8, 4000, 1))
     collapsed = np.zeros((8, 4000, 1))
     assert energy_score(right, truth).mean() < energy_score(collapsed, truth).mean()
+    # fair at small S: 4 true draws beat 4 draws of 0.7x the spread (expected 0.707 vs 0.726 x sqrt(2/pi)); the
+    # plain 1/(2 S^2) form would rank them the other way (0.884 vs 0.849)
+    truth = rng.standard_normal((40_000, 1))
+    right, narrow = rng.standard_normal((4, 40_000, 1)), 0.7 * rng.standard_normal((4, 40_000, 1))
+    assert energy_score(right, truth).mean() < energy_score(narrow, truth).mean()
 
 
 @pytest.mark.parametrize("seed", range(5))

@@ -190,16 +190,20 @@ def sample_set(wm: LoadedWorldModel, win: Windows, ctx: int, cfg: EvalConfig, *,
 
 
 def energy_score(samples_SWD: np.ndarray, truth_WD: np.ndarray) -> np.ndarray:
-    """Energy score of each window's sample set [S, W, D] against the truth [W, D] (Gneiting & Raftery 2007):
-    ES = mean_i |x_i - y| - 1/(2 S^2) sum_ij |x_i - x_j| (Euclidean norms). Lower is better; a proper score
-    (the true distribution minimises it in expectation), for one sample the distance. -> [W]."""
+    """Energy score of each window's sample set [S, W, D] against the truth [W, D] (Gneiting & Raftery 2007), in
+    its fair ensemble form (Ferro 2014): ES = mean_i |x_i - y| - 1/(2 S (S - 1)) sum_{i != j} |x_i - x_j|
+    (Euclidean norms). Its expectation is the score of the distribution the samples come from, so S draws from the
+    true distribution beat any other S-member sampler in expectation; the plain form (1/(2 S^2)) would favour
+    under-dispersed samplers at small S. Lower is better; for one sample the distance. -> [W]."""
     S = samples_SWD.shape[0]
     first = np.linalg.norm(samples_SWD - truth_WD[None], axis=-1).mean(0)
+    if S == 1:
+        return first
     spread = np.zeros_like(first)
     for i in range(S):
         for j in range(i + 1, S):
             spread += np.linalg.norm(samples_SWD[i] - samples_SWD[j], axis=-1)
-    return first - spread / S**2  # the sum over i < j is half the sum over all pairs
+    return first - spread / (S * (S - 1))  # the sum over i < j is half the sum over all pairs
 
 
 def moving_tokens(truth_WPZ: np.ndarray, last_WPZ: np.ndarray, fraction: float) -> np.ndarray:
