@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from featurestore.reader import TokenReader, Window
-from trainer.toyworld import ToyWorld, measure, step, write_toy_world
+from trainer.toyworld import ACTION_RANGE, ToyWorld, measure, step, write_toy_world
 
 
 def test_true_mean_and_variance_are_those_of_the_worlds_own_samples():
@@ -18,6 +18,17 @@ def test_true_mean_and_variance_are_those_of_the_worlds_own_samples():
     np.testing.assert_allclose(draws.mean(0), world.true_mean(pos), atol=0.05)
     np.testing.assert_allclose(draws.var(0), world.true_variance(), rtol=0.1, atol=2e-3)
     assert world.true_variance().max() > 10 * world.true_variance().min()  # the distractor's tokens vary, the rest not
+
+
+def test_the_null_action_mean_averages_the_next_frame_over_the_actions():
+    world = ToyWorld.make(0)
+    pos = np.array([0.3, 2.4])  # near an edge: clipping matters
+    np.testing.assert_allclose(world.null_action_mean(pos, 0, np.random.default_rng(0)), world.true_mean(pos))
+    grid = np.linspace(-ACTION_RANGE, ACTION_RANGE, 41)  # the expectation over the uniform action, by quadrature
+    exact = np.mean([world.true_mean(step(pos, np.array([a, b]))) for a in grid for b in grid], axis=0)
+    mc = world.null_action_mean(pos, 1, np.random.default_rng(0), draws=4000)
+    np.testing.assert_allclose(mc, exact, atol=0.02)
+    assert np.abs(exact - world.true_mean(pos)).max() > 0.1  # not knowing the action blurs the agent
 
 
 def test_the_store_holds_the_world_and_actions_move_the_agent(tmp_path):
@@ -56,4 +67,5 @@ def test_the_study_harness_on_a_briefly_trained_model(tmp_path):
     assert row["oracle_mse"] == pytest.approx(m["true_variance"], rel=0.2)
     assert row["oracle_energy"] < row["k"][4]["energy"]  # nothing beats the truth on a proper score
     assert row["k"][1]["mse"] < row["null_mse"]  # the actions are used
+    assert row["oracle_mse"] < row["oracle_null_mse"] < row["null_mse"] * 1.1  # no model beats the null floor
     assert row["k"][1]["mse"] >= row["oracle_mse"] * 0.9

@@ -22,6 +22,7 @@ from featurestore.synthetic import write_episode_tokens
 
 GRID, DIM = (4, 4), 16
 NOISE = 0.05
+ACTION_RANGE = 0.6  # each action: a 2-D delta uniform in [-ACTION_RANGE, ACTION_RANGE]^2
 DISTRACTOR_AT = (np.array([0.5, 0.5]), np.array([2.5, 2.5]))
 IDENTITY = {"model_id": "toy-token-world", "weights_sha256": "0" * 64, "random_weights": True,
             "grid": list(GRID), "dim": DIM, "patch_size": 16, "num_register_tokens": 0,
@@ -57,6 +58,15 @@ class ToyWorld:
         """E[tokens | agent at pos] [P, Z]: the distractor's two places averaged, no noise."""
         return (self.frame(pos_2, 0, None) + self.frame(pos_2, 1, None)) / 2
 
+    def null_action_mean(self, pos_2: np.ndarray, steps: int, rng: np.random.Generator, draws: int = 256
+                         ) -> np.ndarray:
+        """E[tokens `steps` frames after the agent was at `pos` | the actions unknown] [P, Z] (Monte Carlo over
+        `draws` action sequences of the data's distribution): the best a model without the actions can do."""
+        pos = np.repeat(pos_2[None], draws, axis=0)
+        for _ in range(steps):
+            pos = step(pos, rng.uniform(-ACTION_RANGE, ACTION_RANGE, pos.shape))
+        return np.mean([self.true_mean(p) for p in pos], axis=0)
+
     def true_variance(self) -> np.ndarray:
         """Var[tokens | agent position] per value [P, Z]: the two-point mixture's plus the noise's."""
         half = (bump(DISTRACTOR_AT[0]) - bump(DISTRACTOR_AT[1]))[:, None] * self.distractor / 2
@@ -73,7 +83,7 @@ def step(pos_2: np.ndarray, action_2: np.ndarray) -> np.ndarray:
 
 def write_toy_world(path: Path, *, episodes: int = 64, length: int = 24, seed: int = 0, labelled: bool = True,
                     source: str = "toy", val_every: int = 8) -> Path:
-    """Episodes of the toy world (random actions in [-0.6, 0.6]^2) as one committed segment of `source`; the
+    """Episodes of the toy world (random actions, `ACTION_RANGE`) as one committed segment of `source`; the
     state is the agent position, so the truth of any window can be rebuilt. Every `val_every`-th episode is val."""
     world = ToyWorld.make(0)  # the same world for every source and seed: seeds vary the episodes only
     rng = np.random.default_rng(seed)
@@ -81,7 +91,7 @@ def write_toy_world(path: Path, *, episodes: int = 64, length: int = 24, seed: i
     for e in range(episodes):
         pos = rng.uniform(0, GRID[0] - 1, 2)
         for _ in range(length):
-            a = rng.uniform(-0.6, 0.6, 2)
+            a = rng.uniform(-ACTION_RANGE, ACTION_RANGE, 2)
             patch.append(world.frame(pos, int(rng.integers(2)), rng))
             state.append(pos.copy())
             action.append(a)
@@ -94,17 +104,20 @@ def write_toy_world(path: Path, *, episodes: int = 64, length: int = 24, seed: i
 
 
 def measure(wm, store: Path, *, context: int = 3, horizons: tuple[int, ...] = (1, 3), samples: int = 8,
-            ks: tuple[int, ...] = (1, 2, 4, 8), windows_per_episode: int = 4, seed: int = 0) -> dict:
+            ks: tuple[int, ...] = (1, 2, 4, 8), null_k: int = 4, windows_per_episode: int = 4, seed: int = 0
+            ) -> dict:
     """What `wm` (a LoadedWorldModel trained on the toy world) gets right, against the exact answer, on the val
     windows of `store`, per horizon (normalised tokens, the model's statistics):
     - `oracle_mse`: the true conditional mean's MSE (the floor of any point prediction), `oracle_energy`: the
       energy score of `samples` draws from the true distribution (the floor of any sampler of that size);
     - per K: `mse` of the mean of `samples` samples, `mse_single`, `energy`, and `spread`: the samples' per-value
       variance over the true variance (1 = calibrated, > 1 over-dispersed);
-    - `null_mse`: the K=1 prediction with the null action (the agent's move unknown) next to `ks[0]`'s with the
-      actions: the model uses its actions if null_mse is well above."""
+    - `null_mse`: the MSE of the mean of `samples` samples at K=`null_k` with the null action (the agent's move
+      unknown; the same statistic as `mse` with the actions), next to `oracle_null_mse`, the error of the true
+      conditional mean without the actions (its floor): the model uses its actions if `mse` is well below
+      `null_mse`; how far below it can be is `oracle_mse` / `oracle_null_mse`."""
     from featurestore.reader import TokenReader
-    from trainer.eval import EvalConfig, collect_windows, predict, sample_set, window_scores
+    from trainer.eval import EvalConfig, collect_windows, sample_set, window_scores
 
     reader = TokenReader(store)
     cfg = EvalConfig(ckpt=wm.checkpoint, horizons=horizons, windows_per_episode=windows_per_episode, seed=seed,
@@ -113,10 +126,11 @@ def measure(wm, store: Path, *, context: int = 3, horizons: tuple[int, ...] = (1
     world = ToyWorld.make(0)
     mean, std = wm.stats.token_mean.astype(np.float64), wm.stats.token_std.astype(np.float64)
     norm = lambda x: (np.asarray(x, np.float64) - mean) / std  # noqa: E731
-    H, W = max(horizons), len(win.tokens)
+    W = len(win.tokens)
     rng = np.random.default_rng(seed)
     draws = {k: sample_set(wm, win, context, cfg, use_actions=True, k=k) for k in ks}  # [S, W, len(horizons), P, Z]
-    null = predict(wm, win, context, H, use_actions=False, k=ks[0], seed=seed, batch_size=64)
+    null_k = null_k if wm.sampler else 1
+    null = sample_set(wm, win, context, cfg, use_actions=False, k=null_k).mean(0)  # [W, len(horizons), P, Z]
     true_var = float((world.true_variance() / std**2).mean())
     out: dict = {"windows": W, "samples": samples, "context": context, "true_variance": true_var, "horizons": {}}
     for j, h in enumerate(horizons):
@@ -124,9 +138,12 @@ def measure(wm, store: Path, *, context: int = 3, horizons: tuple[int, ...] = (1
         pos = win.frame_states[:, context + h - 1]  # the agent's true position at that frame
         oracle_mean = norm(np.stack([world.true_mean(p) for p in pos]))
         oracle_draws = norm(np.stack([world.true_samples(p, samples, rng) for p in pos], axis=1))  # [S, W, P, Z]
+        start = win.frame_states[:, context - 1]  # where the agent was at the last context frame
+        oracle_null = norm(np.stack([world.null_action_mean(p, h, rng) for p in start]))
         row = {"oracle_mse": float(((oracle_mean - truth) ** 2).mean()),
                "oracle_energy": float(window_scores(oracle_draws, truth)["energy"].mean()),
-               "null_mse": float(((norm(null[:, h - 1]) - truth) ** 2).mean()), "k": {}}
+               "oracle_null_mse": float(((oracle_null - truth) ** 2).mean()),
+               "null_mse": float(((norm(null[:, j]) - truth) ** 2).mean()), "null_k": null_k, "k": {}}
         for k in ks:
             x = norm(draws[k][:, :, j])
             sc = window_scores(x, truth)
