@@ -34,24 +34,33 @@ BASE = TrainConfig(
     ckpt_every=10_000, val_windows=16, tracker="none",
 )
 
-# each variant: what it changes from BASE (the small preset's recipe: clean context, bootstrap on a quarter)
+# each variant: what it changes from BASE (clean context, bootstrap on a quarter; `model`: ModelConfig changes)
+PLAIN = dict(precondition=False)  # the small preset's recipe: plain x-prediction
 VARIANTS: dict[str, dict] = {
     "recipe": dict(context_mode="clean_context", bootstrap_fraction=0.25),
     "flow_only": dict(context_mode="clean_context", bootstrap_fraction=0.0),
     "dreamer4": dict(context_mode="diffusion_forcing", bootstrap_fraction=1.0),
-    "no_temporal_prior": dict(context_mode="clean_context", bootstrap_fraction=0.25, model=("temporal_prior", False)),
-    "no_skip": dict(context_mode="clean_context", bootstrap_fraction=0.25, model=("precondition_skip", False)),
-    "no_precondition": dict(context_mode="clean_context", bootstrap_fraction=0.25, model=("precondition", False)),
-    "deterministic": dict(context_mode="clean_context", ctx_noise=0.0, model=("kind", "deterministic")),
+    "no_temporal_prior": dict(context_mode="clean_context", bootstrap_fraction=0.25, model=dict(temporal_prior=False)),
+    "no_skip": dict(context_mode="clean_context", bootstrap_fraction=0.25, model=dict(precondition_skip=False)),
+    "no_precondition": dict(context_mode="clean_context", bootstrap_fraction=0.25, model=PLAIN),
+    "no_precondition_flow_only": dict(context_mode="clean_context", bootstrap_fraction=0.0, model=PLAIN),
+    "action_add": dict(context_mode="clean_context", bootstrap_fraction=0.25, model=dict(PLAIN, conditioning="add")),
+    "action_add_time_every_layer": dict(context_mode="clean_context", bootstrap_fraction=0.25,
+                                        model=dict(PLAIN, conditioning="add", time_every=1)),
+    "action_add_flow_only": dict(context_mode="clean_context", bootstrap_fraction=0.0,
+                                 model=dict(PLAIN, conditioning="add")),
+    # the same backbone (plain x-prediction), trained without noise: what the objective alone does
+    "deterministic": dict(context_mode="clean_context", ctx_noise=0.0, model=dict(PLAIN, kind="deterministic")),
+    "deterministic_add": dict(context_mode="clean_context", ctx_noise=0.0,
+                              model=dict(PLAIN, kind="deterministic", conditioning="add")),
+    "teacher_forced": dict(model=dict(kind="teacher_forced")),
+    "dinowm": dict(model=dict(kind="teacher_forced", conditioning="concat", concat_dim=10)),
 }
 
 
 def variant_config(name: str, store: Path, out: Path, steps: int, seed: int) -> TrainConfig:
     changes = dict(VARIANTS[name])
-    model = BASE.model
-    if "model" in changes:
-        key, value = changes.pop("model")
-        model = dataclasses.replace(model, **{key: value})
+    model = dataclasses.replace(BASE.model, **changes.pop("model", {}))
     return dataclasses.replace(BASE, store=store, out=out / name, steps=steps, seed=seed, model=model, **changes)
 
 
@@ -63,24 +72,28 @@ def run(args) -> dict:
     results = {"machine": machine_description(), "steps": args.steps, "episodes": args.episodes, "variants": {}}
     for name in args.variants:
         t0 = time.monotonic()
-        res = run_train(variant_config(name, store, out, args.steps, args.seed))
-        wm = LoadedWorldModel.load(res.run_dir)
-        ks = (1,) if wm.kind == "deterministic" else tuple(args.ks)
+        cfg = variant_config(name, store, out, args.steps, args.seed)
+        done = args.reuse and (cfg.out / "DONE").exists() and \
+            json.loads((cfg.out / "config.json").read_text()).get("steps") == args.steps
+        wm = LoadedWorldModel.load(cfg.out if done else run_train(cfg).run_dir)  # --reuse: measure a finished run
+        ks = (1,) if wm.kind in ("deterministic", "teacher_forced") else tuple(args.ks)
         results["variants"][name] = {**measure(wm, store, samples=args.samples, ks=ks),
-                                     "train_seconds": time.monotonic() - t0}
+                                     "train_seconds": None if done else time.monotonic() - t0}
         print_variant(name, results["variants"][name])
     (out / "study.json").write_text(json.dumps(results, indent=2))
     return results
 
 
 def print_variant(name: str, m: dict) -> None:
-    print(f"\n{name} ({m['windows']} val windows, {m['samples']} samples, train {m['train_seconds']:.0f} s; "
+    took = "reused run" if m["train_seconds"] is None else f"train {m['train_seconds']:.0f} s"
+    print(f"\n{name} ({m['windows']} val windows, {m['samples']} samples, {took}; "
           f"true variance {m['true_variance']:.3f})")
-    print("  h  K   mse(mean) mse(single)  energy  spread | oracle mse  energy | null-action mse")
+    print("  h  K   mse(mean) mse(single)  energy  spread | oracle mse  energy | null-action mse (K) oracle")
     for h, row in m["horizons"].items():
         for k, r in row["k"].items():
             print(f"  {h}  {k:<3} {r['mse']:9.4f} {r['mse_single']:11.4f} {r['energy']:7.4f} {r['spread']:7.2f} | "
-                  f"{row['oracle_mse']:10.4f} {row['oracle_energy']:7.4f} | {row['null_mse']:.4f}")
+                  f"{row['oracle_mse']:10.4f} {row['oracle_energy']:7.4f} | {row['null_mse']:.4f} ({row['null_k']}) "
+                  f"{row['oracle_null_mse']:.4f}")
 
 
 def main() -> None:
@@ -92,6 +105,8 @@ def main() -> None:
     ap.add_argument("--ks", default="1,2,4,8")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default="bench/toy-study")
+    ap.add_argument("--reuse", action="store_true", help="measure a variant's finished run of the same steps again "
+                    "instead of training it anew")
     args = ap.parse_args()
     args.variants = [v for v in args.variants.split(",") if v]
     unknown = set(args.variants) - set(VARIANTS)

@@ -37,9 +37,10 @@ def _inputs(B=2, T=5, seed=1):
     return z, tau, d, a, v
 
 
-@pytest.mark.parametrize("kind", ["shortcut", "teacher_forced"])
-def test_perturbing_a_later_frame_leaves_earlier_outputs_unchanged(kind):
-    m = _model(kind, merge_2x2=True)
+@pytest.mark.parametrize("kind,kw", [("shortcut", {}), ("shortcut", {"conditioning": "add"}),
+                                     ("teacher_forced", {})])
+def test_perturbing_a_later_frame_leaves_earlier_outputs_unchanged(kind, kw):
+    m = _model(kind, merge_2x2=True, **kw)
     z, tau, d, a, v = _inputs()
     run = (lambda z_, a_: m(z_, tau, d, a_, v)) if kind == "shortcut" else (lambda z_, a_: m(z_, a_, v))
     base = run(z, a)
@@ -210,8 +211,9 @@ def test_tau_d_sampling_is_on_the_dyadic_grid():
     assert 0.15 < share < 0.3
 
 
-def test_null_action_path():
-    m = _model()
+@pytest.mark.parametrize("conditioning", ["token", "add"])
+def test_null_action_path(conditioning):
+    m = _model(conditioning=conditioning)
     z, tau, d, a, v = _inputs()
     null = torch.zeros_like(v)
     out_null = m(z, tau, d, a, null)
@@ -224,8 +226,26 @@ def test_null_action_path():
     assert m.action_mlp[0].weight.grad.abs().sum() == 0
 
 
-def test_kv_cached_rollout_equals_uncached():
-    m = _model()
+def test_added_actions_reach_every_latent_token_of_their_frame_only():
+    """conditioning="add": each latent token's input carries its frame's action embedding (the action token
+    too); registers and the shortcut token do not."""
+    m, plain = _model(conditioning="add"), _model()
+    z, tau, d, a, v = _inputs()
+    x_act, x_null = m.tokens(z, tau, d, a, v), m.tokens(z, tau, d, None, None)
+    r, q = m.cfg.registers, m.io.q_tokens
+    act = m.action_token(a, v, *a.shape[:2]) - m.action_token(None, None, *a.shape[:2])  # [B, T, D]
+    assert act.abs().min() > 0
+    torch.testing.assert_close(x_act[:, :, r:r + q] - x_null[:, :, r:r + q], act[:, :, None].expand(-1, -1, q, -1))
+    torch.testing.assert_close(x_act[:, :, -1] - x_null[:, :, -1], act)
+    torch.testing.assert_close(x_act[:, :, :r], x_null[:, :, :r])
+    torch.testing.assert_close(x_act[:, :, -2], x_null[:, :, -2])
+    y_act, y_null = plain.tokens(z, tau, d, a, v), plain.tokens(z, tau, d, None, None)
+    torch.testing.assert_close(y_act[:, :, :-1], y_null[:, :, :-1])  # token conditioning: the action token alone
+
+
+@pytest.mark.parametrize("conditioning", ["token", "add"])
+def test_kv_cached_rollout_equals_uncached(conditioning):
+    m = _model(conditioning=conditioning)
     z, _, _, a, v = _inputs(B=2, T=7)
     v[:, 5] = False  # one null action in the middle
     for k in (1, 4):
@@ -340,6 +360,10 @@ def test_model_config_is_validated():
         ModelConfig(k_max=12)
     with pytest.raises(UserError, match="divide"):
         ModelConfig(dim=30, heads=4)
+    with pytest.raises(UserError, match="shortcut and deterministic"):
+        ModelConfig(kind="teacher_forced", conditioning="add")
+    with pytest.raises(UserError, match="teacher-forced"):
+        ModelConfig(kind="shortcut", conditioning="concat")
 
 
 PSHAPE = TokenShape(cameras=2, grid=(4, 4), enc_dim=8, action_dim=3, state_dim=2)

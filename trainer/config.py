@@ -21,7 +21,7 @@ from trainer.actions import ACTION_MODES
 # shortcut: the shortcut-forcing dynamics; teacher_forced: the DINO-WM-style baseline; deterministic: the control,
 # the shortcut model's transformer trained with plain next-frame x-prediction (clean context, no noise)
 MODEL_KINDS = ("shortcut", "teacher_forced", "deterministic")
-CONDITIONINGS = ("token", "concat")
+CONDITIONINGS = ("token", "concat", "add")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -50,8 +50,10 @@ class ModelConfig:
     rope_theta_time: float = 10_000.0
     k_max: int = 64  # finest shortcut step is 1/k_max
     max_frames: int = 256  # teacher-forced baseline: learned frame embeddings
-    # teacher-forced baseline: actions (and proprio) as one more token per frame, or (DINO-WM) embedded to
-    # `concat_dim` channels each and concatenated to every patch token
+    # how actions enter. Teacher-forced baseline: actions (and proprio) as one more token per frame, or (DINO-WM)
+    # embedded to `concat_dim` channels each and concatenated to every patch token. Shortcut / deterministic:
+    # the action token, and with "add" its embedding also added to every latent token of its frame (each token
+    # sees the frame's action from the first layer, not only through space attention)
     conditioning: str = "token"
     concat_dim: int = 10
 
@@ -71,6 +73,9 @@ class ModelConfig:
             raise UserError(f"model conditioning {self.conditioning!r}: choose one of {CONDITIONINGS}")
         if self.conditioning == "concat" and self.kind != "teacher_forced":
             raise UserError("model.conditioning=concat (DINO-WM) is for --model teacher-forced")
+        if self.conditioning == "add" and self.kind == "teacher_forced":
+            raise UserError("model.conditioning=add is for the shortcut and deterministic models (the teacher-forced "
+                            "baseline takes token or concat)")
         if self.conditioning == "concat" and not 0 < 2 * self.concat_dim < self.dim:
             raise UserError(f"concat_dim {self.concat_dim}: action and proprio channels must leave room in dim "
                             f"{self.dim}")

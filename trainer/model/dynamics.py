@@ -281,9 +281,11 @@ class ShortcutDynamics(nn.Module):
     def tokens(self, z_BTND, tau_BT, d_BT, actions_BTA=None, valid_BT=None, residual_BTND=None,
                prior_BTND=None, layout: FrameLayout = FULL_FRAME) -> torch.Tensor:
         B, T = z_BTND.shape[:2]
-        parts = [self.registers.expand(B, T, -1, -1), self.io.embed(z_BTND, residual_BTND, prior_BTND, layout=layout),
-                 self.shortcut_token(tau_BT, d_BT)[:, :, None],
-                 self.action_token(actions_BTA, valid_BT, B, T)[:, :, None]]
+        latents = self.io.embed(z_BTND, residual_BTND, prior_BTND, layout=layout)
+        action = self.action_token(actions_BTA, valid_BT, B, T)[:, :, None]
+        if self.cfg.conditioning == "add":  # every latent token carries its frame's action from the first layer
+            latents = latents + action
+        parts = [self.registers.expand(B, T, -1, -1), latents, self.shortcut_token(tau_BT, d_BT)[:, :, None], action]
         return torch.cat(parts, dim=2)  # [B, T, S, D]
 
     def readout(self, x_BTSD: torch.Tensor) -> torch.Tensor:
