@@ -10,6 +10,7 @@ import pytest
 from typer.testing import CliRunner
 
 from featurestore.encoders import init_random_dinov3
+from featurestore.reader import TokenReader
 from pipeline.cli import app
 from pipeline.stage import ConfigMismatchError, UserError
 from trainer.api import LoadedWorldModel
@@ -44,7 +45,6 @@ def test_eval_reports_every_condition_against_copy_last_and_a_baseline(tiny_run,
     assert set(res["per_source"]["actions"]) != set(res["per_source"]["action_free"])  # labelled vs free source
     # copy-last is recomputed here from the raw windows with the model's normalisation
     wm = LoadedWorldModel.load(tiny_run)
-    from featurestore.reader import TokenReader
 
     wins = collect_windows(TokenReader(pusht_store), wm, _cfg(tiny_run, tmp_path), res["context"])
     (w,) = wins["free"]  # one action-free source: one group of windows
@@ -139,6 +139,35 @@ def test_energy_score_matches_a_hand_computed_value():
     assert energy_score(right, truth).mean() < energy_score(narrow, truth).mean()
 
 
+def test_state_distance_is_the_sample_means_distance_in_state_units():
+    from trainer.eval import state_distance
+
+    states = np.array([[[[0.0, 0.0]]], [[[2.0, 0.0]]]])  # 2 samples, 1 window, 1 horizon, a 2-D state
+    assert state_distance(states, np.array([[[1.0, 3.0]]]), (1,)) == {1: pytest.approx(3.0)}
+
+
+def test_a_proprio_model_is_scored_on_the_robot_state_it_predicts(pusht_store, tmp_path):
+    """With proprioception eval also scores where the model says the robot goes (state units: pusht pixels),
+    next to copy-last's standing still, on the same windows; a model without it has no state score."""
+    run = run_train(dataclasses.replace(tiny(), store=pusht_store, out=tmp_path / "run", steps=5, proprio=True,
+                                        labelled_fraction=0.5, action_mode="relative_to_state", context_frames=6))
+    res = run_eval(_cfg(run.run_dir, tmp_path, probe=False, plots=False, samples=2, k_sweep=(1,),
+                        baselines=()))
+    wm = LoadedWorldModel.load(run.run_dir)
+    win = collect_windows(TokenReader(pusht_store), wm, EvalConfig(ckpt=run.run_dir, horizons=(1, 3, 6),
+                                                                    windows_per_episode=2), res["context"])
+    for cond, entry in res["conditions"].items():
+        groups = win["labelled" if cond != "action_free" else "free"]
+        ctx = res["context"]
+        still = np.concatenate([np.linalg.norm(w.frame_states[:, ctx + 5] - w.frame_states[:, ctx - 1], axis=-1)
+                                for w in groups])
+        assert entry["copy_last"]["state_dist"][6] == pytest.approx(still.mean())
+        assert np.isfinite(list(entry[res["model"]]["state_dist"].values())).all()
+    # the same model with and without its actions: the state it predicts differs
+    assert res["conditions"]["actions"][res["model"]]["state_dist"] != \
+        res["conditions"]["null_action"][res["model"]]["state_dist"]
+
+
 @pytest.mark.parametrize("seed", range(5))
 def test_sample_mean_mse_never_exceeds_the_mean_single_sample_mse(seed):
     from trainer.eval import moving_tokens, window_scores
@@ -173,3 +202,4 @@ def test_a_sampler_is_scored_on_several_samples_and_baselines_on_one(tiny_run, t
     assert single["samples"] == 1 and all(single["mse"][h] == pytest.approx(single["mse_single"][h]) for h in (1, 3, 6))
     assert single["mse"][6] > mine["mse"][6]  # one sample carries the predictive variance the mean of 3 averages out
     assert set(res["k_sweep"]["energy"]) == {"1", "2"} and res["k_sweep"]["samples"] == 3
+    assert "state_dist" not in mine and "state_dist" not in copy  # no proprioception, no state to score

@@ -154,10 +154,11 @@ def _source_windows(reader: TokenReader, rows, cfg: EvalConfig, T: int, fs: int,
 
 
 def predict(wm: LoadedWorldModel, win: Windows, ctx: int, horizon: int, *, use_actions: bool, k: int, seed: int,
-            batch_size: int, sample: int = 0) -> np.ndarray:
+            batch_size: int, sample: int = 0, states: bool = False):
     """Raw-token predictions [W, H, N, Z] of `wm` for the frames after `ctx` context frames (sample `sample`:
-    its own noise, for a sampler)."""
-    outs = []
+    its own noise, for a sampler). `states`: also the raw robot states it predicts [W, H, S] (None for a model
+    without proprioception), as a pair."""
+    outs, sts = [], []
     for i in range(0, len(win.tokens), batch_size):
         sl = slice(i, i + batch_size)
         z = wm.normalize(win.tokens[sl, :ctx], win.frame_states[sl, :ctx])
@@ -173,7 +174,11 @@ def predict(wm: LoadedWorldModel, win: Windows, ctx: int, horizon: int, *, use_a
         g = torch.Generator().manual_seed(seed * 7919 + i + sample * 1_000_003)
         pred = wm.rollout(z, acts, horizon=horizon, valid_BT=valid, k=k, generator=g)
         outs.append(wm.denormalize(pred).cpu().numpy())
-    return np.concatenate(outs)
+        if states and wm.shape.state_dim:
+            sts.append(wm.state_of(pred).cpu().numpy())
+    if not states:
+        return np.concatenate(outs)
+    return np.concatenate(outs), (np.concatenate(sts) if sts else None)
 
 
 def samples_of(wm: LoadedWorldModel, cfg: EvalConfig) -> int:
@@ -181,12 +186,24 @@ def samples_of(wm: LoadedWorldModel, cfg: EvalConfig) -> int:
     return cfg.samples if wm.sampler else 1
 
 
-def sample_set(wm: LoadedWorldModel, win: Windows, ctx: int, cfg: EvalConfig, *, use_actions: bool, k: int
-               ) -> np.ndarray:
-    """[S, W, len(horizons), N, Z] raw predictions at the evaluated horizons, S = samples_of(wm)."""
+def sample_set(wm: LoadedWorldModel, win: Windows, ctx: int, cfg: EvalConfig, *, use_actions: bool, k: int,
+               states: bool = False):
+    """[S, W, len(horizons), N, Z] raw predictions at the evaluated horizons, S = samples_of(wm). `states`: also
+    the predicted raw robot states [S, W, len(horizons), S_robot] (None without proprioception), as a pair."""
     H, idx = max(cfg.horizons), [h - 1 for h in cfg.horizons]
-    return np.stack([predict(wm, win, ctx, H, use_actions=use_actions, k=k, seed=cfg.seed,
-                             batch_size=cfg.batch_size, sample=s)[:, idx] for s in range(samples_of(wm, cfg))])
+    draws = [predict(wm, win, ctx, H, use_actions=use_actions, k=k, seed=cfg.seed, batch_size=cfg.batch_size,
+                     sample=s, states=True) for s in range(samples_of(wm, cfg))]
+    patches = np.stack([p[:, idx] for p, _ in draws])
+    if not states:
+        return patches
+    return patches, (None if draws[0][1] is None else np.stack([st[:, idx] for _, st in draws]))
+
+
+def state_distance(states_SWHS: np.ndarray, truth_WHS: np.ndarray, horizons: tuple[int, ...]) -> dict[int, float]:
+    """Per horizon, the mean over windows of the Euclidean distance from the sample mean of the predicted robot
+    states to the true state, in the state's own units (pusht: pixels of the agent's position)."""
+    d = np.linalg.norm(states_SWHS.astype(np.float64).mean(0) - truth_WHS, axis=-1)  # [W, H]
+    return {h: float(d[:, j].mean()) for j, h in enumerate(horizons)}
 
 
 def energy_score(samples_SWD: np.ndarray, truth_WD: np.ndarray) -> np.ndarray:
@@ -374,24 +391,30 @@ def run_eval(cfg: EvalConfig) -> dict[str, Any]:
     preds: dict[str, list[np.ndarray]] = {}
     idx = [h - 1 for h in cfg.horizons]
 
-    def score(m: LoadedWorldModel, win: Windows, samples: np.ndarray) -> dict[str, Any]:
+    def score(m: LoadedWorldModel, win: Windows, samples: np.ndarray, states: np.ndarray | None = None
+              ) -> dict[str, Any]:
         truth, last = win.tokens[:, ctx:][:, idx], win.tokens[:, ctx - 1]
-        return errors(m, samples, truth, last, cfg.horizons, moving_fraction=cfg.moving_fraction,
-                      cameras=cams[win.source])
+        out = errors(m, samples, truth, last, cfg.horizons, moving_fraction=cfg.moving_fraction,
+                     cameras=cams[win.source])
+        if states is not None:  # where the model says the robot goes (models with proprioception)
+            out["state_dist"] = state_distance(states, win.frame_states[:, ctx:][:, idx], cfg.horizons)
+        return out
 
-    def samples_for(m: LoadedWorldModel, win: Windows, use: bool, k: int) -> np.ndarray:
-        return sample_set(views[(m.name, win.source)], win, ctx, cfg, use_actions=use, k=k)
+    def samples_for(m: LoadedWorldModel, win: Windows, use: bool, k: int, states: bool = False):
+        return sample_set(views[(m.name, win.source)], win, ctx, cfg, use_actions=use, k=k, states=states)
 
     for cond, groups, use in plan:  # each source's windows on its own cameras, then pooled over windows
         per_source, entries = {}, {}
         preds[cond] = []
         for win in groups:
-            samples = samples_for(wm, win, use, cfg.k)
+            samples, states = samples_for(wm, win, use, cfg.k, states=True)
             preds[cond].append(samples.mean(0))  # the probe reads the sample mean
             copy_last = np.repeat(win.tokens[:, ctx - 1][None, :, None], len(idx), axis=2)
-            entry = {wm.name: score(wm, win, samples), "copy_last": score(wm, win, copy_last)}
+            still = None if states is None else np.repeat(win.frame_states[:, ctx - 1][None, :, None], len(idx), 2)
+            entry = {wm.name: score(wm, win, samples, states), "copy_last": score(wm, win, copy_last, still)}
             for bl in baselines:
-                entry[bl.name] = score(bl, win, samples_for(bl, win, use and bl.shape.action_dim > 0, cfg.k))
+                entry[bl.name] = score(bl, win, *samples_for(bl, win, use and bl.shape.action_dim > 0, cfg.k,
+                                                             states=True))
             per_source[win.source] = {"windows": len(win.tokens), wm.name: entry[wm.name],
                                       "copy_last": entry["copy_last"]}
             for name, e in entry.items():

@@ -39,6 +39,20 @@ def eval_tables(result: dict[str, Any]) -> list:
                       *_cells(errs, hs, keys, best))
         t.add_section()
     tables.append(t)
+    if any("state_dist" in e for entry in result["conditions"].values() for e in entry.values()):
+        t = Table(title="predicted robot state: distance of the sample mean to the true state, in the state's units "
+                        "(copy-last: the robot stays where it was)")
+        t.add_column("condition")
+        t.add_column("model")
+        for h in hs:
+            t.add_column(f"h={h}", justify="right")
+        for cond, entry in result["conditions"].items():
+            for name, errs in entry.items():
+                if "state_dist" in errs:
+                    t.add_row(cond.replace("_", " "), "this model" if name == main else name,
+                              *[f"{errs['state_dist'][h]:.2f}" for h in hs])
+            t.add_section()
+        tables.append(t)
     cams = result.get("cameras") or []
     if len(cams) > 1:
         t = Table(title="per camera: MSE of the sample mean / energy score")
