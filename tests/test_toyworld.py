@@ -47,8 +47,11 @@ def test_the_store_holds_the_world_and_actions_move_the_agent(tmp_path):
 
 @pytest.mark.slow
 def test_the_study_harness_on_a_briefly_trained_model(tmp_path):
-    """measure() against the exact answer: the oracle's error is the true variance, and a model trained for a few
-    hundred steps already beats its null-action self (the agent's move is only in the actions)."""
+    """measure() against the exact answer on a model trained for 120 steps: the oracle's error is the true
+    variance, its samples beat the model's on the energy score, the floor without the actions is above the one
+    with them, and neither floor is beaten. (Whether a model uses its actions takes longer training: the study,
+    `scripts/shortcut_study.py`, reports it; at 120 or 300 steps the with-action and null-action errors are
+    still equal.)"""
     import importlib.util
     from pathlib import Path
 
@@ -57,7 +60,7 @@ def test_the_study_harness_on_a_briefly_trained_model(tmp_path):
     study = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(study)
     store = write_toy_world(tmp_path / "toy.zarr", episodes=24)
-    cfg = study.variant_config("no_precondition", store, tmp_path, steps=120, seed=0)
+    cfg = study.variant_config("action_add", store, tmp_path, steps=120, seed=0)
     from trainer.api import LoadedWorldModel
     from trainer.loop import run_train
 
@@ -66,6 +69,7 @@ def test_the_study_harness_on_a_briefly_trained_model(tmp_path):
     row = m["horizons"][1]
     assert row["oracle_mse"] == pytest.approx(m["true_variance"], rel=0.2)
     assert row["oracle_energy"] < row["k"][4]["energy"]  # nothing beats the truth on a proper score
-    assert row["k"][1]["mse"] < row["null_mse"]  # the actions are used
-    assert row["oracle_mse"] < row["oracle_null_mse"] < row["null_mse"] * 1.1  # no model beats the null floor
+    # the floors: without the actions the truth is further, and no model gets below a floor beyond noise
+    assert row["oracle_mse"] < 0.8 * row["oracle_null_mse"]
+    assert row["null_mse"] > 0.9 * row["oracle_null_mse"]
     assert row["k"][1]["mse"] >= row["oracle_mse"] * 0.9
