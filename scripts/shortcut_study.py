@@ -23,7 +23,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipeline.machine import machine_description  # noqa: E402
 from trainer.api import LoadedWorldModel  # noqa: E402
-from trainer.config import ModelConfig, TrainConfig  # noqa: E402
+from pipeline.stage import to_jsonable  # noqa: E402
+from trainer.config import ModelConfig, TrainConfig, learned_differences  # noqa: E402
 from trainer.loop import run_train  # noqa: E402
 from trainer.toyworld import measure, write_toy_world  # noqa: E402
 
@@ -64,6 +65,12 @@ def variant_config(name: str, store: Path, out: Path, steps: int, seed: int) -> 
     return dataclasses.replace(BASE, store=store, out=out / name, steps=steps, seed=seed, model=model, **changes)
 
 
+def steps_and_recipe_match(cfg: TrainConfig) -> bool:
+    """A finished run in cfg.out was trained for the same steps with the same recipe (what is learned)."""
+    saved = json.loads((cfg.out / "config.json").read_text())
+    return saved.get("steps") == cfg.steps and not learned_differences(saved, to_jsonable(cfg))
+
+
 def run(args) -> dict:
     out = Path(args.out)
     store = out / "toy.zarr"
@@ -73,11 +80,10 @@ def run(args) -> dict:
     for name in args.variants:
         t0 = time.monotonic()
         cfg = variant_config(name, store, out, args.steps, args.seed)
-        done = args.reuse and (cfg.out / "DONE").exists() and \
-            json.loads((cfg.out / "config.json").read_text()).get("steps") == args.steps
+        done = args.reuse and (cfg.out / "DONE").exists() and steps_and_recipe_match(cfg)
         wm = LoadedWorldModel.load(cfg.out if done else run_train(cfg).run_dir)  # --reuse: measure a finished run
         ks = (1,) if wm.kind in ("deterministic", "teacher_forced") else tuple(args.ks)
-        results["variants"][name] = {**measure(wm, store, samples=args.samples, ks=ks),
+        results["variants"][name] = {**measure(wm, store, samples=args.samples, ks=ks, null_k=args.null_k),
                                      "train_seconds": None if done else time.monotonic() - t0}
         print_variant(name, results["variants"][name])
     (out / "study.json").write_text(json.dumps(results, indent=2))
@@ -88,10 +94,12 @@ def print_variant(name: str, m: dict) -> None:
     took = "reused run" if m["train_seconds"] is None else f"train {m['train_seconds']:.0f} s"
     print(f"\n{name} ({m['windows']} val windows, {m['samples']} samples, {took}; "
           f"true variance {m['true_variance']:.3f})")
-    print("  h  K   mse(mean) mse(single)  energy  spread | oracle mse  energy | null-action mse (K) oracle")
+    print("  h  K   mse(mean) mse(single) mean(N->inf)  energy  spread | oracle mse  energy | null-action mse (K) "
+          "oracle")
     for h, row in m["horizons"].items():
         for k, r in row["k"].items():
-            print(f"  {h}  {k:<3} {r['mse']:9.4f} {r['mse_single']:11.4f} {r['energy']:7.4f} {r['spread']:7.2f} | "
+            print(f"  {h}  {k:<3} {r['mse']:9.4f} {r['mse_single']:11.4f} {r['mse_mean_inf']:12.4f} {r['energy']:7.4f} "
+                  f"{r['spread']:7.2f} | "
                   f"{row['oracle_mse']:10.4f} {row['oracle_energy']:7.4f} | {row['null_mse']:.4f} ({row['null_k']}) "
                   f"{row['oracle_null_mse']:.4f}")
 
@@ -103,6 +111,8 @@ def main() -> None:
     ap.add_argument("--episodes", type=int, default=64)
     ap.add_argument("--samples", type=int, default=8)
     ap.add_argument("--ks", default="1,2,4,8")
+    ap.add_argument("--null-k", type=int, default=4, help="K of the null-action samples (a flow-only model: its "
+                    "trained step, k_max)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default="bench/toy-study")
     ap.add_argument("--reuse", action="store_true", help="measure a variant's finished run of the same steps again "

@@ -69,6 +69,7 @@ def test_the_study_harness_on_a_briefly_trained_model(tmp_path):
     row = m["horizons"][1]
     assert row["oracle_mse"] == pytest.approx(m["true_variance"], rel=0.2)
     assert row["oracle_energy"] < row["k"][4]["energy"]  # nothing beats the truth on a proper score
+    assert row["k"][4]["mse_mean_inf"] <= row["k"][4]["mse"]  # the mean of 4 carries a quarter of the variance
     # the floors: without the actions the truth is further, and no model gets below a floor beyond noise
     assert row["oracle_mse"] < 0.8 * row["oracle_null_mse"]
     assert row["null_mse"] > 0.9 * row["oracle_null_mse"]

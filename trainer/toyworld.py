@@ -110,8 +110,10 @@ def measure(wm, store: Path, *, context: int = 3, horizons: tuple[int, ...] = (1
     windows of `store`, per horizon (normalised tokens, the model's statistics):
     - `oracle_mse`: the true conditional mean's MSE (the floor of any point prediction), `oracle_energy`: the
       energy score of `samples` draws from the true distribution (the floor of any sampler of that size);
-    - per K: `mse` of the mean of `samples` samples, `mse_single`, `energy`, and `spread`: the samples' per-value
-      variance over the true variance (1 = calibrated, > 1 over-dispersed);
+    - per K: `mse` of the mean of `samples` samples, `mse_single`, `mse_mean_inf` (the error of the model's own
+      mean prediction, the mean of infinitely many samples, estimated without bias from the two: the number to
+      hold against `oracle_mse`), `energy`, and `spread`: the samples' per-value variance over the true variance
+      (1 = calibrated, > 1 over-dispersed);
     - `null_mse`: the MSE of the mean of `samples` samples at K=`null_k` with the null action (the agent's move
       unknown; the same statistic as `mse` with the actions), next to `oracle_null_mse`, the error of the true
       conditional mean without the actions (its floor): the model uses its actions if `mse` is well below
@@ -148,7 +150,10 @@ def measure(wm, store: Path, *, context: int = 3, horizons: tuple[int, ...] = (1
             x = norm(draws[k][:, :, j])
             sc = window_scores(x, truth)
             spread = float(x.var(axis=0, ddof=1 if len(x) > 1 else 0).mean()) / true_var  # one draw: none
-            row["k"][k] = {"mse": float(sc["mse"].mean()), "mse_single": float(sc["mse_single"].mean()),
+            mse, single, n = float(sc["mse"].mean()), float(sc["mse_single"].mean()), len(x)
+            # the model's mean prediction (N -> inf): E[mse] = bias + var / N, E[single] = bias + var
+            mean_inf = (n * mse - single) / (n - 1) if n > 1 else single
+            row["k"][k] = {"mse": mse, "mse_single": single, "mse_mean_inf": mean_inf,
                            "energy": float(sc["energy"].mean()), "spread": spread}
         out["horizons"][h] = row
     return out
