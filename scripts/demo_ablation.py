@@ -1,0 +1,151 @@
+"""Ablations of the shortcut world model on the demo's tokens, as one command: train each variant with the demo's
+budget (the `small` preset's 600 steps) and several seeds on the same store, evaluate every run on the same val
+windows (eval's seed, 4 samples a window), and print one table: per variant the sample-mean MSE with the actions
+and with the null action, the energy score, K=4 against the best K, the distance of the predicted robot state to
+the true one (models with proprioception), next to copy-last.
+
+    make demo                                                     # writes demo/tokens.zarr (and the demo's runs)
+    .venv/bin/python scripts/demo_ablation.py                     # every variant, seeds 0 and 1 (~5 min a run)
+    .venv/bin/python scripts/demo_ablation.py --variants token,add --seeds 0,1,2
+
+A study (not a test): finished runs of the same steps are reused, so an interrupted study resumes where it
+stopped. Results also go to <out>/ablation.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from pipeline.machine import machine_description  # noqa: E402
+from trainer.config import train_config  # noqa: E402
+from trainer.eval import EvalConfig, run_eval  # noqa: E402
+from trainer.loop import run_train  # noqa: E402
+
+# the demo's baselines (scripts/demo-lib.sh: DINO-WM's structure at the demo's width)
+DINOWM_AT_DEMO_WIDTH = ["model.dim=128", "model.heads=4", "model.kv_heads=4", "batch_size=16", "warmup_steps=50",
+                        "ema_decay=0.99", "num_workers=1", "frameskip=2", "action_mode=relative_to_state",
+                        "proprio=true", "labelled_fraction=0.5"]
+# each variant: (preset, model kind or None, --set overrides)
+VARIANTS: dict[str, tuple[str, str | None, list[str]]] = {
+    "token": ("small", None, []),  # the small preset: the action as one token per frame
+    "add": ("small", None, ["model.conditioning=add"]),  # ... also added to every latent token of its frame
+    "precondition": ("small", None, ["model.precondition=true"]),  # EDM preconditioning around the temporal prior
+    "deterministic": ("small", "deterministic", []),  # the same backbone, no noise: the objective's control
+    "deterministic_add": ("small", "deterministic", ["model.conditioning=add"]),
+    "dinowm": ("dinowm", "teacher_forced", DINOWM_AT_DEMO_WIDTH),
+}
+HORIZONS = (1, 5, 10, 20)
+CONTEXT = 4
+
+
+def run_variant(name: str, seed: int, args) -> dict:
+    preset, kind, sets = VARIANTS[name]
+    out = Path(args.out) / f"{name}-seed{seed}"
+    cfg = train_config(preset, kind=kind, overrides=[*sets, f"seed={seed}", "tracker=none"], store=Path(args.store),
+                       steps=args.steps, out=out)
+    t0 = time.monotonic()
+    done = (out / "DONE").exists() and json.loads((out / "config.json").read_text()).get("steps") == args.steps
+    if not done:
+        run_train(cfg)
+    trained = time.monotonic() - t0
+    # the demo eval's context (the shortcut's 8-frame window / 2) for every variant: the same windows for all
+    ev = run_eval(EvalConfig(ckpt=out, horizons=HORIZONS, episodes=args.episodes, samples=args.samples, probe=False,
+                             plots=False, tracker="none", out=out / "ablation-eval", context=CONTEXT))
+    cond = ev["conditions"]
+    model = ev["model"]
+    row = {"train_seconds": None if done else trained, "kind": ev["kind"], "samples": ev["samples"][model],
+           "windows": ev["windows"]}
+    for c in ("actions", "null_action", "action_free"):
+        if c in cond:
+            row[c] = {key: cond[c][model][key] for key in ("mse", "mse_single", "energy", "state_dist")
+                      if key in cond[c][model]}
+            row[f"{c}_copy_last"] = cond[c]["copy_last"]["mse"]
+            if "state_dist" in cond[c]["copy_last"]:
+                row[f"{c}_copy_last_state"] = cond[c]["copy_last"]["state_dist"]
+    if "k_sweep" in ev:
+        row["k_sweep"] = {"energy": ev["k_sweep"]["mean_energy"], "best_k": ev["k_sweep"]["best_k"],
+                          "k4_within_10pct": ev["k_sweep"]["k_within_10pct_of_best"]}
+    return json.loads(json.dumps(row))  # horizons and K as strings, as in ablation.json
+
+
+def fmt(values: list[float]) -> str:
+    """mean (+- half the range) over seeds."""
+    if len(values) == 1:
+        return f"{values[0]:.3f}"
+    return f"{statistics.fmean(values):.3f}±{(max(values) - min(values)) / 2:.3f}"
+
+
+def print_table(results: dict, seeds: list[int]) -> None:
+    hs = [str(h) for h in HORIZONS]
+    print(f"\nDemo tokens, labelled val windows; mean ± half the range over seeds {seeds}; normalised patch tokens")
+    print("MSE of the sample mean with the actions (h=" + "/".join(hs) + ")")
+    runs = results["runs"]
+    for name in results["variants"]:
+        rs = [runs[f"{name}-seed{s}"] for s in seeds if f"{name}-seed{s}" in runs]
+        if not rs or "actions" not in rs[0]:
+            continue
+        act = "  ".join(fmt([r["actions"]["mse"][h] for r in rs]) for h in hs)
+        null = "  ".join(fmt([r["null_action"]["mse"][h] for r in rs]) for h in hs)
+        gap = "  ".join(fmt([r["null_action"]["mse"][h] - r["actions"]["mse"][h] for r in rs]) for h in hs)
+        energy = "  ".join(fmt([r["actions"]["energy"][h] for r in rs]) for h in hs)
+        print(f"  {name:<18} actions {act}\n  {'':<18} null    {null}\n  {'':<18} null-act {gap}\n"
+              f"  {'':<18} energy  {energy}")
+        if "state_dist" in rs[0]["actions"]:
+            state = {c: "  ".join(fmt([r[c]["state_dist"][h] for r in rs]) for h in hs)
+                     for c in ("actions", "null_action")}
+            print(f"  {'':<18} state distance, actions {state['actions']}; null {state['null_action']}")
+        if "k_sweep" in rs[0]:
+            ks = [(r["k_sweep"]["best_k"], r["k_sweep"]["energy"]["4"] / min(r["k_sweep"]["energy"].values()))
+                  for r in rs]
+            print(f"  {'':<18} best K {[k for k, _ in ks]}, K=4 energy / best: {[round(x, 3) for _, x in ks]}")
+    first = next(iter(runs.values()))
+    print(f"  {'copy-last':<18} actions " + "  ".join(f"{first['actions_copy_last'][h]:.3f}" for h in hs))
+    if "actions_copy_last_state" in first:
+        print(f"  {'':<18} state distance (standing still) "
+              + "  ".join(f"{first['actions_copy_last_state'][h]:.2f}" for h in hs))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--store", default="demo/tokens.zarr")
+    ap.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated, of {', '.join(VARIANTS)}")
+    ap.add_argument("--seeds", default="0,1")
+    ap.add_argument("--steps", type=int, default=600)
+    ap.add_argument("--episodes", type=int, default=8, help="val episodes per condition (the demo's eval: 8)")
+    ap.add_argument("--samples", type=int, default=4)
+    ap.add_argument("--out", default="bench/demo-ablation")
+    args = ap.parse_args()
+    variants = [v for v in args.variants.split(",") if v]
+    unknown = set(variants) - set(VARIANTS)
+    if unknown:
+        ap.error(f"unknown variants {sorted(unknown)}; choose from {', '.join(VARIANTS)}")
+    if not (Path(args.store) / "zarr.json").exists() and not Path(args.store).is_dir():
+        ap.error(f"no token store at {args.store}: run `make demo` first (it writes demo/tokens.zarr) or pass --store")
+    seeds = [int(s) for s in args.seeds.split(",")]
+    results = {"machine": machine_description(), "store": args.store, "steps": args.steps, "variants": variants,
+               "seeds": seeds, "runs": {}}
+    path = Path(args.out) / "ablation.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.exists():  # an earlier invocation's runs on the same store and budget stay in the table
+        old = json.loads(path.read_text())
+        if (old.get("store"), old.get("steps")) == (args.store, args.steps):
+            results["runs"] = old["runs"]
+            results["variants"] = list(dict.fromkeys([*old["variants"], *variants]))
+            results["seeds"] = sorted({*old["seeds"], *seeds})
+    for name in variants:
+        for seed in seeds:
+            results["runs"][f"{name}-seed{seed}"] = run_variant(name, seed, args)
+            path.write_text(json.dumps(results, indent=2))
+            print(f"{name} seed {seed}: done", flush=True)
+    print_table(results, results["seeds"])
+
+
+if __name__ == "__main__":
+    main()
