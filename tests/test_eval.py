@@ -203,3 +203,14 @@ def test_a_sampler_is_scored_on_several_samples_and_baselines_on_one(tiny_run, t
     assert single["mse"][6] > mine["mse"][6]  # one sample carries the predictive variance the mean of 3 averages out
     assert set(res["k_sweep"]["energy"]) == {"1", "2"} and res["k_sweep"]["samples"] == 3
     assert "state_dist" not in mine and "state_dist" not in copy  # no proprioception, no state to score
+
+
+def test_a_one_frame_context_of_a_one_camera_model_is_not_read_as_its_camera_axis(pusht_store, tmp_path):
+    """[B, 1, P, Z] is one frame of one camera: eval (e.g. a DINO-WM-style run alone, whose 3-frame window
+    gives a 1-frame default context) rolls out from it like from any context."""
+    run = run_train(dataclasses.replace(tiny(), store=pusht_store, out=tmp_path / "run", steps=3, proprio=True,
+                                        labelled_fraction=0.5, action_mode="relative_to_state", context_frames=6))
+    res = run_eval(_cfg(run.run_dir, tmp_path, probe=False, plots=False, samples=1, k_sweep=(1,), context=1,
+                        horizons=(1, 2)))
+    assert res["context"] == 1 and res["context_used"][res["model"]] == 1
+    assert all(np.isfinite(res["conditions"]["actions"][res["model"]]["mse"][h]) for h in (1, 2))

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import time
 from pathlib import Path
 from typing import Any
@@ -161,7 +162,10 @@ def predict(wm: LoadedWorldModel, win: Windows, ctx: int, horizon: int, *, use_a
     outs, sts = [], []
     for i in range(0, len(win.tokens), batch_size):
         sl = slice(i, i + batch_size)
-        z = wm.normalize(win.tokens[sl, :ctx], win.frame_states[sl, :ctx])
+        ctx_tokens = win.tokens[sl, :ctx]  # [B, ctx, N, Z] -> with its camera axis [B, ctx, C, P, Z], so that a
+        # one-frame context of a one-camera model is not taken for the camera axis
+        ctx_tokens = ctx_tokens.reshape(*ctx_tokens.shape[:2], -1, math.prod(wm.shape.grid), ctx_tokens.shape[-1])
+        z = wm.normalize(ctx_tokens, win.frame_states[sl, :ctx])
         B = z.shape[0]
         if use_actions:
             steps = wm.action_inputs(np.nan_to_num(win.actions[sl]), win.states[sl])
