@@ -166,6 +166,10 @@ def test_a_proprio_model_is_scored_on_the_robot_state_it_predicts(pusht_store, t
     # the same model with and without its actions: the state it predicts differs
     assert res["conditions"]["actions"][res["model"]]["state_dist"] != \
         res["conditions"]["null_action"][res["model"]]["state_dist"]
+    from trainer.eval_report import eval_tables
+
+    state_table = [t for t in eval_tables(res) if "predicted robot state" in str(t.title)]
+    assert len(state_table) == 1 and state_table[0].row_count == 2 * len(res["conditions"])  # model, copy-last
 
 
 @pytest.mark.parametrize("seed", range(5))

@@ -13,6 +13,18 @@ def _cells(errs: dict, hs: list[int], keys: tuple[str, ...], best: dict[int, flo
     return cells
 
 
+def _per_horizon(title: str, hs: list[int], *columns: str):
+    """A table with these leading columns and one per horizon."""
+    from rich.table import Table
+
+    t = Table(title=title)
+    for c in columns:
+        t.add_column(c)
+    for h in hs:
+        t.add_column(f"h={h}", justify="right")
+    return t
+
+
 def eval_tables(result: dict[str, Any]) -> list:
     from rich.table import Table
 
@@ -40,12 +52,8 @@ def eval_tables(result: dict[str, Any]) -> list:
         t.add_section()
     tables.append(t)
     if any("state_dist" in e for entry in result["conditions"].values() for e in entry.values()):
-        t = Table(title="predicted robot state: distance of the sample mean to the true state, in the state's units "
-                        "(copy-last: the robot stays where it was)")
-        t.add_column("condition")
-        t.add_column("model")
-        for h in hs:
-            t.add_column(f"h={h}", justify="right")
+        t = _per_horizon("predicted robot state: distance of the sample mean to the true state, in the state's "
+                         "units (copy-last: the robot stays where it was)", hs, "condition", "model")
         for cond, entry in result["conditions"].items():
             for name, errs in entry.items():
                 if "state_dist" in errs:
@@ -55,12 +63,7 @@ def eval_tables(result: dict[str, Any]) -> list:
         tables.append(t)
     cams = result.get("cameras") or []
     if len(cams) > 1:
-        t = Table(title="per camera: MSE of the sample mean / energy score")
-        t.add_column("condition")
-        t.add_column("model")
-        t.add_column("camera")
-        for h in hs:
-            t.add_column(f"h={h}", justify="right")
+        t = _per_horizon("per camera: MSE of the sample mean / energy score", hs, "condition", "model", "camera")
         for cond, entry in result["conditions"].items():
             for name, errs in entry.items():
                 for cam, row in errs.get("cameras", {}).items():
