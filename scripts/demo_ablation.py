@@ -8,7 +8,7 @@ the true one (models with proprioception), next to copy-last.
     .venv/bin/python scripts/demo_ablation.py                     # every variant, seeds 0 and 1 (~5 min a run)
     .venv/bin/python scripts/demo_ablation.py --variants token,add --seeds 0,1,2
 
-A study (not a test): finished runs of the same steps are reused, so an interrupted study resumes where it
+A study (not a test): finished runs of the same steps and recipe are reused, so an interrupted study resumes where it
 stopped. Results also go to <out>/ablation.json.
 """
 
@@ -27,6 +27,7 @@ from pipeline.machine import machine_description  # noqa: E402
 from trainer.config import train_config  # noqa: E402
 from trainer.eval import EvalConfig, run_eval  # noqa: E402
 from trainer.loop import run_train  # noqa: E402
+from trainer.runs import finished_as  # noqa: E402
 
 # the demo's baselines (scripts/demo-lib.sh: DINO-WM's structure at the demo's width)
 DINOWM_AT_DEMO_WIDTH = ["model.dim=128", "model.heads=4", "model.kv_heads=4", "batch_size=16", "warmup_steps=50",
@@ -51,7 +52,7 @@ def run_variant(name: str, seed: int, args) -> dict:
     cfg = train_config(preset, kind=kind, overrides=[*sets, f"seed={seed}", "tracker=none"], store=Path(args.store),
                        steps=args.steps, out=out)
     t0 = time.monotonic()
-    done = (out / "DONE").exists() and json.loads((out / "config.json").read_text()).get("steps") == args.steps
+    done = finished_as(out, cfg)
     if not done:
         run_train(cfg)
     trained = time.monotonic() - t0

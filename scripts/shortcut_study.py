@@ -23,9 +23,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipeline.machine import machine_description  # noqa: E402
 from trainer.api import LoadedWorldModel  # noqa: E402
-from pipeline.stage import to_jsonable  # noqa: E402
-from trainer.config import ModelConfig, TrainConfig, learned_differences  # noqa: E402
+from trainer.config import ModelConfig, TrainConfig  # noqa: E402
 from trainer.loop import run_train  # noqa: E402
+from trainer.runs import finished_as  # noqa: E402
 from trainer.toyworld import measure, write_toy_world  # noqa: E402
 
 BASE = TrainConfig(
@@ -65,12 +65,6 @@ def variant_config(name: str, store: Path, out: Path, steps: int, seed: int) -> 
     return dataclasses.replace(BASE, store=store, out=out / name, steps=steps, seed=seed, model=model, **changes)
 
 
-def steps_and_recipe_match(cfg: TrainConfig) -> bool:
-    """A finished run in cfg.out was trained for the same steps with the same recipe (what is learned)."""
-    saved = json.loads((cfg.out / "config.json").read_text())
-    return saved.get("steps") == cfg.steps and not learned_differences(saved, to_jsonable(cfg))
-
-
 def run(args) -> dict:
     out = Path(args.out)
     store = out / "toy.zarr"
@@ -80,7 +74,7 @@ def run(args) -> dict:
     for name in args.variants:
         t0 = time.monotonic()
         cfg = variant_config(name, store, out, args.steps, args.seed)
-        done = args.reuse and (cfg.out / "DONE").exists() and steps_and_recipe_match(cfg)
+        done = args.reuse and finished_as(cfg.out, cfg)
         wm = LoadedWorldModel.load(cfg.out if done else run_train(cfg).run_dir)  # --reuse: measure a finished run
         ks = (1,) if wm.kind in ("deterministic", "teacher_forced") else tuple(args.ks)
         results["variants"][name] = {**measure(wm, store, samples=args.samples, ks=ks, null_k=args.null_k),

@@ -250,3 +250,21 @@ def test_writing_a_dataset_does_not_flood_stderr_with_the_encoder_log(tmp_path):
                         "--episodes", "1", "--frames-per-episode", "8"], capture_output=True, text=True, env=env)
     assert r.returncode == 0, r.stderr[-2000:]
     assert "Svt[info]" not in r.stderr and len(r.stderr.splitlines()) < 40
+
+
+def test_a_finished_run_is_reused_only_for_the_same_steps_and_recipe(tiny_run, pusht_store, tmp_path):
+    """`finished_as`: what the study scripts ask before training a variant again."""
+    import dataclasses
+
+    from trainer.config import tiny
+    from trainer.runs import finished_as
+
+    cfg = dataclasses.replace(tiny(), store=pusht_store, out=tiny_run, steps=30, labelled_fraction=0.5,
+                              action_mode="relative_to_state", context_frames=6)  # as conftest trained it
+    assert finished_as(tiny_run, cfg)
+    assert finished_as(tiny_run, dataclasses.replace(cfg, out=tmp_path / "elsewhere", tracker="none"))  # bookkeeping
+    assert not finished_as(tiny_run, dataclasses.replace(cfg, steps=31))
+    assert not finished_as(tiny_run, dataclasses.replace(cfg, seed=cfg.seed + 1))
+    assert not finished_as(tiny_run, dataclasses.replace(cfg, model=dataclasses.replace(cfg.model,
+                                                                                         conditioning="add")))
+    assert not finished_as(tmp_path, cfg)  # no run there

@@ -155,10 +155,10 @@ def _source_windows(reader: TokenReader, rows, cfg: EvalConfig, T: int, fs: int,
 
 
 def predict(wm: LoadedWorldModel, win: Windows, ctx: int, horizon: int, *, use_actions: bool, k: int, seed: int,
-            batch_size: int, sample: int = 0, states: bool = False):
+            batch_size: int, sample: int = 0) -> tuple[np.ndarray, np.ndarray | None]:
     """Raw-token predictions [W, H, N, Z] of `wm` for the frames after `ctx` context frames (sample `sample`:
-    its own noise, for a sampler). `states`: also the raw robot states it predicts [W, H, S] (None for a model
-    without proprioception), as a pair."""
+    its own noise, for a sampler), and the raw robot states it predicts [W, H, S] (None for a model without
+    proprioception)."""
     outs, sts = [], []
     for i in range(0, len(win.tokens), batch_size):
         sl = slice(i, i + batch_size)
@@ -178,10 +178,8 @@ def predict(wm: LoadedWorldModel, win: Windows, ctx: int, horizon: int, *, use_a
         g = torch.Generator().manual_seed(seed * 7919 + i + sample * 1_000_003)
         pred = wm.rollout(z, acts, horizon=horizon, valid_BT=valid, k=k, generator=g)
         outs.append(wm.denormalize(pred).cpu().numpy())
-        if states and wm.shape.state_dim:
+        if wm.shape.state_dim:
             sts.append(wm.state_of(pred).cpu().numpy())
-    if not states:
-        return np.concatenate(outs)
     return np.concatenate(outs), (np.concatenate(sts) if sts else None)
 
 
@@ -196,7 +194,7 @@ def sample_set(wm: LoadedWorldModel, win: Windows, ctx: int, cfg: EvalConfig, *,
     the predicted raw robot states [S, W, len(horizons), S_robot] (None without proprioception), as a pair."""
     H, idx = max(cfg.horizons), [h - 1 for h in cfg.horizons]
     draws = [predict(wm, win, ctx, H, use_actions=use_actions, k=k, seed=cfg.seed, batch_size=cfg.batch_size,
-                     sample=s, states=True) for s in range(samples_of(wm, cfg))]
+                     sample=s) for s in range(samples_of(wm, cfg))]
     patches = np.stack([p[:, idx] for p, _ in draws])
     if not states:
         return patches

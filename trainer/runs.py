@@ -21,9 +21,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from pipeline.stage import UserError
+from pipeline.stage import UserError, to_jsonable
 from trainer.checkpoint import latest_checkpoint, load_state, resolve_checkpoint
-from trainer.config import TrainConfig, config_from_dict
+from trainer.config import TrainConfig, config_from_dict, learned_differences
 from trainer.data import Stats
 from trainer.tokens import TokenShape
 
@@ -129,3 +129,14 @@ def saved_config(run_dir: Path) -> TrainConfig | None:
 
         return config_from_dict(json.loads((run_dir / "config.json").read_text()))
     return None
+
+
+def finished_as(run_dir: Path, cfg: TrainConfig) -> bool:
+    """Whether `run_dir` holds a run that finished (DONE) training `cfg`: the same steps and nothing learned
+    differently (`learned_differences`; store, output folder and bookkeeping may differ). Studies reuse such a
+    run instead of training it again."""
+    if not (Path(run_dir) / "DONE").is_file():
+        return False
+    saved = saved_config(run_dir)
+    return saved is not None and saved.steps == cfg.steps and \
+        not learned_differences(to_jsonable(saved), to_jsonable(cfg))
