@@ -457,8 +457,9 @@ def prepare(cfg: EncodeConfig) -> tuple[TokenStore, HFDinoEncoder, SourceInfo, l
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     encoder = HFDinoEncoder(cfg.encoder, preprocess=cfg.preprocess, device=cfg.resolved_device())
+    recorded = TokenStore.recorded_encoder(cfg.store)  # an existing store's: its hash of these weights is kept
     try:
-        store = TokenStore.create_or_open(cfg.store, encoder.identity(), cfg.layout)
+        store = TokenStore.create_or_open(cfg.store, encoder.identity(recorded), cfg.layout)
     except UserError:
         if not cfg.force:
             raise

@@ -102,14 +102,30 @@ class Encoder(Protocol):
     def encode(self, frames_BHWC: torch.Tensor) -> dict[str, torch.Tensor]: ...
 
 
-def weights_sha256(model: torch.nn.Module) -> str:
-    """sha256 over the state dict (sorted names, dtypes, shapes, bytes): independent of the file format."""
+def weights_sha256(model: torch.nn.Module | dict[str, torch.Tensor]) -> str:
+    """sha256 over a state dict (sorted names, dtypes, shapes, bytes): independent of the file format."""
     h = hashlib.sha256()
-    for name, tensor in sorted(model.state_dict().items()):
+    state = model if isinstance(model, dict) else model.state_dict()
+    for name, tensor in sorted(state.items()):
         t = tensor.detach().cpu().contiguous()
         h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
         h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return h.hexdigest()
+
+
+def saved_weights_sha256(folder: Path | None) -> str | None:
+    """`weights_sha256` of the tensors in a checkpoint folder's safetensors files, under the names they are saved
+    with (None: no such files). transformers renames modules between versions (5.x moved DINOv3's layers under
+    `model.`) but keeps loading the saved names, so this hash, unlike the loaded model's, survives an upgrade."""
+    files = sorted(Path(folder).glob("*.safetensors")) if folder is not None else []
+    if not files:
+        return None
+    from safetensors.torch import load_file
+
+    state: dict[str, torch.Tensor] = {}
+    for f in files:
+        state.update(load_file(f))
+    return weights_sha256(state)
 
 
 def _processor_settings(path: Path | None) -> dict[str, Any]:
@@ -182,19 +198,29 @@ class HFDinoEncoder:
             raise UserError(f"image size {self.preprocess.height}x{self.preprocess.width} is not a multiple of the "
                             f"patch size {self.patch_size}")
         self.grid = (self.preprocess.height // self.patch_size, self.preprocess.width // self.patch_size)
-        self._sha = weights_sha256(self.model)
+        # the identity's hash: of the checkpoint as saved (stable across transformers versions); the loaded
+        # model's hash under its module names is what stores and runs made before recorded: both are these weights
+        loaded, saved = weights_sha256(self.model), saved_weights_sha256(local)
+        self._sha = saved or loaded
+        self.weights_hashes = {loaded, self._sha}
         if self.random_weights:
             log.warning("encoder %s has RANDOM weights (made by `wmctl encoder init-random`): tokens are not "
                         "DINO features; results only exercise the pipeline", self.model_id)
 
-    def identity(self) -> dict[str, Any]:
+    def identity(self, recorded: dict[str, Any] | None = None) -> dict[str, Any]:
+        """What tokens made by this encoder record. With `recorded` (an identity a store or run holds): its
+        weights hash where that names these very weights (`weights_hashes`: as saved, or as an older wmctl
+        hashed the loaded model), so the two compare equal on everything else."""
         cfg = self.model.config.to_dict()
+        sha = self._sha
+        if recorded is not None and recorded.get("weights_sha256") in self.weights_hashes:
+            sha = recorded["weights_sha256"]
         arch = {k: cfg.get(k) for k in ("model_type", "hidden_size", "num_hidden_layers", "num_attention_heads",
                                          "intermediate_size", "patch_size", "num_register_tokens", "layer_norm_eps",
                                          "use_gated_mlp", "rope_theta") if k in cfg}
         return {
             "model_id": self.model_id,
-            "weights_sha256": self._sha,
+            "weights_sha256": sha,
             "random_weights": self.random_weights,
             "architecture": arch,
             "preprocess": dataclasses.asdict(self.preprocess),
@@ -231,7 +257,7 @@ def check_same_encoder(expected: dict[str, Any], found: dict[str, Any], *, what:
 def encoder_for(identity: dict[str, Any], device: str = "cpu") -> HFDinoEncoder:
     """The encoder an identity names (its weights and preprocessing), checked to be that very encoder."""
     enc = HFDinoEncoder(identity["model_id"], preprocess=Preprocess.from_dict(identity["preprocess"]), device=device)
-    check_same_encoder(identity, enc.identity(), what=identity["model_id"],
+    check_same_encoder(identity, enc.identity(identity), what=identity["model_id"],
                        fix="the weights at that path changed; use the encoder the run was trained on")
     return enc
 

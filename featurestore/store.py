@@ -148,6 +148,14 @@ class TokenStore:
         return cls(path, attrs)
 
     @classmethod
+    def recorded_encoder(cls, path: Path) -> dict[str, Any] | None:
+        """The encoder identity a store at `path` was made with; None where there is no readable store yet."""
+        try:
+            return cls.open_existing(path).attrs["encoder"] if (Path(path) / "zarr.json").is_file() else None
+        except UserError:
+            return None  # create_or_open says what is wrong with it
+
+    @classmethod
     def create_or_open(cls, path: Path, encoder: dict[str, Any], layout: StoreLayout) -> TokenStore:
         """Open a store made with the same encoder identity and layout, or create it. Refuses others."""
         path = Path(path)

@@ -288,6 +288,38 @@ def test_other_encoder_is_refused_with_the_differing_fields(pusht_manifest, tiny
     assert TokenReader(store).encoder["model_id"] == str(other.resolve())
 
 
+def test_an_encoder_is_known_by_its_saved_weights_and_by_the_hash_older_stores_recorded(pusht_manifest,
+                                                                                         tiny_encoder, tmp_path):
+    """transformers renames modules between versions (the DINOv3 layers moved under `model.` in 5.x), which changed
+    the loaded model's state-dict hash for the same weights file: a store, run or closed loop made before an upgrade
+    was refused as "the weights changed". The identity now hashes the checkpoint as saved; the loaded model's hash
+    (what stores made before recorded) still names the same encoder; other weights stay refused."""
+    import json
+
+    from featurestore.encoders import encoder_for, saved_weights_sha256, weights_sha256
+
+    enc = HFDinoEncoder(str(tiny_encoder), preprocess=PRE)
+    saved = saved_weights_sha256(tiny_encoder)
+    assert enc.identity()["weights_sha256"] == saved
+    # the saved hash does not depend on the names the installed transformers gives the modules
+    renamed = {f"wrapper.{k}": v for k, v in enc.model.state_dict().items()}
+    assert weights_sha256(renamed) != weights_sha256(enc.model)
+    legacy = dict(enc.identity(), weights_sha256=weights_sha256(enc.model))  # what an older wmctl recorded
+    assert encoder_for(legacy).identity(legacy) == legacy
+    with pytest.raises(ConfigMismatchError, match="weights_sha256"):
+        encoder_for(dict(legacy, weights_sha256="1" * 64))
+    # a store recorded with the legacy hash resumes: nothing re-encoded, the recorded identity kept
+    store = tmp_path / "s.zarr"
+    first = run_encode(_cfg(pusht_manifest, store, tiny_encoder))
+    root = json.loads((store / "zarr.json").read_text())
+    key = next(k for k, v in root["attributes"].items() if isinstance(v, dict) and "encoder" in v)
+    root["attributes"][key]["encoder"]["weights_sha256"] = legacy["weights_sha256"]
+    (store / "zarr.json").write_text(json.dumps(root))
+    again = run_encode(_cfg(pusht_manifest, store, tiny_encoder))
+    assert first.segments_committed > 0 and again.segments_committed == 0
+    assert TokenReader(store).encoder["weights_sha256"] == legacy["weights_sha256"]
+
+
 def test_second_dataset_appends_a_source(pusht_manifest, pusht_free_manifest, tiny_encoder,
                                                          tmp_path):
     store = tmp_path / "s.zarr"
