@@ -5,6 +5,7 @@ next to the oracle (true conditional mean and true samples) and the null-action 
 
     .venv/bin/python scripts/shortcut_study.py --steps 600                # every variant, ~2 min each on 2 cores
     .venv/bin/python scripts/shortcut_study.py --variants recipe,flow_only --steps 300
+    .venv/bin/python scripts/shortcut_study.py --action-range 1.5 --out bench/toy-study-a1.5   # actions decide more
 
 A benchmark-style study (not a test; tests/test_toyworld.py runs a short version with assertions). Same data,
 seed and budget for every variant; results also go to <out>/study.json.
@@ -26,7 +27,7 @@ from trainer.api import LoadedWorldModel  # noqa: E402
 from trainer.config import ModelConfig, TrainConfig  # noqa: E402
 from trainer.loop import run_train  # noqa: E402
 from trainer.runs import finished_as  # noqa: E402
-from trainer.toyworld import measure, write_toy_world  # noqa: E402
+from trainer.toyworld import ACTION_RANGE, measure, write_toy_world  # noqa: E402
 
 BASE = TrainConfig(
     model=ModelConfig(dim=64, depth=4, heads=4, kv_heads=2, registers=2, time_every=2, k_max=16),
@@ -68,16 +69,24 @@ def variant_config(name: str, store: Path, out: Path, steps: int, seed: int) -> 
 def run(args) -> dict:
     out = Path(args.out)
     store = out / "toy.zarr"
-    if not store.exists():
-        write_toy_world(store, episodes=args.episodes)
-    results = {"machine": machine_description(), "steps": args.steps, "episodes": args.episodes, "variants": {}}
+    world = {"episodes": args.episodes, "action_range": args.action_range}
+    made = out / "world.json"  # the world this folder's store and runs were made of
+    if store.exists():
+        have = json.loads(made.read_text()) if made.is_file() else {"episodes": args.episodes, "action_range": ACTION_RANGE}
+        if have != world:
+            sys.exit(f"{out} holds the toy world {have}, not {world}: give another --out (or the same settings)")
+    else:
+        write_toy_world(store, episodes=args.episodes, action_range=args.action_range)
+        made.write_text(json.dumps(world))
+    results = {"machine": machine_description(), "steps": args.steps, **world, "variants": {}}
     for name in args.variants:
         t0 = time.monotonic()
         cfg = variant_config(name, store, out, args.steps, args.seed)
         done = args.reuse and finished_as(cfg.out, cfg)
         wm = LoadedWorldModel.load(cfg.out if done else run_train(cfg).run_dir)  # --reuse: measure a finished run
         ks = (1,) if wm.kind in ("deterministic", "teacher_forced") else tuple(args.ks)
-        results["variants"][name] = {**measure(wm, store, samples=args.samples, ks=ks, null_k=args.null_k),
+        results["variants"][name] = {**measure(wm, store, samples=args.samples, ks=ks, null_k=args.null_k,
+                                               action_range=args.action_range),
                                      "train_seconds": None if done else time.monotonic() - t0}
         print_variant(name, results["variants"][name])
     (out / "study.json").write_text(json.dumps(results, indent=2))
@@ -107,6 +116,8 @@ def main() -> None:
     ap.add_argument("--ks", default="1,2,4,8")
     ap.add_argument("--null-k", type=int, default=4, help="K of the null-action samples (a flow-only model: its "
                     "trained step, k_max)")
+    ap.add_argument("--action-range", type=float, default=ACTION_RANGE, help="actions uniform in +- this: how far one "
+                    "moves the agent, so how much of the next frame they explain (the null action's floor)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default="bench/toy-study")
     ap.add_argument("--reuse", action="store_true", help="measure a variant's finished run of the same steps again "

@@ -20,24 +20,44 @@ def test_true_mean_and_variance_are_those_of_the_worlds_own_samples():
     assert world.true_variance().max() > 10 * world.true_variance().min()  # the distractor's tokens vary, the rest not
 
 
-def test_the_null_action_mean_averages_the_next_frame_over_the_actions():
-    world = ToyWorld.make(0)
+@pytest.mark.parametrize("action_range", [ACTION_RANGE, 1.5])
+def test_the_null_action_mean_averages_the_next_frame_over_the_actions(action_range):
+    world = ToyWorld.make(0, action_range)
     pos = np.array([0.3, 2.4])  # near an edge: clipping matters
     np.testing.assert_allclose(world.null_action_mean(pos, 0, np.random.default_rng(0)), world.true_mean(pos))
-    grid = np.linspace(-ACTION_RANGE, ACTION_RANGE, 41)  # the expectation over the uniform action, by quadrature
+    grid = ((np.arange(81) + 0.5) / 81 * 2 - 1) * action_range  # E over the uniform action: midpoint quadrature
     exact = np.mean([world.true_mean(step(pos, np.array([a, b]))) for a in grid for b in grid], axis=0)
-    mc = world.null_action_mean(pos, 1, np.random.default_rng(0), draws=4000)
+    mc = world.null_action_mean(pos, 1, np.random.default_rng(0), draws=16000)
     np.testing.assert_allclose(mc, exact, atol=0.02)
     assert np.abs(exact - world.true_mean(pos)).max() > 0.1  # not knowing the action blurs the agent
 
 
+def test_larger_actions_explain_more_of_the_next_frame():
+    """The null action's floor (the error of the true mean without the actions) grows with the action range,
+    the oracle's (the true variance) does not: a wider range makes "the model uses its actions" measurable."""
+    rng = np.random.default_rng(0)
+    starts = rng.uniform(0, 3, (24, 2))
+    floors = []
+    for action_range in (ACTION_RANGE, 1.5):
+        world = ToyWorld.make(0, action_range)
+        err = []
+        for pos in starts:
+            moved = step(pos, world.action(rng))
+            err.append(((world.null_action_mean(pos, 1, rng, draws=512) - world.true_mean(moved)) ** 2).mean())
+        floors.append(float(np.mean(err)))
+    assert floors[1] > 1.5 * floors[0]
+    with pytest.raises(ValueError, match="action_range"):
+        ToyWorld.make(0, 0.0)
+
+
 def test_the_store_holds_the_world_and_actions_move_the_agent(tmp_path):
-    store = write_toy_world(tmp_path / "toy.zarr", episodes=8, length=10)
+    store = write_toy_world(tmp_path / "toy.zarr", episodes=8, length=10, action_range=1.5)
     reader = TokenReader(store)
     eps = reader.episodes
     assert len(eps) == 8 and set(eps.split) == {"train", "val"}
     w = reader.read(Window(0, 0, 10), ("patch", "state", "action"))
-    world = ToyWorld.make(0)
+    assert 0.6 < np.abs(w["action"]).max() <= 1.5  # the store's actions are of the range asked for
+    world = ToyWorld.make(0, 1.5)
     for t in range(9):
         np.testing.assert_allclose(w["state"][t + 1], step(w["state"][t], w["action"][t]), atol=1e-6)
     # a frame is the world's mean frame at the agent's position up to the distractor and the noise

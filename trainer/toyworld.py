@@ -22,7 +22,7 @@ from featurestore.synthetic import write_episode_tokens
 
 GRID, DIM = (4, 4), 16
 NOISE = 0.05
-ACTION_RANGE = 0.6  # each action: a 2-D delta uniform in [-ACTION_RANGE, ACTION_RANGE]^2
+ACTION_RANGE = 0.6  # default: each action a 2-D delta uniform in [-ACTION_RANGE, ACTION_RANGE]^2
 DISTRACTOR_AT = (np.array([0.5, 0.5]), np.array([2.5, 2.5]))
 IDENTITY = {"model_id": "toy-token-world", "weights_sha256": "0" * 64, "random_weights": True,
             "grid": list(GRID), "dim": DIM, "patch_size": 16, "num_register_tokens": 0,
@@ -41,12 +41,22 @@ class ToyWorld:
     background: np.ndarray  # [P, Z]
     agent: np.ndarray  # [Z] the agent blob's feature
     distractor: np.ndarray  # [Z]
+    action_range: float = ACTION_RANGE  # actions uniform in [-action_range, action_range]^2: how much they decide
 
     @classmethod
-    def make(cls, seed: int = 0) -> ToyWorld:
+    def make(cls, seed: int = 0, action_range: float = ACTION_RANGE) -> ToyWorld:
+        """The world of `seed` (its background and blobs); `action_range` sets how far one action moves the agent
+        and so how much of the next frame the actions explain (the null action's floor against the oracle's)."""
+        if action_range <= 0:
+            raise ValueError(f"action_range {action_range} must be positive")
         rng = np.random.default_rng(seed)
         P = GRID[0] * GRID[1]
-        return cls(rng.standard_normal((P, DIM)) * 0.5, rng.standard_normal(DIM), rng.standard_normal(DIM))
+        return cls(rng.standard_normal((P, DIM)) * 0.5, rng.standard_normal(DIM), rng.standard_normal(DIM),
+                   float(action_range))
+
+    def action(self, rng: np.random.Generator, shape=(2,)) -> np.ndarray:
+        """Actions of the data's distribution."""
+        return rng.uniform(-self.action_range, self.action_range, shape)
 
     def frame(self, pos_2: np.ndarray, where: int, rng: np.random.Generator | None) -> np.ndarray:
         """Tokens [P, Z] with the agent at `pos`, the distractor at place `where`, noise from `rng` (None: none)."""
@@ -64,7 +74,7 @@ class ToyWorld:
         `draws` action sequences of the data's distribution): the best a model without the actions can do."""
         pos = np.repeat(pos_2[None], draws, axis=0)
         for _ in range(steps):
-            pos = step(pos, rng.uniform(-ACTION_RANGE, ACTION_RANGE, pos.shape))
+            pos = step(pos, self.action(rng, pos.shape))
         return np.mean([self.true_mean(p) for p in pos], axis=0)
 
     def true_variance(self) -> np.ndarray:
@@ -82,16 +92,17 @@ def step(pos_2: np.ndarray, action_2: np.ndarray) -> np.ndarray:
 
 
 def write_toy_world(path: Path, *, episodes: int = 64, length: int = 24, seed: int = 0, labelled: bool = True,
-                    source: str = "toy", val_every: int = 8) -> Path:
-    """Episodes of the toy world (random actions, `ACTION_RANGE`) as one committed segment of `source`; the
-    state is the agent position, so the truth of any window can be rebuilt. Every `val_every`-th episode is val."""
-    world = ToyWorld.make(0)  # the same world for every source and seed: seeds vary the episodes only
+                    source: str = "toy", val_every: int = 8, action_range: float = ACTION_RANGE) -> Path:
+    """Episodes of the toy world (random actions in +-`action_range`) as one committed segment of `source`; the
+    state is the agent position, so the truth of any window can be rebuilt. Every `val_every`-th episode is val.
+    `measure` must be given the same `action_range`."""
+    world = ToyWorld.make(0, action_range)  # the same world for every source and seed: seeds vary the episodes only
     rng = np.random.default_rng(seed)
     patch, action, state, table = [], [], [], []
     for e in range(episodes):
         pos = rng.uniform(0, GRID[0] - 1, 2)
         for _ in range(length):
-            a = rng.uniform(-ACTION_RANGE, ACTION_RANGE, 2)
+            a = world.action(rng)
             patch.append(world.frame(pos, int(rng.integers(2)), rng))
             state.append(pos.copy())
             action.append(a)
@@ -104,8 +115,8 @@ def write_toy_world(path: Path, *, episodes: int = 64, length: int = 24, seed: i
 
 
 def measure(wm, store: Path, *, context: int = 3, horizons: tuple[int, ...] = (1, 3), samples: int = 8,
-            ks: tuple[int, ...] = (1, 2, 4, 8), null_k: int = 4, windows_per_episode: int = 4, seed: int = 0
-            ) -> dict:
+            ks: tuple[int, ...] = (1, 2, 4, 8), null_k: int = 4, windows_per_episode: int = 4, seed: int = 0,
+            action_range: float = ACTION_RANGE) -> dict:
     """What `wm` (a LoadedWorldModel trained on the toy world) gets right, against the exact answer, on the val
     windows of `store`, per horizon (normalised tokens, the model's statistics):
     - `oracle_mse`: the true conditional mean's MSE (the floor of any point prediction), `oracle_energy`: the
@@ -125,7 +136,7 @@ def measure(wm, store: Path, *, context: int = 3, horizons: tuple[int, ...] = (1
     cfg = EvalConfig(ckpt=wm.checkpoint, horizons=horizons, windows_per_episode=windows_per_episode, seed=seed,
                      samples=samples, batch_size=64)
     (win,) = collect_windows(reader, wm, cfg, context)["labelled"]  # the toy store's one labelled source
-    world = ToyWorld.make(0)
+    world = ToyWorld.make(0, action_range)  # the store's world (`write_toy_world`'s action range)
     mean, std = wm.stats.token_mean.astype(np.float64), wm.stats.token_std.astype(np.float64)
     norm = lambda x: (np.asarray(x, np.float64) - mean) / std  # noqa: E731
     W = len(win.tokens)
