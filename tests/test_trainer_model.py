@@ -97,6 +97,15 @@ def test_softcap_path_equals_sdpa_when_the_cap_is_far():
     assert (c(x) - a(x)).abs().max() > 1e-3
 
 
+@pytest.mark.parametrize("cap", [0.5, 50.0])
+def test_softcap_in_sigmoid_form_gives_the_tanh_cap_s_attention_weights(cap):
+    from trainer.model.common import _softcap
+
+    logits = torch.randn(3, 2, 7, 9) * 20
+    want = (torch.tanh(logits * (0.3 / cap)) * cap).softmax(-1)
+    torch.testing.assert_close(_softcap(logits, cap, 0.3).softmax(-1), want, rtol=0, atol=2e-6)
+
+
 def test_rope_scores_depend_only_on_relative_position():
     g = torch.Generator().manual_seed(0)
     q, k = torch.randn(1, 1, 1, 16, generator=g), torch.randn(1, 1, 1, 16, generator=g)

@@ -133,11 +133,22 @@ class Attention(nn.Module):
         G, M = k.shape[1], k.shape[2]
         rep = H // G
         logits = (q.reshape(B, G, rep * L, E) @ k.transpose(-1, -2)).float()  # [B, G, rep*L, M]
-        logits = torch.tanh(logits * (1 / (self.softcap * math.sqrt(E)))) * self.softcap
+        logits = _softcap(logits, self.softcap, 1 / math.sqrt(E))
         if mask_LM is not None:  # [L, M], or per batch row [B, 1, L or 1, M]
             m = mask_LM[:, :, None] if mask_LM.dim() == 4 else mask_LM
             logits = logits.view(B, G, rep, L, M).masked_fill(~m, float("-inf")).view(B, G, rep * L, M)
         return (_softmax(logits).to(v.dtype) @ v).view(B, H, L, E)
+
+
+def _softcap(logits: torch.Tensor, cap: float, scale: float) -> torch.Tensor:
+    """cap * tanh(scale * logits / cap), up to a constant the softmax that follows ignores: written as
+    2 cap * sigmoid(2 scale * logits / cap) (cap * tanh(u) = 2 cap * sigmoid(2u) - cap), because torch's CPU
+    tanh is single-threaded and ~6x slower than its sigmoid (409,600 values: 1040 vs 166 us, 2 cores). Exact
+    math; in float32 the capped logits carry an absolute error of ~1e-7 x cap (6e-6 at cap 50, the rounding of
+    values that large anyway), so a cap far above the logits (> 1e3, effectively none) keeps the tanh form."""
+    if cap > 1e3:
+        return torch.tanh(logits * (scale / cap)) * cap
+    return torch.sigmoid(logits * (2 * scale / cap)) * (2 * cap)
 
 
 def _softmax(x: torch.Tensor) -> torch.Tensor:
