@@ -35,11 +35,11 @@ DINOWM_AT_DEMO_WIDTH = ["model.dim=128", "model.heads=4", "model.kv_heads=4", "b
                         "proprio=true", "labelled_fraction=0.5"]
 # each variant: (preset, model kind or None, --set overrides)
 VARIANTS: dict[str, tuple[str, str | None, list[str]]] = {
-    "token": ("small", None, []),  # the small preset: the action as one token per frame
-    "add": ("small", None, ["model.conditioning=add"]),  # ... also added to every latent token of its frame
+    "token": ("small", None, ["model.conditioning=token"]),  # the action as one token per frame only
+    "add": ("small", None, ["model.conditioning=add"]),  # the small preset: also added to every latent token
     "precondition": ("small", None, ["model.precondition=true"]),  # EDM preconditioning around the temporal prior
-    "deterministic": ("small", "deterministic", []),  # the same backbone, no noise: the objective's control
-    "deterministic_add": ("small", "deterministic", ["model.conditioning=add"]),
+    "deterministic": ("small", "deterministic", []),  # the same backbone (add), no noise: the objective's control
+    "deterministic_token": ("small", "deterministic", ["model.conditioning=token"]),
     "dinowm": ("dinowm", "teacher_forced", DINOWM_AT_DEMO_WIDTH),
 }
 HORIZONS = (1, 5, 10, 20)

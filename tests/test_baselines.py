@@ -62,6 +62,9 @@ def test_presets_and_kinds_are_checked():
         train_config("dinowm", kind="shortcut")
     det = train_config("small", kind="deterministic")
     assert det.ctx_noise == 0.0 and det.context_mode == "clean_context"
+    assert det.model.conditioning == train_config("small").model.conditioning == "add"  # same backbone
+    # a teacher-forced model of the small preset's size takes its actions as tokens (add is not one of its modes)
+    assert train_config("small", kind="teacher-forced").model.conditioning == "token"
     with pytest.raises(UserError, match="ctx_noise=0"):
         train_config("small", kind="deterministic", overrides=["ctx_noise=0.1"])
 

@@ -241,11 +241,14 @@ def small() -> TrainConfig:
     with absolute targets only learned to copy the last frame; proprioception gives the agent's position, which
     the patches of a 96-px frame barely resolve (see README, "World model"). No preconditioning (plain
     x-prediction): with it the samples were over-dispersed and got worse with more sampling steps, on the toy world
-    (`scripts/shortcut_study.py`: spread 1.37x the true one at K=8, 1.01x without) and on the demo data.
+    (`scripts/shortcut_study.py`: spread 1.37x the true one at K=8, 1.01x without) and on the demo data. Actions
+    added to every latent token (`conditioning="add"`): on the toy world the model's mean prediction came to the
+    true conditional mean (0.105 vs 0.103 at h=1; the action token alone: 0.121), on the demo the predicted robot
+    state 2.3-2.9x closer to the truth at h >= 5, and the closed loop no worse (4/10 vs 3/10, same trials).
     """
     return TrainConfig(
         model=ModelConfig(dim=128, depth=4, heads=4, kv_heads=2, registers=4, time_every=2, k_max=16,
-                          merge_2x2=True, precondition=False),
+                          merge_2x2=True, precondition=False, conditioning="add"),
         context_frames=8, frameskip=2, steps=600, batch_size=16, warmup_steps=50, lr=1e-3, weight_decay=0.05,
         labelled_fraction=0.5, context_mode="clean_context", action_mode="relative_to_state", proprio=True,
         log_every=25,
@@ -370,7 +373,11 @@ def train_config(preset_name: str | None, *, kind: str | None = None,
     def build(start: TrainConfig) -> TrainConfig:
         changes = {k: v for k, v in fields.items() if v is not None and v != ()}
         if kind is not None:
-            changes["model"] = dataclasses.replace(start.model, kind=kind.replace("-", "_"))
+            new_kind = kind.replace("-", "_")
+            # a preset's shortcut conditioning `add` is not the teacher-forced model's: its size, actions as tokens
+            cond = "token" if new_kind == "teacher_forced" and start.model.conditioning == "add" else \
+                start.model.conditioning
+            changes["model"] = dataclasses.replace(start.model, kind=new_kind, conditioning=cond)
             if changes["model"].kind == "deterministic":
                 changes.update(ctx_noise=0.0, context_mode="clean_context")
         return apply_overrides(dataclasses.replace(start, **changes), list(overrides))
