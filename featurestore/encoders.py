@@ -199,21 +199,29 @@ class HFDinoEncoder:
                             f"patch size {self.patch_size}")
         self.grid = (self.preprocess.height // self.patch_size, self.preprocess.width // self.patch_size)
         # the identity's hash: of the checkpoint as saved (stable across transformers versions); the loaded
-        # model's hash under its module names is what stores and runs made before recorded: both are these weights
-        loaded, saved = weights_sha256(self.model), saved_weights_sha256(local)
-        self._sha = saved or loaded
-        self.weights_hashes = {loaded, self._sha}
+        # model's hash under its module names (what stores and runs made before recorded) only when asked for
+        self._sha = saved_weights_sha256(local) or weights_sha256(self.model)
+        self._hashes: frozenset[str] | None = None
         if self.random_weights:
             log.warning("encoder %s has RANDOM weights (made by `wmctl encoder init-random`): tokens are not "
                         "DINO features; results only exercise the pipeline", self.model_id)
 
+    def weights_hashes(self) -> frozenset[str]:
+        """The hashes that name these weights: as saved (the identity's), and the loaded model's state dict under
+        the installed transformers' module names (what wmctl recorded before the saved hash; computed once, on the
+        first ask: it reads every weight)."""
+        if self._hashes is None:
+            self._hashes = frozenset({self._sha, weights_sha256(self.model)})
+        return self._hashes
+
     def identity(self, recorded: dict[str, Any] | None = None) -> dict[str, Any]:
         """What tokens made by this encoder record. With `recorded` (an identity a store or run holds): its
-        weights hash where that names these very weights (`weights_hashes`: as saved, or as an older wmctl
+        weights hash where that names these very weights (`weights_hashes()`: as saved, or as an older wmctl
         hashed the loaded model), so the two compare equal on everything else."""
         cfg = self.model.config.to_dict()
         sha = self._sha
-        if recorded is not None and recorded.get("weights_sha256") in self.weights_hashes:
+        if recorded is not None and recorded.get("weights_sha256") not in (None, sha) and \
+                recorded["weights_sha256"] in self.weights_hashes():
             sha = recorded["weights_sha256"]
         arch = {k: cfg.get(k) for k in ("model_type", "hidden_size", "num_hidden_layers", "num_attention_heads",
                                          "intermediate_size", "patch_size", "num_register_tokens", "layer_norm_eps",
