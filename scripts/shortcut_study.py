@@ -85,8 +85,7 @@ def run(args) -> dict:
         done = args.reuse and finished_as(cfg.out, cfg)
         wm = LoadedWorldModel.load(cfg.out if done else run_train(cfg).run_dir)  # --reuse: measure a finished run
         ks = (1,) if wm.kind in ("deterministic", "teacher_forced") else tuple(args.ks)
-        results["variants"][name] = {**measure(wm, store, samples=args.samples, ks=ks, null_k=args.null_k,
-                                               action_range=args.action_range),
+        results["variants"][name] = {**measure(wm, store, samples=args.samples, ks=ks, null_k=args.null_k),
                                      "train_seconds": None if done else time.monotonic() - t0}
         print_variant(name, results["variants"][name])
     (out / "study.json").write_text(json.dumps(results, indent=2))

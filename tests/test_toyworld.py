@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from featurestore.reader import TokenReader, Window
-from trainer.toyworld import ACTION_RANGE, ToyWorld, measure, step, write_toy_world
+from pipeline.stage import ConfigMismatchError
+from trainer.toyworld import ACTION_RANGE, ToyWorld, measure, step, world_of, write_toy_world
 
 
 def test_true_mean_and_variance_are_those_of_the_worlds_own_samples():
@@ -63,6 +64,11 @@ def test_the_store_holds_the_world_and_actions_move_the_agent(tmp_path):
     # a frame is the world's mean frame at the agent's position up to the distractor and the noise
     dev = np.abs(w["patch"][:, 0].astype(np.float64) - np.stack([world.true_mean(p) for p in w["state"]]))
     assert dev.max() < np.sqrt(world.true_variance()).max() + 0.3
+    # the store knows its world (what `measure` scores against), and refuses episodes of another
+    recorded = world_of(store)
+    assert recorded.action_range == 1.5 and np.array_equal(recorded.true_mean(np.ones(2)), world.true_mean(np.ones(2)))
+    with pytest.raises(ConfigMismatchError, match="action_range"):
+        write_toy_world(store, episodes=8, length=10, action_range=ACTION_RANGE, source="more")
 
 
 @pytest.mark.slow

@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from featurestore.synthetic import write_episode_tokens
+from pipeline.stage import UserError
 
 GRID, DIM = (4, 4), 16
 NOISE = 0.05
@@ -95,7 +96,8 @@ def write_toy_world(path: Path, *, episodes: int = 64, length: int = 24, seed: i
                     source: str = "toy", val_every: int = 8, action_range: float = ACTION_RANGE) -> Path:
     """Episodes of the toy world (random actions in +-`action_range`) as one committed segment of `source`; the
     state is the agent position, so the truth of any window can be rebuilt. Every `val_every`-th episode is val.
-    `measure` must be given the same `action_range`."""
+    The store records its world (the action range) in its identity: `measure` rebuilds that world, and a store
+    refuses episodes of another one."""
     world = ToyWorld.make(0, action_range)  # the same world for every source and seed: seeds vary the episodes only
     rng = np.random.default_rng(seed)
     patch, action, state, table = [], [], [], []
@@ -110,13 +112,27 @@ def write_toy_world(path: Path, *, episodes: int = 64, length: int = 24, seed: i
         table.append({"episode_index": e, "view": 0, "start": e * length, "length": length,
                       "split": "val" if e % val_every == val_every - 1 else "train", "has_actions": labelled,
                       "task": "move the agent", "augment": None})
-    return write_episode_tokens(path, IDENTITY, source=source, patch_FPZ=np.stack(patch), action_FA=np.stack(action),
-                                state_FS=np.stack(state), table=table, labelled=labelled)
+    return write_episode_tokens(path, identity_of(world), source=source, patch_FPZ=np.stack(patch),
+                                action_FA=np.stack(action), state_FS=np.stack(state), table=table, labelled=labelled)
+
+
+def identity_of(world: ToyWorld) -> dict:
+    """The store identity of a toy world's tokens: the toy 'encoder' and the world they come from."""
+    return dict(IDENTITY, world={"seed": 0, "action_range": world.action_range})
+
+
+def world_of(store: Path) -> ToyWorld:
+    """The world a toy store's tokens come from (stores written before the identity recorded it: the default)."""
+    from featurestore.reader import TokenReader
+
+    recorded = TokenReader(store).encoder
+    if recorded.get("model_id") != IDENTITY["model_id"]:
+        raise UserError(f"{store}: not a toy-world store (its tokens come from {recorded.get('model_id')!r})")
+    return ToyWorld.make(0, float(recorded.get("world", {}).get("action_range", ACTION_RANGE)))
 
 
 def measure(wm, store: Path, *, context: int = 3, horizons: tuple[int, ...] = (1, 3), samples: int = 8,
-            ks: tuple[int, ...] = (1, 2, 4, 8), null_k: int = 4, windows_per_episode: int = 4, seed: int = 0,
-            action_range: float = ACTION_RANGE) -> dict:
+            ks: tuple[int, ...] = (1, 2, 4, 8), null_k: int = 4, windows_per_episode: int = 4, seed: int = 0) -> dict:
     """What `wm` (a LoadedWorldModel trained on the toy world) gets right, against the exact answer, on the val
     windows of `store`, per horizon (normalised tokens, the model's statistics):
     - `oracle_mse`: the true conditional mean's MSE (the floor of any point prediction), `oracle_energy`: the
@@ -136,7 +152,7 @@ def measure(wm, store: Path, *, context: int = 3, horizons: tuple[int, ...] = (1
     cfg = EvalConfig(ckpt=wm.checkpoint, horizons=horizons, windows_per_episode=windows_per_episode, seed=seed,
                      samples=samples, batch_size=64)
     (win,) = collect_windows(reader, wm, cfg, context)["labelled"]  # the toy store's one labelled source
-    world = ToyWorld.make(0, action_range)  # the store's world (`write_toy_world`'s action range)
+    world = world_of(store)
     mean, std = wm.stats.token_mean.astype(np.float64), wm.stats.token_std.astype(np.float64)
     norm = lambda x: (np.asarray(x, np.float64) - mean) / std  # noqa: E731
     W = len(win.tokens)
