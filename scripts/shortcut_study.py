@@ -27,7 +27,7 @@ from trainer.api import LoadedWorldModel  # noqa: E402
 from trainer.config import ModelConfig, TrainConfig  # noqa: E402
 from trainer.loop import run_train  # noqa: E402
 from trainer.runs import finished_as  # noqa: E402
-from trainer.toyworld import ACTION_RANGE, measure, write_toy_world  # noqa: E402
+from trainer.toyworld import ACTION_RANGE, measure, world_of, write_toy_world  # noqa: E402
 
 BASE = TrainConfig(
     model=ModelConfig(dim=64, depth=4, heads=4, kv_heads=2, registers=2, time_every=2, k_max=16),
@@ -73,8 +73,9 @@ def run(args) -> dict:
     made = out / "world.json"  # the world this folder's store and runs were made of
     if store.exists():
         have = json.loads(made.read_text()) if made.is_file() else {"episodes": args.episodes, "action_range": ACTION_RANGE}
-        if have != world:
-            sys.exit(f"{out} holds the toy world {have}, not {world}: give another --out (or the same settings)")
+        if have != world or world_of(store).action_range != args.action_range:
+            sys.exit(f"{out} holds the toy world {have}, not {world} (or its store predates the world in its "
+                     "identity): give another --out (or the same settings)")
     else:
         write_toy_world(store, episodes=args.episodes, action_range=args.action_range)
         made.write_text(json.dumps(world))
