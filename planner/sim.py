@@ -218,7 +218,7 @@ def observation_encoder(wm: WorldModel, device: str) -> Callable[[np.ndarray, np
 
     def encode(images: np.ndarray, robot_state: np.ndarray) -> torch.Tensor:
         patch = enc.encode(torch.from_numpy(np.ascontiguousarray(images)))["patch"]  # [C, P, Z]
-        return wm.normalize(patch[0] if len(patch) == 1 else patch, robot_state)
+        return wm.normalize(patch, robot_state)
 
     return encode
 

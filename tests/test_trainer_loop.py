@@ -508,6 +508,12 @@ def test_proprio_run_learns_the_state_and_plans_with_it(pusht_store, tmp_path):
         wm.normalize(w["patch"][:2])
     z = wm.normalize(w["patch"][:2], w["state"][:2])
     assert z.shape == (2, 17, 32)
+    # the camera axis is part of the layout, also for one camera: one frame keeps its frame axis, and frames
+    # without the camera axis are refused (before, [T, P, Z] was taken as flattened, and [1, P, Z] lost its T)
+    assert wm.normalize(w["patch"][:1], w["state"][:1]).shape == (1, 17, 32)
+    assert wm.normalize(w["patch"][0], w["state"][0]).shape == (17, 32)
+    with pytest.raises(ValueError, match="camera axis included"):
+        wm.normalize(w["patch"][:2, 0], w["state"][:2])
     torch.testing.assert_close(wm.state_of(z), torch.as_tensor(w["state"][:2]), rtol=1e-4, atol=1e-3)
     torch.testing.assert_close(wm.denormalize(z), torch.as_tensor(w["patch"][:2]).flatten(1, 2), rtol=1e-4,
                                atol=1e-4)

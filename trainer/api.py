@@ -138,8 +138,8 @@ class LoadedWorldModel:
 
     def normalize(self, tokens: np.ndarray | torch.Tensor, state: np.ndarray | torch.Tensor | None = None
                   ) -> torch.Tensor:
-        """Store patch tokens [..., C, P, Z] or [..., P, Z] (+ raw states [..., S] for a model with
-        proprioception) -> normalised latents [..., N, Z] (float32), the state as the last token."""
+        """Store patch tokens [..., C, P, Z] (the camera axis also for one camera; + raw states [..., S] for a
+        model with proprioception) -> normalised latents [..., N, Z] (float32), the state as the last token."""
         try:
             z = latents(np.asarray(tokens), None if state is None else np.asarray(state), self.stats, self.shape,
                         self.layout.count(self.shape), self.embodiment)

@@ -242,11 +242,15 @@ class WindowSampler:
 
 
 def normalize_patches(patch: np.ndarray, stats: Stats, shape: TokenShape, cameras: int | None = None) -> np.ndarray:
-    """Store patch tokens [..., C, P, Z] or [..., N, Z] -> normalised patch latents [..., N, Z] (float32); C is
-    `cameras` (a source's own count) or the model's."""
+    """Store patch tokens [..., C, P, Z] -> normalised patch latents [..., C * P, Z] (float32); C is `cameras` (a
+    source's own count) or the model's. The camera axis is required, also for one camera: without it a one-frame
+    [1, P, Z] could be frames or cameras."""
     p = np.asarray(patch, dtype=np.float32)
-    if p.shape[-3:-1] == (cameras or shape.cameras, shape.grid[0] * shape.grid[1]):
-        p = p.reshape(*p.shape[:-3], -1, p.shape[-1])
+    want = (cameras or shape.cameras, shape.grid[0] * shape.grid[1])
+    if p.ndim < 3 or p.shape[-3:-1] != want:
+        raise ValueError(f"patch tokens of shape {p.shape}: expected [..., cameras {want[0]}, tokens {want[1]}, "
+                         f"{p.shape[-1] if p.ndim else '?'}] (the store's layout, camera axis included)")
+    p = p.reshape(*p.shape[:-3], -1, p.shape[-1])
     return ((p - stats.token_mean) / stats.token_std).astype(np.float32)
 
 

@@ -162,8 +162,7 @@ def predict(wm: LoadedWorldModel, win: Windows, ctx: int, horizon: int, *, use_a
     outs, sts = [], []
     for i in range(0, len(win.tokens), batch_size):
         sl = slice(i, i + batch_size)
-        ctx_tokens = win.tokens[sl, :ctx]  # [B, ctx, N, Z] -> with its camera axis [B, ctx, C, P, Z], so that a
-        # one-frame context of a one-camera model is not taken for the camera axis
+        ctx_tokens = win.tokens[sl, :ctx]  # [B, ctx, N, Z] -> with its camera axis [B, ctx, C, P, Z]
         ctx_tokens = ctx_tokens.reshape(*ctx_tokens.shape[:2], -1, math.prod(wm.shape.grid), ctx_tokens.shape[-1])
         z = wm.normalize(ctx_tokens, win.frame_states[sl, :ctx])
         B = z.shape[0]
@@ -287,7 +286,8 @@ def errors(ref: LoadedWorldModel, samples_raw: np.ndarray, true_raw: np.ndarray,
 
 def _probe_features(wm: LoadedWorldModel, raw_WNZ: np.ndarray, proj: np.ndarray | None) -> np.ndarray:
     # patch tokens only: the probe asks what the visual latents know of the state (never the state token)
-    z = normalize_patches(raw_WNZ, wm.stats, wm.shape).reshape(len(raw_WNZ), -1)
+    raw = raw_WNZ.reshape(len(raw_WNZ), -1, math.prod(wm.shape.grid), raw_WNZ.shape[-1])  # [W, C, P, Z]
+    z = normalize_patches(raw, wm.stats, wm.shape).reshape(len(raw_WNZ), -1)
     return z @ proj if proj is not None else z
 
 
