@@ -9,7 +9,7 @@ the true one (models with proprioception), next to copy-last.
     .venv/bin/python scripts/demo_ablation.py --variants token,add --seeds 0,1,2
 
 A study (not a test): finished runs of the same steps and recipe are reused, so an interrupted study resumes where it
-stopped. Results also go to <out>/ablation.json.
+stopped. Results also go to <out>/ablation.json (ablation-n<samples>-w<windows>.json for other eval settings).
 """
 
 from __future__ import annotations
@@ -58,7 +58,8 @@ def run_variant(name: str, seed: int, args) -> dict:
     trained = time.monotonic() - t0
     # the demo eval's context (the shortcut's 8-frame window / 2) for every variant: the same windows for all
     ev = run_eval(EvalConfig(ckpt=out, horizons=HORIZONS, episodes=args.episodes, samples=args.samples, probe=False,
-                             plots=False, tracker="none", out=out / "ablation-eval", context=CONTEXT))
+                             plots=False, tracker="none", context=CONTEXT, windows_per_episode=args.windows_per_episode,
+                             out=out / f"ablation-eval-n{args.samples}-w{args.windows_per_episode}"))
     cond = ev["conditions"]
     model = ev["model"]
     row = {"train_seconds": None if done else trained, "kind": ev["kind"], "samples": ev["samples"][model],
@@ -83,6 +84,13 @@ def fmt(values: list[float]) -> str:
     return f"{statistics.fmean(values):.3f}±{(max(values) - min(values)) / 2:.3f}"
 
 
+def mean_prediction_mse(row: dict, condition: str, h: str) -> float:
+    """The error of the model's own mean prediction (the mean of infinitely many samples), estimated without bias
+    from the mean-of-N and single-sample errors: E|mean_N - y|^2 = E|mu - y|^2 + var / N, E|x - y|^2 = ... + var."""
+    n, m = row["samples"], row[condition]
+    return (n * m["mse"][h] - m["mse_single"][h]) / (n - 1)
+
+
 def print_table(results: dict, seeds: list[int]) -> None:
     hs = [str(h) for h in HORIZONS]
     print(f"\nDemo tokens, labelled val windows; mean ± half the range over seeds {seeds}; normalised patch tokens")
@@ -98,6 +106,10 @@ def print_table(results: dict, seeds: list[int]) -> None:
         energy = "  ".join(fmt([r["actions"]["energy"][h] for r in rs]) for h in hs)
         print(f"  {name:<18} actions {act}\n  {'':<18} null    {null}\n  {'':<18} null-act {gap}\n"
               f"  {'':<18} energy  {energy}")
+        if rs[0]["samples"] > 1 and "mse_single" in rs[0]["actions"]:
+            inf = {c: "  ".join(fmt([mean_prediction_mse(r, c, h) for r in rs]) for h in hs)
+                   for c in ("actions", "null_action")}
+            print(f"  {'':<18} mean prediction (N->inf), actions {inf['actions']}; null {inf['null_action']}")
         if "state_dist" in rs[0]["actions"]:
             state = {c: "  ".join(fmt([r[c]["state_dist"][h] for r in rs]) for h in hs)
                      for c in ("actions", "null_action")}
@@ -121,6 +133,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=600)
     ap.add_argument("--episodes", type=int, default=8, help="val episodes per condition (the demo's eval: 8)")
     ap.add_argument("--samples", type=int, default=4)
+    ap.add_argument("--windows-per-episode", type=int, default=4, help="eval windows per val episode (eval's: 4)")
     ap.add_argument("--out", default="bench/demo-ablation")
     args = ap.parse_args()
     variants = [v for v in args.variants.split(",") if v]
@@ -130,13 +143,15 @@ def main() -> None:
     if not (Path(args.store) / "zarr.json").exists() and not Path(args.store).is_dir():
         ap.error(f"no token store at {args.store}: run `make demo` first (it writes demo/tokens.zarr) or pass --store")
     seeds = [int(s) for s in args.seeds.split(",")]
-    results = {"machine": machine_description(), "store": args.store, "steps": args.steps, "variants": variants,
-               "seeds": seeds, "runs": {}}
-    path = Path(args.out) / "ablation.json"
+    results = {"machine": machine_description(), "store": args.store, "steps": args.steps, "samples": args.samples,
+               "windows_per_episode": args.windows_per_episode, "variants": variants, "seeds": seeds, "runs": {}}
+    evals = (args.samples, args.windows_per_episode)  # another eval setting: its own table beside the default's
+    path = Path(args.out) / ("ablation.json" if evals == (4, 4) else f"ablation-n{evals[0]}-w{evals[1]}.json")
     path.parent.mkdir(parents=True, exist_ok=True)
     if path.exists():  # an earlier invocation's runs on the same store and budget stay in the table
         old = json.loads(path.read_text())
-        if (old.get("store"), old.get("steps")) == (args.store, args.steps):
+        same = (args.store, args.steps, args.samples, args.windows_per_episode)
+        if (old.get("store"), old.get("steps"), old.get("samples", 4), old.get("windows_per_episode", 4)) == same:
             results["runs"] = old["runs"]
             results["variants"] = list(dict.fromkeys([*old["variants"], *variants]))
             results["seeds"] = sorted({*old["seeds"], *seeds})
