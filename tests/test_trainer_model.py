@@ -157,6 +157,9 @@ def test_shortcut_loss_matches_a_hand_computation():
     assert loss.item() == pytest.approx(expected.item(), rel=1e-6)
     assert aux["loss_flow"].item() == pytest.approx(flow.item(), rel=1e-6)
     assert aux["loss_boot"].item() == pytest.approx(boot.item(), rel=1e-6)
+    # loss_weight=uniform: the same terms, every signal level weighted 1
+    uniform, _ = shortcut_forcing_loss(f, z1, z0, tau, d, k_max=8, ramp=False)
+    assert uniform.item() == pytest.approx(((boot + flow) / 2).item(), rel=1e-6)
 
 
 def test_bootstrap_targets_carry_no_gradient():
@@ -373,6 +376,10 @@ def test_model_config_is_validated():
         ModelConfig(kind="teacher_forced", conditioning="add")
     with pytest.raises(UserError, match="teacher-forced"):
         ModelConfig(kind="shortcut", conditioning="concat")
+    from trainer.config import TrainConfig
+
+    with pytest.raises(UserError, match="loss_weight 'flat': choose ramp or uniform"):
+        TrainConfig(loss_weight="flat")
 
 
 PSHAPE = TokenShape(cameras=2, grid=(4, 4), enc_dim=8, action_dim=3, state_dim=2)

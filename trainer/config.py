@@ -120,6 +120,10 @@ class TrainConfig:
     tau_std: float = 1.0
     tau_power: float = 1.0  # tau <- tau ** power before snapping (> 1: more noise)
     tau_max_schedule: tuple[tuple[int, float], ...] = ()  # ((step, max signal level), ...): curriculum on tau
+    # per-frame loss weight over the signal level: "ramp" (Dreamer 4: 0.9 tau + 0.1, the near-clean levels count
+    # most) or "uniform" (every level alike: the mostly-noise levels, where the prediction is the conditional mean
+    # given context and actions, count as much as the near-clean ones)
+    loss_weight: str = "ramp"
     bootstrap_start: int = 0  # steps of flow-only training before the bootstrap term
     bootstrap_fraction: float = 0.25  # share of windows trained with per-frame step sizes (1.0: Dreamer 4)
     # diffusion_forcing (Dreamer 4: frames see noisy predecessors) | clean_context (every frame is trained in the
@@ -168,6 +172,8 @@ class TrainConfig:
             raise UserError(f"context_mode {self.context_mode!r}: choose diffusion_forcing or clean_context")
         if self.action_mode not in ACTION_MODES:
             raise UserError(f"action_mode {self.action_mode!r}: choose one of {ACTION_MODES}")
+        if self.loss_weight not in ("ramp", "uniform"):
+            raise UserError(f"loss_weight {self.loss_weight!r}: choose ramp or uniform")
         if self.tau_sampling not in ("uniform", "logit_normal"):
             raise UserError(f"tau_sampling {self.tau_sampling!r}: choose uniform or logit_normal")
         if self.precision not in ("auto", "bf16", "fp32"):
