@@ -38,6 +38,8 @@ VARIANTS: dict[str, tuple[str, str | None, list[str]]] = {
     "token": ("small", None, ["model.conditioning=token"]),  # the action as one token per frame only
     "add": ("small", None, ["model.conditioning=add"]),  # the small preset: also added to every latent token
     "precondition": ("small", None, ["model.precondition=true"]),  # EDM preconditioning around the temporal prior
+    "uniform_weight": ("small", None, ["loss_weight=uniform"]),  # every signal level weighted alike (not the ramp)
+    "more_noise": ("small", None, ["tau_power=2"]),  # signal levels drawn nearer the noise (tau <- tau^2)
     "deterministic": ("small", "deterministic", []),  # the same backbone (add), no noise: the objective's control
     "deterministic_token": ("small", "deterministic", ["model.conditioning=token"]),
     "dinowm": ("dinowm", "teacher_forced", DINOWM_AT_DEMO_WIDTH),
@@ -74,7 +76,41 @@ def run_variant(name: str, seed: int, args) -> dict:
     if "k_sweep" in ev:
         row["k_sweep"] = {"energy": ev["k_sweep"]["mean_energy"], "best_k": ev["k_sweep"]["best_k"],
                           "k4_within_10pct": ev["k_sweep"]["k_within_10pct_of_best"]}
+    if args.action_effect:
+        row["action_effect"] = action_effect(out, args)
     return json.loads(json.dumps(row))  # horizons and K as strings, as in ablation.json
+
+
+def action_effect(run: Path, args) -> dict:
+    """How far the actions move the predicted patch tokens: per K (1, and 4 for a sampler) and horizon, the mean
+    squared difference (normalised tokens) between the mean of `samples` rollouts with the episode's actions and
+    with the null action, on the labelled val windows, next to how far the true frames move from the last context
+    frame. A model whose patches ignore the actions scores 0 (plus, at K > 1, the sample means' variance)."""
+    import numpy as np
+
+    from featurestore.reader import TokenReader
+    from trainer.api import LoadedWorldModel
+    from trainer.eval import collect_windows, sample_set
+
+    wm = LoadedWorldModel.load(run)
+    cfg = EvalConfig(ckpt=wm.checkpoint, horizons=HORIZONS, episodes=args.episodes, samples=args.samples,
+                     windows_per_episode=args.windows_per_episode, batch_size=64)
+    wins = collect_windows(TokenReader(wm.cfg.store), wm, cfg, CONTEXT)["labelled"]
+    std = wm.stats.token_std.astype(np.float64)
+    P = wm.shape.cameras * wm.shape.grid[0] * wm.shape.grid[1]  # patch tokens (the state token left out)
+    out = {}
+    for k in (1, 4) if wm.sampler else (1,):
+        moved, change = [], []
+        for win in wins:
+            diff = (sample_set(wm, win, CONTEXT, cfg, use_actions=True, k=k).mean(0)
+                    - sample_set(wm, win, CONTEXT, cfg, use_actions=False, k=k).mean(0))[..., :P, :]
+            moved.append((diff / std) ** 2)
+            truth = win.tokens[:, [CONTEXT + h - 1 for h in HORIZONS]] - win.tokens[:, CONTEXT - 1][:, None]
+            change.append((truth[..., :P, :] / std) ** 2)
+        moved, change = np.concatenate(moved), np.concatenate(change)
+        out[k] = {"moved": {h: float(moved[:, j].mean()) for j, h in enumerate(HORIZONS)},
+                  "true_change": {h: float(change[:, j].mean()) for j, h in enumerate(HORIZONS)}}
+    return out
 
 
 def fmt(values: list[float]) -> str:
@@ -114,6 +150,10 @@ def print_table(results: dict, seeds: list[int]) -> None:
             state = {c: "  ".join(fmt([r[c]["state_dist"][h] for r in rs]) for h in hs)
                      for c in ("actions", "null_action")}
             print(f"  {'':<18} state distance, actions {state['actions']}; null {state['null_action']}")
+        if all("action_effect" in r for r in rs):
+            for k in rs[0]["action_effect"]:
+                moved = "  ".join(fmt([r["action_effect"][k]["moved"][h] for r in rs]) for h in hs)
+                print(f"  {'':<18} patches moved by the actions (K={k}) {moved}")
         if "k_sweep" in rs[0]:
             ks = [(r["k_sweep"]["best_k"], r["k_sweep"]["energy"]["4"] / min(r["k_sweep"]["energy"].values()))
                   for r in rs]
@@ -134,6 +174,8 @@ def main() -> None:
     ap.add_argument("--episodes", type=int, default=8, help="val episodes per condition (the demo's eval: 8)")
     ap.add_argument("--samples", type=int, default=4)
     ap.add_argument("--windows-per-episode", type=int, default=4, help="eval windows per val episode (eval's: 4)")
+    ap.add_argument("--action-effect", action="store_true",
+                    help="also how far the actions move each model's predicted patches (mean with vs null action)")
     ap.add_argument("--out", default="bench/demo-ablation")
     args = ap.parse_args()
     variants = [v for v in args.variants.split(",") if v]
