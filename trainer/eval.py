@@ -287,7 +287,7 @@ def errors(ref: LoadedWorldModel, samples_raw: np.ndarray, true_raw: np.ndarray,
 def _probe_features(wm: LoadedWorldModel, raw_WNZ: np.ndarray, proj: np.ndarray | None) -> np.ndarray:
     # patch tokens only: the probe asks what the visual latents know of the state (never the state token)
     raw = raw_WNZ.reshape(len(raw_WNZ), -1, math.prod(wm.shape.grid), raw_WNZ.shape[-1])  # [W, C, P, Z]
-    z = normalize_patches(raw, wm.stats, wm.shape).reshape(len(raw_WNZ), -1)
+    z = normalize_patches(raw, wm.stats, wm.shape, cameras=raw.shape[1]).reshape(len(raw_WNZ), -1)  # C: the source's
     return z @ proj if proj is not None else z
 
 
