@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipeline.machine import machine_description  # noqa: E402
 from trainer.config import train_config  # noqa: E402
-from trainer.eval import EvalConfig, run_eval  # noqa: E402
+from trainer.eval import EvalConfig, mean_prediction_mse, run_eval  # noqa: E402
 from trainer.loop import run_train  # noqa: E402
 from trainer.runs import finished_as  # noqa: E402
 
@@ -96,17 +96,16 @@ def action_effect(run: Path, args) -> dict:
     cfg = EvalConfig(ckpt=wm.checkpoint, horizons=HORIZONS, episodes=args.episodes, samples=args.samples,
                      windows_per_episode=args.windows_per_episode, batch_size=64)
     wins = collect_windows(TokenReader(wm.cfg.store), wm, cfg, CONTEXT)["labelled"]
-    std = wm.stats.token_std.astype(np.float64)
-    P = wm.shape.cameras * wm.shape.grid[0] * wm.shape.grid[1]  # patch tokens (the state token left out)
+    std = wm.stats.token_std.astype(np.float64)  # predictions and store tokens are patch tokens (no state token)
     out = {}
     for k in (1, 4) if wm.sampler else (1,):
         moved, change = [], []
         for win in wins:
             diff = (sample_set(wm, win, CONTEXT, cfg, use_actions=True, k=k).mean(0)
-                    - sample_set(wm, win, CONTEXT, cfg, use_actions=False, k=k).mean(0))[..., :P, :]
+                    - sample_set(wm, win, CONTEXT, cfg, use_actions=False, k=k).mean(0))
             moved.append((diff / std) ** 2)
             truth = win.tokens[:, [CONTEXT + h - 1 for h in HORIZONS]] - win.tokens[:, CONTEXT - 1][:, None]
-            change.append((truth[..., :P, :] / std) ** 2)
+            change.append((truth / std) ** 2)
         moved, change = np.concatenate(moved), np.concatenate(change)
         out[k] = {"moved": {h: float(moved[:, j].mean()) for j, h in enumerate(HORIZONS)},
                   "true_change": {h: float(change[:, j].mean()) for j, h in enumerate(HORIZONS)}}
@@ -118,13 +117,6 @@ def fmt(values: list[float]) -> str:
     if len(values) == 1:
         return f"{values[0]:.3f}"
     return f"{statistics.fmean(values):.3f}±{(max(values) - min(values)) / 2:.3f}"
-
-
-def mean_prediction_mse(row: dict, condition: str, h: str) -> float:
-    """The error of the model's own mean prediction (the mean of infinitely many samples), estimated without bias
-    from the mean-of-N and single-sample errors: E|mean_N - y|^2 = E|mu - y|^2 + var / N, E|x - y|^2 = ... + var."""
-    n, m = row["samples"], row[condition]
-    return (n * m["mse"][h] - m["mse_single"][h]) / (n - 1)
 
 
 def print_table(results: dict, seeds: list[int]) -> None:
@@ -143,7 +135,8 @@ def print_table(results: dict, seeds: list[int]) -> None:
         print(f"  {name:<18} actions {act}\n  {'':<18} null    {null}\n  {'':<18} null-act {gap}\n"
               f"  {'':<18} energy  {energy}")
         if rs[0]["samples"] > 1 and "mse_single" in rs[0]["actions"]:
-            inf = {c: "  ".join(fmt([mean_prediction_mse(r, c, h) for r in rs]) for h in hs)
+            inf = {c: "  ".join(fmt([mean_prediction_mse(r[c]["mse"][h], r[c]["mse_single"][h], r["samples"])
+                                     for r in rs]) for h in hs)
                    for c in ("actions", "null_action")}
             print(f"  {'':<18} mean prediction (N->inf), actions {inf['actions']}; null {inf['null_action']}")
         if "state_dist" in rs[0]["actions"]:

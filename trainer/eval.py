@@ -235,6 +235,13 @@ def moving_tokens(truth_WPZ: np.ndarray, last_WPZ: np.ndarray, fraction: float) 
     return mask
 
 
+def mean_prediction_mse(mse_mean: float, mse_single: float, n: int) -> float:
+    """The error of a sampler's own mean prediction (the mean of infinitely many samples), estimated without bias
+    from the MSE of the mean of `n` samples and the single-sample MSE: E[mse_mean] = bias + var / n and
+    E[mse_single] = bias + var (one sample: the single-sample error itself)."""
+    return (n * mse_mean - mse_single) / (n - 1) if n > 1 else mse_single
+
+
 def window_scores(samples_SWPZ: np.ndarray, truth_WPZ: np.ndarray, mask_WP: np.ndarray | None = None
                   ) -> dict[str, np.ndarray]:
     """Per window [W]: MSE of the sample mean, mean single-sample MSE, energy score / sqrt(scored values) (so

@@ -146,7 +146,7 @@ def measure(wm, store: Path, *, context: int = 3, horizons: tuple[int, ...] = (1
       conditional mean without the actions (its floor): the model uses its actions if `mse` is well below
       `null_mse`; how far below it can be is `oracle_mse` / `oracle_null_mse`."""
     from featurestore.reader import TokenReader
-    from trainer.eval import EvalConfig, collect_windows, sample_set, window_scores
+    from trainer.eval import EvalConfig, collect_windows, mean_prediction_mse, sample_set, window_scores
 
     reader = TokenReader(store)
     cfg = EvalConfig(ckpt=wm.checkpoint, horizons=horizons, windows_per_episode=windows_per_episode, seed=seed,
@@ -177,10 +177,8 @@ def measure(wm, store: Path, *, context: int = 3, horizons: tuple[int, ...] = (1
             x = norm(draws[k][:, :, j])
             sc = window_scores(x, truth)
             spread = float(x.var(axis=0, ddof=1 if len(x) > 1 else 0).mean()) / true_var  # one draw: none
-            mse, single, n = float(sc["mse"].mean()), float(sc["mse_single"].mean()), len(x)
-            # the model's mean prediction (N -> inf): E[mse] = bias + var / N, E[single] = bias + var
-            mean_inf = (n * mse - single) / (n - 1) if n > 1 else single
-            row["k"][k] = {"mse": mse, "mse_single": single, "mse_mean_inf": mean_inf,
+            mse, single = float(sc["mse"].mean()), float(sc["mse_single"].mean())
+            row["k"][k] = {"mse": mse, "mse_single": single, "mse_mean_inf": mean_prediction_mse(mse, single, len(x)),
                            "energy": float(sc["energy"].mean()), "spread": spread}
         out["horizons"][h] = row
     return out
