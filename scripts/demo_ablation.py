@@ -38,7 +38,8 @@ VARIANTS: dict[str, tuple[str, str | None, list[str]]] = {
     "token": ("small", None, ["model.conditioning=token"]),  # the action as one token per frame only
     "add": ("small", None, ["model.conditioning=add"]),  # the small preset: also added to every latent token
     "precondition": ("small", None, ["model.precondition=true"]),  # EDM preconditioning around the temporal prior
-    "uniform_weight": ("small", None, ["loss_weight=uniform"]),  # every signal level weighted alike (not the ramp)
+    "uniform_weight": ("small", None, ["loss_weight_floor=1"]),  # every signal level weighted alike (not the ramp)
+    "half_weight": ("small", None, ["loss_weight_floor=0.5"]),  # between: w = 0.5 + 0.5 tau
     "more_noise": ("small", None, ["tau_power=2"]),  # signal levels drawn nearer the noise (tau <- tau^2)
     "deterministic": ("small", "deterministic", []),  # the same backbone (add), no noise: the objective's control
     "deterministic_token": ("small", "deterministic", ["model.conditioning=token"]),

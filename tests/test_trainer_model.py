@@ -157,9 +157,11 @@ def test_shortcut_loss_matches_a_hand_computation():
     assert loss.item() == pytest.approx(expected.item(), rel=1e-6)
     assert aux["loss_flow"].item() == pytest.approx(flow.item(), rel=1e-6)
     assert aux["loss_boot"].item() == pytest.approx(boot.item(), rel=1e-6)
-    # loss_weight=uniform: the same terms, every signal level weighted 1
-    uniform, _ = shortcut_forcing_loss(f, z1, z0, tau, d, k_max=8, ramp=False)
+    # loss_weight_floor=1: the same terms, every signal level weighted 1; 0.5: w = 0.5 + 0.5 tau
+    uniform, _ = shortcut_forcing_loss(f, z1, z0, tau, d, k_max=8, floor=1.0)
     assert uniform.item() == pytest.approx(((boot + flow) / 2).item(), rel=1e-6)
+    half, _ = shortcut_forcing_loss(f, z1, z0, tau, d, k_max=8, floor=0.5)
+    assert half.item() == pytest.approx(((0.5 + 0.5 * 0.25) * boot + (0.5 + 0.5 * 0.5) * flow).item() / 2, rel=1e-6)
 
 
 def test_bootstrap_targets_carry_no_gradient():
@@ -378,8 +380,22 @@ def test_model_config_is_validated():
         ModelConfig(kind="shortcut", conditioning="concat")
     from trainer.config import TrainConfig
 
-    with pytest.raises(UserError, match="loss_weight 'flat': choose ramp or uniform"):
-        TrainConfig(loss_weight="flat")
+    with pytest.raises(UserError, match=r"loss_weight_floor 0.0: must be in \(0, 1\]"):
+        TrainConfig(loss_weight_floor=0.0)
+
+
+def test_config_saved_by_an_older_wmctl_is_read_as_this_one_reads_it():
+    """A run saved before a field was renamed or added resumes: `loss_weight` ramp/uniform is the floor 0.1/1, an
+    absent field has the default the old code had built in; a real change is still named."""
+    from pipeline.stage import to_jsonable
+    from trainer.config import TrainConfig, config_from_dict, learned_differences
+
+    new = to_jsonable(TrainConfig(loss_weight_floor=1.0))
+    old = {k: v for k, v in new.items() if k not in ("loss_weight_floor", "state_weight")} | {"loss_weight": "uniform"}
+    assert config_from_dict(old).loss_weight_floor == 1.0
+    assert learned_differences(old, new) == []
+    assert learned_differences(old | {"loss_weight": "ramp"}, new) == ["loss_weight_floor: 0.1 -> 1.0"]
+    assert "gone: 1 -> '<absent>'" in learned_differences(old | {"gone": 1}, new)
 
 
 PSHAPE = TokenShape(cameras=2, grid=(4, 4), enc_dim=8, action_dim=3, state_dim=2)

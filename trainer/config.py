@@ -120,10 +120,10 @@ class TrainConfig:
     tau_std: float = 1.0
     tau_power: float = 1.0  # tau <- tau ** power before snapping (> 1: more noise)
     tau_max_schedule: tuple[tuple[int, float], ...] = ()  # ((step, max signal level), ...): curriculum on tau
-    # per-frame loss weight over the signal level: "ramp" (Dreamer 4: 0.9 tau + 0.1, the near-clean levels count
-    # most) or "uniform" (every level alike: the mostly-noise levels, where the prediction is the conditional mean
-    # given context and actions, count as much as the near-clean ones)
-    loss_weight: str = "ramp"
+    # per-frame loss weight over the signal level, w(tau) = floor + (1 - floor) tau: 0.1 is Dreamer 4's ramp
+    # (0.9 tau + 0.1, the near-clean levels count most), 1 weights every level alike (the mostly-noise levels, where
+    # the prediction is the conditional mean given context and actions, count as much as the near-clean ones)
+    loss_weight_floor: float = 0.1
     bootstrap_start: int = 0  # steps of flow-only training before the bootstrap term
     bootstrap_fraction: float = 0.25  # share of windows trained with per-frame step sizes (1.0: Dreamer 4)
     # diffusion_forcing (Dreamer 4: frames see noisy predecessors) | clean_context (every frame is trained in the
@@ -172,8 +172,9 @@ class TrainConfig:
             raise UserError(f"context_mode {self.context_mode!r}: choose diffusion_forcing or clean_context")
         if self.action_mode not in ACTION_MODES:
             raise UserError(f"action_mode {self.action_mode!r}: choose one of {ACTION_MODES}")
-        if self.loss_weight not in ("ramp", "uniform"):
-            raise UserError(f"loss_weight {self.loss_weight!r}: choose ramp or uniform")
+        if not 0.0 < self.loss_weight_floor <= 1.0:
+            raise UserError(f"loss_weight_floor {self.loss_weight_floor}: must be in (0, 1] (0.1: Dreamer 4's ramp, "
+                            "1: every signal level weighted alike)")
         if self.tau_sampling not in ("uniform", "logit_normal"):
             raise UserError(f"tau_sampling {self.tau_sampling!r}: choose uniform or logit_normal")
         if self.precision not in ("auto", "bf16", "fp32"):
@@ -407,7 +408,13 @@ RESUMABLE_FIELDS = {"steps", "log_every", "eval_every", "ckpt_every", "keep_last
 
 def learned_differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     """`config_differences` of a run's saved config and a new one, less the fields a resumed run may change. A new
-    config that names no mix weights takes the run's (they are resolved when a run starts)."""
+    config that names no mix weights takes the run's (they are resolved when a run starts). A config saved by an
+    older wmctl is read as this one reads it: renamed fields under their new names, new fields at their defaults
+    (the values the old code had built in)."""
+    try:
+        old = to_jsonable(config_from_dict(old))
+    except TypeError:  # a field this version no longer has: compared as saved, so the difference is named
+        pass
     for key in ("mix_weights", "action_kinds", "source_frameskip"):  # resolved when the run started
         if not new.get(key):
             new = {**new, key: old.get(key, [])}
@@ -418,6 +425,8 @@ def config_from_dict(d: dict[str, Any]) -> TrainConfig:
     """Inverse of `to_jsonable(cfg)` (for configs saved in runs and checkpoints)."""
     d = dict(d)
     model = ModelConfig(**d.pop("model"))
+    if "loss_weight" in d:  # runs saved before the floor: "ramp" (Dreamer 4's) or "uniform"
+        d["loss_weight_floor"] = {"ramp": 0.1, "uniform": 1.0}[d.pop("loss_weight")]
     for key in ("store", "out", "init_from"):
         if d.get(key) is not None:
             d[key] = Path(d[key])

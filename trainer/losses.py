@@ -78,7 +78,7 @@ def _bt(x_BT: torch.Tensor) -> torch.Tensor:
 
 
 def shortcut_forcing_loss(f: DenoiseFn, z1_BTNZ: torch.Tensor, z0_BTNZ: torch.Tensor, tau_BT: torch.Tensor,
-                          d_BT: torch.Tensor, *, k_max: int, err: FrameError = mean_squared, ramp: bool = True
+                          d_BT: torch.Tensor, *, k_max: int, err: FrameError = mean_squared, floor: float = 0.1
                           ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Dreamer 4 shortcut forcing, Eq. 7, per frame:
 
@@ -87,8 +87,8 @@ def shortcut_forcing_loss(f: DenoiseFn, z1_BTNZ: torch.Tensor, z0_BTNZ: torch.Te
         b' = (f(z_tau, tau, d/2) - z_tau) / (1 - tau),       z' = z_tau + b' d/2
         b'' = (f(z', tau + d/2, d/2) - z') / (1 - tau - d/2)
         (1 - tau)^2 ||(z1_hat - z_tau) / (1 - tau) - sg((b' + b'') / 2)||^2
-    each weighted by the ramp w(tau) = 0.9 tau + 0.1 (`ramp`; False: weight 1 at every level) and averaged over
-    frames and samples.
+    each weighted by w(tau) = floor + (1 - floor) tau (Dreamer 4's ramp at the default floor 0.1, 0.9 tau + 0.1;
+    floor 1: weight 1 at every level) and averaged over frames and samples.
 
     f: (z_tau [B,T,N,Z], tau [B,T], d [B,T], rows=None) -> z1_hat; conditioning (actions) is bound inside f, and
     `rows` selects it for the bootstrap passes, which run only on the samples that have a bootstrap frame.
@@ -118,7 +118,7 @@ def shortcut_forcing_loss(f: DenoiseFn, z1_BTNZ: torch.Tensor, z0_BTNZ: torch.Te
         boot_r = (1 - tau_r).pow(2) * err(v_pred - (b1 + b2) / 2, rows)
         boot_BT = boot_BT.index_put((rows,), boot_r.to(boot_BT.dtype))
         per_frame = torch.where(boot_BT_mask, boot_BT, flow_BT)
-    weighted_BT = (0.9 * tau_BT + 0.1) * per_frame if ramp else per_frame
+    weighted_BT = (floor + (1 - floor) * tau_BT) * per_frame
     loss = weighted_BT.mean()
     flow_mask = ~boot_BT_mask
     aux = {
