@@ -47,6 +47,9 @@ VARIANTS: dict[str, dict] = {
     "no_precondition": dict(context_mode="clean_context", bootstrap_fraction=0.25, model=PLAIN),
     "no_precondition_flow_only": dict(context_mode="clean_context", bootstrap_fraction=0.0, model=PLAIN),
     "action_add": dict(context_mode="clean_context", bootstrap_fraction=0.25, model=dict(PLAIN, conditioning="add")),
+    # Dreamer 4's ramp loss weight (0.9 tau + 0.1, the recipe's) vs every signal level weighted alike
+    "action_add_uniform_weight": dict(context_mode="clean_context", bootstrap_fraction=0.25, loss_weight_floor=1.0,
+                                      model=dict(PLAIN, conditioning="add")),
     "action_add_time_every_layer": dict(context_mode="clean_context", bootstrap_fraction=0.25,
                                         model=dict(PLAIN, conditioning="add", time_every=1)),
     "action_add_flow_only": dict(context_mode="clean_context", bootstrap_fraction=0.0,
