@@ -40,6 +40,9 @@ VARIANTS: dict[str, tuple[str, str | None, list[str]]] = {
     "precondition": ("small", None, ["model.precondition=true"]),  # EDM preconditioning around the temporal prior
     "uniform_weight": ("small", None, ["loss_weight_floor=1"]),  # every signal level weighted alike (not the ramp)
     "half_weight": ("small", None, ["loss_weight_floor=0.5"]),  # between: w = 0.5 + 0.5 tau
+    "no_state": ("small", None, ["proprio=false"]),  # no state token: the patches alone carry the agent's motion
+    "light_state": ("small", None, ["state_weight=0.1"]),  # the state token's error a tenth of the patches'
+    "all_labelled": ("small", None, ["labelled_fraction=1.0"]),  # every window with its actions (no null action)
     "more_noise": ("small", None, ["tau_power=2"]),  # signal levels drawn nearer the noise (tau <- tau^2)
     "deterministic": ("small", "deterministic", []),  # the same backbone (add), no noise: the objective's control
     "deterministic_token": ("small", "deterministic", ["model.conditioning=token"]),
