@@ -42,6 +42,7 @@ VARIANTS: dict[str, tuple[str, str | None, list[str]]] = {
     "half_weight": ("small", None, ["loss_weight_floor=0.5"]),  # between: w = 0.5 + 0.5 tau
     "no_state": ("small", None, ["proprio=false"]),  # no state token: the patches alone carry the agent's motion
     "light_state": ("small", None, ["state_weight=0.1"]),  # the state token's error a tenth of the patches'
+    "half_weight_light_state": ("small", None, ["loss_weight_floor=0.5", "state_weight=0.1"]),  # the two together
     "all_labelled": ("small", None, ["labelled_fraction=1.0"]),  # every window with its actions (no null action)
     "more_noise": ("small", None, ["tau_power=2"]),  # signal levels drawn nearer the noise (tau <- tau^2)
     "deterministic": ("small", "deterministic", []),  # the same backbone (add), no noise: the objective's control

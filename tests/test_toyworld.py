@@ -100,3 +100,40 @@ def test_the_study_harness_on_a_briefly_trained_model(tmp_path):
     assert row["oracle_mse"] < 0.8 * row["oracle_null_mse"]
     assert row["null_mse"] > 0.9 * row["oracle_null_mse"]
     assert row["k"][1]["mse"] >= row["oracle_mse"] * 0.9
+
+
+def _script(name: str):
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).parents[1] / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_action_use_by_level_scores_the_actions_against_the_null_action_on_the_same_noise(tmp_path):
+    """`scripts/action_use_by_level.py` on a model trained for 2 steps: one row per signal level, gain = null minus
+    with-action error, and the gain comes from the actions alone: with the action pathway zeroed (the action token is
+    then the null action's) it is exactly 0 at every level, with it not."""
+    import torch
+
+    from trainer.api import LoadedWorldModel
+    from trainer.loop import run_train
+
+    study, levels = _script("shortcut_study"), _script("action_use_by_level")
+    store = write_toy_world(tmp_path / "toy.zarr", episodes=16, length=12)
+    cfg = study.variant_config("action_add", store, tmp_path, steps=2, seed=0)
+    wm = LoadedWorldModel.load(run_train(dataclasses.replace(cfg, batch_size=4, context_frames=4)).run_dir)
+    kw = dict(levels=[0.0, 0.5], k=4, episodes=2, per_episode=2, draws=1, seed=0)
+    res = levels.level_errors(wm, store, **kw)
+    assert [r["tau"] for r in res["levels"]] == [0.0, 0.5] and res["kind"] == "shortcut"
+    for r in res["levels"]:
+        assert r["patch_gain"] == pytest.approx(r["patch_null"] - r["patch_act"])
+        assert "state_act" not in r  # the toy world's model has no state token
+    assert any(abs(r["patch_gain"]) > 1e-6 for r in res["levels"])
+    with torch.no_grad():
+        last = wm.model.action_mlp[-1]
+        last.weight.zero_()
+        last.bias.zero_()
+    assert all(r["patch_gain"] == 0.0 for r in levels.level_errors(wm, store, **kw)["levels"])
