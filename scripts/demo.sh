@@ -8,7 +8,8 @@ set -euo pipefail
 DEMO=${1:-demo}
 WMCTL=${WMCTL:-.venv/bin/wmctl}
 EPISODES=${DEMO_EPISODES:-40}
-STEPS=${DEMO_STEPS:-600}
+STEPS=${DEMO_STEPS:-600}  # the baselines'
+SHORTCUT_STEPS=${DEMO_SHORTCUT_STEPS:-2000}  # the `small` preset's: its recipe needs them (README, "World model")
 export SVT_LOG=${SVT_LOG:-1}
 mkdir -p "$DEMO"
 t0=$SECONDS
@@ -38,7 +39,7 @@ stage "4/9 train: shortcut-forcing world model (small preset) and its two baseli
 # dinowm: DINO-WM's structure at the demo's width (demo-lib.sh)
 SAME_DATA=(--set frameskip=2 --set action_mode=relative_to_state --set proprio=true --set labelled_fraction=0.5)
 DINOWM=("${DINOWM_AT_DEMO_WIDTH[@]}" "${SAME_DATA[@]}")
-train shortcut --preset small
+STEPS=$SHORTCUT_STEPS train shortcut --preset small
 train teacher-forced "${DINOWM[@]}"
 train deterministic --preset small --model deterministic
 
