@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# `make demo`: the whole pipeline end to end on the built-in pusht data, on CPU (about 24 minutes on 2 cores).
+# `make demo`: the whole pipeline end to end on the built-in pusht data, on CPU (about 27 minutes on 2 cores).
 #   data -> ingest -> encode (random-weight DINOv3 stand-in) -> train (shortcut + the two baselines: DINO-WM-style
 #   teacher forcing, the deterministic control) -> decoder -> eval (with rollout grids) -> plan offline
 #   -> plan sim -> rollout video + PNG grid.
