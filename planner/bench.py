@@ -65,7 +65,8 @@ def bench_plan(cases: list[BenchCase], *, samples: int = 64, iterations: int = 5
 
         passes = _count_passes(wm, step, calls)  # one untimed step, the network's calls counted
         times = timed(step, repeats, device)
-        row = {"preset": case.name, "params_M": case.params_M, "ms_per_mpc_step": 1000 * statistics.median(times),
+        row = {"preset": case.name, "params_M": case.params_M, "dtype": str(case.dtype).removeprefix("torch."),
+               "ms_per_mpc_step": 1000 * statistics.median(times),
                "model_evals_per_step": samples * iterations * horizon * k, **passes}
         if compile_fn is not None:
             probe = torch.rand(samples, horizon, A, device=device) * 2 - 1

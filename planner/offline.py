@@ -144,6 +144,7 @@ def run_plan_offline(wm: WorldModel, reader: TokenReader, cfg: OfflineConfig) ->
     result = {
         "planner": cfg.planner, "goal_offset": H, "context": ctx, "problems": len(rows),
         "random_samples": cfg.random_samples,
+        "dtype": str(getattr(wm, "dtype", torch.float32)).removeprefix("torch."),
         "judge": getattr(cfg.judge, "name", None),
         # latent distance to the goal, per scorer (see the module doc): which model, which noise
         "latent_distance": {s_: {k: statistics.fmean(r[s_][k] for r in rows)

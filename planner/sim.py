@@ -283,7 +283,8 @@ def run_plan_sim(wm: WorldModel, cfg: SimConfig, *, store: Path,
     try:
         trials = load_trials(Path(source.rows.iloc[0].root), source.rows, cfg, sim)
         out: dict[str, Any] = {"config": {k: v for k, v in dataclasses.asdict(cfg).items() if k != "out"},
-                               "env": env, "cameras": source.cameras, "trials": len(trials)}
+                               "env": env, "cameras": source.cameras, "trials": len(trials),
+                               "dtype": str(getattr(wm, "dtype", torch.float32)).removeprefix("torch.")}
         if hasattr(sim, "describe"):
             out["simulator"] = sim.describe()
         policies = ("model", "random", "scripted") if hasattr(sim, "oracle_action") else ("model", "random")

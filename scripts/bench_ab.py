@@ -98,6 +98,9 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--rounds", type=int, default=3, help="old/new plan benchmarks alternated this many times")
     p.add_argument("--flop-steps", type=int, default=8, help="steps the FLOP count is averaged over")
+    p.add_argument("--new-precision", default=None, help="also time the new tree's planning at this `--precision` "
+                   "(e.g. bf16 on a CPU with AVX512-BF16/AMX), in the same alternation, against the old tree's "
+                   "default")
     a = p.parse_args()
     with tempfile.TemporaryDirectory(prefix="wmctl-ab-") as tmp:
         old = Path(tmp) / "old"
@@ -107,14 +110,20 @@ def main() -> None:
             for name in a.presets.split(","):
                 plan = ["bench", "plan", "--presets", name, "--samples", str(a.samples), "--iterations",
                         str(a.iterations), "--device", a.device]
-                olds, news = [], []
+                olds, news, news_p = [], [], []
                 for _ in range(a.rounds):  # alternated: a noisy machine drifts for both alike
                     olds.append(run(old, plan)["rows"][0])
                     news.append(run(ROOT, plan)["rows"][0])
+                    if a.new_precision:
+                        news_p.append(run(ROOT, [*plan, "--precision", a.new_precision])["rows"][0])
                 o, n = olds[0], news[0]
                 rows.append({"what": f"plan {name}: ms per MPC step (median of {a.rounds})",
                              "old": statistics.median(r["ms_per_mpc_step"] for r in olds),
                              "new": statistics.median(r["ms_per_mpc_step"] for r in news)})
+                if news_p:
+                    rows.append({"what": f"plan {name}: ms per MPC step, new in {news_p[0]['dtype']} (old default)",
+                                 "old": rows[-1]["old"],
+                                 "new": statistics.median(r["ms_per_mpc_step"] for r in news_p)})
                 rows.append({"what": f"plan {name}: model evals per step", "old": o["model_evals_per_step"],
                              "new": n["model_evals_per_step"]})
                 if "model_passes_per_iteration" in n:

@@ -135,6 +135,43 @@ def test_compiled_rollouts_plan_like_eager_ones(tiny_run):
         torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
 
 
+def test_bf16_planning_rollouts_follow_the_fp32_ones(tiny_run):
+    """`plan --precision bf16`: the weights and rollouts in bf16 (fp32 contexts and actions cast on the way in)
+    give the planner the fp32 model's latents to bf16's rounding, with and without gradients; `auto` is fp32 on
+    the CPU; a precision that is not one is refused."""
+    import torch
+
+    from pipeline.stage import UserError
+    from trainer.api import LoadedWorldModel
+
+    fp32, bf16 = LoadedWorldModel.load(tiny_run), LoadedWorldModel.load(tiny_run, precision="bf16")
+    assert fp32.dtype == torch.float32 and bf16.dtype == torch.bfloat16
+    assert LoadedWorldModel.load(tiny_run, precision="auto").dtype == torch.float32
+    lo, hi = (torch.as_tensor(b, dtype=torch.float32) for b in fp32.actions.bounds())
+    g = torch.Generator().manual_seed(0)
+    ctx = torch.randn(2, fp32.shape.latent_tokens, fp32.shape.enc_dim, generator=g)
+    acts = lo + (hi - lo) * torch.rand(8, 3, len(lo), generator=g)
+    want = fp32.plan_rollout(ctx, acts, seed=1)
+    got = bf16.plan_rollout(ctx, acts, seed=1)
+    assert got.dtype == torch.bfloat16 and got.shape == want.shape
+    err = (got.float() - want).pow(2).mean() / want.pow(2).mean()
+    assert err < 1e-3, f"bf16 rollout relative MSE {err:.2e}"
+    a = acts.clone().requires_grad_(True)
+    bf16.plan_rollout(ctx, a, grad=True, seed=1).float().pow(2).mean().backward()  # the gradient planner's path
+    assert a.grad is not None and torch.isfinite(a.grad).all() and a.grad.abs().sum() > 0
+    with pytest.raises(UserError, match="fp16"):
+        LoadedWorldModel.load(tiny_run, precision="fp16")
+
+
+def test_plan_sim_in_bf16_records_its_dtype(tiny_run):
+    r = CliRunner().invoke(app, ["plan", "sim", "--run", str(tiny_run), "--episodes", "1", "--goal-offset", "4",
+                                 "--max-steps", "2", "--horizon", "2", "--execute", "1", "--precision", "bf16",
+                                 *FAST_CEM])
+    assert r.exit_code == 0, r.output
+    res = json.loads((tiny_run / "plan" / "sim_cem_none" / "sim.json").read_text())
+    assert res["dtype"] == "bfloat16" and res["model"]["latency_s"]["p50"] > 0
+
+
 @pytest.mark.slow
 def test_bench_gpu_script_runs_on_cpu_sizes(tmp_path):
     """`make bench-gpu`'s script at CPU sizes, so it cannot rot between GPU runs (the encode section has its

@@ -19,7 +19,7 @@ from pipeline.machine import bench_device
 from pipeline.registry import resolve_source
 from planner.bench import BenchCase, bench_plan
 from planner.offline import search_configs
-from trainer.api import LoadedWorldModel
+from trainer.api import LoadedWorldModel, inference_dtype
 from trainer.bench import bench_rollout, bench_train
 
 app = new_app("Benchmarks (not tests): side-by-side ratios plus absolute numbers and the machine.")
@@ -89,10 +89,12 @@ def bench_plan_cmd(
     compile: Annotated[bool, typer.Option("--compile", help="Also time it torch.compiled, side by side.")] = False,
     cem: Annotated[str, typer.Option("--cem", help="default | dinowm | icem | fast: the budget's other settings "
                                      "(noise, kept elites); --samples and --iterations as given.")] = "default",
+    precision: Annotated[str, typer.Option(help="auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp32, as `plan`'s.")
+                         ] = "auto",
 ) -> None:
     """Milliseconds per MPC step (one CEM optimisation) and model evaluations per step, per preset."""
     dev = bench_device(device)
-    dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
+    dtype = inference_dtype(precision, dev)
     cases = [_fresh_case(p, hxw(grid, "--grid", "6x6 or 16x16"), enc_dim, dev, dtype) for p in split_list(presets)]
     result = bench_plan(cases, samples=samples, iterations=iterations, horizon=horizon, device=dev,
                         compile_fn=LoadedWorldModel.compile if compile else None,
@@ -110,12 +112,12 @@ def _plan_table(result: dict, samples: int, iterations: int, horizon: int, compi
     from rich.table import Table
 
     table = Table(title=f"plan: CEM {samples}x{iterations}, horizon {horizon}, {result['device']} ({result['cpu']})")
-    cols = ["preset", "params (M)", "ms / MPC step", "model evals / step", "passes / iteration"]
+    cols = ["preset", "params (M)", "dtype", "ms / MPC step", "model evals / step", "passes / iteration"]
     for col in cols + (["compiled ms / step", "speedup", "compile s"] if compile else []):
         table.add_column(col)
     for r in result["rows"]:
-        cells = [r["preset"], f"{r['params_M']:.2f}", f"{r['ms_per_mpc_step']:.0f}", str(r["model_evals_per_step"]),
-                 f"{r['model_passes_per_iteration']:g}"]
+        cells = [r["preset"], f"{r['params_M']:.2f}", r["dtype"], f"{r['ms_per_mpc_step']:.0f}",
+                 str(r["model_evals_per_step"]), f"{r['model_passes_per_iteration']:g}"]
         if compile:
             cells += [f"{r['ms_per_mpc_step_compiled']:.0f}", f"{r['compile_speedup']:.2f}x", f"{r['compile_s']:.0f}"]
         table.add_row(*cells)
