@@ -4,7 +4,7 @@
 #   -> encode (both cameras, random-weight DINOv3 stand-in) -> train (shortcut `small` + the DINO-WM-style
 #   teacher-forced baseline) -> eval -> plan sim --env metaworld-reach (random actions and the scripted
 #   controller alongside). About 15-19 minutes on 2 CPU cores (920 s on 2026-12-01, AMD EPYC).
-#   DEMO_TASK=push runs the same on Meta-World push (~27).
+#   DEMO_TASK=push runs the same on Meta-World push (22-27 minutes; 1303 s on 2026-12-01).
 # Every stage is idempotent: re-running skips what is done (`rm -rf demo-arm` starts over).
 set -euo pipefail
 TASK=${DEMO_TASK:-reach}  # reach | push
