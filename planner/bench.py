@@ -17,7 +17,7 @@ import torch
 
 from pipeline.machine import machine, synchronize, timed
 from planner.cem import CEMConfig, cem_plan
-from planner.core import ActionSpec, WorldModel, latent_cost
+from planner.core import ActionSpec, WorldModel, dtype_name, latent_cost
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,7 +65,7 @@ def bench_plan(cases: list[BenchCase], *, samples: int = 64, iterations: int = 5
 
         passes = _count_passes(wm, step, calls)  # one untimed step, the network's calls counted
         times = timed(step, repeats, device)
-        row = {"preset": case.name, "params_M": case.params_M, "dtype": str(case.dtype).removeprefix("torch."),
+        row = {"preset": case.name, "params_M": case.params_M, "dtype": dtype_name(case.dtype),
                "ms_per_mpc_step": 1000 * statistics.median(times),
                "model_evals_per_step": samples * iterations * horizon * k, **passes}
         if compile_fn is not None:

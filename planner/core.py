@@ -46,6 +46,7 @@ class WorldModel(Protocol):
 
     encoder: dict
     window: int  # frames the model attends to
+    dtype: torch.dtype  # what its rollouts run in (reported with planning results)
 
     @property
     def actions(self) -> ActionSpace: ...
@@ -60,6 +61,11 @@ class WorldModel(Protocol):
     def planning_rollout(self, context_TNZ: torch.Tensor, *, context_actions_TA: torch.Tensor | None = None,
                          k: int = 4, seed: int = 0) -> Callable[..., torch.Tensor]: ...
         # -> rollout(actions [S, H, A], grad=False) -> latents [S, H, N, Z]; the context is committed once
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """"bfloat16", "float32": a dtype as planning results report it."""
+    return str(dtype).removeprefix("torch.")
 
 
 RolloutFn = Callable[[torch.Tensor], torch.Tensor]  # actions [S, H, A] -> predicted latents [S, H, N, Z]

@@ -26,7 +26,7 @@ from featurestore.encoders import check_same_encoder
 from featurestore.reader import TokenReader, Window
 from pipeline.stage import UserError
 from planner.cem import CEMConfig, cem_plan, cem_preset
-from planner.core import ActionSpec, WorldModel, latent_cost
+from planner.core import ActionSpec, WorldModel, dtype_name, latent_cost
 from planner.gd import GDConfig, gd_plan
 
 
@@ -144,7 +144,7 @@ def run_plan_offline(wm: WorldModel, reader: TokenReader, cfg: OfflineConfig) ->
     result = {
         "planner": cfg.planner, "goal_offset": H, "context": ctx, "problems": len(rows),
         "random_samples": cfg.random_samples,
-        "dtype": str(getattr(wm, "dtype", torch.float32)).removeprefix("torch."),
+        "dtype": dtype_name(wm.dtype),
         "judge": getattr(cfg.judge, "name", None),
         # latent distance to the goal, per scorer (see the module doc): which model, which noise
         "latent_distance": {s_: {k: statistics.fmean(r[s_][k] for r in rows)

@@ -37,7 +37,7 @@ from pipeline.ingest import read_manifest
 from pipeline.lerobot_io import DataFileCache, stack_column
 from pipeline.stage import UserError, read_json
 from planner.cem import CEMConfig, cem_plan, warm_start
-from planner.core import ActionSpec, WorldModel, latent_cost
+from planner.core import ActionSpec, WorldModel, dtype_name, latent_cost
 from planner.gd import GDConfig, gd_plan
 from planner.offline import spec_for
 from planner.sims import ENV_STATE_KEY, SIMULATORS, Simulator, make_sim, sim_for_dataset, trial_ok
@@ -284,7 +284,7 @@ def run_plan_sim(wm: WorldModel, cfg: SimConfig, *, store: Path,
         trials = load_trials(Path(source.rows.iloc[0].root), source.rows, cfg, sim)
         out: dict[str, Any] = {"config": {k: v for k, v in dataclasses.asdict(cfg).items() if k != "out"},
                                "env": env, "cameras": source.cameras, "trials": len(trials),
-                               "dtype": str(getattr(wm, "dtype", torch.float32)).removeprefix("torch.")}
+                               "dtype": dtype_name(wm.dtype)}
         if hasattr(sim, "describe"):
             out["simulator"] = sim.describe()
         policies = ("model", "random", "scripted") if hasattr(sim, "oracle_action") else ("model", "random")

@@ -24,6 +24,7 @@ class AgentModel:
     state_dim = 2
     actions = ActionSpace("relative_to_state", 2, np.zeros(2), np.full(2, 24.0))  # bounds: +-60 px per step
     frameskip = actions.frameskip
+    dtype = torch.float32
 
     def normalize(self, tokens, state=None):
         raise NotImplementedError

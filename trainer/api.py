@@ -17,10 +17,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from pipeline.stage import UserError
 from trainer.actions import ActionSpace
 from trainer.checkpoint import load_weights
-from trainer.config import TrainConfig, preset
+from trainer.config import TrainConfig, check_precision, preset, uses_bf16
 from trainer.data import Stats, action_space, latents
 from trainer.model import build_model
 from trainer.runs import RunState, run_dir_of
@@ -41,10 +40,8 @@ def inference_dtype(precision: str, device: torch.device) -> torch.dtype:
     """The dtype a model runs in for planning: "fp32", "bf16" (the weights cast: on CUDA, and on CPUs with
     native bf16 matrix units, e.g. AVX512-BF16 or AMX, ~1.6x faster per MPC step on 2 cores), "auto" (bf16 on
     CUDA, fp32 on the CPU, as training's `precision`)."""
-    if precision not in ("auto", "bf16", "fp32"):
-        raise UserError(f"precision {precision!r}: choose auto, bf16 or fp32")
-    bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
-    return torch.bfloat16 if bf16 else torch.float32
+    check_precision(precision)
+    return torch.bfloat16 if uses_bf16(precision, device) else torch.float32
 
 
 @dataclasses.dataclass

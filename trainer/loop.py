@@ -40,7 +40,7 @@ from pipeline.stage import (
     to_jsonable,
 )
 from trainer.checkpoint import latest_checkpoint, load_optimizer, load_weights, save_checkpoint
-from trainer.config import TrainConfig, learned_differences
+from trainer.config import TrainConfig, learned_differences, uses_bf16
 from trainer.data import (
     LABELLED,
     MIX,
@@ -185,8 +185,7 @@ class Trainer:
 
 
 def _autocast(cfg: TrainConfig, device: torch.device):
-    use_bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
-    return torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16 else nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16) if uses_bf16(cfg.precision, device) else nullcontext()
 
 
 def setup(cfg: TrainConfig, *, resume: bool, d: Dist) -> tuple[Trainer, int, TokenReader]:
