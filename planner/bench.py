@@ -31,12 +31,15 @@ class BenchCase:
 
 def bench_plan(cases: list[BenchCase], *, samples: int = 64, iterations: int = 5, horizon: int = 5,
                context: int = 4, k: int = 4, repeats: int = 3, device: torch.device | None = None,
-               compile_fn: Callable[[WorldModel], None] | None = None, cem: CEMConfig | None = None
-               ) -> dict[str, Any]:
+               compile_fn: Callable[[WorldModel], None] | None = None, cem: CEMConfig | None = None,
+               graph: bool = False) -> dict[str, Any]:
     """Per case: ms per MPC step with all samples in one batched cached rollout per CEM iteration (`cem`: the
     other settings of a named budget, e.g. iCEM's noise; samples and iterations as given). With
     `compile_fn`, the same after compiling the model in place (the first, compiling step timed apart), and the
-    largest difference between the eager and the compiled rollout."""
+    largest difference between the eager and the compiled rollout. With `graph` (CUDA), the same with the
+    eager rollouts replayed as CUDA graphs (`use_graphs`; the first, capturing call timed apart; a failure is
+    reported in the row as `graph_error`); off CUDA the graphs' code runs uncaptured (`graph_captured` false: a
+    check that the path runs, not a speed)."""
     device = device or torch.device("cpu")
     rows = []
     for case in cases:
@@ -68,6 +71,13 @@ def bench_plan(cases: list[BenchCase], *, samples: int = 64, iterations: int = 5
         row = {"preset": case.name, "params_M": case.params_M, "dtype": dtype_name(case.dtype),
                "ms_per_mpc_step": 1000 * statistics.median(times),
                "model_evals_per_step": samples * iterations * horizon * k, **passes}
+        if graph:
+            try:
+                row.update(_time_graphs(wm, step, ctx, samples, horizon, A, k, repeats, device, times))
+            except Exception as e:  # noqa: BLE001 - a capture that fails is a figure too; the eager ones stand
+                row["graph_error"] = f"{type(e).__name__}: {e}"[:300]
+            finally:
+                wm.graphs = None
         if compile_fn is not None:
             probe = torch.rand(samples, horizon, A, device=device) * 2 - 1
             with torch.no_grad():
@@ -85,6 +95,26 @@ def bench_plan(cases: list[BenchCase], *, samples: int = 64, iterations: int = 5
         rows.append(row)
     return {"device": str(device), **machine(), "samples": samples, "iterations": iterations, "horizon": horizon,
             "k": k, "tokens_per_frame": cases[0].latent_shape[0] if cases else 0, "rows": rows}
+
+
+def _time_graphs(wm, step: Callable[[], Any], ctx: torch.Tensor, samples: int, horizon: int, A: int, k: int,
+                 repeats: int, device: torch.device, eager_times: list[float]) -> dict[str, Any]:
+    """The MPC step with the model's rollouts as CUDA graphs: capture time, ms per step, speedup over eager and
+    the largest difference between the graphed and the plain rollout."""
+    probe = torch.rand(samples, horizon, A, device=device) * 2 - 1
+    captured = device.type == "cuda"
+    with torch.no_grad():
+        plain = wm.planning_rollout(ctx, k=k, seed=0)(probe).float()
+        wm.use_graphs(capture=captured)
+        t0 = time.perf_counter()
+        graphed = wm.planning_rollout(ctx, k=k, seed=0)(probe).float()
+        synchronize(device)
+        capture_s = time.perf_counter() - t0
+    gtimes = timed(step, repeats, device)
+    return dict(capture_s=capture_s, ms_per_mpc_step_graph=1000 * statistics.median(gtimes),
+                graph_speedup=statistics.median(eager_times) / statistics.median(gtimes),
+                graph_max_abs_diff=float((graphed - plain).abs().max()), graphs=len(wm.graphs),
+                graph_captured=captured)
 
 
 def _count_passes(wm: WorldModel, step: Callable[[], Any], calls: dict[str, int]) -> dict[str, float]:

@@ -9,7 +9,8 @@ Sections (each timed, each guarded: one that fails or would pass the time budget
   train     `base` training steps on a synthetic 3-camera store (14x14 tokens of width 768 per camera, the
             shapes of ViT-B/16 at 224): step time, tokens/s, FLOPs per step (counted), data-wait share, MFU
   plan      ms per MPC step (CEM, all samples batched, context committed once) for `small` and `base`,
-            eager and torch.compiled, on two cameras (an exterior and a wrist camera)
+            eager, replayed as CUDA graphs (on CPU: the graphs' code uncaptured) and torch.compiled, on two
+            cameras (an exterior and a wrist camera)
   generate  frames/s of `base` generating with K=4 and the KV cache (the Dreamer 4 comparison)
 `--size cpu` runs the same code at small sizes (CI runs it, so the script cannot rot). Writes the JSON and
 prints a markdown table.
@@ -141,7 +142,8 @@ def bench_planning(s: dict, dev: torch.device) -> dict:
                                     device=str(dev), dtype=dtype)
         case = BenchCase(name, wm, (wm.shape.latent_tokens, wm.shape.enc_dim), wm.params_M, dtype)
         r = bench_plan([case], samples=s["plan_samples"], iterations=s["plan_iterations"], horizon=5, context=2,
-                       device=dev, repeats=2, compile_fn=LoadedWorldModel.compile if s["compile"] else None)["rows"][0]
+                       device=dev, repeats=2, compile_fn=LoadedWorldModel.compile if s["compile"] else None,
+                       graph=True)["rows"][0]
         out.update({f"plan_{name}_{k}": v for k, v in r.items() if k != "preset"})
     out.update(plan_samples=s["plan_samples"], plan_iterations=s["plan_iterations"], plan_horizon=5, plan_k=4,
                plan_cameras=2)

@@ -79,6 +79,8 @@ def test_bench_rollout_cached_equals_uncached_and_reports_a_speedup():
 
 
 def test_bench_plan_reports_each_preset():
+    import torch
+
     r = CliRunner().invoke(app, ["bench", "plan", "--presets", "tiny", "--samples", "4", "--iterations", "1",
                                  "--horizon", "2"])
     assert r.exit_code == 0, r.output
@@ -89,6 +91,9 @@ def test_bench_plan_reports_each_preset():
     # the tiny model's 4-frame window slides past its 4 context frames), the context committed once
     assert row["model_passes_per_iteration"] == 2 * 4
     assert row["context_passes_per_step"] == 1 and row["rollout_calls_per_step"] == 1
+    if not torch.cuda.is_available():  # CUDA graphs: refused with the fix named, not silently timed eager
+        r = CliRunner().invoke(app, ["bench", "plan", "--presets", "tiny", "--graph", "--device", "cpu"])
+        assert r.exit_code == 2 and "--graph" in r.output and "GPU" in r.output
 
 
 def test_bench_decode_gives_frames_per_core_and_cores_per_gpu(multicam_root):
@@ -133,6 +138,53 @@ def test_compiled_rollouts_plan_like_eager_ones(tiny_run):
         want = eager.plan_rollout(ctx, acts, seed=1)
         got = compiled.plan_rollout(ctx, acts, seed=1)
         torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+
+
+def test_graphed_rollouts_equal_the_plain_ones_and_read_only_their_static_buffers(tiny_run):
+    """`use_graphs` (the planner's rollouts as CUDA graphs, `trainer.sampling.CapturedRollout`): the code a graph
+    captures, run eagerly on its static buffers (`capture=False`: no CUDA here), gives the plain rollouts'
+    latents for two MPC steps in a row (another context, context actions and seed copied into the same graph),
+    and while it runs it neither copies host data to the device nor reads a device value back (either breaks a
+    capture or bakes one call's values into every replay: checked on every op it dispatches). Gradient rollouts
+    stay eager; capturing asks for CUDA."""
+    import torch
+    from capture_audit import HostDataAudit
+
+    from pipeline.stage import UserError
+    from trainer.api import LoadedWorldModel
+    from trainer.sampling import _slot_tensors
+
+    plain, graphed = LoadedWorldModel.load(tiny_run), LoadedWorldModel.load(tiny_run)
+    with pytest.raises(UserError, match="CUDA"):
+        graphed.use_graphs()
+    graphed.use_graphs(capture=False)
+    lo, hi = (torch.as_tensor(b, dtype=torch.float32) for b in plain.actions.bounds())
+    g = torch.Generator().manual_seed(0)
+    N, Z, A = plain.shape.latent_tokens, plain.shape.enc_dim, len(lo)
+    for seed in (1, 2):  # two MPC steps: one graph, refilled
+        ctx = torch.randn(2, N, Z, generator=g)
+        ctx_actions = lo + (hi - lo) * torch.rand(2, A, generator=g)
+        acts = lo + (hi - lo) * torch.rand(8, 3, A, generator=g)
+        want = plain.plan_rollout(ctx, acts, context_actions_TA=ctx_actions, seed=seed)
+        got = graphed.plan_rollout(ctx, acts, context_actions_TA=ctx_actions, seed=seed)
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+    assert len(graphed.graphs) == 1
+    graph = next(iter(graphed.graphs.values()))
+    _slot_tensors.cache_clear()  # the warm-up run makes the slot masks; the captured run must only read them
+    graph._run()
+    audit = HostDataAudit()
+    with torch.no_grad(), audit:
+        graph._run()
+    assert audit.seen == []
+    _slot_tensors.cache_clear()
+    with audit:  # the audit itself catches host data
+        graph._run()
+    assert "aten.lift_fresh.default" in audit.seen
+    a = acts.clone().requires_grad_(True)  # the gradient planner: eager, no graph, same latents
+    out = graphed.plan_rollout(ctx, a, context_actions_TA=ctx_actions, grad=True, seed=2)
+    torch.testing.assert_close(out.detach(), want, rtol=1e-5, atol=1e-5)
+    out.pow(2).mean().backward()
+    assert a.grad is not None and a.grad.abs().sum() > 0 and len(graphed.graphs) == 1
 
 
 def test_bf16_planning_rollouts_follow_the_fp32_ones(tiny_run):
@@ -214,6 +266,9 @@ def test_bench_gpu_script_runs_on_cpu_sizes(tmp_path):
     assert all(v.startswith("ok") for v in res["sections"].values()), res["sections"]
     assert res["encoder_images_per_s"] > 0 and res["train_eager_step_s"] > 0 and res["train_eager_flops_per_step"] > 0
     assert res["plan_tiny_model_passes_per_iteration"] == 5 * 4 and res["generate_frames_per_s"] > 0
+    # the CUDA-graph path of the plan section runs uncaptured here and gives the plain rollout to the bit
+    assert "plan_tiny_graph_error" not in res and res["plan_tiny_graph_captured"] is False
+    assert res["plan_tiny_graph_max_abs_diff"] == 0 and res["plan_tiny_ms_per_mpc_step_graph"] > 0
 
 
 def test_plan_sim_with_the_icem_budget_executing_the_mean(tiny_run):

@@ -576,3 +576,41 @@ def test_two_robots_share_the_state_token_by_embodiment(kind, kw):
         out = rollout_cached(m, z[1:, :2], a[1:], v[1:], horizon=1, k=2, window=4,
                              generator=torch.Generator().manual_seed(0), layout=FrameLayout(embodiment=1))
         assert out.shape == (1, 1, two.latent_tokens, 8) and (out[..., -1, 1:] == 0).all()
+
+
+def test_a_captured_rollout_of_a_slotted_two_robot_model_reads_no_host_data():
+    """`CapturedRollout` on one source's cameras (a subset of the slots, out of order) and the narrower of two
+    robots: equal to the plain ring-cache rollout, and nothing in it copies host data to the device or reads a
+    device value back (`capture_audit`), so the CUDA graph of a real source's rollout can be captured."""
+    from capture_audit import HostDataAudit
+
+    from trainer.sampling import CapturedRollout, frame_noise, generate, prefill
+
+    two = dataclasses.replace(SLOTTED, embodiments=(("franka", 2), ("arm", 1)),
+                              source_embodiment=(("arm", 1), ("droid", 0)))
+    torch.manual_seed(0)
+    m = ShortcutDynamics(tiny().model, two).eval()
+    layout = FrameLayout(slots=(2, 0), embodiment=1)  # the wrist and the first exterior camera of the arm
+    S, Tc, H, window = 4, 2, 3, 6
+    g = torch.Generator().manual_seed(3)
+    N = 2 * 4 + 1  # two cameras of 2x2 tokens and the state
+    ctx = torch.randn(1, Tc, N, 8, generator=g)
+    ctx[..., -1, 1:] = 0
+    a, v = torch.randn(S, Tc + H, 3, generator=g), torch.ones(S, Tc + H, dtype=torch.bool)
+    a[:, :Tc] = a[:1, :Tc]
+    with torch.no_grad():
+        pre = prefill(m, ctx, a[:1], v[:1], ctx_noise=0.1, window=window, generator=g, shared_noise=True,
+                      layout=layout)
+        state = g.get_state()
+        want = generate(m, pre, a, v, horizon=H, k=2, ctx_noise=0.1, window=window, generator=g, shared_noise=True,
+                        cache="ring", layout=layout)
+        g.set_state(state)
+        noise = frame_noise(S, H, (N, 8), g, device="cpu", dtype=torch.float32, shared_noise=True)
+        graph = CapturedRollout(m, pre, a, v, noise, horizon=H, k=2, ctx_noise=0.1, window=window, layout=layout,
+                                capture=False)
+        torch.testing.assert_close(graph(pre, a, v, noise), want, rtol=0, atol=0)
+        assert (want[..., -1, 1:] == 0).all()  # the arm's one state channel, the padding kept at zero
+        audit = HostDataAudit()
+        with audit:
+            graph._run()
+    assert audit.seen == []

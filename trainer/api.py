@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from pipeline.stage import UserError
 from trainer.actions import ActionSpace
 from trainer.checkpoint import load_weights
 from trainer.config import TrainConfig, check_precision, preset, uses_bf16
@@ -24,7 +25,9 @@ from trainer.data import Stats, action_space, latents
 from trainer.model import build_model
 from trainer.runs import RunState, run_dir_of
 from trainer.sampling import (
+    CapturedRollout,
     compile_for_rollouts,
+    frame_noise,
     generate,
     prefill,
     rollout_cached,
@@ -55,6 +58,9 @@ class LoadedWorldModel:
     checkpoint: Path
     device: torch.device
     layout: FrameLayout = FULL_FRAME  # the camera slots and robot of its inputs (`for_source`: one source's)
+    # the planner's rollouts as CUDA graphs, one per shape (`use_graphs`); None: eager
+    graphs: dict[tuple, CapturedRollout] | None = dataclasses.field(default=None, repr=False)
+    capture: bool = True  # with `graphs`: capture on CUDA; False runs the graphs' code eagerly (a check)
 
     def for_source(self, reader: Any, source: str) -> LoadedWorldModel:
         """This model on one source's frames: its store cameras in their slots (the slots it lacks are not
@@ -66,10 +72,11 @@ class LoadedWorldModel:
 
     @classmethod
     def load(cls, path: Path, *, weights: str = "ema", device: str = "cpu", compile: bool = False,
-             precision: str = "fp32") -> LoadedWorldModel:
+             precision: str = "fp32", graphs: bool = False) -> LoadedWorldModel:
         """A checkpoint (or a run: its newest) for inference; `compile`: torch.compile the rollouts' network
         call (`trainer.sampling.compile_for_rollouts`; pays off over many planning steps); `precision`
-        (`inference_dtype`): the weights' and the planner's rollouts' dtype."""
+        (`inference_dtype`): the weights' and the planner's rollouts' dtype; `graphs`: the planner's rollouts as
+        CUDA graphs (`use_graphs`)."""
         run = RunState.read(path)
         model = build_model(run.config.model, run.shape)
         model.load_state_dict(load_weights(run.checkpoint, weights))
@@ -78,6 +85,8 @@ class LoadedWorldModel:
         wm = cls(model, run.config, run.shape, run.stats, run.encoder, run.store, run.checkpoint, dev)
         if compile:
             wm.compile()
+        if graphs:
+            wm.use_graphs()
         return wm
 
     @classmethod
@@ -98,6 +107,15 @@ class LoadedWorldModel:
     def compile(self) -> None:
         """torch.compile the network call of the rollouts in place (`trainer.sampling.compile_for_rollouts`)."""
         compile_for_rollouts(self.model)
+
+    def use_graphs(self, *, capture: bool = True) -> None:
+        """Run the planner's shortcut rollouts (no gradient) as CUDA graphs, captured at a shape's first call and
+        replayed after (`trainer.sampling.CapturedRollout`): launch-bound small models stop paying a kernel launch
+        per operation. `capture=False` runs the same static-buffer code eagerly (any device; a check, no faster)."""
+        if capture and self.device.type != "cuda":
+            raise UserError(f"CUDA graphs need a CUDA device, this model is on {self.device}; on a CPU "
+                             "torch.compile (--compile) is what speeds the rollouts")
+        self.graphs, self.capture = {}, capture
 
     @property
     def dtype(self) -> torch.dtype:
@@ -232,10 +250,23 @@ class LoadedWorldModel:
                 if noise_state is not None:
                     g = torch.Generator()
                     g.set_state(noise_state)
+                if self.graphs is not None and not grad and self._graphable():
+                    noise = frame_noise(S, H, context_TNZ.shape[1:], g, device=dev, dtype=dt, shared_noise=True)
+                    key = (S, H, k, Tc, self.layout.slots, self.layout.embodiment, dt)
+                    graph = self.graphs.get(key)
+                    if graph is None:
+                        graph = self.graphs[key] = CapturedRollout(
+                            self.model, pre, acts, valid, noise, horizon=H, k=k, ctx_noise=self.cfg.ctx_noise,
+                            window=self.window, layout=self.layout, capture=self.capture)
+                    return graph(pre, acts, valid, noise)
                 return generate(self.model, pre, acts, valid, horizon=H, k=k, ctx_noise=self.cfg.ctx_noise,
                                 window=self.window, generator=g, shared_noise=True, cache="ring", layout=self.layout)
 
         return rollout
+
+    def _graphable(self) -> bool:
+        """A layout one graph serves for every candidate: no per-sample cameras or robots."""
+        return self.layout.present_BC is None and not torch.is_tensor(self.layout.embodiment)
 
     def plan_rollout(self, context_TNZ: torch.Tensor, actions_SHA: torch.Tensor, *, grad: bool = False,
                      context_actions_TA: torch.Tensor | None = None, k: int = 4, seed: int = 0) -> torch.Tensor:

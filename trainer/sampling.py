@@ -18,6 +18,8 @@ Legend: B = batch, T = frames, H = horizon, N = tokens, Z = width, A = action.
 from __future__ import annotations
 
 import dataclasses
+import functools
+from collections.abc import Callable
 
 import torch
 
@@ -121,9 +123,7 @@ class RingKVCache:
         for slot, p in zip(slots, range(pos, pos + frames)):
             self.pos[slot] = p
         dev = next(iter(self.k.values())).device
-        mask = torch.tensor([[q is not None and p - self.window < q <= p for q in self.pos]
-                             for p in range(pos, pos + frames)], dtype=torch.bool, device=dev)
-        idx = torch.tensor(slots, device=dev)
+        mask, idx = _slot_tensors(self.window, pos, frames, tuple(self.pos), tuple(slots), dev)
 
         def time_kv(layer: int):
             def kv(attn, h_LTD: torch.Tensor):
@@ -139,6 +139,17 @@ class RingKVCache:
             return kv
 
         return time_kv
+
+
+@functools.lru_cache(maxsize=512)
+def _slot_tensors(window: int, pos: int, frames: int, slot_pos: tuple[int | None, ...], slots: tuple[int, ...],
+                  device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The "may attend" mask [frames, slots] and the slot indices of one `RingKVCache` pass, made once per
+    schedule and device: a rollout of one shape meets the same few every call, and a CUDA graph must not
+    copy host data to the device while it is captured (`CapturedRollout`). Read-only."""
+    mask = torch.tensor([[q is not None and p - window < q <= p for q in slot_pos] for p in range(pos, pos + frames)],
+                        dtype=torch.bool, device=device)
+    return mask, torch.tensor(slots, device=device)
 
 
 def _frame_forward(model: ShortcutDynamics, z_BTNZ, tau_BT, d_BT, act_BTA, valid_BT, cache: TimeKVCache, pos: int,
@@ -252,7 +263,8 @@ def prefill(model: ShortcutDynamics, context_BTNZ: torch.Tensor, actions_BTA: to
 
 def generate(model: ShortcutDynamics, pre: Prefill, actions_BTA: torch.Tensor, valid_BT: torch.Tensor, *,
              horizon: int, k: int = 4, ctx_noise: float = 0.1, window: int, generator: torch.Generator | None,
-             shared_noise: bool = False, cache: str = "exact", layout: FrameLayout = FULL_FRAME) -> torch.Tensor:
+             shared_noise: bool = False, cache: str = "exact", layout: FrameLayout = FULL_FRAME,
+             noise: Callable[[], torch.Tensor] | None = None) -> torch.Tensor:
     """`horizon` frames after a committed context (of batch 1, shared by every rollout, or of the actions'
     batch), K steps of 1/K each, H x K passes while the rollout fits the window: a generated frame is committed
     (re-noised to the context level, its keys/values kept) in the same pass as the next frame's first step,
@@ -262,7 +274,10 @@ def generate(model: ShortcutDynamics, pre: Prefill, actions_BTA: torch.Tensor, v
     re-committed from time position 0 (one pass) before each new frame, so every prediction sees at most
     `window` frames at the positions training used (equal to `rollout_uncached`). `cache="ring"` (the
     planner's) keeps keys/values in preallocated slots written in place and slides without re-committing
-    (`RingKVCache`: equal to "exact" inside the window, H x K passes at any horizon)."""
+    (`RingKVCache`: equal to "exact" inside the window, H x K passes at any horizon).
+    `noise`: where the frames' noise comes from, one [B, 1, N, Z] draw per call in the order the rollout takes
+    them (each frame's start, then its re-noising to the context level; `frame_noise` draws them ahead); by
+    default drawn from `generator` as it goes."""
     if k < 1 or k & (k - 1) or k > model.cfg.k_max:
         raise ValueError(f"k={k} must be a power of two <= k_max={model.cfg.k_max}")
     if cache not in ("exact", "ring"):
@@ -279,6 +294,7 @@ def generate(model: ShortcutDynamics, pre: Prefill, actions_BTA: torch.Tensor, v
         pre = pre.expand(B) if z_prev.shape[0] != B else pre
         kv, prev = pre.cache, pre.prev
     full = lambda v, n=1: torch.full((B, n), v, device=dev, dtype=dt)  # noqa: E731
+    draw = noise or (lambda: _noise((B, 1, N, Zd), generator, dev, dt, shared_noise))
     ctx_tau, d_min = 1 - ctx_noise, 1.0 / model.cfg.k_max
     committed, start = list(pre.committed), pre.start
     pending = None
@@ -290,7 +306,7 @@ def generate(model: ShortcutDynamics, pre: Prefill, actions_BTA: torch.Tensor, v
             start = t - len(committed)
             slid = _commit_window(model, committed, start, actions_BTA, valid_BT, ctx_noise=ctx_noise, layout=layout)
             kv, prev, pending = slid.cache, slid.prev, None
-        x = _noise((B, 1, N, Zd), generator, dev, dt, shared_noise)
+        x = draw()
         a, v = actions_BTA[:, t:t + 1], valid_BT[:, t:t + 1]
         for s in range(k):
             tau = s / k
@@ -306,8 +322,86 @@ def generate(model: ShortcutDynamics, pre: Prefill, actions_BTA: torch.Tensor, v
             x = x + (pred - x) / (1 - tau) / k
         out.append(x)
         if h < horizon - 1:
-            pending = (1 - ctx_noise) * x + ctx_noise * _noise((B, 1, N, Zd), generator, dev, dt, shared_noise)
+            pending = (1 - ctx_noise) * x + ctx_noise * draw()
     return torch.cat(out, dim=1)
+
+
+def frame_noise(batch: int, horizon: int, frame_shape: tuple[int, int], generator: torch.Generator | None, *,
+                device, dtype, shared_noise: bool = False) -> list[torch.Tensor]:
+    """The 2H - 1 noise draws of a `horizon`-frame `generate`, in its order (frame 0's start, its re-noising,
+    frame 1's start, ...; the last frame is not re-noised): the same values it draws from `generator` itself."""
+    shape = (batch, 1, *frame_shape)
+    return [_noise(shape, generator, device, dtype, shared_noise) for _ in range(2 * horizon - 1)]
+
+
+class CapturedRollout:
+    """The planner's rollout of one shape (S candidates, H frames, K steps, the context's length) as a CUDA
+    graph: one MPC step's rollouts replay a fixed sequence of kernels with no Python and no launches in between.
+
+    Everything the rollout reads lives in static buffers refilled before each call: the committed context (the
+    keys/values and frames of a `Prefill` of batch 1), the candidates' actions and the noise draws
+    (`frame_noise`). What else it depends on, the ring cache's slot schedule and masks, time positions and
+    signal levels, is fixed by the shape and baked in at capture; the ring cache's slots are allocated inside
+    the graph and rewritten by every replay. A graph is captured once per shape and reused across MPC steps
+    (a new context is copied in, not re-captured). `capture=False` runs the same code on the same buffers
+    eagerly (the CPU, and the check that it equals the plain rollout, `tests/test_planning_speed.py`).
+    Inference only (no gradients): the gradient planner stays eager."""
+
+    def __init__(self, model: ShortcutDynamics, pre: Prefill, actions_BTA: torch.Tensor, valid_BT: torch.Tensor,
+                 noise: list[torch.Tensor], *, horizon: int, k: int, ctx_noise: float, window: int,
+                 layout: FrameLayout = FULL_FRAME, capture: bool = True):
+        if pre.committed[0].shape[0] != 1:
+            raise ValueError("a captured rollout starts from a shared context (a prefill of batch 1)")
+        self.model = model
+        self.kw = dict(horizon=horizon, k=k, ctx_noise=ctx_noise, window=window, layout=layout)
+        cache = TimeKVCache()
+        cache.k = {layer: x.clone() for layer, x in pre.cache.k.items()}
+        cache.v = {layer: x.clone() for layer, x in pre.cache.v.items()}
+        self.pre = Prefill(cache, [z.clone() for z in pre.committed], pre.start, pre.tau)
+        self.actions, self.valid = actions_BTA.clone(), valid_BT.clone()
+        self.noise = [n.clone() for n in noise]
+        self.graph: torch.cuda.CUDAGraph | None = None
+        if capture:
+            side = torch.cuda.Stream()  # warm up off the capturing stream, as CUDA graphs ask (kernels, handles,
+            side.wait_stream(torch.cuda.current_stream())  # the slot masks' cache)
+            with torch.cuda.stream(side), torch.no_grad():
+                for _ in range(2):
+                    self._run()
+            torch.cuda.current_stream().wait_stream(side)
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph), torch.no_grad():
+                self.out = self._run()
+
+    def _run(self) -> torch.Tensor:
+        draws = iter(self.noise)
+        return generate(self.model, self.pre, self.actions, self.valid, generator=None, noise=lambda: next(draws),
+                        cache="ring", **self.kw)
+
+    def fits(self, pre: Prefill, actions_BTA: torch.Tensor) -> bool:
+        """Whether this graph runs a rollout of that context and those actions (same shapes, same window start)."""
+        mine = self.pre
+        return (actions_BTA.shape == self.actions.shape and pre.start == mine.start and pre.tau == mine.tau
+                and len(pre.committed) == len(mine.committed) and pre.committed[0].shape == mine.committed[0].shape)
+
+    def __call__(self, pre: Prefill, actions_BTA: torch.Tensor, valid_BT: torch.Tensor,
+                 noise: list[torch.Tensor]) -> torch.Tensor:
+        """[S, H, N, Z] for this MPC step's context (`pre`, batch 1), actions and noise draws."""
+        if not self.fits(pre, actions_BTA):
+            raise ValueError("this captured rollout is of another shape (candidates, horizon or context)")
+        with torch.no_grad():
+            for src, dst in ((pre.cache.k, self.pre.cache.k), (pre.cache.v, self.pre.cache.v)):
+                for layer, x in src.items():
+                    dst[layer].copy_(x)
+            for z, mine in zip(pre.committed, self.pre.committed):
+                mine.copy_(z)
+            self.actions.copy_(actions_BTA)
+            self.valid.copy_(valid_BT)
+            for n, mine in zip(noise, self.noise):
+                mine.copy_(n)
+            if self.graph is None:
+                return self._run()
+            self.graph.replay()
+            return self.out.clone()  # the next replay overwrites the graph's output
 
 
 def rollout_cached(model: ShortcutDynamics, context_BTNZ: torch.Tensor, actions_BTA: torch.Tensor | None,

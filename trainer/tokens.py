@@ -69,14 +69,17 @@ class TokenShape:
         """The state width of an embodiment (its first channels of the state token)."""
         return self.embodiments[embodiment][1] if self.embodiments else self.state_dim
 
-    def state_valid(self, layout: FrameLayout) -> torch.Tensor | None:
-        """[B or 1, S] which of the state token's S channels hold the state of each sample's robot (None: all)."""
+    def state_valid(self, layout: FrameLayout, device: torch.device | str | None = None) -> torch.Tensor | None:
+        """[B or 1, S] which of the state token's S channels hold the state of each sample's robot (None: all), on
+        `device` (a per-sample embodiment tensor's own device). One robot's mask is made without host data (no
+        tensor from Python values), so it can sit inside a captured CUDA graph."""
         if len(self.embodiments) < 2:
             return None
-        widths = torch.tensor([w for _, w in self.embodiments])
-        e = torch.as_tensor(layout.embodiment if layout.embodiment is not None else 0)
-        w = widths.to(e.device)[e.long()].reshape(-1, 1)
-        return torch.arange(self.state_dim, device=w.device)[None] < w
+        e = layout.embodiment if layout.embodiment is not None else 0
+        if not torch.is_tensor(e):
+            return torch.arange(self.state_dim, device=device)[None] < self.state_width(int(e))
+        widths = torch.tensor([w for _, w in self.embodiments], device=e.device)
+        return torch.arange(self.state_dim, device=e.device)[None] < widths[e.long()].reshape(-1, 1)
 
     @property
     def slot_names(self) -> tuple[str, ...]:
@@ -139,7 +142,7 @@ def mask_state(z_NZ: torch.Tensor, shape: TokenShape, layout: FrameLayout = FULL
     rollout feeds back no values the model never saw."""
     if not shape.state_dim:
         return z_NZ
-    valid = shape.state_valid(layout)  # [B or 1, S] or None
+    valid = shape.state_valid(layout, z_NZ.device)  # [B or 1, S] or None
     keep = torch.zeros(shape.enc_dim, dtype=z_NZ.dtype, device=z_NZ.device)
     keep[: shape.state_dim] = 1
     if valid is not None:
@@ -172,7 +175,7 @@ def frame_error(diff_BTNZ: torch.Tensor, shape: TokenShape, state_weight: float 
         err = (per_cam * w).sum(-1) / w.sum(-1).clamp(min=1)
     if state is None:
         return err
-    valid = shape.state_valid(layout)
+    valid = shape.state_valid(layout, state.device)
     if valid is None:
         return err + state_weight * state.pow(2).mean(-1)
     v = valid.to(state.dtype)[:, None]  # [B or 1, 1, S]

@@ -17,6 +17,7 @@ from pipeline.cli.base import console, hxw, new_app, print_result, split_list
 from pipeline.ingest import manifest_path
 from pipeline.machine import bench_device
 from pipeline.registry import resolve_source
+from pipeline.stage import UserError
 from planner.bench import BenchCase, bench_plan
 from planner.offline import search_configs
 from trainer.api import LoadedWorldModel, inference_dtype
@@ -87,6 +88,8 @@ def bench_plan_cmd(
     enc_dim: Annotated[int, typer.Option(help="Token width.")] = 32,
     device: Device = "auto",
     compile: Annotated[bool, typer.Option("--compile", help="Also time it torch.compiled, side by side.")] = False,
+    graph: Annotated[bool, typer.Option("--graph", help="Also time the rollouts replayed as CUDA graphs, side by "
+                                        "side (CUDA only).")] = False,
     cem: Annotated[str, typer.Option("--cem", help="default | dinowm | icem | fast: the budget's other settings "
                                      "(noise, kept elites); --samples and --iterations as given.")] = "default",
     precision: Annotated[str, typer.Option(help="auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp32, as `plan`'s.")
@@ -94,12 +97,15 @@ def bench_plan_cmd(
 ) -> None:
     """Milliseconds per MPC step (one CEM optimisation) and model evaluations per step, per preset."""
     dev = bench_device(device)
+    if graph and dev.type != "cuda":
+        raise UserError(f"--graph times CUDA graphs and this run is on {dev}: run it on a GPU (--device cuda), "
+                        "or drop --graph (--compile is the CPU's option)")
     dtype = inference_dtype(precision, dev)
     cases = [_fresh_case(p, hxw(grid, "--grid", "6x6 or 16x16"), enc_dim, dev, dtype) for p in split_list(presets)]
     result = bench_plan(cases, samples=samples, iterations=iterations, horizon=horizon, device=dev,
                         compile_fn=LoadedWorldModel.compile if compile else None,
-                        cem=None if cem == "default" else search_configs("cem", horizon, cem)[0])
-    _plan_table(result, samples, iterations, horizon, compile)
+                        cem=None if cem == "default" else search_configs("cem", horizon, cem)[0], graph=graph)
+    _plan_table(result, samples, iterations, horizon, compile, graph)
 
 
 def _fresh_case(preset: str, grid: tuple[int, int], enc_dim: int, dev: torch.device, dtype: torch.dtype
@@ -108,18 +114,24 @@ def _fresh_case(preset: str, grid: tuple[int, int], enc_dim: int, dev: torch.dev
     return BenchCase(preset, wm, (wm.shape.latent_tokens, wm.shape.enc_dim), wm.params_M, dtype)
 
 
-def _plan_table(result: dict, samples: int, iterations: int, horizon: int, compile: bool) -> None:
+def _plan_table(result: dict, samples: int, iterations: int, horizon: int, compile: bool, graph: bool = False
+                ) -> None:
     from rich.table import Table
 
     table = Table(title=f"plan: CEM {samples}x{iterations}, horizon {horizon}, {result['device']} ({result['cpu']})")
     cols = ["preset", "params (M)", "dtype", "ms / MPC step", "model evals / step", "passes / iteration"]
-    for col in cols + (["compiled ms / step", "speedup", "compile s"] if compile else []):
+    cols += ["compiled ms / step", "speedup", "compile s"] if compile else []
+    for col in cols + (["graph ms / step", "speedup", "capture s"] if graph else []):
         table.add_column(col)
     for r in result["rows"]:
         cells = [r["preset"], f"{r['params_M']:.2f}", r["dtype"], f"{r['ms_per_mpc_step']:.0f}",
                  str(r["model_evals_per_step"]), f"{r['model_passes_per_iteration']:g}"]
         if compile:
             cells += [f"{r['ms_per_mpc_step_compiled']:.0f}", f"{r['compile_speedup']:.2f}x", f"{r['compile_s']:.0f}"]
+        if graph and "graph_error" in r:
+            cells += [r["graph_error"][:60], "", ""]
+        elif graph:
+            cells += [f"{r['ms_per_mpc_step_graph']:.1f}", f"{r['graph_speedup']:.2f}x", f"{r['capture_s']:.1f}"]
         table.add_row(*cells)
     console().print(table)
     typer.echo(json.dumps(result))

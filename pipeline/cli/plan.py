@@ -30,6 +30,8 @@ Precision = Annotated[str, typer.Option(help="auto (bf16 on CUDA, fp32 on CPU) |
                                       "model's weights and rollouts (bf16 also pays on CPUs with AVX512-BF16/AMX).")]
 Compile = Annotated[bool, typer.Option("--compile", help="torch.compile the model's rollouts (the first plan "
                                        "compiles: tens of seconds on CPU).")]
+Graph = Annotated[bool, typer.Option("--graph", help="Replay the planner's rollouts as CUDA graphs (CUDA only; "
+                                      "one capture per rollout shape, reused every MPC step).")]
 Cem = Annotated[str, typer.Option("--cem", help="CEM budget: default | dinowm (300x30, 30 iterations) | icem "
                                   "(coloured noise, elites kept) | fast (the best success per ms measured: today "
                                   "icem's); --samples/--elites/--iterations given win.")]
@@ -61,11 +63,13 @@ def plan_offline(
                                                    "action space), next to the planning model's own score.")] = None,
     device: Device = "cpu",
     compile: Compile = False,
+    graph: Graph = False,
     precision: Precision = "auto",
 ) -> None:
     """Plan from frame t to the encoded frame t+H on labelled val episodes; compare with GT and random actions,
     scored by the planning model (its optimisation noise, and fresh noise) and by --judge."""
-    wm = LoadedWorldModel.load(resolve_run(run, ckpt), device=device, compile=compile, precision=precision)
+    wm = LoadedWorldModel.load(resolve_run(run, ckpt), device=device, compile=compile, precision=precision,
+                               graphs=graph)
     judge_wm = (LoadedWorldModel.load(resolve_run(judge, None), device=device, precision=precision)
                 if judge is not None else None)
     cem_cfg, gd = _search(ctx, planner, cem, goal_offset, samples=samples, elites=elites, iterations=iterations)
@@ -112,6 +116,7 @@ def plan_sim(
     seed: Seed = SimConfig.seed,
     device: Device = SimConfig.device,
     compile: Compile = False,
+    graph: Graph = False,
     precision: Precision = "auto",
 ) -> None:
     """Closed-loop MPC in a simulator (gym-pusht, Meta-World) towards goals from held-out episodes; random actions
@@ -120,7 +125,8 @@ def plan_sim(
     cfg = SimConfig(trials=episodes, goal_offset=goal_offset, max_steps=max_steps, horizon=horizon, execute=execute,
                     planner=planner, cem=cem_cfg, gd=gd, shift=shift, seed=seed, state_weight=state_weight, k=k,
                     cost_frames=cost_frames, env=env, device=device, execute_plan=execute_plan)
-    wm = LoadedWorldModel.load(resolve_run(run, ckpt), device=device, compile=compile, precision=precision)
+    wm = LoadedWorldModel.load(resolve_run(run, ckpt), device=device, compile=compile, precision=precision,
+                               graphs=graph)
     out = plan_dir(wm.checkpoint) / f"sim_{planner}_{shift}"
     res = run_plan_sim(wm, dataclasses.replace(cfg, out=out), store=wm.store)
     _sim_summary(res, out)

@@ -78,7 +78,7 @@ class ConcatIO(nn.Module):
             torch.zeros_like(act)
         x = torch.cat([self.proj_in(patches), act[:, :, None].expand(-1, -1, Q, -1),
                        st[:, :, None].expand(-1, -1, Q, -1)], dim=-1)
-        emb = self.camera if layout.slots is None else self.camera[list(layout.slots)]
+        emb = self.camera if layout.slots is None else torch.stack([self.camera[i] for i in layout.slots])
         return x + emb.expand(-1, self.q_tokens // self.shape.cameras, -1).reshape(-1, self.cfg.dim)
 
     def readout(self, h_BTQD: torch.Tensor, keep_BQ: torch.Tensor | None = None) -> torch.Tensor:

@@ -202,8 +202,9 @@ class LatentIO(nn.Module):
         return merge_2x2(z_BTNZ, self.shape) if self.cfg.merge_2x2 else z_BTNZ
 
     def camera_embedding(self, layout: FrameLayout) -> torch.Tensor:
-        """[Q', D]: each camera block's slot embedding, repeated over its tokens."""
-        emb = self.camera if layout.slots is None else self.camera[list(layout.slots)]
+        """[Q', D]: each camera block's slot embedding, repeated over its tokens (picked slot by slot: indexing
+        with a list would copy host data to the device, which a captured CUDA graph cannot)."""
+        emb = self.camera if layout.slots is None else torch.stack([self.camera[i] for i in layout.slots])
         per_cam = self.q_tokens // self.shape.cameras
         return emb.expand(-1, per_cam, -1).reshape(-1, self.cfg.dim)
 
