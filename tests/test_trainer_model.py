@@ -98,12 +98,31 @@ def test_softcap_path_equals_sdpa_when_the_cap_is_far():
 
 
 @pytest.mark.parametrize("cap", [0.5, 50.0])
-def test_softcap_in_sigmoid_form_gives_the_tanh_cap_s_attention_weights(cap):
-    from trainer.model.common import _softcap
-
-    logits = torch.randn(3, 2, 7, 9) * 20
-    want = (torch.tanh(logits * (0.3 / cap)) * cap).softmax(-1)
-    torch.testing.assert_close(_softcap(logits, cap, 0.3).softmax(-1), want, rtol=0, atol=2e-6)
+@pytest.mark.parametrize("kv_heads", [4, 2])
+def test_softcapped_attention_equals_the_textbook_tanh_cap(cap, kv_heads):
+    """The soft-capped path (sigmoid form, scale folded into the queries, gain and mask in one add) against
+    textbook attention with logits cap * tanh(s / cap): unmasked, causal and with a per-sample mask, grouped-query
+    heads or not; and its gradients are those of the reference (the in-place sigmoid is autograd-safe)."""
+    torch.manual_seed(0)
+    attn = Attention(32, heads=4, kv_heads=kv_heads, softcap=cap)
+    x = (torch.randn(2, 7, 32) * 3).requires_grad_(True)
+    B, L, H, E = 2, 7, 4, 8
+    q = attn.q_norm(attn.q(x).view(B, L, H, E))
+    k, v = attn.kv(x).view(B, L, 2, kv_heads, E).unbind(2)
+    k, v = attn.k_norm(k).repeat_interleave(4 // kv_heads, 2), v.repeat_interleave(4 // kv_heads, 2)
+    s = torch.einsum("blhe,bmhe->bhlm", q, k) / math.sqrt(E)
+    s = cap * torch.tanh(s / cap)
+    sample_mask = torch.rand(B, 1, 1, L, generator=torch.Generator().manual_seed(1)) > 0.3
+    sample_mask[..., 0] = True
+    masks = {"none": None, "causal": torch.ones(L, L, dtype=torch.bool).tril(), "per sample": sample_mask}
+    for name, mask in masks.items():
+        ref_s = s if mask is None else s.masked_fill(~mask, float("-inf"))
+        ref = attn.out(torch.einsum("bhlm,bmhe->blhe", ref_s.softmax(-1), v).reshape(B, L, H * E))
+        got = attn(x, causal=name == "causal", mask_LM=mask if name == "per sample" else None)
+        torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5, msg=name)
+        g_ref, = torch.autograd.grad(ref.pow(2).sum(), x, retain_graph=True)
+        g_got, = torch.autograd.grad(got.pow(2).sum(), x, retain_graph=True)
+        torch.testing.assert_close(g_got, g_ref, rtol=1e-4, atol=1e-5, msg=name)
 
 
 def test_rope_scores_depend_only_on_relative_position():
