@@ -10,6 +10,7 @@ Legend: B = batch, T = frames, H = horizon, N = tokens per frame, Z = token widt
 from __future__ import annotations
 
 import dataclasses
+import logging
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -37,6 +38,8 @@ from trainer.sampling import (
 )
 from trainer.sources import source_layout
 from trainer.tokens import FULL_FRAME, FrameLayout, TokenShape, split_state
+
+log = logging.getLogger(__name__)
 
 
 def inference_dtype(precision: str, device: torch.device) -> torch.dtype:
@@ -115,6 +118,9 @@ class LoadedWorldModel:
         if capture and self.device.type != "cuda":
             raise UserError(f"CUDA graphs need a CUDA device, this model is on {self.device}; on a CPU "
                              "torch.compile (--compile) is what speeds the rollouts")
+        if self.kind == "teacher_forced":
+            log.warning("%s is a teacher-forced model: its rollouts stay eager (CUDA graphs are made for the "
+                        "shortcut and deterministic models' cached rollouts)", self.name)
         self.graphs, self.capture = {}, capture
 
     @property
