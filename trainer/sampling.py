@@ -10,6 +10,8 @@ rollouts slide that window. `rollout_uncached` recomputes the window for every s
 `rollout_cached` keeps the keys/values of the time-attention layers for committed frames, so each step costs one
 frame while the rollout fits the window, and one re-commit pass of the last window - 1 frames per frame after it
 slides. The two are equal at every step, inside the window and past it (tested at 3x the window).
+The planner's rollouts use `RingKVCache` (preallocated slots written in place) and, on CUDA, `CapturedRollout`
+(one candidate batch's whole rollout replayed as a CUDA graph).
 Every function takes `layout` (`trainer.tokens.FrameLayout`): the camera slots the latents hold (a source's own
 cameras at inference), passed to each network call.
 Legend: B = batch, T = frames, H = horizon, N = tokens, Z = width, A = action.
