@@ -41,6 +41,7 @@ def bench_plan(cases: list[BenchCase], *, samples: int = 64, iterations: int = 5
     reported in the row as `graph_error`); off CUDA the graphs' code runs uncaptured (`graph_captured` false: a
     check that the path runs, not a speed)."""
     device = device or torch.device("cpu")
+    captured = device.type == "cuda"  # CUDA graphs are captured; elsewhere their code runs uncaptured
     rows = []
     for case in cases:
         wm, (N, Zd) = case.wm, case.latent_shape
@@ -71,50 +72,45 @@ def bench_plan(cases: list[BenchCase], *, samples: int = 64, iterations: int = 5
         row = {"preset": case.name, "params_M": case.params_M, "dtype": dtype_name(case.dtype),
                "ms_per_mpc_step": 1000 * statistics.median(times),
                "model_evals_per_step": samples * iterations * horizon * k, **passes}
+        probe = torch.rand(samples, horizon, A, device=device) * 2 - 1
         if graph:
             try:
-                row.update(_time_graphs(wm, step, ctx, samples, horizon, A, k, repeats, device, times))
+                capture_s, gtimes, diff = _switched(wm, lambda m: m.use_graphs(capture=captured), step, ctx, probe,
+                                                    k, repeats, device)
+                row.update(capture_s=capture_s, ms_per_mpc_step_graph=1000 * statistics.median(gtimes),
+                           graph_speedup=statistics.median(times) / statistics.median(gtimes),
+                           graph_max_abs_diff=diff, graphs=len(wm.graphs), graph_captured=captured)
             except Exception as e:  # noqa: BLE001 - a capture that fails is a figure too; the eager ones stand
                 row["graph_error"] = f"{type(e).__name__}: {e}"[:300]
             finally:
                 wm.graphs = None
         if compile_fn is not None:
-            probe = torch.rand(samples, horizon, A, device=device) * 2 - 1
-            with torch.no_grad():
-                eager = wm.planning_rollout(ctx, k=k, seed=0)(probe).float()
+            def compiled(m):
                 torch._dynamo.reset()  # compiled code of the previous case's model would count against the limit
-                compile_fn(wm)
-                t0 = time.perf_counter()
-                compiled = wm.planning_rollout(ctx, k=k, seed=0)(probe).float()
-                synchronize(device)
-                row["compile_s"] = time.perf_counter() - t0
-            ctimes = timed(step, repeats, device)
+                compile_fn(m)
+
+            row["compile_s"], ctimes, diff = _switched(wm, compiled, step, ctx, probe, k, repeats, device)
             row.update(ms_per_mpc_step_compiled=1000 * statistics.median(ctimes),
                        compile_speedup=statistics.median(times) / statistics.median(ctimes),
-                       compiled_max_abs_diff=float((compiled - eager).abs().max()))
+                       compiled_max_abs_diff=diff)
         rows.append(row)
     return {"device": str(device), **machine(), "samples": samples, "iterations": iterations, "horizon": horizon,
             "k": k, "tokens_per_frame": cases[0].latent_shape[0] if cases else 0, "rows": rows}
 
 
-def _time_graphs(wm, step: Callable[[], Any], ctx: torch.Tensor, samples: int, horizon: int, A: int, k: int,
-                 repeats: int, device: torch.device, eager_times: list[float]) -> dict[str, Any]:
-    """The MPC step with the model's rollouts as CUDA graphs: capture time, ms per step, speedup over eager and
-    the largest difference between the graphed and the plain rollout."""
-    probe = torch.rand(samples, horizon, A, device=device) * 2 - 1
-    captured = device.type == "cuda"
+def _switched(wm, switch: Callable[[Any], None], step: Callable[[], Any], ctx: torch.Tensor, probe: torch.Tensor,
+              k: int, repeats: int, device: torch.device) -> tuple[float, list[float], float]:
+    """Put the model on another execution path (`switch(wm)`: compiled, CUDA graphs) and time it as the eager one
+    was: the seconds of the first call on the new path (compiling, capturing), the MPC step's times, and the
+    largest difference between the probe candidates' rollouts before and after the switch."""
     with torch.no_grad():
-        plain = wm.planning_rollout(ctx, k=k, seed=0)(probe).float()
-        wm.use_graphs(capture=captured)
+        before = wm.planning_rollout(ctx, k=k, seed=0)(probe).float()
+        switch(wm)
         t0 = time.perf_counter()
-        graphed = wm.planning_rollout(ctx, k=k, seed=0)(probe).float()
+        after = wm.planning_rollout(ctx, k=k, seed=0)(probe).float()
         synchronize(device)
-        capture_s = time.perf_counter() - t0
-    gtimes = timed(step, repeats, device)
-    return dict(capture_s=capture_s, ms_per_mpc_step_graph=1000 * statistics.median(gtimes),
-                graph_speedup=statistics.median(eager_times) / statistics.median(gtimes),
-                graph_max_abs_diff=float((graphed - plain).abs().max()), graphs=len(wm.graphs),
-                graph_captured=captured)
+        first_s = time.perf_counter() - t0
+    return first_s, timed(step, repeats, device), float((after - before).abs().max())
 
 
 def _count_passes(wm: WorldModel, step: Callable[[], Any], calls: dict[str, int]) -> dict[str, float]:

@@ -346,7 +346,7 @@ class CapturedRollout:
     signal levels, is fixed by the shape and baked in at capture; the ring cache's slots are allocated inside
     the graph and rewritten by every replay. A graph is captured once per shape and reused across MPC steps
     (a new context is copied in, not re-captured). `capture=False` runs the same code on the same buffers
-    eagerly (the CPU, and the check that it equals the plain rollout, `tests/test_planning_speed.py`).
+    eagerly (the CPU, and the check that it equals the plain rollout, `tests/test_cli_plan.py`).
     Inference only (no gradients): the gradient planner stays eager."""
 
     def __init__(self, model: ShortcutDynamics, pre: Prefill, actions_BTA: torch.Tensor, valid_BT: torch.Tensor,
