@@ -21,8 +21,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import logging
+import math
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -35,7 +35,7 @@ from featurestore.reader import TokenReader
 from pipeline.demodata import MARKER
 from pipeline.ingest import read_manifest
 from pipeline.lerobot_io import DataFileCache, stack_column
-from pipeline.stage import UserError, read_json
+from pipeline.stage import UserError, atomic_write_json, config_differences, read_json, to_jsonable
 from planner.cem import CEMConfig, cem_plan, warm_start
 from planner.core import ActionSpec, WorldModel, dtype_name, latent_cost
 from planner.gd import GDConfig, gd_plan
@@ -298,15 +298,108 @@ def run_plan_sim(wm: WorldModel, cfg: SimConfig, *, store: Path,
                 if policy == "model" and i < cfg.save_strips:
                     strips.append((tr, r))
                 results.append(r)
-            out[policy] = summarize(results)
+            out[policy] = {**summarize(results), "per_trial": [trial_record(tr, r) for tr, r in zip(trials, results)]}
     finally:
         sim.close()
     if cfg.out is not None:
+        keep_other_result(cfg.out / "sim.json", out)
         if strips:
             out["strips"] = save_strips(strips, cfg.out)
         cfg.out.mkdir(parents=True, exist_ok=True)
-        (cfg.out / "sim.json").write_text(json.dumps(out, indent=2))
+        atomic_write_json(cfg.out / "sim.json", out)
     return out
+
+
+def trial_record(trial: Trial, r: dict[str, Any]) -> dict[str, Any]:
+    """One trial's outcome as sim.json keeps it: which start (episode, frame), success, env steps, the final and
+    start distances and the mean plan latency, so two runs on the same trials can be compared trial by trial."""
+    lat = r["latencies"]
+    return {"episode": trial.episode, "start": trial.start, "success": bool(r["success"]), "steps": int(r["steps"]),
+            **{k: float(v) for k, v in r.items() if k.startswith(("final_", "start_"))},
+            "plan_s": float(np.mean(lat)) if lat else None}
+
+
+def keep_other_result(path: Path, new: dict[str, Any]) -> None:
+    """A sim.json already at `path` from another configuration (other K, seed, budget, trials, dtype) is renamed
+    to sim-<its time>.json beside it instead of being overwritten: a comparison run into the same folder must
+    not erase the result it is compared with. The same configuration run again replaces it (idempotent)."""
+    if not path.is_file():
+        return
+    try:
+        old = read_json(path)
+    except (OSError, ValueError):
+        old = {}
+    mine = {"config": to_jsonable(new["config"]), "dtype": new.get("dtype")}
+    diff = config_differences({"config": old.get("config", {}), "dtype": old.get("dtype")}, mine)
+    if not diff:
+        return
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(path.stat().st_mtime))
+    kept = path.with_name(f"sim-{stamp}.json")
+    i = 1
+    while kept.exists():
+        kept, i = path.with_name(f"sim-{stamp}-{i}.json"), i + 1
+    path.rename(kept)
+    log.info("kept the earlier result of another configuration as %s (%s)", kept, "; ".join(diff[:4]))
+
+
+def load_sim_result(path: Path) -> dict[str, Any]:
+    """A `plan sim` result: sim.json, or the folder holding it."""
+    file = path / "sim.json" if path.is_dir() else path
+    if not file.is_file():
+        raise UserError(f"{path}: no sim.json there; pass a `wmctl plan sim` output folder "
+                        "(<run>/plan/sim_<planner>_<shift>/) or its sim.json")
+    res = read_json(file)
+    if "per_trial" not in res.get("model", {}):
+        raise UserError(f"{file} has no per-trial outcomes (written before sim.json kept them): re-run that "
+                        "`wmctl plan sim` to compare it trial by trial")
+    return res
+
+
+def exact_mcnemar(only_a: int, only_b: int) -> float:
+    """Two-sided exact McNemar test: the probability, if A and B were equally good, of a split of the discordant
+    trials at least this uneven (a binomial(n, 1/2) tail, doubled)."""
+    n, k = only_a + only_b, min(only_a, only_b)
+    if n == 0:
+        return 1.0
+    tail = sum(math.comb(n, i) for i in range(k + 1)) / 2 ** n
+    return min(1.0, 2 * tail)
+
+
+def compare_sims(pairs: list[tuple[dict[str, Any], dict[str, Any]]], policy: str = "model") -> dict[str, Any]:
+    """Paired comparison of two planners (A, B) over one or more pairs of `plan sim` results, each pair run on
+    the same trials (e.g. one pair per model seed or per trial set): successes, the trials only one of them
+    solves, the exact McNemar p-value of that split, and per final distance the means and how often A ends
+    closer. Trials are matched by (episode, start frame); a pair on different trials is refused."""
+    rows: list[tuple[dict[str, Any], dict[str, Any]]] = []
+    for i, (a, b) in enumerate(pairs):
+        if a.get("env") != b.get("env"):
+            raise UserError(f"pair {i + 1}: A ran in {a.get('env')}, B in {b.get('env')}; compare runs of one "
+                            "simulator")
+        for key in ("goal_offset", "max_steps"):
+            if a["config"].get(key) != b["config"].get(key):
+                raise UserError(f"pair {i + 1}: --{key.replace('_', '-')} {a['config'].get(key)} (A) vs "
+                                f"{b['config'].get(key)} (B): the trials are not the same task; re-run one of them "
+                                "with the other's setting")
+        ta = {(t["episode"], t["start"]): t for t in a[policy]["per_trial"]}
+        tb = {(t["episode"], t["start"]): t for t in b[policy]["per_trial"]}
+        if list(ta) != list(tb):
+            raise UserError(f"pair {i + 1}: A and B ran different trials ({len(ta)} vs {len(tb)}, "
+                            f"{len(set(ta) & set(tb))} in common): run both with the same --episodes, --seed and "
+                            "--goal-offset on the same store")
+        rows.extend((ta[k], tb[k]) for k in ta)
+    only_a = sum(x["success"] and not y["success"] for x, y in rows)
+    only_b = sum(y["success"] and not x["success"] for x, y in rows)
+    dists = [k for k in rows[0][0] if k.startswith("final_")] if rows else []
+    return {
+        "pairs": len(pairs), "trials": len(rows),
+        "success_a": sum(x["success"] for x, _ in rows), "success_b": sum(y["success"] for _, y in rows),
+        "both": sum(x["success"] and y["success"] for x, y in rows), "only_a": only_a, "only_b": only_b,
+        "mcnemar_p": exact_mcnemar(only_a, only_b),
+        "distances": {k: {"mean_a": float(np.mean([x[k] for x, _ in rows])),
+                          "mean_b": float(np.mean([y[k] for _, y in rows])),
+                          "a_closer": sum(x[k] < y[k] for x, y in rows), "b_closer": sum(y[k] < x[k] for x, y in rows)}
+                      for k in dists},
+    }
 
 
 def summarize(results: list[dict[str, Any]]) -> dict[str, Any]:

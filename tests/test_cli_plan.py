@@ -1,4 +1,5 @@
-"""`wmctl plan offline|sim` on a tiny trained run (real store, real gym-pusht), and the rollout/plan benchmarks."""
+"""`wmctl plan offline|sim|compare` on a tiny trained run (real store, real gym-pusht), and the rollout/plan
+benchmarks."""
 
 from __future__ import annotations
 
@@ -68,6 +69,49 @@ def test_plan_sim_cli_closes_the_loop_in_gym_pusht(tiny_run):
     assert res["trials"] == 1
     r = CliRunner().invoke(app, ["plan", "sim", "--run", str(tiny_run), "--env", "aloha"])
     assert r.exit_code == 2 and "pusht" in r.output
+
+
+def test_plan_sim_keeps_each_trial_and_compares_two_planners_trial_by_trial(tiny_run, tmp_path):
+    out = tmp_path / "sim"
+    base = ["plan", "sim", "--run", str(tiny_run), "--episodes", "2", "--goal-offset", "4", "--max-steps", "2",
+            "--horizon", "2", "--execute", "1", *FAST_CEM, "--out", str(out)]
+    r = CliRunner().invoke(app, [*base, "--k", "1"])
+    assert r.exit_code == 0, r.output
+    first = json.loads((out / "sim.json").read_text())
+    trials = first["model"]["per_trial"]
+    assert len(trials) == first["trials"] >= 1 and len(first["random"]["per_trial"]) == len(trials)
+    assert first["model"]["success_rate"] == pytest.approx(sum(t["success"] for t in trials) / len(trials))
+    assert first["model"]["final_pos_dist"] == pytest.approx(sum(t["final_pos_dist"] for t in trials) / len(trials))
+    assert all(t["plan_s"] > 0 for t in trials) and all(t["plan_s"] is None for t in first["random"]["per_trial"])
+    # another K into the same folder: the first result is kept beside the new one, not overwritten
+    r = CliRunner().invoke(app, [*base, "--k", "2"])
+    assert r.exit_code == 0, r.output
+    kept = sorted(out.glob("sim-*.json"))
+    assert len(kept) == 1 and json.loads(kept[0].read_text())["config"]["k"] == 1
+    assert json.loads((out / "sim.json").read_text())["config"]["k"] == 2
+    r = CliRunner().invoke(app, [*base, "--k", "2"])  # the same configuration again replaces its own result
+    assert r.exit_code == 0, r.output
+    assert len(list(out.glob("sim-*.json"))) == 1
+    second = json.loads((out / "sim.json").read_text())
+    r = CliRunner().invoke(app, ["plan", "compare", "--a", str(kept[0]), "--b", str(out), "--names", "k1,k2",
+                                 "--json", str(tmp_path / "c.json")])
+    assert r.exit_code == 0, r.output
+    c = json.loads((tmp_path / "c.json").read_text())
+    a_ok = [t["success"] for t in trials]
+    b_ok = [t["success"] for t in second["model"]["per_trial"]]
+    assert c["trials"] == len(trials) and (c["success_a"], c["success_b"]) == (sum(a_ok), sum(b_ok))
+    assert c["only_a"] == sum(x and not y for x, y in zip(a_ok, b_ok)) and c["both"] + c["only_b"] == sum(b_ok)
+    assert 0 < c["mcnemar_p"] <= 1 and "k1 vs k2" in r.output and "McNemar" in r.output
+    # the random actions of both runs are the same draws on the same trials: no trial separates them
+    r = CliRunner().invoke(app, ["plan", "compare", "--a", str(kept[0]), "--b", str(out), "--policy", "random",
+                                 "--json", str(tmp_path / "r.json")])
+    rnd = json.loads((tmp_path / "r.json").read_text())
+    assert (rnd["only_a"], rnd["only_b"], rnd["mcnemar_p"]) == (0, 0, 1.0)
+    assert rnd["distances"]["final_pos_dist"]["a_closer"] == rnd["distances"]["final_pos_dist"]["b_closer"] == 0
+    r = CliRunner().invoke(app, ["plan", "compare", "--a", str(out), "--a", str(kept[0]), "--b", str(out)])
+    assert r.exit_code == 2 and "one --b per --a" in r.output
+    r = CliRunner().invoke(app, ["plan", "compare", "--a", str(tmp_path), "--b", str(out)])
+    assert r.exit_code == 2 and "no sim.json" in r.output
 
 
 def test_bench_rollout_cached_equals_uncached_and_reports_a_speedup():

@@ -9,6 +9,7 @@ import torch
 from planner.cem import CEMConfig, cem_plan, warm_start
 from planner.core import ActionSpec, latent_cost, project
 from planner.gd import GDConfig, gd_plan
+from planner.sim import compare_sims, exact_mcnemar
 
 Z, A, H = 6, 2, 4
 torch.manual_seed(0)
@@ -155,3 +156,33 @@ def test_a_frame_action_added_up_by_kind_executes_as_steps_that_add_back_up():
     assert space.frame_dim == 4 and len(space.bounds()[0]) == 4
     concat = ActionSpace("absolute", 3, np.zeros(4), np.ones(4))
     assert concat.frame_dim == 12 and concat.per_frame(steps).shape == (2, 12)
+
+
+def test_exact_mcnemar_matches_the_binomial_tail():
+    # two-sided: 2 * P(X <= min) for X ~ Binomial(only_a + only_b, 1/2)
+    assert exact_mcnemar(0, 6) == pytest.approx(2 / 64) and exact_mcnemar(6, 0) == exact_mcnemar(0, 6)
+    assert exact_mcnemar(3, 7) == pytest.approx(2 * (1 + 10 + 45 + 120) / 1024)
+    assert exact_mcnemar(0, 3) == pytest.approx(0.25) and exact_mcnemar(0, 0) == 1.0 and exact_mcnemar(5, 5) == 1.0
+
+
+def _sim(outcomes, dists, goal_offset=15, env="pusht", starts=None):
+    trials = [{"episode": 1, "start": s, "success": ok, "steps": 4, "final_pos_dist": d}
+              for s, ok, d in zip(starts or range(len(outcomes)), outcomes, dists)]
+    return {"env": env, "config": {"goal_offset": goal_offset, "max_steps": 30}, "model": {"per_trial": trials}}
+
+
+def test_compare_sims_pairs_trials_pools_pairs_and_refuses_other_trials():
+    a1, b1 = _sim([True, True, False, False], [5, 9, 40, 30]), _sim([True, False, True, False], [8, 30, 10, 20])
+    a2, b2 = _sim([False, True], [50, 3], starts=[7, 9]), _sim([False, False], [60, 25], starts=[7, 9])
+    c = compare_sims([(a1, b1), (a2, b2)])
+    assert (c["pairs"], c["trials"], c["success_a"], c["success_b"]) == (2, 6, 3, 2)
+    assert (c["both"], c["only_a"], c["only_b"]) == (1, 2, 1) and c["mcnemar_p"] == pytest.approx(1.0)
+    d = c["distances"]["final_pos_dist"]
+    assert (d["a_closer"], d["b_closer"]) == (4, 2) and d["mean_a"] == pytest.approx(137 / 6)
+    from pipeline.stage import UserError
+    with pytest.raises(UserError, match="different trials"):
+        compare_sims([(a1, _sim([True] * 4, [1] * 4, starts=[0, 1, 2, 5]))])
+    with pytest.raises(UserError, match="--goal-offset"):
+        compare_sims([(a1, _sim([True] * 4, [1] * 4, goal_offset=10))])
+    with pytest.raises(UserError, match="one simulator"):
+        compare_sims([(a1, _sim([True] * 4, [1] * 4, env="metaworld-reach"))])

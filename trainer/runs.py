@@ -6,7 +6,8 @@ runs/<YYYYmmdd-HHMMSS>-<kind>/        one training run (`wmctl train`; or the fo
   checkpoints/step-XXXXXXXX/          model, EMA, optimizer, state.json (trainer.checkpoint)
   eval/                               `wmctl eval` (eval.json, plots, rollout grids)
   plan/offline_<planner>.json         `wmctl plan offline`
-  plan/sim_<planner>_<shift>/         `wmctl plan sim` (sim.json, PNG strips)
+  plan/sim_<planner>_<shift>/         `wmctl plan sim` (sim.json with every trial, PNG strips; sim-<time>.json:
+                                      an earlier result of another configuration, kept)
 runs/<YYYYmmdd-HHMMSS>-decoder/       `wmctl decoder train`
 ```
 

@@ -1,4 +1,5 @@
-"""`wmctl plan offline|sim`: goal-conditioned MPC in latent space, on held-out episodes and in a simulator."""
+"""`wmctl plan offline|sim|compare`: goal-conditioned MPC in latent space, on held-out episodes and in a simulator, and
+two planners compared trial by trial."""
 
 from __future__ import annotations
 
@@ -10,9 +11,10 @@ import typer
 
 from featurestore.reader import TokenReader
 from pipeline.cli.base import given_options, new_app
+from pipeline.stage import UserError, atomic_write_json
 from planner.cem import CEMConfig
 from planner.offline import OfflineConfig, run_plan_offline, search_configs
-from planner.sim import SimConfig, run_plan_sim
+from planner.sim import SimConfig, compare_sims, load_sim_result, run_plan_sim
 from trainer.api import LoadedWorldModel
 from trainer.runs import plan_dir, resolve_run
 
@@ -118,6 +120,9 @@ def plan_sim(
     compile: Compile = False,
     graph: Graph = False,
     precision: Precision = "auto",
+    out: Annotated[Path | None, typer.Option(help="Output folder (default: <run>/plan/sim_<planner>_<shift>; an "
+                                             "earlier result of another configuration there is kept beside it).")]
+    = None,
 ) -> None:
     """Closed-loop MPC in a simulator (gym-pusht, Meta-World) towards goals from held-out episodes; random actions
     (and Meta-World's scripted controller, the upper bound) alongside."""
@@ -127,7 +132,7 @@ def plan_sim(
                     cost_frames=cost_frames, env=env, device=device, execute_plan=execute_plan)
     wm = LoadedWorldModel.load(resolve_run(run, ckpt), device=device, compile=compile, precision=precision,
                                graphs=graph)
-    out = plan_dir(wm.checkpoint) / f"sim_{planner}_{shift}"
+    out = out or plan_dir(wm.checkpoint) / f"sim_{planner}_{shift}"
     res = run_plan_sim(wm, dataclasses.replace(cfg, out=out), store=wm.store)
     _sim_summary(res, out)
 
@@ -146,3 +151,37 @@ def _sim_summary(res: dict[str, Any], out: Path) -> None:
         typer.echo(f"{policy:>8}: success {100 * r['success_rate']:.0f}% of {res['trials']}{reached}; final {dists}; "
                    f"action smoothness {r['smoothness']:.2f}{lat}")
     typer.echo(f"wrote {out}/sim.json" + "".join(f", {p}" for p in res.get("strips", [])))
+
+
+@app.command("compare")
+def plan_compare(
+    a: Annotated[list[Path], typer.Option("--a", help="A's `plan sim` output (folder or sim.json); repeat for more "
+                                          "pairs (one per model seed or trial set), the i-th --a with the i-th --b.")],
+    b: Annotated[list[Path], typer.Option("--b", help="B's, on the same trials as the --a it pairs with.")],
+    names: Annotated[str, typer.Option(help="Labels of A and B.")] = "A,B",
+    policy: Annotated[str, typer.Option(help="model | random | scripted: whose outcomes to compare.")] = "model",
+    json_out: Annotated[Path | None, typer.Option("--json", help="Also write the comparison as JSON here.")] = None,
+) -> None:
+    """Two planners trial by trial on the same `plan sim` trials: successes, the trials only one of them solves
+    with the exact McNemar p-value of that split, and which ends closer to the goal; pairs are pooled."""
+    if len(a) != len(b):
+        raise UserError(f"{len(a)} --a against {len(b)} --b: give one --b per --a (the i-th pairs with the i-th)")
+    label_a, _, label_b = names.partition(",")
+    if not label_b:
+        raise UserError(f"--names {names!r}: two labels, comma-separated (e.g. recipe,baseline)")
+    pairs = [(load_sim_result(x), load_sim_result(y)) for x, y in zip(a, b)]
+    if any(policy not in r for pair in pairs for r in pair):
+        raise UserError(f"--policy {policy!r}: not in every result (model and random are; scripted only in Meta-World)")
+    res = compare_sims(pairs, policy)
+    n = res["trials"]
+    typer.echo(f"{label_a} vs {label_b}: {n} trials in {res['pairs']} pair(s) ({pairs[0][0]['env']}, {policy})")
+    typer.echo(f"  success: {label_a} {res['success_a']}/{n}, {label_b} {res['success_b']}/{n}; both {res['both']}, "
+               f"only {label_a} {res['only_a']}, only {label_b} {res['only_b']} "
+               f"(exact McNemar p = {res['mcnemar_p']:.3g})")
+    for key, d in res["distances"].items():
+        typer.echo(f"  {key.removeprefix('final_')} at the end: {label_a} {d['mean_a']:.3g}, {label_b} "
+                   f"{d['mean_b']:.3g} ({label_a} closer in {d['a_closer']}, {label_b} in {d['b_closer']})")
+    if json_out is not None:
+        atomic_write_json(json_out, {"a": [str(x) for x in a], "b": [str(y) for y in b], "names": [label_a, label_b],
+                                     "policy": policy, **res})
+        typer.echo(f"wrote {json_out}")
