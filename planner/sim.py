@@ -132,6 +132,11 @@ def load_trials(root: Path, manifest_rows, cfg: SimConfig, sim: Simulator) -> li
     if not trials:
         raise UserError(f"no val episode is longer than --goal-offset {cfg.goal_offset} with a goal the start does "
                         "not already meet: raise --goal-offset or record longer episodes")
+    starts = {(tr.episode, tr.start) for tr in trials}
+    if len(starts) < len(trials):  # starts are drawn with replacement: a repeat is a replicate, not a new task
+        log.warning("%d trials from %d val episodes hold %d distinct starts (a repeated start is planned again with "
+                    "other noise, not a new task); hold out more episodes for more independent trials",
+                    len(trials), len({tr.episode for tr in trials}), len(starts))
     return trials
 
 
@@ -369,7 +374,8 @@ def compare_sims(pairs: list[tuple[dict[str, Any], dict[str, Any]]], policy: str
     """Paired comparison of two planners (A, B) over one or more pairs of `plan sim` results, each pair run on
     the same trials (e.g. one pair per model seed or per trial set): successes, the trials only one of them
     solves, the exact McNemar p-value of that split, and per final distance the means and how often A ends
-    closer. Trials are matched by (episode, start frame); a pair on different trials is refused."""
+    closer. The i-th trial of A is paired with the i-th of B, which must start from the same episode and frame;
+    a pair on different trials is refused."""
     rows: list[tuple[dict[str, Any], dict[str, Any]]] = []
     for i, (a, b) in enumerate(pairs):
         if a.get("env") != b.get("env"):
@@ -380,13 +386,13 @@ def compare_sims(pairs: list[tuple[dict[str, Any], dict[str, Any]]], policy: str
                 raise UserError(f"pair {i + 1}: --{key.replace('_', '-')} {a['config'].get(key)} (A) vs "
                                 f"{b['config'].get(key)} (B): the trials are not the same task; re-run one of them "
                                 "with the other's setting")
-        ta = {(t["episode"], t["start"]): t for t in a[policy]["per_trial"]}
-        tb = {(t["episode"], t["start"]): t for t in b[policy]["per_trial"]}
-        if list(ta) != list(tb):
-            raise UserError(f"pair {i + 1}: A and B ran different trials ({len(ta)} vs {len(tb)}, "
-                            f"{len(set(ta) & set(tb))} in common): run both with the same --episodes, --seed and "
-                            "--goal-offset on the same store")
-        rows.extend((ta[k], tb[k]) for k in ta)
+        ta, tb = a[policy]["per_trial"], b[policy]["per_trial"]
+        ka, kb = [(t["episode"], t["start"]) for t in ta], [(t["episode"], t["start"]) for t in tb]
+        if ka != kb:  # in order: a trial set may hold one start twice (drawn with replacement), each its own trial
+            raise UserError(f"pair {i + 1}: A and B ran different trials ({len(ka)} vs {len(kb)}, "
+                            f"{len(set(ka) & set(kb))} starts in common): run both with the same --episodes, --seed "
+                            "and --goal-offset on the same store")
+        rows.extend(zip(ta, tb))
     only_a = sum(x["success"] and not y["success"] for x, y in rows)
     only_b = sum(y["success"] and not x["success"] for x, y in rows)
     dists = [k for k in rows[0][0] if k.startswith("final_")] if rows else []

@@ -58,6 +58,9 @@ stage "8/9 plan sim: closed-loop MPC in gym-pusht, shortcut model and teacher-fo
 for name in shortcut teacher-forced; do
   $WMCTL plan sim --run "$DEMO/runs/$name" --episodes 10 --max-steps 30
 done
+# the same 10 trials, trial by trial: which model solves which, and whether 10 trials can tell them apart
+$WMCTL plan compare --a "$DEMO/runs/shortcut/plan/sim_cem_none" --b "$DEMO/runs/teacher-forced/plan/sim_cem_none" \
+  --names shortcut,teacher-forced
 
 stage "9/9 visualize: ground truth | decoded truth | rollout with actions | rollout with the null action"
 $WMCTL visualize --run "$DEMO/runs/shortcut" --decoder "$DEMO/runs/decoder" --horizon 20 --out "$DEMO/rollout.mp4"

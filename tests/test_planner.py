@@ -179,9 +179,14 @@ def test_compare_sims_pairs_trials_pools_pairs_and_refuses_other_trials():
     assert (c["both"], c["only_a"], c["only_b"]) == (1, 2, 1) and c["mcnemar_p"] == pytest.approx(1.0)
     d = c["distances"]["final_pos_dist"]
     assert (d["a_closer"], d["b_closer"]) == (4, 2) and d["mean_a"] == pytest.approx(137 / 6)
+    # a trial set may hold one start twice (the sim draws starts with replacement): each is its own trial
+    twice = compare_sims([(_sim([True, False], [5, 30], starts=[3, 3]), _sim([False, False], [40, 35], starts=[3, 3]))])
+    assert (twice["trials"], twice["only_a"], twice["only_b"]) == (2, 1, 0)
     from pipeline.stage import UserError
     with pytest.raises(UserError, match="different trials"):
         compare_sims([(a1, _sim([True] * 4, [1] * 4, starts=[0, 1, 2, 5]))])
+    with pytest.raises(UserError, match="different trials"):  # the same starts in another order are other pairs
+        compare_sims([(a1, _sim([True] * 4, [1] * 4, starts=[1, 0, 2, 3]))])
     with pytest.raises(UserError, match="--goal-offset"):
         compare_sims([(a1, _sim([True] * 4, [1] * 4, goal_offset=10))])
     with pytest.raises(UserError, match="one simulator"):
