@@ -1,11 +1,11 @@
-"""`wmctl plan sim`: closed-loop MPC in a simulator (`planner.sims`) with the world model (DINO-WM protocol).
+"""`wmctl plan sim`: closed-loop MPC in a simulator (`pipeline.sims`) with the world model (DINO-WM protocol).
 
 A trial starts from the simulator state of a held-out episode at frame t; the goal is the observation
 reached by replaying that episode's recorded actions for `goal_offset` steps from there. MPC then plans in
 latent space from the encoded observations, executes `execute` actions, and replans, for at most
 `max_steps` steps. Success is the simulator's rule (pusht: DINO-WM's, agent and block positions within 20 px of
 the goal state, norm over the four coordinates, and the block angle within pi/9; Meta-World: end effector / object
-within 5 cm, `planner.sims.metaworld`), checked after every MPC step; the trial ends there (the goal is reached).
+within 5 cm, `pipeline.sims.metaworld`), checked after every MPC step; the trial ends there (the goal is reached).
 A start/goal pair that already meets the rule is no trial and is skipped. The same trials run with uniformly
 random actions, and, where the simulator has one (Meta-World), with its scripted policy driven to the goal state
 from privileged simulator state (the upper bound), under the same rule. The planner never sees the simulator:
@@ -40,7 +40,7 @@ from planner.cem import CEMConfig, cem_plan, warm_start
 from planner.core import ActionSpec, WorldModel, dtype_name, latent_cost
 from planner.gd import GDConfig, gd_plan
 from planner.offline import spec_for
-from planner.sims import ENV_STATE_KEY, SIMULATORS, Simulator, make_sim, sim_for_dataset, trial_ok
+from pipeline.sims import ENV_STATE_KEY, SIMULATORS, Simulator, make_sim, sim_for_dataset, trial_ok
 
 log = logging.getLogger(__name__)
 

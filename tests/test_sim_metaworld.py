@@ -13,8 +13,8 @@ from typer.testing import CliRunner
 
 from pipeline.cli import app
 from pipeline.stage import UserError
-from planner.sims import ENV_STATE_KEY
-from planner.sims.metaworld import MetaWorldSim, frame_skip_for, require_egl
+from pipeline.sims import ENV_STATE_KEY
+from pipeline.sims.metaworld import MetaWorldSim, frame_skip_for, require_egl
 
 KEYS = ["observation.images.exterior", "observation.images.wrist"]
 

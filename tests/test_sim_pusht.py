@@ -9,7 +9,7 @@ import torch
 from planner.cem import CEMConfig
 from planner.offline import spec_for
 from planner.sim import SimConfig, Trial, run_trial
-from planner.sims.pusht import PushtSim
+from pipeline.sims.pusht import PushtSim
 from trainer.actions import ActionSpace
 
 SCALE = 100.0  # px per latent unit

@@ -8,7 +8,7 @@ from one of the benchmark's 50 task variations (object and target positions), ch
 
 Recorded per frame t (before the action is applied): `observation.images.exterior` and
 `observation.images.wrist` (H, W, 3), `observation.state` (end-effector xyz in m, gripper opening 0..1),
-`observation.environment_state` (the full restorable simulator state: `planner.sims.metaworld`), `action`,
+`observation.environment_state` (the full restorable simulator state: `pipeline.sims.metaworld`), `action`,
 `next.reward` (Meta-World's shaped reward for the env's own target) and the task text.
 """
 
@@ -22,8 +22,8 @@ import numpy as np
 
 from pipeline.demodata import Frame, WriterSettings, f32, vector_feature, video_feature, write_dataset
 from pipeline.stage import UserError
-from planner.sims import ENV_STATE_KEY
-from planner.sims.metaworld import (
+from pipeline.sims import ENV_STATE_KEY
+from pipeline.sims.metaworld import (
     CAMERA_KEY,
     CAMERAS,
     RENDER,

@@ -20,8 +20,8 @@ import numpy as np
 
 from pipeline.demodata import Frame, WriterSettings, f32, vector_feature, video_feature, write_dataset
 from pipeline.stage import UserError
-from planner.sims import ENV_STATE_KEY
-from planner.sims.pusht import env_state, make_env
+from pipeline.sims import ENV_STATE_KEY
+from pipeline.sims.pusht import env_state, make_env
 
 GOAL_XY = np.array([256.0, 256.0])
 TASK = "Push the T-shaped block onto the green T."

@@ -1,7 +1,6 @@
-"""Simulators the closed loop plans in, behind one small interface (`Simulator`), owned by the planner: gym-pusht
-(`pusht`) and Meta-World arm tasks (`metaworld-reach`, `metaworld-push`).
-
-The demo-data generators (`pipeline.demodata`) drive the same simulators to record datasets, so a recorded
+"""Simulators behind one small interface (`Simulator`), at the ground floor: gym-pusht (`pusht`) and Meta-World arm
+tasks (`metaworld-reach`, `metaworld-push`). The data stage records in them (`pipeline.demodata`) and the planner
+closes the loop in them (`planner.sim`), so neither stage imports the other; a recorded
 `observation.environment_state` (`ENV_STATE_KEY`) restores exactly the scene a planner is started from.
 """
 
@@ -54,11 +53,11 @@ def make_sim(env: str, size: int, *, fps: int | None = None, camera_keys: list[s
     """The simulator named by `wmctl plan sim --env`, rendering `size` x `size` frames at the dataset's `fps`,
     its cameras in the order of `camera_keys` (the token store's camera order)."""
     if env == "pusht":
-        from planner.sims.pusht import PushtSim
+        from pipeline.sims.pusht import PushtSim
 
         return PushtSim(size)
     if env.startswith("metaworld-"):
-        from planner.sims.metaworld import MetaWorldSim
+        from pipeline.sims.metaworld import MetaWorldSim
 
         return MetaWorldSim(env.removeprefix("metaworld-"), size, fps=fps or 20, camera_keys=camera_keys)
     raise ValueError(f"unknown simulator {env!r}")
