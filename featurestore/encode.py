@@ -459,13 +459,13 @@ def prepare(cfg: EncodeConfig) -> tuple[TokenStore, HFDinoEncoder, SourceInfo, l
     encoder = HFDinoEncoder(cfg.encoder, preprocess=cfg.preprocess, device=cfg.resolved_device())
     recorded = TokenStore.recorded_encoder(cfg.store)  # an existing store's: its hash of these weights is kept
     try:
-        store = TokenStore.create_or_open(cfg.store, encoder.identity(recorded), cfg.layout)
+        store = TokenStore.create_or_open(cfg.store, encoder.identity(recorded), cfg.layout, encoder.location)
     except UserError:
         if not cfg.force:
             raise
         log.warning("--force: deleting %s (made with another encoder or layout)", cfg.store)
         shutil.rmtree(cfg.store)
-        store = TokenStore.create_or_open(cfg.store, encoder.identity(), cfg.layout)
+        store = TokenStore.create_or_open(cfg.store, encoder.identity(), cfg.layout, encoder.location)
     prov = _provenance(cfg, src, mmeta, file_sha256(cfg.manifest), bool(manifest.has_actions.any()))
     try:
         store.ensure_source(src.name, prov, fixed_keys=FIXED_SOURCE_KEYS)

@@ -22,6 +22,7 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 import torch.nn.functional as F
 
+from featurestore.provision import KNOWN, damage, provisioned_path, read_provenance
 from pipeline.stage import ConfigMismatchError, UserError, config_differences, to_jsonable
 
 log = logging.getLogger(__name__)
@@ -144,15 +145,48 @@ def _processor_settings(path: Path | None) -> dict[str, Any]:
 
 
 def resolve_model_path(model: str) -> tuple[str, Path | None]:
-    """(model id to record, local directory or None for a Hub id to find in the HF cache)."""
+    """(the name to record, local directory or None for a Hub id to find in the HF cache). The name follows the
+    weights, never where they lie: a provisioned encoder's name (`wmctl encoder fetch`), a random encoder's preset
+    and seed, a Hub id, or for any other folder `local:<folder name>`; the weights hash is what identifies them."""
+    if model in KNOWN:
+        folder = provisioned_path(model)
+        if (why := damage(folder)) is not None:
+            raise UserError(f"--encoder {model}: not provisioned at {folder} ({why}); run `wmctl encoder fetch` "
+                            "(or `make install`) first")
+        return model, folder
     p = Path(model).expanduser()
     if p.exists():
         if not (p / "config.json").is_file():
             raise UserError(f"--encoder {model}: {p / 'config.json'} is missing (expected a save_pretrained folder)")
-        return str(p.resolve()), p
+        return local_model_id(p), p
     if model.count("/") != 1 or model.startswith((".", "/")):
-        raise UserError(f"--encoder {model}: no such directory, and not a Hugging Face model id")
+        raise UserError(f"--encoder {model}: no such directory, not a Hugging Face model id, and not one of the "
+                        f"encoders `wmctl encoder fetch` provisions ({', '.join(sorted(KNOWN))})")
     return model, None
+
+
+def local_model_id(folder: Path) -> str:
+    """The recorded name of a local encoder folder (see `resolve_model_path`)."""
+    if (prov := read_provenance(folder)) and prov.get("encoder"):
+        return str(prov["encoder"])
+    marker = folder / RANDOM_MARKER
+    if marker.is_file():
+        try:
+            m = json.loads(marker.read_text())
+            return f"random-dinov3-{m['preset']}-seed{m['seed']}"
+        except (ValueError, KeyError, TypeError):
+            pass
+    return f"local:{folder.resolve().name}"
+
+
+# Fields of an identity that name or describe an encoder without being part of what it computes: two identities
+# that agree on everything else (weights hash, architecture, preprocessing, grid) are the same encoder.
+IDENTITY_LABELS = ("model_id", "description")
+
+
+def identity_key(identity: dict[str, Any]) -> dict[str, Any]:
+    """What two encoder identities must share to be the same encoder: all but the labels."""
+    return {k: v for k, v in to_jsonable(identity).items() if k not in IDENTITY_LABELS}
 
 
 class HFDinoEncoder:
@@ -202,6 +236,8 @@ class HFDinoEncoder:
         # model's hash under its module names (what stores and runs made before recorded) only when asked for
         self._sha = saved_weights_sha256(local) or weights_sha256(self.model)
         self._hashes: frozenset[str] | None = None
+        self.location = str(local.resolve()) if local is not None else None  # where it was loaded from (a hint)
+        self.description = (read_provenance(local) or {}).get("description") if local is not None else None
         if self.random_weights:
             log.warning("encoder %s has RANDOM weights (made by `wmctl encoder init-random`): tokens are not "
                         "DINO features; results only exercise the pipeline", self.model_id)
@@ -223,10 +259,11 @@ class HFDinoEncoder:
         if recorded is not None and recorded.get("weights_sha256") not in (None, sha) and \
                 recorded["weights_sha256"] in self.weights_hashes():
             sha = recorded["weights_sha256"]
+        labels = {"description": self.description} if self.description else {}
         arch = {k: cfg.get(k) for k in ("model_type", "hidden_size", "num_hidden_layers", "num_attention_heads",
                                          "intermediate_size", "patch_size", "num_register_tokens", "layer_norm_eps",
                                          "use_gated_mlp", "rope_theta") if k in cfg}
-        return {
+        mine = {
             "model_id": self.model_id,
             "weights_sha256": sha,
             "random_weights": self.random_weights,
@@ -237,7 +274,11 @@ class HFDinoEncoder:
             "dim": self.embed_dim,
             "num_register_tokens": self.num_registers,
             "output": "last_hidden_state (final norm): [CLS | registers | patches]",
+            **labels,
         }
+        if recorded is not None and identity_key(recorded) == identity_key(mine):
+            return dict(recorded)  # the same encoder under the name it was recorded with (e.g. an older path)
+        return mine
 
     @torch.inference_mode()
     def forward_preprocessed(self, pixels_B3HW: torch.Tensor, dtype: torch.dtype = torch.float32
@@ -256,18 +297,40 @@ class HFDinoEncoder:
 
 def check_same_encoder(expected: dict[str, Any], found: dict[str, Any], *, what: str, fix: str) -> None:
     """The one check that tokens, weights and a trained model share an encoder: `expected` is the identity `what`
-    (a run, a decoder, a store) was made with, `found` the one at hand. Refused naming every differing field."""
-    a, b = to_jsonable(expected), to_jsonable(found)
+    (a run, a decoder, a store) was made with, `found` the one at hand. Compared on everything but the labels
+    (`identity_key`: the same weights in another folder or clone are the same encoder). Refused naming every
+    differing field."""
+    a, b = identity_key(expected), identity_key(found)
     if a != b:
         raise ConfigMismatchError(f"the encoder of {what}", config_differences(a, b), fix)
 
 
-def encoder_for(identity: dict[str, Any], device: str = "cpu") -> HFDinoEncoder:
-    """The encoder an identity names (its weights and preprocessing), checked to be that very encoder."""
-    enc = HFDinoEncoder(identity["model_id"], preprocess=Preprocess.from_dict(identity["preprocess"]), device=device)
-    check_same_encoder(identity, enc.identity(identity), what=identity["model_id"],
-                       fix="the weights at that path changed; use the encoder the run was trained on")
-    return enc
+def encoder_for(identity: dict[str, Any], device: str = "cpu", *, hints: tuple[str | Path | None, ...] = ()
+                ) -> HFDinoEncoder:
+    """The encoder an identity names (its weights and preprocessing), checked to be that very encoder. Looked for in
+    `hints` first (a folder the user named, where the store was encoded from), then under its recorded name (a
+    provisioned encoder, a Hub id in the HF cache, or the folder an older wmctl recorded)."""
+    preprocess = Preprocess.from_dict(identity["preprocess"])
+    tried: list[str] = []
+    mismatch: ConfigMismatchError | None = None
+    for cand in [*(str(h) for h in hints if h), str(identity["model_id"])]:
+        if cand in tried or cand.startswith(("local:", "random-dinov3-")):
+            continue  # a label, not a place
+        tried.append(cand)
+        try:
+            enc = HFDinoEncoder(cand, preprocess=preprocess, device=device)
+            check_same_encoder(identity, enc.identity(identity), what=cand,
+                               fix="the weights there changed; pass the encoder the tokens were made with as --encoder")
+            return enc
+        except ConfigMismatchError as e:
+            mismatch = e
+        except UserError:
+            continue
+    if mismatch is not None:
+        raise mismatch
+    raise UserError(f"cannot find the encoder {identity['model_id']!r} (weights sha256 "
+                    f"{str(identity.get('weights_sha256'))[:12]}) the tokens were made with (looked in: "
+                    f"{', '.join(tried) or 'nowhere'}); pass its folder with --encoder")
 
 
 TINY_ARCH = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64)

@@ -156,26 +156,32 @@ class TokenStore:
             return None  # create_or_open says what is wrong with it
 
     @classmethod
-    def create_or_open(cls, path: Path, encoder: dict[str, Any], layout: StoreLayout) -> TokenStore:
-        """Open a store made with the same encoder identity and layout, or create it. Refuses others."""
+    def create_or_open(cls, path: Path, encoder: dict[str, Any], layout: StoreLayout,
+                       encoder_location: str | None = None) -> TokenStore:
+        """Open a store made with the same encoder (`identity_key`: the weights, not their name or folder) and
+        layout, or create it. Refuses others. `encoder_location`: where the encoder was loaded from, recorded at
+        creation as a hint for later stages that need the encoder again (never compared)."""
+        from featurestore.encoders import identity_key
+
         path = Path(path)
         wanted = {"encoder": encoder, "layout": dataclasses.asdict(layout)}
         if (path / "zarr.json").is_file():
             store = cls.open_existing(path)
-            have = {"encoder": store.attrs["encoder"], "layout": store.attrs["layout"]}
-            if have != json.loads(json.dumps(wanted)):
+            have = {"encoder": identity_key(store.attrs["encoder"]), "layout": store.attrs["layout"]}
+            if have != json.loads(json.dumps({**wanted, "encoder": identity_key(encoder)})):
                 raise ConfigMismatchError(f"token store {path}", config_differences(have, wanted),
                                           "Encode into another --store, or pass --force to delete and rebuild it.")
             if not (path / "sources" / "zarr.json").is_file():  # a creator killed between the two writes
                 _make_group(path / "sources")
             return store
         attrs = {"schema_version": SCHEMA_VERSION, "description": STORE_DESCRIPTION, **wanted,
-                 "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+                 "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                 **({"encoder_location": encoder_location} if encoder_location else {})}
         # several shards may create the store at once: identical content, atomic per-key writes
         if not _make_group(path, {STORE_KEY: attrs}):  # another writer created it first: theirs must match
             for _ in range(100):  # its zarr.json is being written
                 if (path / "zarr.json").is_file():
-                    return cls.create_or_open(path, encoder, layout)
+                    return cls.create_or_open(path, encoder, layout, encoder_location)
                 time.sleep(0.05)
             raise UserError(f"{path}: another process is creating this store and has not finished; try again")
         fault_point("store-root")
@@ -185,6 +191,13 @@ class TokenStore:
     @property
     def encoder(self) -> dict[str, Any]:
         return self.attrs["encoder"]
+
+    @property
+    def encoder_location(self) -> str | None:
+        """Where the encoder was loaded from when the store was made (a hint; older stores recorded it as the
+        identity's model_id)."""
+        old = str(self.encoder.get("model_id", ""))
+        return self.attrs.get("encoder_location") or (old if old.startswith("/") else None)
 
     @property
     def layout(self) -> StoreLayout:

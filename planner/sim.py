@@ -32,15 +32,14 @@ import numpy as np
 import torch
 
 from featurestore.reader import TokenReader
-from pipeline.demodata import MARKER
 from pipeline.ingest import read_manifest
 from pipeline.lerobot_io import DataFileCache, stack_column
+from pipeline.sims import ENV_STATE_KEY, SIMULATORS, Simulator, goal_group, make_sim, recorded_sim, trial_ok
 from pipeline.stage import UserError, atomic_write_json, config_differences, read_json, to_jsonable
 from planner.cem import CEMConfig, cem_plan, warm_start
 from planner.core import ActionSpec, WorldModel, dtype_name, latent_cost
 from planner.gd import GDConfig, gd_plan
 from planner.offline import spec_for
-from pipeline.sims import ENV_STATE_KEY, SIMULATORS, Simulator, make_sim, sim_for_dataset, trial_ok
 
 log = logging.getLogger(__name__)
 
@@ -102,6 +101,7 @@ class Trial:
     start: int
     env_state: np.ndarray  # the simulator's full state at the start (what `Simulator.reset` takes)
     actions: np.ndarray  # [goal_offset, A] the recorded environment actions replayed to make the goal
+    group: str = "unknown"  # what the goal demands: "push" (the object must move) or "agent" (`Simulator.goal_group`)
 
 
 def load_trials(root: Path, manifest_rows, cfg: SimConfig, sim: Simulator) -> list[Trial]:
@@ -126,9 +126,11 @@ def load_trials(root: Path, manifest_rows, cfg: SimConfig, sim: Simulator) -> li
             continue
         t = int(rng.integers(0, len(df) - cfg.goal_offset))
         st, acts = stack_column(df, ENV_STATE_KEY), stack_column(df, "action")
-        if not trial_ok(sim, st[t].astype(np.float64), st[t + cfg.goal_offset].astype(np.float64)):
+        start, goal = st[t].astype(np.float64), st[t + cfg.goal_offset].astype(np.float64)
+        if not trial_ok(sim, start, goal):
             continue
-        trials.append(Trial(int(e.episode_index), t, st[t], acts[t:t + cfg.goal_offset]))
+        trials.append(Trial(int(e.episode_index), t, st[t], acts[t:t + cfg.goal_offset],
+                            goal_group(sim, start, goal)))
     if not trials:
         raise UserError(f"no val episode is longer than --goal-offset {cfg.goal_offset} with a goal the start does "
                         "not already meet: raise --goal-offset or record longer episodes")
@@ -215,11 +217,13 @@ def run_trial(sim: Simulator, wm: WorldModel, encode: Callable[[np.ndarray, np.n
             "frames": frames, "goal": goal_img}
 
 
-def observation_encoder(wm: WorldModel, device: str) -> Callable[[np.ndarray, np.ndarray], torch.Tensor]:
-    """`encode(images [C, H, W, 3], robot_state) -> latents [N, Z]` with the encoder the model was trained on."""
+def observation_encoder(wm: WorldModel, device: str, *, hints: tuple[str | None, ...] = ()
+                        ) -> Callable[[np.ndarray, np.ndarray], torch.Tensor]:
+    """`encode(images [C, H, W, 3], robot_state) -> latents [N, Z]` with the encoder the model was trained on
+    (looked for in `hints` first: where the store was encoded from)."""
     from featurestore.encoders import encoder_for
 
-    enc = encoder_for(wm.encoder, device)
+    enc = encoder_for(wm.encoder, device, hints=hints)
 
     def encode(images: np.ndarray, robot_state: np.ndarray) -> torch.Tensor:
         patch = enc.encode(torch.from_numpy(np.ascontiguousarray(images)))["patch"]  # [C, P, Z]
@@ -251,11 +255,9 @@ def labelled_source(reader: TokenReader) -> SimSource:
                         "their recorded rate and does not take a strided store yet: encode the dataset at its own "
                         "rate (no --fps) into the store you plan with")
     rows, meta = read_manifest(Path(attrs["manifest"]))
-    marker = Path(rows.iloc[0].root) / MARKER if not rows.empty else None
-    generator = read_json(marker) if marker is not None and marker.is_file() else None
     return SimSource(labelled[0], rows, int(meta["features"][attrs["cameras"][0]]["shape"][0]),
                      int(meta.get("fps") or 0),
-                     list(attrs["cameras"]), sim_for_dataset(generator))
+                     list(attrs["cameras"]), recorded_sim(Path(rows.iloc[0].root)) if not rows.empty else None)
 
 
 def resolve_env(env: str, source: SimSource) -> str:
@@ -281,7 +283,7 @@ def run_plan_sim(wm: WorldModel, cfg: SimConfig, *, store: Path,
     source = labelled_source(reader)
     wm = wm.for_source(reader, source.name)  # the model on that source's cameras
     env = resolve_env(cfg.env, source)
-    encode = encode_frame or observation_encoder(wm, cfg.device)
+    encode = encode_frame or observation_encoder(wm, cfg.device, hints=(reader.store.encoder_location,))
     spec = spec_for(wm, cfg.max_delta_fraction)
     sim = make_sim(env, source.size, fps=source.fps, camera_keys=source.cameras)
     strips = []
@@ -303,7 +305,8 @@ def run_plan_sim(wm: WorldModel, cfg: SimConfig, *, store: Path,
                 if policy == "model" and i < cfg.save_strips:
                     strips.append((tr, r))
                 results.append(r)
-            out[policy] = {**summarize(results), "per_trial": [trial_record(tr, r) for tr, r in zip(trials, results)]}
+            records = [trial_record(tr, r) for tr, r in zip(trials, results)]
+            out[policy] = {**summarize(results), "by_group": by_group(records), "per_trial": records}
     finally:
         sim.close()
     if cfg.out is not None:
@@ -319,9 +322,21 @@ def trial_record(trial: Trial, r: dict[str, Any]) -> dict[str, Any]:
     """One trial's outcome as sim.json keeps it: which start (episode, frame), success, env steps, the final and
     start distances and the mean plan latency, so two runs on the same trials can be compared trial by trial."""
     lat = r["latencies"]
-    return {"episode": trial.episode, "start": trial.start, "success": bool(r["success"]), "steps": int(r["steps"]),
+    return {"episode": trial.episode, "start": trial.start, "group": trial.group, "success": bool(r["success"]),
+            "steps": int(r["steps"]),
             **{k: float(v) for k, v in r.items() if k.startswith(("final_", "start_"))},
             "plan_s": float(np.mean(lat)) if lat else None}
+
+
+def by_group(records: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Success per goal group (`Trial.group`): trials whose goal needs the object moved apart from those the robot
+    alone can meet, so an agent-only success cannot pass for a push."""
+    out: dict[str, dict[str, Any]] = {}
+    for g in sorted({r.get("group", "unknown") for r in records}):
+        rs = [r for r in records if r.get("group", "unknown") == g]
+        out[g] = {"trials": len(rs), "successes": sum(bool(r["success"]) for r in rs),
+                  "success_rate": float(np.mean([r["success"] for r in rs]))}
+    return out
 
 
 def keep_other_result(path: Path, new: dict[str, Any]) -> None:
@@ -393,19 +408,27 @@ def compare_sims(pairs: list[tuple[dict[str, Any], dict[str, Any]]], policy: str
                             f"{len(set(ka) & set(kb))} starts in common): run both with the same --episodes, --seed "
                             "and --goal-offset on the same store")
         rows.extend(zip(ta, tb))
-    only_a = sum(x["success"] and not y["success"] for x, y in rows)
-    only_b = sum(y["success"] and not x["success"] for x, y in rows)
     dists = [k for k in rows[0][0] if k.startswith("final_")] if rows else []
+    groups = sorted({x.get("group", "unknown") for x, _ in rows})
     return {
-        "pairs": len(pairs), "trials": len(rows),
-        "success_a": sum(x["success"] for x, _ in rows), "success_b": sum(y["success"] for _, y in rows),
-        "both": sum(x["success"] and y["success"] for x, y in rows), "only_a": only_a, "only_b": only_b,
-        "mcnemar_p": exact_mcnemar(only_a, only_b),
+        "pairs": len(pairs), **_paired_counts(rows),
+        "by_group": {g: _paired_counts([(x, y) for x, y in rows if x.get("group", "unknown") == g]) for g in groups}
+        if len(groups) > 1 or groups != ["unknown"] else {},
         "distances": {k: {"mean_a": float(np.mean([x[k] for x, _ in rows])),
                           "mean_b": float(np.mean([y[k] for _, y in rows])),
                           "a_closer": sum(x[k] < y[k] for x, y in rows), "b_closer": sum(y[k] < x[k] for x, y in rows)}
                       for k in dists},
     }
+
+
+def _paired_counts(rows: list[tuple[dict[str, Any], dict[str, Any]]]) -> dict[str, Any]:
+    """Successes of A and B on paired trials, the discordant ones and their exact McNemar p-value."""
+    only_a = sum(x["success"] and not y["success"] for x, y in rows)
+    only_b = sum(y["success"] and not x["success"] for x, y in rows)
+    return {"trials": len(rows), "success_a": sum(x["success"] for x, _ in rows),
+            "success_b": sum(y["success"] for _, y in rows),
+            "both": sum(x["success"] and y["success"] for x, y in rows),
+            "only_a": only_a, "only_b": only_b, "mcnemar_p": exact_mcnemar(only_a, only_b)}
 
 
 def summarize(results: list[dict[str, Any]]) -> dict[str, Any]:

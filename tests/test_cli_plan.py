@@ -83,6 +83,11 @@ def test_plan_sim_keeps_each_trial_and_compares_two_planners_trial_by_trial(tiny
     assert first["model"]["success_rate"] == pytest.approx(sum(t["success"] for t in trials) / len(trials))
     assert first["model"]["final_pos_dist"] == pytest.approx(sum(t["final_pos_dist"] for t in trials) / len(trials))
     assert all(t["plan_s"] > 0 for t in trials) and all(t["plan_s"] is None for t in first["random"]["per_trial"])
+    # every trial says what its goal demands, and success is reported per group (push vs agent-only)
+    assert {t["group"] for t in trials} <= {"push", "agent"}
+    groups = first["model"]["by_group"]
+    assert sum(g["trials"] for g in groups.values()) == len(trials)
+    assert all(g["successes"] == sum(t["success"] for t in trials if t["group"] == k) for k, g in groups.items())
     # another K into the same folder: the first result is kept beside the new one, not overwritten
     r = CliRunner().invoke(app, [*base, "--k", "2"])
     assert r.exit_code == 0, r.output
@@ -102,6 +107,8 @@ def test_plan_sim_keeps_each_trial_and_compares_two_planners_trial_by_trial(tiny
     assert c["trials"] == len(trials) and (c["success_a"], c["success_b"]) == (sum(a_ok), sum(b_ok))
     assert c["only_a"] == sum(x and not y for x, y in zip(a_ok, b_ok)) and c["both"] + c["only_b"] == sum(b_ok)
     assert 0 < c["mcnemar_p"] <= 1 and "k1 vs k2" in r.output and "McNemar" in r.output
+    assert sum(g["trials"] for g in c["by_group"].values()) == c["trials"]
+    assert all(f"{g} trials:" in r.output for g in c["by_group"])
     # the random actions of both runs are the same draws on the same trials: no trial separates them
     r = CliRunner().invoke(app, ["plan", "compare", "--a", str(kept[0]), "--b", str(out), "--policy", "random",
                                  "--json", str(tmp_path / "r.json")])

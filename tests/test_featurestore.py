@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import pickle
 import signal
@@ -24,7 +25,7 @@ from featurestore.status import store_status
 from featurestore.store import StoreLayout
 from pipeline.frames import PyAVFrameSource, VideoSpan
 from pipeline.ingest import read_manifest
-from pipeline.stage import ConfigMismatchError, ShardSpec
+from pipeline.stage import ConfigMismatchError, ShardSpec, UserError
 
 PRE = Preprocess(height=64, width=64)
 
@@ -285,7 +286,9 @@ def test_other_encoder_is_refused_with_the_differing_fields(pusht_manifest, tiny
                                                                                                        width=64)))
     res = run_encode(_cfg(pusht_manifest, store, other, force=True))
     assert res.segments_committed > 0
-    assert TokenReader(store).encoder["model_id"] == str(other.resolve())
+    reader = TokenReader(store)  # named by its weights (preset and seed), found again by where it was loaded from
+    assert reader.encoder["model_id"] == "random-dinov3-tiny-seed1"
+    assert reader.store.encoder_location == str(other.resolve())
 
 
 def test_an_encoder_is_known_by_its_saved_weights_and_by_the_hash_older_stores_recorded(pusht_manifest,
@@ -302,7 +305,8 @@ def test_an_encoder_is_known_by_its_saved_weights_and_by_the_hash_older_stores_r
     saved = saved_weights_sha256(tiny_encoder)
     assert enc.identity()["weights_sha256"] == saved
     assert enc._hashes is None  # the loaded model is hashed only when a recorded identity needs it
-    legacy = dict(enc.identity(), weights_sha256=weights_sha256(enc.model))  # what an older wmctl recorded
+    # what an older wmctl recorded: the loaded model's hash, and the folder's absolute path as the model id
+    legacy = dict(enc.identity(), weights_sha256=weights_sha256(enc.model), model_id=str(tiny_encoder.resolve()))
     assert enc.identity(legacy) == legacy and enc.weights_hashes() == {saved, legacy["weights_sha256"]}
     assert encoder_for(legacy).identity(legacy) == legacy
     with pytest.raises(ConfigMismatchError, match="weights_sha256"):
@@ -317,6 +321,38 @@ def test_an_encoder_is_known_by_its_saved_weights_and_by_the_hash_older_stores_r
     again = run_encode(_cfg(pusht_manifest, store, tiny_encoder))
     assert first.segments_committed > 0 and again.segments_committed == 0
     assert TokenReader(store).encoder["weights_sha256"] == legacy["weights_sha256"]
+
+
+def test_an_encoder_is_the_same_in_two_clones_at_different_paths(pusht_manifest, tiny_encoder, tmp_path):
+    """The identity follows the weights, not where they lie: the same folder copied to two places (two clones of
+    a project) gives one identity, a store made from one copy takes tokens from the other, and a later stage finds
+    the encoder again from the store's hint, from a folder the user names, or under its provisioned name; other
+    weights at a hinted place are refused."""
+    import shutil
+
+    from featurestore.encoders import encoder_for, identity_key
+
+    a, b = tmp_path / "clone-a" / "enc", tmp_path / "clone-b" / "models" / "enc"
+    shutil.copytree(tiny_encoder, a)
+    shutil.copytree(tiny_encoder, b)
+    ia, ib = HFDinoEncoder(str(a), preprocess=PRE).identity(), HFDinoEncoder(str(b), preprocess=PRE).identity()
+    assert ia == ib and ia["model_id"] == "random-dinov3-tiny-seed0" and str(tmp_path) not in json.dumps(ia)
+    store = tmp_path / "s.zarr"
+    first = run_encode(_cfg(pusht_manifest, store, a))
+    assert first.segments_committed > 0
+    again = run_encode(_cfg(pusht_manifest, store, b))  # the other clone's copy: the same encoder, nothing to do
+    assert again.segments_committed == 0
+    reader = TokenReader(store)
+    assert reader.store.encoder_location == str(a.resolve())
+    assert encoder_for(reader.encoder, hints=(reader.store.encoder_location,)).location == str(a.resolve())
+    shutil.rmtree(a)  # moved away: the user names where it is now
+    with pytest.raises(UserError, match="pass its folder with --encoder"):
+        encoder_for(reader.encoder, hints=(reader.store.encoder_location,))
+    assert encoder_for(reader.encoder, hints=(str(b), reader.store.encoder_location)).location == str(b.resolve())
+    other = init_random_dinov3(tmp_path / "other", preset="tiny", seed=3)
+    with pytest.raises(ConfigMismatchError, match="weights_sha256"):
+        encoder_for(reader.encoder, hints=(str(other),))
+    assert identity_key(ia) == identity_key(dict(ia, model_id="/old/absolute/path"))
 
 
 def test_second_dataset_appends_a_source(pusht_manifest, pusht_free_manifest, tiny_encoder,

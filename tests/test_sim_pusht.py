@@ -4,12 +4,13 @@ must bring the agent to a goal made by replaying recorded actions, and the trial
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 
+from pipeline.sims.pusht import PushtSim
 from planner.cem import CEMConfig
 from planner.offline import spec_for
 from planner.sim import SimConfig, Trial, run_trial
-from pipeline.sims.pusht import PushtSim
 from trainer.actions import ActionSpace
 
 SCALE = 100.0  # px per latent unit
@@ -69,3 +70,21 @@ def test_mpc_brings_the_agent_to_the_goal_and_the_trial_ends_there():
     assert r["steps"] < cfg.max_steps  # the trial stopped when the goal was reached
     assert r["final_block_dist"] < 1.0  # the block was never touched
     assert len(r["latencies"]) == r["steps"] // (wm.frameskip * cfg.execute)  # one plan per MPC step
+
+
+def test_goal_groups_and_probe_targets_of_pusht():
+    """A goal whose block pose is beyond the success tolerance from the start needs a push; one whose block stays
+    (within 20 px and pi/9) can be met by moving the agent alone. Probe targets give the angle as sin/cos."""
+    import math
+
+    from pipeline.sims.pusht import pusht_goal_group, pusht_probe_targets
+
+    start = np.array([100.0, 100.0, 256.0, 256.0, 0.5])
+    assert pusht_goal_group(start, start + [200, 0, 0, 0, 0]) == "agent"  # only the agent moves
+    assert pusht_goal_group(start, start + [0, 0, 19, 0, 0.3]) == "agent"  # block within both tolerances
+    assert pusht_goal_group(start, start + [0, 0, 20, 0, 0]) == "push"
+    assert pusht_goal_group(start, start + [0, 0, 0, 0, math.pi / 9]) == "push"
+    assert pusht_goal_group(start, start + [0, 0, 0, 0, 2 * math.pi - 0.1]) == "agent"  # angles wrap
+    t = pusht_probe_targets(np.stack([start, start + [1, 2, 3, 4, 0.1]]))
+    assert list(t) == ["agent_x", "agent_y", "block_x", "block_y", "block_sin", "block_cos"]
+    assert t["block_y"][1] == 260.0 and t["block_sin"][0] == pytest.approx(math.sin(0.5))

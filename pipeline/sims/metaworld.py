@@ -207,6 +207,17 @@ class MetaWorldSim:
             return d["eef_dist"] <= EEF_TOL
         return d["obj_dist"] <= OBJ_TOL and d["eef_dist"] <= PUSH_EEF_TOL
 
+    def probe_targets(self, states_NS: np.ndarray) -> dict[str, np.ndarray]:
+        """End-effector and object xyz of each recorded state (restored one by one)."""
+        pos = np.array([np.concatenate(self._positions(np.asarray(s, dtype=np.float64))) for s in states_NS])
+        return {f"{what}_{c}": pos[:, 3 * k + i] for k, what in enumerate(("eef", "obj")) for i, c in enumerate("xyz")}
+
+    def goal_group(self, start_state: np.ndarray, goal_state: np.ndarray) -> str:
+        """push: "push" when the puck's goal is beyond the tolerance from its start; reach: always "agent"."""
+        if self.task != "push":
+            return "agent"
+        return "push" if self.distances(goal_state, start_state)["obj_dist"] > OBJ_TOL else "agent"
+
     def trial_ok(self, start_state: np.ndarray, goal_state: np.ndarray) -> bool:
         """A trial worth running: reach, the end effector's goal more than twice the tolerance away (neither standing
         still nor one lucky step solves it); push, the puck's goal farther than the tolerance (it must be pushed)."""

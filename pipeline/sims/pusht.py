@@ -37,6 +37,24 @@ def pusht_distances(goal_state: np.ndarray, state: np.ndarray) -> tuple[float, f
     return pos, min(ang, 2 * math.pi - ang)
 
 
+POS_TOL, ANGLE_TOL = 20.0, math.pi / 9  # the success rule's tolerances (px over agent + block xy, radians)
+
+
+def pusht_probe_targets(states_NS: np.ndarray) -> dict[str, np.ndarray]:
+    """agent x/y, block x/y (px) and the block angle as sin/cos (an angle is not linear in anything periodic)."""
+    s = np.asarray(states_NS, dtype=np.float64)
+    return {"agent_x": s[:, 0], "agent_y": s[:, 1], "block_x": s[:, 2], "block_y": s[:, 3],
+            "block_sin": np.sin(s[:, 4]), "block_cos": np.cos(s[:, 4])}
+
+
+def pusht_goal_group(start_state: np.ndarray, goal_state: np.ndarray) -> str:
+    """"push" when the block's goal pose is beyond the success rule's tolerance from its start pose (its position
+    by 20 px or its angle by pi/9): moving the agent alone cannot succeed; else "agent"."""
+    block = float(np.linalg.norm(np.asarray(goal_state[2:4]) - np.asarray(start_state[2:4])))
+    ang = abs(float(goal_state[4] - start_state[4])) % (2 * math.pi)
+    return "push" if block >= POS_TOL or min(ang, 2 * math.pi - ang) >= ANGLE_TOL else "agent"
+
+
 class PushtSim:
     """gym-pusht with reset-to-state, rendering at the dataset's image size (one top-down camera)."""
 
@@ -66,7 +84,13 @@ class PushtSim:
     def success(self, goal_state: np.ndarray, state: np.ndarray) -> bool:
         """DINO-WM's PushT rule: agent + block positions within 20 px (norm over the four), angle within pi/9."""
         pos, ang = pusht_distances(goal_state, state)
-        return pos < 20.0 and ang < math.pi / 9
+        return pos < POS_TOL and ang < ANGLE_TOL
+
+    def probe_targets(self, states_NS: np.ndarray) -> dict[str, np.ndarray]:
+        return pusht_probe_targets(states_NS)
+
+    def goal_group(self, start_state: np.ndarray, goal_state: np.ndarray) -> str:
+        return pusht_goal_group(start_state, goal_state)
 
     def close(self) -> None:
         self.env.close()
