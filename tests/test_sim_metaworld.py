@@ -12,9 +12,9 @@ import pytest
 from typer.testing import CliRunner
 
 from pipeline.cli import app
-from pipeline.stage import UserError
 from pipeline.sims import ENV_STATE_KEY
 from pipeline.sims.metaworld import MetaWorldSim, frame_skip_for, require_egl
+from pipeline.stage import UserError
 
 KEYS = ["observation.images.exterior", "observation.images.wrist"]
 

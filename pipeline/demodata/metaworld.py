@@ -21,7 +21,6 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.demodata import Frame, WriterSettings, f32, vector_feature, video_feature, write_dataset
-from pipeline.stage import UserError
 from pipeline.sims import ENV_STATE_KEY
 from pipeline.sims.metaworld import (
     CAMERA_KEY,
@@ -32,6 +31,7 @@ from pipeline.sims.metaworld import (
     MetaWorldSim,
     frame_skip_for,
 )
+from pipeline.stage import UserError
 
 TASK_TEXT = {"reach": "Reach the target position with the gripper.",
              "push": "Push the puck to the target position on the table."}

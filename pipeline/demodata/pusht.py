@@ -19,9 +19,9 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.demodata import Frame, WriterSettings, f32, vector_feature, video_feature, write_dataset
-from pipeline.stage import UserError
 from pipeline.sims import ENV_STATE_KEY
 from pipeline.sims.pusht import env_state, make_env
+from pipeline.stage import UserError
 
 GOAL_XY = np.array([256.0, 256.0])
 TASK = "Push the T-shaped block onto the green T."
