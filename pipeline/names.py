@@ -4,7 +4,8 @@ make a stage write, read or delete outside the folder it was given.
 
 `safe_component` validates one path component (a safe character set, no `.`/`..`, bounded length);
 `safe_relative` a relative path of such components (a repo id `org/name`, a data file under a dataset root);
-`inside` joins a relative path to a root and refuses anything that resolves outside it (symlinks included).
+`inside` joins a relative path to a root and refuses anything that resolves outside it (symlinks included);
+`holds` says whether deleting a folder would delete a given path (the working directory, say).
 """
 
 from __future__ import annotations
@@ -42,12 +43,23 @@ def safe_relative(value: object, what: str, fix: str = "", *, max_parts: int = 8
     return text
 
 
-def inside(root: Path, relative: str | Path, what: str) -> Path:
-    """`root / relative`, refused (UserError naming `what`) when it resolves outside `root` (`..`, an absolute
-    path, or a symlink that leads out)."""
-    root_r = Path(root).resolve()
-    target = (root_r / relative).resolve()
-    if target != root_r and root_r not in target.parents:
-        raise UserError(f"{what} {str(relative)!r} leads outside {root_r} (to {target}); a manifest or registry may "
-                        "only name files under its dataset root")
+def inside(root: Path, relative: str | Path, what: str, fix: str = "", *, bound: Path | None = None) -> Path:
+    """`root / relative`, refused (UserError naming `what`) when it resolves outside `bound` (default `root`):
+    `..`, an absolute path, or a symlink that leads out. `bound` widens the confinement for a root whose files are
+    links into a fixed neighbour (a Hugging Face cache snapshot links into its repo folder's `blobs/`)."""
+    try:
+        root_r = Path(root).resolve()
+        limit = Path(bound).resolve() if bound is not None else root_r
+        target = (root_r / relative).resolve()
+    except (ValueError, OSError) as e:  # a NUL byte, a name too long for the file system, a symlink loop
+        raise UserError(f"{what} {str(relative)!r} is not a usable path under {root} ({e}). {fix}".rstrip()) from None
+    if target != limit and limit not in target.parents:
+        raise UserError(f"{what} {str(relative)!r} leads outside {limit} (to {target}). "
+                        f"{fix or 'A manifest or registry may only name files under its root.'}")
     return target
+
+
+def holds(folder: Path, path: Path) -> bool:
+    """True when `folder` is `path` or one of its ancestors (both resolved): deleting `folder` would delete `path`."""
+    folder_r, path_r = Path(folder).resolve(), Path(path).resolve()
+    return folder_r == path_r or folder_r in path_r.parents

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Annotated
 
@@ -16,7 +17,13 @@ app = new_app("Write the built-in LeRobot v3.0 datasets (with lerobot's own writ
 
 Out = Annotated[Path, typer.Option(help="Dataset root to write.")]
 ActionFree = Annotated[bool, typer.Option("--action-free", help="Write no action feature.")]
-Force = Annotated[bool, typer.Option(help="Overwrite an existing dataset.")]
+Force = Annotated[bool, typer.Option(help="Replace a dataset `wmctl data` wrote before with another config (never a "
+                                       "folder it did not write).")]
+
+
+def _repo_id(out: Path) -> str:
+    """`local/<the folder's name>` (of the folder itself for `.` or `..`)."""
+    return f"local/{Path(os.path.abspath(out)).name}"
 
 
 def _done(wrote: bool, out: Path, episodes: int, action_free: bool) -> None:
@@ -37,7 +44,7 @@ def data_pusht(
 ) -> None:
     """gym-pusht rollouts of a scripted pusher (10 fps, agent-xy state, target-xy action)."""
     cfg = PushtDataConfig(out=out, episodes=episodes, seed=seed, frames_per_episode=frames_per_episode, size=size,
-                          action_free=action_free, repo_id=f"local/{out.name}")
+                          action_free=action_free, repo_id=_repo_id(out))
     _done(run_data_pusht(cfg, force=force), out, episodes, action_free)
 
 
@@ -58,7 +65,7 @@ def data_multicam(
     """Synthetic DROID-shaped set: 3 cameras at 180x320, 15 fps, 8-D state/action, multi-file layout (or, with
     --arm own, the same world seen and driven like your own arm)."""
     cfg = MulticamDataConfig(out=out, episodes=episodes, seed=seed, min_frames=min_frames, max_frames=max_frames,
-                             action_free=action_free, repo_id=f"local/{out.name}", arm=arm)
+                             action_free=action_free, repo_id=_repo_id(out), arm=arm)
     _done(run_data_multicam(cfg, force=force), out, episodes, action_free)
 
 
@@ -79,5 +86,5 @@ def data_metaworld(
     """Meta-World reach/push with a Sawyer arm: scripted policies + exploration, exterior + wrist cameras,
     4-D delta end-effector xyz + gripper actions, the full simulator state (headless EGL rendering)."""
     cfg = MetaworldDataConfig(out=out, task=task, episodes=episodes, seed=seed, frames_per_episode=frames_per_episode,
-                              size=size, fps=fps, action_free=action_free, repo_id=f"local/{out.name}")
+                              size=size, fps=fps, action_free=action_free, repo_id=_repo_id(out))
     _done(run_data_metaworld(cfg, force=force), out, episodes, action_free)

@@ -2,12 +2,14 @@
 
 `wmctl data pusht` (gym-pusht rollouts of a scripted pusher) and `wmctl data multicam` (a synthetic
 DROID-shaped 3-camera set). Both write into a staging directory and rename it into place after
-`finalize()`, so an interrupted run never leaves a half-written dataset under the requested name.
+`finalize()`, so an interrupted run never leaves a half-written dataset under the requested name; the next run
+removes the staging folder a killed one left. `--force` replaces only what `wmctl data` wrote (`MARKER`).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import glob
 import logging
 import os
 import shutil
@@ -17,8 +19,19 @@ from typing import Any
 
 import numpy as np
 
+from pipeline.names import holds
 from pipeline.sims import GENERATOR_MARKER
-from pipeline.stage import ConfigMismatchError, UserError, atomic_write_json, owner_tag, read_json, to_jsonable
+from pipeline.stage import (
+    ConfigMismatchError,
+    UserError,
+    atomic_write_json,
+    config_differences,
+    fault_point,
+    is_stale,
+    owner_tag,
+    read_json,
+    to_jsonable,
+)
 
 log = logging.getLogger(__name__)
 
@@ -51,26 +64,22 @@ def write_dataset(
     generator_config: Any,
     force: bool = False,
 ) -> bool:
-    """Write `num_episodes` episodes from `episode_fn(ep)` with lerobot. Returns False if already done."""
-    out = Path(out)
+    """Write `num_episodes` episodes from `episode_fn(ep)` with lerobot. Returns False if already done.
+
+    `force` replaces only a dataset `wmctl data` wrote (its marker `MARKER`), never a folder holding the working
+    directory; the new dataset is staged beside `out` and renamed into place."""
+    out = Path(os.path.normpath(out))
+    if out.name in ("", ".."):  # `.` or `..`: name the folder itself, so that its staging sibling is beside it
+        out = Path(os.path.abspath(out))
     cfg = to_jsonable(generator_config)
-    if out.exists():
-        marker = out / MARKER
-        if marker.exists() and not force:
-            old = read_json(marker)
-            if old == cfg:
-                log.info("%s already holds this dataset (same generator config): nothing to do", out)
-                return False
-            from pipeline.stage import config_differences
-
-            raise ConfigMismatchError(f"dataset {out}", config_differences(old, cfg), "Pass --force to regenerate.")
-        if not force:
-            raise UserError(f"{out} exists and was not written by `wmctl data`; choose another --out or --force")
-
+    write = _may_write(out, cfg, force)
+    clean_stale_staging(out)
+    if not write:
+        return False
     os.environ.setdefault("SVT_LOG", "1")  # the AV1 encoder logs every stream's settings otherwise: errors only
     from pipeline.lerobot_compat import create_dataset
 
-    staging = out.parent / f".{out.name}.staging.{owner_tag()}"
+    staging = _leftover_path(out, "staging")
     out.parent.mkdir(parents=True, exist_ok=True)
     try:
         ds = create_dataset(
@@ -91,15 +100,69 @@ def write_dataset(
                 n += 1
             ds.save_episode()
             log.info("episode %d/%d: %d frames", ep + 1, num_episodes, n)
+            fault_point("data-episode")
         ds.finalize()
         atomic_write_json(staging / MARKER, cfg)
-        if out.exists():
-            shutil.rmtree(out)
-        staging.rename(out)
+        _replace(out, staging)
     finally:
         if staging.exists():
             shutil.rmtree(staging, ignore_errors=True)
     return True
+
+
+def _may_write(out: Path, cfg: Any, force: bool) -> bool:
+    """False when `out` already holds this dataset; raises unless `out` is free, an empty folder, or (with `force`)
+    a dataset `wmctl data` wrote that does not hold the working directory."""
+    if not out.exists() and not out.is_symlink():
+        return True
+    if out.is_dir() and not out.is_symlink() and not any(out.iterdir()) and not holds(out, Path.cwd()):
+        return True  # an empty folder made for it: nothing to lose
+    marker = out / MARKER
+    if out.is_symlink() or not out.is_dir() or not marker.is_file():
+        raise UserError(f"{out} exists and was not written by `wmctl data` (no {MARKER}); wmctl never replaces a "
+                        "folder it did not write: choose another --out")
+    old = read_json(marker)
+    if old == cfg and not force:
+        log.info("%s already holds this dataset (same generator config): nothing to do", out)
+        return False
+    if holds(out, Path.cwd()):
+        raise UserError(f"{out} is the working directory or holds it; wmctl will not replace it: choose another "
+                        "--out (a folder of its own, e.g. data/<name>)")
+    if not force:
+        raise ConfigMismatchError(f"dataset {out}", config_differences(old, cfg), "Pass --force to regenerate.")
+    return True
+
+
+def _leftover_path(out: Path, kind: str) -> Path:
+    """A private sibling of `out` for a writer's work in progress (`kind` staging) or the dataset it replaces
+    (`replaced`), named with this process's owner tag so that a later run can tell a dead writer's leftovers."""
+    return out.parent / f".{out.name}.{kind}.{owner_tag()}"
+
+
+def _replace(out: Path, staging: Path) -> None:
+    """Rename `staging` to `out`; an old dataset there is moved aside first and deleted after (a kill in between
+    leaves it as a dead writer's leftover, removed by the next run)."""
+    if out.exists():
+        old = _leftover_path(out, "replaced")
+        out.rename(old)
+        staging.rename(out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        staging.rename(out)
+
+
+def clean_stale_staging(out: Path) -> int:
+    """Remove the staging and replaced folders beside `out` that dead writers left (`pipeline.stage.is_stale`: a
+    process of this host that no longer runs, or another host's untouched for hours); a live writer's stay."""
+    n = 0
+    for kind in ("staging", "replaced"):
+        prefix = f".{out.name}.{kind}."
+        for p in out.parent.glob(f"{glob.escape(prefix)}*") if out.parent.is_dir() else ():
+            if p.is_dir() and not p.is_symlink() and is_stale(p.name[len(prefix):], p):
+                log.info("removing %s, left by a writer that is gone", p)
+                shutil.rmtree(p, ignore_errors=True)
+                n += 1
+    return n
 
 
 def video_feature(height: int, width: int) -> dict:

@@ -1,0 +1,126 @@
+"""Data loss and path safety, through the real commands: `--force` replaces only what wmctl wrote (a dataset, a
+manifest, a token store), never the working directory; names and paths read from shared files (a manifest's source,
+camera keys, video and data files; a dataset's info.json) stay inside their roots or are refused with exit 2; a video
+changed after ingest is refused by name; the leftovers of killed runs are removed by the next run.
+
+Each test fails on the code before this round (79c8cab) and passes now; they use only what both have (the CLI,
+`read_manifest`, `run_encode`), so they can be run against either."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+from typer.testing import CliRunner
+
+from pipeline.cli import app
+from pipeline.demodata import MARKER
+from pipeline.ingest import MANIFEST_META_KEY
+from pipeline.stage import owner_tag
+
+runner = CliRunner()
+def data_args(out: object, *extra: object, episodes: int = 1) -> list[object]:
+    return ["data", "pusht", "--out", out, "--episodes", episodes, "--frames-per-episode", 4, "--size", 64, *extra]
+
+
+def cli(*args: object):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def run_process(args: list[object], fault: str | None = None) -> subprocess.CompletedProcess:
+    """`wmctl ARGS` as a real process; `fault` kills it at that point (`WMCTL_FAULT`, see pipeline.stage)."""
+    env = {k: v for k, v in os.environ.items() if k != "WMCTL_FAULT"}
+    if fault:
+        env["WMCTL_FAULT"] = fault
+    return subprocess.run([sys.executable, "-m", "pipeline.cli", *map(str, args)], env=env, capture_output=True,
+                          text=True)
+
+
+def encode_args(manifest: Path, store: Path, encoder: Path, *extra: object) -> list[object]:
+    return ["encode", "--manifest", manifest, "--store", store, "--encoder", encoder, "--image-size", "64",
+            "--batch-size", "16", "--threads", "1", *extra]
+
+
+def listing(folder: Path) -> dict[str, bytes | None]:
+    """Every path under `folder` (links not followed) with a file's bytes: what a run must leave as it was."""
+    out: dict[str, bytes | None] = {}
+    for dirpath, dirs, files in os.walk(folder):
+        for name in dirs + files:
+            p = Path(dirpath) / name
+            out[str(p.relative_to(folder))] = p.read_bytes() if p.is_file() and not p.is_symlink() else None
+    return out
+
+
+def rewrite_manifest(src: Path, dst: Path, meta_edit=None, **columns: object) -> Path:
+    """A copy of manifest `src` with `columns` set to one value in every row (its metadata edited by `meta_edit`)."""
+    table = pq.read_table(src)
+    for name, value in columns.items():
+        i = table.schema.get_field_index(name)
+        table = table.set_column(i, table.schema.field(i), pa.array([value] * len(table), table.schema.field(i).type))
+    if meta_edit is not None:
+        meta = json.loads(table.schema.metadata[MANIFEST_META_KEY])
+        meta_edit(meta)
+        table = table.replace_schema_metadata({MANIFEST_META_KEY: json.dumps(meta).encode()})
+    pq.write_table(table, dst)
+    return dst
+
+
+# ------------------------------------------------------------------------------------------- 1. data --force
+def test_data_force_never_deletes_a_folder_wmctl_did_not_write(tmp_path):
+    foreign = tmp_path / "photos"
+    foreign.mkdir()
+    (foreign / "holiday.jpg").write_bytes(b"not a dataset")
+    for force in ([], ["--force"]):
+        r = cli(*data_args(foreign, *force))
+        assert r.exit_code == 2, r.output
+        assert str(foreign) in r.output and "choose another --out" in r.output
+        assert "--force" not in r.output  # forcing would delete someone's folder: never the advice
+    assert listing(tmp_path) == {"photos": None, "photos/holiday.jpg": b"not a dataset"}
+
+
+def test_data_force_never_replaces_the_working_directory_or_its_ancestors(tmp_path, monkeypatch):
+    work = tmp_path / "work"  # even one that looks like a dataset wmctl wrote
+    (work / "meta").mkdir(parents=True)
+    (work / MARKER).write_text("{}")
+    (work / "notes.txt").write_text("mine")
+    (work / "sub").mkdir()
+    before = listing(tmp_path)
+    monkeypatch.chdir(work)
+    r = cli(*data_args(".", "--force"))
+    assert r.exit_code == 2 and "working directory" in r.output and "choose another --out" in r.output, r.output
+    monkeypatch.chdir(work / "sub")
+    r = cli(*data_args("..", "--force"))
+    assert r.exit_code == 2 and "working directory" in r.output, r.output
+    assert listing(tmp_path) == before
+
+
+def test_data_force_replaces_its_own_dataset_and_leaves_nothing_beside_it(tmp_path):
+    out = tmp_path / "ds"
+    assert cli(*data_args(out)).exit_code == 0
+    r = cli(*data_args(out, "--seed", 1))
+    assert r.exit_code == 2 and "--force" in r.output  # wmctl's own dataset, other settings: forcing is the fix
+    r = cli(*data_args(out, "--seed", 1, "--force"))
+    assert r.exit_code == 0, r.output
+    assert json.loads((out / MARKER).read_text())["seed"] == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ds"]
+
+
+# ------------------------------------------------------------------------------------------- 15. leftovers
+def test_a_killed_data_run_leaves_staging_that_the_next_run_removes_but_not_a_live_writers(tmp_path):
+    out = tmp_path / "ds"
+    killed = run_process(data_args(out, episodes=2), fault="data-episode")
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    debris = [p for p in tmp_path.iterdir() if p.name.startswith(".ds.staging.")]
+    assert len(debris) == 1 and not out.exists()
+    live = tmp_path / f".ds.staging.{owner_tag()}"  # a writer that still runs (this test's process)
+    live.mkdir()
+    r = cli(*data_args(out, episodes=2))
+    assert r.exit_code == 0, r.output
+    assert (out / MARKER).is_file() and not debris[0].exists() and live.is_dir()
+
+
