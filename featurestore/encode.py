@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
 import logging
 import os
 import queue
@@ -31,7 +32,7 @@ import torch
 from featurestore.augment import ClipAugment
 from featurestore.dask_exec import map_on_dask
 from featurestore.encoders import DEFAULT_ENCODER, HFDinoEncoder, Preprocess
-from featurestore.store import StoreLayout, TokenStore, projected_bytes
+from featurestore.store import STORE_KEY, StoreLayout, TokenStore, projected_bytes
 from pipeline.frames import FrameDecodeError, PyAVFrameSource
 from pipeline.ingest import camera_span
 from pipeline.lerobot_io import DataFileCache, stack_column
@@ -436,6 +437,59 @@ FIXED_SOURCE_KEYS = ("repo_id", "root", "fps", "cameras", "augment", "action_dim
                      "action_kind")
 
 
+def _open_store(cfg: EncodeConfig, encoder: HFDinoEncoder) -> TokenStore:
+    """Open or create the store; with --force, delete and recreate a wmctl token store made with another encoder,
+    layout or schema (never a folder or Zarr group that is not a token store: refused, named)."""
+    import shutil
+
+    recorded = TokenStore.recorded_encoder(cfg.store)  # an existing store's: its hash of these weights is kept
+    try:
+        return TokenStore.create_or_open(cfg.store, encoder.identity(recorded), cfg.layout, encoder.location)
+    except UserError as e:
+        if not cfg.force:
+            raise
+        attrs = token_store_attrs(cfg.store)
+        if attrs is None:
+            raise UserError(f"{cfg.store} is not a wmctl token store (no {STORE_KEY} attribute in its zarr.json): "
+                            "--force replaces only token stores wmctl wrote; choose another --store") from None
+        log.warning("--force: deleting token store %s (%s)", cfg.store,
+                    replace_reason(attrs, encoder.identity(recorded), cfg.layout) or e)
+        shutil.rmtree(cfg.store)
+    return TokenStore.create_or_open(cfg.store, encoder.identity(), cfg.layout, encoder.location)
+
+
+def token_store_attrs(path: Path) -> dict[str, Any] | None:
+    """The root attributes of the wmctl token store at `path` (`STORE_KEY`); None when it is not one (no zarr.json,
+    another Zarr group, a link)."""
+    meta = Path(path) / "zarr.json"
+    try:
+        attrs = json.loads(meta.read_text()).get("attributes") if meta.is_file() and not Path(path).is_symlink() \
+            else None
+    except (OSError, ValueError, AttributeError):
+        return None
+    found = attrs.get(STORE_KEY) if isinstance(attrs, dict) else None
+    return found if isinstance(found, dict) else None
+
+
+def replace_reason(attrs: dict[str, Any], encoder: dict[str, Any], layout: StoreLayout) -> str:
+    """Why a store with root attributes `attrs` is not the one wanted, in words: another schema, or made with
+    another encoder (by identity, the weights, not their name) and/or layout, with the fields that differ."""
+    from featurestore.encoders import identity_key
+    from featurestore.store import SCHEMA_VERSION
+    from pipeline.stage import config_differences
+
+    if attrs.get("schema_version") != SCHEMA_VERSION:
+        return f"store schema {attrs.get('schema_version')}, this wmctl writes {SCHEMA_VERSION}"
+    have = identity_key(attrs.get("encoder") or {})
+    want = json.loads(json.dumps(identity_key(encoder)))
+    parts = {"encoder": config_differences(have, want, prefix="encoder."),
+             "layout": config_differences(attrs.get("layout") or {}, dataclasses.asdict(layout), prefix="layout.")}
+    kinds = [k for k, d in parts.items() if d]
+    if not kinds:
+        return ""
+    return f"made with another {' and '.join(kinds)}: {'; '.join(parts['encoder'] + parts['layout'])}"
+
+
 def prepare(cfg: EncodeConfig) -> tuple[TokenStore, HFDinoEncoder, SourceInfo, list[SegmentPlan], int]:
     """Load manifest and encoder, open/create the store, and plan this shard's segments (and count every
     shard's pending ones)."""
@@ -457,22 +511,15 @@ def prepare(cfg: EncodeConfig) -> tuple[TokenStore, HFDinoEncoder, SourceInfo, l
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     encoder = HFDinoEncoder(cfg.encoder, preprocess=cfg.preprocess, device=cfg.resolved_device())
-    recorded = TokenStore.recorded_encoder(cfg.store)  # an existing store's: its hash of these weights is kept
-    try:
-        store = TokenStore.create_or_open(cfg.store, encoder.identity(recorded), cfg.layout, encoder.location)
-    except UserError:
-        if not cfg.force:
-            raise
-        log.warning("--force: deleting %s (made with another encoder or layout)", cfg.store)
-        shutil.rmtree(cfg.store)
-        store = TokenStore.create_or_open(cfg.store, encoder.identity(), cfg.layout, encoder.location)
+    store = _open_store(cfg, encoder)
     prov = _provenance(cfg, src, mmeta, file_sha256(cfg.manifest), bool(manifest.has_actions.any()))
     try:
         store.ensure_source(src.name, prov, fixed_keys=FIXED_SOURCE_KEYS)
-    except UserError:
+    except UserError as e:
         if not cfg.force:
             raise
-        log.warning("--force: deleting source %s from %s", src.name, cfg.store)
+        log.warning("--force: deleting source %s from %s (made with another config: %s)", src.name, cfg.store,
+                    "; ".join(getattr(e, "differences", [])) or e)
         shutil.rmtree(store.source_dir(src.name))
         store.ensure_source(src.name, prov, fixed_keys=FIXED_SOURCE_KEYS)
     if (n := store.clean_stale_staging(src.name)):

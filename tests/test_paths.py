@@ -8,7 +8,9 @@ Each test fails on the code before this round (79c8cab) and passes now; they use
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -16,8 +18,12 @@ from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+import zarr
 from typer.testing import CliRunner
 
+from featurestore.encode import EncodeConfig, run_encode
+from featurestore.encoders import Preprocess, init_random_dinov3
+from featurestore.store import StoreLayout, TokenStore
 from pipeline.cli import app
 from pipeline.demodata import MARKER
 from pipeline.ingest import MANIFEST_META_KEY
@@ -122,5 +128,42 @@ def test_a_killed_data_run_leaves_staging_that_the_next_run_removes_but_not_a_li
     r = cli(*data_args(out, episodes=2))
     assert r.exit_code == 0, r.output
     assert (out / MARKER).is_file() and not debris[0].exists() and live.is_dir()
+
+
+# ------------------------------------------------------------------------------------------- 4. encode --force
+def test_encode_force_never_deletes_a_zarr_group_that_is_not_a_token_store(pusht_manifest, tiny_encoder, tmp_path):
+    other = tmp_path / "other.zarr"
+    group = zarr.open_group(other, mode="w", attributes={"project": "someone else's"})
+    group.create_array("data", shape=(3,), dtype="float32")[:] = 7.0
+    before = listing(tmp_path)
+    r = cli(*encode_args(pusht_manifest, other, tiny_encoder, "--force"))
+    assert r.exit_code == 2 and str(other) in r.output and "not a wmctl token store" in r.output, r.output
+    assert "choose another --store" in r.output
+    assert listing(tmp_path) == before
+
+
+def _encode_cfg(manifest: Path, store: Path, encoder: Path, **kw) -> EncodeConfig:
+    return EncodeConfig(manifest=manifest, store=store, encoder=str(encoder), preprocess=Preprocess(height=64,
+                        width=64), layout=kw.pop("layout", StoreLayout(episodes_per_segment=4)), batch_size=16,
+                        threads=1, **kw)
+
+
+def test_encode_force_says_truthfully_why_it_replaces_a_store(pusht_manifest, tiny_encoder, tmp_path, caplog):
+    cfg = _encode_cfg(pusht_manifest, tmp_path / "s.zarr", tiny_encoder)
+    run_encode(cfg)
+    int8 = dataclasses.replace(cfg, layout=StoreLayout(episodes_per_segment=4, dtype="int8"), force=True)
+    with caplog.at_level(logging.WARNING, logger="featurestore.encode"):
+        run_encode(int8)
+    why = [r.getMessage() for r in caplog.records if "--force: deleting" in r.getMessage()]
+    assert len(why) == 1 and "another layout" in why[0] and "layout.dtype" in why[0], why
+    assert "encoder" not in why[0].split("(", 1)[1]  # the encoder did not change: it must not say so
+    assert TokenStore.open_existing(cfg.store).layout.dtype == "int8"
+    other = init_random_dinov3(tmp_path / "other-encoder", preset="tiny", seed=1)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="featurestore.encode"):
+        run_encode(dataclasses.replace(int8, encoder=str(other)))
+    why = [r.getMessage() for r in caplog.records if "--force: deleting" in r.getMessage()]
+    assert len(why) == 1 and "another encoder:" in why[0] and "weights_sha256" in why[0], why
+    assert "layout" not in why[0].split("(", 1)[1]
 
 
