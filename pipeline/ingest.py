@@ -347,11 +347,24 @@ def _parts_dir(out: Path) -> Path:
     return out.parent / f"{out.name}.parts"
 
 
+def _refuse_unless_manifest(path: Path) -> None:
+    """--force deletes only a manifest wmctl wrote (a Parquet file with wmctl metadata), never another file."""
+    try:
+        ours = path.is_file() and not path.is_symlink() and MANIFEST_META_KEY in (pq.read_schema(path).metadata or {})
+    except (pa.ArrowException, OSError):
+        ours = False
+    if not ours:
+        raise UserError(f"{path} is not a manifest wmctl wrote (or is damaged); --force replaces only wmctl's own "
+                        "manifests: choose another --out, or remove it yourself if it is yours")
+
+
 def _check_existing(cfg: IngestConfig, identity: dict[str, Any], info_sha: str) -> IngestResult | None:
     """Return the 'nothing to do' result, refuse a changed config, or clear outputs under --force."""
     out, parts = Path(cfg.out), _parts_dir(Path(cfg.out))
     if cfg.force:
-        out.unlink(missing_ok=True)
+        if out.exists() or out.is_symlink():
+            _refuse_unless_manifest(out)
+            out.unlink()
         shutil.rmtree(parts, ignore_errors=True)
         return None
     expected = {"config": identity, "info_sha256": info_sha}
@@ -361,6 +374,9 @@ def _check_existing(cfg: IngestConfig, identity: dict[str, Any], info_sha: str) 
         if got != expected:
             raise ConfigMismatchError(f"manifest {out}", config_differences(got, expected),
                                       "Re-run with --force to rebuild it, or write to another --out.")
+        if parts.exists():  # left by a merger killed after its commit, or by a shard that finished after it
+            log.info("removing %s: %s is committed", parts, out)
+            shutil.rmtree(parts, ignore_errors=True)
         failed = df[df.status != "ok"]
         return IngestResult(out, int((df.status == "ok").sum()), len(failed),
                             list(zip(failed.episode_index.astype(int), failed.reason)), nothing_to_do=True)
@@ -397,7 +413,8 @@ def _try_merge(cfg: IngestConfig, n_blocks: int, manifest_meta: dict[str, Any]) 
     df = table.to_pandas()
     manifest_meta["counts"] = {"ok": int((df.status == "ok").sum()), "failed": int((df.status != "ok").sum())}
     _write_parquet(out, table.replace_schema_metadata({MANIFEST_META_KEY: json.dumps(manifest_meta).encode()}))
-    shutil.rmtree(parts, ignore_errors=True)
+    fault_point("ingest-merged")
+    shutil.rmtree(parts, ignore_errors=True)  # the manifest is committed: the blocks are leftovers now
     return True
 
 

@@ -130,6 +130,25 @@ def test_a_killed_data_run_leaves_staging_that_the_next_run_removes_but_not_a_li
     assert (out / MARKER).is_file() and not debris[0].exists() and live.is_dir()
 
 
+def test_ingest_killed_after_its_commit_leaves_parts_that_the_next_run_removes(pusht_root, tmp_path):
+    manifest = tmp_path / "m.parquet"
+    parts = tmp_path / "m.parquet.parts"
+    killed = run_process(["ingest", "--root", pusht_root, "--out", manifest], fault="ingest-merged")
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    assert manifest.is_file() and parts.is_dir()
+    r = cli("ingest", "--root", pusht_root, "--out", manifest)
+    assert r.exit_code == 0 and "nothing to do" in r.output, r.output
+    assert not parts.exists()
+
+
+def test_ingest_force_never_deletes_a_file_that_is_not_a_manifest(pusht_root, tmp_path):
+    notes = tmp_path / "notes.parquet"
+    notes.write_text("my notes, not a manifest")
+    r = cli("ingest", "--root", pusht_root, "--out", notes, "--force")
+    assert r.exit_code == 2 and str(notes) in r.output and "choose another --out" in r.output, r.output
+    assert notes.read_text() == "my notes, not a manifest"
+
+
 # ------------------------------------------------------------------------------------------- 4. encode --force
 def test_encode_force_never_deletes_a_zarr_group_that_is_not_a_token_store(pusht_manifest, tiny_encoder, tmp_path):
     other = tmp_path / "other.zarr"
