@@ -30,7 +30,8 @@ import pyarrow.parquet as pq
 
 from pipeline import __version__
 from pipeline.frames import PyAVFrameSource, VideoProber, VideoSpan
-from pipeline.lerobot_io import DataFileCache, DatasetMeta, check_dataset_root, open_meta, stack_column
+from pipeline.lerobot_io import DataFileCache, DatasetMeta, check_dataset_root, dataset_bound, open_meta, stack_column
+from pipeline.names import inside, safe_component, safe_relative
 from pipeline.registry import SourceRef
 from pipeline.stage import (
     ConfigMismatchError,
@@ -89,6 +90,12 @@ class IngestConfig:
             except re.error as e:
                 raise UserError(f"--split-by {self.split_by!r}: not a regular expression ({e}); e.g. "
                                 "'task:scene (\\d+)'") from None
+        # names that later stages join to paths (the store's sources/<source>, the camera folders of a dataset)
+        safe_component(self.source, f"source name of {self.root}", "Rename the dataset folder, or register it "
+                       "under a safe name (registry/<name>.toml with root = ...) and ingest --dataset <name>.")
+        safe_relative(self.repo_id, "repo id", "Give --repo-id org/name.", max_parts=2)
+        for cam in self.cameras:
+            safe_component(cam, "camera key", "Name the cameras as the dataset's meta/info.json does.")
 
     def identity(self) -> dict[str, Any]:
         """The fields that decide the manifest's content (not where it goes or how work is split)."""
@@ -107,7 +114,7 @@ def manifest_path(dataset: str | None, manifest: Path | None) -> Path:
         raise UserError("give exactly one of --dataset NAME or --manifest PATH")
     if manifest is not None:
         return manifest
-    path = Path("manifests") / f"{dataset}.parquet"
+    path = Path("manifests") / f"{safe_component(dataset, '--dataset', 'See `wmctl datasets`.')}.parquet"
     if not path.exists():
         raise UserError(f"{path} does not exist: run `wmctl ingest --dataset {dataset}` first")
     return path
@@ -332,15 +339,60 @@ def camera_span(root: Path, row: Any, k: int, fps: float) -> VideoSpan:
 
 
 def read_manifest(path: Path) -> tuple[pd.DataFrame, dict[str, Any]]:
-    """The manifest rows and its metadata (config, dataset info hash, counts)."""
+    """The manifest rows and its metadata (config, dataset info hash, counts). Every value a
+    later stage turns into a path is checked here (`check_manifest_paths`), so a manifest shared or edited by hand
+    cannot point a stage outside the store or the dataset root."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"manifest {path} does not exist; run `wmctl ingest` first")
-    table = pq.read_table(path)
-    meta = json.loads((table.schema.metadata or {}).get(MANIFEST_META_KEY, b"{}"))
-    if "config" not in meta:
+    try:
+        table = pq.read_table(path)
+        meta = json.loads((table.schema.metadata or {}).get(MANIFEST_META_KEY, b"{}"))
+    except (pa.ArrowException, OSError, ValueError) as e:
+        raise UserError(f"{path} is not a readable manifest ({e}); re-run `wmctl ingest --force`") from None
+    if not isinstance(meta, dict) or "config" not in meta:
         raise UserError(f"{path} is not a wmctl manifest (no wmctl metadata); re-run `wmctl ingest`")
-    return table.to_pandas(), meta
+    missing = sorted(set(MANIFEST_SCHEMA.names) - set(table.column_names))
+    if missing:
+        raise UserError(f"{path} is not a wmctl manifest (no column(s) {missing}); re-run `wmctl ingest --force`")
+    df = table.to_pandas()
+    check_manifest_paths(df, path)
+    return df, meta
+
+
+def _values(column: pd.Series) -> set[Any]:
+    """The distinct items of a list column (a missing list counts as empty)."""
+    return {v for items in column for v in (items if items is not None else ())}
+
+
+def check_manifest_paths(df: pd.DataFrame, path: Path) -> None:
+    """Refuse (UserError naming the manifest and the value) a source name, repo id or camera key that is not one
+    safe name, and a video or data file that is not a relative path staying inside its row's dataset root."""
+    fix = f"{path} is damaged or was edited by hand: re-run `wmctl ingest --force`."
+    for source in df.source.unique():
+        safe_component(source, f"source name in {path}", fix)
+    for repo_id in df.repo_id.unique():
+        safe_relative(repo_id, f"repo id in {path}", fix, max_parts=2)
+    for cam in _values(df.camera_keys):
+        safe_component(cam, f"camera key in {path}", fix)
+    bad_root = [r for r in df.root.unique() if not isinstance(r, str) or not r]
+    if bad_root:
+        raise UserError(f"{path}: dataset root {bad_root[0]!r} is not a path. {fix}")
+    ok = df.status.to_numpy() == "ok"
+    for ep, keys, *lists, data_file in zip(df.episode_index[ok], df.camera_keys[ok], df.video_files[ok],
+                                           df.from_ts[ok], df.to_ts[ok], df.data_file[ok]):
+        n = len(keys) if keys is not None else 0
+        if not n or any(v is None or len(v) != n for v in lists) or not isinstance(data_file, str) or not data_file:
+            raise UserError(f"{path}: episode {ep} does not list one video file and time range per camera, or has "
+                            f"no data file. {fix}")
+    files = {(root, rel) for root, rels in zip(df.root, df.video_files) for rel in (rels if rels is not None else ())}
+    files |= {(root, rel) for root, rel in zip(df.root, df.data_file) if rel}
+    bounds: dict[str, Path] = {}
+    for root, rel in sorted(files):
+        safe_relative(rel, f"dataset file in {path}", fix)
+        if root not in bounds:
+            bounds[root] = dataset_bound(Path(root))
+        inside(Path(root), rel, f"dataset file in {path}", fix, bound=bounds[root])
 
 
 def _parts_dir(out: Path) -> Path:
@@ -418,13 +470,14 @@ def _try_merge(cfg: IngestConfig, n_blocks: int, manifest_meta: dict[str, Any]) 
     return True
 
 
-def run_ingest(cfg: IngestConfig, on_episode: Callable[[], None] | None = None) -> IngestResult:
-    """Validate the episodes of `cfg.root` (this shard's blocks) and write the manifest when complete."""
-    start = time.monotonic()
-    check_dataset_root(cfg.root)
-    meta = open_meta(cfg.root, cfg.repo_id)
+def _chosen_cameras(cfg: IngestConfig, meta: DatasetMeta) -> list[str]:
+    """The camera keys to ingest (`cfg.cameras`, default every video feature), each a safe name the dataset has;
+    also refuses a --split-by column the dataset lacks."""
     available = meta.video_keys
     cameras = list(cfg.cameras) or available
+    for cam in cameras:  # a camera key becomes a folder name in the dataset's video path
+        safe_component(cam, f"camera key in {Path(cfg.root) / 'meta' / 'info.json'}",
+                       "Ingest the other cameras (--cameras), or rename the feature.")
     unknown = [c for c in cameras if c not in available]
     if unknown:
         raise UserError(f"{cfg.root}: unknown camera key(s) {unknown}; the dataset has {available}")
@@ -435,6 +488,15 @@ def run_ingest(cfg: IngestConfig, on_episode: Callable[[], None] | None = None) 
         columns = sorted(c for c in meta.episodes.columns if not c.startswith(("stats/", "data/", "videos/")))
         raise UserError(f"--split-by {cfg.split_by!r}: {cfg.root} has no such per-episode column; it has "
                         f"{columns}, or use task / task:REGEX (e.g. 'task:scene (\\d+)')")
+    return cameras
+
+
+def run_ingest(cfg: IngestConfig, on_episode: Callable[[], None] | None = None) -> IngestResult:
+    """Validate the episodes of `cfg.root` (this shard's blocks) and write the manifest when complete."""
+    start = time.monotonic()
+    check_dataset_root(cfg.root)
+    meta = open_meta(cfg.root, cfg.repo_id)
+    cameras = _chosen_cameras(cfg, meta)
     identity = dict(cfg.identity(), cameras=cameras)
     done = _check_existing(cfg, identity, meta.info_sha256)
     if done is not None:
@@ -470,7 +532,7 @@ def run_ingest(cfg: IngestConfig, on_episode: Callable[[], None] | None = None) 
         "info_sha256": meta.info_sha256,
         "codebase_version": meta.version,
         "fps": meta.fps,
-        "video_keys": available,
+        "video_keys": meta.video_keys,
         "features": {k: {"dtype": v.get("dtype"), "shape": list(v.get("shape", []))} for k, v in meta.features.items()},
         "wmctl_version": __version__,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),

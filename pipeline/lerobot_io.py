@@ -18,6 +18,7 @@ import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 
+from pipeline.names import inside, safe_relative
 from pipeline.stage import UserError, file_sha256
 
 SUPPORTED_VERSION = "v3.0"
@@ -42,6 +43,7 @@ class DatasetMeta:
     info_sha256: str
     episodes: pd.DataFrame  # one row per episode: lerobot's meta/episodes columns (stats dropped)
     tasks: dict[int, str]
+    _confined: set[str] = dataclasses.field(default_factory=set, repr=False, compare=False)  # paths checked
 
     @property
     def fps(self) -> float:
@@ -65,15 +67,36 @@ class DatasetMeta:
         return int(np.prod(self.features[key]["shape"]))
 
     def video_path(self, row: pd.Series, key: str) -> Path:
-        rel = self.info["video_path"].format(
-            video_key=key,
-            chunk_index=int(row[f"videos/{key}/chunk_index"]),
-            file_index=int(row[f"videos/{key}/file_index"]),
-        )
-        return self.root / rel
+        return self._file("video_path", video_key=key, chunk_index=int(row[f"videos/{key}/chunk_index"]),
+                          file_index=int(row[f"videos/{key}/file_index"]))
 
     def data_path(self, chunk_index: int, file_index: int) -> Path:
-        return self.root / self.info["data_path"].format(chunk_index=chunk_index, file_index=file_index)
+        return self._file("data_path", chunk_index=chunk_index, file_index=file_index)
+
+    def _file(self, template: str, **fields: Any) -> Path:
+        """`root / info[template].format(**fields)`, refused unless it is a relative path of safe names that stays
+        inside the dataset (`dataset_bound`), so that meta/info.json cannot point a stage at other files."""
+        where = f"{template} of {self.root / 'meta' / 'info.json'}"
+        try:
+            rel = str(self.info[template]).format(**fields)
+        except (KeyError, IndexError, ValueError) as e:
+            raise UserError(f"{where}: not a LeRobot path template ({e!r}); the dataset metadata is damaged") from None
+        if rel not in self._confined:
+            fix = "the dataset metadata is damaged or was edited: re-download or re-convert it"
+            safe_relative(rel, where, fix)
+            inside(self.root, rel, where, fix, bound=dataset_bound(self.root))
+            self._confined.add(rel)
+        return self.root / rel
+
+
+def dataset_bound(root: Path) -> Path:
+    """The folder a dataset's files must resolve into: its root, or for a snapshot of the Hugging Face cache
+    (`.../datasets--org--name/snapshots/<revision>/`, whose files are links into `../../blobs/`) that repo's cache
+    folder. A file linked from anywhere else is refused (`pipeline.names.inside`)."""
+    r = Path(root).resolve()
+    if r.parent.name == "snapshots" and r.parent.parent.name.startswith("datasets--"):
+        return r.parent.parent
+    return r
 
 
 def check_dataset_root(root: Path) -> dict[str, Any]:

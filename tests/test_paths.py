@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+import pytest
 import zarr
 from typer.testing import CliRunner
 
@@ -26,8 +27,8 @@ from featurestore.encoders import Preprocess, init_random_dinov3
 from featurestore.store import StoreLayout, TokenStore
 from pipeline.cli import app
 from pipeline.demodata import MARKER
-from pipeline.ingest import MANIFEST_META_KEY
-from pipeline.stage import owner_tag
+from pipeline.ingest import MANIFEST_META_KEY, read_manifest
+from pipeline.stage import UserError, owner_tag
 
 runner = CliRunner()
 def data_args(out: object, *extra: object, episodes: int = 1) -> list[object]:
@@ -147,6 +148,101 @@ def test_ingest_force_never_deletes_a_file_that_is_not_a_manifest(pusht_root, tm
     r = cli("ingest", "--root", pusht_root, "--out", notes, "--force")
     assert r.exit_code == 2 and str(notes) in r.output and "choose another --out" in r.output, r.output
     assert notes.read_text() == "my notes, not a manifest"
+
+
+# ------------------------------------------------------------------------------------------- 2. path safety
+def test_a_manifest_source_that_climbs_out_of_the_store_is_refused(pusht_manifest, tiny_encoder, tmp_path):
+    """`source = "../../victim"` made encode write segments beside the store, and --force (which the mismatch
+    message suggests) delete that folder."""
+    victim = tmp_path / "victim"  # what store/sources/../../victim names
+    zarr.open_group(victim, mode="w", attributes={"wmctl_source": {"repo_id": "someone/else"}})
+    (victim / "precious.txt").write_text("keep me")
+    bad = rewrite_manifest(pusht_manifest, tmp_path / "bad.parquet", source="../../victim")
+    store = tmp_path / "s.zarr"
+    before = listing(tmp_path)
+    for force in ([], ["--force"]):
+        r = cli(*encode_args(bad, store, tiny_encoder, *force))
+        assert r.exit_code == 2, r.output
+        assert "'../../victim'" in r.output and str(bad) in r.output and "wmctl ingest --force" in r.output
+    assert listing(tmp_path) == before
+
+
+@pytest.mark.parametrize("column, value", [
+    ("source", ".."), ("source", "a/b"), ("source", ""), ("source", "caf\u00e9"),
+    ("camera_keys", ["../../x"]), ("camera_keys", ["observation images"]),
+    ("video_files", ["../../../outside.mp4"]), ("video_files", ["/etc/passwd"]),
+    ("data_file", "../data.parquet"), ("data_file", "/etc/passwd"), ("data_file", "data/x\x00.parquet"),
+])
+def test_manifest_values_that_leave_their_root_are_refused_naming_the_manifest(pusht_manifest, tmp_path, column,
+                                                                              value):
+    bad = rewrite_manifest(pusht_manifest, tmp_path / "bad.parquet", **{column: value})
+    with pytest.raises(UserError, match="re-run `wmctl ingest --force`") as e:
+        read_manifest(bad)
+    assert str(bad) in str(e.value)
+
+
+def test_camera_keys_with_dots_stay_valid(multicam_manifest):
+    df, _ = read_manifest(multicam_manifest)
+    assert "observation.images.wrist_left" in set(df.iloc[0].camera_keys)
+
+
+def _fake_manifest(path: Path, root: Path, video: str, data: str = "data/chunk-000/file-000.parquet") -> Path:
+    row = {"source": "ds", "repo_id": "local/ds", "root": str(root), "episode_index": 0, "length": 3, "fps": 10.0,
+           "task": "t", "split": "train", "split_group": "", "has_actions": True, "action_dim": 2, "state_dim": 2,
+           "camera_keys": ["observation.image"], "video_files": [video], "from_ts": [0.0], "to_ts": [0.3],
+           "data_file": data, "status": "ok", "reason": ""}
+    from pipeline.ingest import MANIFEST_SCHEMA
+
+    table = pa.Table.from_pylist([row], schema=MANIFEST_SCHEMA)
+    pq.write_table(table.replace_schema_metadata({MANIFEST_META_KEY: json.dumps({"config": {}}).encode()}), path)
+    return path
+
+
+def test_a_symlink_in_the_dataset_may_not_lead_a_manifest_path_out_except_into_the_hub_cache(tmp_path):
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    root = tmp_path / "ds"
+    (root / "videos" / "real").mkdir(parents=True)
+    (root / "videos" / "out").symlink_to(outside, target_is_directory=True)
+    (root / "videos" / "alias").symlink_to(root / "videos" / "real", target_is_directory=True)
+    with pytest.raises(UserError, match="leads outside"):
+        read_manifest(_fake_manifest(tmp_path / "a.parquet", root, "videos/out/file-000.mp4"))
+    read_manifest(_fake_manifest(tmp_path / "b.parquet", root, "videos/alias/file-000.mp4"))  # a link inside
+    # the Hugging Face cache: a snapshot's files are links into its repo folder's blobs/
+    repo = tmp_path / "hub" / "datasets--org--ds"
+    snap = repo / "snapshots" / "abc123"
+    (snap / "videos").mkdir(parents=True)
+    (repo / "blobs").mkdir()
+    (repo / "blobs" / "f00d").write_bytes(b"video")
+    (snap / "videos" / "file-000.mp4").symlink_to(Path("../../../blobs/f00d"))
+    read_manifest(_fake_manifest(tmp_path / "c.parquet", snap, "videos/file-000.mp4"))
+
+
+def test_ingest_refuses_a_source_or_repo_id_that_is_not_a_safe_name(pusht_root, copy_dataset, tmp_path):
+    root = copy_dataset(pusht_root, "pusht donn\u00e9es")
+    r = cli("ingest", "--root", root, "--out", tmp_path / "m.parquet")
+    assert r.exit_code == 2 and "'pusht donn\u00e9es'" in r.output and "registry" in r.output, r.output
+    r = cli("ingest", "--root", pusht_root, "--repo-id", "../../x", "--out", tmp_path / "m.parquet")
+    assert r.exit_code == 2 and "'../../x'" in r.output and "--repo-id" in r.output, r.output
+    assert not (tmp_path / "m.parquet").exists()
+
+
+@pytest.mark.parametrize("edit, expected", [
+    (lambda info: info["features"].__setitem__("../../evil", info["features"].pop("observation.image")),
+     "camera key"),
+    (lambda info: info.__setitem__("video_path", "../../outside/{video_key}/file-{file_index:03d}.mp4"),
+     "video_path"),
+    (lambda info: info.__setitem__("data_path", "/tmp/data-{chunk_index}-{file_index}.parquet"), "data_path"),
+])
+def test_ingest_refuses_dataset_metadata_that_points_outside_the_root(pusht_root, copy_dataset, tmp_path, edit,
+                                                                      expected):
+    root = copy_dataset(pusht_root, "pusht")
+    info_path = root / "meta" / "info.json"
+    info = json.loads(info_path.read_text())
+    edit(info)
+    info_path.write_text(json.dumps(info))
+    r = cli("ingest", "--root", root, "--out", tmp_path / "m.parquet")
+    assert r.exit_code == 2 and expected in r.output and "info.json" in r.output, r.output
 
 
 # ------------------------------------------------------------------------------------------- 4. encode --force
