@@ -34,7 +34,7 @@ from featurestore.dask_exec import map_on_dask
 from featurestore.encoders import DEFAULT_ENCODER, HFDinoEncoder, Preprocess
 from featurestore.store import STORE_KEY, StoreLayout, TokenStore, projected_bytes
 from pipeline.frames import FrameDecodeError, PyAVFrameSource
-from pipeline.ingest import camera_span
+from pipeline.ingest import camera_span, check_videos
 from pipeline.lerobot_io import DataFileCache, stack_column
 from pipeline.names import inside
 from pipeline.rates import action_kinds, aggregate_actions, stride_for
@@ -509,6 +509,7 @@ def prepare(cfg: EncodeConfig) -> tuple[TokenStore, HFDinoEncoder, SourceInfo, l
     if not info.is_file() or file_sha256(info) != mmeta.get("info_sha256"):
         raise UserError(f"{src.root} changed since {cfg.manifest} was written (meta/info.json differs or is gone): "
                         "re-run `wmctl ingest --force` for it first")
+    check_videos(cfg.manifest, manifest, mmeta, src.camera_index)
     # the source's folder in the store: a symlink there must not lead the writes (or --force's delete) out of it
     inside(cfg.store, f"sources/{src.name}", f"source {src.name!r} of {cfg.manifest}",
            f"{cfg.store}/sources/{src.name} must be the store's own folder: remove the link or use another --store.")

@@ -339,7 +339,7 @@ def camera_span(root: Path, row: Any, k: int, fps: float) -> VideoSpan:
 
 
 def read_manifest(path: Path) -> tuple[pd.DataFrame, dict[str, Any]]:
-    """The manifest rows and its metadata (config, dataset info hash, counts). Every value a
+    """The manifest rows and its metadata (config, dataset info hash, counts, video fingerprints). Every value a
     later stage turns into a path is checked here (`check_manifest_paths`), so a manifest shared or edited by hand
     cannot point a stage outside the store or the dataset root."""
     path = Path(path)
@@ -393,6 +393,68 @@ def check_manifest_paths(df: pd.DataFrame, path: Path) -> None:
         if root not in bounds:
             bounds[root] = dataset_bound(Path(root))
         inside(Path(root), rel, f"dataset file in {path}", fix, bound=bounds[root])
+
+
+FINGERPRINT_BYTES = 1 << 20  # a video's fingerprint hashes its first and last MiB
+_WARNED_UNCHECKED: set[str] = set()
+
+
+def video_fingerprint(path: Path) -> dict[str, Any]:
+    """A cheap fingerprint of a video file: its size, mtime_ns and a sha256 of its first and last MiB."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        st = os.fstat(f.fileno())
+        h.update(f.read(FINGERPRINT_BYTES))
+        if st.st_size > FINGERPRINT_BYTES:
+            f.seek(max(FINGERPRINT_BYTES, st.st_size - FINGERPRINT_BYTES))
+            h.update(f.read(FINGERPRINT_BYTES))
+    return {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": h.hexdigest()}
+
+
+def video_changed(path: Path, recorded: dict[str, Any]) -> bool:
+    """Whether `path` differs from its recorded fingerprint: gone, another size, or (when its mtime moved) other
+    bytes at either end. The same size and mtime_ns is taken as unchanged without reading the file; a file copied
+    or touched (a new mtime, the same bytes) is unchanged."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return True
+    if st.st_size != recorded.get("size"):
+        return True
+    if st.st_mtime_ns == recorded.get("mtime_ns"):
+        return False
+    return video_fingerprint(path)["sha256"] != recorded.get("sha256")
+
+
+def check_videos(manifest: Path, df: pd.DataFrame, meta: dict[str, Any], cameras: list[int] | None = None) -> None:
+    """Refuse (UserError naming the file) a video of the manifest's ok episodes (cameras at positions `cameras`,
+    default all) that changed since ingest recorded its fingerprint. A manifest from before fingerprints: one
+    warning per process that its videos cannot be checked."""
+    recorded = meta.get("video_fingerprints")
+    if not isinstance(recorded, dict):
+        if str(manifest) not in _WARNED_UNCHECKED:
+            _WARNED_UNCHECKED.add(str(manifest))
+            log.warning("%s was written before wmctl recorded video fingerprints: a video replaced since cannot be "
+                        "detected; re-run `wmctl ingest --force` to record them", manifest)
+        return
+    ok = df[df.status == "ok"]
+    files = {(root, files[k]) for root, files in zip(ok.root, ok.video_files)
+             for k in (cameras if cameras is not None else range(len(files)))}
+    for root, rel in sorted(files):
+        want = recorded.get(rel)
+        if not isinstance(want, dict) or video_changed(Path(root) / rel, want):
+            raise UserError(f"{Path(root) / rel} changed since {manifest} was written: re-run `wmctl ingest --force`")
+
+
+def _fingerprints(table: pa.Table) -> dict[str, dict[str, Any]]:
+    """The fingerprint of every video file the manifest rows name (those that exist; a missing one fails its
+    episodes anyway)."""
+    out: dict[str, dict[str, Any]] = {}
+    for root, files in zip(table.column("root").to_pylist(), table.column("video_files").to_pylist()):
+        for rel in files or ():
+            if rel not in out and (Path(root) / rel).is_file():
+                out[rel] = video_fingerprint(Path(root) / rel)
+    return out
 
 
 def _parts_dir(out: Path) -> Path:
@@ -464,6 +526,7 @@ def _try_merge(cfg: IngestConfig, n_blocks: int, manifest_meta: dict[str, Any]) 
     table = pa.concat_tables([pq.read_table(p) for p in blocks])
     df = table.to_pandas()
     manifest_meta["counts"] = {"ok": int((df.status == "ok").sum()), "failed": int((df.status != "ok").sum())}
+    manifest_meta["video_fingerprints"] = _fingerprints(table)
     _write_parquet(out, table.replace_schema_metadata({MANIFEST_META_KEY: json.dumps(manifest_meta).encode()}))
     fault_point("ingest-merged")
     shutil.rmtree(parts, ignore_errors=True)  # the manifest is committed: the blocks are leftovers now

@@ -9,9 +9,11 @@ Each test fails on the code before this round (79c8cab) and passes now; they use
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import logging
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -282,3 +284,46 @@ def test_encode_force_says_truthfully_why_it_replaces_a_store(pusht_manifest, ti
     assert "layout" not in why[0].split("(", 1)[1]
 
 
+# ------------------------------------------------------------------------------------------- 7. changed videos
+def _head_tail_sha(path: Path, mib: int = 1 << 20) -> str:
+    data = path.read_bytes()
+    return hashlib.sha256(data[:mib] + (data[max(mib, len(data) - mib):] if len(data) > mib else b"")).hexdigest()
+
+
+def test_ingest_records_a_fingerprint_of_every_video_file(pusht_manifest):
+    df, meta = read_manifest(pusht_manifest)
+    root = Path(df.iloc[0].root)
+    files = {f for fs in df.video_files for f in fs}
+    fps = meta["video_fingerprints"]
+    assert set(fps) == files
+    for rel in files:
+        st = (root / rel).stat()
+        assert fps[rel] == {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": _head_tail_sha(root / rel)}
+
+
+def test_a_video_replaced_after_ingest_is_refused_by_name(pusht_root, pusht_free_root, tiny_encoder, copy_dataset,
+                                                          tmp_path):
+    root = copy_dataset(pusht_root, "pusht")
+    manifest, store = tmp_path / "m.parquet", tmp_path / "s.zarr"
+    assert cli("ingest", "--root", root, "--out", manifest).exit_code == 0
+    rel = read_manifest(manifest)[0].iloc[0].video_files[0]
+    shutil.copyfile(pusht_free_root / rel, root / rel)  # another recording of the same length
+    r = cli(*encode_args(manifest, store, tiny_encoder))
+    assert r.exit_code == 2, r.output
+    assert f"{root / rel} changed since {manifest} was written: re-run `wmctl ingest --force`" in r.output
+    assert not store.exists()
+    assert cli("ingest", "--root", root, "--out", manifest, "--force").exit_code == 0
+    os.utime(root / rel, ns=(1, 1))  # touched (copied without its times): the same bytes still encode
+    r = cli(*encode_args(manifest, store, tiny_encoder))
+    assert r.exit_code == 0, r.output
+
+
+def test_a_manifest_from_before_fingerprints_encodes_and_warns_once(pusht_manifest, tiny_encoder, tmp_path, caplog):
+    old = rewrite_manifest(pusht_manifest, tmp_path / "old.parquet", meta_edit=lambda m: m.pop("video_fingerprints",
+                                                                                                 None))
+    cfg = _encode_cfg(old, tmp_path / "s.zarr", tiny_encoder)
+    with caplog.at_level(logging.WARNING):
+        assert run_encode(cfg).segments_committed > 0
+        assert run_encode(cfg).nothing_to_do
+    warned = [r.getMessage() for r in caplog.records if "fingerprint" in r.getMessage()]
+    assert len(warned) == 1 and str(old) in warned[0] and "wmctl ingest --force" in warned[0], warned
