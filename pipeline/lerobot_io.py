@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 
-from pipeline.names import inside, safe_relative
+from pipeline.names import safe_relative
 from pipeline.stage import UserError, file_sha256
 
 SUPPORTED_VERSION = "v3.0"
@@ -74,8 +74,10 @@ class DatasetMeta:
         return self._file("data_path", chunk_index=chunk_index, file_index=file_index)
 
     def _file(self, template: str, **fields: Any) -> Path:
-        """`root / info[template].format(**fields)`, refused unless it is a relative path of safe names that stays
-        inside the dataset (`dataset_bound`), so that meta/info.json cannot point a stage at other files."""
+        """`root / info[template].format(**fields)`, refused unless it is a relative path of safe names (no `..`, not
+        absolute), so that meta/info.json cannot point a stage at files outside the dataset. Links the dataset's owner
+        put inside it (a `videos/` on another disk, a Hugging Face cache snapshot's links into its blobs) are
+        followed: they are the dataset's, not the metadata's."""
         where = f"{template} of {self.root / 'meta' / 'info.json'}"
         try:
             rel = str(self.info[template]).format(**fields)
@@ -84,19 +86,8 @@ class DatasetMeta:
         if rel not in self._confined:
             fix = "the dataset metadata is damaged or was edited: re-download or re-convert it"
             safe_relative(rel, where, fix)
-            inside(self.root, rel, where, fix, bound=dataset_bound(self.root))
             self._confined.add(rel)
         return self.root / rel
-
-
-def dataset_bound(root: Path) -> Path:
-    """The folder a dataset's files must resolve into: its root, or for a snapshot of the Hugging Face cache
-    (`.../datasets--org--name/snapshots/<revision>/`, whose files are links into `../../blobs/`) that repo's cache
-    folder. A file linked from anywhere else is refused (`pipeline.names.inside`)."""
-    r = Path(root).resolve()
-    if r.parent.name == "snapshots" and r.parent.parent.name.startswith("datasets--"):
-        return r.parent.parent
-    return r
 
 
 def check_dataset_root(root: Path) -> dict[str, Any]:

@@ -255,8 +255,11 @@ def test_corrupt_video_fails_its_episodes_and_the_rest_commit(multicam_root, tin
     df, _ = read_manifest(manifest)
     victim = root / df.iloc[-1].video_files[1]  # damaged after ingest: only decoding can find out
     hit = sorted(int(e) for e, files in zip(df.episode_index, df.video_files) if root / files[1] == victim)
+    st = victim.stat()  # bit rot: the same size and mtime, so the fingerprint ingest recorded cannot see it
     with open(victim, "r+b") as f:
-        f.truncate(victim.stat().st_size // 3)
+        f.truncate(st.st_size // 3)
+        f.truncate(st.st_size)  # the lost two thirds read back as zeros
+    os.utime(victim, ns=(st.st_atime_ns, st.st_mtime_ns))
     cfg = _cfg(manifest, tmp_path / "s.zarr", tiny_encoder)
     res = run_encode(cfg)
     assert sorted(ep for _, ep, _, _ in res.failures) == hit
