@@ -14,9 +14,11 @@ import json
 import os
 import socket
 import tempfile
+import threading
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -101,8 +103,71 @@ def _short(v: Any, limit: int = 60) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
+_UMASK_LOCK = threading.Lock()
+_UMASK_SWAPPED: int | None = None
+
+
+def current_umask() -> int:
+    """The process's umask, read without changing it where the kernel reports it (`/proc/self/status`, Linux 4.7+);
+    elsewhere set and restored once per process under a lock (other threads could create files in that instant)."""
+    global _UMASK_SWAPPED
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    with _UMASK_LOCK:
+        if _UMASK_SWAPPED is None:
+            _UMASK_SWAPPED = os.umask(0o022)
+            os.umask(_UMASK_SWAPPED)
+        return _UMASK_SWAPPED
+
+
+def apply_umask(path: Path, *, tree: bool = False) -> None:
+    """Give `path` the mode a plain `open`/`mkdir` would have (0o666 / 0o777 less the umask): what `mkstemp`,
+    `mkdtemp` and some writers (safetensors) create as 0600/0700 before it is renamed into place, so that teammates
+    sharing a store or a run can read it. `tree`: every file and folder under a folder too."""
+    umask = current_umask()
+    paths = [Path(path)]
+    if tree and Path(path).is_dir():
+        paths += sorted(Path(path).rglob("*"))
+    for p in paths:
+        if not p.is_symlink():
+            os.chmod(p, (0o777 if p.is_dir() else 0o666) & ~umask)
+
+
+def _name_the_file(e: OSError, path: Path) -> OSError:
+    """`e` naming `path` when it names no file (a write or fsync that failed on a full disk names none)."""
+    if e.filename is None and e.errno is not None:
+        return type(e)(e.errno, os.strerror(e.errno), str(path))
+    return e
+
+
+@contextmanager
+def atomic_output(path: Path) -> Iterator[Path]:
+    """A temporary path beside `path` to write to (with any writer: PIL, safetensors, a video muxer); on success it
+    gets the umask's mode and is renamed onto `path`, on any error it is removed: `path` is the old file or the
+    whole new one, never a torn one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.partial{path.suffix}")
+    try:
+        yield tmp
+        apply_umask(tmp)
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise _name_the_file(e, path) from None
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write `data` to `path` so that readers see the old file or the new one, never a torn one."""
+    """Write `data` to `path` so that readers see the old file or the new one, never a torn one. The file gets the
+    mode the umask gives (not mkstemp's 0600)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
@@ -111,7 +176,11 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~current_umask())
         os.replace(tmp, path)
+    except OSError as e:
+        Path(tmp).unlink(missing_ok=True)
+        raise _name_the_file(e, path) from None
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise

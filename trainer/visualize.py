@@ -18,7 +18,7 @@ from PIL import Image, ImageDraw
 from featurestore.decoder import episode_frames, load_decoder, normalize_tokens, preprocess_geometry
 from featurestore.encoders import Preprocess, check_same_encoder
 from featurestore.reader import TokenReader, Window
-from pipeline.stage import UserError
+from pipeline.stage import UserError, atomic_output
 from trainer.api import LoadedWorldModel
 from trainer.runs import newest_decoder
 
@@ -136,13 +136,16 @@ def _write(rows: dict[str, torch.Tensor], ctx: int, cfg: VisualizeConfig, *, fra
     names = list(rows)
     T = len(rows[names[0]])
     tiles = {n: [_to_uint8(rows[n][t], cfg.scale) for t in range(T)] for n in names}
-    h, w = tiles[names[0]][0].shape[:2]
+    tags = [f"f{frame0 + t * fs}{' ctx' if t < ctx else ''}" for t in range(T)]
     out = Path(cfg.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_output(out) as tmp:  # the file whole or not at all (a full disk leaves no torn image behind)
+        _draw(tiles, names, tags, tmp, fps)
+    return {"out": str(out), "rows": names, "frames": T, "context": ctx}
 
-    def tag(t: int) -> str:
-        return f"f{frame0 + t * fs}{' ctx' if t < ctx else ''}"
 
+def _draw(tiles: dict[str, list[np.ndarray]], names: list[str], tags: list[str], out: Path, fps: int) -> None:
+    T = len(tags)
+    h, w = tiles[names[0]][0].shape[:2]
     if out.suffix == ".png":
         canvas = np.full((len(names) * (h + 14) + 2, T * (w + 2) + 150, 3), 255, dtype=np.uint8)
         img = Image.fromarray(canvas)
@@ -153,12 +156,12 @@ def _write(rows: dict[str, torch.Tensor], ctx: int, cfg: VisualizeConfig, *, fra
                 x, y = 150 + t * (w + 2), r * (h + 14) + 14
                 img.paste(Image.fromarray(tiles[n][t]), (x, y))
                 if r == 0:
-                    draw.text((x + 2, y - 12), tag(t), fill=(0, 0, 0))
+                    draw.text((x + 2, y - 12), tags[t], fill=(0, 0, 0))
         img.save(out)
     else:
         frames = []
         for t in range(T):
-            panels = [_label(tiles[n][t], f"{n[:24]} {tag(t)}") for n in names]
+            panels = [_label(tiles[n][t], f"{n[:24]} {tags[t]}") for n in names]
             frames.append(np.concatenate([np.pad(p, ((0, 0), (0, 2), (0, 0)), constant_values=255) for p in panels],
                                          axis=1))
         if out.suffix == ".gif":
@@ -166,4 +169,3 @@ def _write(rows: dict[str, torch.Tensor], ctx: int, cfg: VisualizeConfig, *, fra
                                             duration=int(1000 / fps), loop=0)
         else:
             write_video(frames, out, fps)
-    return {"out": str(out), "rows": names, "frames": T, "context": ctx}

@@ -1,10 +1,15 @@
 """The `wmctl` command line, one module per command group; each command parses its options, builds the stage's
-config, calls `run_<stage>(cfg)` and prints. A `UserError` from any stage becomes one red line and exit code 2
-(`pipeline.cli.base.WmctlGroup`, the one place that does it).
+config, calls `run_<stage>(cfg)` and prints. Errors become one red line and an exit code in one place
+(`pipeline.cli.base.WmctlGroup`).
 
 Exit codes: 0 done (or nothing to do); 1 finished but some episodes failed (they are listed, the rest is
-committed); 2 the user must act before anything can run (bad path, bad config, changed config); 3 training
-stopped on request (preemption) after writing a checkpoint.
+committed); 2 the user must act before anything can run (bad path, bad config, changed config, damaged file: the
+line names it and the fix; also a path the operating system refuses as given: a file where a folder should be, a
+name too long, a symlink loop); 3 stopped on request (training preempted after writing a checkpoint; `plan sim`
+stopped with its finished trials kept): run the same command again to continue; 4 the machine failed (disk full,
+quota, read-only file system, permission denied, I/O error): the line names the path and the fix, nothing half
+written is committed, and the same command continues once it is fixed; 5 an unexpected error (a bug): the
+traceback, then the line. No error exits 1.
 """
 
 from __future__ import annotations
