@@ -17,21 +17,10 @@ import numpy as np
 import pandas as pd
 import zarr
 
-from featurestore.store import TokenStore
+from featurestore.store import DamagedStoreError, TokenStore
 from pipeline.stage import UserError
 
 WINDOW_FIELDS = ("patch", "cls", "action", "action_valid", "state", "timestamp", "frame_index")
-
-
-class DamagedStoreError(UserError):
-    """Committed data that cannot be read back as written (a chunk fails its checksum, is truncated or missing)."""
-
-    def __init__(self, store: Path, source: str, segment: str, what: str):
-        self.source, self.segment = source, segment
-        super().__init__(
-            f"{store}: segment {source}/{segment} is damaged ({what}). `wmctl status --store {store} --verify` lists "
-            f"every damaged segment; `wmctl encode --store {store} --manifest <{source}'s manifest> --repair` "
-            "re-encodes them (the rest of the store is kept)")
 
 
 class MissingTokensError(DamagedStoreError):

@@ -18,7 +18,8 @@ def store_status(path: Path) -> dict[str, Any]:
     sources = []
     for source in store.sources():
         attrs = store.source_attrs(source)
-        segs = store.committed_segments(source)
+        damaged: list[dict[str, Any]] = []
+        segs = store.committed_segments(source, damaged=damaged)
         committed = {(e["episode_index"], e["view"]) for s in segs.values() for e in s["episodes"]}
         failed = {(f["episode_index"], f["view"]) for f in store.failed(source).values()}
         views = 1 + attrs.get("augment", {}).get("views", 0)
@@ -43,6 +44,7 @@ def store_status(path: Path) -> dict[str, Any]:
             "bytes": store.disk_bytes(source),
             "in_progress": sum(1 for _, stale in staging if not stale),
             "stale": sum(1 for _, stale in staging if stale),  # removed by the next encode of this source
+            "damaged_metadata": damaged,  # segments whose zarr.json cannot be read (`encode --repair` rewrites them)
             "split": split,
             "cameras": attrs.get("cameras"),
             "has_actions": attrs.get("has_actions"),
@@ -64,6 +66,11 @@ def status_table(info: dict[str, Any]):
                       str(s["episodes_pending"]), str(s["in_progress"]), str(s["stale"]), str(s["segments"]),
                       str(s["frames"]),
                       f"{s['bytes'] / 1e9:.3f}", str(len(s["cameras"] or [])), "yes" if s["has_actions"] else "no")
+    bad = [f"{s['source']}/{d['segment']} ({d['problem']})" for s in info["sources"]
+           for d in s.get("damaged_metadata", [])]
+    if bad:  # left out of the counts above: say so, and how to fix it
+        table.caption = (f"[red]damaged, not counted: {'; '.join(bad)}. `wmctl encode --store {info['store']} "
+                         "--manifest <the source's manifest> --repair` re-encodes them[/red]")
     return table
 
 
@@ -87,13 +94,27 @@ def verify_segment(seg_dir: Path, frames: int, step: int = 256) -> str | None:
 
 
 def verify_store(path: Path, sources: list[str] | None = None) -> list[dict[str, Any]]:
-    """Every committed segment read back in full: the damaged ones (source, segment, problem)."""
+    """Every committed segment read back in full: the damaged ones (source, segment, problem, episodes), those whose
+    zarr.json (the episode table) cannot be read included, with the file named."""
     store = TokenStore.open_existing(path)
     damaged = []
     for source in sources or store.sources():
-        for seg_id, seg in store.committed_segments(source).items():
+        bad_meta: list[dict[str, Any]] = []
+        for seg_id, seg in store.committed_segments(source, damaged=bad_meta).items():
             problem = verify_segment(store.source_dir(source) / "segments" / seg_id, int(seg["frames"]))
             if problem:
                 damaged.append({"source": source, "segment": seg_id, "problem": problem,
                                 "episodes": [e["episode_index"] for e in seg["episodes"]]})
+        for d in bad_meta:
+            seg_dir = store.source_dir(source) / "segments" / d["segment"]
+            damaged.append({"source": source, "segment": d["segment"], "problem": d["problem"], "file": d["file"],
+                            "episodes": _episodes_in(seg_dir)})
     return damaged
+
+
+def _episodes_in(seg_dir: Path) -> list[int]:
+    """The episodes a segment holds, from its episode_index array (when its episode table is what is damaged)."""
+    try:
+        return sorted(int(e) for e in np.unique(zarr.open_array(seg_dir / "episode_index", mode="r")[...]))
+    except Exception:  # noqa: BLE001 - best effort: damaged too
+        return []

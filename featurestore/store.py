@@ -26,10 +26,12 @@ F = frames, C = cameras, P = patch tokens per camera, D = encoder width, A/S = a
 from __future__ import annotations
 
 import dataclasses
+import errno
 import json
 import logging
 import os
 import shutil
+import stat
 import time
 from pathlib import Path
 from typing import Any
@@ -125,6 +127,61 @@ def _codecs(level: int) -> list:
     return [BloscCodec(cname="zstd", clevel=level, shuffle="shuffle"), Crc32cCodec()]
 
 
+class DamagedStoreError(UserError):
+    """Committed data that cannot be read back as written (a chunk fails its checksum, is truncated or missing; a
+    segment's zarr.json is not the JSON it was)."""
+
+    def __init__(self, store: Path, source: str, segment: str, what: str):
+        self.source, self.segment = source, segment
+        super().__init__(
+            f"{store}: segment {source}/{segment} is damaged ({what}). `wmctl status --store {store} --verify` lists "
+            f"every damaged segment; `wmctl encode --store {store} --manifest <{source}'s manifest> --repair` "
+            "re-encodes them (the rest of the store is kept)")
+
+
+def read_node_meta(file: Path, key: str, *, required: bool = True) -> dict[str, Any]:
+    """The `key` attributes of a group's zarr.json, checked: a ValueError saying what is wrong with the file when
+    it is not JSON (truncated, overwritten), not a group's metadata, or lacks the attributes (unless not
+    `required`: then {})."""
+    try:
+        meta = json.loads(Path(file).read_bytes())
+    except UnicodeDecodeError as e:
+        raise ValueError(f"not UTF-8 text ({e.reason} at byte {e.start})") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"not valid JSON ({e.msg} at line {e.lineno} column {e.colno}; truncated?)") from None
+    if not isinstance(meta, dict) or meta.get("node_type") != "group" or meta.get("zarr_format") != 3:
+        raise ValueError("not the metadata of a Zarr v3 group (node_type/zarr_format)")
+    attrs = meta.get("attributes", {})
+    if isinstance(attrs, dict) and key not in attrs and not required:
+        return {}
+    if not isinstance(attrs, dict) or not isinstance(attrs.get(key), dict):
+        raise ValueError(f"its attributes hold no {key} table")
+    return attrs[key]
+
+
+_EPISODE_FIELDS = {"episode_index": int, "view": int, "start": int, "length": int, "split": str}
+
+
+def check_segment_attrs(attrs: dict[str, Any]) -> dict[str, Any]:
+    """A segment's episode table as readers use it (frames, view, episodes with their index, view, start, length and
+    split), or a ValueError naming the first field that is missing or of the wrong type."""
+    for k in ("frames", "view"):
+        if not _is_int(attrs.get(k)):
+            raise ValueError(f"{SEGMENT_KEY}.{k} is {attrs.get(k)!r}, not an integer")
+    episodes = attrs.get("episodes")
+    if not isinstance(episodes, list) or not all(isinstance(e, dict) for e in episodes):
+        raise ValueError(f"{SEGMENT_KEY}.episodes is not a list of episode tables")
+    for i, e in enumerate(episodes):
+        for k, t in _EPISODE_FIELDS.items():
+            if not (_is_int(e.get(k)) if t is int else isinstance(e.get(k), t)):
+                raise ValueError(f"{SEGMENT_KEY}.episodes[{i}].{k} is {e.get(k)!r}, not {t.__name__}")
+    return attrs
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
 class TokenStore:
     """A token store directory. Open with `create_or_open` (writers) or `open_existing` (readers)."""
 
@@ -138,10 +195,23 @@ class TokenStore:
         path = Path(path)
         if not (path / "zarr.json").is_file():
             raise UserError(f"{path} is not a token store (no zarr.json); create it with `wmctl encode`")
-        root = zarr.open_group(path, mode="r")
-        attrs = root.attrs.get(STORE_KEY)
-        if attrs is None:
+        try:
+            raw = json.loads((path / "zarr.json").read_bytes())
+            is_group = isinstance(raw, dict) and raw.get("node_type") == "group"
+        except ValueError:  # not JSON, not UTF-8
+            is_group = False
+        if is_group and isinstance(raw.get("attributes", {}), dict) and STORE_KEY not in raw.get("attributes", {}):
             raise UserError(f"{path} is a Zarr group but not a wmctl token store (no {STORE_KEY} attribute)")
+        try:
+            attrs = read_node_meta(path / "zarr.json", STORE_KEY)
+            for k, t in (("encoder", dict), ("layout", dict)):
+                if not isinstance(attrs.get(k), t):
+                    raise ValueError(f"{STORE_KEY}.{k} is {type(attrs.get(k)).__name__}, not a table")
+            StoreLayout(**attrs["layout"])
+        except (ValueError, TypeError, UserError) as e:
+            raise UserError(f"{path / 'zarr.json'} is damaged ({e}): the token store's root metadata (encoder, "
+                            "layout) cannot be read. Restore that file from a copy of the store (another shard's "
+                            "node, a backup), or re-encode into a new --store") from None
         if attrs.get("schema_version") != SCHEMA_VERSION:
             raise UserError(f"{path}: store schema {attrs.get('schema_version')} is not {SCHEMA_VERSION}; "
                             "re-encode into a new store")
@@ -165,6 +235,7 @@ class TokenStore:
 
         path = Path(path)
         wanted = {"encoder": encoder, "layout": dataclasses.asdict(layout)}
+        check_store_path(path)
         if (path / "zarr.json").is_file():
             store = cls.open_existing(path)
             have = {"encoder": identity_key(store.attrs["encoder"]), "layout": store.attrs["layout"]}
@@ -212,7 +283,15 @@ class TokenStore:
         return sorted(p.name for p in d.iterdir() if (p / "zarr.json").is_file()) if d.is_dir() else []
 
     def source_attrs(self, source: str) -> dict[str, Any]:
-        return zarr.open_group(self.source_dir(source), mode="r").attrs.get(SOURCE_KEY, {})
+        file = self.source_dir(source) / "zarr.json"
+        try:
+            return read_node_meta(file, SOURCE_KEY, required=False)
+        except ValueError as e:
+            raise UserError(f"{file} is damaged ({e}): source {source}'s provenance cannot be read. Re-encode the "
+                            f"source with `wmctl encode --store {self.path} --manifest <its manifest> --force`, or "
+                            "restore that file from a copy of the store") from None
+        except FileNotFoundError:
+            raise UserError(f"{self.path}: no source {source!r} (it has {self.sources()})") from None
 
     def ensure_source(self, source: str, provenance: dict[str, Any], *, fixed_keys: tuple[str, ...]) -> None:
         """Create the source group, or check that `fixed_keys` of its provenance did not change (and record the
@@ -239,15 +318,24 @@ class TokenStore:
                 _make_group(d / sub)
 
     # ------------------------------------------------------------------ segments
-    def committed_segments(self, source: str) -> dict[str, dict[str, Any]]:
-        """segment id -> its `wmctl_segment` attributes, for committed segments only."""
+    def committed_segments(self, source: str, damaged: list[dict[str, Any]] | None = None
+                           ) -> dict[str, dict[str, Any]]:
+        """segment id -> its `wmctl_segment` attributes, for committed segments only. A segment whose zarr.json
+        cannot be read raises DamagedStoreError naming the file, or, given a `damaged` list, is appended there
+        ({"segment", "file", "problem"}) and left out."""
         d = self.source_dir(source) / "segments"
         out = {}
         if d.is_dir():
             for p in sorted(d.iterdir()):
                 meta = p / "zarr.json"
-                if meta.is_file():
-                    out[p.name] = json.loads(meta.read_text())["attributes"][SEGMENT_KEY]
+                if not meta.is_file():
+                    continue
+                try:
+                    out[p.name] = check_segment_attrs(read_node_meta(meta, SEGMENT_KEY))
+                except ValueError as e:
+                    if damaged is None:
+                        raise DamagedStoreError(self.path, source, p.name, f"{meta}: {e}") from None
+                    damaged.append({"segment": p.name, "file": str(meta), "problem": f"{meta}: {e}"})
         return out
 
     def failed(self, source: str) -> dict[str, dict[str, Any]]:
@@ -256,7 +344,10 @@ class TokenStore:
         if d.is_dir():
             for p in sorted(d.iterdir()):
                 if (p / "zarr.json").is_file():
-                    out[p.name] = json.loads((p / "zarr.json").read_text())["attributes"][FAILED_KEY]
+                    try:
+                        out[p.name] = read_node_meta(p / "zarr.json", FAILED_KEY)
+                    except ValueError as e:  # a record of a failure only: the episode is tried again
+                        log.warning("%s is damaged (%s): ignoring that failure record", p / "zarr.json", e)
         return out
 
     def record_failure(self, source: str, episode: int, view: int, reason: str) -> None:
@@ -274,7 +365,8 @@ class TokenStore:
         d = self.source_dir(source) / "staging"
         if not d.is_dir():
             return []
-        committed = set(self.committed_segments(source))
+        segs = self.source_dir(source) / "segments"  # damaged or not, a committed segment's staging is debris
+        committed = {p.name for p in segs.iterdir() if (p / "zarr.json").is_file()} if segs.is_dir() else set()
         out = []
         for p in sorted(d.iterdir()):
             if p.is_dir():
@@ -310,10 +402,18 @@ class SegmentWriter:
     def __init__(self, store: TokenStore, source: str, seg_id: str, *, frames: int, cameras: int, tokens: int,
                  dim: int, action_dim: int, state_dim: int):
         self.store, self.source, self.seg_id, self.frames = store, source, seg_id, frames
-        layout = store.layout
-        self.layout = layout
+        self.layout = store.layout
         self.staging = store.source_dir(source) / "staging" / f"{seg_id}.{owner_tag()}"
         self.final = store.source_dir(source) / "segments" / seg_id
+        try:
+            self._create_arrays(frames, cameras, tokens, dim)
+        except BaseException:  # a full disk while creating the arrays: leave no staging group behind
+            self.abort()
+            raise
+        self.lowdim = {"action_dim": action_dim, "state_dim": state_dim}
+
+    def _create_arrays(self, frames: int, cameras: int, tokens: int, dim: int) -> None:
+        layout = self.layout
         g = zarr.open_group(self.staging, mode="w")
         self.group = g
         sf, cf = min(layout.shard_frames, _round_up(frames, layout.chunk_frames)), layout.chunk_frames
@@ -337,7 +437,6 @@ class SegmentWriter:
         self._cls = np.full((frames, cameras, dim), np.nan, dtype=np.float16)
         self._buf_start = 0
         self._filled = 0
-        self.lowdim = {"action_dim": action_dim, "state_dim": state_dim}
 
     def add(self, start: int, patch_BCPD: np.ndarray, cls_BCD: np.ndarray) -> None:
         """Frames [start, start + B) of the segment, in order. Full shards are written as they complete."""
@@ -402,6 +501,29 @@ class SegmentWriter:
 
     def abort(self) -> None:
         shutil.rmtree(self.staging, ignore_errors=True)
+
+
+def check_store_path(path: Path) -> None:
+    """A UserError saying what `path` is when it cannot be a store folder: a file, a symlink loop, a link to nothing,
+    or a path through a file; nothing when it is a folder or does not exist yet."""
+    path = Path(path)
+    fix = "choose another --store path (a folder, or a name that does not exist yet)"
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        if path.is_symlink():
+            raise UserError(f"--store {path} is a symbolic link to {os.readlink(path)}, which does not exist: create "
+                            f"that folder, remove the link, or {fix}") from None
+        return
+    except NotADirectoryError:
+        raise UserError(f"--store {path}: a part of this path is a file where a folder is expected: {fix}") from None
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise UserError(f"--store {path} leads through a symbolic link loop (a link that leads back to itself): "
+                            f"remove or fix the link, or {fix}") from None
+        raise
+    if not stat.S_ISDIR(st.st_mode):
+        raise UserError(f"--store {path} is a file ({st.st_size} bytes), not a token store folder: {fix}")
 
 
 def _make_group(path: Path, attributes: dict[str, Any] | None = None) -> bool:
