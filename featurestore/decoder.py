@@ -28,7 +28,7 @@ from featurestore.encoders import Preprocess, resize_crop
 from featurestore.reader import TokenReader
 from pipeline.frames import PyAVFrameSource
 from pipeline.ingest import camera_span, read_manifest
-from pipeline.stage import UserError, atomic_write_json
+from pipeline.stage import UserError, atomic_output, atomic_write_json
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +79,15 @@ class DecoderConfig:
     max_frames: int = 4000
     seed: int = 0
     device: str = "cpu"
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "batch_size", "max_frames", "width"):
+            if getattr(self, name) < 1:
+                raise UserError(f"--{name.replace('_', '-')} {getattr(self, name)}: must be at least 1")
+        if self.camera < 0:
+            raise UserError(f"--camera {self.camera}: a camera index counts from 0")
+        if not self.lr > 0:
+            raise UserError(f"lr {self.lr}: must be positive")
 
 
 def preprocess_geometry(frames_BHWC: np.ndarray, pre: Preprocess) -> torch.Tensor:
@@ -151,19 +160,51 @@ def load_pairs(reader: TokenReader, source: str, camera: int, split: str, max_fr
 
 
 def save_decoder(out: Path, decoder: TokenDecoder, meta: dict[str, Any]) -> None:
+    """The weights, then decoder.json (the marker a reader looks for), each written whole or not at all."""
     out.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in decoder.state_dict().items()}, out / "decoder.safetensors")
+    with atomic_output(out / "decoder.safetensors") as tmp:
+        save_file({k: v.contiguous() for k, v in decoder.state_dict().items()}, tmp)
     atomic_write_json(out / "decoder.json", meta)
+
+
+DECODER_KEYS = {"enc_dim": int, "grid": list, "patch_size": int, "width": int, "camera": int, "source": str,
+                "encoder": dict, "token_mean": list, "token_std": list}
 
 
 def load_decoder(path: Path) -> tuple[TokenDecoder, dict[str, Any]]:
     path = Path(path)
     if not (path / "decoder.json").is_file():
         raise UserError(f"{path} holds no decoder (decoder.json); train one with `wmctl decoder train`")
-    meta = json.loads((path / "decoder.json").read_text())
-    dec = TokenDecoder(meta["enc_dim"], tuple(meta["grid"]), meta["patch_size"], meta["width"])
-    dec.load_state_dict(load_file(path / "decoder.safetensors"))
+    meta = _decoder_meta(path / "decoder.json")
+    weights = path / "decoder.safetensors"
+    try:
+        dec = TokenDecoder(meta["enc_dim"], tuple(meta["grid"]), meta["patch_size"], meta["width"])
+        dec.load_state_dict(load_file(weights))
+    except FileNotFoundError:
+        raise _damaged_decoder(weights, "the file is missing") from None
+    except Exception as e:  # noqa: BLE001 - a truncated or foreign file: safetensors, torch and shapes all differ
+        raise _damaged_decoder(weights, f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+                               ) from None
     return dec.eval().requires_grad_(False), meta
+
+
+def _decoder_meta(file: Path) -> dict[str, Any]:
+    try:
+        meta = json.loads(file.read_bytes())
+    except ValueError as e:  # not JSON, not UTF-8
+        raise _damaged_decoder(file, f"not valid JSON: {e}") from None
+    if not isinstance(meta, dict):
+        raise _damaged_decoder(file, f"a JSON {type(meta).__name__}, not an object")
+    for key, t in DECODER_KEYS.items():
+        v = meta.get(key)
+        if not isinstance(v, t) or (t is int and isinstance(v, bool)):
+            raise _damaged_decoder(file, f"`{key}` is {v!r:.60}, not {t.__name__}")
+    return meta
+
+
+def _damaged_decoder(file: Path, reason: str) -> UserError:
+    return UserError(f"{file} cannot be read ({reason}): the decoder {file.parent} is damaged. Train it again "
+                     f"(`wmctl decoder train --out {file.parent}`) or pass another --decoder")
 
 
 def normalize_tokens(raw: np.ndarray | torch.Tensor, meta: dict[str, Any]) -> torch.Tensor:
@@ -171,10 +212,33 @@ def normalize_tokens(raw: np.ndarray | torch.Tensor, meta: dict[str, Any]) -> to
     return (t - torch.tensor(meta["token_mean"])) / torch.tensor(meta["token_std"])
 
 
+def one_cycle(opt: torch.optim.Optimizer, lr: float, steps: int) -> torch.optim.lr_scheduler.LRScheduler:
+    """One-cycle learning rate, warming up over 5% of the steps. torch's OneCycleLR divides by the warm-up's length
+    in steps (5% of the steps, less one: zero at 20 steps and below): a run that short warms up over 1.5 steps,
+    and a single step runs at `lr`."""
+    if steps < 2:
+        return torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
+    return torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps,
+                                               pct_start=0.05 if steps * 0.05 > 1 else 1.5 / steps)
+
+
+def _pick_source(reader: TokenReader, cfg: DecoderConfig) -> str:
+    """The source to train on (default the first) and a check that it has camera `cfg.camera`."""
+    sources = reader.store.sources()
+    source = cfg.source or (sources[0] if sources else None)
+    if source not in sources:
+        raise UserError(f"{cfg.store}: no source {source!r} to train a decoder on (it has {sources})")
+    cameras = reader.source_attrs(source).get("cameras") or []
+    if cfg.camera >= len(cameras):
+        raise UserError(f"--camera {cfg.camera}: source {source} has {len(cameras)} camera(s) {cameras}; pass 0 to "
+                        f"{len(cameras) - 1}")
+    return source
+
+
 def run_decoder_train(cfg: DecoderConfig) -> dict[str, Any]:
     t0 = time.monotonic()
     reader = TokenReader(cfg.store)
-    source = cfg.source or reader.store.sources()[0]
+    source = _pick_source(reader, cfg)
     enc = reader.encoder
     pre = Preprocess.from_dict(enc["preprocess"])
     rng = np.random.default_rng(cfg.seed)
@@ -190,7 +254,7 @@ def run_decoder_train(cfg: DecoderConfig) -> dict[str, Any]:
     dev = torch.device(cfg.device)
     dec = TokenDecoder(meta["enc_dim"], tuple(meta["grid"]), meta["patch_size"], cfg.width).to(dev)
     opt = torch.optim.AdamW(dec.parameters(), lr=cfg.lr, weight_decay=1e-4)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=cfg.steps, pct_start=0.05)
+    sched = one_cycle(opt, cfg.lr, cfg.steps)
     x_tr, x_va = normalize_tokens(tr_tok, meta), normalize_tokens(va_tok, meta)
     g = torch.Generator().manual_seed(cfg.seed)
     for step in range(cfg.steps):

@@ -8,14 +8,19 @@ Files are looked up, first match wins, in the directories of `$WMCTL_REGISTRY` (
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 import tomllib
 from pathlib import Path
 
+from pipeline.names import safe_relative
 from pipeline.rates import ACTION_KINDS
 from pipeline.stage import UserError
 
+log = logging.getLogger(__name__)
+
 BUILTIN_DIR = Path(__file__).parent / "registry"
+_WARNED: set[str] = set()  # WMCTL_REGISTRY entries already warned about (once per process)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -83,7 +88,17 @@ class DatasetSpec:
 
 
 def search_dirs() -> list[Path]:
-    dirs = [Path(p) for p in os.environ.get("WMCTL_REGISTRY", "").split(":") if p]
+    dirs = []
+    for p in os.environ.get("WMCTL_REGISTRY", "").split(":"):
+        if not p:
+            continue
+        if Path(p).is_dir():
+            dirs.append(Path(p))
+        elif p not in _WARNED:
+            _WARNED.add(p)
+            what = "a file" if Path(p).exists() else "missing" if not Path(p).is_symlink() else "a broken link"
+            log.warning("WMCTL_REGISTRY entry %s is not a folder (%s): ignored; it must name folders of <name>.toml "
+                        "files, colon-separated", p, what)
     return [*dirs, Path("registry"), BUILTIN_DIR]
 
 
@@ -97,10 +112,7 @@ def available() -> dict[str, Path]:
 
 
 def load_spec(path: Path) -> DatasetSpec:
-    try:
-        raw = tomllib.loads(Path(path).read_text())
-    except tomllib.TOMLDecodeError as e:
-        raise UserError(f"{path}: not valid TOML ({e})") from None
+    raw = _read_toml(Path(path))
     fields = {f.name for f in dataclasses.fields(DatasetSpec)} - {"name", "path"}
     unknown = sorted(set(raw) - fields)
     if unknown:
@@ -109,11 +121,36 @@ def load_spec(path: Path) -> DatasetSpec:
         raise UserError(f"{path}: missing `repo_id` (a Hugging Face id, or any id for a local root)")
     for key, value in raw.items():
         _check_type(path, key, value)
+    _check_repo_id(path, raw["repo_id"])
     raw["cameras"] = tuple(raw.get("cameras", ()))
     raw["camera_slots"] = tuple(raw.get("camera_slots", {}).items())
     if isinstance(raw.get("action_kind"), list):
         raw["action_kind"] = tuple(raw["action_kind"])
     return DatasetSpec(name=Path(path).stem, path=str(path), **raw)
+
+
+def _read_toml(path: Path) -> dict:
+    """The TOML table of a registry file; a UserError naming the file when it cannot be read as one."""
+    if path.is_dir():
+        raise UserError(f"{path} is a folder, not a TOML file: rename it (registry folders hold <name>.toml files)")
+    try:
+        return tomllib.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start}); save it as UTF-8") from None
+    except tomllib.TOMLDecodeError as e:
+        raise UserError(f"{path}: not valid TOML ({e})") from None
+    except OSError as e:
+        raise UserError(f"{path} cannot be read ({e.strerror}): fix its permissions or remove it") from None
+
+
+def _check_repo_id(path: Path, repo_id: str) -> None:
+    """A repo id becomes a folder under $HF_LEROBOT_HOME: `org/name` of safe names, never `..` or absolute."""
+    try:
+        safe_relative(repo_id, "repo_id", max_parts=2)
+    except UserError:
+        raise UserError(f"{path}: `repo_id` {repo_id!r} is not a repo id: it becomes a folder under $HF_LEROBOT_HOME, "
+                        "so it must be org/name (letters, digits, _ . = + @ -, no `..`, not absolute), e.g. repo_id = "
+                        "\"lerobot/pusht\"") from None
 
 
 # the TOML type of every key: a wrong type is refused, never coerced (`use_actions = "false"` is not False)

@@ -65,13 +65,14 @@ def _summary(cfg: IngestConfig, result: IngestResult) -> None:
 def datasets() -> None:
     """List the registered datasets (one TOML file each; add yours to ./registry/)."""
     from rich.table import Table
+    from rich.text import Text
 
     table = Table("name", "repo id", "root", "cameras", "actions", "mix", "file")
     for name, path in available().items():
         try:
             s = load_spec(path)
-        except UserError as e:
-            table.add_row(name, f"[red]{e}[/red]", "", "", "", "", str(path))
+        except UserError as e:  # one unreadable file (not TOML, not UTF-8, a folder) flags its row, the rest list
+            table.add_row(name, Text(f"unreadable: {e}", style="red"), "", "", "", "", str(path))
             continue
         cams = str(len(s.cameras) or "all")
         if s.camera_slots:  # their roles (the model's camera slots)
