@@ -10,7 +10,9 @@ A start/goal pair that already meets the rule is no trial and is skipped. The sa
 random actions, and, where the simulator has one (Meta-World), with its scripted policy driven to the goal state
 from privileged simulator state (the upper bound), under the same rule. The planner never sees the simulator:
 observations go through the frozen encoder, actions come out. `--env auto` takes the simulator the dataset was
-recorded in (`wmctl data` writes it down).
+recorded in (`wmctl data` writes it down). Each trial draws its randomness from (seed, policy, trial index) alone,
+and finished trials are written down as they finish (`SimProgress`), so a run stopped by SIGTERM (exit 3) or killed
+continues after its finished trials and ends where an uninterrupted run does.
 
 The cost is the latent distance to the goal averaged over every planned frame (`cost_frames="all"`), not
 only the last: with a goal nearer than the horizon, a last-frame cost is indifferent to the path, so the
@@ -19,12 +21,17 @@ executed part of each plan wanders and the agent is rarely at the goal when it i
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
+import json
 import logging
 import math
+import os
+import shutil
+import signal
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +42,16 @@ from featurestore.reader import TokenReader
 from pipeline.ingest import read_manifest
 from pipeline.lerobot_io import DataFileCache, stack_column
 from pipeline.sims import ENV_STATE_KEY, SIMULATORS, Simulator, goal_group, make_sim, recorded_sim, trial_ok
-from pipeline.stage import UserError, atomic_write_json, config_differences, read_json, to_jsonable
+from pipeline.stage import (
+    UserError,
+    atomic_output,
+    atomic_write_bytes,
+    atomic_write_json,
+    config_differences,
+    fault_point,
+    read_json,
+    to_jsonable,
+)
 from planner.cem import CEMConfig, cem_plan, warm_start
 from planner.core import ActionSpec, WorldModel, dtype_name, latent_cost
 from planner.gd import GDConfig, gd_plan
@@ -273,10 +289,51 @@ def resolve_env(env: str, source: SimSource) -> str:
     return env
 
 
+POLICY_IDS = {"model": 0, "random": 1, "scripted": 2}
+
+
+def trial_rng(seed: int, policy: str, index: int) -> np.random.Generator:
+    """A trial's own randomness, from (seed, policy, trial index) alone: a trial's outcome does not depend on the
+    trials run before it, so a run resumed after its k-th trial equals an uninterrupted one."""
+    return np.random.default_rng([seed, POLICY_IDS[policy], index])
+
+
+class SimStopped(Exception):
+    """SIGTERM during `plan sim`: the finished trials are kept (`SimProgress`); the same command continues."""
+
+    def __init__(self, kept: int, total: int, partial: Path | None):
+        self.kept, self.total = kept, total
+        where = f" in {partial}" if partial else " (not written: no --out)"
+        super().__init__(f"plan sim stopped on request: {kept} of {total} trials finished and kept{where}; run the "
+                         "same command again to continue after them")
+
+
+class _Terminated(Exception):
+    pass
+
+
+@contextlib.contextmanager
+def _sigterm_stops() -> Iterator[None]:
+    """SIGTERM (a scheduler's stop, `kill`) raises _Terminated in the trial loop instead of ending the process."""
+    def stop(signum, frame):
+        raise _Terminated()
+
+    try:
+        old = signal.signal(signal.SIGTERM, stop)
+    except ValueError:  # not the main thread: the default action stays
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)
+
+
 def run_plan_sim(wm: WorldModel, cfg: SimConfig, *, store: Path,
                  encode_frame: Callable[[np.ndarray, np.ndarray], torch.Tensor] | None = None) -> dict[str, Any]:
     """Trials from the held-out episodes of the model's store, MPC and random actions on each; writes
-    `cfg.out`/sim.json (and PNG strips) when `cfg.out` is set."""
+    `cfg.out`/sim.json (and PNG strips) when `cfg.out` is set. Finished trials are written as they finish
+    (`SimProgress`): a run stopped (SIGTERM: SimStopped) or killed continues from them when run again."""
     if wm.actions.frame_dim == 0:
         raise UserError("this model was trained without actions; the sim needs an action-conditioned model")
     reader = TokenReader(store)
@@ -286,7 +343,6 @@ def run_plan_sim(wm: WorldModel, cfg: SimConfig, *, store: Path,
     encode = encode_frame or observation_encoder(wm, cfg.device, hints=(reader.store.encoder_location,))
     spec = spec_for(wm, cfg.max_delta_fraction)
     sim = make_sim(env, source.size, fps=source.fps, camera_keys=source.cameras)
-    strips = []
     try:
         trials = load_trials(Path(source.rows.iloc[0].root), source.rows, cfg, sim)
         out: dict[str, Any] = {"config": {k: v for k, v in dataclasses.asdict(cfg).items() if k != "out"},
@@ -295,27 +351,176 @@ def run_plan_sim(wm: WorldModel, cfg: SimConfig, *, store: Path,
         if hasattr(sim, "describe"):
             out["simulator"] = sim.describe()
         policies = ("model", "random", "scripted") if hasattr(sim, "oracle_action") else ("model", "random")
-        for policy in policies:
-            rng = np.random.default_rng(cfg.seed)
-            results = []
-            for i, tr in enumerate(trials):
-                r = run_trial(sim, wm, encode, tr, cfg, spec, policy, rng)
-                log.info("%s trial %d/%d: success=%s %s", policy, i + 1, len(trials), r["success"],
-                         ", ".join(f"{k} {v:.3g}" for k, v in r.items() if k.startswith(("final_", "start_"))))
-                if policy == "model" and i < cfg.save_strips:
-                    strips.append((tr, r))
-                results.append(r)
-            records = [trial_record(tr, r) for tr, r in zip(trials, results)]
-            out[policy] = {**summarize(results), "by_group": by_group(records), "per_trial": records}
+        progress = SimProgress(cfg.out, {"config": to_jsonable(out["config"]), "dtype": out["dtype"], "env": env,
+                                         "model": str(getattr(wm, "checkpoint", "")),
+                                         "trials": [[tr.episode, tr.start] for tr in trials]})
+        run = functools.partial(_run_policy, sim, wm, encode, trials, cfg, spec, progress)
+        with _sigterm_stops():
+            try:
+                for policy in policies:
+                    results = run(policy)
+                    records = [trial_record(tr, r) for tr, r in zip(trials, results)]
+                    out[policy] = {**summarize(results), "by_group": by_group(records), "per_trial": records}
+            except _Terminated:
+                raise SimStopped(len(progress.done), len(trials) * len(policies), progress.file) from None
     finally:
         sim.close()
     if cfg.out is not None:
-        keep_other_result(cfg.out / "sim.json", out)
-        if strips:
-            out["strips"] = save_strips(strips, cfg.out)
-        cfg.out.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(cfg.out / "sim.json", out)
+        commit_result(cfg.out, out, progress)
     return out
+
+
+def _run_policy(sim: Simulator, wm: WorldModel, encode, trials: list[Trial], cfg: SimConfig, spec: ActionSpec,
+                progress: SimProgress, policy: str) -> list[dict[str, Any]]:
+    """Every trial of one policy, each from its own RNG; those finished earlier (`progress`) are taken as they
+    were, the others run and are written down as each finishes."""
+    results = []
+    for i, tr in enumerate(trials):
+        r = progress.done.get((policy, i))
+        if r is None:
+            full = run_trial(sim, wm, encode, tr, cfg, spec, policy, trial_rng(cfg.seed, policy, i))
+            r = plain_result(full)
+            strip = (tr, full) if policy == "model" and i < cfg.save_strips else None
+            progress.add(policy, i, r, strip)
+            log.info("%s trial %d/%d: success=%s %s", policy, i + 1, len(trials), r["success"],
+                     ", ".join(f"{k} {v:.3g}" for k, v in r.items() if k.startswith(("final_", "start_"))))
+            fault_point("sim-trial")
+        results.append(r)
+    return results
+
+
+def plain_result(r: dict[str, Any]) -> dict[str, Any]:
+    """A trial's outcome as plain JSON values (no frames): what a resumed run reads back, bit for bit."""
+    return {"success": bool(r["success"]), "steps": int(r["steps"]),
+            **{k: float(v) for k, v in r.items() if k.startswith(("final_", "start_"))},
+            "smoothness": float(r["smoothness"]), "latencies": [float(x) for x in r["latencies"]]}
+
+
+PARTIAL, PARTIAL_STRIPS = "sim.partial.jsonl", "sim.partial-strips"
+
+
+class SimProgress:
+    """The finished trials of a `plan sim` in progress: `<out>/sim.partial.jsonl`, a header line (the run's
+    configuration, model, simulator and trials), then one line per finished trial, appended and fsynced as it
+    finishes (a line torn by a kill is dropped when read back); the PNG strips of finished trials wait in
+    `<out>/sim.partial-strips/`. A run of the same configuration continues after them; one of another
+    configuration starts over. sim.json replaces them at the end."""
+
+    def __init__(self, out: Path | None, header: dict[str, Any]):
+        self.header = json.loads(json.dumps(header))
+        self.done: dict[tuple[str, int], dict[str, Any]] = {}
+        self.strips: dict[int, Path] = {}
+        self.file = Path(out) / PARTIAL if out is not None else None
+        self.strips_dir = Path(out) / PARTIAL_STRIPS if out is not None else None
+        if self.file is not None:
+            self._resume()
+
+    def _resume(self) -> None:
+        lines = self.file.read_bytes().splitlines() if self.file.is_file() else []
+        records = []
+        for line in lines:
+            try:
+                rec = json.loads(line)
+            except ValueError:  # torn by a kill while being appended: it and anything after it are dropped
+                break
+            if records and not _is_trial_record(rec):
+                break
+            records.append(rec)
+        if not records or records[0] != {"header": self.header}:
+            if len(records) > 1:
+                log.warning("%s holds %d finished trials of another configuration (or model): starting over",
+                            self.file, len(records) - 1)
+            shutil.rmtree(self.strips_dir, ignore_errors=True)
+            atomic_write_bytes(self.file, _line({"header": self.header}))
+            return
+        if len(records) < len(lines):  # rewrite without the torn tail before appending after it
+            atomic_write_bytes(self.file, b"".join(_line(r) for r in records))
+        for r in records[1:]:
+            self.done[(r["policy"], r["index"])] = r["result"]
+            if r.get("strip"):
+                self.strips[r["index"]] = self.strips_dir / r["strip"]
+        if self.done:
+            log.info("resuming from %s: %d finished trials kept", self.file, len(self.done))
+
+    def add(self, policy: str, index: int, result: dict[str, Any], strip: tuple[Trial, dict[str, Any]] | None
+            ) -> None:
+        record: dict[str, Any] = {"policy": policy, "index": index, "result": result}
+        if self.file is not None:
+            if strip is not None:
+                path = save_strip(*strip, self.strips_dir)
+                self.strips[index] = path
+                record["strip"] = path.name
+            fd = os.open(self.file, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
+            try:
+                os.write(fd, _line(record))  # one write of one line: a kill leaves it whole or torn, never mixed
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        self.done[(policy, index)] = result
+
+    def clear(self) -> None:
+        if self.file is not None:
+            self.file.unlink(missing_ok=True)
+            shutil.rmtree(self.strips_dir, ignore_errors=True)
+
+
+def _is_trial_record(rec: Any) -> bool:
+    return (isinstance(rec, dict) and rec.get("policy") in POLICY_IDS and isinstance(rec.get("index"), int)
+            and isinstance(rec.get("result"), dict) and "success" in rec["result"])
+
+
+def _line(obj: Any) -> bytes:
+    return (json.dumps(obj, separators=(",", ":")) + "\n").encode()
+
+
+def commit_result(out_dir: Path, out: dict[str, Any], progress: SimProgress) -> None:
+    """sim.json of this run: an earlier result of another configuration is kept beside it with its strips (moved
+    into a folder named after its kept JSON); the strips of the result replaced are deleted; this run's strips
+    move in; the partial file goes."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / "sim.json"
+    kept = keep_other_result(path, out)
+    if kept is not None:
+        keep_strips(kept)
+    elif path.is_file():
+        for old in _listed_strips(path):
+            old.unlink(missing_ok=True)
+    strips = []
+    for index in sorted(progress.strips):
+        src = progress.strips[index]
+        if src.is_file():
+            os.replace(src, out_dir / src.name)
+            strips.append(str(out_dir / src.name))
+    if strips:
+        out["strips"] = strips
+    atomic_write_json(path, out)
+    progress.clear()
+
+
+def _listed_strips(result: Path) -> list[Path]:
+    """The strip files a sim.json lists, found beside it (by name: the paths it holds may be relative to another
+    working folder)."""
+    try:
+        listed = read_json(result).get("strips", [])
+    except (OSError, ValueError, AttributeError):
+        return []
+    return [result.parent / Path(s).name for s in listed if isinstance(s, str) and (result.parent / Path(s).name)
+            .is_file()]
+
+
+def keep_strips(kept: Path) -> None:
+    """Move the strips a kept result (sim-<time>.json) lists into the folder sim-<time>/ beside it, and point its
+    `strips` there: the next result's strips may have the same names (the same trials)."""
+    files = _listed_strips(kept)
+    if not files:
+        return
+    folder = kept.with_suffix("")
+    folder.mkdir(exist_ok=True)
+    for f in files:
+        os.replace(f, folder / f.name)
+    res = read_json(kept)
+    res["strips"] = [str(folder / f.name) for f in files]
+    atomic_write_json(kept, res)
 
 
 def trial_record(trial: Trial, r: dict[str, Any]) -> dict[str, Any]:
@@ -339,12 +544,13 @@ def by_group(records: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     return out
 
 
-def keep_other_result(path: Path, new: dict[str, Any]) -> None:
+def keep_other_result(path: Path, new: dict[str, Any]) -> Path | None:
     """A sim.json already at `path` from another configuration (other K, seed, budget, trials, dtype) is renamed
     to sim-<its time>.json beside it instead of being overwritten: a comparison run into the same folder must
-    not erase the result it is compared with. The same configuration run again replaces it (idempotent)."""
+    not erase the result it is compared with. The same configuration run again replaces it (idempotent).
+    Returns the kept file, or None."""
     if not path.is_file():
-        return
+        return None
     try:
         old = read_json(path)
     except (OSError, ValueError):
@@ -352,7 +558,7 @@ def keep_other_result(path: Path, new: dict[str, Any]) -> None:
     mine = {"config": to_jsonable(new["config"]), "dtype": new.get("dtype")}
     diff = config_differences({"config": old.get("config", {}), "dtype": old.get("dtype")}, mine)
     if not diff:
-        return
+        return None
     stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(path.stat().st_mtime))
     kept = path.with_name(f"sim-{stamp}.json")
     i = 1
@@ -360,6 +566,7 @@ def keep_other_result(path: Path, new: dict[str, Any]) -> None:
         kept, i = path.with_name(f"sim-{stamp}-{i}.json"), i + 1
     path.rename(kept)
     log.info("kept the earlier result of another configuration as %s (%s)", kept, "; ".join(diff[:4]))
+    return kept
 
 
 def load_sim_result(path: Path) -> dict[str, Any]:
@@ -445,21 +652,16 @@ def summarize(results: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
-def save_strips(strips, out: Path) -> list[str]:
-    """A PNG per saved trial: the executed frames (every other one) and, last, the goal."""
+def save_strip(trial: Trial, r: dict[str, Any], out: Path) -> Path:
+    """A trial's PNG strip: the executed frames (every other one) and, last, the goal."""
     from PIL import Image
 
-    out.mkdir(parents=True, exist_ok=True)
-    for old in out.glob("trial_*.png"):  # strips of an earlier run would read as this one's
-        old.unlink()
-    files = []
-    for tr, r in strips:
-        frames = [np.concatenate(list(f), axis=0) for f in r["frames"][::2][:12] + [r["goal"]]]  # cameras stacked
-        h, w = frames[0].shape[:2]
-        canvas = np.full((h, (w + 2) * len(frames), 3), 255, dtype=np.uint8)
-        for i, f in enumerate(frames):
-            canvas[:, i * (w + 2):i * (w + 2) + w] = f
-        path = out / f"trial_e{tr.episode}_t{tr.start}_{'success' if r['success'] else 'fail'}.png"
-        Image.fromarray(canvas).save(path)
-        files.append(str(path))
-    return files
+    frames = [np.concatenate(list(f), axis=0) for f in r["frames"][::2][:12] + [r["goal"]]]  # cameras stacked
+    h, w = frames[0].shape[:2]
+    canvas = np.full((h, (w + 2) * len(frames), 3), 255, dtype=np.uint8)
+    for i, f in enumerate(frames):
+        canvas[:, i * (w + 2):i * (w + 2) + w] = f
+    path = Path(out) / f"trial_e{trial.episode}_t{trial.start}_{'success' if r['success'] else 'fail'}.png"
+    with atomic_output(path) as tmp:
+        Image.fromarray(canvas).save(tmp, format="PNG")
+    return path

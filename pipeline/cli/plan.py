@@ -14,7 +14,7 @@ from pipeline.cli.base import given_options, new_app
 from pipeline.stage import UserError, atomic_write_json
 from planner.cem import CEMConfig
 from planner.offline import OfflineConfig, run_plan_offline, search_configs
-from planner.sim import SimConfig, compare_sims, load_sim_result, run_plan_sim
+from planner.sim import SimConfig, SimStopped, compare_sims, load_sim_result, run_plan_sim
 from trainer.api import LoadedWorldModel
 from trainer.runs import plan_dir, resolve_run
 
@@ -125,7 +125,8 @@ def plan_sim(
     = None,
 ) -> None:
     """Closed-loop MPC in a simulator (gym-pusht, Meta-World) towards goals from held-out episodes; random actions
-    (and Meta-World's scripted controller, the upper bound) alongside."""
+    (and Meta-World's scripted controller, the upper bound) alongside. Finished trials are kept as they finish: after
+    a SIGTERM (exit 3) or a kill, the same command continues after them."""
     cem_cfg, gd = _search(ctx, planner, cem, horizon, samples=samples, elites=elites, iterations=iterations)
     cfg = SimConfig(trials=episodes, goal_offset=goal_offset, max_steps=max_steps, horizon=horizon, execute=execute,
                     planner=planner, cem=cem_cfg, gd=gd, shift=shift, seed=seed, state_weight=state_weight, k=k,
@@ -133,7 +134,11 @@ def plan_sim(
     wm = LoadedWorldModel.load(resolve_run(run, ckpt), device=device, compile=compile, precision=precision,
                                graphs=graph)
     out = out or plan_dir(wm.checkpoint) / f"sim_{planner}_{shift}"
-    res = run_plan_sim(wm, dataclasses.replace(cfg, out=out), store=wm.store)
+    try:
+        res = run_plan_sim(wm, dataclasses.replace(cfg, out=out), store=wm.store)
+    except SimStopped as e:  # SIGTERM: the finished trials are kept, the same command continues
+        typer.secho(str(e), fg=typer.colors.YELLOW, err=True)
+        raise typer.Exit(3) from None
     _sim_summary(res, out)
 
 
