@@ -180,3 +180,48 @@ def _preempted_then_resumed(cfg, tmp_path: Path) -> None:
     for k, v in a["ema"].items():
         assert np.array_equal(v.numpy(), b["ema"][k].numpy()), k
     assert _losses(run) == _losses(tmp_path / "ref")
+
+
+# ------------------------------------------------------------------ reliability round three: the disk refuses
+@pytest.mark.parametrize("fault", ["ENOSPC", "EROFS"])
+def test_encode_on_a_disk_that_fills_up_or_turns_read_only_exits_4_keeps_its_segments_and_resumes(
+        fault, encode_args, reference_digest, tmp_path, monkeypatch):
+    """Half a store encoded (shard 0/2), then the disk fills up (a size-limited tmpfs mounted here as root, else
+    ENOSPC injected into the writes) or turns read-only: the full encode exits 4 with one line, the committed
+    segments are untouched and no staging is left; once the disk has room (is writable) again the same command
+    ends with the store of an uninterrupted run."""
+    import contextlib
+    import errno
+    import functools
+
+    from test_os_errors import can_mount, fill, inject, leftovers, one_error_line, remount, tmpfs, tree_digest
+    from typer.testing import CliRunner
+
+    from pipeline.cli import app
+
+    disk, mounted = tmp_path / "disk", can_mount()
+    store = disk / "s.zarr"
+    with contextlib.ExitStack() as stack:
+        if mounted:
+            stack.enter_context(tmpfs(disk, 4096))
+        else:
+            disk.mkdir()
+        assert _run([*encode_args(store), "--shard", "0/2"]).returncode == 0
+        segments = store / "sources" / "pusht" / "segments"
+        before = tree_digest(segments)
+        assert len([p for p in segments.iterdir() if p.is_dir()]) == 2
+        if mounted and fault == "ENOSPC":
+            undo = fill(disk).unlink
+        elif mounted:
+            remount(disk, "ro")
+            undo = functools.partial(remount, disk, "rw")
+        else:
+            inject(monkeypatch, disk, getattr(errno, fault))
+            undo = monkeypatch.undo
+        r = _run(encode_args(store)) if mounted else CliRunner().invoke(app, [str(a) for a in encode_args(store)])
+        one_error_line(r, 4, "no space left" if fault == "ENOSPC" else "read-only", str(disk))
+        assert tree_digest(segments) == before and not leftovers(store)
+        undo()
+        again = _run(encode_args(store))
+        assert again.returncode == 0, again.stderr[-2000:]
+        assert store_digest(store) == reference_digest
