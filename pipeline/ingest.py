@@ -69,6 +69,7 @@ class IngestConfig:
     cameras: tuple[str, ...] = ()
     use_actions: bool = True
     val_fraction: float = 0.1
+    val_episodes: int = 0  # > 0: exactly this many whole episodes held out (the hash order's first), not a share
     split_seed: int = 0
     split_by: str = ""  # "" (each episode its own group) | a per-episode metadata column | task | task:REGEX
     tolerance_s: float = 1e-4
@@ -80,6 +81,9 @@ class IngestConfig:
     def __post_init__(self) -> None:
         if not 0.0 <= self.val_fraction < 1.0:
             raise UserError(f"--val-fraction {self.val_fraction}: must be in [0, 1)")
+        if self.val_episodes < 0 or (self.val_episodes and self.split_by):
+            raise UserError(f"--val-episodes {self.val_episodes}: must be >= 0, and holds out whole episodes (not "
+                            "with --split-by, whose groups --val-fraction splits)")
         if self.video_check not in VIDEO_CHECKS:
             raise UserError(f"--video-check {self.video_check!r}: choose one of {VIDEO_CHECKS}")
         if self.tolerance_s <= 0 or self.block_size < 1:
@@ -104,6 +108,9 @@ class IngestConfig:
         d = {k: to_jsonable(getattr(self, k)) for k in keys}
         if self.split_by:  # absent when unset, so manifests made before group splits stay up to date
             d["split_by"] = self.split_by
+        if self.val_episodes:  # likewise
+            d["val_episodes"] = self.val_episodes
+            del d["val_fraction"]
         d["root"] = str(Path(self.root).resolve())
         return d
 
@@ -146,12 +153,24 @@ class IngestResult:
     seconds: float = 0.0
 
 
-def split_of(source: str, episode: int, val_fraction: float, seed: int = 0, group: str = "") -> str:
-    """Deterministic split: a hash of (seed, source, episode) mapped to [0, 1); with a `group` (a scene, lab,
-    date or task), of the group instead, so every episode of a group falls in the same split."""
+def split_hash(source: str, episode: int, seed: int = 0, group: str = "") -> float:
+    """A hash of (seed, source, episode) mapped to [0, 1); with a `group` (a scene, lab, date or task), of the
+    group instead, so every episode of a group falls in the same split."""
     key = f"{seed}:{source}:{episode}" if not group else f"{seed}:{source}:group:{group}"
-    u = int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "big") / 2**64
-    return "val" if u < val_fraction else "train"
+    return int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "big") / 2**64
+
+
+def split_of(source: str, episode: int, val_fraction: float, seed: int = 0, group: str = "") -> str:
+    """Deterministic split: "val" when the episode's (or group's) hash is below `val_fraction`."""
+    return "val" if split_hash(source, episode, seed, group) < val_fraction else "train"
+
+
+def exact_val_episodes(source: str, episodes: list[int], n: int, seed: int = 0) -> frozenset[int]:
+    """The `n` episodes held out by `--val-episodes n`: those first in hash order, so the split is as
+    deterministic as the fractional one and its size exact (refused when the dataset has too few)."""
+    if n >= len(episodes):
+        raise UserError(f"--val-episodes {n}: the dataset has {len(episodes)} episodes; keep some for training")
+    return frozenset(sorted(episodes, key=lambda e: split_hash(source, e, seed))[:n])
 
 
 def split_group(row: pd.Series, split_by: str, task: str) -> str:
@@ -221,6 +240,7 @@ def validate_episode(
     data: DataFileCache,
     prober: VideoProber,
     frames: PyAVFrameSource | None,
+    val_set: frozenset[int] | None = None,
 ) -> dict[str, Any]:
     """One manifest row for episode `row`, with `status` failed and every problem found in `reason`."""
     ep, length, fps = int(row["episode_index"]), int(row["length"]), meta.fps
@@ -303,7 +323,8 @@ def validate_episode(
         out["split_group"] = split_group(row, cfg.split_by, out["task"])
     except ValueError as e:
         problems.append(str(e))
-    out["split"] = split_of(cfg.source, ep, cfg.val_fraction, cfg.split_seed, out["split_group"])
+    out["split"] = (("val" if ep in val_set else "train") if val_set is not None else
+                    split_of(cfg.source, ep, cfg.val_fraction, cfg.split_seed, out["split_group"]))
     out["status"] = "failed" if problems else "ok"
     out["reason"] = "; ".join(problems)
     return out
@@ -563,6 +584,8 @@ def run_ingest(cfg: IngestConfig, on_episode: Callable[[], None] | None = None) 
 
     episodes = meta.episodes
     n_blocks = max(1, -(-len(episodes) // cfg.block_size))
+    val_set = exact_val_episodes(cfg.source, [int(e) for e in episodes.episode_index], cfg.val_episodes,
+                                 cfg.split_seed) if cfg.val_episodes else None
     parts = _parts_dir(Path(cfg.out))
     data = DataFileCache(columns=[ACTION_KEY, STATE_KEY])
     prober = VideoProber(tolerance_s=cfg.tolerance_s)
@@ -575,7 +598,7 @@ def run_ingest(cfg: IngestConfig, on_episode: Callable[[], None] | None = None) 
                 continue
             rows = []
             for _, row in episodes.iloc[b * cfg.block_size:(b + 1) * cfg.block_size].iterrows():
-                rows.append(validate_episode(meta, row, cfg, cameras, data, prober, frames))
+                rows.append(validate_episode(meta, row, cfg, cameras, data, prober, frames, val_set))
                 if on_episode:
                     on_episode()
             _write_parquet(block_path, _table(rows))

@@ -305,3 +305,26 @@ def test_split_by_a_scene_in_the_task_text(multicam_root, tmp_path):
     r = runner.invoke(app, ["ingest", "--root", str(multicam_root), "--out", str(tmp_path / "y.parquet"),
                             "--split-by", "task:kitchen (\\d+)"])
     assert r.exit_code == 1 and "does not match" in r.output  # every episode fails, named, nothing else lost
+
+
+def test_val_episodes_holds_out_an_exact_number_of_whole_episodes(pusht_root, tmp_path):
+    """A benchmark needs a fixed held-out set of a known size: --val-episodes N holds out exactly N episodes, the
+    same ones on every run (hash order), and is refused when it would leave nothing to train on."""
+    from pipeline.ingest import IngestConfig, exact_val_episodes, read_manifest, run_ingest
+    from pipeline.stage import UserError
+
+    def ingest(out, n):
+        run_ingest(IngestConfig(source="pusht", root=pusht_root, repo_id="local/pusht", out=out, val_episodes=n))
+        df, meta = read_manifest(out)
+        return sorted(df.episode_index[df.split == "val"]), meta
+
+    val, meta = ingest(tmp_path / "a.parquet", 2)
+    assert len(val) == 2 and meta["config"]["val_episodes"] == 2 and "val_fraction" not in meta["config"]
+    assert ingest(tmp_path / "b.parquet", 2)[0] == val
+    assert set(val) == exact_val_episodes("pusht", list(range(6)), 2)
+    assert set(exact_val_episodes("pusht", list(range(6)), 3)) > set(val)  # one more: the next in hash order
+    with pytest.raises(UserError, match="keep some for training"):
+        exact_val_episodes("pusht", list(range(6)), 6)
+    with pytest.raises(UserError, match="--val-episodes"):
+        IngestConfig(source="pusht", root=pusht_root, repo_id="local/pusht", out=tmp_path / "c.parquet",
+                     val_episodes=2, split_by="task")

@@ -23,6 +23,8 @@ def ingest(
     cameras: Annotated[str | None, typer.Option(help="Comma-separated camera keys (default: registry/all).")] = None,
     no_actions: Annotated[bool, typer.Option("--no-actions", help="Treat as action-free.")] = False,
     val_fraction: Annotated[float | None, typer.Option(help="Held-out share of episodes.")] = None,
+    val_episodes: Annotated[int, typer.Option(help="Hold out exactly this many whole episodes (a benchmark's fixed "
+                                              "held-out set) instead of a share.")] = 0,
     split_seed: Annotated[int, typer.Option(help="Seed of the hash split.")] = IngestConfig.split_seed,
     split_by: Annotated[str | None, typer.Option(help="Group split: a per-episode metadata column, task, or "
                                                 "task:REGEX (e.g. 'task:scene (\\d+)'); every episode of a group "
@@ -36,7 +38,8 @@ def ingest(
     src = resolve_source(dataset, root, repo_id)
     info = check_dataset_root(src.root)
     cfg = ingest_config(src, out=out, cameras=split_list(cameras), no_actions=no_actions, val_fraction=val_fraction,
-                        split_by=split_by, split_seed=split_seed, video_check=video_check, tolerance_s=tolerance_s,
+                        split_by=split_by, split_seed=split_seed, val_episodes=val_episodes, video_check=video_check,
+                        tolerance_s=tolerance_s,
                         shard=ShardSpec.parse(shard), force=force)
     with progress(f"ingest {src.name}", total=info.get("total_episodes"), unit="episodes") as advance:
         result = run_ingest(cfg, on_episode=advance)
