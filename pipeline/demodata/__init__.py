@@ -24,6 +24,7 @@ from pipeline.sims import GENERATOR_MARKER
 from pipeline.stage import (
     ConfigMismatchError,
     UserError,
+    apply_umask,
     atomic_write_json,
     config_differences,
     fault_point,
@@ -141,7 +142,9 @@ def _leftover_path(out: Path, kind: str) -> Path:
 
 def _replace(out: Path, staging: Path) -> None:
     """Rename `staging` to `out`; an old dataset there is moved aside first and deleted after (a kill in between
-    leaves it as a dead writer's leftover, removed by the next run)."""
+    leaves it as a dead writer's leftover, removed by the next run). lerobot writes through temporary files
+    (0600): the dataset gets the umask's modes first, so teammates can read it."""
+    apply_umask(staging, tree=True)
     if out.exists():
         old = _leftover_path(out, "replaced")
         out.rename(old)
