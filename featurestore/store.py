@@ -239,8 +239,9 @@ class TokenStore:
         if (path / "zarr.json").is_file():
             store = cls.open_existing(path)
             have = {"encoder": identity_key(store.attrs["encoder"]), "layout": store.attrs["layout"]}
-            if have != json.loads(json.dumps({**wanted, "encoder": identity_key(encoder)})):
-                raise ConfigMismatchError(f"token store {path}", config_differences(have, wanted),
+            want = json.loads(json.dumps({**wanted, "encoder": identity_key(encoder)}))
+            if have != want:
+                raise ConfigMismatchError(f"token store {path}", config_differences(have, want),
                                           "Encode into another --store, or pass --force to delete and rebuild it.")
             if not (path / "sources" / "zarr.json").is_file():  # a creator killed between the two writes
                 _make_group(path / "sources")
