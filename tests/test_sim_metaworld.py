@@ -122,3 +122,33 @@ def test_plan_sim_metaworld_reach_two_trials_with_two_cameras(metaworld_root, ti
     assert "metaworld-reach, cameras observation.images.exterior, observation.images.wrist" in r.output
     r = CliRunner().invoke(app, ["plan", "sim", "--run", str(run), "--env", "pusht"])
     assert r.exit_code == 2 and "recorded in metaworld-reach" in r.output
+
+
+def test_push_success_is_metaworlds_own_flag_and_the_old_rule_is_the_stricter_option():
+    """Meta-World's `info["success"]` (its evaluate_state, the env's target set to the goal's object) judges a push
+    by the puck alone: an arm that pushed the puck home and then moved away succeeds; the old rule, kept as
+    `success_rule="strict"`, also demands the arm within 10 cm of the goal's arm pose."""
+    sim = MetaWorldSim("push", 64, fps=20)
+    strict = MetaWorldSim("push", 64, fps=20, success_rule="strict")
+    try:
+        sim.new_episode(0)
+        start = sim.state()
+        for _ in range(40):  # the scripted pusher moves the puck
+            sim.step(sim.scripted_action())
+        goal = sim.state()
+        assert sim.distances(goal, start)["obj_dist"] > 0.05
+        assert not sim.success(goal, start) and not strict.success(goal, start)
+        assert sim.success(goal, goal) and strict.success(goal, goal)
+        for _ in range(15):  # the arm goes up and away; the puck stays where it was pushed
+            sim.step(np.array([0.0, -1.0, 1.0, -1.0]))
+        away = sim.state()
+        d = sim.distances(goal, away)
+        assert d["obj_dist"] <= 0.05 < 0.10 < d["eef_dist"]
+        assert sim.success(goal, away) and not strict.success(goal, away)
+        assert sim.state().tolist() == away.tolist()  # judging restored the state it found
+        assert sim.describe()["success_rule"] == "metaworld"
+    finally:
+        sim.close()
+        strict.close()
+    with pytest.raises(UserError, match="--success-rule"):
+        MetaWorldSim("push", 64, success_rule="lenient")
