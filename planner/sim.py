@@ -61,6 +61,18 @@ log = logging.getLogger(__name__)
 
 SHIFTS = ("none", "lighting", "background")
 
+# Closed-loop protocols: what a trial is (the goal's distance, the step budget, how far a plan looks and how much of
+# it runs). `gym`: wmctl's own (goal 15 env steps ahead, 30 env steps, horizon 5 frames, 2 executed). `swm`:
+# stable-worldmodel's PushT protocol, the field's reference for DINO-WM/PLDM/LeWM figures (goal: the dataset state 25
+# env steps ahead; at most 50 env steps; plans of 5 frames at frameskip 5, all 5 executed before replanning; CEM 300
+# samples x 30 iterations, top 30). The success rule is the simulator's (PushT: agent + block within 20 px, angle
+# within pi/9) under both. Results of the two are never mixed: the protocol is part of a result's configuration.
+PROTOCOLS: dict[str, dict[str, int]] = {
+    "gym": {"goal_offset": 15, "max_steps": 30, "horizon": 5, "execute": 2},
+    "swm": {"goal_offset": 25, "max_steps": 50, "horizon": 5, "execute": 5, "frameskip": 5},
+}
+SWM_CEM = {"samples": 300, "iterations": 30, "elites": 30}  # the published budget of the swm protocol
+
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class SimConfig:
@@ -83,9 +95,18 @@ class SimConfig:
     device: str = "cpu"
     seed: int = 0
     save_strips: int = 3
+    protocol: str = "gym"  # see PROTOCOLS: its goal offset, step budget, horizon and execution are checked
+    success_rule: str = "metaworld"  # Meta-World: its own success flag, or `strict` (the arm near the goal's too)
     out: Path | None = None
 
     def __post_init__(self) -> None:
+        if self.protocol not in PROTOCOLS:
+            raise UserError(f"--protocol {self.protocol!r}: choose one of {', '.join(PROTOCOLS)}")
+        fixed = {k: v for k, v in PROTOCOLS[self.protocol].items() if k != "frameskip"}
+        wrong = {k: getattr(self, k) for k, v in fixed.items() if getattr(self, k) != v}
+        if wrong and self.protocol != "gym":
+            raise UserError(f"--protocol {self.protocol} fixes {', '.join(f'{k}={v}' for k, v in fixed.items())}; "
+                            f"got {wrong}: drop those options (the planning budget may differ, and is recorded)")
         if self.env not in (*SIMULATORS, "auto"):
             raise UserError(f"--env {self.env!r}: choose auto or one of {', '.join(SIMULATORS)}")
         if self.shift not in SHIFTS:
@@ -121,40 +142,43 @@ class Trial:
 
 
 def load_trials(root: Path, manifest_rows, cfg: SimConfig, sim: Simulator) -> list[Trial]:
-    """Start states and recorded actions of held-out episodes (their LeRobot data files); a start whose recorded
-    goal state (`goal_offset` steps later) already meets the simulator's rule is skipped."""
+    """Start states and recorded actions of held-out episodes (their LeRobot data files), drawn without replacement:
+    the episodes are visited in a random order, round after round, each visit taking one of the episode's starts not
+    drawn before, so trials spread over every held-out episode and no start is planned twice. A start whose goal
+    (`goal_offset` env steps later) already meets the simulator's rule, or that the simulator's `trial_ok` refuses,
+    is skipped."""
     data = DataFileCache(columns=[ENV_STATE_KEY, "action"])
     rng = np.random.default_rng(cfg.seed)
     rows = manifest_rows[(manifest_rows.split == "val") & manifest_rows.has_actions & (manifest_rows.status == "ok")]
     if rows.empty:
-        raise UserError("the labelled source has no val episodes with actions; re-ingest with --val-fraction")
-    trials = []
-    order = rng.permutation(len(rows))
-    i = 0
-    while len(trials) < cfg.trials and i < 50 * cfg.trials:
-        e = rows.iloc[order[i % len(rows)]]
-        i += 1
+        raise UserError("the labelled source has no val episodes with actions; re-ingest with --val-fraction or "
+                        "--val-episodes")
+    episodes = []  # (row, states, actions, starts not drawn yet)
+    for i in rng.permutation(len(rows)):
+        e = rows.iloc[i]
         df = data.rows_in_file(Path(e.root) / e.data_file, int(e.episode_index))
         if ENV_STATE_KEY not in df:
             raise UserError(f"{e.root} has no {ENV_STATE_KEY}: the sim needs data recorded in the simulator "
                             "(`wmctl data pusht`)")
-        if len(df) <= cfg.goal_offset:
-            continue
-        t = int(rng.integers(0, len(df) - cfg.goal_offset))
-        st, acts = stack_column(df, ENV_STATE_KEY), stack_column(df, "action")
-        start, goal = st[t].astype(np.float64), st[t + cfg.goal_offset].astype(np.float64)
-        if not trial_ok(sim, start, goal):
-            continue
-        trials.append(Trial(int(e.episode_index), t, st[t], acts[t:t + cfg.goal_offset],
-                            goal_group(sim, start, goal)))
+        if len(df) > cfg.goal_offset:
+            episodes.append((e, stack_column(df, ENV_STATE_KEY), stack_column(df, "action"),
+                             list(rng.permutation(len(df) - cfg.goal_offset))))
+    trials: list[Trial] = []
+    while len(trials) < cfg.trials and any(left for *_, left in episodes):
+        for e, st, acts, left in episodes:
+            while left and len(trials) < cfg.trials:
+                t = int(left.pop())
+                start, goal = st[t].astype(np.float64), st[t + cfg.goal_offset].astype(np.float64)
+                if trial_ok(sim, start, goal):
+                    trials.append(Trial(int(e.episode_index), t, st[t], acts[t:t + cfg.goal_offset],
+                                        goal_group(sim, start, goal)))
+                    break
     if not trials:
         raise UserError(f"no val episode is longer than --goal-offset {cfg.goal_offset} with a goal the start does "
                         "not already meet: raise --goal-offset or record longer episodes")
-    starts = {(tr.episode, tr.start) for tr in trials}
-    if len(starts) < len(trials):  # starts are drawn with replacement: a repeat is a replicate, not a new task
-        log.warning("%d trials from %d val episodes hold %d distinct starts (a repeated start is planned again with "
-                    "other noise, not a new task); hold out more episodes for more independent trials",
-                    len(trials), len({tr.episode for tr in trials}), len(starts))
+    if len(trials) < cfg.trials:
+        log.warning("only %d distinct trials in %d val episodes (asked for %d): hold out more episodes "
+                    "(ingest --val-episodes)", len(trials), len(episodes), cfg.trials)
     return trials
 
 
@@ -340,9 +364,13 @@ def run_plan_sim(wm: WorldModel, cfg: SimConfig, *, store: Path,
     source = labelled_source(reader)
     wm = wm.for_source(reader, source.name)  # the model on that source's cameras
     env = resolve_env(cfg.env, source)
+    need = PROTOCOLS[cfg.protocol].get("frameskip")
+    if need is not None and wm.actions.frameskip != need:
+        raise UserError(f"--protocol {cfg.protocol} plans frames of {need} env steps; this model was trained at "
+                        f"frameskip {wm.actions.frameskip}: train one with --set frameskip={need}")
     encode = encode_frame or observation_encoder(wm, cfg.device, hints=(reader.store.encoder_location,))
     spec = spec_for(wm, cfg.max_delta_fraction)
-    sim = make_sim(env, source.size, fps=source.fps, camera_keys=source.cameras)
+    sim = make_sim(env, source.size, fps=source.fps, camera_keys=source.cameras, success_rule=cfg.success_rule)
     try:
         trials = load_trials(Path(source.rows.iloc[0].root), source.rows, cfg, sim)
         out: dict[str, Any] = {"config": {k: v for k, v in dataclasses.asdict(cfg).items() if k != "out"},
@@ -592,6 +620,9 @@ def exact_mcnemar(only_a: int, only_b: int) -> float:
     return min(1.0, 2 * tail)
 
 
+_OLD_DEFAULTS = {"protocol": "gym", "success_rule": "strict"}  # what results written before these fields meant
+
+
 def compare_sims(pairs: list[tuple[dict[str, Any], dict[str, Any]]], policy: str = "model") -> dict[str, Any]:
     """Paired comparison of two planners (A, B) over one or more pairs of `plan sim` results, each pair run on
     the same trials (e.g. one pair per model seed or per trial set): successes, the trials only one of them
@@ -603,8 +634,8 @@ def compare_sims(pairs: list[tuple[dict[str, Any], dict[str, Any]]], policy: str
         if a.get("env") != b.get("env"):
             raise UserError(f"pair {i + 1}: A ran in {a.get('env')}, B in {b.get('env')}; compare runs of one "
                             "simulator")
-        for key in ("goal_offset", "max_steps"):
-            if a["config"].get(key) != b["config"].get(key):
+        for key in ("protocol", "goal_offset", "max_steps", "success_rule"):
+            if a["config"].get(key, _OLD_DEFAULTS.get(key)) != b["config"].get(key, _OLD_DEFAULTS.get(key)):
                 raise UserError(f"pair {i + 1}: --{key.replace('_', '-')} {a['config'].get(key)} (A) vs "
                                 f"{b['config'].get(key)} (B): the trials are not the same task; re-run one of them "
                                 "with the other's setting")

@@ -83,6 +83,7 @@ def test_plan_sim_keeps_each_trial_and_compares_two_planners_trial_by_trial(tiny
     assert first["model"]["success_rate"] == pytest.approx(sum(t["success"] for t in trials) / len(trials))
     assert first["model"]["final_pos_dist"] == pytest.approx(sum(t["final_pos_dist"] for t in trials) / len(trials))
     assert all(t["plan_s"] > 0 for t in trials) and all(t["plan_s"] is None for t in first["random"]["per_trial"])
+    assert len({(t["episode"], t["start"]) for t in trials}) == len(trials)  # drawn without replacement
     # every trial says what its goal demands, and success is reported per group (push vs agent-only)
     assert {t["group"] for t in trials} <= {"push", "agent"}
     groups = first["model"]["by_group"]
@@ -119,6 +120,27 @@ def test_plan_sim_keeps_each_trial_and_compares_two_planners_trial_by_trial(tiny
     assert r.exit_code == 2 and "one --b per --a" in r.output
     r = CliRunner().invoke(app, ["plan", "compare", "--a", str(tmp_path), "--b", str(out)])
     assert r.exit_code == 2 and "no sim.json" in r.output
+
+
+def test_plan_sim_protocols_fix_the_task_and_are_never_mixed(tiny_run, tmp_path):
+    """--protocol swm is stable-worldmodel's PushT task (goal 25 env steps ahead, 50 steps, 5-frame plans at
+    frameskip 5): a model trained at another frameskip is refused with the fix, a task option that contradicts the
+    protocol is refused, and a gym result is not compared with an swm one."""
+    base = ["plan", "sim", "--run", str(tiny_run), "--episodes", "2", *FAST_CEM]
+    r = CliRunner().invoke(app, [*base, "--protocol", "swm"])
+    assert r.exit_code == 2 and "--set frameskip=5" in r.output, r.output
+    r = CliRunner().invoke(app, [*base, "--protocol", "swm", "--goal-offset", "10"])
+    assert r.exit_code == 2 and "--protocol swm fixes" in r.output, r.output
+    r = CliRunner().invoke(app, [*base, "--protocol", "nope"])
+    assert r.exit_code == 2 and "--protocol 'nope'" in r.output
+    from pipeline.stage import UserError
+    from planner.sim import compare_sims
+
+    gym = {"env": "pusht", "config": {"protocol": "gym", "goal_offset": 25, "max_steps": 50},
+           "model": {"per_trial": [{"episode": 0, "start": 1, "success": True}]}}
+    swm = {**gym, "config": {**gym["config"], "protocol": "swm"}}
+    with pytest.raises(UserError, match="--protocol gym \\(A\\) vs swm \\(B\\)"):
+        compare_sims([(gym, swm)])
 
 
 def test_bench_rollout_cached_equals_uncached_and_reports_a_speedup():

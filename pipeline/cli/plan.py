@@ -14,9 +14,10 @@ from pipeline.cli.base import given_options, new_app
 from pipeline.stage import UserError, atomic_write_json
 from planner.cem import CEMConfig
 from planner.offline import OfflineConfig, run_plan_offline, search_configs
-from planner.sim import SimConfig, SimStopped, compare_sims, load_sim_result, run_plan_sim
+from planner.sim import PROTOCOLS, SWM_CEM, SimConfig, SimStopped, compare_sims, load_sim_result, run_plan_sim
 from trainer.api import LoadedWorldModel
-from trainer.runs import plan_dir, resolve_run
+from trainer.checkpoint import resolve_checkpoint
+from trainer.runs import check_writable, plan_dir, resolve_run
 
 app = new_app("Goal-conditioned MPC in latent space (CEM or gradient).")
 
@@ -39,8 +40,17 @@ Cem = Annotated[str, typer.Option("--cem", help="CEM budget: default | dinowm (3
                                   "icem's); --samples/--elites/--iterations given win.")]
 
 
-def _search(ctx: typer.Context, planner: str, preset: str, horizon: int, **budget: int):
+def _protocol_task(ctx: typer.Context, protocol: str, **task: int) -> dict[str, int]:
+    """The trial settings of `--protocol`: its own values for the options left at their defaults (a given one that
+    differs is refused by SimConfig)."""
+    if protocol not in PROTOCOLS:
+        raise UserError(f"--protocol {protocol!r}: choose one of {', '.join(PROTOCOLS)}")
     given = given_options(ctx)
+    return {k: v if k in given else PROTOCOLS[protocol].get(k, v) for k, v in task.items()}
+
+
+def _search(ctx: typer.Context | None, planner: str, preset: str, horizon: int, **budget: int):
+    given = given_options(ctx) if ctx is not None else set(budget)
     return search_configs(planner, horizon, preset, **{k: v for k, v in budget.items()
                                                        if k in given or preset == "default"})
 
@@ -120,20 +130,33 @@ def plan_sim(
     compile: Compile = False,
     graph: Graph = False,
     precision: Precision = "auto",
-    out: Annotated[Path | None, typer.Option(help="Output folder (default: <run>/plan/sim_<planner>_<shift>; an "
-                                             "earlier result of another configuration there is kept beside it).")]
+    protocol: Annotated[str, typer.Option(help="gym (wmctl's: goal 15 env steps ahead, 30 steps) | swm "
+                                          "(stable-worldmodel's PushT protocol: goal 25 ahead, 50 steps, plans of 5 "
+                                          "frames at frameskip 5 all executed, CEM 300x30 unless a budget is given)."
+                                          )] = "gym",
+    success_rule: Annotated[str, typer.Option(help="Meta-World: metaworld (its own success flag) | strict (also the "
+                                              "arm within 10 cm of the goal's).")] = SimConfig.success_rule,
+    out: Annotated[Path | None, typer.Option(help="Output folder (default: <run>/plan/sim_<planner>_<shift>, "
+                                             "sim_swm_... under --protocol swm; an earlier result of another "
+                                             "configuration there is kept beside it).")]
     = None,
 ) -> None:
     """Closed-loop MPC in a simulator (gym-pusht, Meta-World) towards goals from held-out episodes; random actions
     (and Meta-World's scripted controller, the upper bound) alongside. Finished trials are kept as they finish: after
     a SIGTERM (exit 3) or a kill, the same command continues after them."""
-    cem_cfg, gd = _search(ctx, planner, cem, horizon, samples=samples, elites=elites, iterations=iterations)
-    cfg = SimConfig(trials=episodes, goal_offset=goal_offset, max_steps=max_steps, horizon=horizon, execute=execute,
-                    planner=planner, cem=cem_cfg, gd=gd, shift=shift, seed=seed, state_weight=state_weight, k=k,
-                    cost_frames=cost_frames, env=env, device=device, execute_plan=execute_plan)
+    task = _protocol_task(ctx, protocol, goal_offset=goal_offset, max_steps=max_steps, horizon=horizon,
+                          execute=execute)
+    budget = {"samples": samples, "elites": elites, "iterations": iterations}
+    if protocol == "swm" and cem == "default" and not set(budget) & given_options(ctx):
+        budget = dict(SWM_CEM)  # the published budget, unless the user states the one the machine affords
+        ctx = None  # every budget value is given
+    cem_cfg, gd = _search(ctx, planner, cem, task["horizon"], **budget)
+    cfg = SimConfig(trials=episodes, **task, planner=planner, cem=cem_cfg, gd=gd, shift=shift, seed=seed,
+                    state_weight=state_weight, k=k, cost_frames=cost_frames, env=env, device=device,
+                    execute_plan=execute_plan, protocol=protocol, success_rule=success_rule)
     wm = LoadedWorldModel.load(resolve_run(run, ckpt), device=device, compile=compile, precision=precision,
                                graphs=graph)
-    out = out or plan_dir(wm.checkpoint) / f"sim_{planner}_{shift}"
+    out = out or plan_dir(wm.checkpoint) / f"sim_{'' if protocol == 'gym' else protocol + '_'}{planner}_{shift}"
     try:
         res = run_plan_sim(wm, dataclasses.replace(cfg, out=out), store=wm.store)
     except SimStopped as e:  # SIGTERM: the finished trials are kept, the same command continues

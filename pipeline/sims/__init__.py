@@ -60,9 +60,11 @@ def trial_ok(sim: Simulator, start_state: np.ndarray, goal_state: np.ndarray) ->
     return bool(rule(start_state, goal_state)) if rule else not sim.success(goal_state, start_state)
 
 
-def make_sim(env: str, size: int, *, fps: int | None = None, camera_keys: list[str] | None = None) -> Simulator:
+def make_sim(env: str, size: int, *, fps: int | None = None, camera_keys: list[str] | None = None,
+             success_rule: str = "metaworld") -> Simulator:
     """The simulator named by `wmctl plan sim --env`, rendering `size` x `size` frames at the dataset's `fps`,
-    its cameras in the order of `camera_keys` (the token store's camera order)."""
+    its cameras in the order of `camera_keys` (the token store's camera order); `success_rule` for Meta-World (its
+    own flag, or `strict`)."""
     if env == "pusht":
         from pipeline.sims.pusht import PushtSim
 
@@ -70,7 +72,8 @@ def make_sim(env: str, size: int, *, fps: int | None = None, camera_keys: list[s
     if env.startswith("metaworld-"):
         from pipeline.sims.metaworld import MetaWorldSim
 
-        return MetaWorldSim(env.removeprefix("metaworld-"), size, fps=fps or 20, camera_keys=camera_keys)
+        return MetaWorldSim(env.removeprefix("metaworld-"), size, fps=fps or 20, camera_keys=camera_keys,
+                            success_rule=success_rule)
     raise ValueError(f"unknown simulator {env!r}")
 
 
