@@ -95,6 +95,8 @@ class SimConfig:
     device: str = "cpu"
     seed: int = 0
     save_strips: int = 3
+    noise_draws: int = 1  # > 1: each candidate scored by its mean cost over this many independent sampling-noise
+    # draws (each draw reused by every CEM iteration), instead of one draw shared by all (common random numbers)
     protocol: str = "gym"  # see PROTOCOLS: its goal offset, step budget, horizon and execution are checked
     success_rule: str = "metaworld"  # Meta-World: its own success flag, or `strict` (the arm near the goal's too)
     out: Path | None = None
@@ -107,6 +109,8 @@ class SimConfig:
         if wrong and self.protocol != "gym":
             raise UserError(f"--protocol {self.protocol} fixes {', '.join(f'{k}={v}' for k, v in fixed.items())}; "
                             f"got {wrong}: drop those options (the planning budget may differ, and is recorded)")
+        if self.noise_draws < 1:
+            raise UserError(f"--noise-draws {self.noise_draws}: must be >= 1")
         if self.env not in (*SIMULATORS, "auto"):
             raise UserError(f"--env {self.env!r}: choose auto or one of {', '.join(SIMULATORS)}")
         if self.shift not in SHIFTS:
@@ -224,14 +228,15 @@ def run_trial(sim: Simulator, wm: WorldModel, encode: Callable[[np.ndarray, np.n
             prev = torch.as_tensor(executed[-1], dtype=torch.float32) if executed else None
             seed = int(rng.integers(2**31))
             t0 = time.perf_counter()  # the latency includes committing the context
-            rollout = wm.planning_rollout(ctx, context_actions_TA=ctx_actions, k=cfg.k, seed=seed)
+            rollout, plan_cost = expected_cost_rollout(wm, ctx, ctx_actions, cost, k=cfg.k, seed=seed,
+                                                       draws=cfg.noise_draws)
             g = torch.Generator().manual_seed(seed)
             init = warm_start(plan_mean, cfg.execute, cfg.horizon, spec.dim)
             if cfg.planner == "cem":
-                res = cem_plan(rollout, cost, spec, dataclasses.replace(cfg.cem, horizon=cfg.horizon), generator=g,
-                               init_mean_HA=init, previous_A=prev)
+                res = cem_plan(rollout, plan_cost, spec, dataclasses.replace(cfg.cem, horizon=cfg.horizon),
+                               generator=g, init_mean_HA=init, previous_A=prev)
             else:
-                res = gd_plan(functools.partial(rollout, grad=True), cost, spec,
+                res = gd_plan(functools.partial(rollout, grad=True), plan_cost, spec,
                               dataclasses.replace(cfg.gd, horizon=cfg.horizon), generator=g, init_mean_HA=init,
                               previous_A=prev)
             latencies.append(time.perf_counter() - t0)
@@ -255,6 +260,25 @@ def run_trial(sim: Simulator, wm: WorldModel, encode: Callable[[np.ndarray, np.n
             **{f"start_{k}": v for k, v in start.items()},
             "smoothness": float(np.linalg.norm(steps, axis=1).mean()), "latencies": latencies,
             "frames": frames, "goal": goal_img}
+
+
+def expected_cost_rollout(wm: WorldModel, ctx: torch.Tensor, ctx_actions: torch.Tensor, cost, *, k: int, seed: int,
+                          draws: int = 1):
+    """(rollout, cost) for the planner. draws = 1: one sampling-noise draw shared by every candidate and iteration
+    (the model's own planning rollout). draws = D > 1: D independent draws (seeds seed..seed+D-1), each shared by every
+    candidate, and a candidate's cost is its mean over them: planning on the expected cost under the model's
+    uncertainty rather than on one sample of it. A deterministic or teacher-forced model has one outcome: D is 1."""
+    if draws == 1 or getattr(wm, "kind", "") == "teacher_forced":
+        return wm.planning_rollout(ctx, context_actions_TA=ctx_actions, k=k, seed=seed), cost
+    rollouts = [wm.planning_rollout(ctx, context_actions_TA=ctx_actions, k=k, seed=seed + d) for d in range(draws)]
+
+    def rollout(actions_SHA: torch.Tensor, grad: bool = False) -> torch.Tensor:
+        return torch.stack([r(actions_SHA, grad=grad) for r in rollouts])  # [D, S, H, N, Z]
+
+    def mean_cost(latents_DSHNZ: torch.Tensor, actions_SHA: torch.Tensor) -> torch.Tensor:
+        return torch.stack([cost(z, actions_SHA) for z in latents_DSHNZ]).mean(0)  # [S]
+
+    return rollout, mean_cost
 
 
 def observation_encoder(wm: WorldModel, device: str, *, hints: tuple[str | None, ...] = ()

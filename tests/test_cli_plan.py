@@ -143,6 +143,33 @@ def test_plan_sim_protocols_fix_the_task_and_are_never_mixed(tiny_run, tmp_path)
         compare_sims([(gym, swm)])
 
 
+def test_expected_cost_over_noise_draws_is_the_mean_of_each_draws_cost(tiny_run):
+    """--noise-draws D scores a candidate by its mean cost over D independent sampling-noise draws: exactly the mean
+    of the costs one-draw planning rollouts with seeds s..s+D-1 give; D = 1 is today's single shared draw."""
+    import numpy as np
+    import torch
+
+    from planner.core import latent_cost
+    from planner.sim import expected_cost_rollout
+    from trainer.api import LoadedWorldModel
+
+    wm = LoadedWorldModel.load(tiny_run)
+    rng = np.random.default_rng(0)
+    sh = wm.shape
+    tokens = rng.standard_normal((2, sh.cameras, sh.grid[0] * sh.grid[1], sh.enc_dim)).astype(np.float32)
+    ctx = wm.normalize(tokens, rng.standard_normal((2, wm.state_dim)) if wm.state_dim else None)
+    acts = torch.zeros(2, wm.actions.frame_dim)
+    cand = torch.randn(5, 3, wm.actions.frame_dim) * 0.1
+    cost = latent_cost(ctx[-1], state_dim=wm.state_dim)
+    rollout, mean_cost = expected_cost_rollout(wm, ctx, acts, cost, k=1, seed=7, draws=3)
+    got = mean_cost(rollout(cand), cand)
+    each = [cost(wm.planning_rollout(ctx, context_actions_TA=acts, k=1, seed=7 + d)(cand), cand) for d in range(3)]
+    torch.testing.assert_close(got, torch.stack(each).mean(0))
+    assert not torch.allclose(each[0], each[1])  # the draws differ: the mean is not one of them
+    one, same = expected_cost_rollout(wm, ctx, acts, cost, k=1, seed=7, draws=1)
+    torch.testing.assert_close(same(one(cand), cand), each[0])
+
+
 def test_bench_rollout_cached_equals_uncached_and_reports_a_speedup():
     r = CliRunner().invoke(app, ["bench", "rollout", "--preset", "tiny", "--horizon", "3", "--batch", "1"])
     assert r.exit_code == 0, r.output

@@ -130,6 +130,8 @@ def plan_sim(
     compile: Compile = False,
     graph: Graph = False,
     precision: Precision = "auto",
+    noise_draws: Annotated[int, typer.Option(help="Score each candidate by its mean cost over this many independent "
+                                             "sampling-noise draws (1: one draw shared by all).")] = 1,
     protocol: Annotated[str, typer.Option(help="gym (wmctl's: goal 15 env steps ahead, 30 steps) | swm "
                                           "(stable-worldmodel's PushT protocol: goal 25 ahead, 50 steps, plans of 5 "
                                           "frames at frameskip 5 all executed, CEM 300x30 unless a budget is given)."
@@ -153,7 +155,7 @@ def plan_sim(
     cem_cfg, gd = _search(ctx, planner, cem, task["horizon"], **budget)
     cfg = SimConfig(trials=episodes, **task, planner=planner, cem=cem_cfg, gd=gd, shift=shift, seed=seed,
                     state_weight=state_weight, k=k, cost_frames=cost_frames, env=env, device=device,
-                    execute_plan=execute_plan, protocol=protocol, success_rule=success_rule)
+                    execute_plan=execute_plan, protocol=protocol, success_rule=success_rule, noise_draws=noise_draws)
     wm = LoadedWorldModel.load(resolve_run(run, ckpt), device=device, compile=compile, precision=precision,
                                graphs=graph)
     out = out or plan_dir(wm.checkpoint) / f"sim_{'' if protocol == 'gym' else protocol + '_'}{planner}_{shift}"
