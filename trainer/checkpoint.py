@@ -11,14 +11,17 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import shutil
+import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
 
-from pipeline.stage import UserError, atomic_write_json, fault_point, is_stale, owner_tag
+from pipeline.names import inside, safe_component
+from pipeline.stage import UserError, apply_umask, atomic_write_json, fault_point, is_stale, owner_tag
 
 COMPLETE = "COMPLETE"
 
@@ -42,6 +45,7 @@ def save_checkpoint(run_dir: Path, step: int, *, model: dict[str, torch.Tensor],
         torch.save({"optimizer": optimizer, "torch_rng": torch.get_rng_state()}, tmp / "optim.pt")
         atomic_write_json(tmp / "state.json", {**state, "step": step})
         (tmp / COMPLETE).write_text("ok\n")
+        apply_umask(tmp, tree=True)  # safetensors writes 0600: teammates sharing a run could not read the weights
         fd = os.open(tmp, os.O_RDONLY)
         os.fsync(fd)
         os.close(fd)
@@ -76,8 +80,20 @@ def complete_checkpoints(run_dir: Path) -> list[Path]:
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:
+    """The newest complete checkpoint of a run folder; refused when it leads outside the folder (a link)."""
     found = complete_checkpoints(run_dir)
-    return found[-1] if found else None
+    return _inside_run(run_dir, found[-1]) if found else None
+
+
+def _inside_run(run_dir: Path, ckpt: Path) -> Path:
+    """`ckpt` (found under `run_dir/checkpoints`) if it is a folder of a safe name that stays inside the run."""
+    fix = f"a run's checkpoints are folders inside it: move it into {Path(run_dir) / 'checkpoints'} or remove it"
+    name = safe_component(ckpt.name, f"checkpoint folder in {Path(run_dir) / 'checkpoints'}", fix)
+    try:
+        inside(Path(run_dir) / "checkpoints", name, "checkpoint")
+    except UserError:
+        raise UserError(f"checkpoint {ckpt} leads outside its run folder (to {ckpt.resolve()}); {fix}") from None
+    return ckpt
 
 
 def resolve_checkpoint(path: Path) -> Path:
@@ -91,11 +107,17 @@ def resolve_checkpoint(path: Path) -> Path:
     return found
 
 
-def _damaged(path: Path, e: Exception) -> UserError:
-    # never pass on a loader's own advice (torch suggests weights_only=False for a pickle: never for a user)
-    reason = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
-    return UserError(f"{path} cannot be read ({type(e).__name__}: {reason}): the checkpoint {path.parent} is damaged. "
+def _damaged(path: Path, reason: str) -> UserError:
+    return UserError(f"{path} cannot be read ({reason}): the checkpoint {path.parent} is damaged. "
                      f"Remove that folder to resume from the checkpoint before it, or start a new --out")
+
+
+def _reason(e: Exception) -> str:
+    """A loader's error as a reason: its type and first line, never its advice on how to load the file anyway."""
+    line = str(e).splitlines()[0][:200] if str(e).strip() else ""
+    if "weights_only" in line or "Weights only" in line:
+        line = ""
+    return f"{type(e).__name__}: {line}" if line else type(e).__name__
 
 
 def load_state(ckpt: Path) -> dict[str, Any]:
@@ -103,7 +125,7 @@ def load_state(ckpt: Path) -> dict[str, Any]:
     try:
         return json.loads(path.read_text())
     except (OSError, ValueError) as e:
-        raise _damaged(path, e) from None
+        raise _damaged(path, _reason(e)) from None
 
 
 def load_weights(ckpt: Path, which: str = "ema") -> dict[str, torch.Tensor]:
@@ -113,7 +135,7 @@ def load_weights(ckpt: Path, which: str = "ema") -> dict[str, torch.Tensor]:
     try:
         sd = load_file(path)
     except Exception as e:  # noqa: BLE001 - safetensors raises its own error types for a file that is not one
-        raise _damaged(path, e) from None
+        raise _damaged(path, _reason(e)) from None
     # Checkpoints of proprio runs before 2026-11-21 carry the state token's prior variance apart; it always
     # equalled `delta_var` (the state is scaled to change per frame like a patch), so it is dropped.
     sd.pop("state_delta_var", None)
@@ -121,8 +143,19 @@ def load_weights(ckpt: Path, which: str = "ema") -> dict[str, torch.Tensor]:
 
 
 def load_optimizer(ckpt: Path) -> dict[str, Any]:
+    """The optimizer state of a checkpoint (tensors and plain containers only: nothing in the file is run). A file
+    that is not one is named, with the fix; torch's advice to load it with `weights_only=False` is never passed on."""
     path = Path(ckpt) / "optim.pt"
     try:
-        return torch.load(path, weights_only=True)
-    except Exception as e:  # noqa: BLE001 - a pickle with code in it, a truncated file: never executed, named
-        raise _damaged(path, e) from None
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # e.g. torch's note on the pickle protocol of a file it did not write
+            saved = torch.load(path, weights_only=True)
+    except pickle.UnpicklingError:
+        raise _damaged(path, "it holds Python objects that are not tensors or plain containers; nothing in it was "
+                             "run") from None
+    except Exception as e:  # noqa: BLE001 - a truncated or replaced file, whatever torch raises for it
+        raise _damaged(path, f"{type(e).__name__}: not a complete torch file") from None
+    opt = saved.get("optimizer") if isinstance(saved, dict) else None
+    if not isinstance(opt, dict) or not {"state", "param_groups"} <= set(opt):
+        raise _damaged(path, "not an optimizer state (no optimizer with state and param_groups)")
+    return saved
