@@ -182,6 +182,62 @@ def _preempted_then_resumed(cfg, tmp_path: Path) -> None:
     assert _losses(run) == _losses(tmp_path / "ref")
 
 
+def _train_args(store: Path, run: Path, steps: int, *extra: str) -> list[str]:
+    return ["train", "--store", str(store), "--preset", "tiny", "--out", str(run), "--steps", str(steps), *extra]
+
+
+def test_two_trainings_on_one_run_folder_the_second_is_refused_naming_the_first(tmp_path):
+    """A second `wmctl train --out SAME` while the first trains: exit 2 naming the owner (host, pid); the first goes
+    on alone (one row per step in metrics.jsonl, its own checkpoint) and gives the folder back when it stops."""
+    import socket
+    import time
+
+    from synthetic import write_token_world
+
+    from trainer.checkpoint import latest_checkpoint
+
+    store, run = write_token_world(tmp_path / "w.zarr"), tmp_path / "run"
+    env = {k: v for k, v in os.environ.items() if k != "WMCTL_FAULT"}
+    log = open(tmp_path / "first.log", "w")
+    first = subprocess.Popen([sys.executable, "-m", "pipeline.cli", *_train_args(
+        store, run, 100_000, "--set", "ckpt_every=100000", "--set", "eval_every=100000")], env=env, stdout=log,
+        stderr=subprocess.STDOUT)
+    try:
+        metrics, deadline = run / "metrics.jsonl", time.monotonic() + 300
+        while first.poll() is None and time.monotonic() < deadline and not (
+                metrics.is_file() and len(metrics.read_text().splitlines()) >= 2):
+            time.sleep(0.1)
+        assert first.poll() is None, (tmp_path / "first.log").read_text()[-2000:]
+        second = _run(_train_args(store, run, 20))
+        assert second.returncode == 2, second.stderr[-2000:]
+        assert f"is in use by a training process (host {socket.gethostname()}, pid {first.pid}" in second.stderr
+        (run / "PREEMPT").write_text("")  # the first stops at its next step: a checkpoint, exit 3
+        assert first.wait(timeout=300) == 3, (tmp_path / "first.log").read_text()[-2000:]
+    finally:
+        if first.poll() is None:
+            first.kill()
+            first.wait()
+        log.close()
+    steps = [json.loads(line)["step"] for line in metrics.read_text().splitlines()]
+    assert steps == list(range(1, len(steps) + 1))
+    assert latest_checkpoint(run).name == f"step-{steps[-1]:08d}"
+    assert not (run / "LOCK").exists()
+
+
+def test_a_lock_left_by_a_killed_training_is_taken_over_by_the_readme_resume(tmp_path):
+    from synthetic import write_token_world
+
+    store, run = write_token_world(tmp_path / "w.zarr"), tmp_path / "run"
+    killed = _run(_train_args(store, run, 6, "--set", "ckpt_every=2"), fault="train-step:3")
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    holder = json.loads((run / "LOCK").read_text())  # SIGKILL: no cleanup, the lock stays
+    resumed = _run(["train", "--out", str(run), "--resume"])
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert f"took over the lock of host {holder['host']}, pid {holder['pid']}" in resumed.stderr
+    assert not (run / "LOCK").exists()
+    assert [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3, 4, 5, 6]
+
+
 # ------------------------------------------------------------------ reliability round three: the disk refuses
 @pytest.mark.parametrize("fault", ["ENOSPC", "EROFS"])
 def test_encode_on_a_disk_that_fills_up_or_turns_read_only_exits_4_keeps_its_segments_and_resumes(

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import itertools
 import json
 import logging
 import math
@@ -54,8 +55,16 @@ from trainer.data import (
 )
 from trainer.model import build_model
 from trainer.objective import batch_layout, compute_loss, predict_last_frame
-from trainer.runs import RunState, new_run_dir
-from trainer.sources import resolve_mix, resolve_rate, token_shape
+from trainer.runs import RunLock, RunState, new_run_dir, read_config_json
+from trainer.sources import (
+    DATA_FILE,
+    check_record,
+    pin_episodes,
+    record_episodes,
+    resolve_mix,
+    resolve_rate,
+    token_shape,
+)
 from trainer.tokens import FrameLayout, TokenShape, frame_error
 from trainer.tracking import open_tracker
 
@@ -171,12 +180,13 @@ class Trainer:
     d: Dist
     encoder: dict[str, Any]
     lr_scale: float = 1.0
+    data: dict[str, Any] = dataclasses.field(default_factory=dict)  # the run's episodes (`trainer.sources`)
 
     def state(self, step: int) -> dict[str, Any]:
         return {"config": to_jsonable(self.cfg), "encoder": self.encoder, "store": str(Path(self.cfg.store).resolve()),
                 "token_shape": dataclasses.asdict(self.shape), "stats": self.stats.to_dict(),
                 "data_cursor": {"next_step": step + 1, "world_size": self.d.world, "batch_size": self.cfg.batch_size,
-                                "grad_accum": self.cfg.grad_accum}, "lr_scale": self.lr_scale}
+                                "grad_accum": self.cfg.grad_accum}, "lr_scale": self.lr_scale, "data": self.data}
 
     def save(self, step: int) -> Path:
         return save_checkpoint(self.run_dir, step, model=self.core.state_dict(), ema=self.ema.state_dict(),
@@ -188,30 +198,68 @@ def _autocast(cfg: TrainConfig, device: torch.device):
     return torch.autocast(device.type, dtype=torch.bfloat16) if uses_bf16(cfg.precision, device) else nullcontext()
 
 
-def setup(cfg: TrainConfig, *, resume: bool, d: Dist) -> tuple[Trainer, int, TokenReader]:
-    """Build (or restore) everything the loop needs. Returns the trainer, the last finished step, the reader."""
-    device = resolve_device(cfg, d)
-    reader = TokenReader(cfg.store)
-    cfg = resolve_rate(cfg, reader)  # the frameskip shapes the model and its statistics: first
-    run_dir = cfg.out
-    if run_dir is None:
-        if resume:
-            raise UserError("--resume needs --out RUN (the run folder to continue)")
-        run_dir = _broadcast(new_run_dir(cfg.model.kind) if d.main else None, d)
-    run_dir = Path(run_dir)
+def run_folder(cfg: TrainConfig, *, resume: bool, d: Dist) -> Path:
+    """The run folder: --out, else a new one under runs/ (rank 0 names it)."""
+    if cfg.out is not None:
+        return Path(cfg.out)
+    if resume:
+        raise UserError("--resume needs --out RUN (the run folder to continue)")
+    return Path(_broadcast(new_run_dir(cfg.model.kind) if d.main else None, d))
+
+
+def _restore_point(run_dir: Path, resume: bool) -> RunState | None:
+    """The newest complete checkpoint of the run, read and checked (None: a fresh start)."""
     ckpt = latest_checkpoint(run_dir) if run_dir.exists() else None
     if ckpt is not None and not resume:
         raise UserError(f"{run_dir} already has checkpoints (newest {ckpt.name}); pass --resume to continue it, "
                         "or choose another --out")
     if resume and ckpt is None:
         log.info("--resume: %s has no complete checkpoint yet; starting from scratch", run_dir)
+    return RunState.read(ckpt) if ckpt is not None else None
+
+
+def _run_episodes(reader: TokenReader, cfg: TrainConfig, run_dir: Path, state: RunState | None, resume: bool,
+                  d: Dist) -> dict[str, Any]:
+    """The episodes the run trains on: a resumed run's record (its checkpoint's, else the data.json written at its
+    start), to which `reader` is then pinned; else recorded now from the store."""
+    record, where = None, None
+    if d.main and state is not None and state.data is not None:
+        record, where = state.data, state.checkpoint / "state.json"
+    elif d.main and resume and (run_dir / DATA_FILE).is_file():
+        where = run_dir / DATA_FILE
+        try:
+            record = read_json(where)
+        except (OSError, ValueError) as e:
+            raise UserError(f"{where} cannot be read ({type(e).__name__}); restore it, or start a new --out") from None
+    elif d.main and state is not None:
+        log.warning("%s: this run records no episodes (made before runs did): it goes on with the store's episodes "
+                    "now, recorded from here on", run_dir)
+    if d.main and record is not None:
+        record = check_record(record, where)
+    record, where = _broadcast((record, str(where)) if d.main else None, d)
+    if record is not None:
+        pin_episodes(reader, cfg, record, where)
+        return record
+    return _broadcast(record_episodes(reader, cfg) if d.main else None, d)
+
+
+def setup(cfg: TrainConfig, *, resume: bool, d: Dist, run_dir: Path | None = None
+          ) -> tuple[Trainer, int, TokenReader]:
+    """Build (or restore) everything the loop needs. Returns the trainer, the last finished step, the reader.
+    Writes nothing: every check (config, encoder, the run's episodes) is done here."""
+    device = resolve_device(cfg, d)
+    reader = TokenReader(cfg.store)
+    run_dir = Path(run_dir) if run_dir is not None else run_folder(cfg, resume=resume, d=d)
+    state = _restore_point(run_dir, resume)
+    if state is not None:
+        check_same_encoder(state.encoder, reader.encoder, what=f"checkpoint {state.checkpoint}",
+                           fix="train on a store made with the encoder the checkpoint was trained on")
+    data = _run_episodes(reader, cfg, run_dir, state, resume, d)  # pins a resumed run's episodes: before all else
+    cfg = resolve_rate(cfg, reader)  # the frameskip shapes the model and its statistics: first
     torch.manual_seed(cfg.seed)
     lr_scale, start_step = 1.0, 0
-    if ckpt is not None:
-        state = RunState.read(ckpt)
+    if state is not None:
         _check_resume_config(state.saved_config, cfg)
-        check_same_encoder(state.encoder, reader.encoder, what=f"checkpoint {ckpt}",
-                           fix="train on a store made with the encoder the checkpoint was trained on")
         shape, stats, lr_scale, start_step = state.shape, state.stats, state.lr_scale, state.step
     else:
         shape = token_shape(reader, cfg)
@@ -219,7 +267,7 @@ def setup(cfg: TrainConfig, *, resume: bool, d: Dist) -> tuple[Trainer, int, Tok
     model = build_model(cfg.model, shape).to(device)
     if hasattr(model, "delta_var"):
         model.delta_var.fill_(float(stats.frame_delta_var[0]))
-    if cfg.init_from is not None and ckpt is None:
+    if cfg.init_from is not None and state is None:
         src = RunState.read(cfg.init_from)
         check_same_encoder(src.encoder, reader.encoder, what=f"--init-from {src.checkpoint}",
                            fix="fine-tune on a store made with the encoder that run was trained on")
@@ -229,18 +277,19 @@ def setup(cfg: TrainConfig, *, resume: bool, d: Dist) -> tuple[Trainer, int, Tok
     ema = copy.deepcopy(model).requires_grad_(False)
     optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr * lr_scale, betas=cfg.betas,
                                   fused=False)
-    if ckpt is not None:
-        model.load_state_dict(load_weights(ckpt, "model"))
-        ema.load_state_dict(load_weights(ckpt, "ema"))
-        optimizer.load_state_dict(load_optimizer(ckpt)["optimizer"])
-        log.info("resuming %s from %s (step %d)", run_dir, ckpt.name, start_step)
+    if state is not None:
+        model.load_state_dict(load_weights(state.checkpoint, "model"))
+        ema.load_state_dict(load_weights(state.checkpoint, "ema"))
+        optimizer.load_state_dict(load_optimizer(state.checkpoint)["optimizer"])
+        log.info("resuming %s from %s (step %d)", run_dir, state.checkpoint.name, start_step)
     wrapped: nn.Module = model
     if d.world > 1:
         ids = [device.index] if device.type == "cuda" else None
         wrapped = nn.parallel.DistributedDataParallel(model, device_ids=ids)
     if cfg.compile:
         wrapped = torch.compile(wrapped)
-    trainer = Trainer(cfg, run_dir, shape, stats, wrapped, model, ema, optimizer, device, d, reader.encoder, lr_scale)
+    trainer = Trainer(cfg, run_dir, shape, stats, wrapped, model, ema, optimizer, device, d, reader.encoder, lr_scale,
+                      data=data)
     return trainer, start_step, reader
 
 
@@ -334,8 +383,7 @@ class Metrics:
         if not enabled:
             return
         if self.path.exists():
-            lines = self.path.read_text().splitlines()
-            kept = [line for line in lines if line and json.loads(line)["step"] <= start_step]
+            kept = _metrics_until(self.path, start_step)
             atomic_write_bytes(self.path, ("\n".join(kept) + ("\n" if kept else "")).encode())
 
     def write(self, row: dict[str, Any]) -> None:
@@ -349,6 +397,30 @@ class Metrics:
 
     def close(self) -> None:
         self.tracker.close()
+
+
+def _metrics_until(path: Path, step: int) -> list[str]:
+    """The lines of metrics.jsonl up to `step` (a resumed run writes the later ones again). A torn last line (a
+    kill in the middle of a write) is dropped, and the log says so; a damaged line before it is refused."""
+    lines = path.read_bytes().split(b"\n")
+    kept: list[str] = []
+    for i, raw in enumerate(lines):
+        if not raw.strip():
+            continue
+        try:
+            row = json.loads(raw)
+            row_step = row["step"] if isinstance(row, dict) else None
+        except (ValueError, KeyError):
+            row_step = None
+        if row_step is None and not any(x.strip() for x in lines[i + 1:]):
+            log.warning("%s: dropped a torn last line (%d bytes, a write cut off by a kill)", path, len(raw))
+            break
+        if not isinstance(row_step, int) or isinstance(row_step, bool):
+            raise UserError(f"{path}: line {i + 1} is not a metrics row with an integer step ({raw[:60]!r}); remove "
+                            "that line (it holds no checkpointed state) and resume again")
+        if row_step <= step:
+            kept.append(raw.decode())
+    return kept
 
 
 @torch.no_grad()
@@ -447,23 +519,66 @@ def train_step(tr: Trainer, micro_batches: list[dict[str, Any]], step: int) -> d
 
 def run_train(cfg: TrainConfig, *, resume: bool = False,
               on_step: Callable[[dict[str, Any]], None] | None = None) -> TrainResult:
-    """Train (or continue) a run. Raises Preempted after a requested stop (checkpoint written)."""
+    """Train (or continue) a run. Raises Preempted after a requested stop (checkpoint written). The run folder is
+    owned by this process while it trains (`RunLock`, rank 0's): a second one is refused."""
     d = init_distributed(cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
-    tr, start, reader = setup(cfg, resume=resume, d=d)
-    cfg = tr.cfg  # with the frameskip `fps` resolved to
-    saved = tr.run_dir / "config.json"
-    if resume and not cfg.mix_weights and saved.is_file():
-        cfg = dataclasses.replace(cfg, mix_weights=tuple(tuple(x) for x in read_json(saved).get("mix_weights", [])))
+    run_dir = run_folder(cfg, resume=resume, d=d)
+    lock = _lock(run_dir, d)
+    done = False
+    try:
+        result = _train(cfg, run_dir, resume=resume, on_step=on_step, d=d, lock=lock)
+        done = True
+        return result
+    except Preempted:
+        done = True
+        raise
+    finally:
+        if lock is not None:
+            lock.release(failed=not done)
+
+
+def _lock(run_dir: Path, d: Dist) -> RunLock | None:
+    """Rank 0 takes the run folder's lock; a refusal is raised on every rank."""
+    lock, refused = None, None
+    if d.main:
+        try:
+            lock = RunLock.acquire(run_dir)
+        except UserError as e:
+            refused = str(e)
+    refused = _broadcast(refused, d)
+    if refused is not None:
+        raise UserError(refused)
+    return lock
+
+
+def _start(tr: Trainer, reader: TokenReader, resume: bool, start: int):
+    """After every check passed: the mix resolved, the first batch read, metrics.jsonl trimmed to the checkpoint;
+    only then config.json and data.json written (rank 0). Returns the config, the batches and the metrics."""
+    cfg, d = tr.cfg, tr.d
+    if resume and not cfg.mix_weights and (tr.run_dir / "config.json").is_file() and d.main:
+        saved = read_config_json(tr.run_dir).get("mix_weights", [])
+        cfg = dataclasses.replace(cfg, mix_weights=tuple(tuple(x) for x in saved))
+    cfg = _broadcast(cfg, d)
     cfg = tr.cfg = resolve_mix(cfg, reader)
+    batches = _loader(reader, tr, start + 1)
+    if start < cfg.steps:  # the data reads before anything is written
+        batches = itertools.chain([next(batches)], batches)
+    metrics = Metrics(tr.run_dir, start, d.main, cfg.tracker, to_jsonable(cfg))
     if d.main:
         tr.run_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(tr.run_dir / DATA_FILE, tr.data)
         atomic_write_json(tr.run_dir / "config.json", cfg)
         (tr.run_dir / "PREEMPT").unlink(missing_ok=True)
     if d.world > 1:
         dist.barrier()
-    metrics = Metrics(tr.run_dir, start, d.main, cfg.tracker, to_jsonable(cfg))
+    return cfg, batches, metrics
+
+
+def _train(cfg: TrainConfig, run_dir: Path, *, resume: bool, on_step: Callable[[dict[str, Any]], None] | None,
+           d: Dist, lock: RunLock | None) -> TrainResult:
+    tr, start, reader = setup(cfg, resume=resume, d=d, run_dir=run_dir)
+    cfg, batches, metrics = _start(tr, reader, resume, start)
     stop = StopFlag(tr.run_dir)
-    batches = _loader(reader, tr, start + 1)
     last_ckpt = latest_checkpoint(tr.run_dir)
     step = start
     tokens_per_step = cfg.batch_size * cfg.grad_accum * d.world * tr.shape.tokens
@@ -484,6 +599,8 @@ def run_train(cfg: TrainConfig, *, resume: bool = False,
                 if d.main:
                     row.update(validate(tr, reader, step))
             metrics.write(row)
+            if lock is not None:
+                lock.heartbeat()
             fault_point("train-step")
             if on_step:
                 on_step(row)

@@ -3,30 +3,44 @@
 ```
 runs/<YYYYmmdd-HHMMSS>-<kind>/        one training run (`wmctl train`; or the folder given with --out)
   config.json  metrics.jsonl  tensorboard/  PREEMPT (a stop request)  DONE
+  LOCK                                the live training process that owns the folder (`RunLock`)
+  data.json                           the sources and episodes the run trains on (`trainer.sources`)
   checkpoints/step-XXXXXXXX/          model, EMA, optimizer, state.json (trainer.checkpoint)
   eval/                               `wmctl eval` (eval.json, plots, rollout grids)
-  plan/offline_<planner>.json         `wmctl plan offline`
+  plan/offline_<planner>.json         `wmctl plan offline` (--out: another folder)
   plan/sim_<planner>_<shift>/         `wmctl plan sim` (sim.json with every trial, PNG strips; sim-<time>.json:
                                       an earlier result of another configuration, kept)
 runs/<YYYYmmdd-HHMMSS>-decoder/       `wmctl decoder train`
 ```
 
 A run's checkpoint `state.json` is the one answer to "what was this run trained on": its config, its store
-(an absolute path), the encoder identity, the token layout and the normalisation statistics (`RunState`).
+(an absolute path), the encoder identity, the token layout, the normalisation statistics and the episodes
+(`RunState`). Read back, every field is checked for its type (a hand-edited file is one error line naming the
+file, the key, the type expected and the value found), and nothing read from a file is trusted as a place: the
+run folder is the one it was read from, its checkpoints must lie inside it.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import errno
+import json
+import logging
+import os
+import socket
 import time
+import types
+import typing
 from pathlib import Path
 from typing import Any
 
-from pipeline.stage import UserError, to_jsonable
+from pipeline.stage import UserError, is_stale, owner_tag, to_jsonable
 from trainer.checkpoint import latest_checkpoint, load_state, resolve_checkpoint
 from trainer.config import TrainConfig, config_from_dict, learned_differences
 from trainer.data import Stats
 from trainer.tokens import TokenShape
+
+log = logging.getLogger(__name__)
 
 RUNS = Path("runs")
 DECODER_META = "decoder.json"
@@ -99,15 +113,19 @@ class RunState:
     stats: Stats
     step: int
     lr_scale: float
+    data: dict[str, Any] | None = None  # the episodes the run trains on (`trainer.sources.record_episodes`)
 
     @classmethod
     def read(cls, path: Path) -> RunState:
-        """A checkpoint folder, or a run folder (its newest complete checkpoint)."""
+        """A checkpoint folder, or a run folder (its newest complete checkpoint). Every field is checked for its
+        type (`checked_state`); the config's `out` is the run folder it was read from, whatever the file says."""
         ckpt = resolve_checkpoint(path)
-        s = load_state(ckpt)
-        shape = TokenShape.from_dict(s["token_shape"])
-        return cls(ckpt, config_from_dict(s["config"]), s["config"], s["encoder"], Path(s["store"]).resolve(), shape,
-                   Stats.from_dict(s["stats"]), int(s["step"]), float(s.get("lr_scale", 1.0)))
+        s = checked_state(load_state(ckpt), ckpt / "state.json")
+        cfg = dataclasses.replace(config_of(s["config"], ckpt / "state.json"), out=run_dir_of(ckpt))
+        shape = _build(TokenShape.from_dict, s["token_shape"], ckpt / "state.json", "token_shape")
+        stats = _build(Stats.from_dict, s["stats"], ckpt / "state.json", "stats")
+        return cls(ckpt, cfg, s["config"], s["encoder"], Path(s["store"]).resolve(), shape, stats, s["step"],
+                   float(s.get("lr_scale", 1.0)), s.get("data"))
 
     @property
     def run_dir(self) -> Path:
@@ -126,10 +144,20 @@ def saved_config(run_dir: Path) -> TrainConfig | None:
         run = RunState.read(run_dir)
         return dataclasses.replace(run.config, store=run.store)
     if (run_dir / "config.json").is_file():
-        import json
-
-        return config_from_dict(json.loads((run_dir / "config.json").read_text()))
+        return dataclasses.replace(config_of(read_config_json(run_dir), run_dir / "config.json"), out=run_dir)
     return None
+
+
+def read_config_json(run_dir: Path) -> dict[str, Any]:
+    """A run folder's config.json as written (checked for its types: one error line for a hand-edited file)."""
+    path = Path(run_dir) / "config.json"
+    try:
+        d = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise UserError(f"{path} cannot be read ({type(e).__name__}: {str(e)[:120]}); restore it, or remove it "
+                        "(the run's checkpoints hold its config too)") from None
+    config_of(d, path)
+    return d
 
 
 def finished_as(run_dir: Path, cfg: TrainConfig) -> bool:
@@ -141,3 +169,282 @@ def finished_as(run_dir: Path, cfg: TrainConfig) -> bool:
     saved = saved_config(run_dir)
     return saved is not None and saved.steps == cfg.steps and \
         not learned_differences(to_jsonable(saved), to_jsonable(cfg))
+
+
+# ------------------------------------------------------------------------ what a run's files say, checked
+_FIX = "put back the value the run wrote (its other checkpoints' state.json hold it), or start a new --out"
+
+
+def _short(value: Any, limit: int = 60) -> str:
+    text = json.dumps(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _wrong(path: Path, key: str, expected: str, value: Any) -> UserError:
+    return UserError(f"{path}: {key} should be {expected}, found {_short(value)}; {_FIX}")
+
+
+def _expected(annotation: Any) -> str:
+    """An annotation as an error line says it."""
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_expected(a) for a in args)
+    if origin is tuple:
+        if len(args) == 2 and args[1] is Ellipsis:
+            return f"a list of ({_expected(args[0])})"
+        return f"a list of {len(args)} ({', '.join(_expected(a) for a in args)})"
+    names = {int: "an integer", float: "a number", str: "a string", bool: "true or false", Path: "a path (a string)",
+             type(None): "null"}
+    return names.get(annotation, "an object" if dataclasses.is_dataclass(annotation) else str(annotation))
+
+
+def _fits(value: Any, annotation: Any) -> bool:
+    """Whether a JSON value is what `to_jsonable` writes for a field of this annotation."""
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin in (typing.Union, types.UnionType):
+        return any(_fits(value, a) for a in args)
+    if annotation is type(None):
+        return value is None
+    if annotation is bool:
+        return isinstance(value, bool)
+    if annotation is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if annotation is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if annotation in (str, Path):
+        return isinstance(value, str)
+    if origin is tuple:
+        kinds = [args[0]] * len(value) if isinstance(value, list) and len(args) == 2 and args[1] is Ellipsis \
+            else list(args)
+        return isinstance(value, list) and len(kinds) == len(value) and all(map(_fits, value, kinds))
+    if dataclasses.is_dataclass(annotation) or origin is dict or annotation is dict:
+        return isinstance(value, dict)
+    return True  # Any
+
+
+def check_fields(d: Any, cls: type, path: Path, key: str, *, legacy: tuple[str, ...] = ()) -> None:
+    """Every key of `d` (a JSON object read from `path`, at `key`) is a field of the dataclass `cls` and holds a value
+    of its type (nested dataclasses field by field); `legacy`: keys of older files that are converted on reading."""
+    if not isinstance(d, dict):
+        raise _wrong(path, key, "an object", d)
+    hints = typing.get_type_hints(cls)
+    for k, v in d.items():
+        if k in legacy:
+            continue
+        if k not in hints:
+            raise UserError(f"{path}: {key}.{k} is not a field this wmctl knows (a typo, or a newer wmctl's run); "
+                            f"{_FIX}")
+        if dataclasses.is_dataclass(hints[k]):
+            check_fields(v, hints[k], path, f"{key}.{k}")
+        elif not _fits(v, hints[k]):
+            raise _wrong(path, f"{key}.{k}", _expected(hints[k]), v)
+
+
+def config_of(d: Any, path: Path, key: str = "config") -> TrainConfig:
+    """A saved config (`to_jsonable(cfg)`, read from `path`) as a TrainConfig; a wrong type or value is one line."""
+    check_fields(d, TrainConfig, path, key, legacy=("loss_weight",))
+    if "model" not in d:
+        raise UserError(f"{path}: {key}.model is missing; {_FIX}")
+    if d.get("loss_weight", "ramp") not in ("ramp", "uniform"):
+        raise _wrong(path, f"{key}.loss_weight", '"ramp" or "uniform"', d["loss_weight"])
+    try:
+        return config_from_dict(d)
+    except UserError as e:
+        raise UserError(f"{path}: {key}: {e}") from None
+
+
+_STATE_KEYS = {"config": dict, "encoder": dict, "store": str, "token_shape": dict, "stats": dict, "step": int}
+
+
+def checked_state(s: Any, path: Path) -> dict[str, Any]:
+    """A checkpoint's state.json, every field checked for its type (the config and token shape field by field, the
+    statistics as lists of numbers)."""
+    if not isinstance(s, dict):
+        raise _wrong(path, "the file", "an object", s)
+    for key, kind in _STATE_KEYS.items():
+        if key not in s:
+            raise UserError(f"{path}: {key} is missing; {_FIX}")
+        if not _fits(s[key], kind):
+            raise _wrong(path, key, _expected(kind), s[key])
+    if "lr_scale" in s and not _fits(s["lr_scale"], float):
+        raise _wrong(path, "lr_scale", "a number", s["lr_scale"])
+    check_fields(s["token_shape"], TokenShape, path, "token_shape")
+    names = {f.name for f in dataclasses.fields(Stats)}
+    for key, value in s["stats"].items():
+        if key not in names:
+            raise UserError(f"{path}: stats.{key} is not a statistic this wmctl knows; {_FIX}")
+        if not _numbers(value):
+            raise _wrong(path, f"stats.{key}", "a list of numbers", value)
+    return s
+
+
+def _numbers(value: Any) -> bool:
+    if isinstance(value, list):
+        return all(_numbers(v) for v in value)
+    return value is None or (isinstance(value, (int, float)) and not isinstance(value, bool))
+
+
+def _build(make: Any, d: dict[str, Any], path: Path, key: str) -> Any:
+    """`make(d)`, its complaints about a value (types are checked before) as one line naming the file."""
+    try:
+        return make(d)
+    except UserError as e:
+        reason = str(e)
+    except (TypeError, ValueError, KeyError) as e:
+        reason = f"{type(e).__name__}: {e}"
+    raise UserError(f"{path}: {key}: {reason}; {_FIX}")
+
+
+# -------------------------------------------------------------------------------------- the run's owner
+LOCK = "LOCK"
+
+
+@dataclasses.dataclass
+class RunLock:
+    """A run folder is owned by one live training process: `<run>/LOCK` names it (`owner_tag()`, host, pid, start).
+    A second process is refused while the owner lives; the lock of an owner that is gone is taken over (the rule
+    for every writer's leftovers, `pipeline.stage.is_stale`: a dead process of this host, or, on another host, a
+    lock nothing touched for 6 h; the owner touches it as it trains, `heartbeat`)."""
+
+    path: Path
+    tag: str
+    created_dir: bool = False
+    touched: float = dataclasses.field(default_factory=time.monotonic)
+
+    @classmethod
+    def acquire(cls, run_dir: Path) -> RunLock:
+        run_dir = Path(run_dir)
+        created = not run_dir.exists()
+        run_dir.mkdir(parents=True, exist_ok=True)
+        path, tag = run_dir / LOCK, owner_tag()
+        body = {"owner": tag, "host": socket.gethostname(), "pid": os.getpid(),
+                "since": time.strftime("%Y-%m-%d %H:%M:%S")}
+        for debris in run_dir.glob(f".{LOCK}.*"):  # a lock being made or taken over by a process killed meanwhile
+            if is_stale(debris.name.split(".", 2)[2].removeprefix("stale."), debris):
+                debris.unlink(missing_ok=True)
+        for _ in range(10):
+            if _create(path, body):
+                return cls(path, tag, created)
+            holder = _read_lock(path)
+            if holder is None:  # gone between the two calls: try again
+                continue
+            if not is_stale(str(holder.get("owner", "")), path):
+                if created:
+                    _rmdir_if_empty(run_dir)
+                raise UserError(_in_use(run_dir, holder))
+            _take_over(path, holder)
+        raise UserError(f"{path}: could not take the run's lock (other processes keep taking it); try again")
+
+    def heartbeat(self, every_s: float = 60.0) -> None:
+        """Touch the lock (at most every `every_s`): a live owner on another host never looks stale."""
+        if time.monotonic() - self.touched >= every_s:
+            self.touched = time.monotonic()
+            try:
+                os.utime(self.path)
+            except OSError:
+                pass
+
+    def release(self, *, failed: bool = False) -> None:
+        """Remove the lock if it is still this process's; after a failed start, also the folder it created for
+        nothing."""
+        holder = _read_lock(self.path)
+        if holder is not None and holder.get("owner") == self.tag:
+            self.path.unlink(missing_ok=True)
+        if failed and self.created_dir:
+            _rmdir_if_empty(self.path.parent)
+
+
+def _create(path: Path, body: dict[str, Any]) -> bool:
+    """Create the lock with its whole content at once (a hard link of a finished file), False if one exists."""
+    text = json.dumps(body) + "\n"
+    tmp = path.with_name(f".{LOCK}.{body['owner']}")
+    try:
+        tmp.write_text(text)
+        os.link(tmp, path)
+        return True
+    except FileExistsError:
+        return False
+    except OSError as e:
+        if e.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV, errno.EMLINK) or \
+                not tmp.is_file():
+            raise
+    finally:
+        tmp.unlink(missing_ok=True)
+    try:  # a file system without hard links: create-if-absent, then write (a reader may see it empty meanwhile)
+        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666)
+    except FileExistsError:
+        return False
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+    except BaseException:
+        path.unlink(missing_ok=True)
+        raise
+    return True
+
+
+def _read_lock(path: Path) -> dict[str, Any] | None:
+    """The lock's content; None when there is none; {} for a file that is not a lock this code wrote (it is stale
+    after 6 h untouched, like another host's)."""
+    try:
+        holder = json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError):
+        return {}
+    return holder if isinstance(holder, dict) else {}
+
+
+def _take_over(path: Path, holder: dict[str, Any]) -> None:
+    """Move a stale lock aside (one process wins the rename); if what was moved is not the lock judged stale
+    (another process took over in between), put it back."""
+    aside = path.with_name(f".{LOCK}.stale.{owner_tag()}")
+    try:
+        os.rename(path, aside)
+    except FileNotFoundError:
+        return
+    if _read_lock(aside) != holder:
+        try:
+            os.link(aside, path)
+        except OSError:
+            pass
+    else:
+        log.warning("%s: took over the lock of %s, which is gone", path.parent, _owner(holder))
+    aside.unlink(missing_ok=True)
+
+
+def _owner(holder: dict[str, Any]) -> str:
+    if not holder:
+        return "an unknown owner (the lock file is not one wmctl wrote)"
+    return f"host {holder.get('host', '?')}, pid {holder.get('pid', '?')}, since {holder.get('since', '?')}"
+
+
+def _in_use(run_dir: Path, holder: dict[str, Any]) -> str:
+    here = holder.get("host") == socket.gethostname()
+    gone = "once that process is gone" if here else "6 h after it was last touched (its host cannot be seen from here)"
+    return (f"{run_dir} is in use by a training process ({_owner(holder)}); wait for it to end or stop it (SIGTERM: "
+            f"it writes a checkpoint and exits 3), or train into another --out. Its lock {run_dir / LOCK} is taken "
+            f"over {gone}")
+
+
+def _rmdir_if_empty(folder: Path) -> None:
+    try:
+        folder.rmdir()
+    except OSError:
+        pass
+
+
+# ------------------------------------------------------------------------------------ output folders
+def check_writable(folder: Path, what: str, fix: str) -> Path:
+    """`folder` can be written (it, or the nearest folder above it that exists, is a folder this process may write
+    in): checked before a command computes for minutes and then fails writing. Returns `folder`."""
+    folder = Path(folder)
+    probe = folder.absolute()
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if not probe.is_dir():
+        raise UserError(f"{what} {folder}: {probe} is not a folder; {fix}")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        where = "" if probe == folder.absolute() else f" ({probe}, where it would be made, is not writable)"
+        raise UserError(f"{what} {folder} is not writable{where}: nothing was computed; {fix}")
+    return folder

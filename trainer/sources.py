@@ -3,12 +3,21 @@ at the model's fps, and how a frame's actions add up), their share of the mix (`
 slots and their robots (`token_shape`: camera slots, embodiments), and at eval/plan time one source's frames as
 the model takes them (`source_layout`). Resolved from the store and the registry when a run starts and recorded
 in it (config.json, the checkpoint's token shape), so eval and planning read them back.
+
+A run also records the episodes it trains on (`record_episodes`: per source, split and view the episode
+indices, and their frames; in data.json and every checkpoint's state), and a resumed run reads exactly those
+(`pin_episodes`): sources or episodes appended to the store since are ignored (said in the log), a source that is
+gone or changed is refused. Its mix, val set and camera layout stay those it started with.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
 
 from featurestore.reader import TokenReader
 from pipeline.registry import spec_of_source
@@ -235,3 +244,106 @@ def resolve_mix(cfg: TrainConfig, reader: TokenReader) -> TrainConfig:
         raise UserError(f"every training source has mix weight 0 ({'; '.join(said)}): give one a weight > 0")
     log.info("training mix: %s", "; ".join(said))
     return dataclasses.replace(cfg, mix_weights=tuple(out))
+
+
+# ------------------------------------------------------------------------------ the episodes of a run
+DATA_FILE = "data.json"
+
+
+def _ranges(indices: list[int]) -> list[list[int]]:
+    """Sorted integers as inclusive runs [[first, last], ...] (a DROID-sized split stays a few kB)."""
+    out: list[list[int]] = []
+    for i in indices:
+        if out and i == out[-1][1] + 1:
+            out[-1][1] = i
+        else:
+            out.append([i, i])
+    return out
+
+
+def _expand(ranges: list[list[int]]) -> list[int]:
+    return [i for a, b in ranges for i in range(a, b + 1)]
+
+
+def _run_rows(reader: TokenReader, cfg: TrainConfig):
+    eps = reader.episodes
+    return eps[eps.source.isin(cfg.sources)] if cfg.sources else eps
+
+
+def record_episodes(reader: TokenReader, cfg: TrainConfig) -> dict[str, Any]:
+    """What a run trains on, recorded when it starts: per source (`cfg.sources`, else every source of the store)
+    the indices of its episodes per split and view, and the frames they hold."""
+    sources: dict[str, Any] = {}
+    for src, rows in _run_rows(reader, cfg).groupby("source", sort=True):
+        splits: dict[str, dict[str, list[list[int]]]] = {}
+        for (split, view), g in rows.groupby(["split", "view"], sort=True):
+            splits.setdefault(str(split), {})[str(int(view))] = _ranges(sorted(int(i) for i in g.episode_index))
+        sources[str(src)] = {"episodes": splits, "frames": int(rows.length.sum())}
+    return {"sources": sources}
+
+
+def check_record(record: Any, where: Path) -> dict[str, Any]:
+    """A recorded selection as read back (from data.json or a checkpoint's state), its types checked."""
+    def bad(key: str, expected: str, value: Any) -> UserError:
+        return UserError(f"{where}: {key} should be {expected}, found {str(value)[:60]}; put back what the run wrote "
+                         "(its checkpoints' state.json hold it under `data`), or start a new --out")
+
+    sources = record.get("sources") if isinstance(record, dict) else None
+    if not isinstance(sources, dict):
+        raise bad("sources", "an object", sources)
+    for src, rec in sources.items():
+        if not isinstance(rec, dict) or not isinstance(rec.get("episodes"), dict):
+            raise bad(f"sources.{src}", "an object with episodes and frames", rec)
+        if not isinstance(rec.get("frames"), int) or isinstance(rec.get("frames"), bool):
+            raise bad(f"sources.{src}.frames", "an integer", rec.get("frames"))
+        for split, views in rec["episodes"].items():
+            ok = isinstance(views, dict) and all(
+                isinstance(r, list) and all(isinstance(x, list) and len(x) == 2 and all(
+                    isinstance(i, int) and not isinstance(i, bool) for i in x) for x in r) for r in views.values())
+            if not ok or not all(str(v).isdigit() for v in views):
+                raise bad(f"sources.{src}.episodes.{split}", "views mapped to [[first, last], ...] ranges", views)
+    return record
+
+
+def pin_episodes(reader: TokenReader, cfg: TrainConfig, record: dict[str, Any], where: str) -> None:
+    """Restrict `reader` to exactly the episodes of `record` (what the run started with): a source that is gone, or
+    whose recorded episodes are not all there with their split and frames, is refused; sources and episodes that
+    are new since are ignored, with a log line."""
+    eps = reader.episodes
+    recorded = record["sources"]
+    have = sorted(str(s) for s in eps.source.unique())
+    gone = sorted(set(recorded) - set(have))
+    fix = ("a resumed run trains on exactly the sources and episodes it started with: restore them (re-encode "
+           "them into this store, or resume with --store naming the store the run was trained on), or start a new "
+           "run (--init-from this one keeps its weights)")
+    if gone:
+        raise UserError(f"{where}: source(s) {gone} the run started with are not in {reader.path} (it holds {have}); "
+                        f"{fix}")
+    keys = list(zip(eps.source.astype(str), eps.split.astype(str), eps.view.astype(int), eps.episode_index.astype(int)))
+    want = {src: {(src, split, int(view), i) for split, views in rec["episodes"].items()
+                  for view, ranges in views.items() for i in _expand(ranges)} for src, rec in recorded.items()}
+    every = set().union(*want.values())
+    keep = np.fromiter((k in every for k in keys), dtype=bool, count=len(keys))
+    for src, rec in recorded.items():
+        mine = keep & (eps.source.astype(str) == src).to_numpy()
+        frames = int(eps.length[mine].sum())
+        if int(mine.sum()) != len(want[src]) or frames != rec["frames"]:
+            missing = sorted(want[src] - {k for k, m in zip(keys, mine) if m})
+            said = f"{len(missing)} of its {len(want[src])} episodes gone or in another split, e.g. episode " \
+                f"{missing[0][3]}" if missing else f"{frames} frames where it had {rec['frames']}"
+            raise UserError(f"{where}: source {src} changed in {reader.path} since the run started ({said}); {fix}")
+    run_rows = eps.source.isin(cfg.sources).to_numpy() if cfg.sources else np.ones(len(eps), dtype=bool)
+    _say_ignored(eps[~keep & run_rows], recorded, where)
+    reader.episodes = eps[keep].reset_index(drop=True)
+
+
+def _say_ignored(new, recorded: dict[str, Any], where: str) -> None:
+    if new.empty:
+        return
+    sources = sorted(set(str(s) for s in new.source) - set(recorded))
+    more = {s: int((new.source == s).sum()) for s in sorted(set(str(x) for x in new.source) & set(recorded))}
+    said = "; ".join([f"new source(s) {sources}"] * bool(sources) + [f"{n} new episode(s) of {s}" for s, n in
+                                                                         more.items()])
+    log.warning("%s: the store holds what the run did not start with (%s): ignored, a resumed run trains on exactly "
+                "the sources and episodes it started with (start a new run, or --init-from this one, to train on "
+                "them)", where, said)
