@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import statistics
 import time
 from pathlib import Path
@@ -24,7 +23,7 @@ import torch
 
 from featurestore.encoders import check_same_encoder
 from featurestore.reader import TokenReader, Window
-from pipeline.stage import UserError
+from pipeline.stage import UserError, atomic_write_json
 from planner.cem import CEMConfig, cem_plan, cem_preset
 from planner.core import ActionSpec, WorldModel, dtype_name, latent_cost
 from planner.gd import GDConfig, gd_plan
@@ -46,7 +45,7 @@ class OfflineConfig:
     seed: int = 0
     split: str = "val"
     judge: WorldModel | None = None  # another model scores the plans too (same action space)
-    out: Path | None = None  # writes <out>/offline_<planner>.json when set
+    out: Path | None = None  # writes <out>/offline_<planner>.json when set (`wmctl plan offline` checks it first)
 
 
 def search_configs(planner: str, horizon: int, preset: str = "default", **cem: Any) -> tuple[CEMConfig, GDConfig]:
@@ -156,9 +155,8 @@ def run_plan_offline(wm: WorldModel, reader: TokenReader, cfg: OfflineConfig) ->
         "rows": rows,
     }
     if cfg.out is not None:
-        cfg.out.mkdir(parents=True, exist_ok=True)
-        (cfg.out / f"offline_{cfg.planner}.json").write_text(json.dumps(result, indent=2))
-        result["out"] = str(cfg.out / f"offline_{cfg.planner}.json")
+        atomic_write_json(Path(cfg.out) / f"offline_{cfg.planner}.json", result)
+        result["out"] = str(Path(cfg.out) / f"offline_{cfg.planner}.json")
     return result
 
 

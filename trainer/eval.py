@@ -31,10 +31,12 @@ import torch
 
 from featurestore.encoders import check_same_encoder
 from featurestore.reader import TokenReader, Window
+from pipeline.names import safe_component
 from pipeline.stage import UserError, atomic_write_json
 from trainer.api import LoadedWorldModel
+from trainer.checkpoint import resolve_checkpoint
 from trainer.data import normalize_patches, select_episodes
-from trainer.runs import eval_dir, run_dir_of
+from trainer.runs import check_writable, eval_dir, run_dir_of
 from trainer.tracking import open_tracker
 
 log = logging.getLogger(__name__)
@@ -61,7 +63,7 @@ class EvalConfig:
     batch_size: int = 32
     seed: int = 0
     device: str = "cpu"
-    out: Path | None = None  # default: <run>/eval
+    out: Path | None = None  # default: <run>/eval; given, everything eval writes goes there (its tracker's too)
     plots: bool = True
     decoder: Path | None = None  # a visualisation decoder: also write `rollouts` side-by-side PNG grids
     rollouts: int = 3
@@ -352,8 +354,23 @@ def r2(y_true: np.ndarray, y_pred: np.ndarray) -> float:
     return float(1 - ss_res / max(ss_tot, 1e-12))
 
 
+def output_folders(cfg: EvalConfig) -> tuple[Path, Path]:
+    """Where eval writes (eval.json, plots, rollout grids) and where its tracker writes (the run's tracker next to
+    its training curves; with --out, the --out folder: nothing is then written into the run). Both checked writable
+    before anything is computed."""
+    ckpt = resolve_checkpoint(cfg.ckpt)
+    out = cfg.out or eval_dir(ckpt)
+    track = out if cfg.out is not None else run_dir_of(ckpt)
+    fix = "pass --out DIR (a folder you can write; nothing is then written into the run)"
+    check_writable(out, "the eval output folder", fix)
+    if cfg.tracker != "none":
+        check_writable(track, f"the folder of the eval's --tracker {cfg.tracker}", f"{fix}, or --tracker none")
+    return out, track
+
+
 def run_eval(cfg: EvalConfig) -> dict[str, Any]:
     t0 = time.monotonic()
+    out, track = output_folders(cfg)
     wm = LoadedWorldModel.load(cfg.ckpt, weights=cfg.weights, device=cfg.device)
     store = cfg.store or wm.store
     reader = TokenReader(store)
@@ -445,7 +462,14 @@ def run_eval(cfg: EvalConfig) -> dict[str, Any]:
     if cfg.probe:
         result["probe"] = _probe(reader, wm, cfg, wins, preds, ctx)
     result["seconds"] = time.monotonic() - t0
-    out = cfg.out or eval_dir(wm.checkpoint)
+    _write(cfg, wm, reader, result, out, track, min(H, 20))
+    return result
+
+
+def _write(cfg: EvalConfig, wm: LoadedWorldModel, reader: TokenReader, result: dict[str, Any], out: Path,
+           track: Path, horizon: int) -> None:
+    """eval.json (first as soon as the scores exist, again with the figures' paths), plots, rollout grids into
+    `out`; the figures into the tracker at `track`."""
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out / "eval.json", result)
     if cfg.plots:
@@ -453,17 +477,17 @@ def run_eval(cfg: EvalConfig) -> dict[str, Any]:
 
         result["plots"] = plot_eval(result, out)
     if cfg.decoder is not None:
-        result["rollouts"] = _rollout_grids(cfg, reader, out, min(H, 20))
+        result["rollouts"] = _rollout_grids(cfg, reader, out, horizon)
     atomic_write_json(out / "eval.json", result)
-    _track(cfg, wm, result)
+    _track(cfg, wm, result, track)
     result["out"] = str(out)
-    return result
 
 
-def _track(cfg: EvalConfig, wm: LoadedWorldModel, result: dict[str, Any]) -> None:
-    """The eval figures in the run's tracker, next to its training curves: per condition, metric and model a curve
-    over the horizon (the x axis is the horizon in frames), and the plots and rollout grids as images."""
-    tracker = open_tracker(cfg.tracker, run_dir_of(wm.checkpoint), name=f"{run_dir_of(wm.checkpoint).name}-eval")
+def _track(cfg: EvalConfig, wm: LoadedWorldModel, result: dict[str, Any], folder: Path) -> None:
+    """The eval figures in the tracker at `folder` (the run's, next to its training curves, unless --out): per
+    condition, metric and model a curve over the horizon (the x axis is the horizon in frames), and the plots and
+    rollout grids as images."""
+    tracker = open_tracker(cfg.tracker, folder, name=f"{run_dir_of(wm.checkpoint).name}-eval")
     try:
         for cond, entry in result["conditions"].items():
             for name, errs in entry.items():
@@ -529,7 +553,8 @@ def _rollout_grids(cfg: EvalConfig, reader: TokenReader, out: Path, horizon: int
     eps = eps.sort_values(["has_actions", "episode_index"], ascending=[False, True])
     paths = []
     for e in eps.episode_index.iloc[: cfg.rollouts]:
-        path = out / f"rollout_{meta['source']}_ep{int(e)}.png"
+        source = safe_component(meta["source"], f"decoder {cfg.decoder}: its source", "fix its decoder.json")
+        path = out / f"rollout_{source}_ep{int(e)}.png"
         run_visualize(VisualizeConfig(run=cfg.ckpt, out=path, store=reader.path, decoder=cfg.decoder, episode=int(e),
                                       horizon=horizon, context=cfg.context, k=cfg.k, seed=cfg.seed))
         paths.append(str(path))

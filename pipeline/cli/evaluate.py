@@ -34,7 +34,8 @@ def eval_(
     ema: Annotated[bool, typer.Option("--ema/--raw", help="EMA or raw weights.")] = True,
     baseline: Annotated[list[Path] | None, typer.Option(help="Other run/checkpoint to compare (repeatable).")] = None,
     seed: Annotated[int, typer.Option(help="Seed of noise and probe.")] = EvalConfig.seed,
-    out: Annotated[Path | None, typer.Option(help="Output folder (default <run>/eval).")] = None,
+    out: Annotated[Path | None, typer.Option(help="Output folder (default <run>/eval); given, eval writes nothing into "
+                                             "the run (its --tracker figures go there too).")] = None,
     decoder: Annotated[Path | None, typer.Option(help="Visualisation decoder: also write rollout PNG grids.")] = None,
     rollouts: Annotated[int, typer.Option(help="Rollout grids to write with --decoder.")] = EvalConfig.rollouts,
     device: Annotated[str, typer.Option(help="cpu | cuda.")] = EvalConfig.device,

@@ -77,16 +77,20 @@ def plan_offline(
     compile: Compile = False,
     graph: Graph = False,
     precision: Precision = "auto",
+    out: Annotated[Path | None, typer.Option(help="Output folder (default: <run>/plan): offline_<planner>.json is "
+                                             "written there, nothing into the run.")] = None,
 ) -> None:
     """Plan from frame t to the encoded frame t+H on labelled val episodes; compare with GT and random actions,
     scored by the planning model (its optimisation noise, and fresh noise) and by --judge."""
-    wm = LoadedWorldModel.load(resolve_run(run, ckpt), device=device, compile=compile, precision=precision,
-                               graphs=graph)
+    path = resolve_run(run, ckpt)
+    out = check_writable(out or plan_dir(resolve_checkpoint(path)), "the plan output folder",
+                         "pass --out DIR (a folder you can write; nothing is then written into the run)")
+    wm = LoadedWorldModel.load(path, device=device, compile=compile, precision=precision, graphs=graph)
     judge_wm = (LoadedWorldModel.load(resolve_run(judge, None), device=device, precision=precision)
                 if judge is not None else None)
     cem_cfg, gd = _search(ctx, planner, cem, goal_offset, samples=samples, elites=elites, iterations=iterations)
     cfg = OfflineConfig(goal_offset=goal_offset, planner=planner, cem=cem_cfg, gd=gd, episodes=episodes, seed=seed,
-                        state_weight=state_weight, k=k, judge=judge_wm, out=plan_dir(wm.checkpoint))
+                        state_weight=state_weight, k=k, judge=judge_wm, out=out)
     res = run_plan_offline(wm, TokenReader(store or wm.store), cfg)
     typer.echo(f"{res['problems']} problems, goal {goal_offset} frames ahead, {planner}; latent distance to goal "
                f"(plan | ground-truth actions | random mean, best of {res['random_samples']}; plan closer than "
