@@ -449,9 +449,6 @@ def test_every_file_written_follows_the_umask(umask, pusht_root, tiny_encoder, t
     assert len(list((tmp_path / "sim").glob("trial_*.png"))) == 1
 
 
-@pytest.mark.xfail(reason="trainer/checkpoint.py (another module's file): safetensors' save_file makes 0600 files; "
-                          "it needs pipeline.stage.apply_umask on the checkpoint's temporary folder before its rename",
-                   strict=False)
 def test_checkpoint_weights_follow_the_umask(world, tmp_path):
     old = os.umask(0o022)
     try:

@@ -35,7 +35,7 @@ def test_training_and_eval_curves_land_in_tensorboard(pusht_store, tmp_path):
     assert [e.step for e in loss] == [r["step"] for r in rows if "loss" in r]  # metrics.jsonl is mirrored
     assert loss[-1].value == pytest.approx(rows[-1]["loss"], rel=1e-6)
     res = run_eval(EvalConfig(ckpt=run, horizons=(1, 3), windows_per_episode=2, probe=False, samples=2,
-                              k_sweep=(1, 2), out=tmp_path / "eval"))
+                              k_sweep=(1, 2)))  # eval into the run: its figures land beside the training curves
     acc = _events(run / "tensorboard")
     curve = acc.Scalars("eval/actions/mse/model")
     assert [e.step for e in curve] == [1, 3]  # error over the horizon
