@@ -187,3 +187,18 @@ def test_run_lerobot_eval_on_pusht_reports_lerobots_own_success_rate(tiny_run, t
     assert saved["lerobot"]["overall"]["n_episodes"] == 2
     with pytest.raises(UserError, match="--env nosuchenv"):
         run_lerobot_eval(dataclasses.replace(cfg, env="nosuchenv"))
+
+
+def test_the_lerobot_eval_command_prints_lerobots_success_rate(tiny_run, tmp_path):
+    from typer.testing import CliRunner
+
+    from planner.cli_serve import app
+
+    r = CliRunner().invoke(app, ["lerobot-eval", "--run", str(tiny_run), "--episodes", "1", "--max-steps", "4",
+                                 "--horizon", "2", "--samples", "8", "--elites", "2", "--iterations", "1",
+                                 "--out", str(tmp_path)])
+    assert r.exit_code == 0, r.output
+    assert "pusht: pc_success" in r.output and "LeRobot's metric" in r.output
+    assert json.loads(r.output[r.output.rindex('{"overall"'):])["overall"]["n_episodes"] == 1
+    r = CliRunner().invoke(app, ["lerobot-eval", "--run", str(tiny_run), "--camera-map", "nonsense"])
+    assert r.exit_code == 2 and "--camera-map 'nonsense'" in r.output

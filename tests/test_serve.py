@@ -5,6 +5,7 @@ is then sent malformed payloads, a new goal, and killed)."""
 
 from __future__ import annotations
 
+import json
 import os
 import pickle
 import threading
@@ -23,6 +24,7 @@ from lerobot.utils.feature_utils import hw_to_dataset_features  # noqa: E402
 from lerobot_sim_robot import KEYS, STATE_NAMES, make_reach_server  # noqa: E402
 
 from pipeline.stage import UserError  # noqa: E402
+from planner.cem import CEMConfig  # noqa: E402
 from planner.latent_mpc import Goal, GoalSpec  # noqa: E402
 from planner.safety import SafetyConfig, SafetyGuard, dataset_ranges  # noqa: E402
 from planner.serve import PayloadError, ServeConfig, safe_loads  # noqa: E402
@@ -326,3 +328,47 @@ def test_lerobots_robot_client_reaches_the_goal_through_the_server_and_holds_whe
         if proc.is_alive():
             proc.kill()
 
+
+def test_a_server_built_from_a_trained_run_plans_safe_chunks_and_the_command_serves(tiny_run):
+    """The real path: a tiny trained pusht run and its encoder, gym-pusht's goal, the dataset's ranges as bounds;
+    a client whose camera is named otherwise maps it with rename_map."""
+    from typer.testing import CliRunner
+
+    from planner.cli_serve import app
+    from planner.latent_mpc import MPCConfig
+    from planner.serve import ServerHandle, ServeRunConfig, build_server
+
+    cfg = ServeRunConfig(run=tiny_run, goal=GoalSpec(pusht=True), serve=ServeConfig(port=0),
+                         mpc=MPCConfig(horizon=2, execute=2, context=1, k=2,
+                                       cem=CEMConfig(samples=8, elites=2, iterations=1)),
+                         safety=SafetyConfig(action_kind="absolute", position_dims=(0, 1), state_dims=(0, 1)))
+    server = build_server(cfg)
+    lo, hi = server.safety.action_bounds
+    handle = ServerHandle(server, cfg.serve)
+    channel = grpc.insecure_channel(f"127.0.0.1:{handle.port}")
+    stub = services_pb2_grpc.AsyncInferenceStub(channel)
+    try:
+        stub.Ready(services_pb2.Empty())
+        features = hw_to_dataset_features({"x": float, "y": float, "top": (96, 96, 3)}, "observation",
+                                          use_video=False)
+        spec = RemotePolicyConfig("wmctl", str(tiny_run), features, 10,
+                                  rename_map={"observation.images.top": "observation.image"})
+        stub.SendPolicyInstructions(services_pb2.PolicySetup(data=pickle.dumps(spec)))
+        obs = {"x": 200.0, "y": 300.0, "top": np.full((96, 96, 3), 240, np.uint8)}
+        _send(stub, TimedObservation(timestamp=time.time(), timestep=5, observation=obs))
+        chunk = pickle.loads(stub.GetActions(services_pb2.Empty()).data)
+        assert [a.get_timestep() for a in chunk] == [6, 7]
+        acts = np.stack([a.get_action().numpy() for a in chunk])
+        assert ((acts >= lo - 1e-4) & (acts <= hi + 1e-4)).all()  # within the recorded action range
+        assert server.report()["plans"] == 1
+    finally:
+        channel.close()
+        handle.stop()
+    r = CliRunner().invoke(app, ["serve", "--run", str(tiny_run), "--goal-pusht", "--host", "0.0.0.0"])
+    assert r.exit_code == 2 and "pickles" in r.output and "--allow-remote" in r.output
+    r = CliRunner().invoke(app, ["serve", "--run", str(tiny_run), "--goal-pusht", "--action-kind", "absolute",
+                                 "--position-dims", "0,1", "--state-dims", "0,1", "--port", "0", "--duration", "0.3",
+                                 "--samples", "8", "--elites", "2", "--iterations", "1"])
+    assert r.exit_code == 0, r.output
+    report = json.loads(r.output[r.output.rindex('{"observations"'):])  # after transformers' progress bars
+    assert report["chunks"] == 0 and report["safety"]["chunks"] == 0
