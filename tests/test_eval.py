@@ -29,8 +29,12 @@ def test_eval_reports_every_condition_against_copy_last_and_a_baseline(tiny_run,
                                        action_mode="relative_to_state", context_frames=6))
     res = run_eval(_cfg(tiny_run, tmp_path, baselines=(tf.run_dir,)))
     assert set(res["conditions"]) == {"actions", "null_action", "action_free"}
+    tf_name = f"tf/{tf.last_checkpoint.name}"
     for cond, entry in res["conditions"].items():
-        assert set(entry) == {res["model"], "copy_last", f"tf/{tf.last_checkpoint.name}"}, cond
+        # the teacher-forced baseline is a point forecast: beside it, itself plus noise of its own train-split error
+        assert set(entry) == {res["model"], "copy_last", tf_name, f"{tf_name}+noise"}, cond
+        assert entry[tf_name]["samples"] == 1 and entry[f"{tf_name}+noise"]["samples"] == res["samples"][res["model"]]
+        assert entry[f"{tf_name}+noise"]["energy"] != entry[tf_name]["energy"]
         for errs in entry.values():
             assert set(errs["mse"]) == {1, 3, 6} and all(np.isfinite(v) for v in errs["mse"].values())
             assert all(0 <= v <= 2 for v in errs["cosine"].values())
@@ -56,6 +60,15 @@ def test_eval_reports_every_condition_against_copy_last_and_a_baseline(tiny_run,
     assert isinstance(sweep["k_within_10pct_of_best"], bool)
     probe = res["probe"]["actions"]
     assert set(probe) == {"true_latents", "predicted_latents"} and len(probe["true_latents"]) == 3
+    # how far the actions move each model's prediction, against how far the true frames move
+    for name in (res["model"], tf_name):
+        eff = res["action_effect"][name]
+        assert set(eff["moved"]) == {1, 3, 6} and all(v >= 0 for v in eff["moved"].values())
+        assert eff["share"][3] == pytest.approx(eff["moved"][3] / eff["true_change"][3])
+    # the scene probe: out-of-fold R^2 to the simulator's state from the raw tokens and the model's input tokens
+    scene = res["scene_probe"]["pusht"]
+    assert set(scene["views"]) == {"raw/linear", "model/linear"}
+    assert "block_x" in scene["views"]["model/linear"]["r2"]
     saved = json.loads((tmp_path / "eval" / "eval.json").read_text())
     assert saved["conditions"]["actions"]["copy_last"]["mse"]["1"] == pytest.approx(
         res["conditions"]["actions"]["copy_last"]["mse"][1])

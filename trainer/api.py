@@ -22,7 +22,7 @@ from pipeline.stage import UserError
 from trainer.actions import ActionSpace
 from trainer.checkpoint import load_weights
 from trainer.config import TrainConfig, check_precision, preset, uses_bf16
-from trainer.data import Stats, action_space, latents
+from trainer.data import Stats, action_space, latents, normalize_patches
 from trainer.model import build_model
 from trainer.runs import RunState, run_dir_of
 from trainer.sampling import (
@@ -184,6 +184,20 @@ class LoadedWorldModel:
         except ValueError as e:
             raise ValueError(f"{self.name}: {e}") from None
         return torch.from_numpy(z).to(self.device)
+
+    @torch.no_grad()
+    def input_tokens(self, patch_NCPZ: np.ndarray) -> np.ndarray:
+        """What the network's input layer makes of store patch tokens [N, C, P, Z] of this view's cameras: normalised,
+        merged 2x2 where the model merges, projected to its width -> [N, Q * D] (float32), flattened per frame. The
+        feature probe's `model` view: does the scene survive the model's own input projection?"""
+        from trainer.model.dynamics import merge_2x2
+
+        io = self.model.io
+        z = torch.from_numpy(normalize_patches(patch_NCPZ, self.stats, self.shape, self.layout.count(self.shape)))
+        z = z[:, None].to(device=self.device, dtype=self.dtype)  # [N, 1, C*P, Z]
+        if self.cfg.model.merge_2x2:
+            z = merge_2x2(z, self.shape)
+        return io.proj_in(z)[:, 0].flatten(1).float().cpu().numpy()
 
     def denormalize(self, z: torch.Tensor) -> torch.Tensor:
         """Normalised latents [..., N, Z] -> raw patch tokens [..., P, Z] (the state token dropped)."""

@@ -60,6 +60,8 @@ class EvalConfig:
     weights: str = "ema"
     baselines: tuple[Path, ...] = ()
     probe: bool = True
+    probe_frames: int = 2000  # frames the scene probe samples (its kernel is this squared)
+    action_effect: bool = True  # how far the actions move each model's prediction against the true change
     batch_size: int = 32
     seed: int = 0
     device: str = "cpu"
@@ -354,6 +356,70 @@ def r2(y_true: np.ndarray, y_pred: np.ndarray) -> float:
     return float(1 - ss_res / max(ss_tot, 1e-12))
 
 
+def action_effect(m: LoadedWorldModel, with_actions: list[np.ndarray], null: list[np.ndarray], groups: list[Windows],
+                  ctx: int, idx: list[int], horizons: tuple[int, ...]) -> dict[str, Any]:
+    """How far the actions move a model's prediction, against how far the true frames move: per horizon, the mean
+    squared difference between the sample-mean predictions with the actions and with the null action, and the mean
+    squared change of the true frame from the last context frame, both on patch tokens in the model's
+    normalisation; `share` is their ratio (1: the actions move the prediction as much as the world moves)."""
+    std = m.stats.token_std.astype(np.float64)
+    moved, true = {h: [] for h in horizons}, {h: [] for h in horizons}
+    for a, n, win in zip(with_actions, null, groups):
+        truth, last = win.tokens[:, ctx:][:, idx].astype(np.float64), win.tokens[:, ctx - 1].astype(np.float64)
+        for j, h in enumerate(horizons):
+            moved[h].append((((a[:, j] - n[:, j]) / std) ** 2).mean(axis=(1, 2)))
+            true[h].append((((truth[:, j] - last) / std) ** 2).mean(axis=(1, 2)))
+    out = {"moved": {h: float(np.concatenate(moved[h]).mean()) for h in horizons},
+           "true_change": {h: float(np.concatenate(true[h]).mean()) for h in horizons}}
+    out["share"] = {h: out["moved"][h] / max(out["true_change"][h], 1e-12) for h in horizons}
+    return out
+
+
+def calibrate_noise(reader: TokenReader, m: LoadedWorldModel, views: dict, cfg: EvalConfig, ctx: int) -> np.ndarray:
+    """Per horizon and token channel, the RMS error [len(horizons), Z] of a point forecast (with the actions) on
+    labelled windows of the *train* split, so the calibration never sees the evaluated windows."""
+    train = collect_windows(reader, m, dataclasses.replace(cfg, split="train"), ctx).get("labelled", [])
+    idx = [h - 1 for h in cfg.horizons]
+    sq = []
+    for win in train:
+        view = views.get((m.name, win.source), m)
+        pred = sample_set(view, win, ctx, dataclasses.replace(cfg, samples=1), use_actions=True, k=cfg.k)[0]
+        truth = win.tokens[:, ctx:][:, idx].astype(np.float64)
+        sq.append(((pred - truth) ** 2).mean(axis=2))  # [W, len(horizons), Z]
+    if not sq:
+        raise UserError("the calibrated-noise row needs labelled train windows; none were found")
+    return np.sqrt(np.concatenate(sq).mean(axis=0))
+
+
+def with_calibrated_noise(m: LoadedWorldModel, samples_1WHNZ: np.ndarray, rms_HZ: np.ndarray, n: int, seed: int
+                          ) -> np.ndarray:
+    """A point forecast [1, W, H, N, Z] turned into n samples: itself plus Gaussian noise of its own train-split RMS
+    error per horizon and channel (`calibrate_noise`). The control any sampler's energy score must beat: an energy
+    score rewards calibrated spread whether or not the model knows the future better."""
+    rng = np.random.default_rng(seed + 104729)
+    noise = rng.standard_normal((n, *samples_1WHNZ.shape[1:])) * rms_HZ[None, None, :, None, :]
+    return samples_1WHNZ + noise
+
+
+def scene_probe(reader: TokenReader, views: dict, wm: LoadedWorldModel, sources: list[str], cfg: EvalConfig
+                ) -> dict[str, Any]:
+    """The feature probe (`featurestore.probe`) of each source recorded in a simulator: out-of-fold R^2 from the raw
+    patch tokens and from the model's input tokens (`input_tokens`: after its merge and input projection) to the
+    scene's state (object and robot positions)."""
+    from featurestore.probe import ProbeConfig, flat_tokens, load_probe_data, probe_source, probe_sources
+
+    out: dict[str, Any] = {}
+    recorded = probe_sources(reader)
+    for src in sources:
+        if src not in recorded:
+            continue
+        data = load_probe_data(reader, src, recorded[src], ProbeConfig(store=reader.path, max_frames=cfg.probe_frames,
+                                                                          seed=cfg.seed))
+        views_ = {"raw": flat_tokens, "model": views[(wm.name, src)].input_tokens}
+        out[src] = probe_source(data, views_, cfg.seed, kernels=("linear",))
+    return out
+
+
 def output_folders(cfg: EvalConfig) -> tuple[Path, Path]:
     """Where eval writes (eval.json, plots, rollout grids) and where its tracker writes (the run's tracker next to
     its training curves; with --out, the --out folder: nothing is then written into the run). Both checked writable
@@ -415,6 +481,7 @@ def run_eval(cfg: EvalConfig) -> dict[str, Any]:
     if "free" in wins:
         plan += [("action_free", wins["free"], False)]
     preds: dict[str, list[np.ndarray]] = {}
+    sample_means: dict[tuple[str, str], list[np.ndarray]] = {}  # (model, condition) -> per window group
     idx = [h - 1 for h in cfg.horizons]
 
     def score(m: LoadedWorldModel, win: Windows, samples: np.ndarray, states: np.ndarray | None = None
@@ -429,18 +496,25 @@ def run_eval(cfg: EvalConfig) -> dict[str, Any]:
     def samples_for(m: LoadedWorldModel, win: Windows, use: bool, k: int, states: bool = False):
         return sample_set(views[(m.name, win.source)], win, ctx, cfg, use_actions=use, k=k, states=states)
 
+    calibration = {bl.name: calibrate_noise(reader, bl, views, cfg, ctx) for bl in baselines
+                   if not bl.sampler and cfg.samples > 1 and "labelled" in wins}
     for cond, groups, use in plan:  # each source's windows on its own cameras, then pooled over windows
         per_source, entries = {}, {}
         preds[cond] = []
         for win in groups:
             samples, states = samples_for(wm, win, use, cfg.k, states=True)
             preds[cond].append(samples.mean(0))  # the probe reads the sample mean
+            sample_means.setdefault((wm.name, cond), []).append(samples.mean(0))
             copy_last = np.repeat(win.tokens[:, ctx - 1][None, :, None], len(idx), axis=2)
             still = None if states is None else np.repeat(win.frame_states[:, ctx - 1][None, :, None], len(idx), 2)
             entry = {wm.name: score(wm, win, samples, states), "copy_last": score(wm, win, copy_last, still)}
             for bl in baselines:
-                entry[bl.name] = score(bl, win, *samples_for(bl, win, use and bl.shape.action_dim > 0, cfg.k,
-                                                             states=True))
+                bl_samples, bl_states = samples_for(bl, win, use and bl.shape.action_dim > 0, cfg.k, states=True)
+                entry[bl.name] = score(bl, win, bl_samples, bl_states)
+                sample_means.setdefault((bl.name, cond), []).append(bl_samples.mean(0))
+                if not bl.sampler and cfg.samples > 1:  # a point forecast made a sampler by its own error
+                    noisy = with_calibrated_noise(bl, bl_samples, calibration[bl.name], cfg.samples, cfg.seed)
+                    entry[f"{bl.name}+noise"] = score(bl, win, noisy)
             per_source[win.source] = {"windows": len(win.tokens), wm.name: entry[wm.name],
                                       "copy_last": entry["copy_last"]}
             for name, e in entry.items():
@@ -459,8 +533,14 @@ def run_eval(cfg: EvalConfig) -> dict[str, Any]:
                                                                                            "energy")},
                              "mean_mse": means, "mean_energy": energy, "best_k": best,
                              "k_within_10pct_of_best": energy.get(cfg.k, np.inf) <= 1.1 * energy[best]}
+    if ("labelled" in wins and wm.shape.action_dim) and cfg.action_effect:
+        result["action_effect"] = {m.name: action_effect(m, sample_means[(m.name, "actions")],
+                                                         sample_means[(m.name, "null_action")], wins["labelled"], ctx,
+                                                         idx, cfg.horizons)
+                                   for m in (wm, *baselines) if (m.name, "null_action") in sample_means}
     if cfg.probe:
         result["probe"] = _probe(reader, wm, cfg, wins, preds, ctx)
+        result["scene_probe"] = scene_probe(reader, views, wm, srcs, cfg)
     result["seconds"] = time.monotonic() - t0
     _write(cfg, wm, reader, result, out, track, min(H, 20))
     return result

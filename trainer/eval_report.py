@@ -97,4 +97,38 @@ def eval_tables(result: dict[str, Any]) -> list:
                 t.add_row(cond.replace("_", " "), kind.split("_")[0], *[f"{row[kind].get(h, float('nan')):.3f}"
                                                                          for h in hs])
         tables.append(t)
+    tables += _action_effect_table(result, hs, main) + _scene_probe_tables(result)
+    return tables
+
+
+def _action_effect_table(result: dict[str, Any], hs: list[int], main: str) -> list:
+    effect = result.get("action_effect")
+    if not effect:
+        return []
+    t = _per_horizon("how far the actions move the prediction: mean squared difference of the sample means with the "
+                     "actions and with the null action / the true frame's change from the last context frame "
+                     "(share)", hs, "model")
+    any_model = next(iter(effect.values()))
+    t.add_row("true change", *[f"{any_model['true_change'][h]:.3f}" for h in hs])
+    for name, e in effect.items():
+        t.add_row("this model" if name == main else name,
+                  *[f"{e['moved'][h]:.3f} ({e['share'][h]:.0%})" for h in hs])
+    return [t]
+
+
+def _scene_probe_tables(result: dict[str, Any]) -> list:
+    from rich.table import Table
+
+    tables = []
+    for src, r in (result.get("scene_probe") or {}).items():
+        first = next(iter(r["views"].values()))
+        t = Table(title=f"scene probe, {src} ({r['sim']}): tokens -> the simulator's state, out-of-fold R^2 "
+                        f"({r['frames']} frames of {r['episodes']} episodes); raw: the store's patch tokens, model: "
+                        "after the model's merge and input projection")
+        t.add_column("view / kernel")
+        for k in first["r2"]:
+            t.add_column(k, justify="right")
+        for view, v in r["views"].items():
+            t.add_row(view, *(f"{x:.3f}" for x in v["r2"].values()))
+        tables.append(t)
     return tables
