@@ -181,6 +181,9 @@ def test_shortcut_loss_matches_a_hand_computation():
     assert uniform.item() == pytest.approx(((boot + flow) / 2).item(), rel=1e-6)
     half, _ = shortcut_forcing_loss(f, z1, z0, tau, d, k_max=8, floor=0.5)
     assert half.item() == pytest.approx(((0.5 + 0.5 * 0.25) * boot + (0.5 + 0.5 * 0.5) * flow).item() / 2, rel=1e-6)
+    # first_frame=False: frame 0 (no history in a clean-context window) is out of the loss, frame 1 alone counts
+    later, _ = shortcut_forcing_loss(f, z1, z0, tau, d, k_max=8, first_frame=False)
+    assert later.item() == pytest.approx(((0.9 * 0.5 + 0.1) * flow).item(), rel=1e-6)
 
 
 def test_bootstrap_targets_carry_no_gradient():

@@ -162,6 +162,9 @@ class TrainConfig:
     # generation regime: predecessors at the context level ctx_noise; 2x tokens per window)
     context_mode: str = "diffusion_forcing"
     clean_history_prob: float = 0.0  # diffusion forcing: share of windows with a nearly clean history before a cut
+    # clean_context: also train on frame 0, which has no history there and which generation never produces (True:
+    # as before; the deterministic control and the teacher-forced baseline never do, so False compares like for like)
+    first_frame_loss: bool = True
     ctx_noise: float = 0.1  # context corruption at inference (Dreamer 4: 0.1), also the clean-history level
     # optimisation
     steps: int = 1000

@@ -78,8 +78,8 @@ def _bt(x_BT: torch.Tensor) -> torch.Tensor:
 
 
 def shortcut_forcing_loss(f: DenoiseFn, z1_BTNZ: torch.Tensor, z0_BTNZ: torch.Tensor, tau_BT: torch.Tensor,
-                          d_BT: torch.Tensor, *, k_max: int, err: FrameError = mean_squared, floor: float = 0.1
-                          ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+                          d_BT: torch.Tensor, *, k_max: int, err: FrameError = mean_squared, floor: float = 0.1,
+                          first_frame: bool = True) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Dreamer 4 shortcut forcing, Eq. 7, per frame:
 
     flow (d = 1/k_max):  ||z1_hat - z1||^2
@@ -94,6 +94,8 @@ def shortcut_forcing_loss(f: DenoiseFn, z1_BTNZ: torch.Tensor, z0_BTNZ: torch.Te
     `rows` selects it for the bootstrap passes, which run only on the samples that have a bootstrap frame.
     err: the squared error per frame (default: mean over tokens and channels; with proprioception, the
     patches' mean plus the weighted state error, `trainer.tokens.frame_error`).
+    first_frame: False leaves frame 0 out of the loss (in a clean-context window it has no history: the model would
+    learn to generate a frame from nothing, which generation never asks of it).
     Returns (loss, aux): aux holds detached terms and `per_sample` [B] (for labelled / action-free logging).
     """
     d_min = 1.0 / k_max
@@ -119,6 +121,8 @@ def shortcut_forcing_loss(f: DenoiseFn, z1_BTNZ: torch.Tensor, z0_BTNZ: torch.Te
         boot_BT = boot_BT.index_put((rows,), boot_r.to(boot_BT.dtype))
         per_frame = torch.where(boot_BT_mask, boot_BT, flow_BT)
     weighted_BT = (floor + (1 - floor) * tau_BT) * per_frame
+    if not first_frame:
+        weighted_BT = weighted_BT[:, 1:]
     loss = weighted_BT.mean()
     flow_mask = ~boot_BT_mask
     aux = {

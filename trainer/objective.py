@@ -61,7 +61,8 @@ def compute_loss(model: nn.Module, batch: dict[str, Any], cfg: TrainConfig, step
             return net(z_tau, tau_, d_, a, v, layout=cm)
         return net(z_tau, tau_, d_, a, v, c, 1.0 - cfg.ctx_noise, layout=cm)
 
-    return shortcut_forcing_loss(f, z, z0, tau, d, k_max=cfg.model.k_max, err=err, floor=cfg.loss_weight_floor)
+    return shortcut_forcing_loss(f, z, z0, tau, d, k_max=cfg.model.k_max, err=err, floor=cfg.loss_weight_floor,
+                                 first_frame=cfg.first_frame_loss or not clean_context)
 
 
 @torch.no_grad()
