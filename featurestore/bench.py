@@ -33,9 +33,9 @@ from featurestore.encode import (
 from featurestore.encoders import HFDinoEncoder
 from featurestore.reader import TokenReader, Window
 from featurestore.store import TokenStore
-from pipeline.ingest import read_manifest
 from pipeline.lerobot_io import DataFileCache
 from pipeline.machine import machine_description
+from pipeline.manifest import read_manifest
 
 
 def _decode_all(src, plan, cfg) -> list[list[np.ndarray]]:

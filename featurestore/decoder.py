@@ -27,7 +27,7 @@ from safetensors.torch import load_file, save_file
 from featurestore.encoders import Preprocess, resize_crop
 from featurestore.reader import TokenReader
 from pipeline.frames import PyAVFrameSource
-from pipeline.ingest import camera_span, read_manifest
+from pipeline.manifest import camera_span, read_manifest
 from pipeline.stage import UserError, atomic_output, atomic_write_json
 
 log = logging.getLogger(__name__)

@@ -34,8 +34,8 @@ from featurestore.dask_exec import map_on_dask
 from featurestore.encoders import DEFAULT_ENCODER, HFDinoEncoder, Preprocess
 from featurestore.store import STORE_KEY, StoreLayout, TokenStore, projected_bytes
 from pipeline.frames import FrameDecodeError, PyAVFrameSource
-from pipeline.ingest import camera_span, check_videos
 from pipeline.lerobot_io import DataFileCache, stack_column
+from pipeline.manifest import camera_span, check_videos
 from pipeline.names import inside
 from pipeline.rates import action_kinds, aggregate_actions, stride_for
 from pipeline.registry import spec_of_source
@@ -496,7 +496,7 @@ def prepare(cfg: EncodeConfig) -> tuple[TokenStore, HFDinoEncoder, SourceInfo, l
     shard's pending ones)."""
     import shutil
 
-    from pipeline.ingest import read_manifest
+    from pipeline.manifest import read_manifest
 
     manifest, mmeta = read_manifest(cfg.manifest)
     src = source_info(manifest, mmeta, cfg.cameras)

@@ -28,8 +28,8 @@ from typing import Any
 import numpy as np
 
 from featurestore.reader import TokenReader
-from pipeline.ingest import read_manifest
 from pipeline.lerobot_io import DataFileCache, stack_column
+from pipeline.manifest import read_manifest
 from pipeline.sims import ENV_STATE_KEY, make_sim, recorded_sim
 from pipeline.stage import UserError
 

@@ -27,7 +27,7 @@ def store_status(path: Path) -> dict[str, Any]:
         split = "?"
         manifest = Path(attrs.get("manifest", ""))
         if manifest.is_file():
-            from pipeline.ingest import read_manifest, split_summary
+            from pipeline.manifest import read_manifest, split_summary
 
             df, _ = read_manifest(manifest)
             split = split_summary(manifest)

@@ -39,8 +39,8 @@ import numpy as np
 import torch
 
 from featurestore.reader import TokenReader
-from pipeline.ingest import read_manifest
 from pipeline.lerobot_io import DataFileCache, stack_column
+from pipeline.manifest import read_manifest
 from pipeline.sims import ENV_STATE_KEY, SIMULATORS, Simulator, goal_group, make_sim, recorded_sim, trial_ok
 from pipeline.stage import (
     UserError,

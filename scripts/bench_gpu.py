@@ -79,7 +79,8 @@ def prepare_data(out: Path) -> Path:
     if manifest.exists():
         return manifest
     from pipeline.demodata.multicam import MulticamDataConfig, run_data_multicam
-    from pipeline.ingest import IngestConfig, run_ingest
+    from pipeline.ingest import run_ingest
+    from pipeline.ingest_config import IngestConfig
 
     root = out / "multicam"
     run_data_multicam(MulticamDataConfig(out=root, episodes=8, seed=0, repo_id="local/multicam"))

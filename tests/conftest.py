@@ -86,7 +86,8 @@ def tiny_encoder(tmp_path_factory) -> Path:
 
 
 def _ingest(root: Path, out: Path, **kw) -> Path:
-    from pipeline.ingest import IngestConfig, run_ingest
+    from pipeline.ingest import run_ingest
+    from pipeline.ingest_config import IngestConfig
 
     run_ingest(IngestConfig(source=root.name, root=root, repo_id=f"local/{root.name}", out=out, **kw))
     return out

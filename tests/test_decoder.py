@@ -33,7 +33,8 @@ def decoder_store(tmp_path_factory, tiny_encoder):
     from featurestore.encode import EncodeConfig, run_encode
     from featurestore.encoders import Preprocess
     from pipeline.demodata.pusht import PushtDataConfig, run_data_pusht
-    from pipeline.ingest import IngestConfig, run_ingest
+    from pipeline.ingest import run_ingest
+    from pipeline.ingest_config import IngestConfig
 
     base = tmp_path_factory.mktemp("decdata")
     root = base / "pusht-many"

@@ -82,7 +82,8 @@ def test_two_writers_racing_on_the_same_segments_commit_each_once(encode_args, r
 
 
 def test_ingest_killed_between_blocks_resumes_to_the_same_manifest(multicam_root, tmp_path):
-    code = ("import sys; from pathlib import Path; from pipeline.ingest import IngestConfig, run_ingest; "
+    code = ("import sys; from pathlib import Path; from pipeline.ingest import run_ingest; "
+            "from pipeline.ingest_config import IngestConfig; "
             "run_ingest(IngestConfig(source='multicam', root=Path(sys.argv[1]), repo_id='local/multicam', "
             "out=Path(sys.argv[2]), block_size=2, val_fraction=0.4))")
 

@@ -24,7 +24,7 @@ from featurestore.reader import MissingTokensError, TokenReader, Window
 from featurestore.status import store_status
 from featurestore.store import StoreLayout
 from pipeline.frames import PyAVFrameSource, VideoSpan
-from pipeline.ingest import read_manifest
+from pipeline.manifest import read_manifest
 from pipeline.stage import ConfigMismatchError, ShardSpec, UserError
 
 PRE = Preprocess(height=64, width=64)
@@ -247,7 +247,8 @@ def test_three_shard_processes_and_dask_equal_single_process(multicam_manifest, 
 
 def test_corrupt_video_fails_its_episodes_and_the_rest_commit(multicam_root, tiny_encoder, tmp_path,
                                                               copy_dataset):
-    from pipeline.ingest import IngestConfig, run_ingest
+    from pipeline.ingest import run_ingest
+    from pipeline.ingest_config import IngestConfig
 
     root = copy_dataset(multicam_root, "multicam")
     manifest = tmp_path / "m.parquet"
@@ -377,7 +378,8 @@ def test_second_dataset_appends_a_source(pusht_manifest, pusht_free_manifest, ti
 
 def test_new_episodes_of_a_dataset_append_segments(tiny_encoder, tmp_path):
     from pipeline.demodata.pusht import PushtDataConfig, run_data_pusht
-    from pipeline.ingest import IngestConfig, run_ingest
+    from pipeline.ingest import run_ingest
+    from pipeline.ingest_config import IngestConfig
 
     root, manifest, store = tmp_path / "arm", tmp_path / "arm.parquet", tmp_path / "s.zarr"
     layout = StoreLayout(episodes_per_segment=16)

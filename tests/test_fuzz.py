@@ -174,7 +174,7 @@ def test_manifest_values_that_become_paths(tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from pipeline.ingest import MANIFEST_META_KEY, MANIFEST_SCHEMA, read_manifest
+    from pipeline.manifest import MANIFEST_META_KEY, MANIFEST_SCHEMA, read_manifest
 
     root, sentinel = _fuzz_root(tmp_path)
     before = _tree(tmp_path)

@@ -13,7 +13,10 @@ import pytest
 from typer.testing import CliRunner
 
 from pipeline.cli import app
-from pipeline.ingest import IngestConfig, read_manifest, run_ingest, split_of
+from pipeline.episodes import split_of
+from pipeline.ingest import run_ingest
+from pipeline.ingest_config import IngestConfig
+from pipeline.manifest import read_manifest
 from pipeline.stage import ConfigMismatchError, ShardSpec, UserError
 
 runner = CliRunner()
@@ -268,7 +271,7 @@ def test_a_group_never_straddles_the_splits():
     share of groups stays near the fraction."""
     import random
 
-    from pipeline.ingest import split_of
+    from pipeline.episodes import split_of
 
     rng = random.Random(0)
     for trial in range(200):
@@ -284,7 +287,7 @@ def test_a_group_never_straddles_the_splits():
 
 
 def test_split_by_a_scene_in_the_task_text(multicam_root, tmp_path):
-    from pipeline.ingest import check_groups
+    from pipeline.episodes import check_groups
 
     out = tmp_path / "m.parquet"
     r = runner.invoke(app, ["ingest", "--root", str(multicam_root), "--out", str(out), "--val-fraction", "0.5",
@@ -310,7 +313,10 @@ def test_split_by_a_scene_in_the_task_text(multicam_root, tmp_path):
 def test_val_episodes_holds_out_an_exact_number_of_whole_episodes(pusht_root, tmp_path):
     """A benchmark needs a fixed held-out set of a known size: --val-episodes N holds out exactly N episodes, the
     same ones on every run (hash order), and is refused when it would leave nothing to train on."""
-    from pipeline.ingest import IngestConfig, exact_val_episodes, read_manifest, run_ingest
+    from pipeline.episodes import exact_val_episodes
+    from pipeline.ingest import run_ingest
+    from pipeline.ingest_config import IngestConfig
+    from pipeline.manifest import read_manifest
     from pipeline.stage import UserError
 
     def ingest(out, n):

@@ -29,7 +29,7 @@ from featurestore.encoders import Preprocess, init_random_dinov3
 from featurestore.store import StoreLayout, TokenStore
 from pipeline.cli import app
 from pipeline.demodata import MARKER
-from pipeline.ingest import MANIFEST_META_KEY, read_manifest
+from pipeline.manifest import MANIFEST_META_KEY, read_manifest
 from pipeline.stage import UserError, owner_tag
 
 runner = CliRunner()
@@ -193,7 +193,7 @@ def _fake_manifest(path: Path, root: Path, video: str, data: str = "data/chunk-0
            "task": "t", "split": "train", "split_group": "", "has_actions": True, "action_dim": 2, "state_dim": 2,
            "camera_keys": ["observation.image"], "video_files": [video], "from_ts": [0.0], "to_ts": [0.3],
            "data_file": data, "status": "ok", "reason": ""}
-    from pipeline.ingest import MANIFEST_SCHEMA
+    from pipeline.manifest import MANIFEST_SCHEMA
 
     table = pa.Table.from_pylist([row], schema=MANIFEST_SCHEMA)
     pq.write_table(table.replace_schema_metadata({MANIFEST_META_KEY: json.dumps({"config": {}}).encode()}), path)

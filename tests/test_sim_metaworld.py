@@ -96,7 +96,8 @@ def test_dataset_reads_back_frame_exact_through_lerobot(metaworld_root):
 def test_plan_sim_metaworld_reach_two_trials_with_two_cameras(metaworld_root, tiny_encoder, tmp_path):
     from featurestore.encode import EncodeConfig, run_encode
     from featurestore.encoders import Preprocess
-    from pipeline.ingest import IngestConfig, run_ingest
+    from pipeline.ingest import run_ingest
+    from pipeline.ingest_config import IngestConfig
     from trainer.config import tiny
     from trainer.loop import run_train
 

@@ -612,7 +612,7 @@ def pool(parts: list[tuple[int, dict[str, Any]]]) -> dict[str, Any]:
 
 def _splits(reader: TokenReader) -> dict[str, str]:
     """Per source: how its manifest split the episodes (by episode, or by a group such as a scene)."""
-    from pipeline.ingest import split_summary
+    from pipeline.manifest import split_summary
 
     out = {}
     for source in reader.sources:

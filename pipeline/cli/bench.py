@@ -14,8 +14,8 @@ from featurestore.encode import EncodeConfig
 from featurestore.encoders import DEFAULT_ENCODER, Preprocess
 from pipeline.bench import bench_decode
 from pipeline.cli.base import console, hxw, new_app, print_result, split_list
-from pipeline.ingest import manifest_path
 from pipeline.machine import bench_device
+from pipeline.manifest import manifest_path
 from pipeline.registry import resolve_source
 from pipeline.stage import UserError
 from planner.bench import BenchCase, bench_plan

@@ -13,7 +13,7 @@ from featurestore.status import status_table, store_status, verify_store
 from featurestore.store import StoreLayout
 from pipeline.cli.base import console, hxw, new_app, split_list
 from pipeline.cli.progress import progress
-from pipeline.ingest import manifest_path
+from pipeline.manifest import manifest_path
 from pipeline.registry import resolve
 from pipeline.stage import ShardSpec
 

@@ -9,8 +9,10 @@ import typer
 
 from pipeline.cli.base import console, split_list
 from pipeline.cli.progress import progress
-from pipeline.ingest import IngestConfig, IngestResult, ingest_config, read_manifest, run_ingest, split_summary
+from pipeline.ingest import IngestResult, run_ingest
+from pipeline.ingest_config import IngestConfig, ingest_config
 from pipeline.lerobot_io import check_dataset_root
+from pipeline.manifest import read_manifest, split_summary
 from pipeline.registry import available, load_spec, resolve_source
 from pipeline.stage import ShardSpec, UserError
 
