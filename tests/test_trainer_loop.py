@@ -530,3 +530,21 @@ def test_proprio_run_learns_the_state_and_plans_with_it(pusht_store, tmp_path):
     end_lo, end_hi = wm.state_of(pred[0, -1]), wm.state_of(pred[1, -1])
     assert (end_hi - end_lo).min() > 0.5, (end_lo, end_hi)  # px: each coordinate follows its action (tiny model:
     # ~1 px after 200 steps; the small preset on the demo store: ~100 px between the bounds over 3 frames)
+
+
+def test_early_stopping_stops_after_patience_evals_and_the_run_names_its_best_checkpoint(pusht_store, tmp_path):
+    """With a learning rate of 0 the val metric never improves after the first eval: training stops after
+    `early_stop_patience` more evals, records the first eval's checkpoint as the best (kept whatever keep_last
+    prunes), and a run folder then resolves to it; a resume keeps the count instead of training on."""
+    from trainer.checkpoint import BEST_FILE, resolve_checkpoint
+
+    cfg = dataclasses.replace(tiny(), store=pusht_store, out=tmp_path / "run", steps=40, eval_every=2, ckpt_every=100,
+                              keep_last=1, lr=0.0, early_stop_patience=2, tracker="none")
+    res = run_train(cfg)
+    assert res.step == 6  # evals at 2 (the best), 4 and 6 (two without a better one): stop
+    best = json.loads((res.run_dir / BEST_FILE).read_text())
+    assert best["step"] == 2 and best["metric"] == "val_pred_mse"
+    assert resolve_checkpoint(res.run_dir).name == "step-00000002"  # kept although keep_last is 1
+    assert json.loads((res.run_dir / "DONE").read_text())["early_stopped"] is True
+    with pytest.raises(UserError, match="early_stop_patience"):
+        dataclasses.replace(cfg, early_stop_patience=-1)

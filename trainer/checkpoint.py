@@ -55,9 +55,24 @@ def save_checkpoint(run_dir: Path, step: int, *, model: dict[str, torch.Tensor],
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+    best = best_checkpoint(run_dir)
     for old in complete_checkpoints(run_dir)[:-keep_last]:
-        shutil.rmtree(old, ignore_errors=True)
+        if old != best:  # early stopping's best is what the run names: never pruned
+            shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+BEST_FILE = "best.json"  # written by early stopping: the checkpoint with the best val metric
+
+
+def best_checkpoint(run_dir: Path) -> Path | None:
+    """The checkpoint early stopping recorded as the run's best (None: not recorded, or no longer complete)."""
+    try:
+        name = json.loads((Path(run_dir) / BEST_FILE).read_text())["checkpoint"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    ckpt = Path(run_dir) / "checkpoints" / safe_component(name, f"checkpoint in {Path(run_dir) / BEST_FILE}")
+    return _inside_run(run_dir, ckpt) if (ckpt / COMPLETE).exists() else None
 
 
 def clean_stale_temporaries(run_dir: Path) -> int:
@@ -97,11 +112,12 @@ def _inside_run(run_dir: Path, ckpt: Path) -> Path:
 
 
 def resolve_checkpoint(path: Path) -> Path:
-    """A checkpoint folder, or a run folder (its newest complete checkpoint)."""
+    """A checkpoint folder, or a run folder: its best checkpoint where early stopping recorded one, else its newest
+    complete checkpoint."""
     path = Path(path)
     if (path / COMPLETE).exists():
         return path
-    found = latest_checkpoint(path)
+    found = best_checkpoint(path) or latest_checkpoint(path)
     if found is None:
         raise UserError(f"{path} holds no complete checkpoint (a run folder has checkpoints/step-*/COMPLETE)")
     return found

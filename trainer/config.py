@@ -113,6 +113,9 @@ def _warn_emulated_bf16() -> None:
             "times slower than fp32; pass --precision fp32 (or auto)")
 
 
+EARLY_STOP_METRICS = ("val_pred_mse", "val_loss")
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class TrainConfig:
     store: Path = Path("tokens.zarr")
@@ -184,6 +187,11 @@ class TrainConfig:
     # bookkeeping
     log_every: int = 10
     eval_every: int = 100
+    # early stopping: after this many evals (every `eval_every` steps) without a new best `early_stop_metric` on the
+    # val windows, training stops; the best checkpoint is recorded in <run>/best.json and is what `--run RUN`
+    # names from then on (0: off, train to `steps`)
+    early_stop_patience: int = 0
+    early_stop_metric: str = "val_pred_mse"  # a key `validate` reports (lower is better)
     val_windows: int = 32
     ckpt_every: int = 200
     keep_last: int = 3
@@ -223,6 +231,9 @@ class TrainConfig:
             raise UserError("steps, batch_size, grad_accum and frameskip must be >= 1")
         if self.keep_last < 1 or self.ckpt_every < 1:
             raise UserError("keep_last and ckpt_every must be >= 1")
+        if self.early_stop_patience < 0 or self.early_stop_metric not in EARLY_STOP_METRICS:
+            raise UserError(f"early_stop_patience {self.early_stop_patience} must be >= 0 and early_stop_metric one "
+                            f"of {EARLY_STOP_METRICS} (got {self.early_stop_metric!r})")
         if self.model.kind == "deterministic" and (self.ctx_noise != 0 or self.context_mode != "clean_context"):
             raise UserError("the deterministic control trains and rolls out on a clean context: it needs "
                             "ctx_noise=0 and context_mode=clean_context (--model deterministic sets both)")

@@ -40,7 +40,7 @@ from pipeline.stage import (
     read_json,
     to_jsonable,
 )
-from trainer.checkpoint import latest_checkpoint, load_optimizer, load_weights, save_checkpoint
+from trainer.checkpoint import BEST_FILE, latest_checkpoint, load_optimizer, load_weights, save_checkpoint
 from trainer.config import TrainConfig, learned_differences, uses_bf16
 from trainer.data import (
     LABELLED,
@@ -379,12 +379,14 @@ class Metrics:
     def __init__(self, run_dir: Path, start_step: int, enabled: bool, tracker: str = "tensorboard",
                  config: dict[str, Any] | None = None):
         self.path, self.enabled, self.rows = run_dir / "metrics.jsonl", enabled, []
+        self.earlier: list[dict[str, Any]] = []
         self.tracker = open_tracker(tracker if enabled else "none", run_dir, config=config)
         if not enabled:
             return
         if self.path.exists():
             kept = _metrics_until(self.path, start_step)
             atomic_write_bytes(self.path, ("\n".join(kept) + ("\n" if kept else "")).encode())
+            self.earlier = [json.loads(line) for line in kept]  # what the run logged before this resume
 
     def write(self, row: dict[str, Any]) -> None:
         self.rows.append(row)
@@ -397,6 +399,35 @@ class Metrics:
 
     def close(self) -> None:
         self.tracker.close()
+
+
+class EarlyStop:
+    """Early stopping on a val metric (`early_stop_patience` evals without a new best): the best checkpoint is saved
+    when it is found and recorded in <run>/best.json, which `resolve_checkpoint` then names for the run. On resume
+    the count continues from the metrics the run logged before."""
+
+    def __init__(self, cfg: TrainConfig, run_dir: Path, earlier: list[dict[str, Any]]):
+        self.patience, self.metric, self.run_dir = cfg.early_stop_patience, cfg.early_stop_metric, run_dir
+        self.best, self.since = float("inf"), 0
+        for row in earlier:
+            if self.metric in row:
+                self.seen(float(row[self.metric]))
+
+    def seen(self, value: float) -> bool:
+        """Count one eval; True when it is a new best."""
+        if value < self.best:
+            self.best, self.since = value, 0
+            return True
+        self.since += 1
+        return False
+
+    @property
+    def exhausted(self) -> bool:
+        return self.patience > 0 and self.since >= self.patience
+
+    def record(self, step: int, ckpt: Path) -> None:
+        atomic_write_json(self.run_dir / BEST_FILE, {"checkpoint": ckpt.name, "step": step, "metric": self.metric,
+                                                     "value": self.best})
 
 
 def _metrics_until(path: Path, step: int) -> list[str]:
@@ -578,6 +609,7 @@ def _train(cfg: TrainConfig, run_dir: Path, *, resume: bool, on_step: Callable[[
            d: Dist, lock: RunLock | None) -> TrainResult:
     tr, start, reader = setup(cfg, resume=resume, d=d, run_dir=run_dir)
     cfg, batches, metrics = _start(tr, reader, resume, start)
+    early = EarlyStop(cfg, tr.run_dir, metrics.earlier)
     stop = StopFlag(tr.run_dir)
     last_ckpt = latest_checkpoint(tr.run_dir)
     step = start
@@ -595,26 +627,38 @@ def _train(cfg: TrainConfig, run_dir: Path, *, resume: bool, on_step: Callable[[
                 torch.cuda.synchronize()
             dt = time.perf_counter() - t0
             row.update(step_time=dt, data_wait=t_data, tokens_per_s=tokens_per_step * T / dt, context=T)
+            new_best = False
             if step % cfg.eval_every == 0 or step == cfg.steps:
                 if d.main:
                     row.update(validate(tr, reader, step))
+                    if early.patience and early.metric in row:
+                        new_best = early.seen(float(row[early.metric]))
             metrics.write(row)
             if lock is not None:
                 lock.heartbeat()
             fault_point("train-step")
             if on_step:
                 on_step(row)
-            want_stop = torch.tensor([1.0 if stop.requested() else 0.0])
+            # 1: stop on request (checkpoint, exit 3); 2: early stopping (done); 0.5: a new best to save
+            flag = 1.0 if stop.requested() else 2.0 if d.main and early.exhausted else 0.5 if new_best else 0.0
+            want_stop = torch.tensor([flag])
             _all_reduce(want_stop, d, dist.ReduceOp.MAX if d.world > 1 else None)
             if step % cfg.ckpt_every == 0 or step == cfg.steps or want_stop.item() > 0:
                 if d.main:
                     last_ckpt = tr.save(step)
+                    if new_best:
+                        early.record(step, last_ckpt)
                 if d.world > 1:
                     dist.barrier()
-            if want_stop.item() > 0 and step < cfg.steps:
+            if want_stop.item() == 2.0:
+                log.info("early stopping at step %d: no better %s in %d evals (best %.5g, %s)", step, early.metric,
+                         early.patience, early.best, tr.run_dir / BEST_FILE)
+                break
+            if want_stop.item() == 1.0 and step < cfg.steps:
                 raise Preempted(step, last_ckpt)
         if d.main:
-            atomic_write_json(tr.run_dir / "DONE", {"step": step, "checkpoint": str(last_ckpt)})
+            atomic_write_json(tr.run_dir / "DONE", {"step": step, "checkpoint": str(last_ckpt),
+                                                    **({"early_stopped": step < cfg.steps} if early.patience else {})})
     finally:
         stop.restore()
         metrics.close()
