@@ -139,14 +139,14 @@ def _kernel_ridge(G: np.ndarray, Y: np.ndarray, fit: np.ndarray, pred: np.ndarra
     return _centered(G, pred, fit, fit) @ alpha + Y[fit].mean(0)
 
 
-def _split_groups(groups: np.ndarray, k: int, rng: np.random.Generator) -> list[np.ndarray]:
+def split_groups(groups: np.ndarray, k: int, rng: np.random.Generator) -> list[np.ndarray]:
     ids = rng.permutation(np.unique(groups))
     return [f for f in np.array_split(ids, min(k, len(ids))) if len(f)]
 
 
 def _choose(G: np.ndarray, Y: np.ndarray, train: np.ndarray, groups: np.ndarray, rng: np.random.Generator) -> float:
     """The ridge strength with the best R^2 on a fifth of the train groups held out (nested inside a fold)."""
-    held_groups = _split_groups(groups[train], 5, rng)[0]
+    held_groups = split_groups(groups[train], 5, rng)[0]
     held = train[np.isin(groups[train], held_groups)]
     fit = train[~np.isin(groups[train], held_groups)]
     scores = [r2(_kernel_ridge(G, Y, fit, held, lam), Y[held]).mean() for lam in RIDGE_GRID]
@@ -176,7 +176,7 @@ def cross_validated_r2(X: np.ndarray, Y: np.ndarray, groups: np.ndarray, *, kern
     G = gram(X, kernel)
     pred = np.zeros_like(Y, dtype=np.float64)
     lams = []
-    for test_groups in _split_groups(groups, folds, rng):
+    for test_groups in split_groups(groups, folds, rng):
         test = np.flatnonzero(np.isin(groups, test_groups))
         train = np.flatnonzero(~np.isin(groups, test_groups))
         lam = _choose(G, Y, train, groups, rng)
