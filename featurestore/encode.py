@@ -30,9 +30,9 @@ import pyarrow as pa
 import torch
 
 from featurestore.augment import ClipAugment
-from featurestore.dask_exec import map_on_dask
 from featurestore.encoders import DEFAULT_ENCODER, HFDinoEncoder, Preprocess
 from featurestore.store import STORE_KEY, StoreLayout, TokenStore, projected_bytes
+from pipeline.executors import map_on_dask
 from pipeline.frames import FrameDecodeError, PyAVFrameSource
 from pipeline.lerobot_io import DataFileCache, stack_column
 from pipeline.manifest import camera_span, check_videos

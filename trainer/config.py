@@ -10,13 +10,12 @@ import dataclasses
 import functools
 import logging
 import math
-import types
-import typing
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from pipeline.overrides import coerce
 from pipeline.stage import ConfigMismatchError, UserError, config_differences, to_jsonable
 from trainer.actions import ACTION_MODES
 
@@ -352,51 +351,6 @@ def preset(name: str) -> TrainConfig:
 
 
 # ----------------------------------------------------------------------------------------- overrides
-def _coerce(value: str, annotation: Any) -> Any:
-    """Parse a --set value for a field annotated `annotation` (strings from the command line)."""
-    if isinstance(annotation, str):
-        annotation = eval(annotation, {"Path": Path, "Any": Any, "tuple": tuple})  # noqa: S307 - our own annotations
-    origin = typing.get_origin(annotation)
-    args = typing.get_args(annotation)
-    if origin in (typing.Union, types.UnionType):
-        if value.lower() in ("none", "null", ""):
-            if type(None) in args:
-                return None
-        return _coerce(value, next(a for a in args if a is not type(None)))
-    if annotation is bool:
-        if value.lower() in ("1", "true", "yes", "on"):
-            return True
-        if value.lower() in ("0", "false", "no", "off"):
-            return False
-        raise ValueError(f"not a boolean: {value!r}")
-    if annotation in (int, float, str):
-        return annotation(value)
-    if annotation is Path:
-        return Path(value)
-    if origin is tuple:
-        import ast
-
-        return _typed(ast.literal_eval(value), annotation)
-    raise ValueError(f"cannot parse a value for {annotation}")
-
-
-def _typed(obj: Any, annotation: Any) -> Any:
-    """A literal (from ast.literal_eval) checked against a tuple annotation, item by item, as tuples."""
-    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
-    if origin is tuple:
-        if not isinstance(obj, (list, tuple)):
-            raise ValueError(f"expected a tuple for {annotation}, got {obj!r}")
-        kinds = [args[0]] * len(obj) if len(args) == 2 and args[1] is Ellipsis else list(args)
-        if len(kinds) != len(obj):
-            raise ValueError(f"expected {len(kinds)} items for {annotation}, got {obj!r}")
-        return tuple(_typed(x, k) for x, k in zip(obj, kinds))
-    if annotation is float and isinstance(obj, (int, float)) and not isinstance(obj, bool):
-        return float(obj)
-    if annotation in (int, str) and isinstance(obj, annotation) and not isinstance(obj, bool):
-        return obj
-    raise ValueError(f"expected {getattr(annotation, '__name__', annotation)}, got {obj!r}")
-
-
 def apply_overrides(cfg: TrainConfig, overrides: list[str]) -> TrainConfig:
     """`key=value` or `model.key=value` pairs -> a new config; unknown keys are errors."""
     changes: dict[str, Any] = {}
@@ -412,7 +366,7 @@ def apply_overrides(cfg: TrainConfig, overrides: list[str]) -> TrainConfig:
         if name not in table or name == "model":
             raise UserError(f"--set {key}: unknown field; known: {', '.join(sorted(table))}")
         try:
-            target[name] = _coerce(value, table[name].type)
+            target[name] = coerce(value, table[name].type)
         except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError) as e:
             raise UserError(f"--set {key}={value}: {e}") from None
     if model_changes:
