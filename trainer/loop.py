@@ -2,7 +2,8 @@
 
 AdamW with warmup + cosine, gradient clipping, gradient accumulation, EMA weights, bf16 autocast on CUDA,
 optional torch.compile; JSONL metrics (TensorBoard too when installed) with labelled and action-free
-losses apart; DDP under torchrun (gloo on CPU, nccl on GPU). SIGUSR1/SIGTERM or a `PREEMPT` file in the run
+losses apart; DDP under torchrun or srun (`trainer.distributed`: NCCL for gradients, gloo for the loop's
+host-side values). SIGUSR1/SIGTERM or a `PREEMPT` file in the run
 folder end the step, write a checkpoint and stop cleanly; a non-finite loss stops the run before the
 optimizer step, so no checkpoint is ever written from a diverged state.
 """
@@ -15,7 +16,6 @@ import itertools
 import json
 import logging
 import math
-import os
 import queue
 import signal
 import threading
@@ -26,7 +26,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 
 from featurestore.encoders import check_same_encoder
@@ -52,6 +51,15 @@ from trainer.data import (
     WindowSampler,
     collate,
     compute_stats,
+)
+from trainer.distributed import (
+    Dist,
+    all_reduce,
+    barrier,
+    broadcast_object,
+    init_distributed,
+    resolve_device,
+    wrap_ddp,
 )
 from trainer.model import build_model
 from trainer.objective import batch_layout, compute_loss, predict_last_frame
@@ -86,45 +94,6 @@ class TrainResult:
     step: int
     last_checkpoint: Path | None
     metrics: list[dict[str, Any]]
-
-
-@dataclasses.dataclass
-class Dist:
-    rank: int = 0
-    world: int = 1
-    local_rank: int = 0
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-
-def init_distributed(device: str) -> Dist:
-    if "RANK" not in os.environ or int(os.environ.get("WORLD_SIZE", "1")) == 1:
-        return Dist()
-    if not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
-    return Dist(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
-
-
-def resolve_device(cfg: TrainConfig, d: Dist) -> torch.device:
-    if cfg.device == "auto":
-        return torch.device(f"cuda:{d.local_rank}") if torch.cuda.is_available() else torch.device("cpu")
-    return torch.device(cfg.device)
-
-
-def _broadcast(obj: Any, d: Dist) -> Any:
-    if d.world == 1:
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
-
-
-def _all_reduce(t: torch.Tensor, d: Dist, op=None) -> torch.Tensor:
-    if d.world > 1:
-        dist.all_reduce(t, op=op or dist.ReduceOp.SUM)
-    return t
 
 
 class StopFlag:
@@ -204,7 +173,7 @@ def run_folder(cfg: TrainConfig, *, resume: bool, d: Dist) -> Path:
         return Path(cfg.out)
     if resume:
         raise UserError("--resume needs --out RUN (the run folder to continue)")
-    return Path(_broadcast(new_run_dir(cfg.model.kind) if d.main else None, d))
+    return Path(broadcast_object(new_run_dir(cfg.model.kind) if d.main else None, d))
 
 
 def _restore_point(run_dir: Path, resume: bool) -> RunState | None:
@@ -236,18 +205,18 @@ def _run_episodes(reader: TokenReader, cfg: TrainConfig, run_dir: Path, state: R
                     "now, recorded from here on", run_dir)
     if d.main and record is not None:
         record = check_record(record, where)
-    record, where = _broadcast((record, str(where)) if d.main else None, d)
+    record, where = broadcast_object((record, str(where)) if d.main else None, d)
     if record is not None:
         pin_episodes(reader, cfg, record, where)
         return record
-    return _broadcast(record_episodes(reader, cfg) if d.main else None, d)
+    return broadcast_object(record_episodes(reader, cfg) if d.main else None, d)
 
 
 def setup(cfg: TrainConfig, *, resume: bool, d: Dist, run_dir: Path | None = None
           ) -> tuple[Trainer, int, TokenReader]:
     """Build (or restore) everything the loop needs. Returns the trainer, the last finished step, the reader.
     Writes nothing: every check (config, encoder, the run's episodes) is done here."""
-    device = resolve_device(cfg, d)
+    device = resolve_device(cfg.device, d)
     reader = TokenReader(cfg.store)
     run_dir = Path(run_dir) if run_dir is not None else run_folder(cfg, resume=resume, d=d)
     state = _restore_point(run_dir, resume)
@@ -263,7 +232,7 @@ def setup(cfg: TrainConfig, *, resume: bool, d: Dist, run_dir: Path | None = Non
         shape, stats, lr_scale, start_step = state.shape, state.stats, state.lr_scale, state.step
     else:
         shape = token_shape(reader, cfg)
-        stats = _broadcast(compute_stats(reader, cfg, shape) if d.main else None, d)
+        stats = broadcast_object(compute_stats(reader, cfg, shape) if d.main else None, d)
     model = build_model(cfg.model, shape).to(device)
     if hasattr(model, "delta_var"):
         model.delta_var.fill_(float(stats.frame_delta_var[0]))
@@ -282,10 +251,7 @@ def setup(cfg: TrainConfig, *, resume: bool, d: Dist, run_dir: Path | None = Non
         ema.load_state_dict(load_weights(state.checkpoint, "ema"))
         optimizer.load_state_dict(load_optimizer(state.checkpoint)["optimizer"])
         log.info("resuming %s from %s (step %d)", run_dir, state.checkpoint.name, start_step)
-    wrapped: nn.Module = model
-    if d.world > 1:
-        ids = [device.index] if device.type == "cuda" else None
-        wrapped = nn.parallel.DistributedDataParallel(model, device_ids=ids)
+    wrapped = wrap_ddp(model, device, d)
     if cfg.compile:
         wrapped = torch.compile(wrapped)
     trainer = Trainer(cfg, run_dir, shape, stats, wrapped, model, ema, optimizer, device, d, reader.encoder, lr_scale,
@@ -522,7 +488,7 @@ def train_step(tr: Trainer, micro_batches: list[dict[str, Any]], step: int) -> d
                               float(per[~lab].sum())], dtype=torch.float64)
         n_free += float((~lab).sum())
     finite = torch.tensor([1.0 if math.isfinite(float(sums[0])) else 0.0])
-    _all_reduce(finite, d, dist.ReduceOp.MIN if d.world > 1 else None)
+    all_reduce(finite, d, "min")
     if finite.item() < 1:
         raise TrainingDiverged(
             f"non-finite loss at step {step} (loss terms {sums[:3].tolist()}); the optimizer did not step and no "
@@ -536,7 +502,7 @@ def train_step(tr: Trainer, micro_batches: list[dict[str, Any]], step: int) -> d
         for pe, pm in zip(tr.ema.parameters(), core.parameters()):
             pe.lerp_(pm.detach(), 1 - decay)
     stats = torch.cat([sums, torch.tensor([n_free], dtype=torch.float64)])
-    _all_reduce(stats, d)
+    all_reduce(stats, d)
     k = len(micro_batches) * d.world
     row = {"step": step, "loss": stats[0].item() / k, "loss_flow": stats[1].item() / k,
            "loss_boot": stats[2].item() / k, "lr": lr, "grad_norm": float(grad_norm)}
@@ -552,7 +518,7 @@ def run_train(cfg: TrainConfig, *, resume: bool = False,
               on_step: Callable[[dict[str, Any]], None] | None = None) -> TrainResult:
     """Train (or continue) a run. Raises Preempted after a requested stop (checkpoint written). The run folder is
     owned by this process while it trains (`RunLock`, rank 0's): a second one is refused."""
-    d = init_distributed(cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+    d = init_distributed(cfg.device)
     run_dir = run_folder(cfg, resume=resume, d=d)
     lock = _lock(run_dir, d)
     done = False
@@ -576,7 +542,7 @@ def _lock(run_dir: Path, d: Dist) -> RunLock | None:
             lock = RunLock.acquire(run_dir)
         except UserError as e:
             refused = str(e)
-    refused = _broadcast(refused, d)
+    refused = broadcast_object(refused, d)
     if refused is not None:
         raise UserError(refused)
     return lock
@@ -589,7 +555,7 @@ def _start(tr: Trainer, reader: TokenReader, resume: bool, start: int):
     if resume and not cfg.mix_weights and (tr.run_dir / "config.json").is_file() and d.main:
         saved = read_config_json(tr.run_dir).get("mix_weights", [])
         cfg = dataclasses.replace(cfg, mix_weights=tuple(tuple(x) for x in saved))
-    cfg = _broadcast(cfg, d)
+    cfg = broadcast_object(cfg, d)
     cfg = tr.cfg = resolve_mix(cfg, reader)
     batches = _loader(reader, tr, start + 1)
     if start < cfg.steps:  # the data reads before anything is written
@@ -600,8 +566,7 @@ def _start(tr: Trainer, reader: TokenReader, resume: bool, start: int):
         atomic_write_json(tr.run_dir / DATA_FILE, tr.data)
         atomic_write_json(tr.run_dir / "config.json", cfg)
         (tr.run_dir / "PREEMPT").unlink(missing_ok=True)
-    if d.world > 1:
-        dist.barrier()
+    barrier(d)
     return cfg, batches, metrics
 
 
@@ -642,14 +607,15 @@ def _train(cfg: TrainConfig, run_dir: Path, *, resume: bool, on_step: Callable[[
             # 1: stop on request (checkpoint, exit 3); 2: early stopping (done); 0.5: a new best to save
             flag = 1.0 if stop.requested() else 2.0 if d.main and early.exhausted else 0.5 if new_best else 0.0
             want_stop = torch.tensor([flag])
-            _all_reduce(want_stop, d, dist.ReduceOp.MAX if d.world > 1 else None)
+            all_reduce(want_stop, d, "max")
             if step % cfg.ckpt_every == 0 or step == cfg.steps or want_stop.item() > 0:
                 if d.main:
                     last_ckpt = tr.save(step)
                     if new_best:
                         early.record(step, last_ckpt)
-                if d.world > 1:
-                    dist.barrier()
+                barrier(d)
+                if not d.main:
+                    last_ckpt = tr.run_dir / "checkpoints" / f"step-{step:08d}"  # rank 0's, written by now
             if want_stop.item() == 2.0:
                 log.info("early stopping at step %d: no better %s in %d evals (best %.5g, %s)", step, early.metric,
                          early.patience, early.best, tr.run_dir / BEST_FILE)
