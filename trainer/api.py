@@ -64,6 +64,7 @@ class LoadedWorldModel:
     # the planner's rollouts as CUDA graphs, one per shape (`use_graphs`); None: eager
     graphs: dict[tuple, CapturedRollout] | None = dataclasses.field(default=None, repr=False)
     capture: bool = True  # with `graphs`: capture on CUDA; False runs the graphs' code eagerly (a check)
+    step: int = 0  # the training step of its weights (0: a fresh model)
 
     def for_source(self, reader: Any, source: str) -> LoadedWorldModel:
         """This model on one source's frames: its store cameras in their slots (the slots it lacks are not
@@ -85,7 +86,7 @@ class LoadedWorldModel:
         model.load_state_dict(load_weights(run.checkpoint, weights))
         dev = torch.device(device)
         model = model.to(dev, inference_dtype(precision, dev)).eval().requires_grad_(False)
-        wm = cls(model, run.config, run.shape, run.stats, run.encoder, run.store, run.checkpoint, dev)
+        wm = cls(model, run.config, run.shape, run.stats, run.encoder, run.store, run.checkpoint, dev, step=run.step)
         if compile:
             wm.compile()
         if graphs:

@@ -195,6 +195,10 @@ class TrainConfig:
     ckpt_every: int = 200
     keep_last: int = 3
     tracker: str = "tensorboard"  # none | tensorboard | wandb | trackio (metrics.jsonl is always written)
+    # W&B (tracker=wandb; its evals too): the project, the entity (a team or user; None: your default) and the tags
+    wandb_project: str = "wmctl"
+    wandb_entity: str | None = None
+    wandb_tags: tuple[str, ...] = ()
     init_from: Path | None = None  # fine-tune: start from this run/checkpoint (EMA weights)
     finetune_lr_scale: float = 0.3
 
@@ -224,6 +228,9 @@ class TrainConfig:
 
         if self.tracker not in TRACKERS:
             raise UserError(f"tracker {self.tracker!r}: choose one of {', '.join(TRACKERS)}")
+        if not self.wandb_project or any(not t or len(t) > 64 for t in self.wandb_tags):
+            raise UserError(f"wandb_project {self.wandb_project!r} must not be empty and wandb_tags {self.wandb_tags} "
+                            "must each be 1-64 characters (W&B's limits)")
         if self.state_weight < 0:
             raise UserError("state_weight must be >= 0")
         if self.steps < 1 or self.batch_size < 1 or self.grad_accum < 1 or self.frameskip < 1:
@@ -408,7 +415,7 @@ def train_config(preset_name: str | None, *, kind: str | None = None,
 # config fields that may change when resuming: bookkeeping, not what is learned (the store may move, e.g. to
 # node-local disk; its encoder identity is checked instead of its path)
 RESUMABLE_FIELDS = {"steps", "log_every", "eval_every", "ckpt_every", "keep_last", "num_workers", "val_windows",
-                    "out", "device", "compile", "store", "tracker"}
+                    "out", "device", "compile", "store", "tracker", "wandb_project", "wandb_entity", "wandb_tags"}
 
 
 def learned_differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
@@ -436,6 +443,6 @@ def config_from_dict(d: dict[str, Any]) -> TrainConfig:
         if d.get(key) is not None:
             d[key] = Path(d[key])
     for key in ("sources", "betas", "context_schedule", "tau_max_schedule", "mix_weights", "action_kinds",
-                "source_frameskip"):
+                "source_frameskip", "wandb_tags"):
         d[key] = tuple(tuple(x) if isinstance(x, list) else x for x in d.get(key, ()))
     return TrainConfig(model=model, **d)

@@ -564,20 +564,25 @@ def _write(cfg: EvalConfig, wm: LoadedWorldModel, reader: TokenReader, result: d
 
 
 def _track(cfg: EvalConfig, wm: LoadedWorldModel, result: dict[str, Any], folder: Path) -> None:
-    """The eval figures in the tracker at `folder` (the run's, next to its training curves, unless --out): per
-    condition, metric and model a curve over the horizon (the x axis is the horizon in frames), and the plots and
-    rollout grids as images."""
-    tracker = open_tracker(cfg.tracker, folder, name=f"{run_dir_of(wm.checkpoint).name}-eval")
+    """The eval figures in the tracker at `folder` (the run's, next to its training curves, unless --out), at the
+    training step of the checkpoint evaluated: per condition, metric, model and horizon one scalar
+    (`eval/actions/mse/model/h5`), so evals of successive checkpoints form curves over training (and W&B, whose
+    steps only go forward, keeps them: `trainer.tracking`); the plots and rollout grids as images at that step.
+    W&B: the run's own project, entity and tags."""
+    run = wm.cfg
+    tracker = open_tracker(cfg.tracker, folder, name=run_dir_of(wm.checkpoint).name, project=run.wandb_project,
+                           entity=run.wandb_entity, tags=run.wandb_tags)
     try:
+        values = {}
         for cond, entry in result["conditions"].items():
             for name, errs in entry.items():
-                label = "model" if name == wm.name else name.split("/")[0]
+                label = "model" if name == wm.name else name.split("/")[0] + ("+noise" if name.endswith("+noise")
+                                                                               else "")
                 for metric in ("mse", "mse_single", "energy", "mse_moving"):
-                    for h, v in errs[metric].items():
-                        tracker.scalars({f"eval/{cond}/{metric}/{label}": v}, int(h))
-        step = int(wm.checkpoint.name.rsplit("-", 1)[-1]) if wm.checkpoint.name.startswith("step-") else 0
+                    values.update({f"eval/{cond}/{metric}/{label}/h{int(h)}": v for h, v in errs[metric].items()})
+        tracker.scalars(values, wm.step)
         for png in [*result.get("plots", []), *result.get("rollouts", [])]:
-            tracker.image(f"eval/{Path(png).stem}", Path(png), step)
+            tracker.image(f"eval/{Path(png).stem}", Path(png), wm.step)
     finally:
         tracker.close()
 

@@ -342,11 +342,11 @@ class Metrics:
     """metrics.jsonl (rank 0; on resume lines after the checkpoint are dropped), mirrored to the run's tracker
     (`trainer.tracking`: TensorBoard by default)."""
 
-    def __init__(self, run_dir: Path, start_step: int, enabled: bool, tracker: str = "tensorboard",
-                 config: dict[str, Any] | None = None):
+    def __init__(self, run_dir: Path, start_step: int, enabled: bool, cfg: TrainConfig):
         self.path, self.enabled, self.rows = run_dir / "metrics.jsonl", enabled, []
         self.earlier: list[dict[str, Any]] = []
-        self.tracker = open_tracker(tracker if enabled else "none", run_dir, config=config)
+        self.tracker = open_tracker(cfg.tracker if enabled else "none", run_dir, config=to_jsonable(cfg),
+                                    project=cfg.wandb_project, entity=cfg.wandb_entity, tags=cfg.wandb_tags)
         if not enabled:
             return
         if self.path.exists():
@@ -560,7 +560,7 @@ def _start(tr: Trainer, reader: TokenReader, resume: bool, start: int):
     batches = _loader(reader, tr, start + 1)
     if start < cfg.steps:  # the data reads before anything is written
         batches = itertools.chain([next(batches)], batches)
-    metrics = Metrics(tr.run_dir, start, d.main, cfg.tracker, to_jsonable(cfg))
+    metrics = Metrics(tr.run_dir, start, d.main, cfg)
     if d.main:
         tr.run_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_json(tr.run_dir / DATA_FILE, tr.data)

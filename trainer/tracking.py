@@ -4,6 +4,11 @@
 the same rows. TensorBoard event files go to `<run>/tensorboard/` (`tensorboard --logdir runs/` compares every
 run side by side); W&B and trackio are optional extras (`pip install 'wmctl[wandb]'`, `'wmctl[trackio]'`),
 imported only when chosen, and keep their own offline switches (`WANDB_MODE=offline`; trackio logs locally).
+
+Every figure is logged at a training step: training's rows at theirs, eval's at the step of the checkpoint it
+evaluated (the horizon is in the tag), so evals of successive checkpoints form curves beside the training ones.
+W&B's x axis is that step logged as a metric (`STEP_METRIC`), not its own row counter: an eval of an earlier
+checkpoint, logged after training went further, is kept (rows with a smaller `step=` are dropped by W&B).
 """
 
 from __future__ import annotations
@@ -55,19 +60,27 @@ class TensorBoardTracker(Tracker):
         self.writer.close()
 
 
+STEP_METRIC = "global_step"  # W&B's x axis: the training step, logged with every row
+
+
 class WandbTracker(Tracker):
-    def __init__(self, run_dir: Path, name: str, config: dict[str, Any]):
+    def __init__(self, run_dir: Path, name: str, config: dict[str, Any], *, project: str = "wmctl",
+                 entity: str | None = None, tags: tuple[str, ...] = ()):
         wandb = _optional("wandb")
-        # one W&B run per wmctl run: a resumed job continues it; WANDB_MODE=offline is honoured by wandb itself
-        self.run = wandb.init(project="wmctl", name=name, id=_run_id(run_dir), resume="allow", dir=str(run_dir),
-                              config=config)
+        # one W&B run per wmctl run: a resumed job (and the run's evals) continue it; WANDB_MODE=offline is honoured
+        # by wandb itself
+        self.run = wandb.init(project=project, entity=entity, tags=list(tags) or None, name=name,
+                              id=_run_id(run_dir), resume="allow", dir=str(run_dir), config=config)
+        self.run.define_metric(STEP_METRIC)
+        for prefix in ("train/*", "eval/*"):
+            self.run.define_metric(prefix, step_metric=STEP_METRIC)
         self._wandb = wandb
 
     def scalars(self, values: dict[str, float], step: int, prefix: str = "") -> None:
-        self.run.log({prefix + k: v for k, v in values.items()}, step=step)
+        self.run.log({**{prefix + k: v for k, v in values.items()}, STEP_METRIC: step})
 
     def image(self, tag: str, png: Path, step: int = 0) -> None:
-        self.run.log({tag: self._wandb.Image(str(png))}, step=step)
+        self.run.log({tag: self._wandb.Image(str(png)), STEP_METRIC: step})
 
     def close(self) -> None:
         self.run.finish()
@@ -101,16 +114,17 @@ def _run_id(run_dir: Path) -> str:
     return hashlib.sha256(str(run_dir.resolve()).encode()).hexdigest()[:16]
 
 
-def open_tracker(kind: str, run_dir: Path, *, name: str | None = None, config: dict[str, Any] | None = None
-                 ) -> Tracker:
-    """The tracker `kind` for the run in `run_dir` (rank 0 only: callers on other ranks pass `none`)."""
+def open_tracker(kind: str, run_dir: Path, *, name: str | None = None, config: dict[str, Any] | None = None,
+                 project: str = "wmctl", entity: str | None = None, tags: tuple[str, ...] = ()) -> Tracker:
+    """The tracker `kind` for the run in `run_dir` (rank 0 only: callers on other ranks pass `none`); `project`,
+    `entity`, `tags`: the W&B run's (the run config's `wandb_project`, `wandb_entity`, `wandb_tags`)."""
     if kind not in TRACKERS:
         raise UserError(f"--tracker {kind!r}: choose one of {', '.join(TRACKERS)}")
     name = name or run_dir.name
     if kind == "tensorboard":
         return TensorBoardTracker(run_dir)
     if kind == "wandb":
-        return WandbTracker(run_dir, name, config or {})
+        return WandbTracker(run_dir, name, config or {}, project=project, entity=entity, tags=tags)
     if kind == "trackio":
         return TrackioTracker(run_dir, name, config or {})
     return Tracker()
