@@ -23,6 +23,12 @@ HUB_LAYOUT = LEROBOT_VERSION >= Version("0.5")  # downloads in the Hugging Face 
 DATASET_REVISION = "v3.0"  # the codebase version LeRobot asks the Hub for (a tag), then `main`
 
 
+def offline_env() -> None:
+    """Make any accidental Hub call fail fast instead of hanging (set before lerobot/HF are imported)."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+
 def dataset_classes() -> tuple[type, type]:
     """(LeRobotDataset, LeRobotDatasetMetadata) from the installed lerobot's public module."""
     try:

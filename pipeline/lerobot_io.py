@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 from collections import OrderedDict
 from pathlib import Path
 from typing import Any
@@ -18,6 +17,7 @@ import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 
+from pipeline.lerobot_compat import offline_env
 from pipeline.names import safe_relative
 from pipeline.stage import UserError, file_sha256
 
@@ -25,12 +25,6 @@ SUPPORTED_VERSION = "v3.0"
 CONVERT_CMD = (
     "python -m lerobot.datasets.v30.convert_dataset_v21_to_v30 --repo-id={name} --root={parent} --push-to-hub=false"
 )
-
-
-def offline_env() -> None:
-    """Make any accidental Hub call fail fast instead of hanging (set before lerobot/HF are imported)."""
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 
 @dataclasses.dataclass

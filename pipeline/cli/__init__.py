@@ -1,5 +1,7 @@
-"""The `wmctl` command line, one module per command group; each command parses its options, builds the stage's
-config, calls `run_<stage>(cfg)` and prints. Errors become one red line and an exit code in one place
+"""The `wmctl` command line: the root app, whose commands live with their stage (`pipeline/cli/` holds the pipeline
+stage's, `featurestore/cli.py`, `trainer/cli.py` and `planner/cli.py` the others') and are mounted by name from the
+command table (`pipeline.cli.table`), each imported on first use. Each command parses its options, builds the
+stage's config, calls `run_<stage>(cfg)` and prints. Errors become one red line and an exit code in one place
 (`pipeline.cli.base.WmctlGroup`).
 
 Exit codes: 0 done (or nothing to do); 1 finished but some episodes failed (they are listed, the rest is
@@ -17,38 +19,29 @@ from __future__ import annotations
 import sys
 from typing import Annotated
 
-from pipeline.lerobot_io import offline_env
+from pipeline.lerobot_compat import offline_env
 
 offline_env()  # nothing downloads at run time: Hub clients see HF_HUB_OFFLINE=1 unless the user set it otherwise
 
 import typer  # noqa: E402
 
-from pipeline.cli import bench, data, encode, evaluate, ingest, plan, train  # noqa: E402
 from pipeline.cli.base import new_app  # noqa: E402
+from pipeline.cli.lazy import LazyGroup  # noqa: E402
 from pipeline.cli.progress import setup_logging  # noqa: E402
+from pipeline.cli.table import COMMANDS  # noqa: E402
+
+
+class RootGroup(LazyGroup):
+    table = COMMANDS
+
 
 app = new_app("Latent world models from LeRobot video: data -> ingest -> encode -> train -> eval -> plan.",
-              name="wmctl")
-app.add_typer(data.app, name="data")
-app.add_typer(encode.encoder_app, name="encoder")
-app.add_typer(evaluate.decoder_app, name="decoder")
-app.add_typer(plan.app, name="plan")
-app.add_typer(bench.app, name="bench")
+              cls=RootGroup, name="wmctl")
 
 
 @app.callback()
 def main(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging.")] = False) -> None:
     setup_logging(verbose)
-
-
-app.command()(ingest.ingest)
-app.command()(ingest.datasets)
-app.command()(encode.encode)
-app.command()(encode.status)
-app.command()(encode.probe)
-app.command()(train.train)
-app.command("eval")(evaluate.eval_)
-app.command()(evaluate.visualize)
 
 
 def run() -> None:  # pragma: no cover - console entry for `python -m pipeline.cli`

@@ -12,7 +12,7 @@ import re
 import sys
 import traceback
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import typer
 from typer.core import TyperGroup
@@ -167,9 +167,13 @@ def _path_options(ctx) -> list[Path]:
     return out
 
 
-def new_app(help: str, **kw: Any) -> typer.Typer:
-    return typer.Typer(help=help, cls=WmctlGroup, no_args_is_help=True, pretty_exceptions_enable=False,
+def new_app(help: str, cls: type[WmctlGroup] = WmctlGroup, **kw: Any) -> typer.Typer:
+    """A command group of wmctl (`cls`: `WmctlGroup`, or a `pipeline.cli.lazy.LazyGroup` with its table)."""
+    return typer.Typer(help=help, cls=cls, no_args_is_help=True, pretty_exceptions_enable=False,
                        add_completion=False, **kw)
+
+
+AutoDevice = Annotated[str, typer.Option(help="auto | cpu | cuda.")]  # the benchmarks' --device
 
 
 def console():

@@ -3,18 +3,20 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from pipeline.cli.base import console, split_list
+from pipeline.cli.lazy import load
 from pipeline.cli.progress import progress
-from pipeline.ingest import IngestResult, run_ingest
+from pipeline.cli.table import MANIFEST_NOTES
 from pipeline.ingest_config import IngestConfig, ingest_config
-from pipeline.lerobot_io import check_dataset_root
-from pipeline.manifest import read_manifest, split_summary
 from pipeline.registry import available, load_spec, resolve_source
 from pipeline.stage import ShardSpec, UserError
+
+if TYPE_CHECKING:
+    from pipeline.ingest import IngestResult
 
 
 def ingest(
@@ -37,6 +39,9 @@ def ingest(
     force: Annotated[bool, typer.Option(help="Rebuild even if the manifest exists with another config.")] = False,
 ) -> None:
     """Validate every episode of a LeRobot v3.0 dataset and write a Parquet manifest."""
+    from pipeline.ingest import run_ingest  # the stage (pandas, pyarrow, PyAV): not imported for --help
+    from pipeline.lerobot_io import check_dataset_root
+
     src = resolve_source(dataset, root, repo_id)
     info = check_dataset_root(src.root)
     cfg = ingest_config(src, out=out, cameras=split_list(cameras), no_actions=no_actions, val_fraction=val_fraction,
@@ -49,6 +54,8 @@ def ingest(
 
 
 def _summary(cfg: IngestConfig, result: IngestResult) -> None:
+    from pipeline.manifest import split_summary
+
     for ep, reason in result.failures:
         typer.secho(f"error: {cfg.source} episode {ep}: {reason}", fg=typer.colors.RED, err=True)
     if result.nothing_to_do:
@@ -61,7 +68,8 @@ def _summary(cfg: IngestConfig, result: IngestResult) -> None:
                    f"({result.seconds:.1f}s)")
     if result.manifest is not None:
         typer.echo(split_summary(result.manifest))
-        typer.echo(capacity_summary(result.manifest))
+        for note in MANIFEST_NOTES:  # what later stages say of it (the token store it makes), loaded by name
+            typer.echo(load(note)(result.manifest))
     if result.n_failed:
         typer.echo("failed episodes are kept out of later stages; fix them and re-run with --force", err=True)
         raise typer.Exit(1)
@@ -86,20 +94,3 @@ def datasets() -> None:
                       f"{s.mix_weight:g}", str(path))
     console().print(table)
 
-
-def capacity_summary(manifest: Path, tokens: int = 196, dim: int = 768) -> str:
-    """One line: the token store this manifest makes with the default encoder (DINOv3 ViT-B/16 at 224x224: 196
-    tokens x 768 per camera), every frame of every camera, float16 and int8, uncompressed (`wmctl encode` prints
-    the projection for its own settings before it starts)."""
-    from featurestore.store import projected_bytes
-
-    df, _ = read_manifest(manifest)
-    ok = df[df.status == "ok"]
-    if ok.empty:
-        return "projected token store: no ok episodes"
-    frames, cameras = int(ok.length.sum()), len(ok.iloc[0].camera_keys)
-    kw = dict(cameras=cameras, tokens=tokens, dim=dim, action_dim=int(ok.action_dim.max()),
-              state_dim=int(ok.state_dim.max()))
-    fp16, int8 = (projected_bytes(frames, dtype=d, **kw) / 1e9 for d in ("float16", "int8"))
-    return (f"projected token store: {frames} frames x {cameras} camera(s) at ViT-B/16 224x224 ({tokens} tokens x "
-            f"{dim}): {fp16:.3f} GB float16, {int8:.3f} GB int8 (uncompressed)")

@@ -1,4 +1,7 @@
-"""`wmctl encode`, `wmctl status` and `wmctl encoder init-random`: frames into the token store, and what it holds."""
+"""The featurestore stage's commands: `wmctl encode`, `status`, `probe`, the `encoder` group (init-random, fetch),
+`bench encode` and `bench decode` (the decode that feeds the encoder); and the token store a manifest makes, as a
+line of `wmctl ingest`'s summary. Mounted by name from `pipeline.cli.table`.
+"""
 
 from __future__ import annotations
 
@@ -7,14 +10,16 @@ from typing import Annotated
 
 import typer
 
+from featurestore.bench import bench_encode
 from featurestore.encode import EncodeConfig, EncodeResult, run_encode
 from featurestore.encoders import DEFAULT_ENCODER, Preprocess, init_random_dinov3
 from featurestore.status import status_table, store_status, verify_store
-from featurestore.store import StoreLayout
-from pipeline.cli.base import console, hxw, new_app, split_list
+from featurestore.store import StoreLayout, projected_bytes
+from pipeline.bench import bench_decode
+from pipeline.cli.base import AutoDevice, console, hxw, new_app, print_result, split_list
 from pipeline.cli.progress import progress
-from pipeline.manifest import manifest_path
-from pipeline.registry import resolve
+from pipeline.manifest import manifest_path, read_manifest
+from pipeline.registry import resolve, resolve_source
 from pipeline.stage import ShardSpec
 
 encoder_app = new_app("Encoder utilities.")
@@ -200,3 +205,50 @@ def print_probe(res: dict) -> None:
         for view, v in r["views"].items():
             t.add_row(view, *(f"{x:.3f}" for x in v["r2"].values()))
         console().print(t)
+
+
+def bench_decode_cmd(
+    dataset: Annotated[str | None, typer.Option(help="Registered dataset.")] = "multicam-demo",
+    root: Annotated[Path | None, typer.Option(help="Dataset root (instead of --dataset).")] = None,
+    episodes: Annotated[int | None, typer.Option(help="Only the first N episodes.")] = None,
+    encoder_rate: Annotated[float, typer.Option(help="Images/s one GPU's encoder takes in, for cores per GPU "
+                                                "(default: the 5,000/s target for DINOv3 ViT-B/16 at 224 in bf16; "
+                                                "`make bench-gpu` measures yours).")] = 5000.0,
+) -> None:
+    """Sequential PyAV decode vs lerobot per-item access (pyav backend) on the same frames; frames per CPU-second
+    and the cores that feed one GPU."""
+    src = resolve_source(None if root else dataset, root)
+    print_result(f"decode: {src.name}", bench_decode(src.root, src.repo_id, episodes, encoder_rate))
+
+
+def bench_encode_cmd(
+    dataset: Annotated[str | None, typer.Option(help="Registered dataset (manifests/<name>.parquet).")] = None,
+    manifest: Annotated[Path | None, typer.Option(help="Manifest (instead of --dataset).")] = None,
+    encoder: Annotated[str, typer.Option(help="Encoder dir or id.")] = "",
+    image_size: Annotated[str, typer.Option(help="N or HxW.")] = str(Preprocess.height),
+    batch_size: Annotated[int, typer.Option(help="Frames per batch.")] = EncodeConfig.batch_size,
+    device: AutoDevice = EncodeConfig.device,
+    episodes: Annotated[int | None, typer.Option(help="Only the first N ok episodes.")] = None,
+) -> None:
+    """Decode-only, encoder-only, write-only and pipelined frames/s on the same frames; bytes per frame."""
+    manifest = manifest_path(dataset, manifest)
+    h, w = hxw(image_size)
+    cfg = EncodeConfig(manifest=manifest, store=Path("unused"), encoder=encoder or DEFAULT_ENCODER,
+                       preprocess=Preprocess(height=h, width=w), batch_size=batch_size, device=device)
+    print_result(f"encode: {manifest}", bench_encode(cfg, max_episodes=episodes))
+
+
+def capacity_summary(manifest: Path, tokens: int = 196, dim: int = 768) -> str:
+    """One line: the token store this manifest makes with the default encoder (DINOv3 ViT-B/16 at 224x224: 196
+    tokens x 768 per camera), every frame of every camera, float16 and int8, uncompressed (`wmctl encode` prints
+    the projection for its own settings before it starts)."""
+    df, _ = read_manifest(manifest)
+    ok = df[df.status == "ok"]
+    if ok.empty:
+        return "projected token store: no ok episodes"
+    frames, cameras = int(ok.length.sum()), len(ok.iloc[0].camera_keys)
+    kw = dict(cameras=cameras, tokens=tokens, dim=dim, action_dim=int(ok.action_dim.max()),
+              state_dim=int(ok.state_dim.max()))
+    fp16, int8 = (projected_bytes(frames, dtype=d, **kw) / 1e9 for d in ("float16", "int8"))
+    return (f"projected token store: {frames} frames x {cameras} camera(s) at ViT-B/16 224x224 ({tokens} tokens x "
+            f"{dim}): {fp16:.3f} GB float16, {int8:.3f} GB int8 (uncompressed)")

@@ -1,21 +1,28 @@
-"""`wmctl plan offline|sim|compare`: goal-conditioned MPC in latent space, on held-out episodes and in a simulator, and
-two planners compared trial by trial."""
+"""The planner stage's commands: the `plan` group (offline, sim, compare: goal-conditioned MPC in latent space, on
+held-out episodes and in a simulator, and two planners compared trial by trial) and `bench plan`. The planners know
+the world model only through `planner.core.WorldModel`; these commands load one from a run (`trainer.api`). Mounted
+by name from `pipeline.cli.table`.
+"""
 
 from __future__ import annotations
 
 import dataclasses
+import json
 from pathlib import Path
 from typing import Annotated, Any
 
+import torch
 import typer
 
 from featurestore.reader import TokenReader
-from pipeline.cli.base import given_options, new_app
+from pipeline.cli.base import AutoDevice, console, given_options, hxw, new_app, split_list
+from pipeline.machine import bench_device
 from pipeline.stage import UserError, atomic_write_json
+from planner.bench import BenchCase, bench_plan
 from planner.cem import CEMConfig
 from planner.offline import OfflineConfig, run_plan_offline, search_configs
 from planner.sim import PROTOCOLS, SWM_CEM, SimConfig, SimStopped, compare_sims, load_sim_result, run_plan_sim
-from trainer.api import LoadedWorldModel
+from trainer.api import LoadedWorldModel, inference_dtype
 from trainer.checkpoint import resolve_checkpoint
 from trainer.runs import check_writable, plan_dir, resolve_run
 
@@ -226,3 +233,61 @@ def plan_compare(
         atomic_write_json(json_out, {"a": [str(x) for x in a], "b": [str(y) for y in b], "names": [label_a, label_b],
                                      "policy": policy, **res})
         typer.echo(f"wrote {json_out}")
+
+
+def bench_plan_cmd(
+    presets: Annotated[str, typer.Option(help="Comma-separated model presets.")] = "tiny,small,base",
+    samples: Annotated[int, typer.Option(help="CEM samples.")] = 64,
+    iterations: Annotated[int, typer.Option(help="CEM iterations.")] = 5,
+    horizon: Annotated[int, typer.Option(help="Planning horizon (frames).")] = 5,
+    grid: Annotated[str, typer.Option(help="Token grid per frame, HxW.")] = "6x6",
+    enc_dim: Annotated[int, typer.Option(help="Token width.")] = 32,
+    device: AutoDevice = "auto",
+    compile: Annotated[bool, typer.Option("--compile", help="Also time it torch.compiled, side by side.")] = False,
+    graph: Annotated[bool, typer.Option("--graph", help="Also time the rollouts replayed as CUDA graphs, side by "
+                                        "side (CUDA only).")] = False,
+    cem: Annotated[str, typer.Option("--cem", help="default | dinowm | icem | fast: the budget's other settings "
+                                     "(noise, kept elites); --samples and --iterations as given.")] = "default",
+    precision: Annotated[str, typer.Option(help="auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp32, as `plan`'s.")
+                         ] = "auto",
+) -> None:
+    """Milliseconds per MPC step (one CEM optimisation) and model evaluations per step, per preset."""
+    dev = bench_device(device)
+    if graph and dev.type != "cuda":
+        raise UserError(f"--graph times CUDA graphs and this run is on {dev}: run it on a GPU (--device cuda), "
+                        "or drop --graph (--compile is the CPU's option)")
+    dtype = inference_dtype(precision, dev)
+    cases = [_fresh_case(p, hxw(grid, "--grid", "6x6 or 16x16"), enc_dim, dev, dtype) for p in split_list(presets)]
+    result = bench_plan(cases, samples=samples, iterations=iterations, horizon=horizon, device=dev,
+                        compile_fn=LoadedWorldModel.compile if compile else None,
+                        cem=None if cem == "default" else search_configs("cem", horizon, cem)[0], graph=graph)
+    _plan_table(result, samples, iterations, horizon, compile, graph)
+
+
+def _fresh_case(preset: str, grid: tuple[int, int], enc_dim: int, dev: torch.device, dtype: torch.dtype
+                ) -> BenchCase:
+    wm = LoadedWorldModel.fresh(preset, grid=grid, enc_dim=enc_dim, action_dim=2, device=str(dev), dtype=dtype)
+    return BenchCase(preset, wm, (wm.shape.latent_tokens, wm.shape.enc_dim), wm.params_M, dtype)
+
+
+def _plan_table(result: dict, samples: int, iterations: int, horizon: int, compile: bool, graph: bool = False
+                ) -> None:
+    from rich.table import Table
+
+    table = Table(title=f"plan: CEM {samples}x{iterations}, horizon {horizon}, {result['device']} ({result['cpu']})")
+    cols = ["preset", "params (M)", "dtype", "ms / MPC step", "model evals / step", "passes / iteration"]
+    cols += ["compiled ms / step", "speedup", "compile s"] if compile else []
+    for col in cols + (["graph ms / step", "speedup", "capture s"] if graph else []):
+        table.add_column(col)
+    for r in result["rows"]:
+        cells = [r["preset"], f"{r['params_M']:.2f}", r["dtype"], f"{r['ms_per_mpc_step']:.0f}",
+                 str(r["model_evals_per_step"]), f"{r['model_passes_per_iteration']:g}"]
+        if compile:
+            cells += [f"{r['ms_per_mpc_step_compiled']:.0f}", f"{r['compile_speedup']:.2f}x", f"{r['compile_s']:.0f}"]
+        if graph and "graph_error" in r:
+            cells += [r["graph_error"][:60], "", ""]
+        elif graph:
+            cells += [f"{r['ms_per_mpc_step_graph']:.1f}", f"{r['graph_speedup']:.2f}x", f"{r['capture_s']:.1f}"]
+        table.add_row(*cells)
+    console().print(table)
+    typer.echo(json.dumps(result))
