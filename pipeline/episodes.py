@@ -123,7 +123,25 @@ def validate_episode(
     }
     if length <= 0:
         problems.append(f"length is {length}")
-    # low-dim data: frame count, frame order, timestamps, action/state shapes and finiteness
+    problems += _row_problems(meta, row, cfg, data, out)
+    problems += _video_problems(meta, row, cfg, cameras, prober, frames, out)
+    try:
+        out["split_group"] = split_group(row, cfg.split_by, out["task"])
+    except ValueError as e:
+        problems.append(str(e))
+    out["split"] = (("val" if ep in val_set else "train") if val_set is not None else
+                    split_of(cfg.source, ep, cfg.val_fraction, cfg.split_seed, out["split_group"]))
+    out["status"] = "failed" if problems else "ok"
+    out["reason"] = "; ".join(problems)
+    return out
+
+
+def _row_problems(meta: DatasetMeta, row: pd.Series, cfg: IngestConfig, data: DataFileCache,
+                  out: dict[str, Any]) -> list[str]:
+    """The low-dim data's problems: frame count, frame order, timestamps, action/state shapes and finiteness (and
+    the data file, into `out`)."""
+    length, fps, has_actions = out["length"], out["fps"], out["has_actions"]
+    problems: list[str] = []
     try:
         path, rows = data.episode_rows(meta, row)
         out["data_file"] = _rel(meta, path)
@@ -150,7 +168,15 @@ def validate_episode(
                     problems.append(reason)
     except (FileNotFoundError, OSError, pa.ArrowException) as e:
         problems.append(f"cannot read data rows: {e}")
-    # videos: file exists, per-episode time range matches length, first/last frame decode
+    return problems
+
+
+def _video_problems(meta: DatasetMeta, row: pd.Series, cfg: IngestConfig, cameras: list[str],
+                    prober: VideoProber, frames: PyAVFrameSource | None, out: dict[str, Any]) -> list[str]:
+    """The videos' problems: file exists, per-episode time range matches length, first/last (or every) frame
+    decodes (and each camera's file and time range, into `out`)."""
+    length, fps = out["length"], out["fps"]
+    problems: list[str] = []
     for cam in cameras:
         vpath = meta.video_path(row, cam)
         from_ts = float(row[f"videos/{cam}/from_timestamp"])
@@ -175,12 +201,4 @@ def validate_episode(
                     problems.append(f"{cam}: decoded {n} frames, expected {length}")
             except Exception as e:  # noqa: BLE001 - any decode failure is this episode's problem
                 problems.append(f"{cam}: {e}")
-    try:
-        out["split_group"] = split_group(row, cfg.split_by, out["task"])
-    except ValueError as e:
-        problems.append(str(e))
-    out["split"] = (("val" if ep in val_set else "train") if val_set is not None else
-                    split_of(cfg.source, ep, cfg.val_fraction, cfg.split_seed, out["split_group"]))
-    out["status"] = "failed" if problems else "ok"
-    out["reason"] = "; ".join(problems)
-    return out
+    return problems

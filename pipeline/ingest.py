@@ -177,32 +177,9 @@ def run_ingest(cfg: IngestConfig, on_episode: Callable[[], None] | None = None) 
     if done is not None:
         return done
 
-    episodes = meta.episodes
-    n_blocks = max(1, -(-len(episodes) // cfg.block_size))
-    val_set = exact_val_episodes(cfg.source, [int(e) for e in episodes.episode_index], cfg.val_episodes,
-                                 cfg.split_seed) if cfg.val_episodes else None
+    n_blocks = max(1, -(-len(meta.episodes) // cfg.block_size))
     parts = _parts_dir(Path(cfg.out))
-    data = DataFileCache(columns=[ACTION_KEY, STATE_KEY])
-    prober = VideoProber(tolerance_s=cfg.tolerance_s)
-    frames = PyAVFrameSource(tolerance_s=cfg.tolerance_s) if cfg.video_check == "full" else None
-    done_here = 0
-    try:
-        for b in range(n_blocks):
-            block_path = parts / f"block-{b:06d}.parquet"
-            if not cfg.shard.owns(b) or block_path.exists():
-                continue
-            rows = []
-            for _, row in episodes.iloc[b * cfg.block_size:(b + 1) * cfg.block_size].iterrows():
-                rows.append(validate_episode(meta, row, cfg, cameras, data, prober, frames, val_set))
-                if on_episode:
-                    on_episode()
-            write_parquet(block_path, manifest_table(rows))
-            done_here += 1
-            fault_point("ingest-block")
-    finally:
-        prober.close()
-        if frames is not None:
-            frames.close()
+    done_here = _validate_blocks(cfg, meta, cameras, n_blocks, parts, on_episode)
 
     manifest_meta = {
         "config": identity,
@@ -231,3 +208,33 @@ def run_ingest(cfg: IngestConfig, on_episode: Callable[[], None] | None = None) 
         blocks_done_here=done_here,
         seconds=time.monotonic() - start,
     )
+
+
+def _validate_blocks(cfg: IngestConfig, meta: DatasetMeta, cameras: list[str], n_blocks: int, parts: Path,
+                     on_episode: Callable[[], None] | None) -> int:
+    """Validate this shard's blocks not yet done, each written to `parts` as one Parquet file; how many it wrote."""
+    episodes = meta.episodes
+    val_set = exact_val_episodes(cfg.source, [int(e) for e in episodes.episode_index], cfg.val_episodes,
+                                 cfg.split_seed) if cfg.val_episodes else None
+    data = DataFileCache(columns=[ACTION_KEY, STATE_KEY])
+    prober = VideoProber(tolerance_s=cfg.tolerance_s)
+    frames = PyAVFrameSource(tolerance_s=cfg.tolerance_s) if cfg.video_check == "full" else None
+    done_here = 0
+    try:
+        for b in range(n_blocks):
+            block_path = parts / f"block-{b:06d}.parquet"
+            if not cfg.shard.owns(b) or block_path.exists():
+                continue
+            rows = []
+            for _, row in episodes.iloc[b * cfg.block_size:(b + 1) * cfg.block_size].iterrows():
+                rows.append(validate_episode(meta, row, cfg, cameras, data, prober, frames, val_set))
+                if on_episode:
+                    on_episode()
+            write_parquet(block_path, manifest_table(rows))
+            done_here += 1
+            fault_point("ingest-block")
+    finally:
+        prober.close()
+        if frames is not None:
+            frames.close()
+    return done_here
