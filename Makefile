@@ -70,8 +70,12 @@ data: install
 ingest: install
 	$(WMCTL) ingest --dataset $(DATASET) || test $$? -eq 1
 
+# Runs in this shell: for a large dataset (DROID: ~24.5 TB at float16) use the SLURM array in scripts/slurm/. An encode
+# projected larger than the free space of the store's disk is refused (exit 2) naming a --fps / --dtype that fits;
+# FORCE_SPACE=1 encodes anyway.
 encode: ingest
-	$(WMCTL) encode --dataset $(DATASET) --store $(STORE) $(if $(ENCODER),--encoder $(ENCODER),) $(ENCODE_ARGS)
+	$(WMCTL) encode --dataset $(DATASET) --store $(STORE) $(if $(ENCODER),--encoder $(ENCODER),) \
+	  $(if $(FORCE_SPACE),--force-space,) $(ENCODE_ARGS)
 
 status: install
 	$(WMCTL) status --store $(STORE)

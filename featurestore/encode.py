@@ -18,6 +18,7 @@ import json
 import logging
 import os
 import queue
+import shutil
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -69,6 +70,7 @@ class EncodeConfig:
     tolerance_s: float = 1e-4
     fps: float | None = None  # store every k-th frame, k = the dataset's fps / fps (None: every frame)
     action_kind: str | tuple[str, ...] = ""  # how actions add up over skipped frames (default: the registry's)
+    force_space: bool = False  # encode even when the projected size exceeds the store's free disk space
 
     def __post_init__(self) -> None:
         if self.batch_size < 1 or self.augment_views < 0:
@@ -491,9 +493,10 @@ def replace_reason(attrs: dict[str, Any], encoder: dict[str, Any], layout: Store
     return f"made with another {' and '.join(kinds)}: {'; '.join(parts['encoder'] + parts['layout'])}"
 
 
-def prepare(cfg: EncodeConfig) -> tuple[TokenStore, HFDinoEncoder, SourceInfo, list[SegmentPlan], int]:
-    """Load manifest and encoder, open/create the store, and plan this shard's segments (and count every
-    shard's pending ones)."""
+def prepare(cfg: EncodeConfig
+            ) -> tuple[TokenStore, HFDinoEncoder, SourceInfo, list[SegmentPlan], list[SegmentPlan]]:
+    """Load manifest and encoder, open/create the store, and plan this shard's segments (and every shard's
+    pending ones)."""
     import shutil
 
     from pipeline.manifest import read_manifest
@@ -540,15 +543,15 @@ def prepare(cfg: EncodeConfig) -> tuple[TokenStore, HFDinoEncoder, SourceInfo, l
             shutil.rmtree(store.source_dir(src.name) / "segments" / d["segment"])
     plans = plan_segments(manifest, store, src.name, cfg.layout, 1 + cfg.augment_views, src.stride)
     mine = [p for p in plans if cfg.shard.owns(p.block + p.view)]
-    return store, encoder, src, mine, len(plans)
+    return store, encoder, src, mine, plans
 
 
 def run_encode(cfg: EncodeConfig, on_frames: Callable[[int], None] | None = None,
                on_plan: Callable[[int], None] | None = None) -> EncodeResult:
     """Encode this shard's pending segments (locally or over Dask). Idempotent and resumable."""
     t0 = time.monotonic()
-    store, encoder, src, plans, pending_all = prepare(cfg)
-    result = EncodeResult(pending_segments=len(plans), pending_all_shards=pending_all)
+    store, encoder, src, plans, every_shard = prepare(cfg)
+    result = EncodeResult(pending_segments=len(plans), pending_all_shards=len(every_shard))
     frames = sum(p.frames for p in plans)
     if on_plan:
         on_plan(frames)
@@ -559,6 +562,7 @@ def run_encode(cfg: EncodeConfig, on_frames: Callable[[int], None] | None = None
     schema = dict(cameras=len(src.cameras), tokens=grid[0] * grid[1], dim=encoder.embed_dim, dtype=cfg.layout.dtype,
                   action_dim=src.action_dim, state_dim=src.state_dim)
     result.projected_bytes = projected_bytes(frames, **schema)
+    check_space(cfg, src, every_shard, schema)
     ratio, sampled = sample_compression(encoder, src, plans[0], cfg)
     result.estimated_bytes = projected_bytes(frames, **schema, token_ratio=ratio)
     log.info("%s: %d frames x %d camera(s) x %dx%d tokens x %d at %s: projected %.3f GB uncompressed, about %.3f GB "
@@ -578,6 +582,49 @@ def run_encode(cfg: EncodeConfig, on_frames: Callable[[int], None] | None = None
         result.failures += [tuple(f) for f in out["failures"]]
     result.seconds = time.monotonic() - t0
     return result
+
+
+# ------------------------------------------------------------------------------------------ free disk space
+def check_space(cfg: EncodeConfig, src: SourceInfo, every_shard: list[SegmentPlan], schema: dict[str, Any]) -> None:
+    """Refuse an encode whose projected size (`projected_bytes`, uncompressed, of every shard's pending frames: the
+    shards share the store's disk) exceeds the free space of the store's file system, unless `force_space`. The
+    refusal names the size, the free space and the rates and dtypes that would fit."""
+    lengths = np.array([int(e["length"]) for p in every_shard for e in p.episodes], dtype=np.int64)
+
+    def frames_at(stride: int) -> int:  # frames stored of every pending episode at that stride
+        return int((-(-lengths // stride)).sum())
+
+    need = projected_bytes(frames_at(src.stride), **schema)
+    probe = Path(cfg.store).absolute()
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    free = shutil.disk_usage(probe).free
+    if need <= free:
+        return
+    what = (f"{cfg.store}: the encode of {src.name} projects {_size(need)} ({frames_at(src.stride):,} frames at "
+            f"{schema['dtype']}, uncompressed, all shards) but {probe}'s file system has {_size(free)} free")
+    if cfg.force_space:
+        log.warning("%s; --force-space: encoding anyway", what)
+        return
+    fits = []
+    for dtype in dict.fromkeys((schema["dtype"], "int8")):
+        for k in range(src.stride, max(src.stride, int(src.fps)) + 1):  # down to about 1 frame per second
+            size = projected_bytes(frames_at(k), **{**schema, "dtype": dtype})
+            if size <= free:
+                fits.append(f"--fps {src.fps / k:g}{' --dtype int8' if dtype == 'int8' else ''} ({_size(size)})")
+                break
+    hint = f"it fits at {' or '.join(fits)}" if fits else "no rate or dtype fits"
+    if any("int8" in f for f in fits):
+        hint += " (a store's dtype is set when it is made: int8 needs a new --store)"
+    raise UserError(f"{what}; {hint}; or free space, or pass --force-space")
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if n < 1000 or unit == "TB":
+            return f"{n:,.1f} {unit}"
+        n /= 1000
+    return ""
 
 
 # ------------------------------------------------------------------------------------------ on a Dask cluster
