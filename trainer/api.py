@@ -57,8 +57,8 @@ class LoadedWorldModel:
     shape: TokenShape
     stats: Stats
     encoder: dict[str, Any]
-    store: Path
-    checkpoint: Path
+    store_path: Path | None  # the token store it was trained on, or given; None: an export loaded without one
+    checkpoint: Path  # an export's: `<export>/checkpoints/step-N` (a name; its weights lie at its root)
     device: torch.device
     layout: FrameLayout = FULL_FRAME  # the camera slots and robot of its inputs (`for_source`: one source's)
     # the planner's rollouts as CUDA graphs, one per shape (`use_graphs`); None: eager
@@ -75,18 +75,35 @@ class LoadedWorldModel:
         return dataclasses.replace(self, cfg=cfg, layout=source_layout(self.shape, reader, source))
 
     @classmethod
-    def load(cls, path: Path, *, weights: str = "ema", device: str = "cpu", compile: bool = False,
-             precision: str = "fp32", graphs: bool = False) -> LoadedWorldModel:
-        """A checkpoint (or a run: its newest) for inference; `compile`: torch.compile the rollouts' network
-        call (`trainer.sampling.compile_for_rollouts`; pays off over many planning steps); `precision`
+    def load(cls, path: Path | str, *, weights: str = "ema", device: str = "cpu", compile: bool = False,
+             precision: str = "fp32", graphs: bool = False, store: Path | None = None) -> LoadedWorldModel:
+        """A checkpoint, a run (its best or newest checkpoint), an exported model (`trainer.export`) or the Hub id
+        of one in the local Hugging Face cache, for inference; `store`: the token store commands read (default: a
+        run's own; an export names none); `compile`: torch.compile the rollouts' network call
+        (`trainer.sampling.compile_for_rollouts`; pays off over many planning steps); `precision`
         (`inference_dtype`): the weights' and the planner's rollouts' dtype; `graphs`: the planner's rollouts as
         CUDA graphs (`use_graphs`)."""
-        run = RunState.read(path)
-        model = build_model(run.config.model, run.shape)
-        model.load_state_dict(load_weights(run.checkpoint, weights))
+        from trainer.export import ExportedModel, is_export, locate
+
+        path = locate(path)
+        if is_export(path):
+            exp = ExportedModel.read(path)
+            if weights != exp.weights:
+                raise UserError(f"{path} holds its {exp.weights} weights only (exported with --weights "
+                                f"{exp.weights}): load it with weights={exp.weights!r}")
+            cfg, shape, stats, encoder, ckpt, step = exp.config, exp.shape, exp.stats, exp.encoder, exp.checkpoint, \
+                exp.step
+            state_dict, trained_on = exp.state_dict(), None
+        else:
+            run = RunState.read(path)
+            cfg, shape, stats, encoder, ckpt, step = run.config, run.shape, run.stats, run.encoder, run.checkpoint, \
+                run.step
+            state_dict, trained_on = load_weights(run.checkpoint, weights), run.store
+        model = build_model(cfg.model, shape)
+        model.load_state_dict(state_dict)
         dev = torch.device(device)
         model = model.to(dev, inference_dtype(precision, dev)).eval().requires_grad_(False)
-        wm = cls(model, run.config, run.shape, run.stats, run.encoder, run.store, run.checkpoint, dev, step=run.step)
+        wm = cls(model, cfg, shape, stats, encoder, Path(store) if store else trained_on, ckpt, dev, step=step)
         if compile:
             wm.compile()
         if graphs:
@@ -128,6 +145,15 @@ class LoadedWorldModel:
     def dtype(self) -> torch.dtype:
         """The weights' dtype: the planner's rollouts run in it (contexts are cast to it)."""
         return next(self.model.parameters()).dtype
+
+    @property
+    def store(self) -> Path:
+        """The token store its commands read: the one given to `load`, else the run's. An export loaded without one
+        names none: refused, naming the fix."""
+        if self.store_path is None:
+            raise UserError(f"{self.name} is an exported model: it names no token store; pass --store STORE (a store "
+                            f"made with its encoder, {self.encoder.get('model_id', 'see its encoder.json')})")
+        return self.store_path
 
     @property
     def params_M(self) -> float:
