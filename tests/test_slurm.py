@@ -151,8 +151,11 @@ def _stopped_by(cluster, tmp_path, sig: signal.Signals) -> tuple[int, list[list[
     proc = subprocess.Popen(["bash", str(SLURM / "train.sbatch"), str(run), "/scratch/t.zarr"], cwd=tmp_path, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 30
-    while not (run / "started").exists() and time.monotonic() < deadline:
+    while not (run / "started").exists() and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.05)
+    if not (run / "started").exists():
+        proc.kill()
+        raise AssertionError(f"the training never started: {proc.communicate()}")
     proc.send_signal(sig)
     out, err = proc.communicate(timeout=60)
     return proc.returncode, cluster.calls(), run
