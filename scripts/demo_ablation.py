@@ -77,10 +77,10 @@ def run_variant(name: str, seed: int, args) -> dict:
     ev = run_eval(EvalConfig(ckpt=out, horizons=HORIZONS, episodes=args.episodes, samples=args.samples, probe=False,
                              plots=False, tracker="none", context=CONTEXT, windows_per_episode=args.windows_per_episode,
                              out=out / f"ablation-eval-n{args.samples}-w{args.windows_per_episode}"))
-    cond = ev["conditions"]
-    model = ev["model"]
-    row = {"train_seconds": None if done else trained, "kind": ev["kind"], "samples": ev["samples"][model],
-           "windows": ev["windows"]}
+    cond = ev.conditions
+    model = ev.model
+    row = {"train_seconds": None if done else trained, "kind": ev.kind, "samples": ev.samples[model],
+           "windows": ev.windows}
     for c in ("actions", "null_action", "action_free"):
         if c in cond:
             row[c] = {key: cond[c][model][key] for key in ("mse", "mse_single", "energy", "state_dist")
@@ -88,9 +88,9 @@ def run_variant(name: str, seed: int, args) -> dict:
             row[f"{c}_copy_last"] = cond[c]["copy_last"]["mse"]
             if "state_dist" in cond[c]["copy_last"]:
                 row[f"{c}_copy_last_state"] = cond[c]["copy_last"]["state_dist"]
-    if "k_sweep" in ev:
-        row["k_sweep"] = {"energy": ev["k_sweep"]["mean_energy"], "best_k": ev["k_sweep"]["best_k"],
-                          "k4_within_10pct": ev["k_sweep"]["k_within_10pct_of_best"]}
+    if ev.k_sweep is not None:
+        row["k_sweep"] = {"energy": ev.k_sweep.mean_energy, "best_k": ev.k_sweep.best_k,
+                          "k4_within_10pct": ev.k_sweep.k_within_10pct_of_best}
     if args.action_effect:
         row["action_effect"] = action_effect(out, args)
     return json.loads(json.dumps(row))  # horizons and K as strings, as in ablation.json

@@ -108,6 +108,6 @@ def test_eval_scores_the_control_as_a_deterministic_baseline(det_run, tiny_run, 
     res = run_eval(EvalConfig(ckpt=tiny_run, baselines=(det_run.run_dir,), horizons=(1, 3), windows_per_episode=2,
                               out=tmp_path / "eval", probe=False, plots=False, samples=2, k_sweep=(1,)))
     name = LoadedWorldModel.load(det_run.run_dir).name
-    assert res["samples"][name] == 1
-    row = res["conditions"]["actions"][name]
+    assert res.samples[name] == 1
+    row = res.conditions["actions"][name]
     assert row["samples"] == 1 and all(np.isclose(row["mse"][h], row["mse_single"][h]) for h in (1, 3))

@@ -88,9 +88,9 @@ def test_eval_writes_rollout_grids_with_a_decoder(tiny_run, decoder_dir, tmp_pat
                               out=tmp_path / "eval", decoder=decoder_dir[0], rollouts=2))
     from featurestore.reader import TokenReader
 
-    eps = TokenReader(res["store"]).episodes
+    eps = TokenReader(res.store).episodes
     n_val = int(((eps.source == "pusht") & (eps.split == "val") & (eps.view == 0)).sum())
-    assert n_val >= 1 and len(res["rollouts"]) == min(2, n_val)
-    for p in res["rollouts"]:
+    assert n_val >= 1 and len(res.rollouts) == min(2, n_val)
+    for p in res.rollouts:
         img = np.asarray(Image.open(p))
         assert img.shape[0] > 4 * 64  # four rows of 64-px frames (plus labels)

@@ -28,12 +28,12 @@ def test_eval_reports_every_condition_against_copy_last_and_a_baseline(tiny_run,
                                        model=dataclasses.replace(tiny().model, kind="teacher_forced"),
                                        action_mode="relative_to_state", context_frames=6))
     res = run_eval(_cfg(tiny_run, tmp_path, baselines=(tf.run_dir,)))
-    assert set(res["conditions"]) == {"actions", "null_action", "action_free"}
+    assert set(res.conditions) == {"actions", "null_action", "action_free"}
     tf_name = f"tf/{tf.last_checkpoint.name}"
-    for cond, entry in res["conditions"].items():
+    for cond, entry in res.conditions.items():
         # the teacher-forced baseline is a point forecast: beside it, itself plus noise of its own train-split error
-        assert set(entry) == {res["model"], "copy_last", tf_name, f"{tf_name}+noise"}, cond
-        assert entry[tf_name]["samples"] == 1 and entry[f"{tf_name}+noise"]["samples"] == res["samples"][res["model"]]
+        assert set(entry) == {res.model, "copy_last", tf_name, f"{tf_name}+noise"}, cond
+        assert entry[tf_name]["samples"] == 1 and entry[f"{tf_name}+noise"]["samples"] == res.samples[res.model]
         assert entry[f"{tf_name}+noise"]["energy"] != entry[tf_name]["energy"]
         for errs in entry.values():
             assert set(errs["mse"]) == {1, 3, 6} and all(np.isfinite(v) for v in errs["mse"].values())
@@ -41,37 +41,37 @@ def test_eval_reports_every_condition_against_copy_last_and_a_baseline(tiny_run,
     # per source: each condition's windows split by store source; here each condition has one source, whose
     # scores are then the condition's own (the model and copy-last alike)
     labelled = {"actions": "labelled", "null_action": "labelled", "action_free": "free"}
-    for cond, by_src in res["per_source"].items():
-        assert sum(v["windows"] for v in by_src.values()) == res["windows"][labelled[cond]]
+    for cond, by_src in res.per_source.items():
+        assert sum(v["windows"] for v in by_src.values()) == res.windows[labelled[cond]]
         (only,) = by_src.values()
-        for name in (res["model"], "copy_last"):
-            assert only[name]["mse"] == pytest.approx(res["conditions"][cond][name]["mse"], rel=1e-6)
-    assert set(res["per_source"]["actions"]) != set(res["per_source"]["action_free"])  # labelled vs free source
+        for name in (res.model, "copy_last"):
+            assert only[name]["mse"] == pytest.approx(res.conditions[cond][name]["mse"], rel=1e-6)
+    assert set(res.per_source["actions"]) != set(res.per_source["action_free"])  # labelled vs free source
     # copy-last is recomputed here from the raw windows with the model's normalisation
     wm = LoadedWorldModel.load(tiny_run)
 
-    wins = collect_windows(TokenReader(pusht_store), wm, _cfg(tiny_run, tmp_path), res["context"])
+    wins = collect_windows(TokenReader(pusht_store), wm, _cfg(tiny_run, tmp_path), res.context)
     (w,) = wins["free"]  # one action-free source: one group of windows
-    ctx = res["context"]
+    ctx = res.context
     mse3 = (((w.tokens[:, ctx - 1] - w.tokens[:, ctx + 2]) / wm.stats.token_std) ** 2).mean()
-    assert res["conditions"]["action_free"]["copy_last"]["mse"][3] == pytest.approx(mse3, rel=1e-5)
-    sweep = res["k_sweep"]
-    assert set(sweep["mse"]) == {"1", "2", "4", "8"} and sweep["best_k"] in (1, 2, 4, 8)
-    assert isinstance(sweep["k_within_10pct_of_best"], bool)
-    probe = res["probe"]["actions"]
+    assert res.conditions["action_free"]["copy_last"]["mse"][3] == pytest.approx(mse3, rel=1e-5)
+    sweep = res.k_sweep
+    assert set(sweep.mse) == {"1", "2", "4", "8"} and sweep.best_k in (1, 2, 4, 8)
+    assert isinstance(sweep.k_within_10pct_of_best, bool)
+    probe = res.probe["actions"]
     assert set(probe) == {"true_latents", "predicted_latents"} and len(probe["true_latents"]) == 3
     # how far the actions move each model's prediction, against how far the true frames move
-    for name in (res["model"], tf_name):
-        eff = res["action_effect"][name]
+    for name in (res.model, tf_name):
+        eff = res.action_effect[name]
         assert set(eff["moved"]) == {1, 3, 6} and all(v >= 0 for v in eff["moved"].values())
         assert eff["share"][3] == pytest.approx(eff["moved"][3] / eff["true_change"][3])
     # the scene probe: out-of-fold R^2 to the simulator's state from the raw tokens and the model's input tokens
-    scene = res["scene_probe"]["pusht"]
+    scene = res.scene_probe["pusht"]
     assert set(scene["views"]) == {"raw/linear", "model/linear"}
     assert "block_x" in scene["views"]["model/linear"]["r2"]
     saved = json.loads((tmp_path / "eval" / "eval.json").read_text())
     assert saved["conditions"]["actions"]["copy_last"]["mse"]["1"] == pytest.approx(
-        res["conditions"]["actions"]["copy_last"]["mse"][1])
+        res.conditions["actions"]["copy_last"]["mse"][1])
     assert (tmp_path / "eval" / "error_vs_horizon.png").stat().st_size > 1000
     assert (tmp_path / "eval" / "error_vs_k.png").exists()
 
@@ -79,10 +79,10 @@ def test_eval_reports_every_condition_against_copy_last_and_a_baseline(tiny_run,
 def test_eval_is_deterministic_given_a_seed(tiny_run, tmp_path):
     a = run_eval(_cfg(tiny_run, tmp_path, probe=False, plots=False))
     b = run_eval(_cfg(tiny_run, tmp_path, probe=False, plots=False))
-    assert a["conditions"] == b["conditions"] and a["k_sweep"] == b["k_sweep"]
+    assert a.conditions == b.conditions and a.k_sweep == b.k_sweep
     c = run_eval(_cfg(tiny_run, tmp_path, probe=False, plots=False, seed=1))
-    assert c["conditions"]["actions"]["copy_last"] == a["conditions"]["actions"]["copy_last"]
-    assert c["conditions"]["actions"][a["model"]] != a["conditions"]["actions"][a["model"]]
+    assert c.conditions["actions"]["copy_last"] == a.conditions["actions"]["copy_last"]
+    assert c.conditions["actions"][a.model] != a.conditions["actions"][a.model]
 
 
 def test_bad_input_is_a_clear_error(tiny_run, pusht_manifest, tmp_path):
@@ -118,16 +118,16 @@ def test_horizons_past_the_trained_window_slide_it(tiny_run, tmp_path):
     eval.json says after which horizon; of a context longer than the window the model uses the last frames."""
     from rich.console import Console
 
-    from trainer.eval_report import eval_tables
+    from trainer.eval import eval_tables
 
     res = run_eval(_cfg(tiny_run, tmp_path, probe=False, plots=False))
-    assert res["context"] == 3 and res["trained_window"] == 6
-    assert res["slides_after_horizon"] == {res["model"]: 3}
+    assert res.context == 3 and res.trained_window == 6
+    assert res.slides_after_horizon == {res.model: 3}
     con = Console(record=True, width=250)
     con.print(eval_tables(res)[0])
     assert "slide the trained 6-frame window" in con.export_text()
     long = run_eval(_cfg(tiny_run, tmp_path, probe=False, plots=False, context=8, horizons=(1, 2)))
-    assert long["context_used"] == {res["model"]: 5}  # a longer context than the window: its last 5 frames
+    assert long.context_used == {res.model: 5}  # a longer context than the window: its last 5 frames
 
 
 def test_energy_score_matches_a_hand_computed_value():
@@ -168,21 +168,21 @@ def test_a_proprio_model_is_scored_on_the_robot_state_it_predicts(pusht_store, t
                         baselines=()))
     wm = LoadedWorldModel.load(run.run_dir)
     win = collect_windows(TokenReader(pusht_store), wm, EvalConfig(ckpt=run.run_dir, horizons=(1, 3, 6),
-                                                                    windows_per_episode=2), res["context"])
-    for cond, entry in res["conditions"].items():
+                                                                    windows_per_episode=2), res.context)
+    for cond, entry in res.conditions.items():
         groups = win["labelled" if cond != "action_free" else "free"]
-        ctx = res["context"]
+        ctx = res.context
         still = np.concatenate([np.linalg.norm(w.frame_states[:, ctx + 5] - w.frame_states[:, ctx - 1], axis=-1)
                                 for w in groups])
         assert entry["copy_last"]["state_dist"][6] == pytest.approx(still.mean())
-        assert np.isfinite(list(entry[res["model"]]["state_dist"].values())).all()
+        assert np.isfinite(list(entry[res.model]["state_dist"].values())).all()
     # the same model with and without its actions: the state it predicts differs
-    assert res["conditions"]["actions"][res["model"]]["state_dist"] != \
-        res["conditions"]["null_action"][res["model"]]["state_dist"]
-    from trainer.eval_report import eval_tables
+    assert res.conditions["actions"][res.model]["state_dist"] != \
+        res.conditions["null_action"][res.model]["state_dist"]
+    from trainer.eval import eval_tables
 
     state_table = [t for t in eval_tables(res) if "predicted robot state" in str(t.title)]
-    assert len(state_table) == 1 and state_table[0].row_count == 2 * len(res["conditions"])  # model, copy-last
+    assert len(state_table) == 1 and state_table[0].row_count == 2 * len(res.conditions)  # model, copy-last
 
 
 @pytest.mark.parametrize("seed", range(5))
@@ -205,8 +205,8 @@ def test_sample_mean_mse_never_exceeds_the_mean_single_sample_mse(seed):
 
 def test_a_sampler_is_scored_on_several_samples_and_baselines_on_one(tiny_run, tmp_path):
     res = run_eval(_cfg(tiny_run, tmp_path, probe=False, plots=False, samples=3, k_sweep=(1, 2)))
-    entry = res["conditions"]["actions"]
-    mine, copy = entry[res["model"]], entry["copy_last"]
+    entry = res.conditions["actions"]
+    mine, copy = entry[res.model], entry["copy_last"]
     assert mine["samples"] == 3 and copy["samples"] == 1
     for h in (1, 3, 6):
         assert mine["mse"][h] <= mine["mse_single"][h]  # the mean of 3 samples beats one sample on average
@@ -215,10 +215,10 @@ def test_a_sampler_is_scored_on_several_samples_and_baselines_on_one(tiny_run, t
     # moving tokens changed more than the average token: copy-last is worse on them
     assert all(copy["mse_moving"][h] > copy["mse"][h] for h in (1, 3, 6))
     one = run_eval(_cfg(tiny_run, tmp_path, probe=False, plots=False, samples=1, k_sweep=(1, 2)))
-    single = one["conditions"]["actions"][one["model"]]
+    single = one.conditions["actions"][one.model]
     assert single["samples"] == 1 and all(single["mse"][h] == pytest.approx(single["mse_single"][h]) for h in (1, 3, 6))
     assert single["mse"][6] > mine["mse"][6]  # one sample carries the predictive variance the mean of 3 averages out
-    assert set(res["k_sweep"]["energy"]) == {"1", "2"} and res["k_sweep"]["samples"] == 3
+    assert set(res.k_sweep.energy) == {"1", "2"} and res.k_sweep.samples == 3
     assert "state_dist" not in mine and "state_dist" not in copy  # no proprioception, no state to score
 
 
@@ -229,5 +229,5 @@ def test_a_one_frame_context_of_a_one_camera_model_is_not_read_as_its_camera_axi
                                         labelled_fraction=0.5, action_mode="relative_to_state", context_frames=6))
     res = run_eval(_cfg(run.run_dir, tmp_path, probe=False, plots=False, samples=1, k_sweep=(1,), context=1,
                         horizons=(1, 2)))
-    assert res["context"] == 1 and res["context_used"][res["model"]] == 1
-    assert all(np.isfinite(res["conditions"]["actions"][res["model"]]["mse"][h]) for h in (1, 2))
+    assert res.context == 1 and res.context_used[res.model] == 1
+    assert all(np.isfinite(res.conditions["actions"][res.model]["mse"][h]) for h in (1, 2))

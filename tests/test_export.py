@@ -97,10 +97,10 @@ def test_the_model_card_lists_the_eval_figures(shared, trained):
     card = (shared / "README.md").read_text()
     assert card.startswith("---\nlibrary_name: wmctl\n")
     result = trained["eval"]
-    entry = result["conditions"]["actions"]
+    entry = result.conditions["actions"]
     assert "### actions\n\n| horizon | model | copy-last |" in card
     for h in (1, 3):
-        row = f"| {h} | {entry[result['model']]['mse'][h]:.4g} | {entry['copy_last']['mse'][h]:.4g} |"
+        row = f"| {h} | {entry[result.model]['mse'][h]:.4g} | {entry['copy_last']['mse'][h]:.4g} |"
         assert row in card, row
     assert "### null action" in card and 'LoadedWorldModel.load("tiny-wm", store="tokens.zarr")' in card
 

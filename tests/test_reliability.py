@@ -168,7 +168,7 @@ def test_eval_never_drops_a_condition_silently(tmp_path):
     with pytest.raises(UserError, match=r"longest labelled .* val episode has 12: lower --horizons to <= 10"):
         run_eval(EvalConfig(ckpt=run, horizons=(1, 5, 30), context=2, probe=False, plots=False, out=tmp_path / "e"))
     res = run_eval(EvalConfig(ckpt=run, horizons=(1, 5, 10), context=2, probe=False, plots=False, out=tmp_path / "e"))
-    assert set(res["conditions"]) == {"actions", "null_action", "action_free"}
+    assert set(res.conditions) == {"actions", "null_action", "action_free"}
 
 
 def _dead_tag() -> str:

@@ -47,7 +47,7 @@ def test_training_and_eval_curves_land_in_tensorboard(pusht_store, tmp_path):
         assert [e.step for e in curve] == [5, 10]
         for e in curve:
             res = results[e.step]
-            assert e.value == pytest.approx(res["conditions"]["actions"][res["model"]]["mse"][h], rel=1e-6)
+            assert e.value == pytest.approx(res.conditions["actions"][res.model]["mse"][h], rel=1e-6)
     assert "eval/actions/energy/copy_last/h3" in acc.Tags()["scalars"]
     assert not any(t.startswith("eval/") and not t.rsplit("/", 1)[-1].startswith("h") for t in acc.Tags()["scalars"])
     assert {"eval/error_vs_horizon", "eval/error_vs_k"} <= set(acc.Tags()["images"])

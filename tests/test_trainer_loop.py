@@ -132,7 +132,7 @@ def test_train_fps_sets_the_frameskip_from_each_store_s_rate(multicam_manifest, 
 
     res = run_eval(EvalConfig(ckpt=tmp_path / "run-3", horizons=(1, 2), samples=1, k_sweep=(1,), probe=False,
                               plots=False, out=tmp_path / "eval3"))  # the windows' actions added up the same way
-    assert np.isfinite(res["conditions"]["actions"][res["model"]]["mse"][2])
+    assert np.isfinite(res.conditions["actions"][res.model]["mse"][2])
     plan = run_plan_offline(LoadedWorldModel.load(tmp_path / "run-3"), TokenReader(tmp_path / "full.zarr"),
                             OfflineConfig(goal_offset=2, episodes=1, starts_per_episode=1, split="train"))
     assert plan["problems"] == 1 and np.isfinite(plan["rows"][0]["action_error"])
@@ -526,7 +526,7 @@ def test_proprio_run_learns_the_state_and_plans_with_it(pusht_store, tmp_path):
 
     ev = run_eval(EvalConfig(ckpt=res.run_dir, horizons=(1, 3), windows_per_episode=2, out=tmp_path / "ev",
                              plots=False, k_sweep=(1,)))
-    assert ev["probe"] is not None and json.dumps(ev)
+    assert ev.probe is not None and json.dumps(ev.to_json())
     end_lo, end_hi = wm.state_of(pred[0, -1]), wm.state_of(pred[1, -1])
     assert (end_hi - end_lo).min() > 0.5, (end_lo, end_hi)  # px: each coordinate follows its action (tiny model:
     # ~1 px after 200 steps; the small preset on the demo store: ~100 px between the bounds over 3 frames)

@@ -17,8 +17,7 @@ from pipeline.cli.base import AutoDevice, console, given_options, hxw, int_list,
 from pipeline.cli.progress import progress
 from trainer.bench import bench_rollout, bench_train
 from trainer.config import TrainConfig, train_config
-from trainer.eval import EvalConfig, run_eval
-from trainer.eval_report import eval_tables
+from trainer.eval import EvalConfig, eval_tables, run_eval
 from trainer.loop import Preempted, run_train
 from trainer.runs import new_decoder_dir, resolve_run, saved_config
 from trainer.visualize import VisualizeConfig, run_visualize
@@ -128,10 +127,10 @@ def eval_(
     con = console()
     for table in eval_tables(result):
         con.print(table)
-    for source, split in result.get("splits", {}).items():
+    for source, split in result.splits.items():
         typer.echo(f"{source}: {split}")
-    typer.echo(f"wrote {result['out']}/eval.json" + "".join(f", {p}" for p in result.get("plots", [])
-                                                            + result.get("rollouts", [])))
+    typer.echo(f"wrote {result.out}/eval.json" + "".join(f", {p}" for p in (result.plots or [])
+                                                         + (result.rollouts or [])))
 
 
 def visualize(
