@@ -60,6 +60,9 @@ def encode(
     action_kind: Annotated[str, typer.Option(help="With --fps: how actions add up over skipped frames, delta | "
                                              "absolute | velocity, or one per dimension comma-separated (default: "
                                              "the registry entry's action_kind).")] = "",
+    force_space: Annotated[bool, typer.Option("--force-space", help="Encode even when the projected size (every "
+                                              "shard's pending frames, uncompressed) exceeds the store disk's free "
+                                              "space; a warning says by how much.")] = False,
 ) -> None:
     """Encode every camera frame of a manifest with a frozen DINOv3 into the token store."""
     kind: str | tuple[str, ...] = tuple(split_list(action_kind)) if "," in action_kind else action_kind
@@ -74,7 +77,7 @@ def encode(
                            episodes_per_segment=episodes_per_segment),
         batch_size=batch_size, device=device, threads=threads, augment_views=augment_views,
         augment_strength=augment_strength, shard=ShardSpec.parse(shard), dask=dask, dask_workers=dask_workers,
-        retry_failed=retry_failed, repair=repair, force=force, fps=fps, action_kind=kind,
+        retry_failed=retry_failed, repair=repair, force=force, fps=fps, action_kind=kind, force_space=force_space,
     )
     with progress(f"encode {manifest.stem}", total=None, unit="frames") as advance:
         result = run_encode(cfg, on_frames=advance, on_plan=advance.set_total)

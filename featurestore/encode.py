@@ -40,7 +40,7 @@ from pipeline.manifest import camera_span, check_videos
 from pipeline.names import inside
 from pipeline.rates import action_kinds, aggregate_actions, stride_for
 from pipeline.registry import spec_of_source
-from pipeline.stage import ShardSpec, UserError, file_sha256, fingerprint
+from pipeline.stage import NoSpaceError, ShardSpec, UserError, file_sha256, fingerprint
 
 log = logging.getLogger(__name__)
 
@@ -616,7 +616,8 @@ def check_space(cfg: EncodeConfig, src: SourceInfo, every_shard: list[SegmentPla
     hint = f"it fits at {' or '.join(fits)}" if fits else "no rate or dtype fits"
     if any("int8" in f for f in fits):
         hint += " (a store's dtype is set when it is made: int8 needs a new --store)"
-    raise UserError(f"{what}; {hint}; or free space, or pass --force-space")
+    raise NoSpaceError(f"{what}: no space left on the device for it; {hint}; or free space (or choose a store on a "
+                       "disk with room), or pass --force-space")
 
 
 def _size(n: float) -> str:

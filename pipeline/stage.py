@@ -1,6 +1,7 @@
 """Stage plumbing shared by every `run_<stage>`: shard specs, atomic writes, config fingerprints.
 
-Contract (see README "Stages"): a stage reads only committed output of the stage before it, writes so
+Contract (the stages: README.md, "Stages and commands"; what each survives: docs/reliability.md): a stage reads
+only committed output of the stage before it, writes so
 that a crash leaves the old state or the new one (temp path + `os.replace`, or a marker written last),
 is idempotent (same config: nothing to do; changed config: refused unless forced) and can be split
 over independent processes with `--shard I/N`.
@@ -24,7 +25,16 @@ from typing import Any
 
 
 class UserError(Exception):
-    """A problem the user must fix (bad path, bad config, incompatible store). Printed as one line."""
+    """A problem the user must fix (bad path, bad config, incompatible store). Printed as one line, exit 2."""
+
+    exit_code = 2
+
+
+class NoSpaceError(UserError):
+    """The machine cannot hold what a stage would write (a disk too full for the projected size): exit 4, like a
+    write that met ENOSPC, since the fix is the same (free space or choose another disk, then run again)."""
+
+    exit_code = 4
 
 
 class ConfigMismatchError(UserError):

@@ -135,7 +135,7 @@ class WmctlGroup(TyperGroup):
         try:
             return super().invoke(ctx)
         except UserError as e:
-            fail(str(e))
+            fail(str(e), e.exit_code)
         except (typer.Exit, typer.Abort, TyperException):  # usage errors, exits: click's own handling
             raise
         except Exception as e:  # noqa: BLE001 - the one place that turns a crash into an exit code
