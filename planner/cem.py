@@ -35,8 +35,8 @@ class CEMConfig:
 
 # named budgets: `default` (what the demo and the earlier figures use), `dinowm` (DINO-WM's CEM: 300 samples,
 # 30 elites, 30 iterations), `icem` (the iCEM recipe at the default's sample count, fewer iterations), `fast`
-# (the budget with the best success per millisecond measured on the demo's closed loop at K=4, README "Benchmarks":
-# today iCEM's, 6/10 at a p50 of 1.9 s per MPC step against the default's 4/10 at 2.9 s)
+# (the budget with the best success per millisecond measured on the demo's closed loop at K=4: today iCEM's;
+# the figures: docs/results.md, 2026-11-30, "CEM budgets and K on a fresh demo")
 CEM_PRESETS = {
     "default": {},
     "dinowm": dict(samples=300, elites=30, iterations=30),

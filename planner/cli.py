@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 import torch
 import typer
@@ -20,8 +20,11 @@ from pipeline.machine import bench_device
 from pipeline.stage import UserError, atomic_write_json
 from planner.bench import BenchCase, bench_plan
 from planner.cem import CEMConfig
-from planner.offline import OfflineConfig, run_plan_offline, search_configs
-from planner.sim import PROTOCOLS, SWM_CEM, SimConfig, SimStopped, compare_sims, load_sim_result, run_plan_sim
+from planner.offline import OfflineConfig, run_plan_offline
+from planner.planners import search_configs
+from planner.progress import SimStopped
+from planner.results import SimResult, compare_sims, load_sim_result
+from planner.sim import PROTOCOLS, SWM_CEM, SimConfig, run_plan_sim
 from trainer.api import LoadedWorldModel, inference_dtype
 from trainer.checkpoint import resolve_checkpoint
 from trainer.runs import check_writable, plan_dir, resolve_run
@@ -45,6 +48,31 @@ Graph = Annotated[bool, typer.Option("--graph", help="Replay the planner's rollo
 Cem = Annotated[str, typer.Option("--cem", help="CEM budget: default | dinowm (300x30, 30 iterations) | icem "
                                   "(coloured noise, elites kept) | fast (the best success per ms measured: today "
                                   "icem's); --samples/--elites/--iterations given win.")]
+
+# `plan sim`'s own options (its command would otherwise pass 60 lines of declarations)
+SimEnv = Annotated[str, typer.Option(help="auto (the one the dataset was recorded in) | pusht | metaworld-reach | "
+                                     "metaworld-push.")]
+Trials = Annotated[int, typer.Option(help="Trials.")]
+SimGoalOffset = Annotated[int, typer.Option(help="Env steps replayed to make the goal.")]
+MaxSteps = Annotated[int, typer.Option(help="MPC env steps per trial.")]
+Horizon = Annotated[int, typer.Option(help="Planning horizon (frames).")]
+Execute = Annotated[int, typer.Option(help="Frames executed per plan.")]
+SimSamples = Annotated[int, typer.Option(help="CEM samples.")]
+SimIterations = Annotated[int, typer.Option(help="CEM iterations.")]
+ExecutePlan = Annotated[str, typer.Option(help="best: the best sequence found | mean: the final CEM mean.")]
+Shift = Annotated[str, typer.Option(help="none | lighting | background.")]
+CostFrames = Annotated[str, typer.Option(help="all: goal distance averaged over the planned frames; last: "
+                                         "the last frame only.")]
+NoiseDraws = Annotated[int, typer.Option(help="Score each candidate by its mean cost over this many independent "
+                                         "sampling-noise draws (1: one draw shared by all).")]
+Protocol = Annotated[str, typer.Option(help="gym (wmctl's: goal 15 env steps ahead, 30 steps) | swm "
+                                       "(stable-worldmodel's PushT protocol: goal 25 ahead, 50 steps, plans of 5 "
+                                       "frames at frameskip 5 all executed, CEM 300x30 unless a budget is given).")]
+SuccessRule = Annotated[str, typer.Option(help="Meta-World: metaworld (its own success flag) | strict (also the "
+                                          "arm within 10 cm of the goal's).")]
+SimOut = Annotated[Path | None, typer.Option(help="Output folder (default: <run>/plan/sim_<planner>_<shift>, "
+                                             "sim_swm_... under --protocol swm; an earlier result of another "
+                                             "configuration there is kept beside it).")]
 
 
 def _protocol_task(ctx: typer.Context, protocol: str, **task: int) -> dict[str, int]:
@@ -99,17 +127,17 @@ def plan_offline(
     cfg = OfflineConfig(goal_offset=goal_offset, planner=planner, cem=cem_cfg, gd=gd, episodes=episodes, seed=seed,
                         state_weight=state_weight, k=k, judge=judge_wm, out=out)
     res = run_plan_offline(wm, TokenReader(store or wm.store), cfg)
-    typer.echo(f"{res['problems']} problems, goal {goal_offset} frames ahead, {planner}; latent distance to goal "
-               f"(plan | ground-truth actions | random mean, best of {res['random_samples']}; plan closer than "
+    typer.echo(f"{res.problems} problems, goal {goal_offset} frames ahead, {planner}; latent distance to goal "
+               f"(plan | ground-truth actions | random mean, best of {res.random_samples}; plan closer than "
                "random):")
-    for scorer, d in res["latent_distance"].items():
+    for scorer, d in res.latent_distance.items():
         who = {"model_same_noise": "planning model, the noise it optimised on",
-               "model_fresh_noise": "planning model, fresh noise", "judge": f"judge {res['judge']}"}[scorer]
+               "model_fresh_noise": "planning model, fresh noise", "judge": f"judge {res.judge}"}[scorer]
         typer.echo(f"  {who}: {d['plan']:.4f} | {d['ground_truth']:.4f} | {d['random_mean']:.4f}, "
-                   f"{d['random_best']:.4f}; {100 * res['plan_closer_than_random'][scorer]:.0f}%")
-    typer.echo(f"action error vs GT (std units) plan {res['action_error_vs_ground_truth']['plan']:.3f} "
-               f"random {res['action_error_vs_ground_truth']['random']:.3f}; "
-               f"latency p50 {res['latency_s']['p50'] * 1000:.0f} ms. Wrote {res['out']}")
+                   f"{d['random_best']:.4f}; {100 * res.plan_closer_than_random[scorer]:.0f}%")
+    typer.echo(f"action error vs GT (std units) plan {res.action_error_vs_ground_truth['plan']:.3f} "
+               f"random {res.action_error_vs_ground_truth['random']:.3f}; "
+               f"latency p50 {res.latency_s.p50 * 1000:.0f} ms. Wrote {res.out}")
 
 
 @app.command("sim")
@@ -117,42 +145,31 @@ def plan_sim(
     ctx: typer.Context,
     run: Run = None,
     ckpt: Ckpt = None,
-    env: Annotated[str, typer.Option(help="auto (the one the dataset was recorded in) | pusht | metaworld-reach | "
-                                     "metaworld-push.")] = SimConfig.env,
-    episodes: Annotated[int, typer.Option(help="Trials.")] = SimConfig.trials,
-    goal_offset: Annotated[int, typer.Option(help="Env steps replayed to make the goal.")] = SimConfig.goal_offset,
-    max_steps: Annotated[int, typer.Option(help="MPC env steps per trial.")] = SimConfig.max_steps,
-    horizon: Annotated[int, typer.Option(help="Planning horizon (frames).")] = SimConfig.horizon,
-    execute: Annotated[int, typer.Option(help="Frames executed per plan.")] = SimConfig.execute,
+    env: SimEnv = SimConfig.env,
+    episodes: Trials = SimConfig.trials,
+    goal_offset: SimGoalOffset = SimConfig.goal_offset,
+    max_steps: MaxSteps = SimConfig.max_steps,
+    horizon: Horizon = SimConfig.horizon,
+    execute: Execute = SimConfig.execute,
     planner: Planner = SimConfig.planner,
-    samples: Annotated[int, typer.Option(help="CEM samples.")] = CEMConfig.samples,
+    samples: SimSamples = CEMConfig.samples,
     elites: Elites = CEMConfig.elites,
-    iterations: Annotated[int, typer.Option(help="CEM iterations.")] = CEMConfig.iterations,
+    iterations: SimIterations = CEMConfig.iterations,
     cem: Cem = "default",
-    execute_plan: Annotated[str, typer.Option(help="best: the best sequence found | mean: the final CEM mean.")]
-    = SimConfig.execute_plan,
-    shift: Annotated[str, typer.Option(help="none | lighting | background.")] = SimConfig.shift,
+    execute_plan: ExecutePlan = SimConfig.execute_plan,
+    shift: Shift = SimConfig.shift,
     state_weight: StateWeight = SimConfig.state_weight,
     k: K = SimConfig.k,
-    cost_frames: Annotated[str, typer.Option(help="all: goal distance averaged over the planned frames; last: "
-                                             "the last frame only.")] = SimConfig.cost_frames,
+    cost_frames: CostFrames = SimConfig.cost_frames,
     seed: Seed = SimConfig.seed,
     device: Device = SimConfig.device,
     compile: Compile = False,
     graph: Graph = False,
     precision: Precision = "auto",
-    noise_draws: Annotated[int, typer.Option(help="Score each candidate by its mean cost over this many independent "
-                                             "sampling-noise draws (1: one draw shared by all).")] = 1,
-    protocol: Annotated[str, typer.Option(help="gym (wmctl's: goal 15 env steps ahead, 30 steps) | swm "
-                                          "(stable-worldmodel's PushT protocol: goal 25 ahead, 50 steps, plans of 5 "
-                                          "frames at frameskip 5 all executed, CEM 300x30 unless a budget is given)."
-                                          )] = "gym",
-    success_rule: Annotated[str, typer.Option(help="Meta-World: metaworld (its own success flag) | strict (also the "
-                                              "arm within 10 cm of the goal's).")] = SimConfig.success_rule,
-    out: Annotated[Path | None, typer.Option(help="Output folder (default: <run>/plan/sim_<planner>_<shift>, "
-                                             "sim_swm_... under --protocol swm; an earlier result of another "
-                                             "configuration there is kept beside it).")]
-    = None,
+    noise_draws: NoiseDraws = 1,
+    protocol: Protocol = "gym",
+    success_rule: SuccessRule = SimConfig.success_rule,
+    out: SimOut = None,
 ) -> None:
     """Closed-loop MPC in a simulator (gym-pusht, Meta-World) towards goals from held-out episodes; random actions
     (and Meta-World's scripted controller, the upper bound) alongside. Finished trials are kept as they finish: after
@@ -178,24 +195,20 @@ def plan_sim(
     _sim_summary(res, out)
 
 
-def _sim_summary(res: dict[str, Any], out: Path) -> None:
-    typer.echo(f"{res['env']}, cameras {', '.join(res['cameras'])}:")
-    for policy in ("model", "random", "scripted"):
-        if policy not in res:
-            continue
-        r = res[policy]
-        lat = f", plan latency p50 {r['latency_s']['p50'] * 1000:.0f} ms p95 {r['latency_s']['p95'] * 1000:.0f} ms" \
-            if r["latency_s"] else ""
-        reached = f" (in {r['steps_to_success']:.0f} env steps on average)" if r["steps_to_success"] else ""
-        dists = ", ".join(f"{k.removeprefix('final_')} {v:.3g} (start {r['start_' + k.removeprefix('final_')]:.3g})"
-                          for k, v in r.items() if k.startswith("final_"))
-        typer.echo(f"{policy:>8}: success {100 * r['success_rate']:.0f}% of {res['trials']}{reached}; final {dists}; "
-                   f"action smoothness {r['smoothness']:.2f}{lat}")
-        groups = r.get("by_group", {})
-        if groups and list(groups) != ["unknown"]:
-            per = "; ".join(f"{g} {v['successes']}/{v['trials']}" for g, v in groups.items())
+def _sim_summary(res: SimResult, out: Path) -> None:
+    typer.echo(f"{res.env}, cameras {', '.join(res.cameras)}:")
+    for policy, r in res.policies.items():
+        lat = f", plan latency p50 {r.latency_s.p50 * 1000:.0f} ms p95 {r.latency_s.p95 * 1000:.0f} ms" \
+            if r.latency_s else ""
+        reached = f" (in {r.steps_to_success:.0f} env steps on average)" if r.steps_to_success else ""
+        dists = ", ".join(f"{k.removeprefix('final_')} {v:.3g} (start {r.distances['start_' + k[6:]]:.3g})"
+                          for k, v in r.distances.items() if k.startswith("final_"))
+        typer.echo(f"{policy:>8}: success {100 * r.success_rate:.0f}% of {res.trials}{reached}; final {dists}; "
+                   f"action smoothness {r.smoothness:.2f}{lat}")
+        if r.by_group and list(r.by_group) != ["unknown"]:
+            per = "; ".join(f"{g} {v['successes']}/{v['trials']}" for g, v in r.by_group.items())
             typer.echo(f"          by goal: {per}  (push: the object must move; agent: the robot alone can meet it)")
-    typer.echo(f"wrote {out}/sim.json" + "".join(f", {p}" for p in res.get("strips", [])))
+    typer.echo(f"wrote {out}/sim.json" + "".join(f", {p}" for p in res.strips or []))
 
 
 @app.command("compare")
@@ -215,11 +228,11 @@ def plan_compare(
     if not label_b:
         raise UserError(f"--names {names!r}: two labels, comma-separated (e.g. recipe,baseline)")
     pairs = [(load_sim_result(x), load_sim_result(y)) for x, y in zip(a, b)]
-    if any(policy not in r for pair in pairs for r in pair):
+    if any(policy not in r.policies for pair in pairs for r in pair):
         raise UserError(f"--policy {policy!r}: not in every result (model and random are; scripted only in Meta-World)")
     res = compare_sims(pairs, policy)
     n = res["trials"]
-    typer.echo(f"{label_a} vs {label_b}: {n} trials in {res['pairs']} pair(s) ({pairs[0][0]['env']}, {policy})")
+    typer.echo(f"{label_a} vs {label_b}: {n} trials in {res['pairs']} pair(s) ({pairs[0][0].env}, {policy})")
     typer.echo(f"  success: {label_a} {res['success_a']}/{n}, {label_b} {res['success_b']}/{n}; both {res['both']}, "
                f"only {label_a} {res['only_a']}, only {label_b} {res['only_b']} "
                f"(exact McNemar p = {res['mcnemar_p']:.3g})")

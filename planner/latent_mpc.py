@@ -3,7 +3,7 @@
 run's encoder), a goal (`GoalSpec` -> `load_goal` -> `Goal`: image files, a recorded episode frame, or gym-pusht's
 fixed goal pose rendered in the simulator) and one goal-conditioned MPC step in latent space (`LatentMPC`: CEM or
 gradient descent on `planner.core.latent_cost`, warm-started from the previous plan, per-step changes clamped by
-`planner.offline.spec_for`), as `planner.sim.run_trial` runs them in its closed loop.
+`planner.planners.spec_for`), as `planner.sim.run_trial` runs them in its closed loop.
 Legend: C = cameras, T = frames, N = tokens, Z = token width, H = horizon, A = action width, S = state width.
 """
 
@@ -24,7 +24,7 @@ from pipeline.stage import UserError, to_jsonable
 from planner.cem import CEMConfig, cem_plan, warm_start
 from planner.core import WorldModel, latent_cost
 from planner.gd import GDConfig, gd_plan
-from planner.offline import spec_for
+from planner.planners import spec_for
 
 GOAL_URI = "wmctl-goal:"
 PUSHT_GOAL_AGENT = (256.0, 420.0)  # where the agent is drawn in gym-pusht's goal image (below the T)
@@ -142,7 +142,7 @@ class MPCConfig:
     cem: CEMConfig = CEMConfig()
     gd: GDConfig = GDConfig()
     k: int = 4
-    max_delta_fraction: float = 0.5  # per-step change limit of the plan (planner.offline.spec_for)
+    max_delta_fraction: float = 0.5  # per-step change limit of the plan (planner.planners.spec_for)
     state_weight: float = 1.0
     cost_frames: str = "all"
     execute_plan: str = "best"
@@ -194,7 +194,7 @@ class LatentMPC:
              previous_A: torch.Tensor | None = None) -> np.ndarray:
         """Plan from a context of latents (and the actions that led into its frames); `shift`: frames executed
         since the previous plan began (its warm start). Returns the plan's frames [H, A] in model space."""
-        from planner.sim import expected_cost_rollout
+        from planner.planners import expected_cost_rollout
 
         cfg = self.cfg
         with self._lock:

@@ -12,7 +12,6 @@ baseline) with its own normalisation and goal.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import statistics
 import time
 from pathlib import Path
@@ -23,10 +22,12 @@ import torch
 
 from featurestore.encoders import check_same_encoder
 from featurestore.reader import TokenReader, Window
-from pipeline.stage import UserError, atomic_write_json
-from planner.cem import CEMConfig, cem_plan, cem_preset
+from pipeline.stage import UserError, atomic_write_json, to_jsonable
+from planner.cem import CEMConfig
 from planner.core import ActionSpec, WorldModel, dtype_name, latent_cost
-from planner.gd import GDConfig, gd_plan
+from planner.gd import GDConfig
+from planner.planners import plan, settings, spec_for
+from planner.results import Latency
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -48,26 +49,39 @@ class OfflineConfig:
     out: Path | None = None  # writes <out>/offline_<planner>.json when set (`wmctl plan offline` checks it first)
 
 
-def search_configs(planner: str, horizon: int, preset: str = "default", **cem: Any) -> tuple[CEMConfig, GDConfig]:
-    """The planners' settings: CEM from a named budget (`planner.cem.CEM_PRESETS`) with `cem` fields over it; GD
-    with one restart per 16 CEM samples and 4x the iterations (a gradient step is cheaper than a CEM iteration)."""
-    if planner not in ("cem", "gd"):
-        raise UserError(f"--planner {planner!r}: choose cem or gd")
-    try:
-        c = cem_preset(preset, horizon=horizon, **cem)
-    except ValueError as e:
-        raise UserError(f"--cem {preset}: {e}") from None
-    return c, GDConfig(horizon=horizon, restarts=max(1, c.samples // 16), iterations=c.iterations * 4)
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class OfflineResult:
+    """What `wmctl plan offline` returns and writes (offline_<planner>.json). `latent_distance` and
+    `plan_closer_than_random` per scorer (model_same_noise, model_fresh_noise, judge: see the module doc);
+    `rows`: one record per problem (episode, start, action errors, each scorer's distances)."""
+
+    planner: str
+    goal_offset: int
+    context: int
+    problems: int
+    random_samples: int
+    dtype: str
+    judge: str | None  # the judge's name, if one scored the plans too
+    latent_distance: dict[str, dict[str, float]]  # {scorer: {plan, ground_truth, random_mean, random_best}}
+    plan_closer_than_random: dict[str, float]  # {scorer: share of problems}
+    action_error_vs_ground_truth: dict[str, float]  # {plan, random}: in units of the training actions' std
+    latency_s: Latency
+    rows: list[dict[str, Any]]
+    out: str | None = None  # where it was written (not in the file)
+
+    def to_json(self) -> dict[str, Any]:
+        """offline_<planner>.json's content, exactly."""
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "out"}
+        return to_jsonable({**d, "latency_s": self.latency_s.to_json()})
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> OfflineResult:
+        return cls(**{**d, "latency_s": Latency.from_json(d["latency_s"])})
 
 
-def spec_for(wm: WorldModel, max_delta_fraction: float | None = 0.5) -> ActionSpec:
-    """Bounds from the model's training actions; per-step changes limited to a fraction of the range."""
-    lo, hi = wm.actions.bounds()
-    md = tuple(float(x) for x in (hi - lo) * max_delta_fraction) if max_delta_fraction else None
-    return ActionSpec(tuple(float(x) for x in lo), tuple(float(x) for x in hi), md)
-
-
-def run_plan_offline(wm: WorldModel, reader: TokenReader, cfg: OfflineConfig) -> dict[str, Any]:
+def run_plan_offline(wm: WorldModel, reader: TokenReader, cfg: OfflineConfig) -> OfflineResult:
+    """Plan each problem (episode, start) of the labelled `cfg.split` episodes and score it (see the module doc);
+    writes <out>/offline_<planner>.json when `cfg.out` is set."""
     if wm.actions.frame_dim == 0:
         raise UserError("this model was trained without actions; planning needs an action-conditioned model")
     check_same_encoder(wm.encoder, reader.encoder, what="the model", fix=f"plan on a store made with the encoder "
@@ -88,76 +102,82 @@ def run_plan_offline(wm: WorldModel, reader: TokenReader, cfg: OfflineConfig) ->
     spec = spec_for(wm)
     rng = np.random.default_rng(cfg.seed)
     rows, latencies = [], []
-    base = wm
+    view = wm
     for row, e in eps.iterrows():
-        wm = base.for_source(reader, str(e.source))  # that source's cameras (another robot's may be fewer)
+        view = wm.for_source(reader, str(e.source))  # that source's cameras (another robot's may be fewer)
         judge = cfg.judge.for_source(reader, str(e.source)) if cfg.judge is not None else None
         for s0 in np.sort(rng.choice(int(e.length) - need + 1, size=min(cfg.starts_per_episode,
                                                                         int(e.length) - need + 1), replace=False)):
             w = reader.read(Window(int(row), int(s0), ctx + H, fs), ("patch", "state"))
             raw = reader.read(Window(int(row), int(s0), need), ("action", "state"))
-            z = wm.normalize(w["patch"], w["state"])  # [ctx+H, N, Z]
-            steps = wm.actions.from_dataset(raw["action"][: need - 1].astype(np.float64), raw["state"][: need - 1])
-            acts = torch.as_tensor(wm.actions.per_frame(steps), dtype=torch.float32)  # [(ctx-1+H), A] between frames
-            ctx_actions = torch.cat([torch.zeros(1, acts.shape[1]), acts[: ctx - 1]])  # leading into ctx frames
-            gt = acts[ctx - 1:]  # [H, A] the actions from frame t to t+H
-            cost = latent_cost(z[-1], smoothness=cfg.smoothness, state_dim=wm.state_dim,
-                               state_weight=cfg.state_weight)
-            seed, fresh_seed = (int(x) for x in rng.integers(2**31, size=2))
-            t0 = time.perf_counter()  # the latency includes committing the context
-            rollout = wm.planning_rollout(z[:ctx], context_actions_TA=ctx_actions, k=cfg.k, seed=seed)
-            g = torch.Generator().manual_seed(seed)
-            if cfg.planner == "cem":
-                res = cem_plan(rollout, cost, spec, dataclasses.replace(cfg.cem, horizon=H), generator=g)
-            else:
-                res = gd_plan(functools.partial(rollout, grad=True), cost, spec, dataclasses.replace(cfg.gd, horizon=H),
-                              generator=g)
-            latencies.append(time.perf_counter() - t0)
-            lo, hi, _ = spec.tensors()
-            rand = lo + (hi - lo) * torch.rand((cfg.random_samples, H, spec.dim), generator=g)
-            scorers = {"model_same_noise": (rollout, cost),
-                       "model_fresh_noise": (wm.planning_rollout(z[:ctx], context_actions_TA=ctx_actions, k=cfg.k,
-                                                                 seed=fresh_seed), cost)}
-            if judge is not None:
-                zj = judge.normalize(w["patch"], w["state"])
-                scorers["judge"] = (judge.planning_rollout(zj[:ctx], context_actions_TA=ctx_actions, k=cfg.k,
-                                                           seed=fresh_seed),
-                                    latent_cost(zj[-1], smoothness=cfg.smoothness, state_dim=judge.state_dim,
-                                                state_weight=cfg.state_weight))
-            std = (hi - lo) / 5.0  # the bounds are mean +- 2.5 std
-            rec = {"episode": int(e.episode_index), "start": int(s0),
-                   "action_error": float((((res.actions - gt) / std) ** 2).mean()),
-                   "random_action_error": float((((rand - gt) / std) ** 2).mean())}
-            with torch.no_grad():
-                for name, (roll, c) in scorers.items():
-                    d_rand = c(roll(rand), rand).tolist()
-                    rec[name] = {"plan": float(c(roll(res.actions[None]), res.actions[None])[0]),
-                                 "ground_truth": float(c(roll(gt[None]), gt[None])[0]),
-                                 "random_mean": statistics.fmean(d_rand), "random_best": min(d_rand)}
-            rows.append(rec)
+            rec, latency = _problem(view, judge, w, raw, ctx, spec, rng, cfg)
+            rows.append({"episode": int(e.episode_index), "start": int(s0), **rec})
+            latencies.append(latency)
+    result = _summary(rows, latencies, cfg, ctx, dtype_name(view.dtype))
+    if cfg.out is not None:
+        path = Path(cfg.out) / f"offline_{cfg.planner}.json"
+        atomic_write_json(path, result.to_json())
+        result = dataclasses.replace(result, out=str(path))
+    return result
 
+
+def _problem(wm: WorldModel, judge: WorldModel | None, w: dict, raw: dict, ctx: int, spec: ActionSpec,
+             rng: np.random.Generator, cfg: OfflineConfig) -> tuple[dict[str, Any], float]:
+    """One problem: plan from the first `ctx` frames of window `w` to its last, against the ground-truth actions
+    (`raw`: the window's per-step actions and states) and random ones. Returns its record and the plan latency."""
+    H = cfg.goal_offset
+    need = (ctx - 1 + H) * wm.actions.frameskip + 1  # the frames of `raw`
+    z = wm.normalize(w["patch"], w["state"])  # [ctx+H, N, Z]
+    steps = wm.actions.from_dataset(raw["action"][: need - 1].astype(np.float64), raw["state"][: need - 1])
+    acts = torch.as_tensor(wm.actions.per_frame(steps), dtype=torch.float32)  # [(ctx-1+H), A] between frames
+    ctx_actions = torch.cat([torch.zeros(1, acts.shape[1]), acts[: ctx - 1]])  # leading into ctx frames
+    gt = acts[ctx - 1:]  # [H, A] the actions from frame t to t+H
+    cost = latent_cost(z[-1], smoothness=cfg.smoothness, state_dim=wm.state_dim, state_weight=cfg.state_weight)
+    seed, fresh_seed = (int(x) for x in rng.integers(2**31, size=2))
+    t0 = time.perf_counter()  # the latency includes committing the context
+    rollout = wm.planning_rollout(z[:ctx], context_actions_TA=ctx_actions, k=cfg.k, seed=seed)
+    g = torch.Generator().manual_seed(seed)
+    res = plan(cfg.planner, rollout, cost, spec, settings(cfg.planner, cfg), horizon=H, generator=g)
+    latency = time.perf_counter() - t0
+    lo, hi, _ = spec.tensors()
+    rand = lo + (hi - lo) * torch.rand((cfg.random_samples, H, spec.dim), generator=g)
+    scorers = {"model_same_noise": (rollout, cost),
+               "model_fresh_noise": (wm.planning_rollout(z[:ctx], context_actions_TA=ctx_actions, k=cfg.k,
+                                                         seed=fresh_seed), cost)}
+    if judge is not None:
+        zj = judge.normalize(w["patch"], w["state"])
+        scorers["judge"] = (judge.planning_rollout(zj[:ctx], context_actions_TA=ctx_actions, k=cfg.k, seed=fresh_seed),
+                            latent_cost(zj[-1], smoothness=cfg.smoothness, state_dim=judge.state_dim,
+                                        state_weight=cfg.state_weight))
+    std = (hi - lo) / 5.0  # the bounds are mean +- 2.5 std
+    rec = {"action_error": float((((res.actions - gt) / std) ** 2).mean()),
+           "random_action_error": float((((rand - gt) / std) ** 2).mean())}
+    with torch.no_grad():
+        for name, (roll, c) in scorers.items():
+            d_rand = c(roll(rand), rand).tolist()
+            rec[name] = {"plan": float(c(roll(res.actions[None]), res.actions[None])[0]),
+                         "ground_truth": float(c(roll(gt[None]), gt[None])[0]),
+                         "random_mean": statistics.fmean(d_rand), "random_best": min(d_rand)}
+    return rec, latency
+
+
+def _summary(rows: list[dict[str, Any]], latencies: list[float], cfg: OfflineConfig, ctx: int, dtype: str
+             ) -> OfflineResult:
+    """The problems' means: latent distances and how often the plan beats random per scorer, action errors."""
     def mean(key):
         return statistics.fmean(r[key] for r in rows)
 
     scored = [k for k in ("model_same_noise", "model_fresh_noise", "judge") if k in rows[0]]
-    result = {
-        "planner": cfg.planner, "goal_offset": H, "context": ctx, "problems": len(rows),
-        "random_samples": cfg.random_samples,
-        "dtype": dtype_name(wm.dtype),
-        "judge": getattr(cfg.judge, "name", None),
+    return OfflineResult(
+        planner=cfg.planner, goal_offset=cfg.goal_offset, context=ctx, problems=len(rows),
+        random_samples=cfg.random_samples, dtype=dtype, judge=getattr(cfg.judge, "name", None),
         # latent distance to the goal, per scorer (see the module doc): which model, which noise
-        "latent_distance": {s_: {k: statistics.fmean(r[s_][k] for r in rows)
-                                 for k in ("plan", "ground_truth", "random_mean", "random_best")} for s_ in scored},
-        "plan_closer_than_random": {s_: statistics.fmean(r[s_]["plan"] < r[s_]["random_mean"] for r in rows)
-                                    for s_ in scored},
-        "action_error_vs_ground_truth": {"plan": mean("action_error"), "random": mean("random_action_error")},
-        "latency_s": {"p50": float(np.percentile(latencies, 50)), "p95": float(np.percentile(latencies, 95))},
-        "rows": rows,
-    }
-    if cfg.out is not None:
-        atomic_write_json(Path(cfg.out) / f"offline_{cfg.planner}.json", result)
-        result["out"] = str(Path(cfg.out) / f"offline_{cfg.planner}.json")
-    return result
+        latent_distance={s_: {k: statistics.fmean(r[s_][k] for r in rows)
+                              for k in ("plan", "ground_truth", "random_mean", "random_best")} for s_ in scored},
+        plan_closer_than_random={s_: statistics.fmean(r[s_]["plan"] < r[s_]["random_mean"] for r in rows)
+                                 for s_ in scored},
+        action_error_vs_ground_truth={"plan": mean("action_error"), "random": mean("random_action_error")},
+        latency_s=Latency.of(latencies), rows=rows)
 
 
 def _check_judge(wm: WorldModel, judge: WorldModel, reader: TokenReader) -> None:

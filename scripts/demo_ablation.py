@@ -5,11 +5,12 @@ the sample-mean MSE with the actions and with the null action, the energy score,
 distance of the predicted robot state to the true one (models with proprioception), next to copy-last.
 
     make demo                                                     # writes demo/tokens.zarr (and the demo's runs)
-    .venv/bin/python scripts/demo_ablation.py                     # every variant, seeds 0 and 1 (~5 min a run)
+    .venv/bin/python scripts/demo_ablation.py                     # every variant, seeds 0 and 1 (time: results.md)
     .venv/bin/python scripts/demo_ablation.py --variants token,add --seeds 0,1,2
 
 A study (not a test): finished runs of the same steps and recipe are reused, so an interrupted study resumes where it
-stopped. Results also go to <out>/ablation.json (ablation-n<samples>-w<windows>.json for other eval settings).
+stopped. Results also go to <out>/ablation.json (ablation-n<samples>-w<windows>.json for other eval settings). The
+time a run takes: docs/results.md, 2026-11-30, "CPU kernel timings and run times recorded in code comments".
 """
 
 from __future__ import annotations
@@ -50,7 +51,7 @@ VARIANTS: dict[str, tuple[str, str | None, list[str]]] = {
     "half_weight_light_state": ("small", None, [*RAMP, "loss_weight_floor=0.5", "state_weight=0.1"]),
     # the recipe with k_max = the sampler's K: the flow term trains exactly the levels K=4 visits (tau = 0, the
     # conditional mean every generated frame starts from, on a quarter of the flow frames instead of 1/16);
-    # measured on two seeds: worse than the recipe at every horizon (README, "World model")
+    # measured on two seeds: worse than the recipe at every horizon (docs/results.md, 2026-12-01, the targets)
     "sampler_levels": ("small", None, ["model.k_max=4"]),
     "all_labelled": ("small", None, [*RAMP, "labelled_fraction=1.0"]),  # every window labelled (no null action)
     "more_noise": ("small", None, [*RAMP, "tau_power=2"]),  # signal levels drawn nearer the noise (tau <- tau^2)

@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from featurestore.reader import TokenReader, Window  # noqa: E402
 from pipeline.machine import machine_description  # noqa: E402
 from planner.core import latent_cost  # noqa: E402
-from planner.offline import spec_for  # noqa: E402
+from planner.planners import spec_for  # noqa: E402
 from planner.sim import SimConfig  # noqa: E402
 from trainer.api import LoadedWorldModel  # noqa: E402
 

@@ -3,12 +3,13 @@
 variant and K, the sample-mean MSE, single-sample MSE, energy score and spread (sample variance / true variance),
 next to the oracle (true conditional mean and true samples) and the null-action error.
 
-    .venv/bin/python scripts/shortcut_study.py --steps 600                # every variant, ~2 min each on 2 cores
+    .venv/bin/python scripts/shortcut_study.py --steps 600                # every variant (time: results.md)
     .venv/bin/python scripts/shortcut_study.py --variants recipe,flow_only --steps 300
     .venv/bin/python scripts/shortcut_study.py --action-range 1.5 --out bench/toy-study-a1.5   # actions decide more
 
 A benchmark-style study (not a test; tests/test_toyworld.py runs a short version with assertions). Same data,
-seed and budget for every variant; results also go to <out>/study.json.
+seed and budget for every variant; results also go to <out>/study.json. The time a variant takes: docs/results.md,
+2026-11-30, "CPU kernel timings and run times recorded in code comments".
 """
 
 from __future__ import annotations

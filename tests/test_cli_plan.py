@@ -134,7 +134,7 @@ def test_plan_sim_protocols_fix_the_task_and_are_never_mixed(tiny_run, tmp_path)
     r = CliRunner().invoke(app, [*base, "--protocol", "nope"])
     assert r.exit_code == 2 and "--protocol 'nope'" in r.output
     from pipeline.stage import UserError
-    from planner.sim import compare_sims
+    from planner.results import compare_sims
 
     gym = {"env": "pusht", "config": {"protocol": "gym", "goal_offset": 25, "max_steps": 50},
            "model": {"per_trial": [{"episode": 0, "start": 1, "success": True}]}}
@@ -150,7 +150,7 @@ def test_expected_cost_over_noise_draws_is_the_mean_of_each_draws_cost(tiny_run)
     import torch
 
     from planner.core import latent_cost
-    from planner.sim import expected_cost_rollout
+    from planner.planners import expected_cost_rollout
     from trainer.api import LoadedWorldModel
 
     wm = LoadedWorldModel.load(tiny_run)

@@ -9,7 +9,7 @@ import torch
 from planner.cem import CEMConfig, cem_plan, warm_start
 from planner.core import ActionSpec, latent_cost, project
 from planner.gd import GDConfig, gd_plan
-from planner.sim import compare_sims, exact_mcnemar
+from planner.results import compare_sims, exact_mcnemar
 
 Z, A, H = 6, 2, 4
 torch.manual_seed(0)

@@ -9,7 +9,7 @@ import torch
 
 from pipeline.sims.pusht import PushtSim
 from planner.cem import CEMConfig
-from planner.offline import spec_for
+from planner.planners import spec_for
 from planner.sim import SimConfig, Trial, run_trial
 from trainer.actions import ActionSpace
 

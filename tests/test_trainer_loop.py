@@ -135,7 +135,7 @@ def test_train_fps_sets_the_frameskip_from_each_store_s_rate(multicam_manifest, 
     assert np.isfinite(res.conditions["actions"][res.model]["mse"][2])
     plan = run_plan_offline(LoadedWorldModel.load(tmp_path / "run-3"), TokenReader(tmp_path / "full.zarr"),
                             OfflineConfig(goal_offset=2, episodes=1, starts_per_episode=1, split="train"))
-    assert plan["problems"] == 1 and np.isfinite(plan["rows"][0]["action_error"])
+    assert plan.problems == 1 and np.isfinite(plan.rows[0]["action_error"])
     with pytest.raises(UserError, match=r"--fps 2: source multicam is at 5 fps.*nearest it can serve: 1.66667 or 2.5"):
         run_train(dataclasses.replace(tiny(), store=tmp_path / "5fps.zarr", out=tmp_path / "r2", steps=2, fps=2.0))
     mixed = tmp_path / "mixed.zarr"  # pusht (10 fps) and the multi-camera set at 5 fps in one store
