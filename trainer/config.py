@@ -297,17 +297,18 @@ def small() -> TrainConfig:
 
     clean_context and state-relative actions: on pusht these learned motion where Dreamer 4's diffusion forcing
     with absolute targets only learned to copy the last frame; proprioception gives the agent's position, which
-    the patches of a 96-px frame barely resolve (see README, "World model"). No preconditioning (plain
-    x-prediction): with it the samples were over-dispersed and got worse with more sampling steps, on the toy world
-    (`scripts/shortcut_study.py`: spread 1.37x the true one at K=8, 1.01x without) and on the demo data. Actions
-    added to every latent token (`conditioning="add"`): on the toy world the model's mean prediction came to the
-    true conditional mean (0.105 vs 0.103 at h=1; the action token alone: 0.121), on the demo the predicted robot
-    state 2.3-2.9x closer to the truth at h >= 5, and the closed loop no worse (4/10 vs 3/10, same trials).
-    Loss: the signal-level weight 0.5 + 0.5 tau (Dreamer 4's ramp has floor 0.1) and the state token's error at
-    a tenth of the patches' (DINO-WM weighs them alike), 2000 steps: on the demo's tokens (two seeds) the only
-    recipe measured whose patches beat copy-last and the deterministic control trained as long at every horizon
-    and gain from the actions by more than the seed spread (the control stopped at 600 steps stays lower at
-    h >= 10; README, "World model"); the state is predicted less closely.
+    the patches of a 96-px frame barely resolve (docs/world-model.md, "Where the `small` preset departs from
+    Dreamer 4"). No preconditioning (plain x-prediction): with it the samples were over-dispersed and got worse with
+    more sampling steps, on the toy world (`scripts/shortcut_study.py`) and on the demo data (docs/results.md,
+    2026-11-30, "Preconditioning on the toy world"). Actions added to every latent token (`conditioning="add"`): on
+    the toy world the model's mean prediction came to the true conditional mean, on the demo the predicted robot
+    state came closer to the truth, and the closed loop was no worse on the same trials (docs/results.md, 2026-11-30:
+    "What the shortcut model learns: the toy world", "The demo's tokens at 600 steps", "Actions added to every
+    token"). Loss: the signal-level weight 0.5 + 0.5 tau (Dreamer 4's ramp has floor 0.1) and the state token's
+    error at a tenth of the patches' (DINO-WM weighs them alike), 2000 steps: on the demo's tokens (two seeds) the
+    only recipe measured whose patches beat copy-last and the deterministic control trained as long at every horizon
+    and gain from the actions by more than the seed spread (docs/results.md, 2026-12-01, "The `small` recipe against
+    the targets"); the state is predicted less closely.
     """
     return TrainConfig(
         model=ModelConfig(dim=128, depth=4, heads=4, kv_heads=2, registers=4, time_every=2, k_max=16,

@@ -47,8 +47,8 @@ def camera_slots(reader: TokenReader, sources: list[str]) -> tuple[tuple[str, ..
             said = "; ".join(f"{s}: {k}" for s, k in keys.items())
             raise UserError(f"training sources have different cameras ({said}); name each camera's role in its "
                             "dataset's registry file, e.g. camera_slots = { exterior_1 = \"observation.images."
-                            "front\", wrist = \"observation.images.wrist\" } (README: camera slots), or train on "
-                            "some sources with --sources")
+                            "front\", wrist = \"observation.images.wrist\" } (docs/registry.md#camera-slots), or "
+                            "train on some sources with --sources")
         return (), {}
     without = [s for s in sources if s not in with_slots]
     if without:

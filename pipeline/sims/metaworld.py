@@ -18,7 +18,8 @@ xyz + gripper, seen by a fixed exterior camera and a wrist camera.
   rule (`success_rule="metaworld"`): the env's `evaluate_state` with its target set to the goal's position (reach:
   the goal's end effector; push: the goal's object), i.e. reach within 5 cm, push the object within 5 cm, the
   field's `info["success"]`. `success_rule="strict"` is the rule wmctl used before, stricter for push: also the end
-  effector within 10 cm of the goal's (even the privileged scripted pusher met it on 3 of 10 trials).
+  effector within 10 cm of the goal's (even the privileged scripted pusher seldom met it: docs/results.md,
+  2026-12-01, "`make demo-arm`: Meta-World reach and push").
 """
 
 from __future__ import annotations

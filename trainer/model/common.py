@@ -42,9 +42,9 @@ def rope_2d_angles(row_L: torch.Tensor, col_L: torch.Tensor, head_dim: int, thet
 def apply_rope(x_BHLE: torch.Tensor, angles_LE2: torch.Tensor) -> torch.Tensor:
     """Rotate consecutive pairs of channels by `angles` ([L, E/2], broadcast over batch and heads).
 
-    On the CPU (eager) as one complex multiplication: the same rotation, 5-8x faster there than the strided
-    pairs below (measured on 2 cores, `wmctl bench plan`); elsewhere (CUDA, torch.compile, which does not
-    lower complex numbers) the real form."""
+    On the CPU (eager) as one complex multiplication: the same rotation, several times faster there than the
+    strided pairs below (`wmctl bench plan`; docs/results.md, 2026-11-30, "CPU kernel timings"); elsewhere (CUDA,
+    torch.compile, which does not lower complex numbers) the real form."""
     if x_BHLE.device.type == "cpu" and not torch.compiler.is_compiling():
         xc = torch.view_as_complex(x_BHLE.float().unflatten(-1, (-1, 2)))
         angles = angles_LE2.float()
@@ -131,11 +131,12 @@ class Attention(nn.Module):
         ([B, G, rep*L, E]: no copies of the keys and values).
 
         cap * tanh(u) is computed as 2 cap * sigmoid(2u): the same attention weights (softmax drops the constant
-        -cap), because torch's CPU tanh is single-threaded and ~6x slower than its sigmoid (409,600 values: 1040
-        vs 166 us, 2 cores); in float32 the capped logits carry an absolute error of ~1e-7 x cap, so a cap far
-        above the logits (> 1e3, effectively none) keeps the tanh form. The argument's scale 2 / (sqrt(E) cap)
-        goes into the queries (L x E values, not L x M), the sigmoid runs in place, and the gain 2 cap and the
-        mask's -inf are one add: two passes over the score matrix after the product, where there were five."""
+        -cap), because torch's CPU tanh is single-threaded and several times slower than its sigmoid
+        (docs/results.md, 2026-11-30, "CPU kernel timings"); in float32 the capped logits carry an absolute error
+        of ~1e-7 x cap, so a cap far above the logits (> 1e3, effectively none) keeps the tanh form. The argument's
+        scale 2 / (sqrt(E) cap) goes into the queries (L x E values, not L x M), the sigmoid runs in place, and the
+        gain 2 cap and the mask's -inf are one add: two passes over the score matrix after the product, where there
+        were five."""
         B, H, L, E = q.shape
         G, M = k.shape[1], k.shape[2]
         rep = H // G
@@ -156,7 +157,8 @@ class Attention(nn.Module):
 
 def _softmax(x: torch.Tensor) -> torch.Tensor:
     """Softmax over the last dim; on the CPU, for short rows (a time-attention call over a few cached frames),
-    written out: torch's CPU kernel takes ~4x longer there (rows of 5: 494 vs 123 us, 2 cores)."""
+    written out: torch's CPU kernel takes several times longer there (docs/results.md, 2026-11-30, "CPU kernel
+    timings")."""
     if x.device.type != "cpu" or x.shape[-1] > 16 or torch.compiler.is_compiling():
         return x.softmax(-1)
     e = (x - x.amax(-1, keepdim=True)).exp_()
