@@ -23,6 +23,16 @@ HUB_LAYOUT = LEROBOT_VERSION >= Version("0.5")  # downloads in the Hugging Face 
 DATASET_REVISION = "v3.0"  # the codebase version LeRobot asks the Hub for (a tag), then `main`
 
 
+def require_robot_stack(command: str) -> None:
+    """Refuse `command` (the policy, the async-inference server) on lerobot < 0.6, which has neither the policy
+    registry nor the async-inference protocol they are built on: one line naming the fix."""
+    if LEROBOT_VERSION < Version("0.6"):
+        from pipeline.stage import UserError
+
+        raise UserError(f"{command} needs lerobot >= 0.6 (the Python 3.12 stack; `make install`); this environment "
+                        f"has lerobot {LEROBOT_VERSION}")
+
+
 def offline_env() -> None:
     """Make any accidental Hub call fail fast instead of hanging (set before lerobot/HF are imported)."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")

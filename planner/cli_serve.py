@@ -1,13 +1,6 @@
-"""Command-line front ends of `planner.serve` and `planner.lerobot_policy`, ready to mount (not mounted yet):
-
-    from planner import cli_serve
-    app.add_typer(cli_serve.app, name="robot")  # wmctl robot serve | wmctl robot lerobot-eval
-    # or one by one:
-    plan.app.command("serve")(cli_serve.serve)
-    plan.app.command("lerobot-eval")(cli_serve.lerobot_eval)
-
-Each parses its options, builds the stage's config and calls its `run_*`; errors are `UserError`s (exit 2 under
-`pipeline.cli.base.WmctlGroup`).
+"""`wmctl robot serve | lerobot-eval`: the command-line front ends of `planner.serve` and `planner.lerobot_policy`
+(mounted by `pipeline/cli/table.py`). Each parses its options, builds the stage's config and calls its `run_*`;
+errors are `UserError`s (exit 2 under `pipeline.cli.base.WmctlGroup`).
 """
 
 from __future__ import annotations
@@ -20,6 +13,7 @@ from typing import Annotated
 import typer
 
 from pipeline.cli.base import int_list, new_app, split_list
+from pipeline.lerobot_compat import require_robot_stack
 from pipeline.stage import UserError
 from planner.cem import CEMConfig
 from planner.latent_mpc import PUSHT_GOAL_AGENT, GoalSpec, MPCConfig
@@ -110,6 +104,7 @@ def serve(
 ) -> None:
     """Serve the run to LeRobot's async-inference RobotClient (--policy_type=wmctl) towards a goal, behind the
     safety guard (workspace box, per-step and per-chunk clamps, holds); prints the report when stopped."""
+    require_robot_stack("wmctl robot serve")
     from planner.safety import SafetyConfig
     from planner.serve import ServeConfig, ServeRunConfig, run_serve
     from trainer.runs import resolve_run
@@ -151,6 +146,7 @@ def lerobot_eval(
 ) -> None:
     """Run the wmctl planning policy through LeRobot's own eval harness (make_env, make_policy, eval_policy_all) and
     print LeRobot's pc_success with the plan latency."""
+    require_robot_stack("wmctl robot lerobot-eval")
     from planner.lerobot_policy import LerobotEvalConfig, run_lerobot_eval
     from trainer.runs import resolve_run
 
@@ -170,6 +166,7 @@ def lerobot_eval(
     res = run_lerobot_eval(cfg)
     overall = res["lerobot"]["overall"]
     lat = res["plan_latency_s"]
+    latency = f"; plan latency p50 {lat['p50'] * 1e3:.0f} ms p95 {lat['p95'] * 1e3:.0f} ms" if lat else ""
     typer.echo(f"{env}: pc_success {overall['pc_success']:.1f}% over {overall['n_episodes']} episodes (LeRobot's "
-               f"metric); plan latency p50 {lat['p50'] * 1e3:.0f} ms p95 {lat['p95'] * 1e3:.0f} ms" if lat else "")
+               f"metric){latency}")
     typer.echo(json.dumps({"overall": overall, "plan_latency_s": lat}))

@@ -241,6 +241,10 @@ def run_lerobot_eval(cfg: LerobotEvalConfig, *, policy: WmctlPolicy | None = Non
     from lerobot.scripts.lerobot_eval import eval_policy_all
 
     pcfg = policy_config(cfg)
+    if cfg.env == "metaworld":
+        from pipeline.sims.metaworld import require_egl
+
+        require_egl()  # headless MuJoCo: before LeRobot's env imports it
     try:
         env_cfg = make_env_config(cfg.env, **({"episode_length": cfg.max_steps} if cfg.env == "pusht" else {}),
                                   **({"task": cfg.task} if cfg.task else {}))

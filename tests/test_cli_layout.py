@@ -33,7 +33,7 @@ STAGES = {"pipeline", "featurestore", "trainer", "planner"}
 EXPECTED = {  # every command of `wmctl`, groups' commands included
     "ingest", "datasets", "encode", "status", "probe", "train", "eval", "visualize",
     "data pusht", "data multicam", "data metaworld", "encoder init-random", "encoder fetch", "decoder train",
-    "plan offline", "plan sim", "plan compare",
+    "plan offline", "plan sim", "plan compare", "export", "robot serve", "robot lerobot-eval",
     "bench decode", "bench encode", "bench rollout", "bench plan", "bench train",
 }
 
@@ -48,7 +48,8 @@ def test_every_table_entry_imports_as_a_click_command_of_its_name(group, name):
     entry = TABLES[group][name]
     module = entry.target.partition(":")[0]
     assert module.split(".")[0] in STAGES
-    assert module.startswith("pipeline.cli") or module.endswith(".cli"), f"{entry.target}: not a command module"
+    assert module.startswith("pipeline.cli") or module.rpartition(".")[2].startswith("cli"), \
+        f"{entry.target}: not a command module (<stage>/cli.py or <stage>/cli_<topic>.py)"
     cmd = click_command(name, load(entry.target))
     assert isinstance(cmd, (TyperCommand, TyperGroup)) and cmd.name == name
     assert not isinstance(cmd, TyperGroup) or isinstance(cmd, WmctlGroup), f"{name}: a group without error mapping"
@@ -154,3 +155,15 @@ def test_the_console_script_and_python_m_run_the_same_app():
         r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=120)
         listed = re.findall(r"^│ (\S+) ", r.stdout, re.M)
         assert r.returncode == 0 and listed[-len(COMMANDS):] == list(COMMANDS), (cmd, r.stdout, r.stderr)
+
+
+@pytest.mark.parametrize("command", ["serve", "lerobot-eval"])
+def test_the_robot_commands_name_the_lerobot_they_need(command, monkeypatch, tmp_path):
+    from packaging.version import Version
+
+    import pipeline.lerobot_compat as compat
+
+    monkeypatch.setattr(compat, "LEROBOT_VERSION", Version("0.4.4"))  # the previous stack's
+    r = CliRunner().invoke(app, ["robot", command, "--run", str(tmp_path)])
+    assert r.exit_code == 2 and f"wmctl robot {command} needs lerobot >= 0.6" in r.output, r.output
+    assert "lerobot 0.4.4" in r.output and "Traceback" not in r.output

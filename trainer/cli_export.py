@@ -1,11 +1,6 @@
-"""The command-line front end of `trainer.export`, ready to mount (not mounted here: the command table is
-another change's):
-
-    from trainer import cli_export
-    app.command("export")(cli_export.export)   # wmctl export RUN --out DIR [--push-to-hub REPO]
-
-It parses its options and calls `export_run` (and `push_to_hub`); errors are `UserError`s (exit 2 under
-`pipeline.cli.base.WmctlGroup`).
+"""`wmctl export RUN --out DIR [--push-to-hub REPO]`, the command-line front end of `trainer.export` (mounted by
+`pipeline/cli/table.py`). It parses its options and calls `export_run` (and `push_to_hub`); errors are `UserError`s
+(exit 2 under `pipeline.cli.base.WmctlGroup`).
 """
 
 from __future__ import annotations

@@ -61,8 +61,11 @@ COMMANDS: dict[str, Lazy] = {
     "decoder": Lazy("trainer.cli:decoder_app", "The visualisation decoder (tokens -> pixels; for looking only)."),
     "plan": Lazy("planner.cli:app", "Goal-conditioned MPC in latent space (CEM or gradient)."),
     "bench": Lazy("pipeline.cli.table:bench_app", BENCH_HELP),
-    # planner/cli_serve.py (serve, lerobot-eval) is ready to mount and is not mounted here: its owner names the
-    # group (robot | serve | under plan); one line here mounts it, e.g. "robot": Lazy("planner.cli_serve:app", ...)
+    "export": Lazy("trainer.cli_export:export",
+                   "Export a trained world model as a self-contained folder (no paths of this machine in it), loadable "
+                   "by every\ncommand that takes --run; optionally push it to the Hugging Face Hub."),
+    "robot": Lazy("planner.cli_serve:app",
+                  "Plan for a robot through LeRobot: the async-inference server, and LeRobot's own eval harness."),
 }
 
 # Lines that later stages add to `wmctl ingest`'s summary of the manifest it wrote: functions (manifest path -> one
