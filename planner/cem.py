@@ -81,11 +81,13 @@ def warm_start(previous_mean_HA: torch.Tensor | None, executed: int, horizon: in
 @torch.no_grad()
 def cem_plan(rollout: RolloutFn, cost: CostFn, spec: ActionSpec, cfg: CEMConfig, *, generator: torch.Generator,
              init_mean_HA: torch.Tensor | None = None, previous_A: torch.Tensor | None = None,
-             device: str | torch.device = "cpu") -> PlanResult:
+             device: str | torch.device = "cpu", candidates_KHA: torch.Tensor | None = None) -> PlanResult:
     """Minimise cost(rollout(a), a) over a [H, A] within `spec`.
 
     mean, std: [H, A]; each iteration samples [S, H, A] = mean + std * eps (sample 0 is the mean itself),
     projects them onto the constraints, rolls all of them out at once, and refits mean/std to the elites.
+    `candidates_KHA`: sequences evaluated among the first iteration's samples (its last K, projected; e.g. the
+    previous plan shifted, when the mean starts elsewhere).
     """
     lo, hi, _ = spec.tensors(device)
     half = (hi - lo) / 2
@@ -93,7 +95,11 @@ def cem_plan(rollout: RolloutFn, cost: CostFn, spec: ActionSpec, cfg: CEMConfig,
     mean = init_mean_HA.to(device).clone() if init_mean_HA is not None else ((lo + hi) / 2).expand(H, A).clone()
     std = (cfg.init_std * half).expand(H, A).clone()
     best_a, best_c, trace = None, float("inf"), []
-    kept = None  # elites carried over from the iteration before (iCEM)
+    kept = None  # elites carried over from the iteration before (iCEM); in the first: `candidates_KHA`
+    if candidates_KHA is not None and len(candidates_KHA):
+        if len(candidates_KHA) >= cfg.samples:
+            raise ValueError(f"{len(candidates_KHA)} injected candidates leave no room among {cfg.samples} samples")
+        kept = project(candidates_KHA.to(device), spec, previous_A)
     for _ in range(cfg.iterations):
         eps = coloured_noise((cfg.samples, H, A), cfg.noise_beta, generator).to(device)
         eps[0] = 0.0
