@@ -1,8 +1,9 @@
 """The planning step shared by the LeRobot policy (`planner.lerobot_policy`) and the async-inference server
 (`planner.serve`): a run loaded for planning (`load_planning`: the model on its labelled source's cameras and the
 run's encoder), a goal (`GoalSpec` -> `load_goal` -> `Goal`: image files, a recorded episode frame, or gym-pusht's
-fixed goal pose rendered in the simulator) and one goal-conditioned MPC step in latent space (`LatentMPC`: CEM or
-gradient descent on `planner.core.latent_cost`, warm-started from the previous plan, per-step changes clamped by
+fixed goal pose rendered in the simulator) and one goal-conditioned MPC step in latent space (`LatentMPC`: a planner of
+the registry, `planner.planners.plan` - CEM, gradient descent, CEM seeded by the run's amortized proposal or the
+proposal alone - on `planner.core.latent_cost`, warm-started from the previous plan, per-step changes clamped by
 `planner.planners.spec_for`), as `planner.sim.run_trial` runs them in its closed loop.
 Legend: C = cameras, T = frames, N = tokens, Z = token width, H = horizon, A = action width, S = state width.
 """
@@ -21,10 +22,11 @@ import numpy as np
 import torch
 
 from pipeline.stage import UserError, to_jsonable
-from planner.cem import CEMConfig, cem_plan, warm_start
+from planner.cem import CEMConfig, warm_start
 from planner.core import WorldModel, latent_cost
-from planner.gd import GDConfig, gd_plan
-from planner.planners import spec_for
+from planner.gd import GDConfig
+from planner.planners import PLANNERS, check_planner, expected_cost_rollout, plan, settings, spec_for
+from planner.proposal import Observation, Proposal, proposal_for
 
 GOAL_URI = "wmctl-goal:"
 PUSHT_GOAL_AGENT = (256.0, 420.0)  # where the agent is drawn in gym-pusht's goal image (below the T)
@@ -138,7 +140,7 @@ class MPCConfig:
     horizon: int = 5  # frames planned
     execute: int = 2  # frames executed before replanning
     context: int = 2  # frames of history the model sees
-    planner: str = "cem"
+    planner: str = "cem"  # a planner of `planner.planners.PLANNERS` (cem, gd, cem+proposal, proposal)
     cem: CEMConfig = CEMConfig()
     gd: GDConfig = GDConfig()
     k: int = 4
@@ -149,8 +151,7 @@ class MPCConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if self.planner not in ("cem", "gd"):
-            raise UserError(f"--planner {self.planner!r}: choose cem or gd")
+        check_planner(self.planner)
         if not 1 <= self.execute <= self.horizon or self.context < 1:
             raise UserError(f"--execute {self.execute} / --horizon {self.horizon} / --context {self.context}: need "
                             "1 <= execute <= horizon and context >= 1")
@@ -163,11 +164,17 @@ Encode = Callable[[np.ndarray, np.ndarray], torch.Tensor]  # (images [C, H, W, 3
 
 class LatentMPC:
     """One goal-conditioned MPC step in latent space (the body of `planner.sim.run_trial`'s loop): the goal encoded
-    once, each plan warm-started from the previous one shifted by the frames executed since. Thread-safe."""
+    once, each plan warm-started from the previous one shifted by the frames executed since. A planner that uses
+    the proposal has the run's loaded here (refused now, not at the first plan, where the run has none), or is
+    given one (`proposal`).
+    Thread-safe."""
 
-    def __init__(self, wm: WorldModel, encode: Encode, cfg: MPCConfig, goal: Goal):
+    def __init__(self, wm: WorldModel, encode: Encode, cfg: MPCConfig, goal: Goal, *, proposal: Proposal | None = None):
         self.wm, self.encode, self.cfg = wm, encode, cfg
         self.spec = spec_for(wm, cfg.max_delta_fraction)
+        self.proposal = proposal  # None: the run's, where the planner uses one
+        if PLANNERS[cfg.planner].proposal and proposal is None:
+            self.proposal = proposal_for(wm)
         self._lock = threading.RLock()
         self.plans, self.latencies = 0, []
         self.set_goal(goal)
@@ -194,23 +201,16 @@ class LatentMPC:
              previous_A: torch.Tensor | None = None) -> np.ndarray:
         """Plan from a context of latents (and the actions that led into its frames); `shift`: frames executed
         since the previous plan began (its warm start). Returns the plan's frames [H, A] in model space."""
-        from planner.planners import expected_cost_rollout
-
         cfg = self.cfg
         with self._lock:
             seed = int(np.random.default_rng([cfg.seed, self.plans]).integers(2**31))
             t0 = time.perf_counter()
             rollout, cost = expected_cost_rollout(self.wm, context_TNZ, context_actions_TA, self.cost, k=cfg.k,
                                                   seed=seed)
-            g = torch.Generator().manual_seed(seed)
             init = warm_start(self.plan_mean, shift, cfg.horizon, self.spec.dim)
-            if cfg.planner == "cem":
-                res = cem_plan(rollout, cost, self.spec, dataclasses.replace(cfg.cem, horizon=cfg.horizon),
-                               generator=g, init_mean_HA=init, previous_A=previous_A)
-            else:
-                res = gd_plan(lambda a: rollout(a, grad=True), cost, self.spec,
-                              dataclasses.replace(cfg.gd, horizon=cfg.horizon), generator=g, init_mean_HA=init,
-                              previous_A=previous_A)
+            res = plan(cfg.planner, rollout, cost, self.spec, settings(cfg.planner, cfg), horizon=cfg.horizon,
+                       generator=torch.Generator().manual_seed(seed), init_mean_HA=init, previous_A=previous_A,
+                       observation=Observation(self.wm, context_TNZ[-1], self.goal_NZ, self.proposal))
             self.latencies.append(time.perf_counter() - t0)
             self.plans += 1
             self.plan_mean = res.mean
