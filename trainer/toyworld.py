@@ -9,6 +9,13 @@ patch tokens over a fixed random background, with
 - Gaussian noise of std 0.05 on every value.
 So for any context and actions the true next-frame distribution is known: its mean (`true_mean`), its
 per-value variance (`true_variance`) and samples (`true_samples`), in the store's raw token units.
+
+An option (`Gate`, off by default: the world above unchanged) adds action-dependent two-way outcomes: a move whose
+destination lies inside a disk (the gate) goes through with probability `through` (the agent lands where it aimed)
+and else falls into a pit (the agent lands at `trap`). The next frame is then a mixture over the two positions:
+`outcomes` gives them exactly, `next_mean` / `next_variance` / `next_samples` the next frame's distribution given the
+position before and the move. A model trained with MSE learns the mixture's mean, half an agent at the aimed place
+and half in the pit: `scripts/toy_two_way.py` plans on it.
 """
 
 from __future__ import annotations
@@ -38,22 +45,79 @@ def bump(pos_2: np.ndarray) -> np.ndarray:
 
 
 @dataclass(frozen=True)
+class Gate:
+    """Two-way outcomes: a move whose destination lies within `radius` of `center` lands there with probability
+    `through`, else at `trap` (the pit: any point, on the grid or off it)."""
+
+    center: tuple[float, float] = (1.5, 1.5)
+    radius: float = 0.8
+    through: float = 0.5
+    trap: tuple[float, float] = (0.0, 3.0)
+
+    def __post_init__(self) -> None:
+        if self.radius <= 0 or not 0 < self.through < 1:
+            raise ValueError(f"gate radius {self.radius} must be positive and through {self.through} in (0, 1)")
+
+    def holds(self, pos_N2: np.ndarray) -> np.ndarray:
+        """Whether each position [..., 2] lies inside the gate."""
+        return np.linalg.norm(np.asarray(pos_N2) - np.asarray(self.center), axis=-1) < self.radius
+
+    def to_json(self) -> dict:
+        return {"center": list(self.center), "radius": self.radius, "through": self.through, "trap": list(self.trap)}
+
+    @classmethod
+    def from_json(cls, d: dict) -> Gate:
+        return cls(tuple(d["center"]), float(d["radius"]), float(d["through"]), tuple(d["trap"]))
+
+
+@dataclass(frozen=True)
 class ToyWorld:
     background: np.ndarray  # [P, Z]
     agent: np.ndarray  # [Z] the agent blob's feature
     distractor: np.ndarray  # [Z]
     action_range: float = ACTION_RANGE  # actions uniform in [-action_range, action_range]^2: how much they decide
+    gate: Gate | None = None  # two-way outcomes of moves into the gate (None: every move deterministic)
 
     @classmethod
-    def make(cls, seed: int = 0, action_range: float = ACTION_RANGE) -> ToyWorld:
+    def make(cls, seed: int = 0, action_range: float = ACTION_RANGE, gate: Gate | None = None) -> ToyWorld:
         """The world of `seed` (its background and blobs); `action_range` sets how far one action moves the agent
-        and so how much of the next frame the actions explain (the null action's floor against the oracle's)."""
+        and so how much of the next frame the actions explain (the null action's floor against the oracle's);
+        `gate`: the two-way outcomes (the same background and blobs with or without)."""
         if action_range <= 0:
             raise ValueError(f"action_range {action_range} must be positive")
         rng = np.random.default_rng(seed)
         P = GRID[0] * GRID[1]
         return cls(rng.standard_normal((P, DIM)) * 0.5, rng.standard_normal(DIM), rng.standard_normal(DIM),
-                   float(action_range))
+                   float(action_range), gate)
+
+    def coin(self, rng: np.random.Generator, shape=()) -> np.ndarray | None:
+        """The uniform draws [shape] that decide the gate's outcomes of a move (None without a gate: no draw)."""
+        return None if self.gate is None else rng.random(shape)
+
+    def move(self, pos_N2: np.ndarray, action_N2: np.ndarray, coin_N: np.ndarray | float | None) -> np.ndarray:
+        """Where the agent lands [..., 2]: `step`, and a destination inside the gate goes through where its
+        `coin` (uniform in [0, 1), from `coin`) is below `through`, else lands in the pit."""
+        dest = step(pos_N2, action_N2)
+        if self.gate is None:
+            return dest
+        fall = self.gate.holds(dest) & (np.asarray(coin_N) >= self.gate.through)
+        return np.where(fall[..., None], np.asarray(self.gate.trap, dtype=dest.dtype), dest)
+
+    def outcomes(self, pos_2: np.ndarray, actions_H2: np.ndarray) -> list[tuple[float, np.ndarray]]:
+        """The exact distribution of the agent's position after the moves `actions` [H, 2] (or one [2]) from
+        `pos`: (probability, position) pairs, one per branch (two per move into the gate)."""
+        branches = [(1.0, np.asarray(pos_2, dtype=np.float64))]
+        for a in np.atleast_2d(actions_H2):
+            nxt = []
+            for prob, pos in branches:
+                dest = step(pos, a)
+                if self.gate is None or not self.gate.holds(dest):
+                    nxt.append((prob, dest))
+                else:
+                    g = self.gate
+                    nxt += [(prob * g.through, dest), (prob * (1 - g.through), np.array(g.trap, dtype=np.float64))]
+            branches = nxt
+        return branches
 
     def action(self, rng: np.random.Generator, shape=(2,)) -> np.ndarray:
         """Actions of the data's distribution."""
@@ -75,7 +139,7 @@ class ToyWorld:
         `draws` action sequences of the data's distribution): the best a model without the actions can do."""
         pos = np.repeat(pos_2[None], draws, axis=0)
         for _ in range(steps):
-            pos = step(pos, self.action(rng, pos.shape))
+            pos = self.move(pos, self.action(rng, pos.shape), self.coin(rng, draws))
         return np.mean([self.true_mean(p) for p in pos], axis=0)
 
     def true_variance(self) -> np.ndarray:
@@ -87,18 +151,41 @@ class ToyWorld:
         """n draws [n, P, Z] of the next frame given the agent's (known) position."""
         return np.stack([self.frame(pos_2, int(rng.integers(2)), rng) for _ in range(n)])
 
+    def next_mean(self, pos_2: np.ndarray, actions_H2: np.ndarray) -> np.ndarray:
+        """E[tokens after the moves `actions` from `pos`] [P, Z]: `true_mean` over the branches of `outcomes`."""
+        return sum(prob * self.true_mean(q) for prob, q in self.outcomes(pos_2, actions_H2))
+
+    def next_variance(self, pos_2: np.ndarray, actions_H2: np.ndarray) -> np.ndarray:
+        """Var[tokens after the moves `actions` from `pos`] per value [P, Z]: the variance within a branch
+        (`true_variance`) plus that of the branches' means."""
+        branches = self.outcomes(pos_2, actions_H2)
+        second = sum(prob * self.true_mean(q) ** 2 for prob, q in branches)
+        return self.true_variance() + second - self.next_mean(pos_2, actions_H2) ** 2
+
+    def next_samples(self, pos_2: np.ndarray, actions_H2: np.ndarray, n: int, rng: np.random.Generator
+                     ) -> np.ndarray:
+        """n draws [n, P, Z] of the frame after the moves `actions` from `pos`, each move's outcome drawn."""
+        out = []
+        for _ in range(n):
+            pos = np.asarray(pos_2, dtype=np.float64)
+            for a in np.atleast_2d(actions_H2):
+                pos = self.move(pos, a, self.coin(rng))
+            out.append(self.frame(pos, int(rng.integers(2)), rng))
+        return np.stack(out)
+
 
 def step(pos_2: np.ndarray, action_2: np.ndarray) -> np.ndarray:
     return np.clip(pos_2 + action_2, 0, GRID[0] - 1)
 
 
 def write_toy_world(path: Path, *, episodes: int = 64, length: int = 24, seed: int = 0, labelled: bool = True,
-                    source: str = "toy", val_every: int = 8, action_range: float = ACTION_RANGE) -> Path:
-    """Episodes of the toy world (random actions in +-`action_range`) as one committed segment of `source`; the
-    state is the agent position, so the truth of any window can be rebuilt. Every `val_every`-th episode is val.
-    The store records its world (the action range) in its identity: `measure` rebuilds that world, and a store
-    refuses episodes of another one."""
-    world = ToyWorld.make(0, action_range)  # the same world for every source and seed: seeds vary the episodes only
+                    source: str = "toy", val_every: int = 8, action_range: float = ACTION_RANGE,
+                    gate: Gate | None = None) -> Path:
+    """Episodes of the toy world (random actions in +-`action_range`; with `gate`, its two-way outcomes) as one
+    committed segment of `source`; the state is the agent position, so the truth of any window can be rebuilt.
+    Every `val_every`-th episode is val. The store records its world (the action range, the gate) in its
+    identity: `measure` rebuilds that world, and a store refuses episodes of another one."""
+    world = ToyWorld.make(0, action_range, gate)  # the same world for every source and seed: seeds vary episodes
     rng = np.random.default_rng(seed)
     patch, action, state, table = [], [], [], []
     for e in range(episodes):
@@ -108,7 +195,7 @@ def write_toy_world(path: Path, *, episodes: int = 64, length: int = 24, seed: i
             patch.append(world.frame(pos, int(rng.integers(2)), rng))
             state.append(pos.copy())
             action.append(a)
-            pos = step(pos, a)
+            pos = world.move(pos, a, world.coin(rng))
         table.append({"episode_index": e, "view": 0, "start": e * length, "length": length,
                       "split": "val" if e % val_every == val_every - 1 else "train", "has_actions": labelled,
                       "task": "move the agent", "augment": None})
@@ -118,7 +205,8 @@ def write_toy_world(path: Path, *, episodes: int = 64, length: int = 24, seed: i
 
 def identity_of(world: ToyWorld) -> dict:
     """The store identity of a toy world's tokens: the toy 'encoder' and the world they come from."""
-    return dict(IDENTITY, world={"seed": 0, "action_range": world.action_range})
+    gate = {} if world.gate is None else {"gate": world.gate.to_json()}
+    return dict(IDENTITY, world={"seed": 0, "action_range": world.action_range, **gate})
 
 
 def world_of(store: Path) -> ToyWorld:
@@ -128,7 +216,9 @@ def world_of(store: Path) -> ToyWorld:
     recorded = TokenReader(store).encoder
     if recorded.get("model_id") != IDENTITY["model_id"]:
         raise UserError(f"{store}: not a toy-world store (its tokens come from {recorded.get('model_id')!r})")
-    return ToyWorld.make(0, float(recorded.get("world", {}).get("action_range", ACTION_RANGE)))
+    world = recorded.get("world", {})
+    gate = Gate.from_json(world["gate"]) if "gate" in world else None
+    return ToyWorld.make(0, float(world.get("action_range", ACTION_RANGE)), gate)
 
 
 def measure(wm, store: Path, *, context: int = 3, horizons: tuple[int, ...] = (1, 3), samples: int = 8,
@@ -148,11 +238,14 @@ def measure(wm, store: Path, *, context: int = 3, horizons: tuple[int, ...] = (1
     from featurestore.reader import TokenReader
     from trainer.eval import EvalConfig, collect_windows, mean_prediction_mse, sample_set, window_scores
 
+    world = world_of(store)
+    if world.gate is not None:
+        raise UserError(f"{store}: a world with a gate; measure's oracle conditions on the realised position, which "
+                        "a move into the gate leaves open (its truth is `ToyWorld.outcomes`; scripts/toy_two_way.py)")
     reader = TokenReader(store)
     cfg = EvalConfig(ckpt=wm.checkpoint, horizons=horizons, windows_per_episode=windows_per_episode, seed=seed,
                      samples=samples, batch_size=64)
     (win,) = collect_windows(reader, wm, cfg, context)["labelled"]  # the toy store's one labelled source
-    world = world_of(store)
     mean, std = wm.stats.token_mean.astype(np.float64), wm.stats.token_std.astype(np.float64)
     norm = lambda x: (np.asarray(x, np.float64) - mean) / std  # noqa: E731
     W = len(win.tokens)
