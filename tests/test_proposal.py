@@ -1,0 +1,246 @@
+"""The amortized proposal: trained on a run's labelled windows and saved with it (reloaded bit for bit, not trained
+twice), recovering actions from the latent change where they are recoverable, and planning: CEM seeded by it, the
+proposal alone, through the registry, the MPC step of the policy and server, and `wmctl bench plan`'s rows."""
+
+from __future__ import annotations
+
+import dataclasses
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from synthetic import write_token_world
+
+from featurestore.reader import TokenReader, Window
+from pipeline.stage import UserError
+from planner.cem import CEMConfig
+from planner.core import ActionSpec, latent_cost, project
+from planner.latent_mpc import Goal, LatentMPC, MPCConfig
+from planner.planners import PLANNERS, plan, settings, spec_for
+from planner.proposal import Observation, ProposalPlanConfig
+from trainer.api import LoadedWorldModel
+from trainer.proposal import RECORD, WEIGHTS, ProposalConfig, full_frame, load_proposal, proposal_dir
+from trainer.proposal_train import fit_proposal, train_proposal
+from trainer.runs import RunState
+from trainer.tokens import FrameLayout, TokenShape
+
+SMALL = ProposalConfig(horizon=3, max_goal=4, width=16, queries=2, hidden=32, batch_size=4, val_windows=8)
+
+
+@pytest.fixture
+def run_copy(tiny_run, tmp_path):
+    """tiny_run's folder copied (its proposal written into the copy, not the session's run)."""
+    return shutil.copytree(tiny_run, tmp_path / "run")
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_run, tmp_path_factory):
+    """A copy of tiny_run with a proposal trained for a few steps."""
+    run = shutil.copytree(tiny_run, tmp_path_factory.mktemp("proposal") / "run")
+    train_proposal(run, steps=3, config=SMALL)
+    return run
+
+
+class Fixed:
+    """A proposal that proposes one fixed sequence whatever it sees."""
+
+    def __init__(self, actions_HA: torch.Tensor):
+        self.actions = actions_HA
+
+    @property
+    def horizon(self) -> int:
+        return len(self.actions)
+
+    def propose(self, current_NZ, goal_NZ):
+        return self.actions.clone()
+
+
+def test_a_trained_proposal_reloads_bit_for_bit_and_the_same_training_is_not_done_twice(run_copy):
+    rep = train_proposal(run_copy, steps=4, config=SMALL)
+    folder = proposal_dir(run_copy)
+    assert rep.trained and rep.folder == folder and rep.steps == 4 and rep.val_windows > 0
+    assert set(rep.action_error) == {"proposal", "mean_action", "zero_action", "random"}
+    state = RunState.read(run_copy)
+    net, losses, score = fit_proposal(state, state.store, 4, SMALL, torch.device("cpu"))  # the same, in memory
+    loaded = load_proposal(folder)
+    want = net.state_dict()
+    assert loaded.net.state_dict().keys() == want.keys()
+    assert all(torch.equal(loaded.net.state_dict()[k], want[k]) for k in want)
+    assert {k: v for k, v in score.items() if k != "windows"} == rep.action_error and len(losses) == 4
+
+    # its output is the model's raw per-frame actions: normalised by the world model, the head's output again
+    wm = LoadedWorldModel.load(run_copy)
+    cur, goal = torch.randn(2, wm.shape.latent_tokens, wm.shape.enc_dim).unbind(0)
+    proposed = loaded.for_model(wm).propose(cur, goal)
+    assert proposed.shape == (SMALL.horizon, wm.actions.frame_dim)
+    with torch.no_grad():
+        torch.testing.assert_close(wm.actions.normalize_frames(proposed), net(cur[None], goal[None])[0])
+
+    stamps = [(folder / f).stat().st_mtime_ns for f in (RECORD, WEIGHTS)]
+    again = train_proposal(run_copy, steps=4, config=SMALL)
+    assert not again.trained and dataclasses.replace(again, trained=True) == rep
+    assert [(folder / f).stat().st_mtime_ns for f in (RECORD, WEIGHTS)] == stamps  # nothing written
+    more = train_proposal(run_copy, steps=5, config=SMALL)
+    assert more.trained and more.steps == 5 and load_proposal(folder).record["steps"] == 5
+
+
+def test_a_torn_proposal_and_one_of_another_model_are_refused(trained):
+    folder = proposal_dir(trained)
+    wm = LoadedWorldModel.load(trained)
+    other = dataclasses.replace(wm, stats=dataclasses.replace(wm.stats, action_std=wm.stats.action_std * 2))
+    with pytest.raises(UserError, match="another model"):
+        load_proposal(folder).for_model(other)
+    weights = folder / WEIGHTS
+    saved = weights.read_bytes()
+    try:
+        weights.write_bytes(saved[:-8] + bytes(8))
+        with pytest.raises(UserError, match="torn"):
+            load_proposal(folder)
+    finally:
+        weights.write_bytes(saved)
+
+
+@pytest.mark.parametrize("proprio", [False, True])
+def test_the_proposal_recovers_the_action_from_the_latent_change(tmp_path, proprio):
+    """The synthetic token world: a blob moved by each action (a 2-D delta), so a frame and the next one give the
+    action between them (up to the walls). Trained on its train episodes, the proposal's val error is a fraction
+    of the mean and zero actions' errors; with proprioception (the blob's position as the state token, actions
+    relative to it) too."""
+    from trainer.config import tiny
+    from trainer.loop import run_train
+
+    store = write_token_world(tmp_path / "world.zarr", episodes=24)
+    kw = dict(proprio=True, action_mode="relative_to_state", context_mode="clean_context") if proprio else {}
+    run_train(dataclasses.replace(tiny(), store=store, out=tmp_path / "run", steps=2, eval_every=2, ckpt_every=2,
+                                  **kw))
+    assert LoadedWorldModel.load(tmp_path / "run").state_dim == (2 if proprio else 0)
+    rep = train_proposal(tmp_path / "run", steps=200,
+                         config=ProposalConfig(horizon=1, max_goal=1, width=32, hidden=64, lr=3e-3))
+    err = rep.action_error
+    assert rep.val_windows > 0
+    assert err["mean_action"] > 0.5 and err["zero_action"] > 0.5  # the val actions are not near-constant
+    assert err["proposal"] < 0.5 * min(err["mean_action"], err["zero_action"]), err
+
+
+def test_a_sources_cameras_go_into_their_slots():
+    """A view of fewer cameras than the model (a source's): its blocks in their slots, the others zero, the state
+    token last, as training's windows hold them."""
+    shape = TokenShape(cameras=3, grid=(1, 2), enc_dim=4, action_dim=2, state_dim=2)
+    view = torch.arange(5 * 4, dtype=torch.float32).view(5, 4)  # cameras 2 and 0 (2 tokens each), then the state
+    full = full_frame(view, shape, FrameLayout(slots=(2, 0)))
+    assert full.shape == (7, 4)
+    torch.testing.assert_close(full[4:6], view[0:2])
+    torch.testing.assert_close(full[0:2], view[2:4])
+    torch.testing.assert_close(full[6], view[4])
+    assert not full[2:4].any()
+    assert full_frame(view, shape, FrameLayout()) is view
+
+
+def _spy(rollout):
+    calls = []
+
+    def spied(actions_SHA, grad=False):
+        calls.append(actions_SHA.clone())
+        return rollout(actions_SHA)
+
+    return spied, calls
+
+
+def test_cem_seeded_by_the_proposal_starts_from_its_actions_and_keeps_the_warm_start_as_a_candidate():
+    H, A = 4, 2
+    spec = ActionSpec(low=(-1.0,) * A, high=(1.0,) * A, max_delta=(0.5,) * A)
+    seq = torch.tensor([[0.3, -0.2], [0.5, 0.1], [0.7, 0.2], [0.8, 0.3]])
+    warm = torch.full((H, A), -0.4)
+    rollout, calls = _spy(lambda a: a[:, :, None, :])
+    obs = Observation(None, torch.zeros(1, A), torch.zeros(1, A), Fixed(seq))
+    res = plan("cem+proposal", rollout, latent_cost(torch.zeros(1, A)), spec, CEMConfig(samples=16, elites=4,
+               iterations=2), horizon=H, generator=torch.Generator().manual_seed(0), init_mean_HA=warm,
+               observation=obs)
+    first = calls[0]
+    torch.testing.assert_close(first[0], project(seq[None], spec)[0])  # sample 0 of the first iteration: the mean
+    torch.testing.assert_close(first[-1], project(warm[None], spec)[0])  # the warm start: one candidate
+    assert res.model_evaluations == 16 * 2
+    plain, plain_calls = _spy(lambda a: a[:, :, None, :])
+    plan("cem", plain, latent_cost(torch.zeros(1, A)), spec, CEMConfig(samples=16, elites=4, iterations=2),
+         horizon=H, generator=torch.Generator().manual_seed(0), init_mean_HA=warm)
+    torch.testing.assert_close(plain_calls[0][0], project(warm[None], spec)[0])  # plain CEM: from the warm start
+
+
+def test_the_proposal_alone_is_its_sequence_within_the_action_constraints():
+    spec = ActionSpec(low=(-1.0, -1.0), high=(1.0, 1.0), max_delta=(0.6, 0.6))
+    seq = torch.tensor([[0.2, 0.1], [2.0, -0.3], [0.9, -3.0]])  # out of bounds, and jumps beyond max_delta
+    previous = torch.tensor([0.0, 0.0])
+    res = plan("proposal", None, latent_cost(torch.zeros(1, 2)), spec, ProposalPlanConfig(), horizon=5,
+               generator=torch.Generator(), previous_A=previous, observation=Observation(None, None, None, Fixed(seq)))
+    assert res.actions.shape == (5, 2) and res.model_evaluations == 0 and res.costs_per_iteration == []
+    padded = torch.cat([seq, seq[-1:].expand(2, -1)])  # past its own horizon: its last action held
+    torch.testing.assert_close(res.actions, project(padded[None], spec, previous)[0])
+    torch.testing.assert_close(res.actions[0], seq[0])  # inside the constraints: unchanged
+    lo, hi, md = spec.tensors()
+    assert torch.all(res.actions >= lo) and torch.all(res.actions <= hi)
+    assert torch.all(torch.cat([previous[None], res.actions]).diff(dim=0).abs() <= md + 1e-6)
+    with pytest.raises(UserError, match="does not pass"):
+        plan("proposal", None, latent_cost(torch.zeros(1, 2)), spec, ProposalPlanConfig(), generator=torch.Generator())
+
+
+def test_the_planner_settings_of_a_stage_config():
+    from planner.sim import SimConfig
+
+    cfg = SimConfig(planner="cem+proposal", cem=CEMConfig(samples=12, elites=3))
+    assert settings("cem+proposal", cfg) is cfg.cem and settings("proposal", cfg) == ProposalPlanConfig()
+    assert set(PLANNERS) == {"cem", "gd", "cem+proposal", "proposal"}
+    with pytest.raises(UserError, match="cem\\+proposal or proposal"):
+        MPCConfig(planner="policy")
+
+
+def _problem(wm: LoadedWorldModel):
+    """A val window of the run's store: 2 context frames, a goal 3 frames after the last, their latents."""
+    reader = TokenReader(wm.store)
+    row = int(reader.episodes.index[(reader.episodes.split == "val") & reader.episodes.has_actions][0])
+    w = reader.read(Window(row, 0, 5), ("patch", "state"))
+    z = wm.normalize(w["patch"], w["state"] if wm.state_dim else None)
+    return z[:2], z[-1]
+
+
+def test_the_mpc_step_plans_with_the_runs_proposal(trained, tiny_run):
+    wm = LoadedWorldModel.load(trained)
+    ctx, goal = _problem(wm)
+    encode = lambda images, state: goal  # noqa: E731 - the goal's latents, whatever the images
+    commits = []
+    real = wm.planning_rollout
+    wm.planning_rollout = lambda *a, **kw: commits.append(1) or real(*a, **kw)
+    mpc = LatentMPC(wm, encode, MPCConfig(horizon=3, execute=2, planner="proposal"), Goal(np.zeros((1, 4, 4, 3)),
+                                                                                          None))
+    got = mpc.plan(ctx, torch.zeros(2, wm.actions.frame_dim), shift=0)
+    want = project(load_proposal(proposal_dir(trained)).propose(ctx[-1], goal)[None], mpc.spec)[0]
+    np.testing.assert_array_equal(got, want.numpy())
+    assert commits == []  # the proposal alone: no context committed, no rollout
+
+    seeded = LatentMPC(wm, encode, MPCConfig(horizon=3, execute=2, planner="cem+proposal",
+                                             cem=CEMConfig(samples=8, elites=2, iterations=1)), Goal(
+                                                 np.zeros((1, 4, 4, 3)), None))
+    plan_HA = seeded.plan(ctx, torch.zeros(2, wm.actions.frame_dim), shift=0)
+    lo, hi, _ = spec_for(wm).tensors()
+    assert plan_HA.shape == (3, wm.actions.frame_dim) and commits == [1]
+    assert np.all(plan_HA >= lo.numpy() - 1e-6) and np.all(plan_HA <= hi.numpy() + 1e-6)
+
+    bare = LoadedWorldModel.load(tiny_run)  # a run without a proposal: refused when the MPC is made, with the fix
+    with pytest.raises(UserError, match="no trained proposal"):
+        LatentMPC(bare, encode, MPCConfig(planner="cem+proposal"), Goal(np.zeros((1, 4, 4, 3)), None))
+
+
+def test_bench_plan_times_the_proposal_rows_beside_cem():
+    from planner.bench import BenchCase, bench_plan
+
+    wm = LoadedWorldModel.fresh("tiny", grid=(3, 3), enc_dim=16, action_dim=2)
+    case = BenchCase("tiny", wm, (wm.shape.latent_tokens, wm.shape.enc_dim), wm.params_M)
+    res = bench_plan([case], samples=4, iterations=1, horizon=2, repeats=1, planners=("cem", "cem+proposal",
+                                                                                      "proposal"))
+    rows = {r["planner"]: r for r in res["rows"]}
+    assert list(rows) == ["cem", "cem+proposal", "proposal"] and all(r["ms_per_mpc_step"] > 0 for r in rows.values())
+    assert rows["proposal"]["model_evals_per_step"] == 0 and rows["proposal"]["rollout_calls_per_step"] == 0
+    assert rows["proposal"]["context_passes_per_step"] == 0
+    for key in ("model_evals_per_step", "model_passes_per_iteration", "context_passes_per_step"):
+        assert rows["cem+proposal"][key] == rows["cem"][key]  # the same search, from another mean
+    assert rows["proposal"]["proposal_params_M"] > 0 and "proposal_params_M" not in rows["cem"]
