@@ -37,7 +37,7 @@ def encode(
     resize: Annotated[str, typer.Option(help="crop (keep aspect, center crop) | squash.")] = Preprocess.resize,
     dtype: Annotated[str, typer.Option(help="float16 | int8 (per-token scale).")] = StoreLayout.dtype,
     batch_size: Annotated[int, typer.Option(help="Frames per encoder batch.")] = EncodeConfig.batch_size,
-    device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N.")] = EncodeConfig.device,
+    device: AutoDevice = EncodeConfig.device,
     threads: Annotated[int, typer.Option(help="torch threads (0: default).")] = EncodeConfig.threads,
     augment_views: Annotated[int, typer.Option(help="Extra augmented views per episode.")] = EncodeConfig.augment_views,
     augment_strength: Annotated[float, typer.Option(help="Colour jitter / crop strength in [0, 1].")]

@@ -27,6 +27,7 @@ from safetensors.torch import load_file, save_file
 from featurestore.encoders import Preprocess, resize_crop
 from featurestore.reader import TokenReader
 from pipeline.frames import PyAVFrameSource
+from pipeline.machine import resolve_device
 from pipeline.manifest import camera_span, read_manifest
 from pipeline.stage import UserError, atomic_output, atomic_write_json
 
@@ -251,7 +252,7 @@ def run_decoder_train(cfg: DecoderConfig) -> dict[str, Any]:
                             "patch_size": int(enc["patch_size"]), "width": cfg.width, "encoder": enc,
                             "token_mean": mean.tolist(), "token_std": std.tolist(), "config": {
                                 k: str(v) if isinstance(v, Path) else v for k, v in dataclasses.asdict(cfg).items()}}
-    dev = torch.device(cfg.device)
+    dev = resolve_device(cfg.device)
     dec = TokenDecoder(meta["enc_dim"], tuple(meta["grid"]), meta["patch_size"], cfg.width).to(dev)
     opt = torch.optim.AdamW(dec.parameters(), lr=cfg.lr, weight_decay=1e-4)
     sched = one_cycle(opt, cfg.lr, cfg.steps)

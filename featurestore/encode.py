@@ -36,6 +36,7 @@ from featurestore.store import STORE_KEY, StoreLayout, TokenStore, projected_byt
 from pipeline.executors import map_on_dask
 from pipeline.frames import FrameDecodeError, PyAVFrameSource
 from pipeline.lerobot_io import DataFileCache, stack_column
+from pipeline.machine import resolve_device
 from pipeline.manifest import camera_span, check_videos
 from pipeline.names import inside
 from pipeline.rates import action_kinds, aggregate_actions, stride_for
@@ -80,9 +81,8 @@ class EncodeConfig:
                             "--shard, then launch shards")
 
     def resolved_device(self) -> str:
-        if self.device == "auto":
-            return "cuda" if torch.cuda.is_available() else "cpu"
-        return self.device
+        """`device` on this machine (`pipeline.machine.resolve_device`; a Dask worker resolves it on its own)."""
+        return str(resolve_device(self.device))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,4 +1,5 @@
-"""The machine a benchmark ran on, described one way for every benchmark (`wmctl bench ...`)."""
+"""The machine a command runs on: the one reading of `--device` (`resolve_device`) for every command, and one
+description of the machine (and timing helpers) for every benchmark (`wmctl bench ...`)."""
 
 from __future__ import annotations
 
@@ -47,13 +48,39 @@ def native_bf16(device) -> bool:
         return False
 
 
-def bench_device(name: str):
-    """`auto` -> cuda where there is one, else cpu; other names as given."""
+DEVICE_HELP = "auto (CUDA if visible, else CPU) | cpu | cuda | cuda:N."  # every command's --device
+
+
+def resolve_device(requested: str | None = "auto", option: str = "--device"):
+    """What a `--device` value runs on, for every command: "auto" (or None) is CUDA where a GPU is visible, else the
+    CPU; "cpu", "cuda" (the current GPU, no index: a rank of a training job takes its local rank's) and "cuda:N" as
+    given. A GPU asked for that this process cannot see (none visible, or N past the last) is refused before any work
+    (`UserError`, exit 2) naming `option` and the fix."""
     import torch
 
+    from pipeline.stage import UserError
+
+    name = (requested or "auto").strip().lower()
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        device = None
+    if device is None or device.type not in ("cpu", "cuda") or (device.type == "cpu" and device.index):
+        raise UserError(f"{option} {requested!r}: choose auto (CUDA if visible, else CPU), cpu, cuda or cuda:N")
+    if device.type == "cpu":
+        return torch.device("cpu")
+    visible = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if visible == 0:
+        raise UserError(f"{option} {name}: this process sees no GPU (no CUDA driver or device, a CPU-only torch, "
+                        f"or CUDA_VISIBLE_DEVICES empty); pass {option} cpu, or {option} auto (the GPU where there "
+                        "is one)")
+    if device.index is not None and device.index >= visible:
+        raise UserError(f"{option} {name}: this process sees {visible} GPU(s), cuda:0 to cuda:{visible - 1} "
+                        f"(CUDA_VISIBLE_DEVICES renumbers them from 0); pass one of those, {option} cuda or "
+                        f"{option} auto")
+    return device
 
 
 def synchronize(device) -> None:

@@ -16,7 +16,7 @@ import typer
 
 from featurestore.reader import TokenReader
 from pipeline.cli.base import AutoDevice, console, given_options, hxw, new_app, split_list
-from pipeline.machine import bench_device
+from pipeline.machine import resolve_device
 from pipeline.stage import UserError, atomic_write_json
 from planner.bench import BenchCase, bench_plan
 from planner.cem import CEMConfig
@@ -38,7 +38,6 @@ Elites = Annotated[int, typer.Option(help="CEM elites.")]
 StateWeight = Annotated[float, typer.Option(help="Weight of the state distance (models with proprio).")]
 K = Annotated[int, typer.Option(help="Shortcut steps per frame in the planner's rollouts.")]
 Seed = Annotated[int, typer.Option(help="Seed.")]
-Device = Annotated[str, typer.Option(help="cpu | cuda.")]
 Precision = Annotated[str, typer.Option(help="auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp32: the planning "
                                       "model's weights and rollouts (bf16 also pays on CPUs with AVX512-BF16/AMX).")]
 Compile = Annotated[bool, typer.Option("--compile", help="torch.compile the model's rollouts (the first plan "
@@ -108,7 +107,7 @@ def plan_offline(
     seed: Seed = OfflineConfig.seed,
     judge: Annotated[Path | None, typer.Option(help="Another run/checkpoint that scores the plans too (same "
                                                    "action space), next to the planning model's own score.")] = None,
-    device: Device = "cpu",
+    device: AutoDevice = "auto",
     compile: Compile = False,
     graph: Graph = False,
     precision: Precision = "auto",
@@ -117,7 +116,7 @@ def plan_offline(
 ) -> None:
     """Plan from frame t to the encoded frame t+H on labelled val episodes; compare with GT and random actions,
     scored by the planning model (its optimisation noise, and fresh noise) and by --judge."""
-    path = resolve_run(run, ckpt)
+    path, device = resolve_run(run, ckpt), str(resolve_device(device))
     out = check_writable(out or plan_dir(resolve_checkpoint(path)), "the plan output folder",
                          "pass --out DIR (a folder you can write; nothing is then written into the run)")
     wm = LoadedWorldModel.load(path, device=device, compile=compile, precision=precision, graphs=graph)
@@ -162,7 +161,7 @@ def plan_sim(
     k: K = SimConfig.k,
     cost_frames: CostFrames = SimConfig.cost_frames,
     seed: Seed = SimConfig.seed,
-    device: Device = SimConfig.device,
+    device: AutoDevice = "auto",
     compile: Compile = False,
     graph: Graph = False,
     precision: Precision = "auto",
@@ -174,6 +173,7 @@ def plan_sim(
     """Closed-loop MPC in a simulator (gym-pusht, Meta-World) towards goals from held-out episodes; random actions
     (and Meta-World's scripted controller, the upper bound) alongside. Finished trials are kept as they finish: after
     a SIGTERM (exit 3) or a kill, the same command continues after them."""
+    device = str(resolve_device(device))  # the device itself (sim.json records it): cpu or cuda, never auto
     task = _protocol_task(ctx, protocol, goal_offset=goal_offset, max_steps=max_steps, horizon=horizon,
                           execute=execute)
     budget = {"samples": samples, "elites": elites, "iterations": iterations}
@@ -265,7 +265,7 @@ def bench_plan_cmd(
                          ] = "auto",
 ) -> None:
     """Milliseconds per MPC step (one CEM optimisation) and model evaluations per step, per preset."""
-    dev = bench_device(device)
+    dev = resolve_device(device)
     if graph and dev.type != "cuda":
         raise UserError(f"--graph times CUDA graphs and this run is on {dev}: run it on a GPU (--device cuda), "
                         "or drop --graph (--compile is the CPU's option)")

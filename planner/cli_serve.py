@@ -12,8 +12,9 @@ from typing import Annotated
 
 import typer
 
-from pipeline.cli.base import int_list, new_app, split_list
+from pipeline.cli.base import AutoDevice, int_list, new_app, split_list
 from pipeline.lerobot_compat import require_robot_stack
+from pipeline.machine import resolve_device
 from pipeline.stage import UserError
 from planner.cem import CEMConfig
 from planner.latent_mpc import PUSHT_GOAL_AGENT, GoalSpec, MPCConfig
@@ -40,7 +41,6 @@ Iterations = Annotated[int, typer.Option(help="CEM iterations.")]
 Planner = Annotated[str, typer.Option(help="cem | gd.")]
 Encoder = Annotated[Path | None, typer.Option(help="The run's encoder folder (default: where its store was "
                                               "encoded from, then its recorded name).")]
-Device = Annotated[str, typer.Option(help="cpu | cuda.")]
 Seed = Annotated[int, typer.Option(help="Seed.")]
 
 
@@ -99,7 +99,7 @@ def serve(
     deadline: Annotated[float | None, typer.Option(help="Hold instead of a plan slower than this (s).")] = None,
     no_safety: Annotated[bool, typer.Option("--no-safety", help="Send plans unclamped (simulators only).")]
     = False,
-    encoder: Encoder = None, device: Device = "cpu",
+    encoder: Encoder = None, device: AutoDevice = "auto",
     duration: Annotated[float | None, typer.Option(help="Stop after this long (s; default: Ctrl-C).")] = None,
 ) -> None:
     """Serve the run to LeRobot's async-inference RobotClient (--policy_type=wmctl) towards a goal, behind the
@@ -121,7 +121,7 @@ def serve(
                                                    goal_pusht),
         serve=ServeConfig(host=host, port=port, allow_remote=allow_remote, fps=fps),
         mpc=mpc_config(horizon, execute, planner, samples, elites, iterations, seed, context=1), safety=safety,
-        encoder=encoder, device=device, duration_s=duration)
+        encoder=encoder, device=str(resolve_device(device)), duration_s=duration)
     typer.echo(json.dumps(run_serve(cfg)))
 
 
@@ -141,7 +141,7 @@ def lerobot_eval(
     elites: Elites = 8, iterations: Iterations = 5,
     camera_map: Annotated[list[str] | None, typer.Option(help="run_camera=observation_key (repeat).")] = None,
     action_repeat: Annotated[int, typer.Option(help="Env steps per model step (env faster than the data).")] = 1,
-    encoder: Encoder = None, device: Device = "cpu",
+    encoder: Encoder = None, device: AutoDevice = "auto",
     out: Annotated[Path | None, typer.Option(help="Folder for eval_info.json.")] = None,
 ) -> None:
     """Run the wmctl planning policy through LeRobot's own eval harness (make_env, make_policy, eval_policy_all) and
@@ -162,7 +162,8 @@ def lerobot_eval(
                                                    pusht),
         env=env, task=task, episodes=episodes, max_steps=max_steps, seed=seed,
         mpc=mpc_config(horizon, execute, planner, samples, elites, iterations, seed=0),
-        camera_map=tuple(pairs), action_repeat=action_repeat, encoder=encoder, device=device, out=out)
+        camera_map=tuple(pairs), action_repeat=action_repeat, encoder=encoder,
+        device=str(resolve_device(device)), out=out)
     res = run_lerobot_eval(cfg)
     overall = res["lerobot"]["overall"]
     lat = res["plan_latency_s"]

@@ -35,7 +35,7 @@ import torch  # noqa: E402
 
 os.environ.setdefault("SVT_LOG", "1")  # the AV1 encoder of the built-in data: errors only
 
-from pipeline.machine import bench_device, machine, timed  # noqa: E402
+from pipeline.machine import machine, resolve_device, timed  # noqa: E402
 
 SIZES = {
     "gpu": dict(encoder="vitb16", images=2048, enc_batch=256, train_preset="base", cams=3, grid=14, dim=768,
@@ -169,7 +169,7 @@ def main() -> None:
     p.add_argument("--only", default="", help="comma-separated sections to run (default all)")
     p.add_argument("--data", type=Path, default=DATA, help="holds multicam/ and multicam.parquet (made if absent)")
     a = p.parse_args()
-    s, dev = SIZES[a.size], bench_device("auto")
+    s, dev = SIZES[a.size], resolve_device("auto")
     t0 = time.monotonic()
     res: dict = {"size": a.size, "device": str(dev), **machine(), "torch": torch.__version__, "sections": {},
                  "note": "RANDOM weights at real shapes: timing only"}

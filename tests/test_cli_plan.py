@@ -10,6 +10,7 @@ import pytest
 from typer.testing import CliRunner
 
 from pipeline.cli import app
+from pipeline.machine import resolve_device
 
 FAST_CEM = ["--samples", "8", "--elites", "2", "--iterations", "2"]
 
@@ -67,6 +68,7 @@ def test_plan_sim_cli_closes_the_loop_in_gym_pusht(tiny_run):
         assert 0.0 <= p["success_rate"] <= 1.0 and p["final_pos_dist"] >= 0
     assert res["model"]["latency_s"]["p50"] > 0
     assert res["trials"] == 1
+    assert res["config"]["device"] == str(resolve_device("auto"))  # the default, auto, recorded as what it ran on
     r = CliRunner().invoke(app, ["plan", "sim", "--run", str(tiny_run), "--env", "aloha"])
     assert r.exit_code == 2 and "pusht" in r.output
 

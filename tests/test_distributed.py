@@ -219,7 +219,7 @@ class _FakeGroup:
 
 
 def test_each_rank_binds_its_gpu_before_a_gloo_and_nccl_group(monkeypatch):
-    from trainer.distributed import init_distributed, resolve_device
+    from trainer.distributed import init_distributed, rank_device
 
     fake = _FakeGroup(monkeypatch, gpus=4)
     for k, v in {"RANK": "6", "WORLD_SIZE": "8", "LOCAL_RANK": "2"}.items():
@@ -227,7 +227,7 @@ def test_each_rank_binds_its_gpu_before_a_gloo_and_nccl_group(monkeypatch):
     d = init_distributed("auto")
     assert fake.calls == [("set_device", 2), ("init_process_group", "cpu:gloo,cuda:nccl", {})]
     assert (d.rank, d.world, d.local_rank) == (6, 8, 2)
-    assert str(resolve_device("auto", d)) == str(resolve_device("cuda", d)) == "cuda:2"
+    assert str(rank_device("auto", d)) == str(rank_device("cuda", d)) == "cuda:2"
 
 
 def test_srun_tasks_rendezvous_at_master_addr(monkeypatch):

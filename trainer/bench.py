@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from pipeline.machine import bench_device, machine, timed
+from pipeline.machine import machine, resolve_device, timed
 from pipeline.stage import UserError
 from trainer.api import LoadedWorldModel
 from trainer.config import preset
@@ -35,7 +35,7 @@ def bench_rollout(*, preset_name: str = "small", horizon: int = 20, context: int
     max_abs_diff checks it). With a shorter window the cache keeps keys computed when older frames were still
     visible while the reference recomputes the window alone: both are valid sliding-window rollouts, not equal.
     """
-    dev = bench_device(device)
+    dev = resolve_device(device)
     dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
     model = LoadedWorldModel.fresh(preset_name, grid=grid, enc_dim=enc_dim, action_dim=2, device=str(dev),
                                    dtype=dtype).model
@@ -103,7 +103,7 @@ def bench_train(*, store: Path, preset_name: str = "small", steps: int = 30, out
     wait = sum(r["data_wait"] for r in body) / sum(r["step_time"] for r in body)
     tok_s = statistics.median(r["tokens_per_s"] for r in body)
     wm = LoadedWorldModel.load(out)
-    used = bench_device(device)
+    used = resolve_device(device)
     result = {"preset": preset_name, "device": str(used), **machine(), "steps_timed": len(body),
               "batch_size": cfg.batch_size, "context": cfg.context_frames, "compile": cfg.compile, "step_s": step_s,
               "tokens_per_s": tok_s, "data_wait_share": wait, "params_M": wm.params_M}

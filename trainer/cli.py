@@ -15,6 +15,7 @@ import typer
 from featurestore.decoder import DecoderConfig, run_decoder_train
 from pipeline.cli.base import AutoDevice, console, given_options, hxw, int_list, new_app, print_result, split_list
 from pipeline.cli.progress import progress
+from pipeline.machine import DEVICE_HELP, resolve_device
 from trainer.bench import bench_rollout, bench_train
 from trainer.config import TrainConfig, train_config
 from trainer.eval import EvalConfig, eval_tables, run_eval
@@ -39,7 +40,8 @@ def train(
     steps: Annotated[int | None, typer.Option(help="Total optimizer steps.")] = None,
     batch_size: Annotated[int | None, typer.Option(help="Windows per rank per micro-step.")] = None,
     lr: Annotated[float | None, typer.Option(help="Peak learning rate.")] = None,
-    device: Annotated[str | None, typer.Option(help="auto | cpu | cuda.")] = None,
+    device: Annotated[str | None, typer.Option(help=f"{DEVICE_HELP[:-1]} (default auto; resuming, the run's).")]
+    = None,
     sources: Annotated[str | None, typer.Option(help="Comma-separated store sources (default all).")] = None,
     fps: Annotated[float | None, typer.Option(help="The model's rate: frameskip = the sources' stored fps / FPS "
                                               "(integral, else refused with the rates they can serve).")] = None,
@@ -113,7 +115,7 @@ def eval_(
                                              "the run (its --tracker figures go there too).")] = None,
     decoder: Annotated[Path | None, typer.Option(help="Visualisation decoder: also write rollout PNG grids.")] = None,
     rollouts: Annotated[int, typer.Option(help="Rollout grids to write with --decoder.")] = EvalConfig.rollouts,
-    device: Annotated[str, typer.Option(help="cpu | cuda.")] = EvalConfig.device,
+    device: AutoDevice = "auto",
     tracker: Annotated[str, typer.Option(help="none | tensorboard | wandb | trackio: the figures next to the run's "
                                               "training curves.")] = EvalConfig.tracker,
 ) -> None:
@@ -122,7 +124,7 @@ def eval_(
                      episodes=episodes, context=context, k=k, samples=samples, moving_fraction=moving_fraction,
                      weights="ema" if ema else "model",
                      baselines=tuple(baseline or ()), seed=seed, out=out, decoder=decoder, rollouts=rollouts,
-                     device=device, tracker=tracker)
+                     device=str(resolve_device(device)), tracker=tracker)
     result = run_eval(cfg)
     con = console()
     for table in eval_tables(result):
@@ -142,10 +144,13 @@ def visualize(
     horizon: Annotated[int, typer.Option(help="Frames to roll out.")] = VisualizeConfig.horizon,
     out: Annotated[Path, typer.Option(help="Output file: .png (grid), .gif or .mp4.")] = Path("rollout.png"),
     k: Annotated[int, typer.Option(help="Shortcut steps per frame.")] = VisualizeConfig.k,
+    device: Annotated[str, typer.Option(help=f"{DEVICE_HELP[:-1]}: the model's rollouts (the decoder runs on the "
+                                             "CPU).")] = "auto",
 ) -> None:
     """Ground truth | decoded true latents | decoded rollouts with and without actions, frame numbered."""
     res = run_visualize(VisualizeConfig(run=resolve_run(run, None), out=out, store=store, decoder=decoder,
-                                        episode=episode, start=start, horizon=horizon, k=k))
+                                        episode=episode, start=start, horizon=horizon, k=k,
+                                        device=str(resolve_device(device))))
     typer.echo(f"wrote {res['out']} ({res['frames']} frames: {', '.join(res['rows'])})")
 
 
@@ -158,11 +163,11 @@ def decoder_train(
     steps: Annotated[int, typer.Option(help="Optimizer steps.")] = DecoderConfig.steps,
     max_frames: Annotated[int, typer.Option(help="Train frames to decode and hold in memory.")]
     = DecoderConfig.max_frames,
-    device: Annotated[str, typer.Option(help="cpu | cuda.")] = DecoderConfig.device,
+    device: AutoDevice = "auto",
 ) -> None:
     """Train a decoder from frozen store tokens to the original frames (L2); report val PSNR vs the mean image."""
     res = run_decoder_train(DecoderConfig(store=store, source=source, camera=camera, out=out or new_decoder_dir(),
-                                          steps=steps, max_frames=max_frames, device=device))
+                                          steps=steps, max_frames=max_frames, device=str(resolve_device(device))))
     typer.echo(f"decoder {res['out']}: val PSNR {res['val_psnr']:.2f} dB vs mean-image baseline "
                f"{res['mean_image_psnr']:.2f} dB ({res['train_frames']} train / {res['val_frames']} val frames of "
                f"{res['source']}:{res['camera_key']}, {res['seconds']:.0f}s)")

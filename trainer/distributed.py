@@ -30,6 +30,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+from pipeline.machine import resolve_device
 from pipeline.stage import UserError
 
 log = logging.getLogger(__name__)
@@ -82,20 +83,14 @@ def backend_for(device_type: str) -> str:
     return "cpu:gloo,cuda:nccl" if device_type == "cuda" else "cpu:gloo"
 
 
-def device_type(requested: str) -> str:
-    """"cuda" or "cpu": what a `--device` value trains on ("auto": a GPU where there is one)."""
-    if requested == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return torch.device(requested).type
-
-
 def init_distributed(device: str) -> Dist:
-    """Join the job's process group (a no-op for a single process). `device`: the run's `--device`. On GPUs each
-    rank first binds the GPU of its local rank."""
+    """Join the job's process group (a no-op for a single process). `device`: the run's `--device`, checked first
+    (`pipeline.machine.resolve_device`: a GPU asked for and not visible is refused before anything is written). On
+    GPUs each rank first binds the GPU of its local rank."""
+    kind = resolve_device(device).type
     launch = launch_env()
     if launch is None or launch.world == 1:
         return Dist()
-    kind = device_type(device)
     if kind == "cuda":
         _bind_gpu(launch)
     if not dist.is_initialized():
@@ -124,12 +119,11 @@ def _bind_gpu(launch: Launch) -> None:
     torch.cuda.set_device(launch.local_rank)
 
 
-def resolve_device(requested: str, d: Dist) -> torch.device:
-    """The device this rank trains on: "auto" and a bare "cuda" are the GPU of its local rank; an explicit
-    "cuda:N" is taken as given (under several ranks every one of them would use it: a warning says so)."""
-    if requested == "auto":
-        return torch.device(f"cuda:{d.local_rank}") if torch.cuda.is_available() else torch.device("cpu")
-    device = torch.device(requested)
+def rank_device(requested: str, d: Dist) -> torch.device:
+    """The device this rank trains on (`pipeline.machine.resolve_device`, for this rank): "auto" on a machine with
+    GPUs and a bare "cuda" are the GPU of its local rank; an explicit "cuda:N" is taken as given (under several
+    ranks every one of them would use it: a warning says so)."""
+    device = resolve_device(requested)
     if device.type == "cuda" and device.index is None:
         return torch.device(f"cuda:{d.local_rank}")
     if device.type == "cuda" and d.world > 1:

@@ -58,7 +58,7 @@ from trainer.distributed import (
     barrier,
     broadcast_object,
     init_distributed,
-    resolve_device,
+    rank_device,
     wrap_ddp,
 )
 from trainer.model import build_model
@@ -216,7 +216,7 @@ def setup(cfg: TrainConfig, *, resume: bool, d: Dist, run_dir: Path | None = Non
           ) -> tuple[Trainer, int, TokenReader]:
     """Build (or restore) everything the loop needs. Returns the trainer, the last finished step, the reader.
     Writes nothing: every check (config, encoder, the run's episodes) is done here."""
-    device = resolve_device(cfg.device, d)
+    device = rank_device(cfg.device, d)
     reader = TokenReader(cfg.store)
     run_dir = Path(run_dir) if run_dir is not None else run_folder(cfg, resume=resume, d=d)
     state = _restore_point(run_dir, resume)

@@ -18,6 +18,7 @@ from PIL import Image, ImageDraw
 from featurestore.decoder import episode_frames, load_decoder, normalize_tokens, preprocess_geometry
 from featurestore.encoders import Preprocess, check_same_encoder
 from featurestore.reader import TokenReader, Window
+from pipeline.machine import resolve_device
 from pipeline.stage import UserError, atomic_output
 from trainer.api import LoadedWorldModel
 from trainer.runs import newest_decoder
@@ -38,6 +39,7 @@ class VisualizeConfig:
     k: int = 4
     seed: int = 0
     scale: int = 2
+    device: str = "cpu"  # where the model rolls out (`pipeline.machine.resolve_device`); the decoder runs on the CPU
 
     def __post_init__(self) -> None:
         if Path(self.out).suffix not in FORMATS:
@@ -76,7 +78,7 @@ def write_video(frames: list[np.ndarray], path: Path, fps: int) -> None:
 
 
 def run_visualize(cfg: VisualizeConfig) -> dict[str, Any]:
-    wm = LoadedWorldModel.load(cfg.run)
+    wm = LoadedWorldModel.load(cfg.run, device=str(resolve_device(cfg.device)))
     reader = TokenReader(cfg.store or wm.store)
     decoder_dir = cfg.decoder or newest_decoder()
     decoder, meta = load_decoder(decoder_dir)
@@ -118,11 +120,11 @@ def run_visualize(cfg: VisualizeConfig) -> dict[str, Any]:
     for name, use in variants:
         if use:
             acts = wm.frame_actions(steps)
-            valid = torch.ones(acts.shape[:2], dtype=torch.bool)
+            valid = torch.ones(acts.shape[:2], dtype=torch.bool, device=acts.device)
             valid[:, 0] = False
         else:
-            acts = torch.zeros(1, T, wm.shape.action_dim)
-            valid = torch.zeros(1, T, dtype=torch.bool)
+            acts = torch.zeros(1, T, wm.shape.action_dim, device=wm.device)
+            valid = torch.zeros(1, T, dtype=torch.bool, device=wm.device)
         pred = wm.rollout(z[:, :ctx], acts, horizon=horizon, valid_BT=valid, k=cfg.k,
                           generator=torch.Generator().manual_seed(cfg.seed))
         pred_raw = wm.denormalize(pred)[0, :, cam * P:(cam + 1) * P].cpu()

@@ -18,6 +18,7 @@ import typer
 from typer.core import TyperGroup
 from typer.exceptions import TyperException
 
+from pipeline.machine import DEVICE_HELP
 from pipeline.stage import UserError
 
 log = logging.getLogger(__name__)
@@ -173,7 +174,7 @@ def new_app(help: str, cls: type[WmctlGroup] = WmctlGroup, **kw: Any) -> typer.T
                        add_completion=False, **kw)
 
 
-AutoDevice = Annotated[str, typer.Option(help="auto | cpu | cuda.")]  # the benchmarks' --device
+AutoDevice = Annotated[str, typer.Option(help=DEVICE_HELP)]  # every --device (`pipeline.machine.resolve_device`)
 
 
 def console():

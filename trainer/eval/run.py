@@ -27,6 +27,7 @@ import numpy as np
 
 from featurestore.encoders import check_same_encoder
 from featurestore.reader import TokenReader
+from pipeline.machine import resolve_device
 from pipeline.stage import UserError
 from trainer.api import LoadedWorldModel
 from trainer.eval.config import EvalConfig
@@ -77,10 +78,11 @@ def _same_encoder(reader: TokenReader, wm: LoadedWorldModel) -> None:
 
 def _load(cfg: EvalConfig) -> tuple[LoadedWorldModel, list[LoadedWorldModel], TokenReader]:
     """The model, its baselines (checked: the store's encoder, one rate) and the store's reader."""
-    wm = LoadedWorldModel.load(cfg.ckpt, weights=cfg.weights, device=cfg.device)
+    device = str(resolve_device(cfg.device))
+    wm = LoadedWorldModel.load(cfg.ckpt, weights=cfg.weights, device=device)
     reader = TokenReader(cfg.store or wm.store)
     _same_encoder(reader, wm)
-    baselines = [LoadedWorldModel.load(b, weights=cfg.weights, device=cfg.device) for b in cfg.baselines]
+    baselines = [LoadedWorldModel.load(b, weights=cfg.weights, device=device) for b in cfg.baselines]
     for b in baselines:
         _same_encoder(reader, b)
         skips = lambda m: (m.cfg.frameskip, dict(m.cfg.source_frameskip))  # noqa: E731
