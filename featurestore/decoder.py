@@ -15,6 +15,7 @@ import json
 import logging
 import math
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -236,7 +237,9 @@ def _pick_source(reader: TokenReader, cfg: DecoderConfig) -> str:
     return source
 
 
-def run_decoder_train(cfg: DecoderConfig) -> dict[str, Any]:
+def run_decoder_train(cfg: DecoderConfig, *, on_progress: Callable[[int], None] | None = None) -> dict[str, Any]:
+    """Train the decoder (`cfg.steps` optimizer steps; `on_progress(1)` after each) and save it with its val PSNR
+    against the mean image's."""
     t0 = time.monotonic()
     reader = TokenReader(cfg.store)
     source = _pick_source(reader, cfg)
@@ -254,19 +257,8 @@ def run_decoder_train(cfg: DecoderConfig) -> dict[str, Any]:
                                 k: str(v) if isinstance(v, Path) else v for k, v in dataclasses.asdict(cfg).items()}}
     dev = resolve_device(cfg.device)
     dec = TokenDecoder(meta["enc_dim"], tuple(meta["grid"]), meta["patch_size"], cfg.width).to(dev)
-    opt = torch.optim.AdamW(dec.parameters(), lr=cfg.lr, weight_decay=1e-4)
-    sched = one_cycle(opt, cfg.lr, cfg.steps)
     x_tr, x_va = normalize_tokens(tr_tok, meta), normalize_tokens(va_tok, meta)
-    g = torch.Generator().manual_seed(cfg.seed)
-    for step in range(cfg.steps):
-        idx = torch.randint(len(x_tr), (cfg.batch_size,), generator=g)
-        loss = decoder_loss(dec, x_tr[idx].to(dev), tr_img[idx].to(dev))
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        sched.step()
-        if (step + 1) % max(1, cfg.steps // 10) == 0:
-            log.info("decoder step %d/%d: train L2 %.5f", step + 1, cfg.steps, float(loss.detach()))
+    _fit(dec, x_tr, tr_img, cfg, dev, on_progress)
     dec.eval()
     with torch.no_grad():
         val_mse = float(np.mean([float((dec(x_va[i:i + 64].to(dev)).cpu() - va_img[i:i + 64]).pow(2).mean())
@@ -278,3 +270,22 @@ def run_decoder_train(cfg: DecoderConfig) -> dict[str, Any]:
     save_decoder(cfg.out, dec.cpu(), meta)
     meta["out"] = str(cfg.out)
     return meta
+
+
+def _fit(dec: nn.Module, x_tr: torch.Tensor, img_tr: torch.Tensor, cfg: DecoderConfig, dev: torch.device,
+         on_progress: Callable[[int], None] | None) -> None:
+    """`cfg.steps` AdamW steps of the pixel L2 on random train batches (one-cycle learning rate)."""
+    opt = torch.optim.AdamW(dec.parameters(), lr=cfg.lr, weight_decay=1e-4)
+    sched = one_cycle(opt, cfg.lr, cfg.steps)
+    g = torch.Generator().manual_seed(cfg.seed)
+    for step in range(cfg.steps):
+        idx = torch.randint(len(x_tr), (cfg.batch_size,), generator=g)
+        loss = decoder_loss(dec, x_tr[idx].to(dev), img_tr[idx].to(dev))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        sched.step()
+        if on_progress is not None:
+            on_progress(1)
+        if (step + 1) % max(1, cfg.steps // 10) == 0:
+            log.info("decoder step %d/%d: train L2 %.5f", step + 1, cfg.steps, float(loss.detach()))

@@ -16,6 +16,7 @@ import typer
 
 from featurestore.reader import TokenReader
 from pipeline.cli.base import AutoDevice, console, given_options, hxw, new_app, split_list
+from pipeline.cli.progress import progress
 from pipeline.machine import resolve_device
 from pipeline.stage import UserError, atomic_write_json
 from planner.bench import BenchCase, bench_plan
@@ -125,7 +126,9 @@ def plan_offline(
     cem_cfg, gd = _search(ctx, planner, cem, goal_offset, samples=samples, elites=elites, iterations=iterations)
     cfg = OfflineConfig(goal_offset=goal_offset, planner=planner, cem=cem_cfg, gd=gd, episodes=episodes, seed=seed,
                         state_weight=state_weight, k=k, judge=judge_wm, out=out)
-    res = run_plan_offline(wm, TokenReader(store or wm.store), cfg)
+    with progress("plan offline", total=None, unit="problems") as advance:
+        res = run_plan_offline(wm, TokenReader(store or wm.store), cfg, on_total=advance.set_total,
+                               on_progress=advance)
     typer.echo(f"{res.problems} problems, goal {goal_offset} frames ahead, {planner}; latent distance to goal "
                f"(plan | ground-truth actions | random mean, best of {res.random_samples}; plan closer than "
                "random):")
@@ -188,7 +191,9 @@ def plan_sim(
                                graphs=graph)
     out = out or plan_dir(wm.checkpoint) / f"sim_{'' if protocol == 'gym' else protocol + '_'}{planner}_{shift}"
     try:
-        res = run_plan_sim(wm, dataclasses.replace(cfg, out=out), store=wm.store)
+        with progress("plan sim", total=None, unit="trials") as advance:
+            res = run_plan_sim(wm, dataclasses.replace(cfg, out=out), store=wm.store, on_total=advance.set_total,
+                               on_progress=advance)
     except SimStopped as e:  # SIGTERM: the finished trials are kept, the same command continues
         typer.secho(str(e), fg=typer.colors.YELLOW, err=True)
         raise typer.Exit(3) from None

@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import statistics
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -79,9 +80,12 @@ class OfflineResult:
         return cls(**{**d, "latency_s": Latency.from_json(d["latency_s"])})
 
 
-def run_plan_offline(wm: WorldModel, reader: TokenReader, cfg: OfflineConfig) -> OfflineResult:
+def run_plan_offline(wm: WorldModel, reader: TokenReader, cfg: OfflineConfig, *,
+                     on_total: Callable[[int], None] | None = None,
+                     on_progress: Callable[[int], None] | None = None) -> OfflineResult:
     """Plan each problem (episode, start) of the labelled `cfg.split` episodes and score it (see the module doc);
-    writes <out>/offline_<planner>.json when `cfg.out` is set."""
+    writes <out>/offline_<planner>.json when `cfg.out` is set. `on_total(problems)` once they are known,
+    `on_progress(1)` as each is planned and scored."""
     if wm.actions.frame_dim == 0:
         raise UserError("this model was trained without actions; planning needs an action-conditioned model")
     check_same_encoder(wm.encoder, reader.encoder, what="the model", fix=f"plan on a store made with the encoder "
@@ -103,16 +107,20 @@ def run_plan_offline(wm: WorldModel, reader: TokenReader, cfg: OfflineConfig) ->
     rng = np.random.default_rng(cfg.seed)
     rows, latencies = [], []
     view = wm
-    for row, e in eps.iterrows():
+    starts = [min(cfg.starts_per_episode, int(e.length) - need + 1) for e in eps.itertuples()]
+    if on_total is not None:
+        on_total(sum(starts))
+    for (row, e), n in zip(eps.iterrows(), starts):
         view = wm.for_source(reader, str(e.source))  # that source's cameras (another robot's may be fewer)
         judge = cfg.judge.for_source(reader, str(e.source)) if cfg.judge is not None else None
-        for s0 in np.sort(rng.choice(int(e.length) - need + 1, size=min(cfg.starts_per_episode,
-                                                                        int(e.length) - need + 1), replace=False)):
+        for s0 in np.sort(rng.choice(int(e.length) - need + 1, size=n, replace=False)):
             w = reader.read(Window(int(row), int(s0), ctx + H, fs), ("patch", "state"))
             raw = reader.read(Window(int(row), int(s0), need), ("action", "state"))
             rec, latency = _problem(view, judge, w, raw, ctx, spec, rng, cfg)
             rows.append({"episode": int(e.episode_index), "start": int(s0), **rec})
             latencies.append(latency)
+            if on_progress is not None:
+                on_progress(1)
     result = _summary(rows, latencies, cfg, ctx, dtype_name(view.dtype))
     if cfg.out is not None:
         path = Path(cfg.out) / f"offline_{cfg.planner}.json"

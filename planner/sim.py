@@ -329,10 +329,13 @@ def trial_rng(seed: int, policy: str, index: int) -> np.random.Generator:
 
 
 def run_plan_sim(wm: WorldModel, cfg: SimConfig, *, store: Path,
-                 encode_frame: Callable[[np.ndarray, np.ndarray], torch.Tensor] | None = None) -> SimResult:
+                 encode_frame: Callable[[np.ndarray, np.ndarray], torch.Tensor] | None = None,
+                 on_total: Callable[[int], None] | None = None,
+                 on_progress: Callable[[int], None] | None = None) -> SimResult:
     """Trials from the held-out episodes of the model's store, MPC and random actions on each; writes
     `cfg.out`/sim.json (and PNG strips) when `cfg.out` is set. Finished trials are written as they finish
-    (`SimProgress`): a run stopped (SIGTERM: SimStopped) or killed continues from them when run again."""
+    (`SimProgress`): a run stopped (SIGTERM: SimStopped) or killed continues from them when run again.
+    `on_total(n)`: the trials to run (every policy's, less those finished before); `on_progress(1)` as each ends."""
     if wm.actions.frame_dim == 0:
         raise UserError("this model was trained without actions; the sim needs an action-conditioned model")
     reader = TokenReader(store)
@@ -353,7 +356,9 @@ def run_plan_sim(wm: WorldModel, cfg: SimConfig, *, store: Path,
         progress = SimProgress(cfg.out, {"config": to_jsonable(config), "dtype": dtype_name(wm.dtype), "env": env,
                                          "model": str(getattr(wm, "checkpoint", "")),
                                          "trials": [[tr.episode, tr.start] for tr in trials]})
-        run = functools.partial(_run_policy, sim, wm, encode, trials, cfg, spec, progress)
+        if on_total is not None:
+            on_total(sum((policy, i) not in progress.done for policy in policies for i in range(len(trials))))
+        run = functools.partial(_run_policy, sim, wm, encode, trials, cfg, spec, progress, on_progress)
         with sigterm_stops():
             try:
                 outcomes = {policy: summarize(trials, run(policy)) for policy in policies}
@@ -371,7 +376,8 @@ def run_plan_sim(wm: WorldModel, cfg: SimConfig, *, store: Path,
 
 
 def _run_policy(sim: Simulator, wm: WorldModel, encode, trials: list[Trial], cfg: SimConfig, spec: ActionSpec,
-                progress: SimProgress, policy: str) -> list[dict[str, Any]]:
+                progress: SimProgress, on_progress: Callable[[int], None] | None, policy: str
+                ) -> list[dict[str, Any]]:
     """Every trial of one policy, each from its own RNG; those finished earlier (`progress`) are taken as they
     were, the others run and are written down as each finishes."""
     results = []
@@ -385,5 +391,7 @@ def _run_policy(sim: Simulator, wm: WorldModel, encode, trials: list[Trial], cfg
             log.info("%s trial %d/%d: success=%s %s", policy, i + 1, len(trials), r["success"],
                      ", ".join(f"{k} {v:.3g}" for k, v in r.items() if k.startswith(("final_", "start_"))))
             fault_point("sim-trial")
+            if on_progress is not None:
+                on_progress(1)
         results.append(r)
     return results

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 
 import pytest
 from typer.testing import CliRunner
@@ -69,6 +70,7 @@ def test_plan_sim_cli_closes_the_loop_in_gym_pusht(tiny_run):
     assert res["model"]["latency_s"]["p50"] > 0
     assert res["trials"] == 1
     assert res["config"]["device"] == str(resolve_device("auto"))  # the default, auto, recorded as what it ran on
+    assert re.search(r"plan sim: 2/2 trials, 100% \(", r.output), r.output  # model and random, one trial each
     r = CliRunner().invoke(app, ["plan", "sim", "--run", str(tiny_run), "--env", "aloha"])
     assert r.exit_code == 2 and "pusht" in r.output
 

@@ -43,6 +43,7 @@ def test_pusht_twenty_episodes_manifest_then_nothing_to_do(tmp_path):
     root, manifest = tmp_path / "pusht20", tmp_path / "m" / "pusht20.parquet"
     r = runner.invoke(app, ["data", "pusht", "--out", str(root), "--episodes", "20", "--frames-per-episode", "12"])
     assert r.exit_code == 0, r.output
+    assert "data pusht: 20/20 episodes, 100% (" in r.output  # its progress, with rate and ETA in a log
     r = ingest_cli("--root", str(root), "--out", str(manifest))
     assert r.exit_code == 0, r.output
     df, meta = read_manifest(manifest)

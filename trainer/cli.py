@@ -125,7 +125,8 @@ def eval_(
                      weights="ema" if ema else "model",
                      baselines=tuple(baseline or ()), seed=seed, out=out, decoder=decoder, rollouts=rollouts,
                      device=str(resolve_device(device)), tracker=tracker)
-    result = run_eval(cfg)
+    with progress("eval", total=None, unit="windows") as advance:
+        result = run_eval(cfg, on_total=advance.set_total, on_progress=advance)
     con = console()
     for table in eval_tables(result):
         con.print(table)
@@ -148,9 +149,10 @@ def visualize(
                                              "CPU).")] = "auto",
 ) -> None:
     """Ground truth | decoded true latents | decoded rollouts with and without actions, frame numbered."""
-    res = run_visualize(VisualizeConfig(run=resolve_run(run, None), out=out, store=store, decoder=decoder,
-                                        episode=episode, start=start, horizon=horizon, k=k,
-                                        device=str(resolve_device(device))))
+    cfg = VisualizeConfig(run=resolve_run(run, None), out=out, store=store, decoder=decoder, episode=episode,
+                          start=start, horizon=horizon, k=k, device=str(resolve_device(device)))
+    with progress("visualize", total=None, unit="frames") as advance:
+        res = run_visualize(cfg, on_total=advance.set_total, on_progress=advance)
     typer.echo(f"wrote {res['out']} ({res['frames']} frames: {', '.join(res['rows'])})")
 
 
@@ -166,8 +168,10 @@ def decoder_train(
     device: AutoDevice = "auto",
 ) -> None:
     """Train a decoder from frozen store tokens to the original frames (L2); report val PSNR vs the mean image."""
-    res = run_decoder_train(DecoderConfig(store=store, source=source, camera=camera, out=out or new_decoder_dir(),
-                                          steps=steps, max_frames=max_frames, device=str(resolve_device(device))))
+    cfg = DecoderConfig(store=store, source=source, camera=camera, out=out or new_decoder_dir(), steps=steps,
+                        max_frames=max_frames, device=str(resolve_device(device)))
+    with progress("decoder train", total=cfg.steps, unit="steps") as advance:
+        res = run_decoder_train(cfg, on_progress=advance)
     typer.echo(f"decoder {res['out']}: val PSNR {res['val_psnr']:.2f} dB vs mean-image baseline "
                f"{res['mean_image_psnr']:.2f} dB ({res['train_frames']} train / {res['val_frames']} val frames of "
                f"{res['source']}:{res['camera_key']}, {res['seconds']:.0f}s)")

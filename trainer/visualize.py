@@ -7,6 +7,7 @@ The decoder only looks: predictions are made under no_grad and decoded afterward
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -77,7 +78,10 @@ def write_video(frames: list[np.ndarray], path: Path, fps: int) -> None:
     raise UserError("no usable video encoder in this PyAV build; write a .gif or .png instead")
 
 
-def run_visualize(cfg: VisualizeConfig) -> dict[str, Any]:
+def run_visualize(cfg: VisualizeConfig, *, on_total: Callable[[int], None] | None = None,
+                  on_progress: Callable[[int], None] | None = None) -> dict[str, Any]:
+    """Decode the rows (see the module doc) and write them to `cfg.out`. Progress in predicted frames: `on_total(n)`
+    once the rollouts are known, `on_progress(n)` as each rollout's n frames are decoded."""
     wm = LoadedWorldModel.load(cfg.run, device=str(resolve_device(cfg.device)))
     reader = TokenReader(cfg.store or wm.store)
     decoder_dir = cfg.decoder or newest_decoder()
@@ -111,26 +115,37 @@ def run_visualize(cfg: VisualizeConfig) -> dict[str, Any]:
     truth = preprocess_geometry(episode_frames(reader, row, cam)[cfg.start::fs][:T], pre)
     rows = {"ground truth": truth, "decoded true latents": decoder(normalize_tokens(raw[:, cam], meta))}
     z = wm.normalize(raw, win["state"])[None]  # [1, T, N, Z]
-    variants = [("prediction, null action", False)]
+    variants: dict[str, torch.Tensor | None] = {"prediction, null action": None}
     if e.has_actions and wm.shape.action_dim:
         span = (T - 1) * fs + 1
         lo = reader.read(Window(row, cfg.start, span), ("action", "state"))
         steps = wm.action_inputs(np.nan_to_num(lo["action"][: span - 1]), lo["state"][: span - 1])[None]
-        variants.insert(0, ("prediction, with actions", True))
-    for name, use in variants:
-        if use:
-            acts = wm.frame_actions(steps)
-            valid = torch.ones(acts.shape[:2], dtype=torch.bool, device=acts.device)
-            valid[:, 0] = False
-        else:
-            acts = torch.zeros(1, T, wm.shape.action_dim, device=wm.device)
-            valid = torch.zeros(1, T, dtype=torch.bool, device=wm.device)
-        pred = wm.rollout(z[:, :ctx], acts, horizon=horizon, valid_BT=valid, k=cfg.k,
-                          generator=torch.Generator().manual_seed(cfg.seed))
-        pred_raw = wm.denormalize(pred)[0, :, cam * P:(cam + 1) * P].cpu()
+        variants = {"prediction, with actions": steps, **variants}
+    if on_total is not None:
+        on_total(horizon * len(variants))
+    for name, steps in variants.items():
+        pred_raw = _rollout(wm, z[:, :ctx], steps, T, horizon, cfg)[0, :, cam * P:(cam + 1) * P].cpu()
         with torch.no_grad():
             rows[name] = torch.cat([rows["decoded true latents"][:ctx], decoder(normalize_tokens(pred_raw, meta))])
+        if on_progress is not None:
+            on_progress(horizon)
     return _write(rows, ctx, cfg, frame0=cfg.start, fs=fs, fps=max(2, int(round(10 / fs))))
+
+
+def _rollout(wm: LoadedWorldModel, context: torch.Tensor, steps: torch.Tensor | None, T: int, horizon: int,
+             cfg: VisualizeConfig) -> torch.Tensor:
+    """Raw latents [1, horizon, N, Z] rolled out from `context` with the episode's per-step actions `steps`
+    (None: the null action)."""
+    if steps is not None:
+        acts = wm.frame_actions(steps)
+        valid = torch.ones(acts.shape[:2], dtype=torch.bool, device=acts.device)
+        valid[:, 0] = False
+    else:
+        acts = torch.zeros(1, T, wm.shape.action_dim, device=wm.device)
+        valid = torch.zeros(1, T, dtype=torch.bool, device=wm.device)
+    pred = wm.rollout(context, acts, horizon=horizon, valid_BT=valid, k=cfg.k,
+                      generator=torch.Generator().manual_seed(cfg.seed))
+    return wm.denormalize(pred)
 
 
 def _write(rows: dict[str, torch.Tensor], ctx: int, cfg: VisualizeConfig, *, frame0: int, fs: int, fps: int

@@ -9,6 +9,7 @@ from typing import Annotated
 import typer
 
 from pipeline.cli.base import new_app
+from pipeline.cli.progress import progress
 from pipeline.demodata.metaworld import MetaworldDataConfig, run_data_metaworld
 from pipeline.demodata.multicam import MulticamDataConfig, run_data_multicam
 from pipeline.demodata.pusht import PushtDataConfig, run_data_pusht
@@ -24,6 +25,12 @@ Force = Annotated[bool, typer.Option(help="Replace a dataset `wmctl data` wrote 
 def _repo_id(out: Path) -> str:
     """`local/<the folder's name>` (of the folder itself for `.` or `..`)."""
     return f"local/{Path(os.path.abspath(out)).name}"
+
+
+def _write(name: str, run, cfg, force: bool) -> bool:
+    """`run(cfg, force, on_progress)` (a `run_data_*`) behind a progress bar of its episodes."""
+    with progress(f"data {name}", total=cfg.episodes, unit="episodes") as advance:
+        return run(cfg, force=force, on_progress=advance)
 
 
 def _done(wrote: bool, out: Path, episodes: int, action_free: bool) -> None:
@@ -45,7 +52,7 @@ def data_pusht(
     """gym-pusht rollouts of a scripted pusher (10 fps, agent-xy state, target-xy action)."""
     cfg = PushtDataConfig(out=out, episodes=episodes, seed=seed, frames_per_episode=frames_per_episode, size=size,
                           action_free=action_free, repo_id=_repo_id(out))
-    _done(run_data_pusht(cfg, force=force), out, episodes, action_free)
+    _done(_write("pusht", run_data_pusht, cfg, force), out, episodes, action_free)
 
 
 @app.command("multicam")
@@ -66,7 +73,7 @@ def data_multicam(
     --arm own, the same world seen and driven like your own arm)."""
     cfg = MulticamDataConfig(out=out, episodes=episodes, seed=seed, min_frames=min_frames, max_frames=max_frames,
                              action_free=action_free, repo_id=_repo_id(out), arm=arm)
-    _done(run_data_multicam(cfg, force=force), out, episodes, action_free)
+    _done(_write("multicam", run_data_multicam, cfg, force), out, episodes, action_free)
 
 
 @app.command("metaworld")
@@ -87,4 +94,4 @@ def data_metaworld(
     4-D delta end-effector xyz + gripper actions, the full simulator state (headless EGL rendering)."""
     cfg = MetaworldDataConfig(out=out, task=task, episodes=episodes, seed=seed, frames_per_episode=frames_per_episode,
                               size=size, fps=fps, action_free=action_free, repo_id=_repo_id(out))
-    _done(run_data_metaworld(cfg, force=force), out, episodes, action_free)
+    _done(_write("metaworld", run_data_metaworld, cfg, force), out, episodes, action_free)

@@ -58,14 +58,41 @@ def setup_logging(verbose: bool = False) -> None:
 ProgressFn = Callable[..., None]
 
 
+def duration(seconds: float) -> str:
+    """A duration as people read it: 42s, 3m05s, 2h07m."""
+    s = max(0, round(seconds))
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    return f"{s // 3600}h{s % 3600 // 60:02d}m"
+
+
+def plain_line(description: str, done: int, total: int | None, unit: str, elapsed_s: float,
+               fields: dict[str, Any] | None = None) -> str:
+    """A progress line for a log (no terminal): `encode x: 120/400 frames, 30% (12.0 frames/s, eta 23s)`; without
+    a total, `encode x: 120/? frames (12.0 frames/s)`."""
+    rate = done / max(elapsed_s, 1e-9)
+    if total:
+        left = f", eta {duration((total - done) / rate)}" if rate > 0 else ""
+        head = f"{description}: {done}/{total} {unit}, {100 * done / total:.0f}%"
+    else:
+        left, head = "", f"{description}: {done}/? {unit}"
+    extra = "".join(f", {k}={v}" for k, v in (fields or {}).items())
+    return f"{head} ({rate:.1f} {unit}/s{left}{extra})"
+
+
 @contextmanager
 def progress(description: str, total: int | None, unit: str = "frames", every_s: float = 30.0):
-    """Yields `advance(n=1, **fields)`. Rich bar with rate and ETA on a TTY; plain lines otherwise."""
+    """Yields `advance(n=1, **fields)` (and `advance.set_total(n)`, for a total known only once the work is
+    planned). On a TTY a rich bar: done/total, percent, rate, elapsed and ETA; otherwise a plain log line
+    (`plain_line`: done/total, percent, rate, ETA) every `every_s` seconds and when the total is reached."""
     if is_interactive():
         from rich.progress import (
             BarColumn,
             MofNCompleteColumn,
             Progress,
+            TaskProgressColumn,
             TextColumn,
             TimeElapsedColumn,
             TimeRemainingColumn,
@@ -75,6 +102,7 @@ def progress(description: str, total: int | None, unit: str = "frames", every_s:
             TextColumn("[bold]{task.description}"),
             BarColumn(),
             MofNCompleteColumn(),
+            TaskProgressColumn(),
             TextColumn("{task.fields[rate]}"),
             TimeElapsedColumn(),
             TimeRemainingColumn(),
@@ -103,10 +131,7 @@ def progress(description: str, total: int | None, unit: str = "frames", every_s:
         done += n
         now = time.monotonic()
         if now - last >= every_s or (total is not None and done >= total):
-            rate = done / max(now - start, 1e-9)
-            eta = f", eta {(total - done) / rate:.0f}s" if total and rate > 0 else ""
-            extra = "".join(f", {k}={v}" for k, v in fields.items())
-            log.info("%s: %d/%s %s (%.1f %s/s%s%s)", description, done, total or "?", unit, rate, unit, eta, extra)
+            log.info("%s", plain_line(description, done, total, unit, now - start, fields))
             last = now
 
     def set_total(n: int) -> None:

@@ -64,8 +64,10 @@ def write_dataset(
     episode_fn: EpisodeFn,
     generator_config: Any,
     force: bool = False,
+    on_progress: Callable[[int], None] | None = None,
 ) -> bool:
-    """Write `num_episodes` episodes from `episode_fn(ep)` with lerobot. Returns False if already done.
+    """Write `num_episodes` episodes from `episode_fn(ep)` with lerobot (`on_progress(1)` as each is saved).
+    Returns False if already done.
 
     `force` replaces only a dataset `wmctl data` wrote (its marker `MARKER`), never a folder holding the working
     directory; the new dataset is staged beside `out` and renamed into place."""
@@ -102,6 +104,8 @@ def write_dataset(
             ds.save_episode()
             log.info("episode %d/%d: %d frames", ep + 1, num_episodes, n)
             fault_point("data-episode")
+            if on_progress is not None:
+                on_progress(1)
         ds.finalize()
         atomic_write_json(staging / MARKER, cfg)
         _replace(out, staging)

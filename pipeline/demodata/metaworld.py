@@ -15,7 +15,7 @@ Recorded per frame t (before the action is applied): `observation.images.exterio
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -116,7 +116,8 @@ def episode_frames(cfg: MetaworldDataConfig, sim: MetaWorldSim, episode: int) ->
         yield frame
 
 
-def run_data_metaworld(cfg: MetaworldDataConfig, force: bool = False) -> bool:
+def run_data_metaworld(cfg: MetaworldDataConfig, force: bool = False,
+                       on_progress: Callable[[int], None] | None = None) -> bool:
     sim = MetaWorldSim(cfg.task, cfg.size, fps=cfg.fps, seed=cfg.seed)
     try:
         state_len = len(sim.state())
@@ -131,6 +132,7 @@ def run_data_metaworld(cfg: MetaworldDataConfig, force: bool = False) -> bool:
                               "cameras": CAMERAS, "frame_skip": sim.env.frame_skip,
                               "action_scale": sim.env.action_scale},
             force=force,
+            on_progress=on_progress,
         )
     finally:
         sim.close()

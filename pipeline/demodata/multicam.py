@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -211,7 +211,8 @@ def episode_frames(cfg: MulticamDataConfig, episode: int) -> Iterator[Frame]:
         yield frame
 
 
-def run_data_multicam(cfg: MulticamDataConfig, force: bool = False) -> bool:
+def run_data_multicam(cfg: MulticamDataConfig, force: bool = False,
+                      on_progress: Callable[[int], None] | None = None) -> bool:
     return write_dataset(
         out=cfg.out,
         repo_id=cfg.repo_id,
@@ -227,4 +228,5 @@ def run_data_multicam(cfg: MulticamDataConfig, force: bool = False) -> bool:
         episode_fn=lambda ep: episode_frames(cfg, ep),
         generator_config={"generator": "multicam", **dataclasses.asdict(cfg)},
         force=force,
+        on_progress=on_progress,
     )

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -133,7 +133,8 @@ def episode_frames(cfg: PushtDataConfig, episode: int) -> Iterator[Frame]:
         env.close()
 
 
-def run_data_pusht(cfg: PushtDataConfig, force: bool = False) -> bool:
+def run_data_pusht(cfg: PushtDataConfig, force: bool = False,
+                   on_progress: Callable[[int], None] | None = None) -> bool:
     return write_dataset(
         out=cfg.out,
         repo_id=cfg.repo_id,
@@ -143,4 +144,5 @@ def run_data_pusht(cfg: PushtDataConfig, force: bool = False) -> bool:
         episode_fn=lambda ep: episode_frames(cfg, ep),
         generator_config={"generator": "pusht", **dataclasses.asdict(cfg)},
         force=force,
+        on_progress=on_progress,
     )

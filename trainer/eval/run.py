@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +51,11 @@ class _Scoring:
     ctx: int
     views: dict[tuple[str, str], LoadedWorldModel]
     cams: dict[str, list[str]]
+    on_progress: Callable[[int], None] | None = None  # told the windows of each window group once scored
+
+    def scored(self, win: Windows) -> None:
+        if self.on_progress is not None:
+            self.on_progress(len(win.tokens))
 
     @property
     def idx(self) -> list[int]:
@@ -93,9 +99,11 @@ def _load(cfg: EvalConfig) -> tuple[LoadedWorldModel, list[LoadedWorldModel], To
     return wm, baselines, reader
 
 
-def run_eval(cfg: EvalConfig) -> EvalResult:
+def run_eval(cfg: EvalConfig, *, on_total: Callable[[int], None] | None = None,
+             on_progress: Callable[[int], None] | None = None) -> EvalResult:
     """Score the model, copy-last and the baselines on the same windows; write eval.json (and plots, rollout grids,
-    the tracker's figures). See the module doc."""
+    the tracker's figures). See the module doc. Progress in windows scored (every condition's, then the K sweep's):
+    `on_total(windows)` once they are drawn, `on_progress(n)` as each group of n is scored."""
     t0 = time.monotonic()
     out, track = output_folders(cfg)
     wm, baselines, reader = _load(cfg)
@@ -107,8 +115,11 @@ def run_eval(cfg: EvalConfig) -> EvalResult:
     srcs = sorted({w.source for groups in wins.values() for w in groups})
     models = (wm, *baselines)
     views = {(m.name, src): m.for_source(reader, src) for m in models for src in srcs}
-    sc = _Scoring(cfg, ctx, views, {src: camera_names(reader, views[(wm.name, src)], src) for src in srcs})
+    sc = _Scoring(cfg, ctx, views, {src: camera_names(reader, views[(wm.name, src)], src) for src in srcs},
+                  on_progress)
     plan = _plan(wins, wm)
+    if on_total is not None:
+        on_total(_windows_to_score(plan, k_sweep if wm.sampler else ()))
     calibration = {bl.name: calibrate_noise(reader, bl, views, cfg, ctx) for bl in baselines
                    if not bl.sampler and cfg.samples > 1 and "labelled" in wins}
     conditions, per_source, preds, sample_means = _score_conditions(sc, wm, baselines, plan, calibration)
@@ -131,6 +142,12 @@ def run_eval(cfg: EvalConfig) -> EvalResult:
         per_source=per_source, splits=_splits(reader), k_sweep=sweep, action_effect=effect, probe=probes[0],
         scene_probe=probes[1], seconds=time.monotonic() - t0)
     return write_result(cfg, wm, reader, result, out, track, min(max(cfg.horizons), 20))
+
+
+def _windows_to_score(plan: Plan, k_sweep: tuple[int, ...]) -> int:
+    """The windows eval scores: each condition's, then the first condition's once per K of the sweep."""
+    per_condition = [sum(len(w.tokens) for w in groups) for _, groups, _ in plan]
+    return sum(per_condition) + (len(k_sweep) * per_condition[0] if per_condition else 0)
 
 
 def _plan(wins: dict[str, list[Windows]], wm: LoadedWorldModel) -> Plan:
@@ -158,6 +175,7 @@ def _score_conditions(sc: _Scoring, wm: LoadedWorldModel, baselines: list[Loaded
         preds[cond] = []
         for win in groups:
             entry, means = _score_window(sc, wm, baselines, win, use, calibration)
+            sc.scored(win)
             preds[cond].append(means[wm.name])
             for name, mean in means.items():
                 sample_means.setdefault((name, cond), []).append(mean)
@@ -194,7 +212,13 @@ def _k_sweep(sc: _Scoring, wm: LoadedWorldModel, first: tuple[str, list[Windows]
              ) -> KSweep:
     """The model's scores per number of sampling steps K on the first condition, pooled over its windows."""
     cond, groups, use = first
-    sweep = {k: pool([(len(w.tokens), sc.score(wm, w, sc.samples_for(wm, w, use, k))) for w in groups]) for k in ks}
+    sweep = {}
+    for k in ks:
+        parts = []
+        for w in groups:
+            parts.append((len(w.tokens), sc.score(wm, w, sc.samples_for(wm, w, use, k))))
+            sc.scored(w)
+        sweep[k] = pool(parts)
     means = {k: float(np.mean(list(v["mse"].values()))) for k, v in sweep.items()}
     energy = {k: float(np.mean(list(v["energy"].values()))) for k, v in sweep.items()}
     best = min(energy, key=energy.get)
