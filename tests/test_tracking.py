@@ -6,15 +6,19 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import json
+import logging
 import sys
 import types
 
 import pytest
+from typer.testing import CliRunner
 
+from pipeline.cli import app
 from pipeline.stage import UserError
 from trainer.config import tiny
 from trainer.eval import EvalConfig, run_eval
 from trainer.loop import run_train
+from trainer.runs import saved_config
 
 
 def _events(folder):
@@ -86,10 +90,13 @@ class _FakeWandb(types.ModuleType):
 def test_wandb_gets_the_run_project_entity_tags_and_eval_at_the_checkpoint_step(pusht_store, tmp_path, monkeypatch):
     fake = _FakeWandb()
     monkeypatch.setitem(sys.modules, "wandb", fake)
-    cfg = dataclasses.replace(tiny(), store=pusht_store, out=tmp_path / "run", steps=6, eval_every=3, ckpt_every=3,
-                              tracker="wandb", wandb_project="wm-droid", wandb_entity="lab",
-                              wandb_tags=("base", "droid"))
-    run_train(cfg)
+    out = tmp_path / "run"
+    r = CliRunner().invoke(app, ["train", "--store", str(pusht_store), "--preset", "tiny", "--out", str(out),
+                                 "--steps", "6", "--set", "eval_every=3", "--set", "ckpt_every=3", "--tracker", "wandb",
+                                 "--wandb-project", "wm-droid", "--wandb-entity", "lab", "--wandb-tags", "base,droid"])
+    assert r.exit_code == 0, r.output
+    cfg = saved_config(out)
+    assert (cfg.wandb_project, cfg.wandb_entity, cfg.wandb_tags) == ("wm-droid", "lab", ("base", "droid"))
     init = fake.inits[0]
     assert (init["project"], init["entity"], init["tags"]) == ("wm-droid", "lab", ["base", "droid"])
     assert init["config"]["wandb_project"] == "wm-droid" and init["resume"] == "allow"
@@ -97,12 +104,22 @@ def test_wandb_gets_the_run_project_entity_tags_and_eval_at_the_checkpoint_step(
     assert [r["global_step"] for r in fake.rows] == list(range(1, 7))
     fake.rows.clear()
     for step in (6, 3):  # the later checkpoint first: W&B keeps the earlier one's figures anyway (own x axis)
-        run_eval(EvalConfig(ckpt=cfg.out / "checkpoints" / f"step-{step:08d}", horizons=(1, 2),
+        run_eval(EvalConfig(ckpt=out / "checkpoints" / f"step-{step:08d}", horizons=(1, 2),
                             windows_per_episode=2, probe=False, samples=2, k_sweep=(1, 2), tracker="wandb"))
     assert [i["id"] for i in fake.inits] == [init["id"]] * 3  # the evals continue the training run
     assert all((i["project"], i["entity"]) == ("wm-droid", "lab") for i in fake.inits)
     scalars = [r for r in fake.rows if "eval/actions/mse/model/h2" in r]
     assert [r["global_step"] for r in scalars] == [6, 3]
+
+
+def test_wandb_options_without_the_wandb_tracker_are_recorded_and_say_so(pusht_store, tmp_path, caplog):
+    out = tmp_path / "run"
+    with caplog.at_level(logging.WARNING, logger="wmctl"):
+        r = CliRunner().invoke(app, ["train", "--store", str(pusht_store), "--preset", "tiny", "--out", str(out),
+                                     "--steps", "1", "--tracker", "none", "--wandb-project", "wm-droid"])
+    assert r.exit_code == 0, r.output
+    assert saved_config(out).wandb_project == "wm-droid"  # a later `wmctl eval --tracker wandb` logs there
+    assert any("tracks with none" in m for m in caplog.messages)
 
 
 def test_tracker_none_and_missing_extras(pusht_store, tmp_path):

@@ -25,6 +25,11 @@ from trainer.visualize import VisualizeConfig, run_visualize
 
 log = logging.getLogger("wmctl")  # the step lines of `wmctl train` log under "wmctl" (not this module's name)
 
+# the W&B run of `--tracker wandb` (recorded in the run's config: its evals log there too; may change on resume)
+WandbProject = Annotated[str | None, typer.Option(help="W&B project (default wmctl; resuming, the run's).")]
+WandbEntity = Annotated[str | None, typer.Option(help="W&B entity: a team or user (default: your W&B default).")]
+WandbTags = Annotated[str | None, typer.Option(help="W&B tags, comma-separated (replace the run's).")]
+
 
 def train(
     ctx: typer.Context,
@@ -49,6 +54,9 @@ def train(
     tracker: Annotated[str | None, typer.Option(help="none | tensorboard (default: <run>/tensorboard) | wandb | "
                                                 "trackio (optional extras); metrics.jsonl is always written.")]
     = None,
+    wandb_project: WandbProject = None,
+    wandb_entity: WandbEntity = None,
+    wandb_tags: WandbTags = None,
     set_: Annotated[list[str] | None, typer.Option("--set", help="Override any config field: key=value or "
                                                   "model.key=value (repeatable).")] = None,
 ) -> None:
@@ -62,7 +70,11 @@ def train(
     cfg = train_config(flag("preset", preset), kind=flag("model", model), overrides=set_ or [], base=base,
                        store=flag("store", store), out=out, init_from=init_from, steps=steps, batch_size=batch_size,
                        lr=lr, device=device, seed=seed, tracker=tracker, fps=fps,
-                       sources=split_list(sources))
+                       sources=split_list(sources), wandb_project=wandb_project, wandb_entity=wandb_entity,
+                       wandb_tags=split_list(wandb_tags))
+    if cfg.tracker != "wandb" and given & {"wandb_project", "wandb_entity", "wandb_tags"}:
+        log.warning("--wandb-*: recorded in the run's config, but this run tracks with %s: only a `wmctl eval "
+                    "--tracker wandb` of it logs to W&B (pass --tracker wandb to train there too)", cfg.tracker)
     try:
         with _step_logger(cfg) as on_step:
             result = run_train(cfg, resume=resume, on_step=on_step)
