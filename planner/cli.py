@@ -36,6 +36,7 @@ Run = Annotated[Path | None, typer.Option(help="Run folder (default: newest unde
 Ckpt = Annotated[Path | None, typer.Option(help="Checkpoint folder.")]
 Planner = Annotated[str, typer.Option(help="cem | gd.")]
 Elites = Annotated[int, typer.Option(help="CEM elites.")]
+CemSamples = Annotated[int, typer.Option(help="CEM candidate action sequences per iteration.")]
 StateWeight = Annotated[float, typer.Option(help="Weight of the state distance (models with proprio).")]
 K = Annotated[int, typer.Option(help="Shortcut steps per frame in the planner's rollouts.")]
 Seed = Annotated[int, typer.Option(help="Seed.")]
@@ -52,12 +53,12 @@ Cem = Annotated[str, typer.Option("--cem", help="CEM budget: default | dinowm (3
 # `plan sim`'s own options (its command would otherwise pass 60 lines of declarations)
 SimEnv = Annotated[str, typer.Option(help="auto (the one the dataset was recorded in) | pusht | metaworld-reach | "
                                      "metaworld-push.")]
-Trials = Annotated[int, typer.Option(help="Trials.")]
-SimGoalOffset = Annotated[int, typer.Option(help="Env steps replayed to make the goal.")]
+Trials = Annotated[int, typer.Option(help="Closed-loop trials (starts drawn from held-out episodes), each run by "
+                                    "every policy.")]
+SimGoalOffset = Annotated[int, typer.Option(help="Goal: env steps (not model frames) replayed from the start.")]
 MaxSteps = Annotated[int, typer.Option(help="MPC env steps per trial.")]
-Horizon = Annotated[int, typer.Option(help="Planning horizon (frames).")]
-Execute = Annotated[int, typer.Option(help="Frames executed per plan.")]
-SimSamples = Annotated[int, typer.Option(help="CEM samples.")]
+Horizon = Annotated[int, typer.Option(help="Planning horizon (model frames).")]
+Execute = Annotated[int, typer.Option(help="Model frames executed per plan.")]
 SimIterations = Annotated[int, typer.Option(help="CEM iterations.")]
 ExecutePlan = Annotated[str, typer.Option(help="best: the best sequence found | mean: the final CEM mean.")]
 Shift = Annotated[str, typer.Option(help="none | lighting | background.")]
@@ -96,13 +97,15 @@ def plan_offline(
     run: Run = None,
     ckpt: Ckpt = None,
     store: Annotated[Path | None, typer.Option(help="Token store (default: the run's).")] = None,
-    goal_offset: Annotated[int, typer.Option(help="Goal H frames after the start.")] = OfflineConfig.goal_offset,
+    goal_offset: Annotated[int, typer.Option(help="Goal H model frames after the start (H x frameskip recorded "
+                                             "steps; also the planning horizon).")] = OfflineConfig.goal_offset,
     planner: Planner = OfflineConfig.planner,
-    samples: Annotated[int, typer.Option(help="CEM samples per iteration.")] = CEMConfig.samples,
+    samples: CemSamples = CEMConfig.samples,
     elites: Elites = CEMConfig.elites,
     iterations: Annotated[int, typer.Option(help="CEM iterations (GD: 4x).")] = CEMConfig.iterations,
     cem: Cem = "default",
-    episodes: Annotated[int | None, typer.Option(help="At most N val episodes.")] = None,
+    episodes: Annotated[int | None, typer.Option(help="Held-out (val) episodes planned on: at most N (up to 2 "
+                                                 "problems each; default all).")] = None,
     state_weight: StateWeight = OfflineConfig.state_weight,
     k: K = OfflineConfig.k,
     seed: Seed = OfflineConfig.seed,
@@ -154,7 +157,7 @@ def plan_sim(
     horizon: Horizon = SimConfig.horizon,
     execute: Execute = SimConfig.execute,
     planner: Planner = SimConfig.planner,
-    samples: SimSamples = CEMConfig.samples,
+    samples: CemSamples = CEMConfig.samples,
     elites: Elites = CEMConfig.elites,
     iterations: SimIterations = CEMConfig.iterations,
     cem: Cem = "default",
@@ -255,7 +258,7 @@ def plan_compare(
 
 def bench_plan_cmd(
     presets: Annotated[str, typer.Option(help="Comma-separated model presets.")] = "tiny,small,base",
-    samples: Annotated[int, typer.Option(help="CEM samples.")] = 64,
+    samples: CemSamples = 64,
     iterations: Annotated[int, typer.Option(help="CEM iterations.")] = 5,
     horizon: Annotated[int, typer.Option(help="Planning horizon (frames).")] = 5,
     grid: Annotated[str, typer.Option(help="Token grid per frame, HxW.")] = "6x6",

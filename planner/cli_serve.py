@@ -35,7 +35,7 @@ GoalFrame = Annotated[int, typer.Option(help="With --goal-dataset: the frame (-1
 GoalPusht = Annotated[bool, typer.Option("--goal-pusht", help="Goal: gym-pusht's fixed goal pose, rendered once.")]
 Horizon = Annotated[int, typer.Option(help="Frames planned.")]
 Execute = Annotated[int, typer.Option(help="Frames executed (sent per chunk) before replanning.")]
-Samples = Annotated[int, typer.Option(help="CEM samples.")]
+Samples = Annotated[int, typer.Option(help="CEM candidate action sequences per iteration.")]
 Elites = Annotated[int, typer.Option(help="CEM elites.")]
 Iterations = Annotated[int, typer.Option(help="CEM iterations.")]
 Planner = Annotated[str, typer.Option(help="cem | gd.")]
@@ -134,7 +134,7 @@ def lerobot_eval(
                                              "pose, rendered once (the default for --env pusht).")] = True,
     env: Annotated[str, typer.Option(help="LeRobot env type (--env.type): pusht | metaworld | ...")] = "pusht",
     task: Annotated[str | None, typer.Option(help="The env's task (Meta-World: e.g. reach-v3).")] = None,
-    episodes: Annotated[int, typer.Option(help="Episodes.")] = 10,
+    episodes: Annotated[int, typer.Option(help="LeRobot eval episodes (episode i starts from --seed + i).")] = 10,
     max_steps: Annotated[int, typer.Option(help="Env steps per episode.")] = 300,
     seed: Annotated[int, typer.Option(help="LeRobot's start seed (episode i: seed + i).")] = 1000,
     horizon: Horizon = 5, execute: Execute = 2, planner: Planner = "cem", samples: Samples = 64,

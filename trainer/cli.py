@@ -113,11 +113,12 @@ def eval_(
     horizons: Annotated[str, typer.Option(help="Comma-separated horizons in frames.")]
     = ",".join(map(str, EvalConfig.horizons)),
     split: Annotated[str, typer.Option(help="Episodes to evaluate on.")] = EvalConfig.split,
-    episodes: Annotated[int | None, typer.Option(help="At most N episodes per condition.")] = None,
+    episodes: Annotated[int | None, typer.Option(help="Held-out episodes scored: at most N of --split per condition "
+                                                 "(default all; up to 4 windows each).")] = None,
     context: Annotated[int | None, typer.Option(help="Context frames (default: half the model's window).")] = None,
     k: Annotated[int, typer.Option(help="Shortcut sampling steps per frame.")] = EvalConfig.k,
-    samples: Annotated[int, typer.Option(help="Samples per window for a sampler (deterministic models: 1).")]
-    = EvalConfig.samples,
+    samples: Annotated[int, typer.Option(help="Model samples per window (the energy score's draws; a deterministic "
+                                              "model: 1).")] = EvalConfig.samples,
     moving_fraction: Annotated[float, typer.Option(help="Moving tokens: the top fraction by true change.")]
     = EvalConfig.moving_fraction,
     ema: Annotated[bool, typer.Option("--ema/--raw", help="EMA or raw weights.")] = True,
