@@ -134,7 +134,7 @@ def oracle_problem(world: ToyWorld, *, draws: int, score: str, horizon: int = 1)
                 pos = np.repeat(trial.start[None], S, axis=0)
                 for h in range(H):
                     pos = world.move(pos, a[:, h], coins[d, h])
-                    out[d, :, h] = [world.frame(p, int(where[d, h]), None) + noise[d, h] for p in pos]
+                    out[d, :, h] = world.frame(pos, int(where[d, h]), None) + noise[d, h]
             return torch.from_numpy(out)
 
         if score == "mean":

@@ -248,6 +248,8 @@ def test_without_the_gate_the_world_and_its_store_are_those_of_before(tmp_path):
         np.testing.assert_array_equal(getattr(gated, name), getattr(world, name))
     assert world.coin(rng) is None and np.array_equal(world.move(np.ones(2), np.full(2, 0.5), None), step(
         np.ones(2), np.full(2, 0.5)))
+    many = rng.uniform(0, 3, (5, 2))  # frames of many positions at once: each the frame of its position
+    np.testing.assert_array_equal(world.frame(many, 1, None), np.stack([world.frame(p, 1, None) for p in many]))
 
 
 def test_planning_on_the_expected_cost_of_true_samples_beats_planning_on_the_true_mean():

@@ -38,9 +38,10 @@ IDENTITY = {"model_id": "toy-token-world", "weights_sha256": "0" * 64, "random_w
 
 
 def bump(pos_2: np.ndarray) -> np.ndarray:
-    """How much of a blob at `pos` each of the grid's tokens carries [P]."""
+    """How much of a blob at `pos` [..., 2] each of the grid's tokens carries [..., P]."""
     rows, cols = np.meshgrid(np.arange(GRID[0]), np.arange(GRID[1]), indexing="ij")
-    d2 = (rows.ravel() - pos_2[0]) ** 2 + (cols.ravel() - pos_2[1]) ** 2
+    pos_2 = np.asarray(pos_2)
+    d2 = (rows.ravel() - pos_2[..., 0, None]) ** 2 + (cols.ravel() - pos_2[..., 1, None]) ** 2
     return np.exp(-d2 / 0.8)
 
 
@@ -124,8 +125,9 @@ class ToyWorld:
         return rng.uniform(-self.action_range, self.action_range, shape)
 
     def frame(self, pos_2: np.ndarray, where: int, rng: np.random.Generator | None) -> np.ndarray:
-        """Tokens [P, Z] with the agent at `pos`, the distractor at place `where`, noise from `rng` (None: none)."""
-        x = self.background + bump(pos_2)[:, None] * self.agent + bump(DISTRACTOR_AT[where])[:, None] * \
+        """Tokens [P, Z] with the agent at `pos` (positions [..., 2]: frames [..., P, Z]), the distractor at place
+        `where`, noise from `rng` (None: none)."""
+        x = self.background + bump(pos_2)[..., None] * self.agent + bump(DISTRACTOR_AT[where])[:, None] * \
             self.distractor
         return x if rng is None else x + NOISE * rng.standard_normal(x.shape)
 
