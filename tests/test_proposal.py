@@ -85,6 +85,35 @@ def test_a_trained_proposal_reloads_bit_for_bit_and_the_same_training_is_not_don
     assert more.trained and more.steps == 5 and load_proposal(folder).record["steps"] == 5
 
 
+def test_a_training_stopped_midway_continues_from_its_last_save_and_ends_as_an_uninterrupted_one(run_copy,
+                                                                                                  monkeypatch):
+    from trainer import proposal_train
+
+    real, seen = proposal_train.Windows.batch, []
+
+    def stopping(self, step, size, seed):
+        if size == SMALL.batch_size and step == 5:
+            raise KeyboardInterrupt  # stopped at step 5: the last save was after step 4
+        seen.append(step)
+        return real(self, step, size, seed)
+
+    monkeypatch.setattr(proposal_train.Windows, "batch", stopping)
+    with pytest.raises(KeyboardInterrupt):
+        train_proposal(run_copy, steps=7, config=SMALL, save_every=2)
+    folder = proposal_dir(run_copy)
+    assert not (folder / RECORD).exists() and (folder / proposal_train.PARTIAL_RECORD).is_file()
+    monkeypatch.setattr(proposal_train.Windows, "batch", lambda self, *a: seen.append(a[0]) or real(self, *a))
+    seen.clear()
+    rep = train_proposal(run_copy, steps=7, config=SMALL, save_every=2)
+    assert rep.trained and rep.resumed_from == 4 and seen[:3] == [4, 5, 6]  # steps 0-3 were not trained again
+    assert not (folder / proposal_train.PARTIAL_RECORD).exists() and not (folder / proposal_train.PARTIAL).exists()
+    state = RunState.read(run_copy)
+    net, losses, _ = fit_proposal(state, state.store, 7, SMALL, torch.device("cpu"))  # uninterrupted, in memory
+    loaded = load_proposal(folder).net.state_dict()
+    assert all(torch.equal(loaded[k], v) for k, v in net.state_dict().items())
+    assert rep.train_loss == losses[-1]
+
+
 def test_a_torn_proposal_and_one_of_another_model_are_refused(trained):
     folder = proposal_dir(trained)
     wm = LoadedWorldModel.load(trained)

@@ -7,6 +7,7 @@ sampler (`trainer.data.WindowSampler`, a pure function of (seed, step): labelled
 validity). A window of 1 + max(horizon, goals) model frames gives the current frame (its first), a goal `g`
 frames later (g drawn uniformly in 1..goals per window) and the target: the recorded actions of the `horizon`
 frames after the current one. The loss is their mean squared error in normalised units over the valid frames.
+Its progress is kept every few hundred steps (`Partial`): a training stopped midway continues from there.
 
 The score (`evaluate`): on held-out (val) windows, the mean squared error of the proposed actions against the
 recorded ones in units of the training actions' std, per window over its valid frames, then over windows: the
@@ -27,10 +28,19 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from featurestore.reader import TokenReader, Window
-from pipeline.stage import UserError, atomic_output, atomic_write_json, config_differences, file_sha256, to_jsonable
+from pipeline.stage import (
+    UserError,
+    atomic_output,
+    atomic_write_json,
+    config_differences,
+    fault_point,
+    file_sha256,
+    read_json,
+    to_jsonable,
+)
 from trainer.actions import ActionSpace
 from trainer.data import ACTIONS, VALID, WindowSampler, Z, action_space, load_sample, select_episodes
 from trainer.proposal import (
@@ -50,6 +60,7 @@ from trainer.sources import check_record, pin_episodes
 log = logging.getLogger(__name__)
 
 VAL_SEED = 10_007  # the val windows' sampler seed offset (as the training's validation draws them)
+PARTIAL, PARTIAL_RECORD = "partial.safetensors", "partial.json"  # a training's progress (`Partial`)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,6 +76,7 @@ class ProposalReport:
     train_loss: float  # the mean loss over the last tenth of the steps
     action_error: dict[str, float] | None
     val_windows: int
+    resumed_from: int = 0  # the step a stopped training continued from (0: trained from the start)
 
 
 class EpisodeReads:
@@ -145,13 +157,62 @@ def _lr(cfg: ProposalConfig, step: int, steps: int) -> float:
     return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
 
 
-def fit(net: ProposalNet, data: Windows, steps: int, device: torch.device) -> list[float]:
-    """`steps` AdamW steps on the masked action error; the loss of each step."""
+@dataclasses.dataclass
+class Partial:
+    """A training's progress, kept every `every` steps beside the proposal (`partial.safetensors`: the weights and
+    the optimizer's state; then `partial.json`: the step, the losses so far, the training's key and the tensors'
+    sha256): a training of the same key stopped midway continues from its last save and ends where an uninterrupted
+    one does (each step's windows and learning rate are functions of the step alone). `resumed_from`: the step
+    the last `load` continued from (0: from the start)."""
+
+    folder: Path
+    key: dict[str, Any]
+    every: int
+    resumed_from: int = 0
+
+    def load(self, net: ProposalNet, opt: torch.optim.Optimizer) -> list[float]:
+        """Restore the saved progress of this key into `net` and `opt`: the losses of the steps done ([]: none)."""
+        rec = read_json(self.folder / PARTIAL_RECORD) if (self.folder / PARTIAL_RECORD).is_file() else None
+        weights = self.folder / PARTIAL
+        if not isinstance(rec, dict) or rec.get("key") != self.key or not weights.is_file() or \
+                file_sha256(weights) != rec.get("sha256"):
+            return []
+        tensors = load_file(weights)
+        net.load_state_dict({k.removeprefix("net."): v for k, v in tensors.items() if k.startswith("net.")})
+        state: dict[int, dict[str, torch.Tensor]] = {}
+        for k, v in tensors.items():
+            if k.startswith("opt."):
+                _, i, name = k.split(".", 2)
+                state.setdefault(int(i), {})[name] = v
+        opt.load_state_dict({"state": state, "param_groups": opt.state_dict()["param_groups"]})
+        self.resumed_from = int(rec["step"])
+        log.info("%s: continuing the proposal's training from step %d", self.folder, self.resumed_from)
+        return [float(x) for x in rec["losses"]]
+
+    def save(self, step: int, net: ProposalNet, opt: torch.optim.Optimizer, losses: list[float]) -> None:
+        tensors = {f"net.{k}": v for k, v in net.state_dict().items()}
+        for i, st in opt.state_dict()["state"].items():
+            tensors.update({f"opt.{i}.{name}": v for name, v in st.items()})
+        with atomic_output(self.folder / PARTIAL) as tmp:
+            save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, tmp)
+        atomic_write_json(self.folder / PARTIAL_RECORD, {"key": self.key, "step": step, "losses": losses,
+                                                         "sha256": file_sha256(self.folder / PARTIAL)})
+        fault_point("proposal-partial")
+
+    def clear(self) -> None:
+        for name in (PARTIAL_RECORD, PARTIAL):
+            (self.folder / name).unlink(missing_ok=True)
+
+
+def fit(net: ProposalNet, data: Windows, steps: int, device: torch.device, partial: Partial | None = None
+        ) -> list[float]:
+    """`steps` AdamW steps on the masked action error (from where `partial` stopped, saving there every
+    `partial.every` steps); the loss of each step."""
     cfg = data.cfg
     opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    losses = []
+    losses = partial.load(net, opt) if partial is not None else []
     net.train()
-    for step in range(steps):
+    for step in range(len(losses), steps):
         b = {k: v.to(device) for k, v in data.batch(step, cfg.batch_size, cfg.seed).items()}
         err = masked_error(net(b["current"], b["goal"]), b["target"], b["valid"].float())
         loss = err[b["valid"].any(1)].mean()
@@ -162,6 +223,8 @@ def fit(net: ProposalNet, data: Windows, steps: int, device: torch.device) -> li
         torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
         opt.step()
         losses.append(float(loss.detach()))
+        if partial is not None and partial.every and (step + 1) % partial.every == 0 and step + 1 < steps:
+            partial.save(step + 1, net, opt, losses)
     net.eval()
     return losses
 
@@ -196,16 +259,18 @@ def _space(run: RunState) -> ActionSpace:
 
 
 def train_proposal(run_dir: Path, store: Path | None = None, steps: int = 2000, *,
-                   config: ProposalConfig | None = None, device: str = "cpu") -> ProposalReport:
+                   config: ProposalConfig | None = None, device: str = "cpu", save_every: int = 200
+                   ) -> ProposalReport:
     """Train the proposal of the run in `run_dir` (a run folder or one of its checkpoints) on `store` (default: the
     store the run was trained on) for `steps` steps, score it on the val windows and save it in
     `<run>/proposal/`. A saved proposal of the same configuration, steps, store and model is kept as it is
-    (nothing to do); another is replaced once the new one is trained (the old stays until then)."""
+    (nothing to do); another is replaced once the new one is trained (the old stays until then). Its progress is
+    kept every `save_every` steps (0: never): the same call after a stop or a kill continues from there."""
     config = config or ProposalConfig()
     run = RunState.read(Path(run_dir))
     store = Path(store) if store is not None else run.store
-    if steps < 1:
-        raise UserError(f"proposal steps {steps}: must be >= 1")
+    if steps < 1 or save_every < 0:
+        raise UserError(f"proposal steps {steps}, save_every {save_every}: need steps >= 1 and save_every >= 0")
     if _space(run).frame_dim == 0:
         raise UserError(f"{run.run_dir} was trained without actions: a proposal needs an action-conditioned run")
     folder = proposal_dir(run.run_dir)
@@ -218,22 +283,25 @@ def train_proposal(run_dir: Path, store: Path | None = None, steps: int = 2000, 
     if saved is not None:
         log.info("%s holds a proposal trained otherwise (%s): training a new one", folder,
                  "; ".join(config_differences(saved.get("key", {}), key)[:4]))
-    net, losses, score = fit_proposal(run, store, steps, config, torch.device(device))
+    folder.mkdir(parents=True, exist_ok=True)
+    partial = Partial(folder, key, save_every)
+    net, losses, score = fit_proposal(run, store, steps, config, torch.device(device), partial)
     record = _save(folder, net, run, key, losses, score)
-    return _report(folder, record, trained=True)
+    partial.clear()
+    return _report(folder, record, trained=True, resumed_from=partial.resumed_from)
 
 
-def fit_proposal(run: RunState, store: Path, steps: int, config: ProposalConfig, device: torch.device
-                 ) -> tuple[ProposalNet, list[float], dict[str, float] | None]:
-    """A proposal trained for `run` on `store`'s episodes that the run recorded (its windows, its split): the
-    net, the loss of every step and its val score (None where no val window is long enough). A pure function of
-    its arguments (on the CPU, bit for bit)."""
+def fit_proposal(run: RunState, store: Path, steps: int, config: ProposalConfig, device: torch.device,
+                 partial: Partial | None = None) -> tuple[ProposalNet, list[float], dict[str, float] | None]:
+    """A proposal trained for `run` on `store`'s episodes that the run recorded (its windows, its split; from and
+    into `partial`'s progress where given): the net, the loss of every step and its val score (None where no val
+    window is long enough). A pure function of its arguments (on the CPU, bit for bit)."""
     reader = TokenReader(store)
     if run.data is not None:
         where = run.checkpoint / "state.json"
         pin_episodes(reader, run.config, check_record(run.data, where), str(where))
     net = build_net(run.shape, _space(run).frame_dim, config).to(device)
-    losses = fit(net, run_windows(run, reader, config, "train"), steps, device)
+    losses = fit(net, run_windows(run, reader, config, "train"), steps, device, partial)
     score = None
     try:
         if config.val_windows:
@@ -258,8 +326,8 @@ def _save(folder: Path, net: ProposalNet, run: RunState, key: dict[str, Any], lo
     return record
 
 
-def _report(folder: Path, record: dict[str, Any], *, trained: bool) -> ProposalReport:
+def _report(folder: Path, record: dict[str, Any], *, trained: bool, resumed_from: int = 0) -> ProposalReport:
     score = record.get("action_error")
     return ProposalReport(folder, trained, int(record["steps"]), int(record["params"]), float(record["train_loss"]),
                           None if score is None else {k: v for k, v in score.items() if k != "windows"},
-                          0 if score is None else int(score["windows"]))
+                          0 if score is None else int(score["windows"]), resumed_from)
