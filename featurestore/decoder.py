@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from einops import rearrange
 from safetensors.torch import load_file, save_file
 
@@ -36,12 +37,16 @@ log = logging.getLogger(__name__)
 
 
 class TokenDecoder(nn.Module):
+    """Patch tokens -> pixels: a 1x1 projection, then stride-2 transposed convolutions up to the patch size. A patch
+    size that is not a power of two (DINOv2's 14) is upsampled to the next power of two (16) and resized to the
+    frame (bilinear) before the output convolution."""
+
     def __init__(self, enc_dim: int, grid: tuple[int, int], patch_size: int, width: int = 128):
         super().__init__()
-        if patch_size & (patch_size - 1):
-            raise ValueError(f"patch size {patch_size} must be a power of two")
+        if patch_size < 1:
+            raise ValueError(f"patch size {patch_size} must be positive")
         self.grid, self.patch_size = grid, patch_size
-        ups = int(math.log2(patch_size))
+        ups = math.ceil(math.log2(patch_size))
         chans = [max(16, width >> i) for i in range(ups + 1)]
         self.inp = nn.Sequential(nn.Conv2d(enc_dim, chans[0], 1), nn.GroupNorm(8, chans[0]), nn.SiLU(),
                                  nn.Conv2d(chans[0], chans[0], 3, padding=1))
@@ -56,7 +61,11 @@ class TokenDecoder(nn.Module):
     def forward(self, tokens_BPZ: torch.Tensor) -> torch.Tensor:
         """Normalised tokens [B, gh*gw, Z] -> pixels [B, 3, gh*p, gw*p] in [0, 1] (sigmoid)."""
         x = rearrange(tokens_BPZ, "b (h w) z -> b z h w", h=self.grid[0], w=self.grid[1])
-        return torch.sigmoid(self.out(self.up(self.inp(x))))
+        x = self.up(self.inp(x))
+        size = (self.grid[0] * self.patch_size, self.grid[1] * self.patch_size)
+        if x.shape[-2:] != size:
+            x = F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+        return torch.sigmoid(self.out(x))
 
 
 def decoder_loss(decoder: nn.Module, latents_BPZ: torch.Tensor, frames_B3HW: torch.Tensor) -> torch.Tensor:

@@ -94,3 +94,24 @@ def test_eval_writes_rollout_grids_with_a_decoder(tiny_run, decoder_dir, tmp_pat
     for p in res.rollouts:
         img = np.asarray(Image.open(p))
         assert img.shape[0] > 4 * 64  # four rows of 64-px frames (plus labels)
+
+
+@pytest.mark.parametrize("patch", [14, 16])
+def test_the_decoder_makes_whole_frames_for_any_patch_size_and_learns_them(patch):
+    """DINOv2's 14-px patches (the demos' encoder at 112 px: 8x8 of 14) as well as powers of two: the output is the
+    frame's exact size, and a few steps fit two different frames from their tokens better than at the start."""
+    torch.manual_seed(0)
+    grid = (4, 4)
+    dec = TokenDecoder(enc_dim=8, grid=grid, patch_size=patch, width=32)
+    tokens = torch.randn(2, 16, 8)
+    frames = torch.rand(2, 3, 4 * patch, 4 * patch)
+    assert dec(tokens).shape == frames.shape
+    opt = torch.optim.Adam(dec.parameters(), lr=3e-3)
+    first = None
+    for _ in range(60):
+        loss = (dec(tokens) - frames).pow(2).mean()
+        first = float(loss) if first is None else first
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert float(loss) < 0.8 * first
