@@ -51,7 +51,7 @@ test-fast: install
 lint: install
 	$(VENV)/bin/ruff check pipeline featurestore trainer planner tests
 
-# The whole pipeline, end to end, on the built-in pusht data (CPU, random-weight encoder: see README).
+# The whole pipeline, end to end, on the built-in pusht data (CPU; the pretrained DINOv2-S/14 of `make encoder`).
 demo: install encoder
 	WMCTL=$(WMCTL) bash scripts/demo.sh $(DEMO)
 
@@ -71,7 +71,7 @@ ingest: install
 	$(WMCTL) ingest --dataset $(DATASET) || test $$? -eq 1
 
 # Runs in this shell: for a large dataset (DROID: ~24.5 TB at float16) use the SLURM array in scripts/slurm/. An encode
-# projected larger than the free space of the store's disk is refused (exit 2) naming a --fps / --dtype that fits;
+# projected larger than the free space of the store's disk is refused (exit 4, as a full disk) naming a --fps / --dtype that fits;
 # FORCE_SPACE=1 encodes anyway.
 encode: ingest
 	$(WMCTL) encode --dataset $(DATASET) --store $(STORE) $(if $(ENCODER),--encoder $(ENCODER),) \
