@@ -144,18 +144,26 @@ def oracle_problem(world: ToyWorld, *, draws: int, score: str, horizon: int = 1)
     return problem
 
 
-def run_trials(world: ToyWorld, problems: dict[str, Problem], trials: list[Trial], cem: CEMConfig) -> dict:
+def run_trials(world: ToyWorld, problems: dict[str, Problem], trials: list[Trial], cem: CEMConfig, *,
+               done: dict[str, list[dict]] | None = None, progress: Callable[[dict], None] | None = None) -> dict:
     """Plan each trial with every arm (CEM seeded alike), execute the plan in the true dynamics with the trial's
-    coins, and score: per arm the trials and their summary, per pair of `PAIRS` present the paired comparison."""
+    coins, and score: per arm the trials and their summary, per pair of `PAIRS` present the paired comparison.
+    `done`: the records of the first trials of a stopped run of the same settings (not planned again; planning is
+    seeded per trial, so they are what planning them again gives); `progress`: called with the records after each
+    trial."""
     spec = ActionSpec((-world.action_range,) * 2, (world.action_range,) * 2)
-    per_arm: dict[str, list[dict]] = {name: [] for name in problems}
-    for trial in trials:
+    per_arm: dict[str, list[dict]] = {name: list((done or {}).get(name, [])) for name in problems}
+    skip = min(len(rows) for rows in per_arm.values())
+    per_arm = {name: rows[:skip] for name, rows in per_arm.items()}
+    for trial in trials[skip:]:
         for name, problem in problems.items():
             t0 = time.monotonic()
             rollout, cost = problem(trial)
             res = cem_plan(rollout, cost, spec, cem, generator=torch.Generator().manual_seed(trial.seed))
             per_arm[name].append({**execute(world, trial, res.actions.double().numpy()), "plan_cost": res.cost,
                                   "seconds": time.monotonic() - t0})
+        if progress:
+            progress(per_arm)
     arms = {name: summarise(rows) for name, rows in per_arm.items()}
     pairs = {f"{a}_vs_{b}": paired(per_arm[a], per_arm[b]) for a, b in PAIRS if a in per_arm and b in per_arm}
     return {"trials": len(trials), "arms": arms, "pairs": pairs, "per_trial": per_arm}
@@ -221,7 +229,7 @@ def gate_predictions(wm, world: ToyWorld, trials: list[Trial], *, k: int, draws:
 
 def train(name: str, store: Path, out: Path, *, steps: int, seed: int, reuse: bool, batch_size: int | None = None):
     """The shortcut study's variant `name` trained on `store` (a finished run of the same settings reused with
-    `reuse`); (model, training seconds or None when reused)."""
+    `reuse`); (model, the seconds its training steps took: the sum of its logged step times)."""
     from shortcut_study import variant_config
 
     from trainer.api import LoadedWorldModel
@@ -231,11 +239,9 @@ def train(name: str, store: Path, out: Path, *, steps: int, seed: int, reuse: bo
     cfg = variant_config(name, store, out, steps, seed)
     if batch_size:
         cfg = dataclasses.replace(cfg, batch_size=batch_size)
-    if reuse and finished_as(cfg.out, cfg):
-        return LoadedWorldModel.load(cfg.out), None
-    t0 = time.monotonic()
-    run_dir = run_train(cfg).run_dir
-    return LoadedWorldModel.load(run_dir), time.monotonic() - t0
+    run_dir = cfg.out if reuse and finished_as(cfg.out, cfg) else run_train(cfg).run_dir
+    rows = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines() if line]
+    return LoadedWorldModel.load(run_dir), sum(r.get("step_time", 0.0) for r in rows)
 
 
 def prepare_store(out: Path, episodes: int) -> Path:
@@ -273,14 +279,18 @@ def run(args) -> dict:
     }
     if args.with_shortcut_mean:  # as long again as the shortcut arm
         problems["shortcut_mean"] = model_problem(models["shortcut"], world, k=args.k, draws=args.draws, score="mean")
-    t0 = time.monotonic()
-    res = run_trials(world, problems, trials, cem)
-    res["plan_seconds"] = time.monotonic() - t0
+    partial = out / "two_way.partial.json"  # the trials so far: a stopped run of the same settings goes on from them
+    key = {k: v for k, v in vars(args).items() if k not in ("out", "reuse", "quick")}
+    done = json.loads(partial.read_text()) if partial.is_file() else {}
+    res = run_trials(world, problems, trials, cem, done=done["per_trial"] if done.get("settings") == key else None,
+                     progress=lambda rows: save_progress(partial, key, rows))
+    res["plan_seconds"] = sum(r["seconds"] for rows in res["per_trial"].values() for r in rows)
     res["gate_predictions"] = {arm: gate_predictions(wm, world, trials[:args.gate_contexts], k=args.k,
                                                      draws=args.gate_draws) for arm, wm in models.items()}
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                             cwd=Path(__file__).parent).stdout.strip()
     res.update(machine=machine_description(), commit=commit, train_seconds=train_seconds, variants=VARIANTS,
+               cpu_seconds=time.process_time(),
                settings={**{k: v for k, v in vars(args).items() if k != "out"}, "gate": GATE.to_json(),
                          "action_range": ACTION_RANGE, "success_radius": SUCCESS_RADIUS, "start_min": START_MIN,
                          "context": CONTEXT, "cem": dataclasses.asdict(cem)})
@@ -289,8 +299,18 @@ def run(args) -> dict:
     return res
 
 
+def save_progress(path: Path, key: dict, per_arm: dict) -> None:
+    path.write_text(json.dumps({"settings": key, "per_trial": per_arm}))
+    n = min(len(rows) for rows in per_arm.values())
+    if n % 10 == 0:
+        rates = ", ".join(f"{name} {sum(r['success'] for r in rows) / n:.2f}" for name, rows in per_arm.items())
+        print(f"{n} trials: {rates}", flush=True)
+
+
 def report(res: dict) -> None:
-    print(f"\n{res['trials']} trials; training {res['train_seconds']}, planning {res['plan_seconds']:.0f} s")
+    train = ", ".join(f"{arm} {s:.0f} s" for arm, s in res["train_seconds"].items())
+    print(f"\n{res['trials']} trials; training steps {train}; planning {res['plan_seconds']:.0f} s "
+          f"(process CPU {res['cpu_seconds']:.0f} s)")
     print("  arm             success  aimed into gate  fell  mean distance  plan p50 s")
     for name, a in res["arms"].items():
         print(f"  {name:<15} {a['success_rate']:7.3f}  {a['aimed_into_gate']:15.3f}  {a['fell']:4.2f}  "

@@ -303,3 +303,22 @@ def test_the_two_way_study_plans_with_trained_models_end_to_end(tmp_path):
     gate = {arm: study.gate_predictions(wm, world, trials, k=2, draws=3) for arm, wm in models.items()}
     assert gate["shortcut"]["predictions"] == 6 and gate["control"]["predictions"] == 2  # one per context
     assert all(0 <= g["mostly_in_pit"] <= 1 and np.isfinite(g["at_goal_mean"]) for g in gate.values())
+
+
+def test_a_stopped_two_way_study_goes_on_from_its_trials_and_gives_what_one_run_gives():
+    from planner.cem import CEMConfig
+
+    study = _script("toy_two_way")
+    world = ToyWorld.make(0, study.ACTION_RANGE, study.GATE)
+    problems = {"oracle_samples": study.oracle_problem(world, draws=2, score="expected"),
+                "oracle_mean": study.oracle_problem(world, draws=2, score="mean")}
+    trials, cem = study.make_trials(world, 4, seed=2), CEMConfig(horizon=1, samples=8, elites=2, iterations=2)
+    seen = []
+    whole = study.run_trials(world, problems, trials, cem, progress=lambda rows: seen.append(len(rows["oracle_mean"])))
+    assert seen == [1, 2, 3, 4]
+    first = {name: rows[:2] for name, rows in whole["per_trial"].items()}
+    first["oracle_mean"] = whole["per_trial"]["oracle_mean"][:3]  # an arm ahead of the others: its extra trial again
+    resumed = study.run_trials(world, problems, trials, cem, done=first)
+    strip = lambda res: {n: [{k: v for k, v in r.items() if k != "seconds"} for r in rows]  # noqa: E731
+                         for n, rows in res["per_trial"].items()}
+    assert strip(resumed) == strip(whole) and resumed["pairs"] == whole["pairs"]
