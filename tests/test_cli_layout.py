@@ -113,7 +113,7 @@ PROBE = """
 import io, json, sys, time
 from contextlib import redirect_stdout
 
-start = time.perf_counter()
+start = time.process_time()  # CPU seconds: what the import costs, not how busy the machine is
 from pipeline.cli import app
 
 out = io.StringIO()
@@ -124,7 +124,7 @@ with redirect_stdout(out):
     except SystemExit as e:
         code = e.code
 heavy = [m for m in ("torch", "transformers", "lerobot", "zarr") if m in sys.modules]
-print(json.dumps({"code": code, "seconds": time.perf_counter() - start, "heavy": heavy,
+print(json.dumps({"code": code, "seconds": time.process_time() - start, "heavy": heavy,
                   "help": "Usage: wmctl" in out.getvalue()}))
 """
 
@@ -142,9 +142,9 @@ def test_help_imports_no_stage_it_does_not_show_and_takes_under_a_second(args):
     got = _probe(*args)
     assert got["code"] == 0 and got["help"], got
     assert got["heavy"] == [], f"wmctl {' '.join(args)} imported {got['heavy']}"
-    if got["seconds"] >= 1.0:  # a loaded machine: measure once more
+    if got["seconds"] >= 1.0:  # CPU time still grows a little on a loaded machine (caches): measure once more
         got = _probe(*args)
-    assert got["seconds"] < 1.0, f"wmctl {' '.join(args)} took {got['seconds']:.2f} s"
+    assert got["seconds"] < 1.0, f"wmctl {' '.join(args)} took {got['seconds']:.2f} CPU seconds"
 
 
 def test_the_console_script_and_python_m_run_the_same_app():
