@@ -34,7 +34,8 @@ app = new_app("Goal-conditioned MPC in latent space (CEM or gradient).")
 
 Run = Annotated[Path | None, typer.Option(help="Run folder (default: newest under runs/).")]
 Ckpt = Annotated[Path | None, typer.Option(help="Checkpoint folder.")]
-Planner = Annotated[str, typer.Option(help="cem | gd.")]
+Planner = Annotated[str, typer.Option(help="cem | gd | cem+proposal (CEM started from the run's proposal) | "
+                                      "proposal (its actions alone; `wmctl train-proposal` first).")]
 Elites = Annotated[int, typer.Option(help="CEM elites.")]
 CemSamples = Annotated[int, typer.Option(help="CEM candidate action sequences per iteration.")]
 StateWeight = Annotated[float, typer.Option(help="Weight of the state distance (models with proprio).")]

@@ -38,7 +38,8 @@ Execute = Annotated[int, typer.Option(help="Frames executed (sent per chunk) bef
 Samples = Annotated[int, typer.Option(help="CEM candidate action sequences per iteration.")]
 Elites = Annotated[int, typer.Option(help="CEM elites.")]
 Iterations = Annotated[int, typer.Option(help="CEM iterations.")]
-Planner = Annotated[str, typer.Option(help="cem | gd.")]
+Planner = Annotated[str, typer.Option(help="cem | gd | cem+proposal (CEM started from the run's proposal) | "
+                                      "proposal (its actions alone; `wmctl train-proposal` first).")]
 Encoder = Annotated[Path | None, typer.Option(help="The run's encoder folder (default: where its store was "
                                               "encoded from, then its recorded name).")]
 Seed = Annotated[int, typer.Option(help="Seed.")]

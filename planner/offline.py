@@ -28,6 +28,7 @@ from planner.cem import CEMConfig
 from planner.core import ActionSpec, WorldModel, dtype_name, latent_cost
 from planner.gd import GDConfig
 from planner.planners import plan, settings, spec_for
+from planner.proposal import Observation
 from planner.results import Latency
 
 
@@ -145,7 +146,8 @@ def _problem(wm: WorldModel, judge: WorldModel | None, w: dict, raw: dict, ctx: 
     t0 = time.perf_counter()  # the latency includes committing the context
     rollout = wm.planning_rollout(z[:ctx], context_actions_TA=ctx_actions, k=cfg.k, seed=seed)
     g = torch.Generator().manual_seed(seed)
-    res = plan(cfg.planner, rollout, cost, spec, settings(cfg.planner, cfg), horizon=H, generator=g)
+    res = plan(cfg.planner, rollout, cost, spec, settings(cfg.planner, cfg), horizon=H, generator=g,
+               observation=Observation(wm, z[ctx - 1], z[-1]))
     latency = time.perf_counter() - t0
     lo, hi, _ = spec.tensors()
     rand = lo + (hi - lo) * torch.rand((cfg.random_samples, H, spec.dim), generator=g)

@@ -42,6 +42,7 @@ from planner.core import ActionSpec, WorldModel, dtype_name, latent_cost
 from planner.gd import GDConfig
 from planner.planners import check_planner, expected_cost_rollout, plan, settings, spec_for
 from planner.progress import SimProgress, SimStopped, Terminated, sigterm_stops
+from planner.proposal import Observation
 from planner.results import POLICY_IDS, SimResult, commit_result, plain_result, summarize
 
 log = logging.getLogger(__name__)
@@ -182,6 +183,7 @@ class _Episode:
     executed: list[np.ndarray] = dataclasses.field(default_factory=list)
     latencies: list[float] = dataclasses.field(default_factory=list)
     plan_mean: torch.Tensor | None = None
+    goal: torch.Tensor | None = None  # the goal's latents [N, Z] (what a proposal planner reads)
 
 
 def run_trial(sim: Simulator, wm: WorldModel, encode: Callable[[np.ndarray, np.ndarray], torch.Tensor], trial: Trial,
@@ -199,7 +201,7 @@ def run_trial(sim: Simulator, wm: WorldModel, encode: Callable[[np.ndarray, np.n
     start_state = sim.state()
     model = policy == "model"
     goal = encode(goal_img, goal_robot) if model else None  # [N, Z]; proprio: one more token
-    ep = _Episode(history=[encode(img, sim.robot_state()) if model else None], frames=[img])
+    ep = _Episode(history=[encode(img, sim.robot_state()) if model else None], frames=[img], goal=goal)
     fs = wm.actions.frameskip
     lo, hi = np.array(spec.low), np.array(spec.high)
     weights = torch.ones(cfg.horizon) if cfg.cost_frames == "all" else None
@@ -247,7 +249,8 @@ def _model_plan(wm: WorldModel, ep: _Episode, cost, cfg: SimConfig, spec: Action
     rollout, plan_cost = expected_cost_rollout(wm, ctx, ctx_actions, cost, k=cfg.k, seed=seed, draws=cfg.noise_draws)
     init = warm_start(ep.plan_mean, cfg.execute, cfg.horizon, spec.dim)
     res = plan(cfg.planner, rollout, plan_cost, spec, settings(cfg.planner, cfg), horizon=cfg.horizon,
-               generator=torch.Generator().manual_seed(seed), init_mean_HA=init, previous_A=prev)
+               generator=torch.Generator().manual_seed(seed), init_mean_HA=init, previous_A=prev,
+               observation=Observation(wm, ctx[-1], ep.goal))
     ep.latencies.append(time.perf_counter() - t0)
     ep.plan_mean = res.mean
     return (res.mean if cfg.execute_plan == "mean" else res.actions)[: cfg.execute].numpy()

@@ -31,7 +31,7 @@ TABLES = {"": COMMANDS, "bench": BENCH}
 STAGES = {"pipeline", "featurestore", "trainer", "planner"}
 
 EXPECTED = {  # every command of `wmctl`, groups' commands included
-    "ingest", "datasets", "encode", "status", "probe", "train", "eval", "visualize",
+    "ingest", "datasets", "encode", "status", "probe", "train", "train-proposal", "eval", "visualize",
     "data pusht", "data multicam", "data metaworld", "encoder init-random", "encoder fetch", "decoder train",
     "plan offline", "plan sim", "plan compare", "export", "robot serve", "robot lerobot-eval",
     "bench decode", "bench encode", "bench rollout", "bench plan", "bench train",

@@ -43,6 +43,7 @@ def _commands(run, store, out) -> dict[str, list[str]]:
     """Each command with a --device option, with what it needs to start."""
     return {
         "train": ["train", "--store", str(store), "--preset", "tiny", "--steps", "1", "--out", str(out)],
+        "train-proposal": ["train-proposal", "--run", str(run), "--steps", "1"],
         "eval": ["eval", "--run", str(run), "--out", str(out)],
         "plan offline": ["plan", "offline", "--run", str(run), "--out", str(out)],
         "plan sim": ["plan", "sim", "--run", str(run), "--out", str(out)],
@@ -65,6 +66,7 @@ def test_every_command_refuses_a_gpu_it_cannot_see_in_one_line_before_any_work(m
         assert len(lines) == 1 and lines[0].startswith("error: --device cuda: this process sees no GPU"), (name, lines)
         assert "--device cpu" in lines[0] and "--device auto" in lines[0], name
         assert not out.exists(), f"{name} wrote {out} before refusing"
+    assert not (tiny_run / "proposal").exists()  # train-proposal writes into the run: nothing before refusing
 
 
 def test_every_device_option_says_auto_is_its_default(tmp_path):

@@ -5,6 +5,7 @@ proposal alone, through the registry, the MPC step of the policy and server, and
 from __future__ import annotations
 
 import dataclasses
+import math
 import shutil
 
 import numpy as np
@@ -273,3 +274,35 @@ def test_bench_plan_times_the_proposal_rows_beside_cem():
     for key in ("model_evals_per_step", "model_passes_per_iteration", "context_passes_per_step"):
         assert rows["cem+proposal"][key] == rows["cem"][key]  # the same search, from another mean
     assert rows["proposal"]["proposal_params_M"] > 0 and "proposal_params_M" not in rows["cem"]
+
+
+def test_the_commands_train_the_proposal_and_plan_with_it_offline_and_in_closed_loop(run_copy):
+    """`wmctl train-proposal`, then `plan offline` and `plan sim` with --planner proposal / cem+proposal: the
+    proposal reaches the planners through the commands (a planner that needs it and is not given it refuses)."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from pipeline.cli import app
+
+    train = ["train-proposal", "--run", str(run_copy), "--steps", "3", "--horizon", "2", "--batch-size", "4",
+             "--save-every", "0"]
+    r = CliRunner().invoke(app, train)
+    assert r.exit_code == 0 and "val action error (std units)" in r.output, r.output
+    assert (run_copy / "proposal" / "proposal.json").is_file()
+    r = CliRunner().invoke(app, train)
+    assert r.exit_code == 0 and "nothing to do" in r.output, r.output
+    fast = ["--samples", "8", "--elites", "2", "--iterations", "2"]
+    for planner in ("proposal", "cem+proposal"):
+        r = CliRunner().invoke(app, ["plan", "offline", "--run", str(run_copy), "--goal-offset", "2", "--episodes",
+                                     "1", "--planner", planner, *fast])
+        assert r.exit_code == 0, r.output
+        res = json.loads((run_copy / "plan" / f"offline_{planner}.json").read_text())
+        assert res["problems"] >= 1 and res["latency_s"]["p50"] > 0
+        assert math.isfinite(res["action_error_vs_ground_truth"]["plan"])
+    r = CliRunner().invoke(app, ["plan", "sim", "--run", str(run_copy), "--episodes", "1", "--goal-offset", "4",
+                                 "--max-steps", "4", "--horizon", "2", "--execute", "1", "--planner", "proposal",
+                                 *fast])
+    assert r.exit_code == 0, r.output
+    sim = json.loads((run_copy / "plan" / "sim_proposal_none" / "sim.json").read_text())
+    assert sim["config"]["planner"] == "proposal" and len(sim["model"]["per_trial"]) == 1

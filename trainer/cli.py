@@ -20,6 +20,7 @@ from trainer.bench import bench_rollout, bench_train
 from trainer.config import TrainConfig, train_config
 from trainer.eval import EvalConfig, eval_tables, run_eval
 from trainer.loop import Preempted, run_train
+from trainer.proposal import ProposalConfig
 from trainer.runs import new_decoder_dir, resolve_run, saved_config
 from trainer.visualize import VisualizeConfig, run_visualize
 
@@ -188,6 +189,37 @@ def decoder_train(
     typer.echo(f"decoder {res['out']}: val PSNR {res['val_psnr']:.2f} dB vs mean-image baseline "
                f"{res['mean_image_psnr']:.2f} dB ({res['train_frames']} train / {res['val_frames']} val frames of "
                f"{res['source']}:{res['camera_key']}, {res['seconds']:.0f}s)")
+
+
+def train_proposal_cmd(
+    run: Annotated[Path | None, typer.Option(help="Run folder or checkpoint (default: the newest run).")] = None,
+    store: Annotated[Path | None, typer.Option(help="Token store (default: the run's).")] = None,
+    steps: Annotated[int, typer.Option(help="Optimizer steps.")] = 2000,
+    horizon: Annotated[int, typer.Option(help="Model frames of actions proposed (the planning horizon).")]
+    = ProposalConfig.horizon,
+    max_goal: Annotated[int, typer.Option(help="Goals drawn 1..N model frames ahead (0: twice the horizon).")]
+    = ProposalConfig.max_goal,
+    batch_size: Annotated[int, typer.Option(help="Windows per step.")] = ProposalConfig.batch_size,
+    lr: Annotated[float, typer.Option(help="AdamW learning rate.")] = ProposalConfig.lr,
+    seed: Annotated[int, typer.Option(help="Seed.")] = ProposalConfig.seed,
+    save_every: Annotated[int, typer.Option(help="Keep its progress every N steps (0: never): the same command "
+                                              "continues after a stop.")] = 200,
+    device: AutoDevice = "auto",
+) -> None:
+    """Train the run's amortized proposal: a small goal-conditioned policy head on the labelled latents (current
+    and goal frame -> the next `horizon` actions), saved in <run>/proposal/ for `--planner cem+proposal|proposal`."""
+    from trainer.proposal_train import train_proposal
+
+    cfg = ProposalConfig(horizon=horizon, max_goal=max_goal, batch_size=batch_size, lr=lr, seed=seed)
+    rep = train_proposal(resolve_run(run, None), store, steps, config=cfg, device=str(resolve_device(device)),
+                         save_every=save_every)
+    if not rep.trained:
+        typer.echo(f"nothing to do: {rep.folder} holds a proposal of this configuration")
+        return
+    err = rep.action_error or {}
+    score = ", ".join(f"{k} {v:.3f}" for k, v in err.items()) if err else "no labelled val window long enough"
+    typer.echo(f"proposal {rep.folder}: {rep.steps} steps, {rep.params:,} parameters, train loss {rep.train_loss:.4f};"
+               f" val action error (std units): {score}")
 
 
 def bench_rollout_cmd(

@@ -51,6 +51,10 @@ COMMANDS: dict[str, Lazy] = {
     "train": Lazy("trainer.cli:train",
                   "Train the shortcut-forcing dynamics (or a baseline: teacher-forced, deterministic) on a token "
                   "store."),
+    "train-proposal": Lazy("trainer.cli:train_proposal_cmd",
+                           "Train the run's amortized proposal: a small goal-conditioned policy head on the labelled "
+                           "latents (current\nand goal frame -> the next `horizon` actions), saved in <run>/proposal/ "
+                           "for `--planner cem+proposal|proposal`."),
     "eval": Lazy("trainer.cli:eval_",
                  "Latent prediction error at horizons vs copy-last and baselines; error vs K; a state probe."),
     "visualize": Lazy("trainer.cli:visualize",
