@@ -330,8 +330,8 @@ QUICK = dict(steps=10, episodes=16, trials=4, draws=4, cem_samples=16, cem_itera
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--steps", type=int, default=300, help="training steps of each model (what fits in about 20 "
-                    "minutes of a loaded 2-core machine; the shortcut study trains 600)")
+    ap.add_argument("--steps", type=int, default=300, help="training steps of each model (what a loaded 2-core "
+                    "machine gave in the time: 28 min for both; the shortcut study trains 600)")
     ap.add_argument("--episodes", type=int, default=128, help="episodes of 24 frames in the toy store")
     ap.add_argument("--batch-size", type=int, default=None, help="training batch (default: the study's, 32)")
     ap.add_argument("--trials", type=int, default=200)
