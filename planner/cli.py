@@ -21,6 +21,7 @@ from pipeline.machine import resolve_device
 from pipeline.stage import UserError, atomic_write_json
 from planner.bench import BenchCase, bench_plan
 from planner.cem import CEMConfig
+from planner.cli_options import Ckpt, Elites, Iterations, Planner, Run, Samples, Seed
 from planner.offline import OfflineConfig, run_plan_offline
 from planner.planners import search_configs
 from planner.progress import SimStopped
@@ -32,15 +33,8 @@ from trainer.runs import check_writable, plan_dir, resolve_run
 
 app = new_app("Goal-conditioned MPC in latent space (CEM or gradient).")
 
-Run = Annotated[Path | None, typer.Option(help="Run folder (default: newest under runs/).")]
-Ckpt = Annotated[Path | None, typer.Option(help="Checkpoint folder.")]
-Planner = Annotated[str, typer.Option(help="cem | gd | cem+proposal (CEM started from the run's proposal) | "
-                                      "proposal (its actions alone; `wmctl train-proposal` first).")]
-Elites = Annotated[int, typer.Option(help="CEM elites.")]
-CemSamples = Annotated[int, typer.Option(help="CEM candidate action sequences per iteration.")]
 StateWeight = Annotated[float, typer.Option(help="Weight of the state distance (models with proprio).")]
 K = Annotated[int, typer.Option(help="Shortcut steps per frame in the planner's rollouts.")]
-Seed = Annotated[int, typer.Option(help="Seed.")]
 Precision = Annotated[str, typer.Option(help="auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp32: the planning "
                                       "model's weights and rollouts (bf16 also pays on CPUs with AVX512-BF16/AMX).")]
 Compile = Annotated[bool, typer.Option("--compile", help="torch.compile the model's rollouts (the first plan "
@@ -60,7 +54,6 @@ SimGoalOffset = Annotated[int, typer.Option(help="Goal: env steps (not model fra
 MaxSteps = Annotated[int, typer.Option(help="MPC env steps per trial.")]
 Horizon = Annotated[int, typer.Option(help="Planning horizon (model frames).")]
 Execute = Annotated[int, typer.Option(help="Model frames executed per plan.")]
-SimIterations = Annotated[int, typer.Option(help="CEM iterations.")]
 ExecutePlan = Annotated[str, typer.Option(help="best: the best sequence found | mean: the final CEM mean.")]
 Shift = Annotated[str, typer.Option(help="none | lighting | background.")]
 CostFrames = Annotated[str, typer.Option(help="all: goal distance averaged over the planned frames; last: "
@@ -101,7 +94,7 @@ def plan_offline(
     goal_offset: Annotated[int, typer.Option(help="Goal H model frames after the start (H x frameskip recorded "
                                              "steps; also the planning horizon).")] = OfflineConfig.goal_offset,
     planner: Planner = OfflineConfig.planner,
-    samples: CemSamples = CEMConfig.samples,
+    samples: Samples = CEMConfig.samples,
     elites: Elites = CEMConfig.elites,
     iterations: Annotated[int, typer.Option(help="CEM iterations (GD: 4x).")] = CEMConfig.iterations,
     cem: Cem = "default",
@@ -158,9 +151,9 @@ def plan_sim(
     horizon: Horizon = SimConfig.horizon,
     execute: Execute = SimConfig.execute,
     planner: Planner = SimConfig.planner,
-    samples: CemSamples = CEMConfig.samples,
+    samples: Samples = CEMConfig.samples,
     elites: Elites = CEMConfig.elites,
-    iterations: SimIterations = CEMConfig.iterations,
+    iterations: Iterations = CEMConfig.iterations,
     cem: Cem = "default",
     execute_plan: ExecutePlan = SimConfig.execute_plan,
     shift: Shift = SimConfig.shift,
@@ -259,7 +252,7 @@ def plan_compare(
 
 def bench_plan_cmd(
     presets: Annotated[str, typer.Option(help="Comma-separated model presets.")] = "tiny,small,base",
-    samples: CemSamples = 64,
+    samples: Samples = 64,
     iterations: Annotated[int, typer.Option(help="CEM iterations.")] = 5,
     horizon: Annotated[int, typer.Option(help="Planning horizon (frames).")] = 5,
     grid: Annotated[str, typer.Option(help="Token grid per frame, HxW.")] = "6x6",

@@ -17,14 +17,13 @@ from pipeline.lerobot_compat import require_robot_stack
 from pipeline.machine import resolve_device
 from pipeline.stage import UserError
 from planner.cem import CEMConfig
+from planner.cli_options import Ckpt, Elites, Iterations, Planner, Run, Samples, Seed
 from planner.latent_mpc import PUSHT_GOAL_AGENT, GoalSpec, MPCConfig
 
 log = logging.getLogger(__name__)
 
 app = new_app("Plan for a robot through LeRobot: the async-inference server, and LeRobot's own eval harness.")
 
-Run = Annotated[Path | None, typer.Option(help="Run folder (default: newest under runs/).")]
-Ckpt = Annotated[Path | None, typer.Option(help="Checkpoint folder.")]
 GoalImage = Annotated[list[Path] | None, typer.Option("--goal-image", help="Goal image file, one per camera of the "
                                                        "run in its camera order (repeat the option).")]
 GoalState = Annotated[str | None, typer.Option(help="The goal's observation.state, comma-separated (models with "
@@ -35,14 +34,8 @@ GoalFrame = Annotated[int, typer.Option(help="With --goal-dataset: the frame (-1
 GoalPusht = Annotated[bool, typer.Option("--goal-pusht", help="Goal: gym-pusht's fixed goal pose, rendered once.")]
 Horizon = Annotated[int, typer.Option(help="Frames planned.")]
 Execute = Annotated[int, typer.Option(help="Frames executed (sent per chunk) before replanning.")]
-Samples = Annotated[int, typer.Option(help="CEM candidate action sequences per iteration.")]
-Elites = Annotated[int, typer.Option(help="CEM elites.")]
-Iterations = Annotated[int, typer.Option(help="CEM iterations.")]
-Planner = Annotated[str, typer.Option(help="cem | gd | cem+proposal (CEM started from the run's proposal) | "
-                                      "proposal (its actions alone; `wmctl train-proposal` first).")]
 Encoder = Annotated[Path | None, typer.Option(help="The run's encoder folder (default: where its store was "
                                               "encoded from, then its recorded name).")]
-Seed = Annotated[int, typer.Option(help="Seed.")]
 
 
 def goal_spec(goal_image: list[Path] | None, goal_state: str | None, goal_dataset: Path | None, goal_episode: int,
