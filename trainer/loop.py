@@ -63,7 +63,8 @@ from trainer.distributed import (
 )
 from trainer.model import build_model
 from trainer.objective import batch_layout, compute_loss, predict_last_frame
-from trainer.runs import RunLock, RunState, new_run_dir, read_config_json
+from trainer.runlock import RunLock
+from trainer.runs import RunState, new_run_dir, read_config_json
 from trainer.sources import (
     DATA_FILE,
     check_record,
