@@ -328,15 +328,15 @@ def test_bf16_on_a_cpu_without_bf16_units_warns_once(caplog):
     import torch
 
     from pipeline.machine import native_bf16
-    from trainer import config
+    from trainer import precision
 
     assert native_bf16(torch.device("cuda"))
-    config._warn_emulated_bf16.cache_clear()
+    precision._warn_emulated_bf16.cache_clear()
     cpu = torch.device("cpu")
     with caplog.at_level(logging.WARNING, logger="wmctl"):
-        assert not config.uses_bf16("fp32", cpu) and not config.uses_bf16("auto", cpu)
+        assert not precision.uses_bf16("fp32", cpu) and not precision.uses_bf16("auto", cpu)
         assert not caplog.records
-        assert config.uses_bf16("bf16", cpu) and config.uses_bf16("bf16", cpu)
+        assert precision.uses_bf16("bf16", cpu) and precision.uses_bf16("bf16", cpu)
     warned = [r for r in caplog.records if "emulates" in r.getMessage()]
     if native_bf16(cpu):
         assert not warned

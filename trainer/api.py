@@ -21,9 +21,10 @@ import torch
 from pipeline.stage import UserError
 from trainer.actions import ActionSpace
 from trainer.checkpoint import load_weights
-from trainer.config import TrainConfig, check_precision, preset, uses_bf16
+from trainer.config import TrainConfig, preset
 from trainer.data import Stats, action_space, latents, normalize_patches
 from trainer.model import build_model
+from trainer.precision import check_precision, uses_bf16
 from trainer.runs import RunState, run_dir_of
 from trainer.sampling import (
     CapturedRollout,

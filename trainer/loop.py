@@ -40,7 +40,7 @@ from pipeline.stage import (
     to_jsonable,
 )
 from trainer.checkpoint import BEST_FILE, latest_checkpoint, load_optimizer, load_weights, save_checkpoint
-from trainer.config import TrainConfig, learned_differences, uses_bf16
+from trainer.config import TrainConfig, learned_differences
 from trainer.data import (
     LABELLED,
     MIX,
@@ -63,6 +63,7 @@ from trainer.distributed import (
 )
 from trainer.model import build_model
 from trainer.objective import batch_layout, compute_loss, predict_last_frame
+from trainer.precision import uses_bf16
 from trainer.runlock import RunLock
 from trainer.runs import RunState, new_run_dir, read_config_json
 from trainer.sources import (
