@@ -65,8 +65,11 @@ def step_flops(cfg, steps: int = 3) -> float:
     bootstrap rows are drawn per step)."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    from trainer.loop import Dist, _loader, setup, train_step
+    from trainer.distributed import Dist
+    from trainer.loop import train_step
     from trainer.model.common import expanded_kv_heads
+    from trainer.prefetch import _loader
+    from trainer.run_setup import setup
 
     cfg = dataclasses.replace(cfg, steps=cfg.steps + steps, compile=False, num_workers=0)
     tr, start, reader = setup(cfg, resume=True, d=Dist())
