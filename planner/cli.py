@@ -23,7 +23,7 @@ from planner.bench import BenchCase, bench_plan
 from planner.cem import CEMConfig
 from planner.cli_options import Ckpt, Elites, Iterations, Planner, Run, Samples, Seed
 from planner.offline import OfflineConfig, run_plan_offline
-from planner.planners import search_configs
+from planner.planners import PLANNERS, search_configs
 from planner.progress import SimStopped
 from planner.results import SimResult, compare_sims, load_sim_result
 from planner.sim import PROTOCOLS, SWM_CEM, SimConfig, run_plan_sim
@@ -265,8 +265,12 @@ def bench_plan_cmd(
                                      "(noise, kept elites); --samples and --iterations as given.")] = "default",
     precision: Annotated[str, typer.Option(help="auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp32, as `plan`'s.")
                          ] = "auto",
+    planners: Annotated[str, typer.Option(help="Comma-separated planners, one row each per preset: cem | "
+                                          "cem+proposal | proposal (a freshly initialised proposal: timing does not "
+                                          "depend on its weights).")] = "cem",
 ) -> None:
     """Milliseconds per MPC step (one CEM optimisation) and model evaluations per step, per preset."""
+    names = _bench_planners(planners)
     dev = resolve_device(device)
     if graph and dev.type != "cuda":
         raise UserError(f"--graph times CUDA graphs and this run is on {dev}: run it on a GPU (--device cuda), "
@@ -275,8 +279,21 @@ def bench_plan_cmd(
     cases = [_fresh_case(p, hxw(grid, "--grid", "6x6 or 16x16"), enc_dim, dev, dtype) for p in split_list(presets)]
     result = bench_plan(cases, samples=samples, iterations=iterations, horizon=horizon, device=dev,
                         compile_fn=LoadedWorldModel.compile if compile else None,
-                        cem=None if cem == "default" else search_configs("cem", horizon, cem)[0], graph=graph)
-    _plan_table(result, samples, iterations, horizon, compile, graph)
+                        cem=None if cem == "default" else search_configs("cem", horizon, cem)[0], graph=graph,
+                        planners=names)
+    _plan_table(result, samples, iterations, horizon, compile, graph, by_planner=names != ("cem",))
+
+
+def _bench_planners(text: str) -> tuple[str, ...]:
+    """`--planners`' names, checked against the registry (gd is not timed: bench plan times one CEM budget, and the
+    planners that take the proposal)."""
+    choices = [n for n, p in PLANNERS.items() if not p.grad]
+    names = tuple(split_list(text))
+    for name in names or ("",):
+        if name not in choices:
+            why = " (bench plan does not time gd)" if name in PLANNERS else ""
+            raise UserError(f"--planners {name!r}{why}: choose from {', '.join(choices)} (comma-separated)")
+    return names
 
 
 def _fresh_case(preset: str, grid: tuple[int, int], enc_dim: int, dev: torch.device, dtype: torch.dtype
@@ -285,18 +302,19 @@ def _fresh_case(preset: str, grid: tuple[int, int], enc_dim: int, dev: torch.dev
     return BenchCase(preset, wm, (wm.shape.latent_tokens, wm.shape.enc_dim), wm.params_M, dtype)
 
 
-def _plan_table(result: dict, samples: int, iterations: int, horizon: int, compile: bool, graph: bool = False
-                ) -> None:
+def _plan_table(result: dict, samples: int, iterations: int, horizon: int, compile: bool, graph: bool = False,
+                by_planner: bool = False) -> None:
     from rich.table import Table
 
     table = Table(title=f"plan: CEM {samples}x{iterations}, horizon {horizon}, {result['device']} ({result['cpu']})")
-    cols = ["preset", "params (M)", "dtype", "ms / MPC step", "model evals / step", "passes / iteration"]
+    cols = ["preset", *(["planner"] if by_planner else []), "params (M)", "dtype", "ms / MPC step",
+            "model evals / step", "passes / iteration"]
     cols += ["compiled ms / step", "speedup", "compile s"] if compile else []
     for col in cols + (["graph ms / step", "speedup", "capture s"] if graph else []):
         table.add_column(col)
     for r in result["rows"]:
-        cells = [r["preset"], f"{r['params_M']:.2f}", r["dtype"], f"{r['ms_per_mpc_step']:.0f}",
-                 str(r["model_evals_per_step"]), f"{r['model_passes_per_iteration']:g}"]
+        cells = [r["preset"], *([r["planner"]] if by_planner else []), f"{r['params_M']:.2f}", r["dtype"],
+                 f"{r['ms_per_mpc_step']:.0f}", str(r["model_evals_per_step"]), f"{r['model_passes_per_iteration']:g}"]
         if compile:
             cells += [f"{r['ms_per_mpc_step_compiled']:.0f}", f"{r['compile_speedup']:.2f}x", f"{r['compile_s']:.0f}"]
         if graph and "graph_error" in r:

@@ -276,6 +276,29 @@ def test_bench_plan_times_the_proposal_rows_beside_cem():
     assert rows["proposal"]["proposal_params_M"] > 0 and "proposal_params_M" not in rows["cem"]
 
 
+def test_bench_plan_command_times_the_planners_asked_for_and_refuses_unknown_ones():
+    """`wmctl bench plan --planners`: one row per preset and planner, in the order given; a name that is not a
+    planner bench plan times (gd, a typo) exits 2 naming the choices."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from pipeline.cli import app
+
+    base = ["bench", "plan", "--presets", "tiny", "--samples", "4", "--iterations", "1", "--horizon", "2",
+            "--grid", "3x3", "--enc-dim", "16", "--device", "cpu"]
+    r = CliRunner().invoke(app, [*base, "--planners", "cem,cem+proposal,proposal"])
+    assert r.exit_code == 0, r.output
+    rows = json.loads(r.output.strip().splitlines()[-1])["rows"]
+    assert [(x["preset"], x["planner"]) for x in rows] == [("tiny", "cem"), ("tiny", "cem+proposal"),
+                                                           ("tiny", "proposal")]
+    assert rows[2]["model_evals_per_step"] == 0 and rows[1]["proposal_params_M"] > 0
+    for given, bad in (("proposal,cme", "cme"), ("gd", "gd")):
+        r = CliRunner().invoke(app, [*base, "--planners", given])
+        assert r.exit_code == 2 and f"--planners '{bad}'" in r.output, r.output
+        assert "choose from cem, cem+proposal, proposal" in r.output
+
+
 def test_the_commands_train_the_proposal_and_plan_with_it_offline_and_in_closed_loop(run_copy):
     """`wmctl train-proposal`, then `plan offline` and `plan sim` with --planner proposal / cem+proposal: the
     proposal reaches the planners through the commands (a planner that needs it and is not given it refuses)."""
