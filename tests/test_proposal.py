@@ -299,6 +299,42 @@ def test_bench_plan_command_times_the_planners_asked_for_and_refuses_unknown_one
         assert "choose from cem, cem+proposal, proposal" in r.output
 
 
+def test_an_export_carries_the_runs_proposal_and_plans_with_it(trained, tmp_path, pusht_store):
+    """`wmctl export` of a run with a proposal: proposal/ in the export (listed in config.json and the model card,
+    no path of this machine in its record), loaded by the planners' loader with the run's very weights, and
+    `plan offline --planner proposal` plans from the export with the run deleted."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from pipeline.cli import app
+    from trainer.export import PROPOSAL_FILES, upload_files
+
+    run = shutil.copytree(trained, tmp_path / "run")
+    out = tmp_path / "shared" / "tiny-wm"
+    r = CliRunner().invoke(app, ["export", str(run), "--out", str(out)])
+    assert r.exit_code == 0 and "amortized proposal" in r.output, r.output
+    assert sorted(p.name for p in (out / "proposal").iterdir()) == [RECORD, WEIGHTS]
+    assert json.loads((out / "config.json").read_text())["proposal"]["files"] == list(PROPOSAL_FILES)
+    assert "proposal/" in (out / "README.md").read_text() and upload_files(out)[-2:] == list(PROPOSAL_FILES)
+    assert str(tmp_path).encode() not in (out / "proposal" / RECORD).read_bytes()
+    mine, theirs = load_proposal(run / "proposal"), load_proposal(out / "proposal")
+    assert mine.net.state_dict().keys() == theirs.net.state_dict().keys()
+    assert all(torch.equal(v, theirs.net.state_dict()[k]) for k, v in mine.net.state_dict().items())
+    shutil.rmtree(run)
+    r = CliRunner().invoke(app, ["plan", "offline", "--run", str(out), "--store", str(pusht_store), "--goal-offset",
+                                 "2", "--episodes", "1", "--planner", "proposal", "--out", str(tmp_path / "plan")])
+    assert r.exit_code == 0, r.output
+    assert json.loads((tmp_path / "plan" / "offline_proposal.json").read_text())["problems"] >= 1
+
+    bare = tmp_path / "bare"  # a run without a proposal exports as before: no proposal/, none listed
+    r = CliRunner().invoke(app, ["export", str(shutil.copytree(trained, tmp_path / "run2")), "--out", str(bare)])
+    shutil.rmtree(tmp_path / "run2" / "proposal")
+    r = CliRunner().invoke(app, ["export", str(tmp_path / "run2"), "--out", str(bare), "--force"])
+    assert r.exit_code == 0 and not (bare / "proposal").exists(), r.output
+    assert json.loads((bare / "config.json").read_text())["proposal"] is None
+
+
 def test_the_commands_train_the_proposal_and_plan_with_it_offline_and_in_closed_loop(run_copy):
     """`wmctl train-proposal`, then `plan offline` and `plan sim` with --planner proposal / cem+proposal: the
     proposal reaches the planners through the commands (a planner that needs it and is not given it refuses)."""

@@ -32,6 +32,9 @@ def export(
 
     folder = export_run(run, out, weights=weights, force=force)
     typer.echo(f"exported {run} to {folder}: load it with --run {folder} (and --store STORE made with its encoder)")
+    if (folder / "proposal").is_dir():
+        typer.echo(f"with the run's amortized proposal ({folder / 'proposal'}): --planner cem+proposal|proposal plan "
+                   "with it")
     if push_to_hub:
         url = push(folder, push_to_hub, private=private)
         typer.echo(f"pushed to {url}: load it with --run {push_to_hub} once `hf download {push_to_hub}` has it in "

@@ -8,6 +8,8 @@
                      preprocessing; its name, never its path)
   stats.json         the normalisation statistics (tokens, actions, state)
   README.md          a model card: what it is, how to load it, its eval table (<run>/eval/eval.json when present)
+  proposal/          the run's amortized proposal when it has one (<run>/proposal/: proposal.json, its paths by name
+                     only, and proposal.safetensors): `--planner cem+proposal|proposal` plan with it from the export
 ```
 
 `export_run` writes it (to a temporary folder, renamed when complete); `push_to_hub` uploads it to a Hugging Face
@@ -40,6 +42,7 @@ log = logging.getLogger(__name__)
 FORMAT = "wmctl-world-model"
 FORMAT_VERSION = 1
 FILES = ("config.json", "model.safetensors", "encoder.json", "stats.json", "README.md")
+PROPOSAL_FILES = ("proposal/proposal.json", "proposal/proposal.safetensors")  # where the run has a proposal
 
 
 # ---------------------------------------------------------------------------------------------- writing
@@ -59,10 +62,11 @@ def export_run(run: Path, out: Path, *, weights: str = "ema", force: bool = Fals
 
         tensors = {k: v.detach().cpu().contiguous() for k, v in load_weights(state.checkpoint, weights).items()}
         save_file(tensors, tmp / "model.safetensors", metadata={"format": "pt"})
-        atomic_write_json(tmp / "config.json", model_config(state, weights))
         atomic_write_json(tmp / "encoder.json", portable_encoder(state.encoder))
         atomic_write_json(tmp / "stats.json", state.stats.to_dict())
-        (tmp / "README.md").write_text(model_card(state, weights, out.name, _eval_of(state)))
+        proposal = _copy_proposal(state, tmp)
+        atomic_write_json(tmp / "config.json", {**model_config(state, weights), "proposal": proposal})
+        (tmp / "README.md").write_text(model_card(state, weights, out.name, _eval_of(state), proposal))
         if out.exists():
             shutil.rmtree(out)
         tmp.rename(out)
@@ -71,6 +75,25 @@ def export_run(run: Path, out: Path, *, weights: str = "ema", force: bool = Fals
             shutil.rmtree(tmp, ignore_errors=True)
     log.info("exported %s (%s weights, step %d) to %s", state.name, weights, state.step, out)
     return out
+
+
+def _copy_proposal(state: RunState, tmp: Path) -> dict[str, Any] | None:
+    """The run's proposal (<run>/proposal/) into the export: its weights as they are, its record with every path
+    reduced to a name (the weights' sha256 it names still holds); None where the run has none. A torn one is
+    refused (load_proposal's error names the fix); a training's progress (partial.*) is not copied."""
+    from trainer.proposal import PROPOSAL_DIR, RECORD, WEIGHTS, load_proposal, proposal_dir, read_record
+
+    src = proposal_dir(state.run_dir)
+    record = read_record(src)
+    if record is None:
+        return None
+    load_proposal(src)  # the pair is whole (the weights are the ones the record names) and loads
+    dst = tmp / PROPOSAL_DIR
+    dst.mkdir()
+    shutil.copyfile(src / WEIGHTS, dst / WEIGHTS)
+    atomic_write_json(dst / RECORD, _portable(record))
+    return {"files": list(PROPOSAL_FILES), "steps": record.get("steps"), "horizon": record["config"].get("horizon"),
+            "action_error": record.get("action_error")}
 
 
 def _check_out(out: Path, force: bool) -> None:
@@ -145,7 +168,8 @@ def _eval_of(state: RunState) -> dict[str, Any] | None:
     return result if isinstance(result, dict) and isinstance(result.get("conditions"), dict) else None
 
 
-def model_card(state: RunState, weights: str, name: str, result: dict[str, Any] | None) -> str:
+def model_card(state: RunState, weights: str, name: str, result: dict[str, Any] | None,
+               proposal: dict[str, Any] | None = None) -> str:
     """README.md: Hugging Face metadata, what the model is and takes, how to load it, its eval table."""
     cfg, shape, enc = state.config, state.shape, state.encoder
     m = cfg.model
@@ -163,7 +187,9 @@ def model_card(state: RunState, weights: str, name: str, result: dict[str, Any] 
         f"| state | {shape.state_dim or 'none'} (proprioception {'on' if cfg.proprio else 'off'}) |",
         f"| encoder | {portable_encoder(enc).get('model_id', '?')}, weights sha256 "
         f"{str(enc.get('weights_sha256', '?'))[:16]}... (encoder.json) |",
-        f"| trained on | {_sources(state)} |", "",
+        f"| trained on | {_sources(state)} |",
+        *([f"| proposal | proposal/: the amortized proposal ({proposal['steps']} steps, horizon {proposal['horizon']}) "
+           "for `--planner cem+proposal` and `--planner proposal` |"] if proposal else []), "",
         "## Use", "",
         "It predicts tokens of the encoder in `encoder.json`: give it a token store made with that encoder.", "",
         "```python", "from trainer.api import LoadedWorldModel", "",
@@ -326,7 +352,10 @@ def upload_files(folder: Path) -> list[str]:
     missing = [f for f in FILES if not (folder / f).is_file()]
     if missing:
         raise UserError(f"{folder} lacks {', '.join(missing)}: export the run again")
-    return list(FILES)
+    proposal = [f for f in PROPOSAL_FILES if (folder / f).is_file()]
+    if proposal and len(proposal) != len(PROPOSAL_FILES):
+        raise UserError(f"{folder} holds {proposal[0]} alone: export the run again")
+    return list(FILES) + proposal
 
 
 def hub_offline() -> bool:
