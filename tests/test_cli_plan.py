@@ -256,7 +256,7 @@ def test_graphed_rollouts_equal_the_plain_ones_and_read_only_their_static_buffer
 
     from pipeline.stage import UserError
     from trainer.api import LoadedWorldModel
-    from trainer.sampling import _slot_tensors
+    from trainer.kv_cache import _slot_tensors
 
     plain, graphed = LoadedWorldModel.load(tiny_run), LoadedWorldModel.load(tiny_run)
     with pytest.raises(UserError, match="CUDA"):
