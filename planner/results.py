@@ -64,10 +64,14 @@ class PolicyResult:
     latency_s: Latency | None  # None: no plans (random actions, the scripted controller)
     by_group: dict[str, dict[str, Any]]  # {goal group: {trials, successes, success_rate}}
     per_trial: list[dict[str, Any]]  # `trial_record`s, in trial order
+    # env steps per second of the control loop over all trials (simulator, rendering, encoding and planning; the
+    # goal's rendering and encoding not counted); None: trials written before the loop was timed
+    action_hz: float | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {"success_rate": self.success_rate, "steps_to_success": self.steps_to_success, **self.distances,
                 "smoothness": self.smoothness, "latency_s": self.latency_s and self.latency_s.to_json(),
+                **({"action_hz": self.action_hz} if self.action_hz is not None else {}),
                 "by_group": self.by_group, "per_trial": self.per_trial}
 
     @classmethod
@@ -76,7 +80,7 @@ class PolicyResult:
         return cls(success_rate=d.get("success_rate"), steps_to_success=d.get("steps_to_success"),
                    distances={k: v for k, v in d.items() if k.startswith(("final_", "start_"))},
                    smoothness=d.get("smoothness"), latency_s=Latency.from_json(d.get("latency_s")),
-                   by_group=d.get("by_group", {}), per_trial=d["per_trial"])
+                   by_group=d.get("by_group", {}), per_trial=d["per_trial"], action_hz=d.get("action_hz"))
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -124,17 +128,19 @@ def plain_result(r: dict[str, Any]) -> dict[str, Any]:
     """A trial's outcome as plain JSON values (no frames): what a resumed run reads back, bit for bit."""
     return {"success": bool(r["success"]), "steps": int(r["steps"]),
             **{k: float(v) for k, v in r.items() if k.startswith(("final_", "start_"))},
-            "smoothness": float(r["smoothness"]), "latencies": [float(x) for x in r["latencies"]]}
+            "smoothness": float(r["smoothness"]), "latencies": [float(x) for x in r["latencies"]],
+            **({"loop_s": float(r["loop_s"])} if "loop_s" in r else {})}
 
 
 def trial_record(trial: TrialStart, r: dict[str, Any]) -> dict[str, Any]:
     """One trial's outcome as sim.json keeps it: which start (episode, frame), success, env steps, the final and
-    start distances and the mean plan latency, so two runs on the same trials can be compared trial by trial."""
+    start distances, the mean plan latency and the control loop's seconds (simulator, rendering, encoding and planning;
+    absent in trials written before it was timed), so two runs on the same trials can be compared trial by trial."""
     lat = r["latencies"]
     return {"episode": trial.episode, "start": trial.start, "group": trial.group, "success": bool(r["success"]),
             "steps": int(r["steps"]),
             **{k: float(v) for k, v in r.items() if k.startswith(("final_", "start_"))},
-            "plan_s": float(np.mean(lat)) if lat else None}
+            "plan_s": float(np.mean(lat)) if lat else None, **({"loop_s": float(r["loop_s"])} if "loop_s" in r else {})}
 
 
 def by_group(records: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
@@ -150,7 +156,7 @@ def by_group(records: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
 
 def summarize(trials: list[TrialStart], results: list[dict[str, Any]]) -> PolicyResult:
     """One policy's trials: success rate, steps to success, the mean of every distance, smoothness, plan latency
-    percentiles, success per goal group and every trial's record."""
+    percentiles, the control loop's rate (env steps per second), success per goal group and every trial's record."""
     records = [trial_record(tr, r) for tr, r in zip(trials, results)]
     dists = [k for k in results[0] if k.startswith(("final_", "start_"))]
     return PolicyResult(
@@ -160,7 +166,9 @@ def summarize(trials: list[TrialStart], results: list[dict[str, Any]]) -> Policy
         distances={k: float(np.mean([r[k] for r in results])) for k in dists},
         smoothness=float(np.mean([r["smoothness"] for r in results])),
         latency_s=Latency.of([x for r in results for x in r["latencies"]]),
-        by_group=by_group(records), per_trial=records)
+        by_group=by_group(records), per_trial=records,
+        action_hz=sum(r["steps"] for r in results) / sum(r["loop_s"] for r in results)
+        if all("loop_s" in r for r in results) and sum(r["loop_s"] for r in results) > 0 else None)
 
 
 def save_strip(trial: TrialStart, r: dict[str, Any], out: Path) -> Path:

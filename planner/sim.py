@@ -117,8 +117,7 @@ def apply_shift(img: np.ndarray, shift: str) -> np.ndarray:
         return np.clip(out + 10, 0, 255).astype(np.uint8)
     if shift == "background":
         out = img.copy()
-        white = (img > 235).all(-1)
-        out[white] = np.array([200, 215, 240], dtype=np.uint8)
+        out[(img > 235).all(-1)] = np.array([200, 215, 240], dtype=np.uint8)  # the white background
         return out
     return img
 
@@ -201,6 +200,7 @@ def run_trial(sim: Simulator, wm: WorldModel, encode: Callable[[np.ndarray, np.n
     start_state = sim.state()
     model = policy == "model"
     goal = encode(goal_img, goal_robot) if model else None  # [N, Z]; proprio: one more token
+    t_loop = time.perf_counter()  # the control loop: simulator, rendering, encoding, planning (not the goal)
     ep = _Episode(history=[encode(img, sim.robot_state()) if model else None], frames=[img], goal=goal)
     fs = wm.actions.frameskip
     lo, hi = np.array(spec.low), np.array(spec.high)
@@ -216,13 +216,13 @@ def run_trial(sim: Simulator, wm: WorldModel, encode: Callable[[np.ndarray, np.n
             _execute(sim, wm, encode if model else None, ep, frames, cfg)
         if sim.success(goal_state, sim.state()):
             break  # the goal is reached: the trial ends
-    final = sim.state()
+    loop_s, final = time.perf_counter() - t_loop, sim.state()
     steps = np.diff(np.stack(ep.executed), axis=0) if len(ep.executed) > 1 else np.zeros((1, spec.dim))
     start = sim.distances(goal_state, start_state)
     return {"success": sim.success(goal_state, final), "steps": len(ep.executed) * fs,
             **{f"final_{k}": v for k, v in sim.distances(goal_state, final).items()},
             **{f"start_{k}": v for k, v in start.items()},
-            "smoothness": float(np.linalg.norm(steps, axis=1).mean()), "latencies": ep.latencies,
+            "smoothness": float(np.linalg.norm(steps, axis=1).mean()), "latencies": ep.latencies, "loop_s": loop_s,
             "frames": ep.frames, "goal": goal_img}
 
 

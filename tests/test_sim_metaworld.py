@@ -120,6 +120,11 @@ def test_plan_sim_metaworld_reach_two_trials_with_two_cameras(metaworld_root, ti
         p = res[policy]
         assert 0.0 <= p["success_rate"] <= 1.0 and p["final_eef_dist"] >= 0 and p["start_eef_dist"] > 0.05
     assert res["model"]["latency_s"]["p50"] > 0 and res["scripted"]["latency_s"] is None
+    for policy in ("model", "random", "scripted"):  # the control loop's rate: env steps over the loop's seconds
+        trials = res[policy]["per_trial"]
+        assert all(t["loop_s"] > 0 for t in trials)
+        hz = sum(t["steps"] for t in trials) / sum(t["loop_s"] for t in trials)
+        assert res[policy]["action_hz"] == pytest.approx(hz)
     assert "metaworld-reach, cameras observation.images.exterior, observation.images.wrist" in r.output
     r = CliRunner().invoke(app, ["plan", "sim", "--run", str(run), "--env", "pusht"])
     assert r.exit_code == 2 and "recorded in metaworld-reach" in r.output
