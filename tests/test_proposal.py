@@ -335,6 +335,40 @@ def test_an_export_carries_the_runs_proposal_and_plans_with_it(trained, tmp_path
     assert json.loads((bare / "config.json").read_text())["proposal"] is None
 
 
+def test_train_proposal_takes_the_runs_lock_and_is_refused_while_another_process_owns_the_run(run_copy):
+    """A run whose LOCK names a live process (this test's: as a `train --resume` or another `train-proposal` would
+    hold it): `wmctl train-proposal` exits 2 naming the owner and writes nothing; a training that fails releases
+    the lock; one that ends releases it too."""
+    import json
+    import os
+    import socket
+
+    from typer.testing import CliRunner
+
+    from pipeline.cli import app
+    from pipeline.stage import owner_tag
+
+    def listing():
+        return sorted(str(p.relative_to(run_copy)) for p in run_copy.rglob("*"))
+
+    holder = {"owner": owner_tag(), "host": socket.gethostname(), "pid": os.getpid(), "since": "2026-01-01 00:00:00"}
+    (run_copy / "LOCK").write_text(json.dumps(holder))
+    before = listing()
+    train = ["train-proposal", "--run", str(run_copy), "--steps", "2", "--horizon", "2", "--batch-size", "4",
+             "--save-every", "0"]
+    r = CliRunner().invoke(app, train)
+    assert r.exit_code == 2, r.output
+    assert f"host {socket.gethostname()}, pid {os.getpid()}" in r.output and "in use" in r.output
+    assert listing() == before and json.loads((run_copy / "LOCK").read_text()) == holder
+    (run_copy / "LOCK").unlink()
+    with pytest.raises(UserError, match="no labelled train episode"):  # fails while it holds the lock
+        train_proposal(run_copy, steps=2, config=dataclasses.replace(SMALL, horizon=500))
+    assert not (run_copy / "LOCK").exists()
+    r = CliRunner().invoke(app, train)
+    assert r.exit_code == 0, r.output
+    assert (run_copy / "proposal" / RECORD).is_file() and not (run_copy / "LOCK").exists()
+
+
 def test_the_commands_train_the_proposal_and_plan_with_it_offline_and_in_closed_loop(run_copy):
     """`wmctl train-proposal`, then `plan offline` and `plan sim` with --planner proposal / cem+proposal: the
     proposal reaches the planners through the commands (a planner that needs it and is not given it refuses)."""

@@ -54,7 +54,7 @@ from trainer.proposal import (
     proposal_dir,
     read_record,
 )
-from trainer.runs import RunState
+from trainer.runs import RunLock, RunState
 from trainer.sources import check_record, pin_episodes
 
 log = logging.getLogger(__name__)
@@ -273,6 +273,18 @@ def train_proposal(run_dir: Path, store: Path | None = None, steps: int = 2000, 
         raise UserError(f"proposal steps {steps}, save_every {save_every}: need steps >= 1 and save_every >= 0")
     if _space(run).frame_dim == 0:
         raise UserError(f"{run.run_dir} was trained without actions: a proposal needs an action-conditioned run")
+    # the run's lock (`<run>/LOCK`), as training holds it: a `train --resume` of this run or a second
+    # `train-proposal` cannot run beside this one, and this one is refused (before writing anything) while another
+    # process owns the run; released at the end, also on errors
+    lock = RunLock.acquire(run.run_dir)
+    try:
+        return _train_owned(run, store, steps, config, device, save_every)
+    finally:
+        lock.release()
+
+
+def _train_owned(run: RunState, store: Path, steps: int, config: ProposalConfig, device: str, save_every: int
+                 ) -> ProposalReport:
     folder = proposal_dir(run.run_dir)
     key = _key(run, store, config, steps)
     saved = read_record(folder)
