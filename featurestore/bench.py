@@ -19,17 +19,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from featurestore.encode import (
-    ACTION_KEY,
-    STATE_KEY,
-    EncodeConfig,
-    SegmentPlan,
-    _decode_camera,
-    _encode_batch,
-    _lowdim,
-    encode_one,
-    source_info,
-)
+from featurestore.encode_plan import ACTION_KEY, STATE_KEY, EncodeConfig, SegmentPlan, source_info
+from featurestore.encode_segment import _decode_camera, _encode_batch, _lowdim, encode_one
 from featurestore.encoders import HFDinoEncoder
 from featurestore.reader import TokenReader, Window
 from featurestore.store import TokenStore

@@ -217,7 +217,7 @@ def test_encode_shard_owning_nothing_says_so(tmp_path, pusht_manifest, tiny_enco
 
 
 def test_a_redone_segment_does_not_count_its_frames_twice(monkeypatch):
-    import featurestore.encode as enc
+    import featurestore.encode_segment as enc
 
     calls = []
 

@@ -192,7 +192,8 @@ def test_an_encode_larger_than_the_free_space_is_refused_naming_what_fits(pusht_
                                                                           monkeypatch):
     import pandas as pd
 
-    from featurestore.encode import _size, run_encode
+    from featurestore.encode import run_encode
+    from featurestore.encode_store import _size
     from featurestore.store import TokenStore, projected_bytes
     from pipeline.stage import UserError
 
