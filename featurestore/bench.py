@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from featurestore.encode_plan import ACTION_KEY, STATE_KEY, EncodeConfig, SegmentPlan, source_info
+from featurestore.encode_plan import ACTION_KEY, STATE_KEY, EncodeConfig, SegmentPlan, SourceInfo, source_info
 from featurestore.encode_segment import _decode_camera, _encode_batch, _lowdim, encode_one
 from featurestore.encoders import HFDinoEncoder
 from featurestore.reader import TokenReader, Window
@@ -66,13 +66,7 @@ def _parallel_decode(src, plan, cfg) -> float:
 
 def bench_encode(cfg: EncodeConfig, *, max_episodes: int | None = None, read_windows: int = 200,
                  window: int = 16) -> dict[str, Any]:
-    manifest, mmeta = read_manifest(cfg.manifest)
-    src = source_info(manifest, mmeta, cfg.cameras)
-    ok = manifest[manifest.status == "ok"].sort_values("episode_index")
-    if max_episodes:
-        ok = ok.iloc[:max_episodes]
-    plan = SegmentPlan(src.name, 0, 0, tuple({k: (v.tolist() if isinstance(v, np.ndarray) else v)
-                                             for k, v in r.to_dict().items()} for _, r in ok.iterrows()))
+    src, plan = _bench_plan(cfg, max_episodes)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     encoder = HFDinoEncoder(cfg.encoder, preprocess=cfg.preprocess, device=cfg.resolved_device())
@@ -86,50 +80,14 @@ def bench_encode(cfg: EncodeConfig, *, max_episodes: int | None = None, read_win
         t_dec = _parallel_decode(src, plan, cfg)
         frames = _decode_all(src, plan, cfg)
         # 2. encoder only, on decoded frames (warm-up batch first)
-        eps = np.zeros(N, dtype=int)
-        _encode_batch(encoder, [f[: cfg.batch_size] for f in frames], eps[: cfg.batch_size], {})
-        if encoder.device.type == "cuda":
-            torch.cuda.synchronize()
-        t0, outs = time.perf_counter(), []
-        for s in range(0, N, cfg.batch_size):
-            n = min(cfg.batch_size, N - s)
-            p, c = _encode_batch(encoder, [f[s:s + n] for f in frames], eps[s:s + n], {})
-            outs.append((s, p.transpose(0, 1).numpy().astype(np.float16), c.transpose(0, 1).numpy().astype(np.float16)))
-        t_enc = time.perf_counter() - t0
+        t_enc, outs = _time_encoder(encoder, frames, N, cfg.batch_size)
         lowdim = _lowdim(src, plan, DataFileCache(columns=[ACTION_KEY, STATE_KEY]))
         # 3. write only, fp16 and int8
-        bytes_per = {}
-        t_write = {}
-        for dtype in ("float16", "int8"):
-            layout = dataclasses.replace(cfg.layout, dtype=dtype)
-            store = TokenStore.create_or_open(tmp / f"w-{dtype}.zarr", encoder.identity(), layout)
-            store.ensure_source(src.name, {"cameras": src.cameras}, fixed_keys=())
-            t0 = time.perf_counter()
-            w = store.begin_segment(src.name, plan.seg_id, frames=N, cameras=C, tokens=outs[0][1].shape[2],
-                                    dim=encoder.embed_dim, action_dim=src.action_dim, state_dim=src.state_dim)
-            for o in outs:
-                w.add(*o)
-            w.commit(attrs={"episodes": [], "frames": N, "view": 0}, **lowdim)
-            t_write[dtype] = time.perf_counter() - t0
-            seg = store.source_dir(src.name) / "segments" / plan.seg_id
-            tok_bytes = sum(f.stat().st_size for name in ("patch", "patch_scale")
-                            for f in (seg / name).rglob("*") if f.is_file())
-            bytes_per[dtype] = tok_bytes / (N * C)
+        t_write, bytes_per = _time_writes(cfg, encoder, src, plan, outs, lowdim, tmp)
         # 4. the whole pipeline on the same segment
-        store = TokenStore.create_or_open(tmp / "pipe.zarr", encoder.identity(), cfg.layout)
-        store.ensure_source(src.name, {"cameras": src.cameras}, fixed_keys=())
-        t0 = time.perf_counter()
-        encode_one(store, encoder, src, plan, cfg)
-        t_pipe = time.perf_counter() - t0
+        t_pipe = _time_pipeline(cfg, encoder, src, plan, tmp)
         stages = {"decode": t_dec, "encoder": t_enc, "write": t_write[cfg.layout.dtype]}
-        res.update({f"{k}_frames_per_s": N / v for k, v in stages.items()})
-        res["pipeline_frames_per_s"] = N / t_pipe
-        res["serial_sum_frames_per_s"] = N / sum(stages.values())
-        res["pipeline_over_serial_sum"] = sum(stages.values()) / t_pipe
-        res["pipeline_over_slowest_stage"] = max(stages.values()) / t_pipe
-        res["slowest_stage"] = max(stages, key=stages.get)
-        res["target"] = ("pipeline/slowest >= 0.9 (GPU)" if encoder.device.type == "cuda"
-                         else "pipeline/serial-sum >= 1.0 (CPU)")
+        res.update(_pipeline_ratios(stages, t_pipe, N, encoder.device.type == "cuda"))
         res["bytes_per_frame_per_camera_fp16"] = bytes_per["float16"]
         res["bytes_per_frame_per_camera_int8"] = bytes_per["int8"]
         res["raw_fp16_bytes_per_frame_per_camera"] = outs[0][1][0, 0].nbytes
@@ -137,6 +95,79 @@ def bench_encode(cfg: EncodeConfig, *, max_episodes: int | None = None, read_win
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     res["machine"] = machine_description()
+    return res
+
+
+def _bench_plan(cfg: EncodeConfig, max_episodes: int | None) -> tuple[SourceInfo, SegmentPlan]:
+    """The manifest's source and one segment of its ok episodes (the first `max_episodes` of them)."""
+    manifest, mmeta = read_manifest(cfg.manifest)
+    src = source_info(manifest, mmeta, cfg.cameras)
+    ok = manifest[manifest.status == "ok"].sort_values("episode_index")
+    if max_episodes:
+        ok = ok.iloc[:max_episodes]
+    plan = SegmentPlan(src.name, 0, 0, tuple({k: (v.tolist() if isinstance(v, np.ndarray) else v)
+                                             for k, v in r.to_dict().items()} for _, r in ok.iterrows()))
+    return src, plan
+
+
+def _time_encoder(encoder: HFDinoEncoder, frames: list[list[np.ndarray]], N: int, batch_size: int
+                  ) -> tuple[float, list[tuple[int, np.ndarray, np.ndarray]]]:
+    """Encoder only, on decoded frames, after a warm-up batch: (seconds, the batches as the writer takes them)."""
+    eps = np.zeros(N, dtype=int)
+    _encode_batch(encoder, [f[: batch_size] for f in frames], eps[: batch_size], {})
+    if encoder.device.type == "cuda":
+        torch.cuda.synchronize()
+    t0, outs = time.perf_counter(), []
+    for s in range(0, N, batch_size):
+        n = min(batch_size, N - s)
+        p, c = _encode_batch(encoder, [f[s:s + n] for f in frames], eps[s:s + n], {})
+        outs.append((s, p.transpose(0, 1).numpy().astype(np.float16), c.transpose(0, 1).numpy().astype(np.float16)))
+    return time.perf_counter() - t0, outs
+
+
+def _time_writes(cfg: EncodeConfig, encoder: HFDinoEncoder, src: SourceInfo, plan: SegmentPlan, outs: list,
+                 lowdim: dict[str, np.ndarray], tmp: Path) -> tuple[dict[str, float], dict[str, float]]:
+    """Write only, fp16 and int8: (seconds, token bytes per frame per camera), by dtype."""
+    C, N = len(src.cameras), plan.frames
+    bytes_per = {}
+    t_write = {}
+    for dtype in ("float16", "int8"):
+        layout = dataclasses.replace(cfg.layout, dtype=dtype)
+        store = TokenStore.create_or_open(tmp / f"w-{dtype}.zarr", encoder.identity(), layout)
+        store.ensure_source(src.name, {"cameras": src.cameras}, fixed_keys=())
+        t0 = time.perf_counter()
+        w = store.begin_segment(src.name, plan.seg_id, frames=N, cameras=C, tokens=outs[0][1].shape[2],
+                                dim=encoder.embed_dim, action_dim=src.action_dim, state_dim=src.state_dim)
+        for o in outs:
+            w.add(*o)
+        w.commit(attrs={"episodes": [], "frames": N, "view": 0}, **lowdim)
+        t_write[dtype] = time.perf_counter() - t0
+        seg = store.source_dir(src.name) / "segments" / plan.seg_id
+        tok_bytes = sum(f.stat().st_size for name in ("patch", "patch_scale")
+                        for f in (seg / name).rglob("*") if f.is_file())
+        bytes_per[dtype] = tok_bytes / (N * C)
+    return t_write, bytes_per
+
+
+def _time_pipeline(cfg: EncodeConfig, encoder: HFDinoEncoder, src: SourceInfo, plan: SegmentPlan, tmp: Path) -> float:
+    """The whole pipeline (`encode_one`) on the same segment: seconds."""
+    store = TokenStore.create_or_open(tmp / "pipe.zarr", encoder.identity(), cfg.layout)
+    store.ensure_source(src.name, {"cameras": src.cameras}, fixed_keys=())
+    t0 = time.perf_counter()
+    encode_one(store, encoder, src, plan, cfg)
+    return time.perf_counter() - t0
+
+
+def _pipeline_ratios(stages: dict[str, float], t_pipe: float, N: int, cuda: bool) -> dict[str, Any]:
+    """Frames/s of each stage and of the pipeline, the pipeline against the serial sum and the slowest stage, and
+    the target that applies on this device."""
+    res: dict[str, Any] = {f"{k}_frames_per_s": N / v for k, v in stages.items()}
+    res["pipeline_frames_per_s"] = N / t_pipe
+    res["serial_sum_frames_per_s"] = N / sum(stages.values())
+    res["pipeline_over_serial_sum"] = sum(stages.values()) / t_pipe
+    res["pipeline_over_slowest_stage"] = max(stages.values()) / t_pipe
+    res["slowest_stage"] = max(stages, key=stages.get)
+    res["target"] = ("pipeline/slowest >= 0.9 (GPU)" if cuda else "pipeline/serial-sum >= 1.0 (CPU)")
     return res
 
 
