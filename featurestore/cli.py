@@ -16,9 +16,10 @@ from featurestore.encoders import DEFAULT_ENCODER, Preprocess, init_random_dinov
 from featurestore.status import status_table, store_status, verify_store
 from featurestore.store import StoreLayout, projected_bytes
 from pipeline.bench import bench_decode
-from pipeline.cli.base import AutoDevice, console, hxw, new_app, print_result, split_list
+from pipeline.cli.base import AutoDevice, Sets, console, hxw, new_app, print_result, split_list
 from pipeline.cli.progress import progress
 from pipeline.manifest import manifest_path, read_manifest
+from pipeline.overrides import apply_set
 from pipeline.registry import resolve, resolve_source
 from pipeline.stage import ShardSpec
 
@@ -63,6 +64,7 @@ def encode(
     force_space: Annotated[bool, typer.Option("--force-space", help="Encode even when the projected size (every "
                                               "shard's pending frames, uncompressed) exceeds the store disk's free "
                                               "space; a warning says by how much.")] = False,
+    set_: Sets = None,
 ) -> None:
     """Encode every camera frame of a manifest with a frozen DINOv3 into the token store."""
     kind: str | tuple[str, ...] = tuple(split_list(action_kind)) if "," in action_kind else action_kind
@@ -79,7 +81,8 @@ def encode(
         augment_strength=augment_strength, shard=ShardSpec.parse(shard), dask=dask, dask_workers=dask_workers,
         retry_failed=retry_failed, repair=repair, force=force, fps=fps, action_kind=kind, force_space=force_space,
     )
-    with progress(f"encode {manifest.stem}", total=None, unit="frames") as advance:
+    cfg = apply_set(cfg, set_, what="encode")
+    with progress(f"encode {Path(cfg.manifest).stem}", total=None, unit="frames") as advance:
         result = run_encode(cfg, on_frames=advance, on_plan=advance.set_total)
     _summary(cfg, result)
 

@@ -15,9 +15,10 @@ import torch
 import typer
 
 from featurestore.reader import TokenReader
-from pipeline.cli.base import AutoDevice, console, given_options, hxw, new_app, split_list
+from pipeline.cli.base import AutoDevice, Sets, console, given_options, hxw, new_app, split_list
 from pipeline.cli.progress import progress
 from pipeline.machine import resolve_device
+from pipeline.overrides import apply_set
 from pipeline.stage import UserError, atomic_write_json
 from planner.bench import BenchCase, bench_plan
 from planner.cem import CEMConfig
@@ -111,6 +112,7 @@ def plan_offline(
     precision: Precision = "auto",
     out: Annotated[Path | None, typer.Option(help="Output folder (default: <run>/plan): offline_<planner>.json is "
                                              "written there, nothing into the run.")] = None,
+    set_: Sets = None,
 ) -> None:
     """Plan from frame t to the encoded frame t+H on labelled val episodes; compare with GT and random actions,
     scored by the planning model (its optimisation noise, and fresh noise) and by --judge."""
@@ -123,10 +125,11 @@ def plan_offline(
     cem_cfg, gd = _search(ctx, planner, cem, goal_offset, samples=samples, elites=elites, iterations=iterations)
     cfg = OfflineConfig(goal_offset=goal_offset, planner=planner, cem=cem_cfg, gd=gd, episodes=episodes, seed=seed,
                         state_weight=state_weight, k=k, judge=judge_wm, out=out)
+    cfg = apply_set(cfg, set_, what="plan offline")
     with progress("plan offline", total=None, unit="problems") as advance:
         res = run_plan_offline(wm, TokenReader(store or wm.store), cfg, on_total=advance.set_total,
                                on_progress=advance)
-    typer.echo(f"{res.problems} problems, goal {goal_offset} frames ahead, {planner}; latent distance to goal "
+    typer.echo(f"{res.problems} problems, goal {cfg.goal_offset} frames ahead, {cfg.planner}; latent distance to goal "
                f"(plan | ground-truth actions | random mean, best of {res.random_samples}; plan closer than "
                "random):")
     for scorer, d in res.latent_distance.items():
@@ -169,6 +172,7 @@ def plan_sim(
     protocol: Protocol = "gym",
     success_rule: SuccessRule = SimConfig.success_rule,
     out: SimOut = None,
+    set_: Sets = None,
 ) -> None:
     """Closed-loop MPC in a simulator (gym-pusht, Meta-World) towards goals from held-out episodes; random actions
     (and Meta-World's scripted controller, the upper bound) alongside. Finished trials are kept as they finish: after
@@ -184,9 +188,12 @@ def plan_sim(
     cfg = SimConfig(trials=episodes, **task, planner=planner, cem=cem_cfg, gd=gd, shift=shift, seed=seed,
                     state_weight=state_weight, k=k, cost_frames=cost_frames, env=env, device=device,
                     execute_plan=execute_plan, protocol=protocol, success_rule=success_rule, noise_draws=noise_draws)
-    wm = LoadedWorldModel.load(resolve_run(run, ckpt), device=device, compile=compile, precision=precision,
+    cfg = apply_set(cfg, set_, what="plan sim")
+    wm = LoadedWorldModel.load(resolve_run(run, ckpt), device=cfg.device, compile=compile, precision=precision,
                                graphs=graph)
-    out = out or plan_dir(wm.checkpoint) / f"sim_{'' if protocol == 'gym' else protocol + '_'}{planner}_{shift}"
+    protocol, planner, shift = cfg.protocol, cfg.planner, cfg.shift
+    out = out or cfg.out or \
+        plan_dir(wm.checkpoint) / f"sim_{'' if protocol == 'gym' else protocol + '_'}{planner}_{shift}"
     try:
         with progress("plan sim", total=None, unit="trials") as advance:
             res = run_plan_sim(wm, dataclasses.replace(cfg, out=out), store=wm.store, on_total=advance.set_total,

@@ -12,9 +12,10 @@ from typing import Annotated
 
 import typer
 
-from pipeline.cli.base import AutoDevice, int_list, new_app, split_list
+from pipeline.cli.base import AutoDevice, Sets, int_list, new_app, split_list
 from pipeline.lerobot_compat import require_robot_stack
 from pipeline.machine import resolve_device
+from pipeline.overrides import apply_set
 from pipeline.stage import UserError
 from planner.cem import CEMConfig
 from planner.cli_options import Ckpt, Elites, Iterations, Planner, Run, Samples, Seed
@@ -95,6 +96,7 @@ def serve(
     = False,
     encoder: Encoder = None, device: AutoDevice = "auto",
     duration: Annotated[float | None, typer.Option(help="Stop after this long (s; default: Ctrl-C).")] = None,
+    set_: Sets = None,
 ) -> None:
     """Serve the run to LeRobot's async-inference RobotClient (--policy_type=wmctl) towards a goal, behind the
     safety guard (workspace box, per-step and per-chunk clamps, holds); prints the report when stopped."""
@@ -116,7 +118,7 @@ def serve(
         serve=ServeConfig(host=host, port=port, allow_remote=allow_remote, fps=fps),
         mpc=mpc_config(horizon, execute, planner, samples, elites, iterations, seed, context=1), safety=safety,
         encoder=encoder, device=str(resolve_device(device)), duration_s=duration)
-    typer.echo(json.dumps(run_serve(cfg)))
+    typer.echo(json.dumps(run_serve(apply_set(cfg, set_, what="robot serve"))))
 
 
 @app.command("lerobot-eval")
@@ -137,6 +139,7 @@ def lerobot_eval(
     action_repeat: Annotated[int, typer.Option(help="Env steps per model step (env faster than the data).")] = 1,
     encoder: Encoder = None, device: AutoDevice = "auto",
     out: Annotated[Path | None, typer.Option(help="Folder for eval_info.json.")] = None,
+    set_: Sets = None,
 ) -> None:
     """Run the wmctl planning policy through LeRobot's own eval harness (make_env, make_policy, eval_policy_all) and
     print LeRobot's pc_success with the plan latency."""
@@ -158,10 +161,10 @@ def lerobot_eval(
         mpc=mpc_config(horizon, execute, planner, samples, elites, iterations, seed=0),
         camera_map=tuple(pairs), action_repeat=action_repeat, encoder=encoder,
         device=str(resolve_device(device)), out=out)
-    res = run_lerobot_eval(cfg)
+    res = run_lerobot_eval(apply_set(cfg, set_, what="robot lerobot-eval"))
     overall = res["lerobot"]["overall"]
     lat = res["plan_latency_s"]
     latency = f"; plan latency p50 {lat['p50'] * 1e3:.0f} ms p95 {lat['p95'] * 1e3:.0f} ms" if lat else ""
-    typer.echo(f"{env}: pc_success {overall['pc_success']:.1f}% over {overall['n_episodes']} episodes (LeRobot's "
-               f"metric){latency}")
+    typer.echo(f"{res['env']}: pc_success {overall['pc_success']:.1f}% over {overall['n_episodes']} episodes "
+               f"(LeRobot's metric){latency}")
     typer.echo(json.dumps({"overall": overall, "plan_latency_s": lat}))

@@ -13,9 +13,20 @@ from typing import Annotated
 import typer
 
 from featurestore.decoder import DecoderConfig, run_decoder_train
-from pipeline.cli.base import AutoDevice, console, given_options, hxw, int_list, new_app, print_result, split_list
+from pipeline.cli.base import (
+    AutoDevice,
+    Sets,
+    console,
+    given_options,
+    hxw,
+    int_list,
+    new_app,
+    print_result,
+    split_list,
+)
 from pipeline.cli.progress import progress
 from pipeline.machine import DEVICE_HELP, resolve_device
+from pipeline.overrides import apply_set
 from trainer.bench import bench_rollout, bench_train
 from trainer.config import TrainConfig, train_config
 from trainer.eval import EvalConfig, eval_tables, run_eval
@@ -132,6 +143,7 @@ def eval_(
     device: AutoDevice = "auto",
     tracker: Annotated[str, typer.Option(help="none | tensorboard | wandb | trackio: the figures next to the run's "
                                               "training curves.")] = EvalConfig.tracker,
+    set_: Sets = None,
 ) -> None:
     """Latent prediction error at horizons vs copy-last and baselines; error vs K; a state probe."""
     cfg = EvalConfig(ckpt=resolve_run(run, ckpt), store=store, horizons=int_list(horizons), split=split,
@@ -139,6 +151,7 @@ def eval_(
                      weights="ema" if ema else "model",
                      baselines=tuple(baseline or ()), seed=seed, out=out, decoder=decoder, rollouts=rollouts,
                      device=str(resolve_device(device)), tracker=tracker)
+    cfg = apply_set(cfg, set_, what="eval")
     with progress("eval", total=None, unit="windows") as advance:
         result = run_eval(cfg, on_total=advance.set_total, on_progress=advance)
     con = console()
@@ -161,10 +174,12 @@ def visualize(
     k: Annotated[int, typer.Option(help="Shortcut steps per frame.")] = VisualizeConfig.k,
     device: Annotated[str, typer.Option(help=f"{DEVICE_HELP[:-1]}: the model's rollouts (the decoder runs on the "
                                              "CPU).")] = "auto",
+    set_: Sets = None,
 ) -> None:
     """Ground truth | decoded true latents | decoded rollouts with and without actions, frame numbered."""
     cfg = VisualizeConfig(run=resolve_run(run, None), out=out, store=store, decoder=decoder, episode=episode,
                           start=start, horizon=horizon, k=k, device=str(resolve_device(device)))
+    cfg = apply_set(cfg, set_, what="visualize")
     with progress("visualize", total=None, unit="frames") as advance:
         res = run_visualize(cfg, on_total=advance.set_total, on_progress=advance)
     typer.echo(f"wrote {res['out']} ({res['frames']} frames: {', '.join(res['rows'])})")
@@ -180,10 +195,12 @@ def decoder_train(
     max_frames: Annotated[int, typer.Option(help="Train frames to decode and hold in memory.")]
     = DecoderConfig.max_frames,
     device: AutoDevice = "auto",
+    set_: Sets = None,
 ) -> None:
     """Train a decoder from frozen store tokens to the original frames (L2); report val PSNR vs the mean image."""
     cfg = DecoderConfig(store=store, source=source, camera=camera, out=out or new_decoder_dir(), steps=steps,
                         max_frames=max_frames, device=str(resolve_device(device)))
+    cfg = apply_set(cfg, set_, what="decoder train")
     with progress("decoder train", total=cfg.steps, unit="steps") as advance:
         res = run_decoder_train(cfg, on_progress=advance)
     typer.echo(f"decoder {res['out']}: val PSNR {res['val_psnr']:.2f} dB vs mean-image baseline "
@@ -205,12 +222,14 @@ def train_proposal_cmd(
     save_every: Annotated[int, typer.Option(help="Keep its progress every N steps (0: never): the same command "
                                               "continues after a stop.")] = 200,
     device: AutoDevice = "auto",
+    set_: Sets = None,
 ) -> None:
     """Train the run's amortized proposal: a small goal-conditioned policy head on the labelled latents (current
     and goal frame -> the next `horizon` actions), saved in <run>/proposal/ for `--planner cem+proposal|proposal`."""
     from trainer.proposal_train import train_proposal
 
-    cfg = ProposalConfig(horizon=horizon, max_goal=max_goal, batch_size=batch_size, lr=lr, seed=seed)
+    cfg = apply_set(ProposalConfig(horizon=horizon, max_goal=max_goal, batch_size=batch_size, lr=lr, seed=seed), set_,
+                    what="train-proposal")
     rep = train_proposal(resolve_run(run, None), store, steps, config=cfg, device=str(resolve_device(device)),
                          save_every=save_every)
     if not rep.trained:

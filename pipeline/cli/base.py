@@ -19,6 +19,7 @@ from typer.core import TyperGroup
 from typer.exceptions import TyperException
 
 from pipeline.machine import DEVICE_HELP
+from pipeline.overrides import SET_HELP
 from pipeline.stage import UserError
 
 log = logging.getLogger(__name__)
@@ -175,6 +176,8 @@ def new_app(help: str, cls: type[WmctlGroup] = WmctlGroup, **kw: Any) -> typer.T
 
 
 AutoDevice = Annotated[str, typer.Option(help=DEVICE_HELP)]  # every --device (`pipeline.machine.resolve_device`)
+# every stage's `--set key=value` but train's (`pipeline.overrides.apply_set`)
+Sets = Annotated[list[str] | None, typer.Option("--set", help=SET_HELP)]
 
 
 def console():

@@ -7,11 +7,12 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from pipeline.cli.base import console, split_list
+from pipeline.cli.base import Sets, console, split_list
 from pipeline.cli.lazy import load
 from pipeline.cli.progress import progress
 from pipeline.cli.table import MANIFEST_NOTES
 from pipeline.ingest_config import IngestConfig, ingest_config
+from pipeline.overrides import apply_set
 from pipeline.registry import available, load_spec, resolve_source
 from pipeline.stage import ShardSpec, UserError
 
@@ -37,6 +38,7 @@ def ingest(
     tolerance_s: Annotated[float, typer.Option(help="Timestamp tolerance (s).")] = IngestConfig.tolerance_s,
     shard: Annotated[str | None, typer.Option(help="I/N: do blocks b with b % N == I.")] = None,
     force: Annotated[bool, typer.Option(help="Rebuild even if the manifest exists with another config.")] = False,
+    set_: Sets = None,
 ) -> None:
     """Validate every episode of a LeRobot v3.0 dataset and write a Parquet manifest."""
     from pipeline.ingest import run_ingest  # the stage (pandas, pyarrow, PyAV): not imported for --help
@@ -46,8 +48,8 @@ def ingest(
     info = check_dataset_root(src.root)
     cfg = ingest_config(src, out=out, cameras=split_list(cameras), no_actions=no_actions, val_fraction=val_fraction,
                         split_by=split_by, split_seed=split_seed, val_episodes=val_episodes, video_check=video_check,
-                        tolerance_s=tolerance_s,
-                        shard=ShardSpec.parse(shard), force=force)
+                        tolerance_s=tolerance_s, shard=ShardSpec.parse(shard), force=force)
+    cfg = apply_set(cfg, set_, what="ingest")
     with progress(f"ingest {src.name}", total=info.get("total_episodes"), unit="episodes") as advance:
         result = run_ingest(cfg, on_episode=advance)
     _summary(cfg, result)
