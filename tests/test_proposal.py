@@ -369,6 +369,20 @@ def test_train_proposal_takes_the_runs_lock_and_is_refused_while_another_process
     assert (run_copy / "proposal" / RECORD).is_file() and not (run_copy / "LOCK").exists()
 
 
+def test_a_proposal_planner_on_a_run_without_a_proposal_names_the_command_that_trains_it(tiny_run, tmp_path):
+    from typer.testing import CliRunner
+
+    from pipeline.cli import app
+
+    for planner in ("proposal", "cem+proposal"):
+        r = CliRunner().invoke(app, ["plan", "offline", "--run", str(tiny_run), "--goal-offset", "2", "--episodes",
+                                     "1", "--planner", planner, "--out", str(tmp_path)])
+        assert r.exit_code == 2, r.output
+        [line] = [x for x in r.output.splitlines() if x.startswith("error:")]
+        assert f"run `wmctl train-proposal --run {tiny_run}` first" in line, r.output
+    assert not (tiny_run / "proposal").exists() and not list(tmp_path.iterdir())
+
+
 def test_the_commands_train_the_proposal_and_plan_with_it_offline_and_in_closed_loop(run_copy):
     """`wmctl train-proposal`, then `plan offline` and `plan sim` with --planner proposal / cem+proposal: the
     proposal reaches the planners through the commands (a planner that needs it and is not given it refuses)."""

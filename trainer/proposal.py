@@ -203,7 +203,7 @@ def load_proposal(folder: Path, *, device: str | torch.device = "cpu") -> Traine
     folder = Path(folder)
     rec = read_record(folder)
     if rec is None:
-        raise UserError(f"no proposal in {folder}: train one first (trainer.proposal_train.train_proposal)")
+        raise UserError(f"no proposal in {folder}: train one first: `wmctl train-proposal --run {folder.parent}`")
     weights = folder / WEIGHTS
     if not weights.is_file() or file_sha256(weights) != rec["weights_sha256"]:
         raise UserError(f"{weights} is missing or is not the one {folder / RECORD} names (a write was torn): train "
@@ -229,8 +229,9 @@ def proposal_of(wm: Any) -> TrainedProposal:
     folder = proposal_dir(run_dir_of(Path(wm.checkpoint)))
     record = folder / RECORD
     if not record.is_file():
-        raise UserError(f"{run_dir_of(Path(wm.checkpoint))} has no trained proposal ({record} is missing): train "
-                        "one for this run first (trainer.proposal_train.train_proposal)")
+        run = run_dir_of(Path(wm.checkpoint))
+        raise UserError(f"{run} has no trained proposal ({record} is missing): run `wmctl train-proposal --run {run}` "
+                        "first (or plan with --planner cem or gd)")
     key = (str(folder.resolve()), record.stat().st_mtime_ns, str(wm.device))
     with _LOCK:
         if key not in _LOADED:
