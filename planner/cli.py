@@ -210,6 +210,8 @@ def _sim_summary(res: SimResult, out: Path) -> None:
         lat = f", plan latency p50 {r.latency_s.p50 * 1000:.0f} ms p95 {r.latency_s.p95 * 1000:.0f} ms" \
             if r.latency_s else ""
         reached = f" (in {r.steps_to_success:.0f} env steps on average)" if r.steps_to_success else ""
+        if r.action_hz is not None:  # the control loop: simulator, rendering, encoding and planning
+            lat += f", loop {r.action_hz:.1f} env steps/s"
         dists = ", ".join(f"{k.removeprefix('final_')} {v:.3g} (start {r.distances['start_' + k[6:]]:.3g})"
                           for k, v in r.distances.items() if k.startswith("final_"))
         typer.echo(f"{policy:>8}: success {100 * r.success_rate:.0f}% of {res.trials}{reached}; final {dists}; "

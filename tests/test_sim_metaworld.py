@@ -125,6 +125,7 @@ def test_plan_sim_metaworld_reach_two_trials_with_two_cameras(metaworld_root, ti
         assert all(t["loop_s"] > 0 for t in trials)
         hz = sum(t["steps"] for t in trials) / sum(t["loop_s"] for t in trials)
         assert res[policy]["action_hz"] == pytest.approx(hz)
+    assert f"loop {res['model']['action_hz']:.1f} env steps/s" in r.output
     assert "metaworld-reach, cameras observation.images.exterior, observation.images.wrist" in r.output
     r = CliRunner().invoke(app, ["plan", "sim", "--run", str(run), "--env", "pusht"])
     assert r.exit_code == 2 and "recorded in metaworld-reach" in r.output
