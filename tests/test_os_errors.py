@@ -496,8 +496,8 @@ def _sim_subprocess(run: Path, out: Path, fault: str | None = None) -> subproces
 
 
 def _outcomes(res: dict) -> dict:
-    """Every trial's outcome, without the plan latencies (wall-clock time)."""
-    return {p: [{k: v for k, v in t.items() if k != "plan_s"} for t in res[p]["per_trial"]]
+    """Every trial's outcome, without the plan latencies and the control loop's seconds (wall-clock time)."""
+    return {p: [{k: v for k, v in t.items() if k not in ("plan_s", "loop_s")} for t in res[p]["per_trial"]]
             for p in ("model", "random")}
 
 
