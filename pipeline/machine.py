@@ -83,6 +83,16 @@ def resolve_device(requested: str | None = "auto", option: str = "--device"):
     return device
 
 
+def with_resolved_device(cfg):
+    """`cfg` (a dataclass with a `device` field) with that field resolved (`resolve_device`) and written as the device
+    itself (cpu, cuda, cuda:N): for the commands whose `--set` may change it after `--device` was read, so that
+    `--set device=auto` runs on, and records, what it resolved to, and a device this process cannot use is refused
+    before any work, naming `--set device`."""
+    import dataclasses
+
+    return dataclasses.replace(cfg, device=str(resolve_device(cfg.device, option="--set device")))
+
+
 def synchronize(device) -> None:
     import torch
 

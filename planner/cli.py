@@ -17,7 +17,7 @@ import typer
 from featurestore.reader import TokenReader
 from pipeline.cli.base import AutoDevice, Sets, console, given_options, hxw, new_app, split_list
 from pipeline.cli.progress import progress
-from pipeline.machine import resolve_device
+from pipeline.machine import resolve_device, with_resolved_device
 from pipeline.overrides import apply_set
 from pipeline.stage import UserError, atomic_write_json
 from planner.bench import BenchCase, bench_plan
@@ -188,7 +188,7 @@ def plan_sim(
     cfg = SimConfig(trials=episodes, **task, planner=planner, cem=cem_cfg, gd=gd, shift=shift, seed=seed,
                     state_weight=state_weight, k=k, cost_frames=cost_frames, env=env, device=device,
                     execute_plan=execute_plan, protocol=protocol, success_rule=success_rule, noise_draws=noise_draws)
-    cfg = apply_set(cfg, set_, what="plan sim")
+    cfg = with_resolved_device(apply_set(cfg, set_, what="plan sim"))  # `--set device=...` too
     wm = LoadedWorldModel.load(resolve_run(run, ckpt), device=cfg.device, compile=compile, precision=precision,
                                graphs=graph)
     protocol, planner, shift = cfg.protocol, cfg.planner, cfg.shift

@@ -14,7 +14,7 @@ import typer
 
 from pipeline.cli.base import AutoDevice, Sets, int_list, new_app, split_list
 from pipeline.lerobot_compat import require_robot_stack
-from pipeline.machine import resolve_device
+from pipeline.machine import resolve_device, with_resolved_device
 from pipeline.overrides import apply_set
 from pipeline.stage import UserError
 from planner.cem import CEMConfig
@@ -118,7 +118,7 @@ def serve(
         serve=ServeConfig(host=host, port=port, allow_remote=allow_remote, fps=fps),
         mpc=mpc_config(horizon, execute, planner, samples, elites, iterations, seed, context=1), safety=safety,
         encoder=encoder, device=str(resolve_device(device)), duration_s=duration)
-    typer.echo(json.dumps(run_serve(apply_set(cfg, set_, what="robot serve"))))
+    typer.echo(json.dumps(run_serve(with_resolved_device(apply_set(cfg, set_, what="robot serve")))))
 
 
 @app.command("lerobot-eval")
@@ -161,7 +161,7 @@ def lerobot_eval(
         mpc=mpc_config(horizon, execute, planner, samples, elites, iterations, seed=0),
         camera_map=tuple(pairs), action_repeat=action_repeat, encoder=encoder,
         device=str(resolve_device(device)), out=out)
-    res = run_lerobot_eval(apply_set(cfg, set_, what="robot lerobot-eval"))
+    res = run_lerobot_eval(with_resolved_device(apply_set(cfg, set_, what="robot lerobot-eval")))
     overall = res["lerobot"]["overall"]
     lat = res["plan_latency_s"]
     latency = f"; plan latency p50 {lat['p50'] * 1e3:.0f} ms p95 {lat['p95'] * 1e3:.0f} ms" if lat else ""

@@ -163,3 +163,28 @@ def test_robot_lerobot_eval_set(tiny_run, tmp_path):
     assert r.exit_code == 0, r.output
     info = json.loads((tmp_path / "eval_info.json").read_text())
     assert info["episodes"] == 1 and info["lerobot"]["overall"]["n_episodes"] == 1
+
+
+def test_set_device_is_resolved_like_device(tiny_run, tmp_path):
+    """`--set device=...` reaches the config after `--device` was read: it is resolved the same way (plan sim
+    records the device itself, never "auto") and a device this process cannot use is refused before any work."""
+    import torch
+
+    unusable = f"cuda:{torch.cuda.device_count() + 7}"
+    args = ["plan", "sim", "--run", str(tiny_run), "--episodes", "1", "--goal-offset", "4", "--max-steps", "4",
+            "--horizon", "2", "--execute", "1", *FAST, "--out", str(tmp_path / "sim")]
+    r = runner.invoke(app, [*args, "--set", f"device={unusable}"])
+    assert r.exit_code == 2 and f"--set device {unusable}" in r.output, r.output
+    assert not (tmp_path / "sim").exists()
+    r = runner.invoke(app, [*args, "--device", "cpu", "--set", "device=auto"])
+    assert r.exit_code == 0, r.output
+    config = json.loads((tmp_path / "sim" / "sim.json").read_text())["config"]
+    assert config["device"] == ("cuda" if torch.cuda.is_available() else "cpu")
+
+    r = runner.invoke(app, ["robot", "serve", "--run", str(tiny_run), "--goal-pusht", "--set", "device=tpu"])
+    assert r.exit_code == 2 and "--set device 'tpu'" in r.output, r.output
+    out = tmp_path / "le"
+    r = runner.invoke(app, ["robot", "lerobot-eval", "--run", str(tiny_run), "--episodes", "1", "--out", str(out),
+                            "--set", f"device={unusable}"])
+    assert r.exit_code == 2 and f"--set device {unusable}" in r.output, r.output
+    assert not (out / "eval_info.json").exists()
