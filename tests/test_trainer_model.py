@@ -420,6 +420,67 @@ def test_config_saved_by_an_older_wmctl_is_read_as_this_one_reads_it():
     assert "gone: 1 -> '<absent>'" in learned_differences(old | {"gone": 1}, new)
 
 
+def test_the_config_is_four_sections_each_checking_and_computing_its_own():
+    """Every field of a training config but the model is in exactly one section (data, objective, optimisation,
+    run); a section alone checks its fields as the whole config does and computes what it computes (the context and
+    frameskip of a source, the signal-level cap, the learning rate) from the same values."""
+    import dataclasses
+
+    from pipeline.stage import UserError
+    from trainer.config import TrainConfig, small
+    from trainer.config_sections import DataConfig, ObjectiveConfig, OptimConfig, RunConfig, config_sections, section_of
+
+    sections = config_sections()
+    names = [n for fields in sections.values() for n in fields]
+    assert sorted(names) == sorted(f.name for f in dataclasses.fields(TrainConfig) if f.name != "model")
+    assert len(names) == len(set(names))
+    for cls, bad, match in ((DataConfig, {"context_frames": 1}, "context_frames"),
+                            (ObjectiveConfig, {"ctx_noise": 2.0}, "ctx_noise"),
+                            (OptimConfig, {"precision": "fp8"}, "precision"),
+                            (RunConfig, {"keep_last": 0}, "keep_last")):
+        with pytest.raises(UserError, match=match):
+            getattr(cls(**bad), next(m for m in dir(cls) if m.startswith("check_")))()
+        with pytest.raises(UserError, match=match):
+            TrainConfig(**bad)
+    cfg = dataclasses.replace(small(), context_schedule=((5, 12),), tau_max_schedule=((3, 0.5),),
+                              source_frameskip=(("a", 3),))
+    data, objective, optim = (section_of(cfg, n) for n in ("data", "objective", "optimisation"))
+    assert [data.context_at(s) for s in (0, 5)] == [cfg.context_at(s) for s in (0, 5)] == [8, 12]
+    assert (data.frameskip_of("a"), data.frameskip_of("b")) == (3, 2) and data.max_context() == 12
+    assert objective.tau_max_at(4) == cfg.tau_max_at(4) == 0.5
+    assert [optim.lr_at(s) for s in (0, 60, 1999)] == [cfg.lr_at(s) for s in (0, 60, 1999)]
+    assert section_of(cfg, "run").log_every == cfg.log_every == 25
+
+
+def test_a_run_derives_its_rate_and_mix_in_one_step_without_writing_into_the_config(pusht_store, tmp_path,
+                                                                                      monkeypatch):
+    """`trainer.derive.derive`: the config as the command built it stays as it was; what the run derives (the
+    registry's and default mix weights, the frameskip) comes back apart, and `recorded` is the config it trains with
+    and records; a resumed run's saved weights are kept unless the command gives its own."""
+    import dataclasses
+
+    from featurestore.reader import TokenReader
+    from trainer.config import tiny
+    from trainer.derive import Derived, derive
+
+    registry = tmp_path / "registry"
+    registry.mkdir()
+    (registry / "pusht.toml").write_text('repo_id = "local/pusht"\nmix_weight = 0.25\n')
+    monkeypatch.setenv("WMCTL_REGISTRY", str(registry))
+    cfg = dataclasses.replace(tiny(), store=pusht_store)
+    reader = TokenReader(pusht_store)
+    got = derive(cfg, reader)
+    assert got == Derived(frameskip=1, source_frameskip=(), action_kinds=(),
+                          mix_weights=(("pusht", 0.25), ("pusht-free", 1.0)))
+    assert cfg.mix_weights == () and got.recorded(cfg).mix_weights == got.mix_weights
+    assert got.rated(cfg).mix_weights == ()
+    saved = (("pusht", 0.5), ("pusht-free", 0.5))
+    assert derive(cfg, reader, saved_mix=saved).mix_weights == saved
+    given = dataclasses.replace(cfg, mix_weights=(("pusht", 2.0),))
+    assert derive(given, reader, saved_mix=saved).mix_weights == (("pusht", 2.0), ("pusht-free", 1.0))
+    assert derive(dataclasses.replace(cfg, labelled_fraction=0.5), reader).mix_weights == ()
+
+
 PSHAPE = TokenShape(cameras=2, grid=(4, 4), enc_dim=8, action_dim=3, state_dim=2)
 
 

@@ -33,8 +33,7 @@ from trainer.objective import compute_loss
 from trainer.prefetch import _autocast, _loader, _to
 from trainer.run_setup import Trainer, run_folder, setup
 from trainer.runlock import RunLock
-from trainer.runs import read_config_json
-from trainer.sources import DATA_FILE, resolve_mix
+from trainer.sources import DATA_FILE
 from trainer.train_metrics import Metrics
 from trainer.validation import EarlyStop, validate
 
@@ -165,14 +164,10 @@ def _lock(run_dir: Path, d: Dist) -> RunLock | None:
 
 
 def _start(tr: Trainer, reader: TokenReader, resume: bool, start: int):
-    """After every check passed: the mix resolved, the first batch read, metrics.jsonl trimmed to the checkpoint;
-    only then config.json and data.json written (rank 0). Returns the config, the batches and the metrics."""
+    """After every check passed: the first batch read, metrics.jsonl trimmed to the checkpoint; only then config.json
+    (the config with what the run derived, `trainer.derive`) and data.json written (rank 0). Returns the config, the
+    batches and the metrics."""
     cfg, d = tr.cfg, tr.d
-    if resume and not cfg.mix_weights and (tr.run_dir / "config.json").is_file() and d.main:
-        saved = read_config_json(tr.run_dir).get("mix_weights", [])
-        cfg = dataclasses.replace(cfg, mix_weights=tuple(tuple(x) for x in saved))
-    cfg = broadcast_object(cfg, d)
-    cfg = tr.cfg = resolve_mix(cfg, reader)
     batches = _loader(reader, tr, start + 1)
     if start < cfg.steps:  # the data reads before anything is written
         batches = itertools.chain([next(batches)], batches)

@@ -18,10 +18,11 @@ from pipeline.stage import ConfigMismatchError, UserError, read_json, to_jsonabl
 from trainer.checkpoint import latest_checkpoint, load_optimizer, load_weights, save_checkpoint
 from trainer.config import TrainConfig, learned_differences
 from trainer.data import Stats, compute_stats
+from trainer.derive import derive
 from trainer.distributed import Dist, broadcast_object, rank_device, wrap_ddp
 from trainer.model import build_model
-from trainer.runs import RunState, new_run_dir
-from trainer.sources import DATA_FILE, check_record, pin_episodes, record_episodes, resolve_rate, token_shape
+from trainer.runs import RunState, new_run_dir, read_config_json
+from trainer.sources import DATA_FILE, check_record, pin_episodes, record_episodes, token_shape
 from trainer.tokens import TokenShape
 
 log = logging.getLogger("trainer.loop")  # the training loop's logger, as before these parts had a module of their own
@@ -115,6 +116,14 @@ def _run_episodes(reader: TokenReader, cfg: TrainConfig, run_dir: Path, state: R
     return broadcast_object(record_episodes(reader, cfg) if d.main else None, d)
 
 
+def _saved_mix(cfg: TrainConfig, run_dir: Path, resume: bool, d: Dist) -> tuple[tuple[str, float], ...]:
+    """A resumed run's recorded mix weights (its config.json's), which it keeps unless the command gives its own."""
+    saved = ()
+    if resume and not cfg.mix_weights and (run_dir / "config.json").is_file() and d.main:
+        saved = tuple(tuple(x) for x in read_config_json(run_dir).get("mix_weights", []))
+    return broadcast_object(saved, d)
+
+
 def setup(cfg: TrainConfig, *, resume: bool, d: Dist, run_dir: Path | None = None
           ) -> tuple[Trainer, int, TokenReader]:
     """Build (or restore) everything the loop needs. Returns the trainer, the last finished step, the reader.
@@ -127,11 +136,12 @@ def setup(cfg: TrainConfig, *, resume: bool, d: Dist, run_dir: Path | None = Non
         check_same_encoder(state.encoder, reader.encoder, what=f"checkpoint {state.checkpoint}",
                            fix="train on a store made with the encoder the checkpoint was trained on")
     data = _run_episodes(reader, cfg, run_dir, state, resume, d)  # pins a resumed run's episodes: before all else
-    cfg = resolve_rate(cfg, reader)  # the frameskip shapes the model and its statistics: first
+    derived = derive(cfg, reader, saved_mix=_saved_mix(cfg, run_dir, resume, d))  # the frameskip shapes the model
+    given, cfg = cfg, derived.recorded(cfg)  # and its statistics: first
     torch.manual_seed(cfg.seed)
     lr_scale, start_step = 1.0, 0
     if state is not None:
-        _check_resume_config(state.saved_config, cfg)
+        _check_resume_config(state.saved_config, derived.rated(given))
         shape, stats, lr_scale, start_step = state.shape, state.stats, state.lr_scale, state.step
     else:
         shape = token_shape(reader, cfg)

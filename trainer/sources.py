@@ -1,8 +1,9 @@
-"""How the training sources of a store map into one model: their rate (`resolve_rate`: each source's frameskip
-at the model's fps, and how a frame's actions add up), their share of the mix (`resolve_mix`), their cameras'
-slots and their robots (`token_shape`: camera slots, embodiments), and at eval/plan time one source's frames as
-the model takes them (`source_layout`). Resolved from the store and the registry when a run starts and recorded
-in it (config.json, the checkpoint's token shape), so eval and planning read them back.
+"""How the training sources of a store map into one model: their rate (`derive_rate`: each source's frameskip
+at the model's fps, and how a frame's actions add up), their share of the mix (`derive_mix`; both taken together
+when a run starts by `trainer.derive.derive`), their cameras' slots and their robots (`token_shape`: camera
+slots, embodiments), and at eval/plan time one source's frames as the model takes them (`source_layout`). Resolved
+from the store and the registry when a run starts and recorded in it (config.json, the checkpoint's token shape),
+so eval and planning read them back.
 
 A run also records the episodes it trains on (`record_episodes`: per source, split and view the episode
 indices, and their frames; in data.json and every checkpoint's state), and a resumed run reads exactly those
@@ -162,13 +163,15 @@ def embodiments(reader: TokenReader, sources: list[str]) -> tuple[tuple[tuple[st
     return tuple((n, table[n]) for n in order), {src: order.index(names[src]) for src in sources}
 
 
-def resolve_rate(cfg: TrainConfig, reader: TokenReader) -> TrainConfig:
+def derive_rate(cfg: TrainConfig, reader: TokenReader
+                ) -> tuple[int, tuple[tuple[str, int], ...], tuple[str, ...]]:
     """`fps` (the model's rate) -> each training source's frameskip, from the rate it is stored at (its dataset's
     fps, or the lower one it was encoded at with `wmctl encode --fps`): a model frame is 1/fps seconds in every
     source. Sources at different rates get their own frameskip (`source_frameskip`), the labelled ones must share
-    one (the action space's: `frameskip`). Refuses a rate a source cannot serve (naming the nearest it can)."""
+    one (the action space's: `frameskip`). Refuses a rate a source cannot serve (naming the nearest it can).
+    Returns (frameskip, source_frameskip, action_kinds): the config's own without `fps`."""
     if cfg.fps is None:
-        return cfg
+        return cfg.frameskip, cfg.source_frameskip, cfg.action_kinds
     from pipeline.rates import stride_for
 
     eps = select_episodes(reader, cfg, "train")
@@ -188,8 +191,7 @@ def resolve_rate(cfg: TrainConfig, reader: TokenReader) -> TrainConfig:
     per_source = tuple((s, n) for s, (n, _) in need.items()) if len({n for n, _ in need.values()}) > 1 else ()
     if k != cfg.frameskip or per_source:
         log.info("--fps %g: frameskip %s: %s", cfg.fps, k if not per_source else "per source", said)
-    return dataclasses.replace(cfg, frameskip=k, source_frameskip=per_source,
-                               action_kinds=_frame_action_kinds(reader, cfg, k))
+    return k, per_source, _frame_action_kinds(reader, cfg, k)
 
 
 def _frame_action_kinds(reader: TokenReader, cfg: TrainConfig, frameskip: int) -> tuple[str, ...]:
@@ -218,11 +220,12 @@ def _frame_action_kinds(reader: TokenReader, cfg: TrainConfig, frameskip: int) -
     return kinds
 
 
-def resolve_mix(cfg: TrainConfig, reader: TokenReader) -> TrainConfig:
-    """`cfg` with a weight for every training source: given ones, else the registry's `mix_weight` of the dataset of
-    the same name, else 1 (what a run records; nothing to do under a `labelled_fraction` override)."""
+def derive_mix(cfg: TrainConfig, reader: TokenReader) -> tuple[tuple[str, float], ...]:
+    """A weight for every training source of `cfg` (at its rate): given ones, else the registry's `mix_weight` of the
+    dataset of the same name, else 1 (what a run records; the given ones as they are under a `labelled_fraction`
+    override, which decides the mix instead)."""
     if cfg.labelled_fraction is not None:
-        return cfg
+        return cfg.mix_weights
     given = dict(cfg.mix_weights)
     stored = set(reader.store.sources())
     unknown = sorted(set(given) - stored)
@@ -243,7 +246,7 @@ def resolve_mix(cfg: TrainConfig, reader: TokenReader) -> TrainConfig:
     if out and not sum(w for _, w in out):
         raise UserError(f"every training source has mix weight 0 ({'; '.join(said)}): give one a weight > 0")
     log.info("training mix: %s", "; ".join(said))
-    return dataclasses.replace(cfg, mix_weights=tuple(out))
+    return tuple(out)
 
 
 # ------------------------------------------------------------------------------ the episodes of a run
