@@ -20,7 +20,7 @@ DEMO    ?= demo
 ENCODE_ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: install encoder test test-fast lint demo demo-arm data ingest encode train eval plan status bench bench-gpu clean-demo help
+.PHONY: install encoder test test-fast lint demo demo-arm data ingest encode train eval plan status bench bench-gpu bench-pusht clean-demo help
 
 help:
 	@echo "make install | test | test-fast | lint | demo | demo-arm | data | ingest DATASET=.. | encode DATASET=.. [STORE=..] | status | bench"
@@ -94,6 +94,12 @@ bench: install
 # then `python scripts/bench_gpu.py`.
 bench-gpu: install
 	$(PY) scripts/bench_gpu.py --out bench/bench-gpu.json
+
+# Does shortcut forcing plan better than DINO-WM's teacher forcing? The PushT benchmark (hours on 2 CPU cores; what it
+# runs and its sizes: docs/benchmarks.md). Idempotent: run it again to continue. Writes $(BENCH_DIR)/.
+BENCH_DIR ?= bench/pusht
+bench-pusht: install encoder
+	WMCTL=$(WMCTL) bash scripts/bench-pusht.sh $(BENCH_DIR)
 
 clean-demo:
 	rm -rf $(DEMO)
