@@ -191,9 +191,9 @@ def run_trial(sim: Simulator, wm: WorldModel, encode: Callable[[np.ndarray, np.n
     Returns the outcome, the latencies and the frames.
     `encode(images [C, H, W, 3], robot_state)` gives the model's latents of an observation (the robot state is
     the dataset's `observation.state`, used by models with proprioception)."""
-    sim.reset(trial.env_state)
-    for a in trial.actions:
-        goal_img = sim.step(a)
+    goal_img = sim.reset(trial.env_state)
+    for i, a in enumerate(trial.actions):
+        goal_img = sim.step(a, render=i == len(trial.actions) - 1)
     goal_img = apply_shift(goal_img, cfg.shift)
     goal_state, goal_robot = sim.state(), sim.robot_state()
     img = apply_shift(sim.reset(trial.env_state), cfg.shift)
@@ -228,9 +228,10 @@ def run_trial(sim: Simulator, wm: WorldModel, encode: Callable[[np.ndarray, np.n
 
 def _scripted_frame(sim: Simulator, ep: _Episode, goal_state: np.ndarray, shift: str, fs: int) -> None:
     """One frame (fs env steps) of the simulator's controller driven to the goal state."""
-    for _ in range(fs):
+    for i in range(fs):
         act = sim.oracle_action(goal_state)
-        img = apply_shift(sim.step(act), shift)
+        img = sim.step(act, render=i == fs - 1)
+    img = apply_shift(img, shift)
     ep.executed.append(np.asarray(act, dtype=np.float64))
     ep.history.append(None)
     ep.frames.append(img)
@@ -260,8 +261,10 @@ def _execute(sim: Simulator, wm: WorldModel, encode, ep: _Episode, frames: np.nd
     """Run planned frames [E, A] (model space) in the simulator, each as its env steps, encoding what is seen
     (`encode` None: no observations needed); stops at the step budget."""
     for a in frames:
-        for step in wm.actions.frame_steps(a):
-            img = apply_shift(sim.step(wm.actions.to_env(step, sim.robot_state())), cfg.shift)
+        steps = wm.actions.frame_steps(a)
+        for i, step in enumerate(steps):  # only the frame's last env step is seen (rendered)
+            img = sim.step(wm.actions.to_env(step, sim.robot_state()), render=i == len(steps) - 1)
+        img = apply_shift(img, cfg.shift)
         ep.executed.append(np.asarray(a, dtype=np.float64))
         ep.history.append(encode(img, sim.robot_state()) if encode is not None else None)
         ep.frames.append(img)

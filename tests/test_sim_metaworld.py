@@ -50,6 +50,42 @@ def test_saved_state_continues_bit_exactly_in_another_instance():
         b.close()
 
 
+def test_a_step_nobody_looks_at_is_not_rendered_and_the_loop_renders_one_image_per_model_frame():
+    import types
+
+    from planner.core import ActionSpec
+    from planner.sim import SimConfig, Trial, run_trial
+    from trainer.actions import ActionSpace
+
+    a, b = MetaWorldSim("reach", 64, fps=20), MetaWorldSim("reach", 64, fps=20)
+    try:
+        a.new_episode(2)
+        start = a.state()
+        b.reset(start)
+        acts = _actions(6, 4)
+        seen = [a.step(act) for act in acts]  # every step rendered
+        unseen = [b.step(act, render=False) for act in acts]
+        assert all(x is None for x in unseen)  # no image made ...
+        assert np.array_equal(a.state(), b.state())  # ... and the physics the same as with one
+        assert np.array_equal(seen[-1], b.render())
+
+        renders = []
+        real_render = b.render
+        b.render = lambda: renders.append(1) or real_render()  # count what the loop renders
+        wm = types.SimpleNamespace(actions=ActionSpace("absolute", 2, np.zeros(4), np.ones(4)))
+        trial = Trial(episode=0, start=0, env_state=start, actions=acts[:3])
+        cfg = SimConfig(goal_offset=3, max_steps=8, horizon=2, execute=2)
+        out = run_trial(b, wm, None, trial, cfg, ActionSpec(low=(-1.0,) * 8, high=(1.0,) * 8), "random",
+                        np.random.default_rng(0))
+        frames = len(out["frames"])  # the start, then one per model frame executed
+        assert out["steps"] == 2 * (frames - 1) and frames >= 2
+        # the goal: its reset and its last replayed step; the trial: its reset and one render per model frame
+        assert len(renders) == 2 + 1 + (frames - 1)
+    finally:
+        a.close()
+        b.close()
+
+
 def test_rates_and_headless_rendering_are_checked(monkeypatch):
     assert frame_skip_for(20) == 20 and frame_skip_for(80) == 5
     with pytest.raises(UserError, match="valid rates.*20"):

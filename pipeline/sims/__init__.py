@@ -27,8 +27,10 @@ class Simulator(Protocol):
     def reset(self, state: np.ndarray) -> np.ndarray:
         """Restore `state`; returns the cameras' images [C, H, W, 3] uint8."""
 
-    def step(self, action: np.ndarray) -> np.ndarray:
-        """Execute one environment action; returns the cameras' images [C, H, W, 3] uint8."""
+    def step(self, action: np.ndarray, render: bool = True) -> np.ndarray | None:
+        """Execute one environment action; returns the cameras' images [C, H, W, 3] uint8, or None with
+        `render=False` (a step nobody looks at: a model frame's env steps before its last; a simulator whose step
+        renders anyway may return the images regardless)."""
 
     def state(self) -> np.ndarray:
         """The full restorable simulator state (what `reset` takes)."""

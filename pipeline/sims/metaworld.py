@@ -167,9 +167,9 @@ class MetaWorldSim:
         self.env.curr_path_length = 0
         return self.render()
 
-    def step(self, action: np.ndarray) -> np.ndarray:
+    def step(self, action: np.ndarray, render: bool = True) -> np.ndarray | None:
         self.env.step(np.clip(np.asarray(action, dtype=np.float64), -1.0, 1.0))
-        return self.render()
+        return self.render() if render else None  # rendering both cameras costs ~40x the physics step
 
     def state(self) -> np.ndarray:
         mj = np.empty(self._mj_size)

@@ -65,8 +65,8 @@ class PushtSim:
         obs, _ = self.env.reset(options={"reset_to_state": np.asarray(state, dtype=np.float64)})
         return obs["pixels"][None]
 
-    def step(self, target_xy: np.ndarray) -> np.ndarray:
-        obs, *_ = self.env.step(np.clip(target_xy, 0.0, 512.0))
+    def step(self, target_xy: np.ndarray, render: bool = True) -> np.ndarray:
+        obs, *_ = self.env.step(np.clip(target_xy, 0.0, 512.0))  # gym-pusht renders in every step (cheap: 2D)
         return obs["pixels"][None]
 
     def state(self) -> np.ndarray:
