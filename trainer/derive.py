@@ -37,6 +37,6 @@ def derive(cfg: TrainConfig, reader: TokenReader, *, saved_mix: tuple[tuple[str,
     refused with the fix where the store cannot serve it. `saved_mix`: a resumed run's recorded weights, which it
     keeps unless the command gives its own."""
     frameskip, per_source, kinds = derive_rate(cfg, reader)
-    rated = dataclasses.replace(cfg, frameskip=frameskip, source_frameskip=per_source, action_kinds=kinds)
-    mix = derive_mix(dataclasses.replace(rated, mix_weights=cfg.mix_weights or tuple(saved_mix)), reader)
-    return Derived(frameskip, per_source, kinds, mix)
+    rate = Derived(frameskip, per_source, kinds, mix_weights=())
+    mix = derive_mix(dataclasses.replace(rate.rated(cfg), mix_weights=cfg.mix_weights or tuple(saved_mix)), reader)
+    return dataclasses.replace(rate, mix_weights=mix)
