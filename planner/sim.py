@@ -177,8 +177,9 @@ class _Episode:
     """What one trial has done so far: the encoded observations (None where the policy needs none), the model-space
     actions that led into each observation after the first, the frames, the plan latencies, the last plan's mean."""
 
-    history: list[torch.Tensor | None]
+    history: list[torch.Tensor | None]  # None: not encoded (yet): `_observe` encodes what a plan reads
     frames: list[np.ndarray]
+    robot: list[np.ndarray]  # the robot state at each frame (what the encoder's proprio token reads)
     executed: list[np.ndarray] = dataclasses.field(default_factory=list)
     latencies: list[float] = dataclasses.field(default_factory=list)
     plan_mean: torch.Tensor | None = None
@@ -201,7 +202,7 @@ def run_trial(sim: Simulator, wm: WorldModel, encode: Callable[[np.ndarray, np.n
     model = policy == "model"
     goal = encode(goal_img, goal_robot) if model else None  # [N, Z]; proprio: one more token
     t_loop = time.perf_counter()  # the control loop: simulator, rendering, encoding, planning (not the goal)
-    ep = _Episode(history=[encode(img, sim.robot_state()) if model else None], frames=[img], goal=goal)
+    ep = _Episode(history=[None], frames=[img], robot=[sim.robot_state()], goal=goal)
     fs = wm.actions.frameskip
     lo, hi = np.array(spec.low), np.array(spec.high)
     weights = torch.ones(cfg.horizon) if cfg.cost_frames == "all" else None
@@ -212,8 +213,8 @@ def run_trial(sim: Simulator, wm: WorldModel, encode: Callable[[np.ndarray, np.n
             _scripted_frame(sim, ep, goal_state, cfg.shift, fs)
         else:
             frames = lo + (hi - lo) * rng.random((cfg.execute, spec.dim)) if policy == "random" else \
-                _model_plan(wm, ep, cost, cfg, spec, rng)
-            _execute(sim, wm, encode if model else None, ep, frames, cfg)
+                _model_plan(wm, _observe(ep, encode, cfg.context), cost, cfg, spec, rng)
+            _execute(sim, wm, ep, frames, cfg)
         if sim.success(goal_state, sim.state()):
             break  # the goal is reached: the trial ends
     loop_s, final = time.perf_counter() - t_loop, sim.state()
@@ -234,7 +235,17 @@ def _scripted_frame(sim: Simulator, ep: _Episode, goal_state: np.ndarray, shift:
     img = apply_shift(img, shift)
     ep.executed.append(np.asarray(act, dtype=np.float64))
     ep.history.append(None)
+    ep.robot.append(sim.robot_state())
     ep.frames.append(img)
+
+
+def _observe(ep: _Episode, encode: Callable[[np.ndarray, np.ndarray], torch.Tensor], context: int) -> _Episode:
+    """Encode the last `context` frames where not done yet: only the frames a plan reads go through the encoder
+    (executing more frames per plan than the context holds, the others never do)."""
+    for i in range(max(0, len(ep.frames) - context), len(ep.frames)):
+        if ep.history[i] is None:
+            ep.history[i] = encode(ep.frames[i], ep.robot[i])
+    return ep
 
 
 def _model_plan(wm: WorldModel, ep: _Episode, cost, cfg: SimConfig, spec: ActionSpec, rng: np.random.Generator
@@ -257,17 +268,18 @@ def _model_plan(wm: WorldModel, ep: _Episode, cost, cfg: SimConfig, spec: Action
     return (res.mean if cfg.execute_plan == "mean" else res.actions)[: cfg.execute].numpy()
 
 
-def _execute(sim: Simulator, wm: WorldModel, encode, ep: _Episode, frames: np.ndarray, cfg: SimConfig) -> None:
-    """Run planned frames [E, A] (model space) in the simulator, each as its env steps, encoding what is seen
-    (`encode` None: no observations needed); stops at the step budget."""
+def _execute(sim: Simulator, wm: WorldModel, ep: _Episode, frames: np.ndarray, cfg: SimConfig) -> None:
+    """Run planned frames [E, A] (model space) in the simulator, each as its env steps, keeping what is seen (the
+    next plan encodes what it reads: `_observe`); stops at the step budget."""
     for a in frames:
         steps = wm.actions.frame_steps(a)
         for i, step in enumerate(steps):  # only the frame's last env step is seen (rendered)
             img = sim.step(wm.actions.to_env(step, sim.robot_state()), render=i == len(steps) - 1)
         img = apply_shift(img, cfg.shift)
         ep.executed.append(np.asarray(a, dtype=np.float64))
-        ep.history.append(encode(img, sim.robot_state()) if encode is not None else None)
+        ep.history.append(None)
         ep.frames.append(img)
+        ep.robot.append(sim.robot_state())
         if len(ep.executed) * wm.actions.frameskip >= cfg.max_steps:
             break
 

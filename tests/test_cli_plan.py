@@ -385,3 +385,30 @@ def test_plan_sim_with_the_icem_budget_executing_the_mean(tiny_run):
     assert cfg["execute_plan"] == "mean"
     r = CliRunner().invoke(app, ["plan", "sim", "--run", str(tiny_run), "--cem", "nope"])
     assert r.exit_code == 2 and "dinowm" in r.output
+
+
+def test_plan_sim_encodes_only_the_frames_a_plan_reads():
+    import numpy as np
+    import torch
+
+    from planner.sim import _Episode, _observe
+
+    seen = []
+
+    def encode(img, robot):
+        seen.append(int(img[0]))
+        return torch.full((3, 2), float(img[0] + robot[0]))
+
+    ep = _Episode(history=[None], frames=[np.array([0])], robot=[np.array([10.0])])
+    _observe(ep, encode, context=2)
+    assert seen == [0]  # the first plan reads the start frame only
+    for i in range(1, 5):  # four frames executed before the next plan, with a context of two
+        ep.history.append(None)
+        ep.frames.append(np.array([i]))
+        ep.robot.append(np.array([10.0 * (i + 1)]))
+    _observe(ep, encode, context=2)
+    assert seen == [0, 3, 4]  # frames 1 and 2 are never read: never encoded
+    assert [h is None for h in ep.history] == [False, True, True, False, False]
+    assert float(ep.history[4][0, 0]) == 4 + 50.0  # each with its own frame's robot state
+    _observe(ep, encode, context=2)
+    assert seen == [0, 3, 4]  # nothing encoded twice
