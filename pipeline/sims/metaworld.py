@@ -169,7 +169,7 @@ class MetaWorldSim:
 
     def step(self, action: np.ndarray, render: bool = True) -> np.ndarray | None:
         self.env.step(np.clip(np.asarray(action, dtype=np.float64), -1.0, 1.0))
-        return self.render() if render else None  # rendering both cameras costs ~40x the physics step
+        return self.render() if render else None  # a render costs far more than the physics step (docs/results.md)
 
     def state(self) -> np.ndarray:
         mj = np.empty(self._mj_size)
