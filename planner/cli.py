@@ -22,7 +22,7 @@ from pipeline.overrides import apply_set
 from pipeline.stage import UserError, atomic_write_json
 from planner.bench import BenchCase, bench_plan
 from planner.cem import CEMConfig
-from planner.cli_options import Ckpt, Elites, Iterations, Planner, Run, Samples, Seed
+from planner.cli_options import Ckpt, Elites, Iterations, K, Planner, Run, Samples, Seed
 from planner.offline import OfflineConfig, run_plan_offline
 from planner.planners import PLANNERS, search_configs
 from planner.progress import SimStopped
@@ -35,7 +35,6 @@ from trainer.runs import check_writable, plan_dir, resolve_run
 app = new_app("Goal-conditioned MPC in latent space (CEM or gradient).")
 
 StateWeight = Annotated[float, typer.Option(help="Weight of the state distance (models with proprio).")]
-K = Annotated[int, typer.Option(help="Shortcut steps per frame in the planner's rollouts.")]
 Precision = Annotated[str, typer.Option(help="auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp32: the planning "
                                       "model's weights and rollouts (bf16 also pays on CPUs with AVX512-BF16/AMX).")]
 Compile = Annotated[bool, typer.Option("--compile", help="torch.compile the model's rollouts (the first plan "
@@ -171,6 +170,10 @@ def plan_sim(
     noise_draws: NoiseDraws = 1,
     protocol: Protocol = "gym",
     success_rule: SuccessRule = SimConfig.success_rule,
+    serve_fps: Annotated[int, typer.Option(help="> 0: run the model's trials through `wmctl robot serve` and "
+                                           "LeRobot's RobotClient with the simulator as a robot at this control "
+                                           "rate (Hz): the next chunk is planned while the robot executes; the "
+                                           "loop's rate is the sustained action rate.")] = 0,
     out: SimOut = None,
     set_: Sets = None,
 ) -> None:
@@ -187,7 +190,8 @@ def plan_sim(
     cem_cfg, gd = _search(ctx, planner, cem, task["horizon"], **budget)
     cfg = SimConfig(trials=episodes, **task, planner=planner, cem=cem_cfg, gd=gd, shift=shift, seed=seed,
                     state_weight=state_weight, k=k, cost_frames=cost_frames, env=env, device=device,
-                    execute_plan=execute_plan, protocol=protocol, success_rule=success_rule, noise_draws=noise_draws)
+                    execute_plan=execute_plan, protocol=protocol, success_rule=success_rule, noise_draws=noise_draws,
+                    serve_fps=serve_fps)
     cfg = with_resolved_device(apply_set(cfg, set_, what="plan sim"))  # `--set device=...` too
     wm = LoadedWorldModel.load(resolve_run(run, ckpt), device=cfg.device, compile=compile, precision=precision,
                                graphs=graph)

@@ -17,3 +17,4 @@ Samples = Annotated[int, typer.Option(help="CEM candidate action sequences per i
 Elites = Annotated[int, typer.Option(help="CEM elites.")]
 Iterations = Annotated[int, typer.Option(help="CEM iterations.")]
 Seed = Annotated[int, typer.Option(help="Seed.")]
+K = Annotated[int, typer.Option(help="Shortcut steps per frame in the planner's rollouts.")]

@@ -18,7 +18,7 @@ from pipeline.machine import resolve_device, with_resolved_device
 from pipeline.overrides import apply_set
 from pipeline.stage import UserError
 from planner.cem import CEMConfig
-from planner.cli_options import Ckpt, Elites, Iterations, Planner, Run, Samples, Seed
+from planner.cli_options import Ckpt, Elites, Iterations, K, Planner, Run, Samples, Seed
 from planner.latent_mpc import PUSHT_GOAL_AGENT, GoalSpec, MPCConfig
 
 log = logging.getLogger(__name__)
@@ -57,12 +57,12 @@ def _floats(text: str | None, option: str) -> tuple[float, ...] | None:
 
 
 def mpc_config(horizon: int, execute: int, planner: str, samples: int, elites: int, iterations: int,
-               seed: int, context: int = 2) -> MPCConfig:
+               seed: int, context: int = 2, k: int = MPCConfig.k) -> MPCConfig:
     try:
         cem = CEMConfig(horizon=horizon, samples=samples, elites=elites, iterations=iterations)
     except ValueError as e:
         raise UserError(f"--samples/--elites/--iterations: {e}") from None
-    return MPCConfig(horizon=horizon, execute=execute, context=context, planner=planner, cem=cem, seed=seed)
+    return MPCConfig(horizon=horizon, execute=execute, context=context, planner=planner, cem=cem, seed=seed, k=k)
 
 
 @app.command("serve")
@@ -76,7 +76,7 @@ def serve(
                                                "payloads are pickles: only on a network you trust.")] = False,
     fps: Annotated[float, typer.Option(help="The robot's control rate (Hz).")] = 10.0,
     horizon: Horizon = 5, execute: Execute = 2, planner: Planner = "cem", samples: Samples = 64,
-    elites: Elites = 8, iterations: Iterations = 5, seed: Seed = 0,
+    elites: Elites = 8, iterations: Iterations = 5, k: K = MPCConfig.k, seed: Seed = 0,
     action_kind: Annotated[str, typer.Option(help="delta (end-effector displacement) | absolute (targets).")]
     = "delta",
     position_dims: Annotated[str, typer.Option(help="Action dimensions that move the end effector.")] = "0,1,2",
@@ -116,7 +116,8 @@ def serve(
         run=resolve_run(run, ckpt), goal=goal_spec(goal_image, goal_state, goal_dataset, goal_episode, goal_frame,
                                                    goal_pusht),
         serve=ServeConfig(host=host, port=port, allow_remote=allow_remote, fps=fps),
-        mpc=mpc_config(horizon, execute, planner, samples, elites, iterations, seed, context=1), safety=safety,
+        mpc=mpc_config(horizon, execute, planner, samples, elites, iterations, seed, context=1, k=k),
+        safety=safety,
         encoder=encoder, device=str(resolve_device(device)), duration_s=duration)
     typer.echo(json.dumps(run_serve(with_resolved_device(apply_set(cfg, set_, what="robot serve")))))
 

@@ -98,6 +98,7 @@ class SimResult:
     random: PolicyResult | None = None
     scripted: PolicyResult | None = None  # the simulator's scripted controller (Meta-World)
     strips: list[str] | None = None
+    served: dict[str, Any] | None = None  # `--serve-fps`: the robot's rate, the client's threshold, the server's report
 
     @property
     def policies(self) -> dict[str, PolicyResult]:
@@ -114,6 +115,8 @@ class SimResult:
         d.update({p: r.to_json() for p, r in self.policies.items()})
         if self.strips is not None:
             d["strips"] = self.strips
+        if self.served is not None:
+            d["served"] = self.served
         return to_jsonable(d)
 
     @classmethod
@@ -121,7 +124,7 @@ class SimResult:
         pols = {p: PolicyResult.from_json(d[p]) for p in POLICY_IDS if p in d}
         return cls(config=d["config"], env=d.get("env"), cameras=d.get("cameras", []),
                    trials=d.get("trials", len(pols["model"].per_trial)), dtype=d.get("dtype"),
-                   simulator=d.get("simulator"), strips=d.get("strips"), **pols)
+                   simulator=d.get("simulator"), strips=d.get("strips"), served=d.get("served"), **pols)
 
 
 def plain_result(r: dict[str, Any]) -> dict[str, Any]:

@@ -1,19 +1,20 @@
 """`serve`: wmctl's latent MPC behind LeRobot's async-inference protocol, for an unmodified `RobotClient`.
 
 LeRobot's async inference is a gRPC service (`lerobot.transport.services_pb2_grpc.AsyncInference`: `Ready`,
-`SendPolicyInstructions` with a pickled `RemotePolicyConfig`, `SendObservations` streaming pickled
-`TimedObservation`s in 2 MB chunks, `GetActions` answering a pickled list of `TimedAction`s). LeRobot's `PolicyServer`
-loads only its hard-coded policy types; its client only needs a non-empty `policy_type`, so this server speaks the
-same service for `--policy_type=wmctl`. Its `pretrained_name_or_path` names the run served, or is a goal
-(`wmctl-goal:{json}`, `GoalSpec.to_uri`): the protocol has no goal slot, so the goal is set at start, replaced by
-`PlanningServer.set_goal`, or sent that way. Only the latest observation is planned on (one replaced while waiting
-is counted as dropped). `GetActions` plans from it (context: it alone), warm-started from the previous plan shifted
-by the model frames executed since (from the timesteps), and answers actions for timesteps t+1, t+2, ... (the
-client drops those it passed while the plan ran and executes the rest while the next chunk is planned). Every chunk
-passes `planner.safety.SafetyGuard`; a missed deadline, a failed plan or `obs_timeout_s` without observations make a
-hold chunk instead (exact with the client's `aggregate_fn_name=latest_only`; other aggregates blend it with the
-queue). Latency, clamps and holds are logged per chunk; `report()` sums up. A `relative_to_state` model's chunk is
-converted to robot actions with the observed state for all its steps.
+`SendPolicyInstructions` with a pickled `RemotePolicyConfig`, `SendObservations` streaming pickled `TimedObservation`s
+in 2 MB chunks, `GetActions` answering a pickled list of `TimedAction`s). LeRobot's `PolicyServer` loads only its
+hard-coded policy types; its client only needs a non-empty `policy_type`, so this server speaks the same service for
+`--policy_type=wmctl`. Its `pretrained_name_or_path` names the run served, or is a goal (`wmctl-goal:{json}`,
+`GoalSpec.to_uri`): the protocol has no goal slot, so the goal is set at start, replaced by `PlanningServer.set_goal`,
+or sent that way. Only the latest observation is planned on (one replaced while waiting is counted as dropped; one at
+a timestep the last plan started from is skipped unless the client's queue is empty). `GetActions` plans from it
+(context: it alone), warm-started from the previous plan shifted by the model frames executed since (from the
+timesteps), and answers actions for timesteps t+1, t+2, ... (the client drops those it passed while the plan ran and
+executes the rest while the next chunk is planned). Every chunk passes `planner.safety.SafetyGuard`; a missed
+deadline, a failed plan or `obs_timeout_s` without observations make a hold chunk instead (exact with the client's
+`aggregate_fn_name=latest_only`; other aggregates blend it with the queue). Latency, clamps and holds are logged per
+chunk; `report()` sums up. A `relative_to_state` model's chunk is converted to robot actions with the observed state
+for all its steps.
 
 Security: the payloads are Python pickles, and unpickling attacker-controlled bytes can run arbitrary code. This
 server unpickles with an allow-list (`safe_loads`: LeRobot's two payload classes, numpy arrays, plain values;
@@ -148,7 +149,8 @@ class PlanningServer(services_pb2_grpc.AsyncInferenceServicer):
         self.goal_loader, self.run = goal_loader, run
         self.max_bytes = int(cfg.max_payload_mb * 2**20)
         self._cond, self._plan_lock = threading.Condition(), threading.Lock()
-        self.stats = {"observations": 0, "dropped_stale": 0, "refused": 0, "chunks": 0, "holds": 0}
+        self.stats = {"observations": 0, "dropped_stale": 0, "skipped_planned": 0, "refused": 0, "chunks": 0,
+                      "holds": 0}
         self.latencies: list[float] = []
         self._features, self._rename, self._per_chunk = None, {}, None  # from the policy instructions
         self._reset_session()
@@ -172,6 +174,7 @@ class PlanningServer(services_pb2_grpc.AsyncInferenceServicer):
             goal = self.goal_loader(goal)
         with self._plan_lock:
             self.mpc.set_goal(goal)
+            self._last_plan_t = None  # an observation at the last plan's timestep is worth a plan for this goal
         log.info("goal replaced")
 
     def report(self) -> dict[str, Any]:
@@ -242,6 +245,9 @@ class PlanningServer(services_pb2_grpc.AsyncInferenceServicer):
         with self._cond:
             self._cond.wait_for(lambda: self._pending is not None, timeout=self.cfg.obs_wait_s)
             obs, self._pending = self._pending, None
+            if obs is not None and self._planned_already(obs):
+                self.stats["skipped_planned"] += 1
+                return services_pb2.Empty()
         if obs is None:
             return self._maybe_hold_on_silence()
         if self._features is None:
@@ -253,6 +259,13 @@ class PlanningServer(services_pb2_grpc.AsyncInferenceServicer):
         with self._plan_lock:
             actions_TA, why = self._chunk(obs.timestep, images, state)
         return self._send(obs, actions_TA, why)
+
+    def _planned_already(self, obs: TimedObservation) -> bool:
+        """An observation at or before the timestep the last plan started from (no action has run since: the same
+        state) adds nothing but a plan's latency before the next useful one; skipped, unless the client's queue is
+        empty (`must_go`), as LeRobot's own policy server does."""
+        return not getattr(obs, "must_go", False) and self._last_plan_t is not None and \
+            obs.timestep <= self._last_plan_t
 
     # ------------------------------------------------------------------ planning
     def _frame(self, obs: TimedObservation) -> tuple[np.ndarray, np.ndarray]:

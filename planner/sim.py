@@ -87,6 +87,7 @@ class SimConfig:
     # draws (each draw reused by every CEM iteration), instead of one draw shared by all (common random numbers)
     protocol: str = "gym"  # see PROTOCOLS: its goal offset, step budget, horizon and execution are checked
     success_rule: str = "metaworld"  # Meta-World: its own success flag, or `strict` (the arm near the goal's too)
+    serve_fps: int = 0  # > 0: the model's trials through `wmctl robot serve` + LeRobot's RobotClient at this rate
     out: Path | None = None
 
     def __post_init__(self) -> None:
@@ -187,9 +188,11 @@ class _Episode:
 
 
 def run_trial(sim: Simulator, wm: WorldModel, encode: Callable[[np.ndarray, np.ndarray], torch.Tensor], trial: Trial,
-              cfg: SimConfig, spec: ActionSpec, policy: str, rng: np.random.Generator) -> dict[str, Any]:
+              cfg: SimConfig, spec: ActionSpec, policy: str, rng: np.random.Generator, served=None
+              ) -> dict[str, Any]:
     """One MPC episode (policy "model"), or one of random actions or the simulator's scripted controller.
-    Returns the outcome, the latencies and the frames.
+    Returns the outcome, the latencies and the frames. `served` (a started-on-demand `planner.simrobot.ServedLoop`):
+    the model's episode runs through the server and LeRobot's client instead.
     `encode(images [C, H, W, 3], robot_state)` gives the model's latents of an observation (the robot state is
     the dataset's `observation.state`, used by models with proprioception)."""
     goal_img = sim.reset(trial.env_state)
@@ -200,6 +203,10 @@ def run_trial(sim: Simulator, wm: WorldModel, encode: Callable[[np.ndarray, np.n
     img = apply_shift(sim.reset(trial.env_state), cfg.shift)
     start_state = sim.state()
     model = policy == "model"
+    if model and served is not None:  # through `wmctl robot serve` and LeRobot's RobotClient (planner.simrobot)
+        if served.proc is None:
+            served.start(goal_img, goal_robot)
+        return served.trial(sim, img, start_state, goal_img, goal_robot, goal_state)
     goal = encode(goal_img, goal_robot) if model else None  # [N, Z]; proprio: one more token
     t_loop = time.perf_counter()  # the control loop: simulator, rendering, encoding, planning (not the goal)
     ep = _Episode(history=[None], frames=[img], robot=[sim.robot_state()], goal=goal)
@@ -376,14 +383,19 @@ def run_plan_sim(wm: WorldModel, cfg: SimConfig, *, store: Path,
                                          "trials": [[tr.episode, tr.start] for tr in trials]})
         if on_total is not None:
             on_total(sum((policy, i) not in progress.done for policy in policies for i in range(len(trials))))
-        run = functools.partial(_run_policy, sim, wm, encode, trials, cfg, spec, progress, on_progress)
-        with sigterm_stops():
-            try:
-                outcomes = {policy: summarize(trials, run(policy)) for policy in policies}
-            except Terminated:
-                raise SimStopped(len(progress.done), len(trials) * len(policies), progress.file) from None
+        served = _served_loop(wm, cfg, source, sim) if cfg.serve_fps else None
+        run = functools.partial(_run_policy, sim, wm, encode, trials, cfg, spec, progress, on_progress, served)
+        try:
+            with sigterm_stops():
+                try:
+                    outcomes = {policy: summarize(trials, run(policy)) for policy in policies}
+                except Terminated:
+                    raise SimStopped(len(progress.done), len(trials) * len(policies), progress.file) from None
+        finally:
+            report = served.stop() if served is not None else None
         res = SimResult(config=config, env=env, cameras=source.cameras, trials=len(trials),
                         dtype=dtype_name(wm.dtype), simulator=sim.describe() if hasattr(sim, "describe") else None,
+                        served=None if served is None else served.describe(report),
                         **outcomes)
     finally:
         sim.close()
@@ -393,8 +405,23 @@ def run_plan_sim(wm: WorldModel, cfg: SimConfig, *, store: Path,
     return res
 
 
+def _served_loop(wm: WorldModel, cfg: SimConfig, source: SimSource, sim: Simulator):
+    """The server process and client sessions of `--serve-fps` (started at the first model trial)."""
+    from pipeline.lerobot_compat import require_robot_stack
+
+    require_robot_stack("wmctl plan sim --serve-fps")
+    from planner.simrobot import ServedLoop, ServedSettings
+
+    if getattr(wm, "checkpoint", None) is None:
+        raise UserError("--serve-fps serves a trained checkpoint: plan with a run (--run/--ckpt)")
+    workdir = Path(cfg.out) if cfg.out is not None else Path(wm.checkpoint) / "plans" / "served"
+    return ServedLoop(Path(wm.checkpoint), cfg, ServedSettings(cfg.serve_fps), cameras=source.cameras,
+                      size=source.size, state_dim=len(sim.robot_state()), action_dim=wm.actions.step_dim,
+                      frameskip=wm.actions.frameskip, workdir=workdir)
+
+
 def _run_policy(sim: Simulator, wm: WorldModel, encode, trials: list[Trial], cfg: SimConfig, spec: ActionSpec,
-                progress: SimProgress, on_progress: Callable[[int], None] | None, policy: str
+                progress: SimProgress, on_progress: Callable[[int], None] | None, served, policy: str
                 ) -> list[dict[str, Any]]:
     """Every trial of one policy, each from its own RNG; those finished earlier (`progress`) are taken as they
     were, the others run and are written down as each finishes."""
@@ -402,7 +429,7 @@ def _run_policy(sim: Simulator, wm: WorldModel, encode, trials: list[Trial], cfg
     for i, tr in enumerate(trials):
         r = progress.done.get((policy, i))
         if r is None:
-            full = run_trial(sim, wm, encode, tr, cfg, spec, policy, trial_rng(cfg.seed, policy, i))
+            full = run_trial(sim, wm, encode, tr, cfg, spec, policy, trial_rng(cfg.seed, policy, i), served)
             r = plain_result(full)
             strip = (tr, full) if policy == "model" and i < cfg.save_strips else None
             progress.add(policy, i, r, strip)
