@@ -174,6 +174,11 @@ def plan_sim(
                                            "LeRobot's RobotClient with the simulator as a robot at this control "
                                            "rate (Hz): the next chunk is planned while the robot executes; the "
                                            "loop's rate is the sustained action rate.")] = 0,
+    serve_threshold: Annotated[float, typer.Option(help="With --serve-fps: the client's --chunk_size_threshold "
+                                                 "(send an observation when the queue is at most this share of "
+                                                 "a chunk).")] = 0.5,
+    serve_plan_ahead: Annotated[bool, typer.Option("--serve-plan-ahead", help="With --serve-fps: the server's "
+                                                   "--plan-ahead.")] = False,
     out: SimOut = None,
     set_: Sets = None,
 ) -> None:
@@ -191,7 +196,7 @@ def plan_sim(
     cfg = SimConfig(trials=episodes, **task, planner=planner, cem=cem_cfg, gd=gd, shift=shift, seed=seed,
                     state_weight=state_weight, k=k, cost_frames=cost_frames, env=env, device=device,
                     execute_plan=execute_plan, protocol=protocol, success_rule=success_rule, noise_draws=noise_draws,
-                    serve_fps=serve_fps)
+                    serve_fps=serve_fps, serve_threshold=serve_threshold, serve_plan_ahead=serve_plan_ahead)
     cfg = with_resolved_device(apply_set(cfg, set_, what="plan sim"))  # `--set device=...` too
     wm = LoadedWorldModel.load(resolve_run(run, ckpt), device=cfg.device, compile=compile, precision=precision,
                                graphs=graph)

@@ -75,6 +75,11 @@ def serve(
     allow_remote: Annotated[bool, typer.Option("--allow-remote", help="Bind beyond loopback. The protocol's "
                                                "payloads are pickles: only on a network you trust.")] = False,
     fps: Annotated[float, typer.Option(help="The robot's control rate (Hz).")] = 10.0,
+    plan_ahead: Annotated[bool, typer.Option("--plan-ahead", help="Plan from the model's prediction of the state "
+                                             "after the queued actions that run while the plan is computed, and "
+                                             "send them again ahead of the new ones: with a plan slower than a "
+                                             "chunk, the robot need not wait (pair with the client's "
+                                             "--chunk_size_threshold near 1).")] = False,
     horizon: Horizon = 5, execute: Execute = 2, planner: Planner = "cem", samples: Samples = 64,
     elites: Elites = 8, iterations: Iterations = 5, k: K = MPCConfig.k, seed: Seed = 0,
     action_kind: Annotated[str, typer.Option(help="delta (end-effector displacement) | absolute (targets).")]
@@ -115,7 +120,7 @@ def serve(
     cfg = ServeRunConfig(
         run=resolve_run(run, ckpt), goal=goal_spec(goal_image, goal_state, goal_dataset, goal_episode, goal_frame,
                                                    goal_pusht),
-        serve=ServeConfig(host=host, port=port, allow_remote=allow_remote, fps=fps),
+        serve=ServeConfig(host=host, port=port, allow_remote=allow_remote, fps=fps, plan_ahead=plan_ahead),
         mpc=mpc_config(horizon, execute, planner, samples, elites, iterations, seed, context=1, k=k),
         safety=safety,
         encoder=encoder, device=str(resolve_device(device)), duration_s=duration)

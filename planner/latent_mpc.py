@@ -197,6 +197,15 @@ class LatentMPC:
         with self._lock:
             self.plan_mean = None
 
+    def predict(self, context_TNZ: torch.Tensor, frames_PA: np.ndarray) -> torch.Tensor:
+        """The model's latents [1, N, Z] after the frames [P, A] (model space) run from the context: where a plan
+        starts when those frames execute while it is computed (one sample of a stochastic model)."""
+        with self._lock:
+            seed = int(np.random.default_rng([self.cfg.seed, self.plans, 1]).integers(2**31))
+            rollout = self.wm.planning_rollout(context_TNZ, context_actions_TA=None, k=self.cfg.k, seed=seed)
+            actions = torch.as_tensor(np.asarray(frames_PA), dtype=torch.float32)[None]
+            return rollout(actions)[0, -1:].detach()
+
     def plan(self, context_TNZ: torch.Tensor, context_actions_TA: torch.Tensor | None, *, shift: int,
              previous_A: torch.Tensor | None = None) -> np.ndarray:
         """Plan from a context of latents (and the actions that led into its frames); `shift`: frames executed

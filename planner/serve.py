@@ -65,6 +65,7 @@ class ServeConfig:
     allow_remote: bool = False  # bind to a non-loopback address (see the module doc: pickled payloads)
     fps: float = 10.0  # the robot's control rate: a chunk's action timestamps are 1/fps apart
     chunk_frames: int | None = None  # model frames sent per chunk (None: the MPC's `execute`)
+    plan_ahead: bool = False  # plan from the predicted state after the actions that run while the plan is computed
     obs_wait_s: float = 0.5  # how long GetActions waits for an observation before answering empty
     max_payload_mb: float = 32.0  # larger observations or instructions are refused
     workers: int = 4
@@ -160,7 +161,10 @@ class PlanningServer(services_pb2_grpc.AsyncInferenceServicer):
             self._pending: TimedObservation | None = None
             self._last_obs_time: float | None = None
             self._last_state: np.ndarray | None = None
-            self._last_plan_t: int | None = None
+            self._last_plan_t: int | None = None  # the observation timestep the last plan started from
+            self._plan_start: int | None = None  # the timestep the last plan's first action follows
+            self._sent_frames: dict[int, tuple[int, np.ndarray]] = {}  # timestep -> (frame number, model frame)
+            self._frames_planned = 0
             self._last_hold = 0.0
             self._sent: dict[int, np.ndarray] = {}
         self.mpc.reset()
@@ -174,7 +178,7 @@ class PlanningServer(services_pb2_grpc.AsyncInferenceServicer):
             goal = self.goal_loader(goal)
         with self._plan_lock:
             self.mpc.set_goal(goal)
-            self._last_plan_t = None  # an observation at the last plan's timestep is worth a plan for this goal
+            self._last_plan_t = self._plan_start = None  # an observation planned before is worth a plan now
         log.info("goal replaced")
 
     def report(self) -> dict[str, Any]:
@@ -286,10 +290,21 @@ class PlanningServer(services_pb2_grpc.AsyncInferenceServicer):
         n = min(n, self._per_chunk or n)
         t0 = time.perf_counter()
         try:
-            shift = 0 if self._last_plan_t is None else max(0, (t - self._last_plan_t) // fs)
-            frames_HA = self.mpc.plan(self.mpc.encode(images, state)[None], None, shift=shift)
-            steps = [wm.actions.to_env(s, state) for f in frames_HA for s in wm.actions.frame_steps(f)][:n]
-            self._last_plan_t = t
+            lead, lead_frames = self._lead(t, fs) if self.cfg.plan_ahead else ([], [])
+            start = t + len(lead)  # the plan's first action is for start + 1
+            shift = 0 if self._plan_start is None else max(0, (start - self._plan_start) // fs)
+            context = self.mpc.encode(images, state)[None]
+            if lead_frames:
+                context = self.mpc.predict(context, np.stack(lead_frames))
+            frames_HA = self.mpc.plan(context, None, shift=shift)
+            steps = [(i, wm.actions.to_env(s, state)) for i, f in enumerate(frames_HA)
+                     for s in wm.actions.frame_steps(f)][:n]
+            with self._cond:
+                for j, (i, _) in enumerate(steps):
+                    self._sent_frames[start + 1 + j] = (self._frames_planned + i, frames_HA[i])
+                self._frames_planned += len(frames_HA)
+            steps = lead + [a for _, a in steps]
+            self._last_plan_t, self._plan_start = t, start
         except Exception:  # noqa: BLE001 - a failed plan must stop the robot, not the server
             log.exception("planning failed on observation #%d: holding", t)
             return self.safety.hold(n, state, previous, reason="error", action_dim=wm.actions.step_dim), "hold_error"
@@ -301,6 +316,28 @@ class PlanningServer(services_pb2_grpc.AsyncInferenceServicer):
             return self.safety.hold(n, state, previous, reason="deadline", action_dim=wm.actions.step_dim), \
                 "hold_deadline"
         return self.safety.filter_chunk(np.stack(steps), state, previous), "plan"
+
+    def _lead(self, t: int, fs: int) -> tuple[list[np.ndarray], list[np.ndarray]]:
+        """`plan_ahead`: the actions already sent for the timesteps after t that the robot will run while this plan
+        is computed (the recent plans' median latency x fps, up to the end of a model frame, at most what was sent),
+        and the model frames they belong to. They are sent again at the head of the new chunk (LeRobot's client
+        replaces its queue with a chunk), and the plan starts from the model's prediction after them."""
+        if not self.latencies:
+            return [], []
+        need = int(np.ceil(float(np.median(self.latencies[-5:])) * self.cfg.fps))
+        steps, frames, last = [], [], None
+        s = t + 1
+        with self._cond:
+            while s in self._sent and s in self._sent_frames:
+                number, frame = self._sent_frames[s]
+                if number != last:
+                    if len(steps) >= need:
+                        break  # enough, and at a frame's end
+                    frames.append(frame)
+                    last = number
+                steps.append(self._sent[s])
+                s += 1
+        return steps, frames
 
     def _maybe_hold_on_silence(self):
         """No observation: after `obs_timeout_s` of silence (once per period), a hold chunk after the last sent."""
@@ -330,6 +367,8 @@ class PlanningServer(services_pb2_grpc.AsyncInferenceServicer):
                 self._sent[t + 1 + i] = np.asarray(a, np.float64)
             for old in [k for k in self._sent if k < t - 64]:
                 del self._sent[old]
+            for old in [k for k in self._sent_frames if k < t - 64]:
+                del self._sent_frames[old]
         lat = f"{1e3 * self.latencies[-1]:.0f} ms" if why != "hold_timeout" and self.latencies else "-"
         log.info("chunk #%d (%s) from observation #%d: %d actions, plan %s, %s; %d stale dropped so far", before + 1,
                  why, t, len(chunk), lat, self.safety.last_summary(), self.stats["dropped_stale"])

@@ -88,9 +88,14 @@ class SimConfig:
     protocol: str = "gym"  # see PROTOCOLS: its goal offset, step budget, horizon and execution are checked
     success_rule: str = "metaworld"  # Meta-World: its own success flag, or `strict` (the arm near the goal's too)
     serve_fps: int = 0  # > 0: the model's trials through `wmctl robot serve` + LeRobot's RobotClient at this rate
+    serve_threshold: float = 0.5  # the client's chunk_size_threshold (LeRobot's default)
+    serve_plan_ahead: bool = False  # the server's --plan-ahead
     out: Path | None = None
 
     def __post_init__(self) -> None:
+        if self.serve_fps < 0 or not 0 <= self.serve_threshold <= 1:
+            raise UserError(f"--serve-fps {self.serve_fps} / --serve-threshold {self.serve_threshold}: need a rate "
+                            ">= 0 (0: the synchronous loop) and a threshold in [0, 1]")
         if self.protocol not in PROTOCOLS:
             raise UserError(f"--protocol {self.protocol!r}: choose one of {', '.join(PROTOCOLS)}")
         fixed = {k: v for k, v in PROTOCOLS[self.protocol].items() if k != "frameskip"}
@@ -415,7 +420,8 @@ def _served_loop(wm: WorldModel, cfg: SimConfig, source: SimSource, sim: Simulat
     if getattr(wm, "checkpoint", None) is None:
         raise UserError("--serve-fps serves a trained checkpoint: plan with a run (--run/--ckpt)")
     workdir = Path(cfg.out) if cfg.out is not None else Path(wm.checkpoint) / "plans" / "served"
-    return ServedLoop(Path(wm.checkpoint), cfg, ServedSettings(cfg.serve_fps), cameras=source.cameras,
+    settings = ServedSettings(cfg.serve_fps, cfg.serve_threshold, cfg.serve_plan_ahead)
+    return ServedLoop(Path(wm.checkpoint), cfg, settings, cameras=source.cameras,
                       size=source.size, state_dim=len(sim.robot_state()), action_dim=wm.actions.step_dim,
                       frameskip=wm.actions.frameskip, workdir=workdir)
 

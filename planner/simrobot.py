@@ -179,6 +179,7 @@ def _import_client(log_file: Path):
 class ServedSettings:
     fps: int  # the robot's control rate (LeRobot's client takes whole Hz)
     threshold: float = 0.5  # the client's chunk_size_threshold (LeRobot's default)
+    plan_ahead: bool = False  # the server's --plan-ahead
 
 
 class ServedLoop:
@@ -221,6 +222,7 @@ class ServedLoop:
                "--execute", str(cfg.execute), "--planner", cfg.planner, "--samples", str(cem.samples),
                "--elites", str(cem.elites), "--iterations", str(cem.iterations), "--k", str(cfg.k),
                "--seed", str(cfg.seed), "--device", cfg.device, "--no-safety",
+               *(["--plan-ahead"] if self.settings.plan_ahead else []),
                *[a for p in spec.images for a in ("--goal-image", str(p))],
                "--goal-state", ",".join(repr(x) for x in spec.state)]
         self.workdir.mkdir(parents=True, exist_ok=True)
@@ -302,7 +304,7 @@ class ServedLoop:
 
     def describe(self, report: dict[str, Any] | None) -> dict[str, Any]:
         """What sim.json keeps of a served run: the robot's rate, the client's threshold, the server's report."""
-        return {"fps": self.settings.fps, "threshold": self.settings.threshold, "server": report}
+        return {**dataclasses.asdict(self.settings), "server": report}
 
     def stop(self) -> dict[str, Any] | None:
         """Stop the server (SIGTERM: it prints its report); the report, or None where it gave none."""
