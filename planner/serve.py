@@ -321,7 +321,8 @@ class PlanningServer(services_pb2_grpc.AsyncInferenceServicer):
         """`plan_ahead`: the actions already sent for the timesteps after t that the robot will run while this plan
         is computed (the recent plans' median latency x fps, up to the end of a model frame, at most what was sent),
         and the model frames they belong to. They are sent again at the head of the new chunk (LeRobot's client
-        replaces its queue with a chunk), and the plan starts from the model's prediction after them."""
+        replaces its queue with a chunk), and the plan starts from the model's prediction after them (from the
+        frames as planned: the safety guard's clamps on them are not predicted)."""
         if not self.latencies:
             return [], []
         need = int(np.ceil(float(np.median(self.latencies[-5:])) * self.cfg.fps))

@@ -152,7 +152,7 @@ WORKSPACE = ((-0.525, 0.348, -0.0525), (0.525, 1.025, 0.7))
 
 
 def make_reach_server(goal, *, port: int = 0, deadline_s: float | None = None, obs_timeout_s: float = 2.0,
-                      workspace=WORKSPACE, execute: int = 4, fps: float = 20.0):
+                      workspace=WORKSPACE, execute: int = 4, fps: float = 20.0, plan_ahead: bool = False):
     """A `PlanningServer` on the analytic reach model behind the safety guard, started (returns its handle)."""
     import functools
 
@@ -166,7 +166,7 @@ def make_reach_server(goal, *, port: int = 0, deadline_s: float | None = None, o
     safety = SafetyGuard(SafetyConfig(delta_scale=STEP_M, workspace_low=workspace[0], workspace_high=workspace[1],
                                       action_low=(-1.0,) * 4, action_high=(1.0,) * 4, deadline_s=deadline_s,
                                       obs_timeout_s=obs_timeout_s, max_chunk_travel=0.15))
-    cfg = ServeConfig(port=port, fps=fps, obs_wait_s=0.2)
+    cfg = ServeConfig(port=port, fps=fps, obs_wait_s=0.2, plan_ahead=plan_ahead)
     server = PlanningServer(mpc, safety, cfg, cameras=KEYS,
                             goal_loader=functools.partial(load_goal, cameras=KEYS, size=64), run="reach-model")
     return ServerHandle(server, cfg)

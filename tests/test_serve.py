@@ -212,6 +212,72 @@ def test_the_protocol_plans_on_the_latest_observation_refuses_bad_payloads_and_h
         handle.stop()
 
 
+def _chunk(stub) -> list:
+    data = stub.GetActions(services_pb2.Empty()).data
+    return pickle.loads(data) if data else []
+
+
+def test_an_observation_already_planned_from_is_skipped_unless_the_queue_is_empty():
+    """An observation at the timestep the last plan started from (nothing ran since: the same state) would only
+    delay the next useful plan: skipped, and counted, unless the client's queue is empty (`must_go`)."""
+    handle = make_reach_server(_goal((0.1, 0.6, 0.2)))
+    server = handle.servicer
+    channel = grpc.insecure_channel(f"127.0.0.1:{handle.port}")
+    stub = services_pb2_grpc.AsyncInferenceStub(channel)
+    try:
+        stub.Ready(services_pb2.Empty())
+        _instructions(stub)
+        _send(stub, _observation(0))
+        assert [a.get_timestep() for a in _chunk(stub)] == [1, 2, 3, 4]
+        _send(stub, _observation(0))  # captured before the chunk's first action ran
+        assert _chunk(stub) == [] and server.stats["skipped_planned"] == 1 and server.stats["chunks"] == 1
+        must = _observation(0)
+        must.must_go = True  # the client's queue is empty: it must be answered
+        _send(stub, must)
+        assert [a.get_timestep() for a in _chunk(stub)] == [1, 2, 3, 4] and server.stats["chunks"] == 2
+        _send(stub, _observation(1))  # an action ran: a new state
+        assert _chunk(stub)[0].get_timestep() == 2 and server.stats["skipped_planned"] == 1
+    finally:
+        channel.close()
+        handle.stop()
+
+
+def test_plan_ahead_resends_the_queued_actions_and_plans_from_the_predicted_state_after_them():
+    """--plan-ahead: the actions already sent that will run while the plan is computed (median latency x fps)
+    head the new chunk unchanged, and the plan starts from the model's prediction after them (here the analytic
+    model: the end effector moved by those actions), warm-started by the frames up to its own start."""
+    from lerobot_sim_robot import EEF_SCALE, STEP_M
+
+    handle = make_reach_server(_goal((0.3, 0.6, 0.2)), fps=1000.0, plan_ahead=True)
+    server = handle.servicer
+    server.safety = SafetyGuard(SafetyConfig(enabled=False))  # the actions sent are the plan's, unclamped
+    channel = grpc.insecure_channel(f"127.0.0.1:{handle.port}")
+    stub = services_pb2_grpc.AsyncInferenceStub(channel)
+    try:
+        stub.Ready(services_pb2.Empty())
+        _instructions(stub)
+        _send(stub, _observation(0))
+        first = _chunk(stub)
+        assert [a.get_timestep() for a in first] == [1, 2, 3, 4]  # no latency known yet: nothing ahead
+        server.latencies[:] = [0.0025]  # 2.5 ms at 1000 Hz: 3 actions run while the next plan is computed
+        contexts, shifts = [], []
+        real_plan = server.mpc.plan
+        server.mpc.plan = lambda ctx, *a, **kw: contexts.append(ctx) or shifts.append(kw["shift"]) or \
+            real_plan(ctx, *a, **kw)
+        _send(stub, _observation(1))  # the chunk's first action ran
+        second = _chunk(stub)
+        assert [a.get_timestep() for a in second] == [2, 3, 4, 5, 6, 7, 8]
+        for old, new in zip(first[1:], second[:3]):  # the queued ones, resent unchanged
+            assert np.array_equal(old.get_action().numpy(), new.get_action().numpy())
+        moved = sum(a.get_action().numpy()[:3] for a in first[1:]) * STEP_M * EEF_SCALE
+        expected = np.array([0.0, 0.6, 0.2]) * EEF_SCALE + moved
+        assert np.allclose(contexts[0][0, 1, :3].numpy(), expected, atol=1e-5)  # the predicted state
+        assert shifts == [4]  # the new plan starts after timestep 4; the first started after 0
+    finally:
+        channel.close()
+        handle.stop()
+
+
 def _wait_until(cond, timeout: float, every: float = 0.05) -> bool:
     end = time.monotonic() + timeout
     while time.monotonic() < end:
