@@ -163,8 +163,32 @@ def test_plan_sim_metaworld_reach_two_trials_with_two_cameras(metaworld_root, ti
         assert res[policy]["action_hz"] == pytest.approx(hz)
     assert f"loop {res['model']['action_hz']:.1f} env steps/s" in r.output
     assert "metaworld-reach, cameras observation.images.exterior, observation.images.wrist" in r.output
+    _served_trials_match_the_synchronous_ones(run, res, tmp_path / "served")
     r = CliRunner().invoke(app, ["plan", "sim", "--run", str(run), "--env", "pusht"])
     assert r.exit_code == 2 and "recorded in metaworld-reach" in r.output
+
+
+def _served_trials_match_the_synchronous_ones(run, res, out) -> None:
+    """--serve-fps: the same trials through `wmctl robot serve` (a separate process) and LeRobot's unmodified
+    RobotClient with the simulator as the robot, at 20 Hz, planning ahead: every trial stays in its step budget, the
+    server's report comes back (plans made, chunks sent), and the client's log stays off the console."""
+    pytest.importorskip("lerobot.async_inference")
+    r = CliRunner().invoke(app, ["plan", "sim", "--run", str(run), "--episodes", "2", "--goal-offset", "6",
+                                 "--max-steps", "4", "--horizon", "2", "--execute", "1", "--samples", "8",
+                                 "--elites", "2", "--iterations", "2", "--serve-fps", "20", "--serve-threshold", "1",
+                                 "--serve-plan-ahead", "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    served = json.loads((out / "sim.json").read_text())
+    same = [(t["episode"], t["start"]) for t in res["model"]["per_trial"]]
+    assert [(t["episode"], t["start"]) for t in served["model"]["per_trial"]] == same
+    assert served["config"]["serve_fps"] == 20 and served["served"]["plan_ahead"] is True
+    report = served["served"]["server"]
+    assert report["plans"] >= 2 and report["chunks"] >= report["plans"] and report["refused"] == 0
+    assert all(0 < t["steps"] <= 4 and t["loop_s"] > 0 for t in served["model"]["per_trial"])
+    outcome = [(t["success"], t["final_eef_dist"]) for t in res["random"]["per_trial"]]  # untouched by serving
+    assert [(t["success"], t["final_eef_dist"]) for t in served["random"]["per_trial"]] == outcome
+    assert "robot_client" not in r.output and (out / "client.log").stat().st_size > 0
+    assert (out / "serve.log").is_file()
 
 
 def test_push_success_is_metaworlds_own_flag_and_the_old_rule_is_the_stricter_option():
