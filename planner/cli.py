@@ -206,11 +206,21 @@ def plan_sim(
     try:
         with progress("plan sim", total=None, unit="trials") as advance:
             res = run_plan_sim(wm, dataclasses.replace(cfg, out=out), store=wm.store, on_total=advance.set_total,
-                               on_progress=advance)
+                               on_progress=advance, serve=_served_loop() if cfg.serve_fps else None)
     except SimStopped as e:  # SIGTERM: the finished trials are kept, the same command continues
         typer.secho(str(e), fg=typer.colors.YELLOW, err=True)
         raise typer.Exit(3) from None
     _sim_summary(res, out)
+
+
+def _served_loop():
+    """`plan sim --serve-fps`: the served loop's factory (LeRobot's robot stack, refused on the old one)."""
+    from pipeline.lerobot_compat import require_robot_stack
+
+    require_robot_stack("wmctl plan sim --serve-fps")
+    from planner.simrobot import served_loop
+
+    return served_loop
 
 
 def _sim_summary(res: SimResult, out: Path) -> None:

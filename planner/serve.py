@@ -164,6 +164,7 @@ class PlanningServer(services_pb2_grpc.AsyncInferenceServicer):
             self._last_plan_t: int | None = None  # the observation timestep the last plan started from
             self._plan_start: int | None = None  # the timestep the last plan's first action follows
             self._sent_frames: dict[int, tuple[int, np.ndarray]] = {}  # timestep -> (frame number, model frame)
+            self._last_chunk_at, self._last_chunk_len = 0.0, 0  # when the last chunk was answered, its actions
             self._frames_planned = 0
             self._last_hold = 0.0
             self._sent: dict[int, np.ndarray] = {}
@@ -267,9 +268,12 @@ class PlanningServer(services_pb2_grpc.AsyncInferenceServicer):
     def _planned_already(self, obs: TimedObservation) -> bool:
         """An observation at or before the timestep the last plan started from (no action has run since: the same
         state) adds nothing but a plan's latency before the next useful one; skipped, unless the client's queue is
-        empty (`must_go`), as LeRobot's own policy server does."""
-        return not getattr(obs, "must_go", False) and self._last_plan_t is not None and \
-            obs.timestep <= self._last_plan_t
+        empty (`must_go`), as LeRobot's own policy server does, or the last chunk has had the time to run (the
+        robot is still there: that chunk was lost, e.g. answered to a call of a client that has gone, and the
+        client sets `must_go` again only once it receives actions)."""
+        if getattr(obs, "must_go", False) or self._last_plan_t is None or obs.timestep > self._last_plan_t:
+            return False
+        return time.monotonic() - self._last_chunk_at < (self._last_chunk_len + 1) / self.cfg.fps
 
     # ------------------------------------------------------------------ planning
     def _frame(self, obs: TimedObservation) -> tuple[np.ndarray, np.ndarray]:
@@ -364,6 +368,7 @@ class PlanningServer(services_pb2_grpc.AsyncInferenceServicer):
         chunk = [TimedAction(timestamp=obs.timestamp + (i + 1) * dt, timestep=t + 1 + i,
                              action=torch.as_tensor(a, dtype=torch.float32)) for i, a in enumerate(actions_TA)]
         with self._cond:
+            self._last_chunk_at, self._last_chunk_len = time.monotonic(), len(actions_TA)
             for i, a in enumerate(actions_TA):
                 self._sent[t + 1 + i] = np.asarray(a, np.float64)
             for old in [k for k in self._sent if k < t - 64]:

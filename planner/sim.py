@@ -361,11 +361,13 @@ def trial_rng(seed: int, policy: str, index: int) -> np.random.Generator:
 def run_plan_sim(wm: WorldModel, cfg: SimConfig, *, store: Path,
                  encode_frame: Callable[[np.ndarray, np.ndarray], torch.Tensor] | None = None,
                  on_total: Callable[[int], None] | None = None,
-                 on_progress: Callable[[int], None] | None = None) -> SimResult:
+                 on_progress: Callable[[int], None] | None = None, serve: Callable[..., Any] | None = None
+                 ) -> SimResult:
     """Trials from the held-out episodes of the model's store, MPC and random actions on each; writes
     `cfg.out`/sim.json (and PNG strips) when `cfg.out` is set. Finished trials are written as they finish
     (`SimProgress`): a run stopped (SIGTERM: SimStopped) or killed continues from them when run again.
-    `on_total(n)`: the trials to run (every policy's, less those finished before); `on_progress(1)` as each ends."""
+    `on_total(n)`: the trials to run (every policy's, less those finished before); `on_progress(1)` as each ends.
+    `serve(wm, cfg, source, sim)`: the served loop of `cfg.serve_fps` (`planner.simrobot.served_loop`)."""
     if wm.actions.frame_dim == 0:
         raise UserError("this model was trained without actions; the sim needs an action-conditioned model")
     reader = TokenReader(store)
@@ -388,7 +390,9 @@ def run_plan_sim(wm: WorldModel, cfg: SimConfig, *, store: Path,
                                          "trials": [[tr.episode, tr.start] for tr in trials]})
         if on_total is not None:
             on_total(sum((policy, i) not in progress.done for policy in policies for i in range(len(trials))))
-        served = _served_loop(wm, cfg, source, sim) if cfg.serve_fps else None
+        if cfg.serve_fps and serve is None:
+            raise UserError("--serve-fps needs the served loop (`planner.simrobot.served_loop`)")
+        served = serve(wm, cfg, source, sim) if cfg.serve_fps else None
         run = functools.partial(_run_policy, sim, wm, encode, trials, cfg, spec, progress, on_progress, served)
         try:
             with sigterm_stops():
@@ -408,22 +412,6 @@ def run_plan_sim(wm: WorldModel, cfg: SimConfig, *, store: Path,
         res = commit_result(cfg.out, res, progress.strips)
         progress.clear()  # the partial file goes once sim.json holds its trials
     return res
-
-
-def _served_loop(wm: WorldModel, cfg: SimConfig, source: SimSource, sim: Simulator):
-    """The server process and client sessions of `--serve-fps` (started at the first model trial)."""
-    from pipeline.lerobot_compat import require_robot_stack
-
-    require_robot_stack("wmctl plan sim --serve-fps")
-    from planner.simrobot import ServedLoop, ServedSettings
-
-    if getattr(wm, "checkpoint", None) is None:
-        raise UserError("--serve-fps serves a trained checkpoint: plan with a run (--run/--ckpt)")
-    workdir = Path(cfg.out) if cfg.out is not None else Path(wm.checkpoint) / "plans" / "served"
-    settings = ServedSettings(cfg.serve_fps, cfg.serve_threshold, cfg.serve_plan_ahead)
-    return ServedLoop(Path(wm.checkpoint), cfg, settings, cameras=source.cameras,
-                      size=source.size, state_dim=len(sim.robot_state()), action_dim=wm.actions.step_dim,
-                      frameskip=wm.actions.frameskip, workdir=workdir)
 
 
 def _run_policy(sim: Simulator, wm: WorldModel, encode, trials: list[Trial], cfg: SimConfig, spec: ActionSpec,

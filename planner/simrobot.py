@@ -100,27 +100,11 @@ class SimRobotConfig(RobotConfig):
     action_dim: int = 0
 
 
-class SimRobot(Robot):
-    """A `plan sim` simulator as a LeRobot robot: the run's cameras, `observation.state` as s0..s{n-1}, the env
-    action as a0..a{d-1}. With no action sent the simulator does not advance (a delta-controlled arm holds)."""
+class SimulatedRobot(Robot):
+    """What a simulator needs of LeRobot's `Robot` besides its features, observations and actions: connecting is a
+    flag; there is nothing to calibrate or configure."""
 
-    config_class = SimRobotConfig
-    name = "wmctl_sim"
-
-    def __init__(self, config: SimRobotConfig):
-        super().__init__(config)
-        self.config, self.connected = config, False
-        self.session = SESSIONS[config.session]
-
-    @property
-    def observation_features(self) -> dict:
-        cam = (self.config.size, self.config.size, 3)
-        return {**{f"s{i}": float for i in range(self.config.state_dim)},
-                **{c.removeprefix(IMAGE_PREFIX): cam for c in self.config.camera_keys}}
-
-    @property
-    def action_features(self) -> dict:
-        return {f"a{i}": float for i in range(self.config.action_dim)}
+    connected = False
 
     @property
     def is_connected(self) -> bool:
@@ -139,6 +123,31 @@ class SimRobot(Robot):
     def configure(self) -> None:
         pass
 
+    def disconnect(self) -> None:
+        self.connected = False
+
+
+class SimRobot(SimulatedRobot):
+    """A `plan sim` simulator as a LeRobot robot: the run's cameras, `observation.state` as s0..s{n-1}, the env
+    action as a0..a{d-1}. With no action sent the simulator does not advance (a delta-controlled arm holds)."""
+
+    config_class = SimRobotConfig
+    name = "wmctl_sim"
+
+    def __init__(self, config: SimRobotConfig):
+        super().__init__(config)
+        self.config, self.session = config, SESSIONS[config.session]
+
+    @property
+    def observation_features(self) -> dict:
+        cam = (self.config.size, self.config.size, 3)
+        return {**{f"s{i}": float for i in range(self.config.state_dim)},
+                **{c.removeprefix(IMAGE_PREFIX): cam for c in self.config.camera_keys}}
+
+    @property
+    def action_features(self) -> dict:
+        return {f"a{i}": float for i in range(self.config.action_dim)}
+
     def get_observation(self) -> dict:
         images, state = self.session.observe()
         return {**{f"s{i}": float(v) for i, v in enumerate(state)},
@@ -147,9 +156,6 @@ class SimRobot(Robot):
     def send_action(self, action: dict) -> dict:
         self.session.act(np.array([float(action[f"a{i}"]) for i in range(self.config.action_dim)]))
         return action
-
-    def disconnect(self) -> None:
-        self.connected = False
 
 
 def _free_port() -> int:
@@ -326,3 +332,14 @@ class ServedLoop:
         log.warning("the server gave no report (exit %s): see %s", proc.returncode, self.log_file)
         return None
 
+
+def served_loop(wm, cfg, source, sim) -> ServedLoop:
+    """The server process and client sessions of `plan sim --serve-fps` (the server starts at the first model
+    trial): `planner.sim.run_plan_sim`'s `serve`."""
+    if getattr(wm, "checkpoint", None) is None:
+        raise UserError("--serve-fps serves a trained checkpoint: plan with a run (--run/--ckpt)")
+    workdir = Path(cfg.out) if cfg.out is not None else Path(wm.checkpoint) / "plans" / "served"
+    settings = ServedSettings(cfg.serve_fps, cfg.serve_threshold, cfg.serve_plan_ahead)
+    return ServedLoop(Path(wm.checkpoint), cfg, settings, cameras=source.cameras, size=source.size,
+                      state_dim=len(sim.robot_state()), action_dim=wm.actions.step_dim,
+                      frameskip=wm.actions.frameskip, workdir=workdir)

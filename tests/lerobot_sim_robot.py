@@ -10,8 +10,9 @@ import time
 
 import numpy as np
 import torch
-from lerobot.robots import Robot, RobotConfig
+from lerobot.robots import RobotConfig
 
+from planner.simrobot import SimulatedRobot
 from trainer.actions import ActionSpace
 
 KEYS = ["observation.images.exterior", "observation.images.wrist"]
@@ -29,7 +30,7 @@ class MetaworldReachConfig(RobotConfig):
     variation: int = 0  # Meta-World's task variation the episode starts from
 
 
-class MetaworldReach(Robot):
+class MetaworldReach(SimulatedRobot):
     """Meta-World reach's Sawyer arm (`pipeline.sims.metaworld.MetaWorldSim`) as a robot: end-effector xyz and
     gripper opening as its joints, an exterior and a wrist camera, delta end-effector actions. The simulator advances
     only when an action is sent: with none the arm holds still, as a delta-controlled arm does. Created in the thread
@@ -56,23 +57,6 @@ class MetaworldReach(Robot):
     @property
     def action_features(self) -> dict:
         return dict.fromkeys(ACTION_NAMES, float)
-
-    @property
-    def is_connected(self) -> bool:
-        return self.connected
-
-    def connect(self, calibrate: bool = True) -> None:
-        self.connected = True
-
-    @property
-    def is_calibrated(self) -> bool:
-        return True
-
-    def calibrate(self) -> None:
-        pass
-
-    def configure(self) -> None:
-        pass
 
     def _ensure(self) -> None:
         if self.sim is None:

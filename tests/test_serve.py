@@ -5,6 +5,7 @@ is then sent malformed payloads, a new goal, and killed)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import pickle
@@ -217,16 +218,27 @@ def _chunk(stub) -> list:
     return pickle.loads(data) if data else []
 
 
-def test_an_observation_already_planned_from_is_skipped_unless_the_queue_is_empty():
-    """An observation at the timestep the last plan started from (nothing ran since: the same state) would only
-    delay the next useful plan: skipped, and counted, unless the client's queue is empty (`must_go`)."""
-    handle = make_reach_server(_goal((0.1, 0.6, 0.2)))
-    server = handle.servicer
+@contextlib.contextmanager
+def _session(handle):
+    """A client session on a started server (Ready, then the policy instructions): its stub."""
     channel = grpc.insecure_channel(f"127.0.0.1:{handle.port}")
     stub = services_pb2_grpc.AsyncInferenceStub(channel)
     try:
         stub.Ready(services_pb2.Empty())
         _instructions(stub)
+        yield stub
+    finally:
+        channel.close()
+        handle.stop()
+
+
+def test_an_observation_already_planned_from_is_skipped_unless_the_queue_is_empty_or_the_chunk_was_lost():
+    """An observation at the timestep the last plan started from (nothing ran since: the same state) would only
+    delay the next useful plan: skipped, and counted, unless the client's queue is empty (`must_go`) or the last
+    chunk has had the time to run (4 actions at 20 Hz) and the robot is still there (the chunk was lost)."""
+    handle = make_reach_server(_goal((0.1, 0.6, 0.2)))
+    server = handle.servicer
+    with _session(handle) as stub:
         _send(stub, _observation(0))
         assert [a.get_timestep() for a in _chunk(stub)] == [1, 2, 3, 4]
         _send(stub, _observation(0))  # captured before the chunk's first action ran
@@ -237,9 +249,9 @@ def test_an_observation_already_planned_from_is_skipped_unless_the_queue_is_empt
         assert [a.get_timestep() for a in _chunk(stub)] == [1, 2, 3, 4] and server.stats["chunks"] == 2
         _send(stub, _observation(1))  # an action ran: a new state
         assert _chunk(stub)[0].get_timestep() == 2 and server.stats["skipped_planned"] == 1
-    finally:
-        channel.close()
-        handle.stop()
+        time.sleep(0.3)  # the chunk's 4 actions at 20 Hz (and one more tick) have had the time to run
+        _send(stub, _observation(1))  # and the robot is still at timestep 1: that chunk was lost
+        assert _chunk(stub)[0].get_timestep() == 2 and server.stats["skipped_planned"] == 1
 
 
 def test_plan_ahead_resends_the_queued_actions_and_plans_from_the_predicted_state_after_them():
@@ -251,11 +263,7 @@ def test_plan_ahead_resends_the_queued_actions_and_plans_from_the_predicted_stat
     handle = make_reach_server(_goal((0.3, 0.6, 0.2)), fps=1000.0, plan_ahead=True)
     server = handle.servicer
     server.safety = SafetyGuard(SafetyConfig(enabled=False))  # the actions sent are the plan's, unclamped
-    channel = grpc.insecure_channel(f"127.0.0.1:{handle.port}")
-    stub = services_pb2_grpc.AsyncInferenceStub(channel)
-    try:
-        stub.Ready(services_pb2.Empty())
-        _instructions(stub)
+    with _session(handle) as stub:
         _send(stub, _observation(0))
         first = _chunk(stub)
         assert [a.get_timestep() for a in first] == [1, 2, 3, 4]  # no latency known yet: nothing ahead
@@ -273,9 +281,6 @@ def test_plan_ahead_resends_the_queued_actions_and_plans_from_the_predicted_stat
         expected = np.array([0.0, 0.6, 0.2]) * EEF_SCALE + moved
         assert np.allclose(contexts[0][0, 1, :3].numpy(), expected, atol=1e-5)  # the predicted state
         assert shifts == [4]  # the new plan starts after timestep 4; the first started after 0
-    finally:
-        channel.close()
-        handle.stop()
 
 
 def _wait_until(cond, timeout: float, every: float = 0.05) -> bool:
