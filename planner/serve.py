@@ -7,7 +7,8 @@ hard-coded policy types; its client only needs a non-empty `policy_type`, so thi
 `--policy_type=wmctl`. Its `pretrained_name_or_path` names the run served, or is a goal (`wmctl-goal:{json}`,
 `GoalSpec.to_uri`): the protocol has no goal slot, so the goal is set at start, replaced by `PlanningServer.set_goal`,
 or sent that way. Only the latest observation is planned on (one replaced while waiting is counted as dropped; one at
-a timestep the last plan started from is skipped unless the client's queue is empty). `GetActions` plans from it
+a timestep the last plan started from is skipped unless the client's queue is empty or that plan's chunk has had
+the time to run). `GetActions` plans from it
 (context: it alone), warm-started from the previous plan shifted by the model frames executed since (from the
 timesteps), and answers actions for timesteps t+1, t+2, ... (the client drops those it passed while the plan ran and
 executes the rest while the next chunk is planned). Every chunk passes `planner.safety.SafetyGuard`; a missed
@@ -157,18 +158,18 @@ class PlanningServer(services_pb2_grpc.AsyncInferenceServicer):
         self._reset_session()
 
     def _reset_session(self) -> None:
-        with self._cond:
+        """A new client session. An in-flight plan of the client that left is waited for (it books its chunk under
+        the plan lock), so nothing of it reaches the new session."""
+        with self._plan_lock, self._cond:
             self._pending: TimedObservation | None = None
             self._last_obs_time: float | None = None
             self._last_state: np.ndarray | None = None
             self._last_plan_t: int | None = None  # the observation timestep the last plan started from
             self._plan_start: int | None = None  # the timestep the last plan's first action follows
-            self._sent_frames: dict[int, tuple[int, np.ndarray]] = {}  # timestep -> (frame number, model frame)
             self._last_chunk_at, self._last_chunk_len = 0.0, 0  # when the last chunk was answered, its actions
-            self._frames_planned = 0
             self._last_hold = 0.0
             self._sent: dict[int, np.ndarray] = {}
-        self.mpc.reset()
+            self.mpc.reset()
 
     # ------------------------------------------------------------------ the user's side
     def set_goal(self, goal: Goal | GoalSpec) -> None:
@@ -263,7 +264,7 @@ class PlanningServer(services_pb2_grpc.AsyncInferenceServicer):
             self._refuse(context, f"observation #{obs.timestep} does not match the robot's features ({e})")
         with self._plan_lock:
             actions_TA, why = self._chunk(obs.timestep, images, state)
-        return self._send(obs, actions_TA, why)
+            return self._send(obs, actions_TA, why)
 
     def _planned_already(self, obs: TimedObservation) -> bool:
         """An observation at or before the timestep the last plan started from (no action has run since: the same
@@ -294,20 +295,14 @@ class PlanningServer(services_pb2_grpc.AsyncInferenceServicer):
         n = min(n, self._per_chunk or n)
         t0 = time.perf_counter()
         try:
-            lead, lead_frames = self._lead(t, fs) if self.cfg.plan_ahead else ([], [])
+            lead = self._lead(t, fs) if self.cfg.plan_ahead else []
             start = t + len(lead)  # the plan's first action is for start + 1
             shift = 0 if self._plan_start is None else max(0, (start - self._plan_start) // fs)
             context = self.mpc.encode(images, state)[None]
-            if lead_frames:
-                context = self.mpc.predict(context, np.stack(lead_frames))
+            if lead:
+                context = self.mpc.predict(context, self._as_frames(lead, state))
             frames_HA = self.mpc.plan(context, None, shift=shift)
-            steps = [(i, wm.actions.to_env(s, state)) for i, f in enumerate(frames_HA)
-                     for s in wm.actions.frame_steps(f)][:n]
-            with self._cond:
-                for j, (i, _) in enumerate(steps):
-                    self._sent_frames[start + 1 + j] = (self._frames_planned + i, frames_HA[i])
-                self._frames_planned += len(frames_HA)
-            steps = lead + [a for _, a in steps]
+            steps = lead + [wm.actions.to_env(s, state) for f in frames_HA for s in wm.actions.frame_steps(f)][:n]
             self._last_plan_t, self._plan_start = t, start
         except Exception:  # noqa: BLE001 - a failed plan must stop the robot, not the server
             log.exception("planning failed on observation #%d: holding", t)
@@ -321,28 +316,29 @@ class PlanningServer(services_pb2_grpc.AsyncInferenceServicer):
                 "hold_deadline"
         return self.safety.filter_chunk(np.stack(steps), state, previous), "plan"
 
-    def _lead(self, t: int, fs: int) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    def _lead(self, t: int, fs: int) -> list[np.ndarray]:
         """`plan_ahead`: the actions already sent for the timesteps after t that the robot will run while this plan
-        is computed (the recent plans' median latency x fps, up to the end of a model frame, at most what was sent),
-        and the model frames they belong to. They are sent again at the head of the new chunk (LeRobot's client
-        replaces its queue with a chunk), and the plan starts from the model's prediction after them (from the
-        frames as planned: the safety guard's clamps on them are not predicted)."""
+        is computed (the recent plans' median latency x fps, rounded up to whole model frames counted from t, at
+        most the whole frames of what was sent). They are sent again at the head of the new chunk (LeRobot's client
+        replaces its queue with a chunk), and the plan starts from the model's prediction after them."""
         if not self.latencies:
-            return [], []
+            return []
         need = int(np.ceil(float(np.median(self.latencies[-5:])) * self.cfg.fps))
-        steps, frames, last = [], [], None
-        s = t + 1
         with self._cond:
-            while s in self._sent and s in self._sent_frames:
-                number, frame = self._sent_frames[s]
-                if number != last:
-                    if len(steps) >= need:
-                        break  # enough, and at a frame's end
-                    frames.append(frame)
-                    last = number
+            steps = []
+            for s in range(t + 1, t + 1 + int(np.ceil(need / fs)) * fs):
+                if s not in self._sent:
+                    break
                 steps.append(self._sent[s])
-                s += 1
-        return steps, frames
+        return steps[: len(steps) // fs * fs]
+
+    def _as_frames(self, steps: list[np.ndarray], state: np.ndarray) -> np.ndarray:
+        """Robot actions as sent (after the safety guard) -> the model frames they make [P, A], converted with the
+        observed state as `_chunk` converts the other way."""
+        actions = self.mpc.wm.actions
+        steps_TA = torch.as_tensor(np.stack(steps), dtype=torch.float32)
+        states_TS = torch.as_tensor(np.broadcast_to(state, (len(steps), len(state))).copy(), dtype=torch.float32)
+        return actions.per_frame(actions.from_dataset(steps_TA, states_TS)).numpy()
 
     def _maybe_hold_on_silence(self):
         """No observation: after `obs_timeout_s` of silence (once per period), a hold chunk after the last sent."""
@@ -373,8 +369,6 @@ class PlanningServer(services_pb2_grpc.AsyncInferenceServicer):
                 self._sent[t + 1 + i] = np.asarray(a, np.float64)
             for old in [k for k in self._sent if k < t - 64]:
                 del self._sent[old]
-            for old in [k for k in self._sent_frames if k < t - 64]:
-                del self._sent_frames[old]
         lat = f"{1e3 * self.latencies[-1]:.0f} ms" if why != "hold_timeout" and self.latencies else "-"
         log.info("chunk #%d (%s) from observation #%d: %d actions, plan %s, %s; %d stale dropped so far", before + 1,
                  why, t, len(chunk), lat, self.safety.last_summary(), self.stats["dropped_stale"])

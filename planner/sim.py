@@ -383,7 +383,8 @@ def run_plan_sim(wm: WorldModel, cfg: SimConfig, *, store: Path,
     sim = make_sim(env, source.size, fps=source.fps, camera_keys=source.cameras, success_rule=cfg.success_rule)
     try:
         trials = load_trials(Path(source.rows.iloc[0].root), source.rows, cfg, sim)
-        config = {k: v for k, v in dataclasses.asdict(cfg).items() if k != "out"}
+        config = {k: v for k, v in dataclasses.asdict(cfg).items()  # serve_*: only where the loop was served
+                  if k != "out" and not (k.startswith("serve_") and not cfg.serve_fps)}
         policies = ("model", "random", "scripted") if hasattr(sim, "oracle_action") else ("model", "random")
         progress = SimProgress(cfg.out, {"config": to_jsonable(config), "dtype": dtype_name(wm.dtype), "env": env,
                                          "model": str(getattr(wm, "checkpoint", "")),

@@ -158,6 +158,15 @@ class SimRobot(SimulatedRobot):
         return action
 
 
+def _die_with_parent() -> None:
+    """In the server's process before it runs: SIGTERM when the parent dies (Linux's PR_SET_PDEATHSIG), so a
+    `plan sim` killed with SIGKILL leaves no server behind; elsewhere nothing."""
+    with contextlib.suppress(OSError, AttributeError):
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # 1: PR_SET_PDEATHSIG
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -223,6 +232,11 @@ class ServedLoop:
         cfg, cem = self.cfg, self.cfg.cem
         spec = self._goal(goal_images, goal_robot, "start")
         self.port = _free_port()
+        same = [f"mpc.{k}={getattr(cfg, k)}" for k in ("state_weight", "cost_frames", "execute_plan",
+                                                          "max_delta_fraction")]
+        same += [f"mpc.cem.{k}={getattr(cem, k)}" for k in ("init_std", "min_std", "momentum", "noise_beta",
+                                                             "keep_elites")]
+        same += [f"mpc.gd.{f.name}={getattr(cfg.gd, f.name)}" for f in dataclasses.fields(cfg.gd)]
         cmd = [sys.executable, "-m", "pipeline.cli", "robot", "serve", "--ckpt", str(self.ckpt),
                "--port", str(self.port), "--fps", str(self.settings.fps), "--horizon", str(cfg.horizon),
                "--execute", str(cfg.execute), "--planner", cfg.planner, "--samples", str(cem.samples),
@@ -230,12 +244,15 @@ class ServedLoop:
                "--seed", str(cfg.seed), "--device", cfg.device, "--no-safety",
                *(["--plan-ahead"] if self.settings.plan_ahead else []),
                *[a for p in spec.images for a in ("--goal-image", str(p))],
-               "--goal-state", ",".join(repr(x) for x in spec.state)]
+               "--goal-state", ",".join(repr(x) for x in spec.state), *[a for x in same for a in ("--set", x)]]
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.log_file = self.workdir / "serve.log"
         log.info("starting the server: %s (its log: %s)", " ".join(cmd), self.log_file)
-        with open(self.log_file, "ab") as err:
-            self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err)  # nosec: our own CLI
+        with open(self.log_file, "ab") as err:  # the server dies with this process, even if it is killed
+            err.write(f"$ {' '.join(cmd)}\n".encode())
+            err.flush()
+            self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err,  # nosec: our own CLI
+                                         preexec_fn=_die_with_parent)
         channel = grpc.insecure_channel(f"127.0.0.1:{self.port}")
         try:
             deadline = time.monotonic() + 300
@@ -284,15 +301,21 @@ class ServedLoop:
             watcher = threading.Thread(target=self._end_when_done, args=(client, session, limit), daemon=True)
             t0 = time.perf_counter()
             watcher.start()
-            client.control_loop(task="")  # this thread: the simulator stays with the thread that made it
-            watcher.join()
-            receiver.join(10)
+            with _end_on_sigterm(session) as terminated:
+                client.control_loop(task="")  # this thread: the simulator stays with the thread that made it
+                watcher.join()
+                receiver.join(10)
         finally:
             SESSIONS.pop(key, None)
             if client is not None and client.running:
                 client.stop()
+        if terminated:
+            signal.raise_signal(signal.SIGTERM)  # now outside LeRobot's loop: the caller's handler stops the run
         t_end = session.t_end or time.perf_counter()
-        steps = np.diff(np.stack(session.actions), axis=0) if len(session.actions) > 1 else np.zeros((1, 1))
+        fs = self.frameskip  # smoothness per model frame, as the synchronous loop measures it
+        acts = np.stack(session.actions)[: len(session.actions) // fs * fs] if session.actions else np.zeros((0, 1))
+        frames = acts.reshape(len(acts) // fs, -1) if len(acts) else acts
+        steps = np.diff(frames, axis=0) if len(frames) > 1 else np.zeros((1, 1))
         start, final = sim.distances(goal_state, start_state), sim.distances(goal_state, sim.state())
         return {"success": session.success, "steps": session.steps,
                 **{f"final_{k}": v for k, v in final.items()}, **{f"start_{k}": v for k, v in start.items()},
@@ -309,8 +332,10 @@ class ServedLoop:
         client.stop()
 
     def describe(self, report: dict[str, Any] | None) -> dict[str, Any]:
-        """What sim.json keeps of a served run: the robot's rate, the client's threshold, the server's report."""
-        return {**dataclasses.asdict(self.settings), "server": report}
+        """What sim.json keeps of a served run: the robot's rate, the client's threshold, the server's context (the
+        latest observation alone) and its report, over the model trials this process ran (after a resume, only
+        those)."""
+        return {**dataclasses.asdict(self.settings), "context": 1, "trials_in_report": self.count, "server": report}
 
     def stop(self) -> dict[str, Any] | None:
         """Stop the server (SIGTERM: it prints its report); the report, or None where it gave none."""
@@ -333,11 +358,35 @@ class ServedLoop:
         return None
 
 
+@contextlib.contextmanager
+def _end_on_sigterm(session: SimSession):
+    """While LeRobot's control loop runs in this thread (it catches `Exception`, so the caller's SIGTERM handler
+    raising there would only be logged): SIGTERM ends the trial; yields a list that is non-empty if it came."""
+    came: list[int] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield came
+        return
+
+    def on_term(signum, frame) -> None:
+        came.append(signum)
+        session.done.set()
+
+    old = signal.signal(signal.SIGTERM, on_term)
+    try:
+        yield came
+    finally:
+        signal.signal(signal.SIGTERM, old)
+
+
 def served_loop(wm, cfg, source, sim) -> ServedLoop:
     """The server process and client sessions of `plan sim --serve-fps` (the server starts at the first model
-    trial): `planner.sim.run_plan_sim`'s `serve`."""
+    trial): `planner.sim.run_plan_sim`'s `serve`. The server gets the planning settings of `cfg`; the served loop
+    has no image shift and no expected cost over noise draws (refused)."""
     if getattr(wm, "checkpoint", None) is None:
         raise UserError("--serve-fps serves a trained checkpoint: plan with a run (--run/--ckpt)")
+    if cfg.shift != "none" or cfg.noise_draws != 1:
+        raise UserError(f"--serve-fps with --shift {cfg.shift} / --noise-draws {cfg.noise_draws}: the served loop "
+                        "plans on the robot's images as they are, on one noise draw; drop those options")
     workdir = Path(cfg.out) if cfg.out is not None else Path(wm.checkpoint) / "plans" / "served"
     settings = ServedSettings(cfg.serve_fps, cfg.serve_threshold, cfg.serve_plan_ahead)
     return ServedLoop(Path(wm.checkpoint), cfg, settings, cameras=source.cameras, size=source.size,

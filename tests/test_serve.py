@@ -235,8 +235,9 @@ def _session(handle):
 def test_an_observation_already_planned_from_is_skipped_unless_the_queue_is_empty_or_the_chunk_was_lost():
     """An observation at the timestep the last plan started from (nothing ran since: the same state) would only
     delay the next useful plan: skipped, and counted, unless the client's queue is empty (`must_go`) or the last
-    chunk has had the time to run (4 actions at 20 Hz) and the robot is still there (the chunk was lost)."""
-    handle = make_reach_server(_goal((0.1, 0.6, 0.2)))
+    chunk has had the time to run (4 actions at 4 Hz, and a tick) and the robot is still there (the chunk was
+    lost)."""
+    handle = make_reach_server(_goal((0.1, 0.6, 0.2)), fps=4.0)
     server = handle.servicer
     with _session(handle) as stub:
         _send(stub, _observation(0))
@@ -249,7 +250,7 @@ def test_an_observation_already_planned_from_is_skipped_unless_the_queue_is_empt
         assert [a.get_timestep() for a in _chunk(stub)] == [1, 2, 3, 4] and server.stats["chunks"] == 2
         _send(stub, _observation(1))  # an action ran: a new state
         assert _chunk(stub)[0].get_timestep() == 2 and server.stats["skipped_planned"] == 1
-        time.sleep(0.3)  # the chunk's 4 actions at 20 Hz (and one more tick) have had the time to run
+        time.sleep(1.3)  # the chunk's 4 actions at 4 Hz (and one more tick) have had the time to run
         _send(stub, _observation(1))  # and the robot is still at timestep 1: that chunk was lost
         assert _chunk(stub)[0].get_timestep() == 2 and server.stats["skipped_planned"] == 1
 

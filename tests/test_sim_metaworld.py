@@ -171,7 +171,8 @@ def test_plan_sim_metaworld_reach_two_trials_with_two_cameras(metaworld_root, ti
 def _served_trials_match_the_synchronous_ones(run, res, out) -> None:
     """--serve-fps: the same trials through `wmctl robot serve` (a separate process) and LeRobot's unmodified
     RobotClient with the simulator as the robot, at 20 Hz, planning ahead: every trial stays in its step budget, the
-    server's report comes back (plans made, chunks sent), and the client's log stays off the console."""
+    server's report comes back (printed by the server process as it exits on the run's end: plans made, chunks
+    sent), the planning settings reach the server, and the client's log stays off the console."""
     pytest.importorskip("lerobot.async_inference")
     r = CliRunner().invoke(app, ["plan", "sim", "--run", str(run), "--episodes", "2", "--goal-offset", "6",
                                  "--max-steps", "4", "--horizon", "2", "--execute", "1", "--samples", "8",
@@ -184,6 +185,9 @@ def _served_trials_match_the_synchronous_ones(run, res, out) -> None:
     assert served["config"]["serve_fps"] == 20 and served["served"]["plan_ahead"] is True
     report = served["served"]["server"]
     assert report["plans"] >= 2 and report["chunks"] >= report["plans"] and report["refused"] == 0
+    assert served["served"]["trials_in_report"] == 2 and served["served"]["context"] == 1
+    command = (out / "serve.log").read_text().splitlines()[0]  # the server's command line, as run
+    assert "robot serve" in command and "--set mpc.state_weight=1.0" in command and "--plan-ahead" in command
     assert all(0 < t["steps"] <= 4 and t["loop_s"] > 0 for t in served["model"]["per_trial"])
     outcome = [(t["success"], t["final_eef_dist"]) for t in res["random"]["per_trial"]]  # untouched by serving
     assert [(t["success"], t["final_eef_dist"]) for t in served["random"]["per_trial"]] == outcome
