@@ -7,15 +7,14 @@ hard-coded policy types; its client only needs a non-empty `policy_type`, so thi
 `--policy_type=wmctl`. Its `pretrained_name_or_path` names the run served, or is a goal (`wmctl-goal:{json}`,
 `GoalSpec.to_uri`): the protocol has no goal slot, so the goal is set at start, replaced by `PlanningServer.set_goal`,
 or sent that way. Only the latest observation is planned on (one replaced while waiting is counted as dropped; one at
-a timestep the last plan started from is skipped unless the client's queue is empty or that plan's chunk has had
-the time to run). `GetActions` plans from it
-(context: it alone), warm-started from the previous plan shifted by the model frames executed since (from the
-timesteps), and answers actions for timesteps t+1, t+2, ... (the client drops those it passed while the plan ran and
-executes the rest while the next chunk is planned). Every chunk passes `planner.safety.SafetyGuard`; a missed
-deadline, a failed plan or `obs_timeout_s` without observations make a hold chunk instead (exact with the client's
-`aggregate_fn_name=latest_only`; other aggregates blend it with the queue). Latency, clamps and holds are logged per
-chunk; `report()` sums up. A `relative_to_state` model's chunk is converted to robot actions with the observed state
-for all its steps.
+a timestep the last plan started from is skipped unless the client's queue is empty or that plan's chunk has had the
+time to run). `GetActions` plans from it (context: it alone), warm-started from the previous plan shifted by the model
+frames executed since (from the timesteps), and answers actions for timesteps t+1, t+2, ... (the client drops those it
+passed while the plan ran and executes the rest while the next chunk is planned). Every chunk passes
+`planner.safety.SafetyGuard`; a missed deadline, a failed plan or `obs_timeout_s` without observations make a hold
+chunk instead (exact with the client's `aggregate_fn_name=latest_only`; other aggregates blend it with the queue).
+Latency, clamps and holds are logged per chunk; `report()` sums up. A `relative_to_state` model's chunk is converted
+to robot actions with the observed state for all its steps.
 
 Security: the payloads are Python pickles, and unpickling attacker-controlled bytes can run arbitrary code. This
 server unpickles with an allow-list (`safe_loads`: LeRobot's two payload classes, numpy arrays, plain values;

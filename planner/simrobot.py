@@ -57,7 +57,7 @@ class SimSession:
         self.sim, self.goal_state = sim, goal_state
         self.max_steps, self.check_every = max_steps, check_every
         self.images: np.ndarray | None = start_images  # None: stepped since the last render
-        self.steps, self.observations, self.success = 0, 0, False
+        self.steps, self.success = 0, False
         self.actions: list[np.ndarray] = []
         self.frames: list[np.ndarray] = [start_images]  # what the server was sent, in order
         self.done = threading.Event()
@@ -69,7 +69,6 @@ class SimSession:
             if self.images is None:
                 self.images = self.sim.render()
                 self.frames.append(self.images)
-            self.observations += 1
             return self.images, np.asarray(self.sim.robot_state(), np.float64)
 
     def act(self, action: np.ndarray) -> None:
@@ -253,6 +252,8 @@ class ServedLoop:
             err.flush()
             self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err,  # nosec: our own CLI
                                          preexec_fn=_die_with_parent)
+        with contextlib.chdir(self.workdir):  # LeRobot's client module writes ./logs when imported
+            self.client_module = _import_client(self.workdir / "client.log")
         channel = grpc.insecure_channel(f"127.0.0.1:{self.port}")
         try:
             deadline = time.monotonic() + 300
@@ -273,8 +274,6 @@ class ServedLoop:
               goal_robot: np.ndarray, goal_state: np.ndarray) -> dict[str, Any]:
         """One trial through the server, the simulator at its start state: the outcome as `planner.sim.run_trial`
         gives it (plan latencies are the server's: `stop()`'s report)."""
-        with contextlib.chdir(self.workdir):  # LeRobot's client writes ./logs
-            rc = _import_client(self.workdir / "client.log")
         from lerobot.async_inference.configs import RobotClientConfig
 
         self.count += 1
@@ -285,7 +284,7 @@ class ServedLoop:
         goal = self._goal(goal_images, goal_robot, "trial")
         client = None
         try:
-            client = rc.RobotClient(RobotClientConfig(
+            client = self.client_module.RobotClient(RobotClientConfig(
                 policy_type="wmctl", pretrained_name_or_path=goal.to_uri(), actions_per_chunk=per_chunk,
                 fps=self.settings.fps,
                 robot=SimRobotConfig(id="sim", calibration_dir=self.workdir / "serve-calibration", session=key,
